@@ -1,0 +1,1 @@
+"""Simulated TEE hardware and attestation: pure functions and state machines, no I/O."""
