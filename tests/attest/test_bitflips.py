@@ -6,10 +6,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attest import errors
+from attest.certs import TcbStatus
 from attest.channel import SecureChannel
 from attest.handshake import Initiator, Responder
 from attest.hardware import Platform, VendorRoot
-from attest.certs import TcbStatus
 from attest.identity import EnclaveRole
 from attest.policy import Policy
 from attest.quote import QuoteVerifier, report_data_for

@@ -52,7 +52,9 @@ def test_service_with_unknown_measurement_is_rejected(world: World) -> None:
 
 
 def test_service_with_old_security_version_is_rejected(world: World) -> None:
-    km, challenge, response, _ = attest_locally(world, "a", "a", dataclasses.replace(SERVICE, svn=1))
+    km, challenge, response, _ = attest_locally(
+        world, "a", "a", dataclasses.replace(SERVICE, svn=1)
+    )
     with pytest.raises(errors.SecurityVersionTooLow):
         local.verify_response(km, challenge, response, world.policy)
 
@@ -93,7 +95,7 @@ def test_unseal_by_another_measurement_fails(world: World) -> None:
 def test_unseal_with_forged_header_fails_authentication(world: World) -> None:
     """Rewriting the header to name the opener still cannot open the blob: the key differs."""
     blob = seal(world.km("a"), b"state")
-    header, nonce, ciphertext = local.wire.unpack(blob, b"KMSL", 3, "blob")
+    _, nonce, ciphertext = local.wire.unpack(blob, b"KMSL", 3, "blob")
     forged_header = local.wire.pack(b"KMSH", b"b", KM.measurement)
     forged = local.wire.pack(b"KMSL", forged_header, nonce, ciphertext)
     with pytest.raises(errors.SealedDataCorrupt):

@@ -55,9 +55,7 @@ def test_forged_signature_is_rejected(world: World) -> None:
 def test_quote_signed_by_attacker_key_is_rejected(world: World) -> None:
     genuine = Quote.decode(world.km("a").quote(RD, NOW))
     attacker = SigningKey(seed("attacker"))
-    forged = dataclasses.replace(
-        genuine, signature=attacker.sign(genuine.signed_body).signature
-    )
+    forged = dataclasses.replace(genuine, signature=attacker.sign(genuine.signed_body).signature)
     with pytest.raises(errors.BadSignature):
         check(world, forged.encode())
 
@@ -145,5 +143,7 @@ def test_certificate_cache_does_not_accept_a_forged_certificate_later(world: Wor
 def test_verifier_cache_is_bounded(world: World) -> None:
     verifier = QuoteVerifier(world.vendor.public_key, cache_size=2)
     for name in "abc":
-        verifier.verify(world.km(name).quote(RD, NOW), world.policy, RD, role=EnclaveRole.KM, now=NOW)
+        verifier.verify(
+            world.km(name).quote(RD, NOW), world.policy, RD, role=EnclaveRole.KM, now=NOW
+        )
     assert len(verifier._cache) == 2
