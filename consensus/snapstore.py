@@ -1,0 +1,117 @@
+"""Snapshot files: one whole file per snapshot, written atomically, checksummed.
+
+A snapshot is written with temp + fsync + rename + fsync(dir), so after any crash a snapshot
+file is either absent or complete. A checksum mismatch in one therefore means the disk damaged
+it, and loading refuses (``CorruptSnapshotError``) instead of starting from a wrong image.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import msgpack
+
+from consensus.fileio import atomic_write, fsync_dir
+from consensus.segments import StorageError
+from consensus.types import ConfState, Snapshot, SnapshotMeta
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KMSNAP01"
+_HEAD = struct.Struct("<IQ")
+_NAME = re.compile(r"^snap-(\d{20})-(\d{20})\.snap$")
+
+
+class CorruptSnapshotError(StorageError):
+    """A snapshot file fails its checksum or does not parse."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"corrupt snapshot {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def snapshot_name(meta: SnapshotMeta) -> str:
+    return f"snap-{meta.index:020d}-{meta.term:020d}.snap"
+
+
+def encode_snapshot(snap: Snapshot) -> bytes:
+    body = msgpack.packb(
+        [
+            snap.meta.index,
+            snap.meta.term,
+            list(snap.meta.conf.voters),
+            list(snap.meta.conf.learners),
+            snap.data,
+        ],
+        use_bin_type=True,
+    )
+    return MAGIC + _HEAD.pack(zlib.crc32(body), len(body)) + body
+
+
+def decode_snapshot(path: Path, raw: bytes) -> Snapshot:
+    if raw[: len(MAGIC)] != MAGIC or len(raw) < len(MAGIC) + _HEAD.size:
+        raise CorruptSnapshotError(path, "bad magic or short header")
+    crc, length = _HEAD.unpack_from(raw, len(MAGIC))
+    body = raw[len(MAGIC) + _HEAD.size :]
+    if len(body) != length:
+        raise CorruptSnapshotError(path, f"body is {len(body)} bytes, header says {length}")
+    if zlib.crc32(body) != crc:
+        raise CorruptSnapshotError(path, "checksum mismatch")
+    try:
+        index, term, voters, learners, data = msgpack.unpackb(body, raw=False)
+        meta = SnapshotMeta(
+            index=int(index),
+            term=int(term),
+            conf=ConfState(voters=tuple(str(v) for v in voters),
+                           learners=tuple(str(v) for v in learners)),
+        )
+        if not isinstance(data, bytes):
+            raise TypeError("snapshot data is not bytes")
+    except (ValueError, TypeError) as exc:
+        raise CorruptSnapshotError(path, f"unparseable body: {exc}") from exc
+    return Snapshot(meta=meta, data=data)
+
+
+class SnapshotStore:
+    """The snapshot files of one data directory; only the newest is kept once it is durable."""
+
+    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+        self.directory = directory
+        self.fsync = fsync
+
+    def _files(self) -> list[tuple[int, Path]]:
+        found: list[tuple[int, Path]] = []
+        for path in self.directory.iterdir():
+            m = _NAME.match(path.name)
+            if m:
+                found.append((int(m.group(1)), path))
+        found.sort()
+        return found
+
+    def load_newest(self) -> Snapshot:
+        """Return the newest snapshot, or an empty one; leftover temp files are removed."""
+        for path in self.directory.glob("snap-*.snap.tmp"):
+            log.info("removing unfinished snapshot %s", path)
+            path.unlink()
+        files = self._files()
+        if not files:
+            return Snapshot()
+        _, path = files[-1]
+        return decode_snapshot(path, path.read_bytes())
+
+    def save(self, snap: Snapshot) -> None:
+        """Write ``snap`` atomically, then delete older snapshot files."""
+        path = self.directory / snapshot_name(snap.meta)
+        atomic_write(path, encode_snapshot(snap), fsync=self.fsync)
+        removed = False
+        for index, old in self._files():
+            if index < snap.meta.index:
+                old.unlink()
+                removed = True
+        if removed and self.fsync:
+            fsync_dir(self.directory)

@@ -1,0 +1,369 @@
+"""The durable Raft log: segment files of checksummed records plus snapshot files.
+
+Layout of a data directory::
+
+    wal-0000000000000001.log    segments, append-only, replayed in sequence order
+    snap-<index>-<term>.snap    the newest snapshot (older ones are deleted once it is durable)
+
+Each ``append`` (one ``Ready``) becomes one ``write`` and one ``fdatasync``: that is the group
+commit, since a Ready carries every proposal and message the core accepted since the last one.
+The hard state is a record in the same log, so it is durable by the same fsync and atomic by the
+record checksum (no temp file + rename per Ready, which would triple the fsyncs).
+
+The log is never rewritten in place. A conflicting append (a new leader overwrote a suffix) just
+appends the new entries; replay applies "an entry at index i discards every entry at or after
+i", which is what the truncation means. Installing a snapshot from the leader appends a
+snapshot record, which on replay discards the whole log before it. Every segment starts with the
+current hard state, so compaction can delete whole segments whose entries are all covered by
+the newest snapshot without losing the hard state.
+
+Torn tails and corruption follow the rule documented in ``consensus.segments``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from consensus.fileio import fsync_dir, write_all
+from consensus.segments import (
+    CorruptLogError,
+    Damage,
+    StorageError,
+    encode_record,
+    find_intact_record,
+    read_records,
+)
+from consensus.snapstore import CorruptSnapshotError, SnapshotStore
+from consensus.types import Entry, EntryType, HardState, PersistedState, Ready, Snapshot
+
+__all__ = [
+    "CorruptLogError",
+    "CorruptSnapshotError",
+    "DurableLog",
+    "StorageError",
+]
+
+log = logging.getLogger(__name__)
+
+REC_ENTRY = 1
+REC_HARD_STATE = 2
+REC_SNAPSHOT = 3
+
+_ENTRY = struct.Struct("<BQQB")
+_HARD = struct.Struct("<BQQ")
+_SNAP = struct.Struct("<BQQ")
+_SEGMENT_NAME = re.compile(r"^wal-(\d{16})\.log$")
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+def _entry_payload(e: Entry) -> bytes:
+    return _ENTRY.pack(REC_ENTRY, e.term, e.index, e.type) + e.data
+
+
+def _hard_payload(hs: HardState) -> bytes:
+    return _HARD.pack(REC_HARD_STATE, hs.term, hs.commit) + hs.vote.encode()
+
+
+@dataclass(slots=True)
+class _Segment:
+    seq: int
+    path: Path
+    size: int
+    #: Highest entry index ever written to this segment (stale entries included), so a segment
+    #: is deletable once the snapshot covers it.
+    max_index: int
+
+
+class _Replay:
+    """Rebuilds the log from records in order; see the module docstring for the rules."""
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self.base: int | None = None  # index just before ``entries[0]``
+        self.entries: list[Entry] = []
+        self.snapshot_floor = 0
+
+    def apply(self, seg: _Segment, offset: int, payload: bytes) -> None:
+        kind = payload[0]
+        if kind == REC_ENTRY and len(payload) >= _ENTRY.size:
+            _, term, index, etype = _ENTRY.unpack_from(payload)
+            try:
+                entry = Entry(term, index, EntryType(etype), payload[_ENTRY.size :])
+            except ValueError as exc:
+                raise CorruptLogError(seg.path, offset, f"unknown entry type {etype}") from exc
+            seg.max_index = max(seg.max_index, index)
+            self._entry(seg, offset, entry)
+        elif kind == REC_HARD_STATE and len(payload) >= _HARD.size:
+            _, term, commit = _HARD.unpack_from(payload)
+            try:
+                vote = payload[_HARD.size :].decode()
+            except UnicodeDecodeError as exc:
+                raise CorruptLogError(seg.path, offset, "vote is not UTF-8") from exc
+            self.hard_state = HardState(term=term, vote=vote, commit=commit)
+        elif kind == REC_SNAPSHOT and len(payload) >= _SNAP.size:
+            _, index, _term = _SNAP.unpack_from(payload)
+            self.base = index
+            self.entries = []
+            self.snapshot_floor = max(self.snapshot_floor, index)
+        else:
+            raise CorruptLogError(seg.path, offset, f"unknown record kind {kind}")
+
+    def _entry(self, seg: _Segment, offset: int, entry: Entry) -> None:
+        if self.base is None:
+            self.base = entry.index - 1
+        nxt = self.base + len(self.entries) + 1
+        if entry.index == nxt:
+            self.entries.append(entry)
+        elif entry.index <= self.base:
+            return  # below a snapshot: already compacted away
+        elif entry.index < nxt:
+            del self.entries[entry.index - self.base - 1 :]  # a conflicting append
+            self.entries.append(entry)
+        else:
+            raise CorruptLogError(
+                seg.path, offset, f"gap in the log: entry {entry.index} after {nxt - 1}"
+            )
+
+    def result(self, snapshot: Snapshot) -> PersistedState:
+        snap_index = snapshot.meta.index
+        if self.snapshot_floor > snap_index:
+            raise StorageError(
+                f"log was reset to a snapshot at {self.snapshot_floor}, "
+                f"but the newest snapshot file is at {snap_index}"
+            )
+        entries = self.entries
+        if entries:
+            first = entries[0].index
+            if first > snap_index + 1:
+                raise StorageError(
+                    f"log starts at {first} but the snapshot ends at {snap_index}: entries lost"
+                )
+            entries = entries[max(0, snap_index + 1 - first) :]
+        return PersistedState(hard_state=self.hard_state, snapshot=snapshot, entries=tuple(entries))
+
+
+class DurableLog:
+    """A node's Raft log and hard state on disk. Not thread-safe: one caller at a time.
+
+    Use :meth:`open`; ``initial_state`` is what the core is rebuilt from. ``append``/``persist``
+    return only after the data is durable (unless ``fsync=False``, which is for benchmarks).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: bool,
+        segment_bytes: int,
+        segments: list[_Segment],
+        state: PersistedState,
+    ) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self._segments = segments
+        self._snapshots = SnapshotStore(directory, fsync=fsync)
+        self.initial_state = state
+        self.hard_state = state.hard_state
+        self.snapshot_index = state.snapshot.meta.index
+        self.last_index = state.entries[-1].index if state.entries else self.snapshot_index
+        self.fsyncs = 0
+        self.bytes_written = 0
+        self._fd = -1
+        self._open_active()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> DurableLog:
+        """Open (creating if needed) the log in ``directory`` and replay it.
+
+        Raises ``CorruptLogError`` / ``CorruptSnapshotError`` rather than start on damaged data;
+        a torn tail is truncated and logged at WARNING.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        snapshot = SnapshotStore(path, fsync=fsync).load_newest()
+        segments = sorted(
+            (
+                _Segment(int(m.group(1)), p, p.stat().st_size, 0)
+                for p in path.iterdir()
+                if (m := _SEGMENT_NAME.match(p.name))
+            ),
+            key=lambda s: s.seq,
+        )
+        replay = _Replay()
+        contents = [seg.path.read_bytes() for seg in segments]
+        for i, seg in enumerate(segments):
+            records, damage = read_records(contents[i])
+            for offset, payload in records:
+                replay.apply(seg, offset, payload)
+            if damage is not None:
+                cls._recover_tail(segments, contents, i, damage, fsync)
+                del segments[i + 1 :]
+                break
+        state = replay.result(snapshot)
+        if not segments:
+            segments.append(_Segment(1, path / "wal-0000000000000001.log", 0, 0))
+        return cls(path, fsync=fsync, segment_bytes=segment_bytes, segments=segments, state=state)
+
+    @staticmethod
+    def _recover_tail(
+        segments: list[_Segment], contents: list[bytes], i: int, damage: Damage, fsync: bool
+    ) -> None:
+        """Truncate a torn tail, or raise ``CorruptLogError`` if an intact record follows."""
+        seg = segments[i]
+        after = find_intact_record(contents[i], damage.offset + 1)
+        if after is None:
+            for j in range(i + 1, len(segments)):
+                if find_intact_record(contents[j], 0) is not None:
+                    after = 0
+                    break
+        if after is not None:
+            raise CorruptLogError(
+                seg.path, damage.offset, f"{damage.reason}, and intact records follow it"
+            )
+        dropped = len(contents[i]) - damage.offset
+        log.warning(
+            "torn tail in %s at offset %d (%s): truncating %d bytes",
+            seg.path, damage.offset, damage.reason, dropped,
+        )
+        with open(seg.path, "r+b") as f:
+            f.truncate(damage.offset)
+            if fsync:
+                os.fsync(f.fileno())
+        seg.size = damage.offset
+        for later in segments[i + 1 :]:
+            log.warning("removing segment %s after the torn tail (no intact records)", later.path)
+            later.path.unlink()
+        if fsync:
+            fsync_dir(seg.path.parent)
+
+    def _open_active(self) -> None:
+        active = self._segments[-1]
+        # An empty active segment (new, or truncated to nothing) must start with the hard state:
+        # older segments holding it may be deleted by compaction.
+        created = not active.path.exists() or active.path.stat().st_size == 0
+        self._fd = os.open(active.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if created:
+            self._write([encode_record(_hard_payload(self.hard_state))], active)
+            self._sync(directory=True)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def persist(self, ready: Ready) -> None:
+        """Make a Ready's snapshot, entries and hard state durable with one fsync."""
+        if ready.must_sync:
+            self.append(ready.entries, ready.hard_state, ready.snapshot)
+
+    def append(
+        self,
+        entries: tuple[Entry, ...] | list[Entry] = (),
+        hard_state: HardState | None = None,
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        """Durably record (in this order) a snapshot from the leader, entries and hard state.
+
+        Entries at or below the current last index replace the existing suffix from there on.
+        """
+        if self._fd < 0:
+            raise StorageError("log is closed")
+        records: list[bytes] = []
+        active = self._segments[-1]
+        if snapshot is not None and not snapshot.is_empty:
+            # The snapshot file is durable before the record that resets the log to it.
+            self._snapshots.save(snapshot)
+            records.append(
+                encode_record(_SNAP.pack(REC_SNAPSHOT, snapshot.meta.index, snapshot.meta.term))
+            )
+            self.snapshot_index = snapshot.meta.index
+            self.last_index = snapshot.meta.index
+        if entries:
+            records.extend([encode_record(_entry_payload(e)) for e in entries])
+            last = entries[-1].index
+            active.max_index = max(active.max_index, last)
+            self.last_index = last
+        if hard_state is not None:
+            records.append(encode_record(_hard_payload(hard_state)))
+            self.hard_state = hard_state
+        if not records:
+            return
+        self._write(records, active)
+        self._sync()
+        if snapshot is not None and not snapshot.is_empty:
+            self._delete_covered_segments()
+        if active.size >= self.segment_bytes:
+            self._rotate()
+
+    def compact(self, snapshot: Snapshot) -> None:
+        """Store a snapshot of the local state machine and drop the segments it covers.
+
+        Entries after ``snapshot.meta.index`` stay in the log (unlike a snapshot installed from
+        the leader, which replaces the log).
+        """
+        if snapshot.meta.index <= self.snapshot_index:
+            return
+        self._snapshots.save(snapshot)
+        self.snapshot_index = snapshot.meta.index
+        self._delete_covered_segments()
+
+    def _write(self, records: list[bytes], seg: _Segment) -> None:
+        data = b"".join(records)
+        write_all(self._fd, data)
+        seg.size += len(data)
+        self.bytes_written += len(data)
+
+    def _sync(self, *, directory: bool = False) -> None:
+        if not self.fsync:
+            return
+        os.fdatasync(self._fd)
+        self.fsyncs += 1
+        if directory:
+            fsync_dir(self.directory)
+
+    def _rotate(self) -> None:
+        """Start a new segment that begins with the current hard state."""
+        os.close(self._fd)
+        self._fd = -1
+        seq = self._segments[-1].seq + 1
+        self._segments.append(_Segment(seq, self.directory / f"wal-{seq:016d}.log", 0, 0))
+        self._open_active()
+
+    def _delete_covered_segments(self) -> None:
+        removed = False
+        while len(self._segments) > 1 and self._segments[0].max_index <= self.snapshot_index:
+            seg = self._segments.pop(0)
+            log.info("compaction removes %s (entries up to %d)", seg.path, seg.max_index)
+            seg.path.unlink()
+            removed = True
+        if removed and self.fsync:
+            fsync_dir(self.directory)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def segment_paths(self) -> list[Path]:
+        return [s.path for s in self._segments]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DurableLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
