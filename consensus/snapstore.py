@@ -67,8 +67,9 @@ def decode_snapshot(path: Path, raw: bytes) -> Snapshot:
         meta = SnapshotMeta(
             index=int(index),
             term=int(term),
-            conf=ConfState(voters=tuple(str(v) for v in voters),
-                           learners=tuple(str(v) for v in learners)),
+            conf=ConfState(
+                voters=tuple(str(v) for v in voters), learners=tuple(str(v) for v in learners)
+            ),
         )
         if not isinstance(data, bytes):
             raise TypeError("snapshot data is not bytes")

@@ -238,7 +238,10 @@ class DurableLog:
         dropped = len(contents[i]) - damage.offset
         log.warning(
             "torn tail in %s at offset %d (%s): truncating %d bytes",
-            seg.path, damage.offset, damage.reason, dropped,
+            seg.path,
+            damage.offset,
+            damage.reason,
+            dropped,
         )
         with open(seg.path, "r+b") as f:
             f.truncate(damage.offset)

@@ -24,7 +24,9 @@ from consensus.types import (
 
 
 def entries(first: int, last: int, term: int = 1, size: int = 10) -> list[Entry]:
-    return [Entry(term, i, EntryType.NORMAL, bytes([i % 256]) * size) for i in range(first, last + 1)]
+    return [
+        Entry(term, i, EntryType.NORMAL, bytes([i % 256]) * size) for i in range(first, last + 1)
+    ]
 
 
 def reopen(path: Path, **kw: int) -> DurableLog:
@@ -48,7 +50,7 @@ def test_fresh_log_is_empty(tmp_path: Path) -> None:
 
 
 def test_round_trip_entries_and_hard_state(tmp_path: Path) -> None:
-    es = entries(1, 50) + [Entry(2, 51, EntryType.NOOP), Entry(2, 52, EntryType.CONF_CHANGE, b"c")]
+    es = [*entries(1, 50), Entry(2, 51, EntryType.NOOP), Entry(2, 52, EntryType.CONF_CHANGE, b"c")]
     with DurableLog.open(tmp_path) as log:
         log.append(es[:20], HardState(1, "a", 0))
         log.persist(Ready(entries=tuple(es[20:]), hard_state=HardState(2, "b", 40)))
@@ -250,7 +252,9 @@ ops = st.lists(
 
 @settings(max_examples=40, deadline=None)
 @given(ops)
-def test_random_appends_match_model(tmp_path_factory: pytest.TempPathFactory, plan: list[tuple[int, int, bool]]) -> None:
+def test_random_appends_match_model(
+    tmp_path_factory: pytest.TempPathFactory, plan: list[tuple[int, int, bool]]
+) -> None:
     """Appends that may overwrite any uncommitted suffix replay to the same log as a list model."""
     d = tmp_path_factory.mktemp("model")
     model: list[Entry] = []
