@@ -1,0 +1,42 @@
+"""kmctl: the operator CLI, noun-verb commands in the style of `vault operator raft ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kmnode.cli.attest_cmds import attest
+from kmnode.cli.config_cmds import config
+from kmnode.cli.context import CliContext
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="KMSIM_CONFIG",
+    help="Cluster file. Default: ./cluster.yaml if present, else the embedded 3-node defaults.",
+)
+@click.version_option(package_name="kmsim")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None) -> None:
+    """Operate a key-management cluster of (simulated) TEE nodes.
+
+    KM enclaves attest each other with signed quotes, agree through Raft, and release keys only
+    to locally attested service enclaves. The TEE hardware is simulated with real cryptography.
+
+    Exit codes: 0 ok, 1 refused by a check or the cluster, 2 bad usage or configuration,
+    3 internal or environment failure.
+    """
+    ctx.obj = CliContext(config_path)
+
+
+cli.add_command(attest)
+cli.add_command(config)
+
+
+def main() -> None:
+    cli(prog_name="kmctl")

@@ -1,0 +1,240 @@
+"""cluster.yaml: the schema, its defaults, and errors that name the bad field.
+
+The same file drives `kmctl up` on one machine and the docker/Kubernetes manifests, so a typo
+must be caught before anything starts: unknown keys are refused, every field is typed, and
+cross-field rules (unique names, ports, platforms) are checked after the types. All problems are
+reported at once, one line each, as ``path: message`` (``nodes[2].peer_port: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from attest.certs import TcbStatus
+from attest.identity import EnclaveRole
+from attest.policy import Policy
+
+#: In a policy's measurement list, stands for "the enclave code of this installation".
+CURRENT_MEASUREMENT = "@current"
+DEFAULT_CONFIG_NAME = "cluster.yaml"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+_HEX_MEASUREMENT = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` holds one ``path: message`` line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PlatformSpec(_Strict):
+    """The simulated machine a node runs on."""
+
+    id: Name
+    tcb: TcbStatus = TcbStatus.UP_TO_DATE
+
+
+class NodeSpec(_Strict):
+    name: Name
+    host: str = "127.0.0.1"
+    peer_port: Port
+    api_port: Port
+    platform: PlatformSpec
+
+
+def _check_measurements(values: list[str]) -> list[str]:
+    for value in values:
+        if value != CURRENT_MEASUREMENT and not _HEX_MEASUREMENT.match(value):
+            raise ValueError(
+                f"{value!r} is neither {CURRENT_MEASUREMENT!r} nor 64 lowercase hex digits"
+            )
+    return values
+
+
+class PolicySpec(_Strict):
+    km_measurements: list[str] = [CURRENT_MEASUREMENT]
+    service_measurements: list[str] = [CURRENT_MEASUREMENT]
+    min_svn: Annotated[int, Field(ge=0, lt=2**16)] = 1
+    accepted_tcb: list[TcbStatus] = [TcbStatus.UP_TO_DATE, TcbStatus.SW_HARDENING_NEEDED]
+    revoked_platforms: list[Name] = []
+    max_quote_age_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+
+    _measurements = field_validator("km_measurements", "service_measurements")(_check_measurements)
+
+    def resolve(self, current: Mapping[EnclaveRole, bytes]) -> Policy:
+        """The attestation policy, with ``@current`` replaced by this build's measurements."""
+
+        def measurements(role: EnclaveRole, values: list[str]) -> frozenset[bytes]:
+            return frozenset(
+                current[role] if v == CURRENT_MEASUREMENT else bytes.fromhex(v) for v in values
+            )
+
+        return Policy(
+            km_measurements=measurements(EnclaveRole.KM, self.km_measurements),
+            service_measurements=measurements(EnclaveRole.SERVICE, self.service_measurements),
+            min_svn=self.min_svn,
+            accepted_tcb=frozenset(self.accepted_tcb),
+            revoked_platforms=frozenset(self.revoked_platforms),
+            max_quote_age_s=self.max_quote_age_s,
+        )
+
+
+class RaftSpec(_Strict):
+    tick_ms: Annotated[int, Field(ge=1, le=1000)] = 50
+    election_ticks: Annotated[int, Field(ge=3, le=1000)] = 10
+    heartbeat_ticks: Annotated[int, Field(ge=1, le=100)] = 1
+    fsync: bool = True
+
+
+class MqttSpec(_Strict):
+    #: ``mqtt://host:port`` of an external broker; unset means the embedded amqtt broker.
+    url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:\d{1,5})?/?$")] | None = None
+    embedded_port: Port = 18830
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "kmsim"
+
+
+def _default_nodes(count: int) -> list[NodeSpec]:
+    return [
+        NodeSpec(
+            name=f"km{i}",
+            peer_port=7100 + i,
+            api_port=7200 + i,
+            platform=PlatformSpec(id=f"platform-{i}"),
+        )
+        for i in range(1, count + 1)
+    ]
+
+
+class ClusterConfig(_Strict):
+    cluster: Name = "demo"
+    #: Node data directories and the simulated hardware store live here (relative to the file).
+    state_dir: Path = Path(".kmsim")
+    nodes: Annotated[list[NodeSpec], Field(min_length=1, max_length=64)] = _default_nodes(3)
+    policy: PolicySpec = PolicySpec()
+    raft: RaftSpec = RaftSpec()
+    mqtt: MqttSpec = MqttSpec()
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise KeyError(f"no node named {name!r} in cluster {self.cluster!r} (nodes: {known})")
+
+    @classmethod
+    def default(cls, nodes: int = 3) -> ClusterConfig:
+        """The embedded defaults: ``nodes`` KM nodes on 127.0.0.1, one platform each."""
+        return cls(nodes=_default_nodes(nodes))
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _cross_field_problems(config: ClusterConfig) -> list[str]:
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    platforms: dict[str, int] = {}
+    endpoints: dict[tuple[str, int], str] = {}
+    for i, node in enumerate(config.nodes):
+        if node.name in names:
+            problems.append(f"nodes[{i}].name: {node.name!r} is also nodes[{names[node.name]}]")
+        names.setdefault(node.name, i)
+        if node.platform.id in platforms:
+            problems.append(
+                f"nodes[{i}].platform.id: {node.platform.id!r} is also the platform of "
+                f"nodes[{platforms[node.platform.id]}] (one platform per node)"
+            )
+        platforms.setdefault(node.platform.id, i)
+        for field_name in ("peer_port", "api_port"):
+            endpoint = (node.host, getattr(node, field_name))
+            here = f"nodes[{i}].{field_name}"
+            if endpoint in endpoints:
+                problems.append(
+                    f"{here}: {endpoint[0]}:{endpoint[1]} is already used by {endpoints[endpoint]}"
+                )
+            endpoints.setdefault(endpoint, here)
+    if config.raft.heartbeat_ticks >= config.raft.election_ticks:
+        problems.append(
+            f"raft.heartbeat_ticks: {config.raft.heartbeat_ticks} must be below "
+            f"raft.election_ticks ({config.raft.election_ticks})"
+        )
+    if not config.policy.accepted_tcb:
+        problems.append("policy.accepted_tcb: empty list would refuse every platform")
+    return problems
+
+
+def parse_config(data: Any, source: str = "<config>") -> ClusterConfig:
+    """Validate already-loaded YAML data; raise :class:`ConfigError` listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        config = ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            source, [f"{_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        ) from None
+    problems = _cross_field_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: Path) -> ClusterConfig:
+    """Read and validate a cluster.yaml; a relative ``state_dir`` is taken from its folder."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"YAML syntax error at {where}: {problem}"]) from None
+    config = parse_config(data, source)
+    if not config.state_dir.is_absolute():
+        config = config.model_copy(update={"state_dir": path.parent.resolve() / config.state_dir})
+    return config
+
+
+def find_config(explicit: Path | None, nodes: int | None = None) -> ClusterConfig:
+    """The config a command should use: ``-c FILE``, else ./cluster.yaml, else the defaults."""
+    if explicit is not None:
+        return load_config(explicit)
+    local = Path.cwd() / DEFAULT_CONFIG_NAME
+    if local.exists():
+        return load_config(local)
+    config = ClusterConfig.default(nodes or 3)
+    return config.model_copy(update={"state_dir": Path.cwd() / config.state_dir})
+
+
+def config_to_yaml(config: ClusterConfig) -> str:
+    """The YAML form of a config (used to write cluster.yaml and the docker manifests)."""
+    data = config.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
