@@ -1,0 +1,205 @@
+"""Raft ``Message`` <-> bytes, with msgpack and strict validation of everything received.
+
+Input comes from the network, so decoding treats it as hostile: a size limit is checked before
+parsing, msgpack's own container limits stop allocation bombs, only arrays, ints, bools, str,
+bytes and nil are accepted (no maps, no ext types, nothing that builds objects), and every field
+is type- and range-checked before a ``Message`` is built. Any malformed input raises
+``CodecError``; nothing else escapes ``decode_message``.
+
+Wire form: one msgpack array ``[VERSION, type, to, frm, term, log_term, index, entries, commit,
+reject, reject_hint, snapshot, context]`` where ``entries`` is an array of ``[term, index, type,
+data]`` and ``snapshot`` is nil or ``[index, term, voters, learners, data]``. Positional arrays
+keep the encoding small and the encoder fast (it is on the replication hot path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from consensus.types import (
+    ConfState,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMeta,
+)
+
+VERSION = 1
+#: Default bound on one encoded message; snapshots larger than this need chunking.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_ENTRIES = 100_000
+MAX_NODE_ID = 256
+MAX_CONTEXT = 64 * 1024
+MAX_MEMBERS = 1024
+_U63 = 1 << 63
+
+_MESSAGE_TYPES = {int(t): t for t in MessageType}
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+
+
+class CodecError(ValueError):
+    """Bytes that are not a valid encoded ``Message``."""
+
+
+class MessageTooLarge(CodecError):
+    """An encoded message exceeds the configured size limit."""
+
+
+def encode_message(msg: Message) -> bytes:
+    """Encode ``msg``; the inverse of :func:`decode_message`."""
+    snap = msg.snapshot
+    wire_snap: list[Any] | None = None
+    if snap is not None:
+        meta = snap.meta
+        wire_snap = [meta.index, meta.term, meta.conf.voters, meta.conf.learners, snap.data]
+    out: bytes = msgpack.packb(
+        (
+            VERSION,
+            msg.type,
+            msg.to,
+            msg.frm,
+            msg.term,
+            msg.log_term,
+            msg.index,
+            [(e.term, e.index, e.type, e.data) for e in msg.entries],
+            msg.commit,
+            msg.reject,
+            msg.reject_hint,
+            wire_snap,
+            msg.context,
+        ),
+        use_bin_type=True,
+    )
+    return out
+
+
+def _int(value: object, name: str) -> int:
+    if type(value) is not int or not 0 <= value < _U63:
+        raise CodecError(f"{name} must be an integer in [0, 2^63), got {value!r:.40}")
+    return value
+
+
+def _bytes(value: object, name: str, limit: int) -> bytes:
+    if type(value) is not bytes:
+        raise CodecError(f"{name} must be bytes, got {type(value).__name__}")
+    if len(value) > limit:
+        raise CodecError(f"{name} is {len(value)} bytes, limit {limit}")
+    return value
+
+
+def _node(value: object, name: str) -> str:
+    if type(value) is not str or len(value) > MAX_NODE_ID:
+        raise CodecError(f"{name} must be a node id string of at most {MAX_NODE_ID} chars")
+    return value
+
+
+def _array(value: object, name: str, length: int | None = None) -> list[Any]:
+    if type(value) is not list or (length is not None and len(value) != length):
+        want = f"an array of {length}" if length is not None else "an array"
+        raise CodecError(f"{name} must be {want}, got {value!r:.40}")
+    return value
+
+
+def _entries(value: object, max_bytes: int) -> tuple[Entry, ...]:
+    items = _array(value, "entries")
+    if len(items) > MAX_ENTRIES:
+        raise CodecError(f"{len(items)} entries, limit {MAX_ENTRIES}")
+    out = []
+    for item in items:
+        # Fast path for well-formed entries; the checks below name what is wrong otherwise.
+        if type(item) is list and len(item) == 4:
+            term, index, etype, data = item
+            if (
+                type(term) is int
+                and type(index) is int
+                and 0 <= term < _U63
+                and 0 <= index < _U63
+                and type(data) is bytes
+            ):
+                et = _ENTRY_TYPES.get(etype) if type(etype) is int else None
+                if et is not None:
+                    out.append(Entry(term, index, et, data))
+                    continue
+        fields = _array(item, "entry", 4)
+        _int(fields[0], "entry term")
+        _int(fields[1], "entry index")
+        _bytes(fields[3], "entry data", max_bytes)
+        raise CodecError(f"unknown entry type {fields[2]!r:.40}")
+    return tuple(out)
+
+
+def _members(value: object, name: str) -> tuple[str, ...]:
+    items = _array(value, name)
+    if len(items) > MAX_MEMBERS:
+        raise CodecError(f"{name} has {len(items)} members, limit {MAX_MEMBERS}")
+    return tuple(_node(v, name) for v in items)
+
+
+def _snapshot(value: object, max_bytes: int) -> Snapshot | None:
+    if value is None:
+        return None
+    index, term, voters, learners, data = _array(value, "snapshot", 5)
+    meta = SnapshotMeta(
+        index=_int(index, "snapshot index"),
+        term=_int(term, "snapshot term"),
+        conf=ConfState(voters=_members(voters, "voters"), learners=_members(learners, "learners")),
+    )
+    return Snapshot(meta=meta, data=_bytes(data, "snapshot data", max_bytes))
+
+
+def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Decode and validate one message; raises ``CodecError`` on anything malformed."""
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"message is {len(data)} bytes, limit {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=max(MAX_NODE_ID * 4, 1024),
+            max_bin_len=max_bytes,
+            max_array_len=max(MAX_ENTRIES, MAX_MEMBERS),
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types for bad input; all mean "malformed"
+        raise CodecError(f"not a msgpack message: {exc}") from exc
+    fields = _array(obj, "message", 13)
+    (version, mtype, to, frm, term, log_term, index, entries, commit, reject, hint, snap, ctx) = (
+        fields
+    )
+    if version != VERSION or type(version) is not int:
+        raise CodecError(f"unsupported codec version {version!r:.40}")
+    msg_type = _MESSAGE_TYPES.get(mtype) if type(mtype) is int else None
+    if msg_type is None:
+        raise CodecError(f"unknown message type {mtype!r:.40}")
+    if type(reject) is not bool:
+        raise CodecError("reject must be a boolean")
+    return Message(
+        type=msg_type,
+        to=_node(to, "to"),
+        frm=_node(frm, "frm"),
+        term=_int(term, "term"),
+        log_term=_int(log_term, "log_term"),
+        index=_int(index, "index"),
+        entries=_entries(entries, max_bytes),
+        commit=_int(commit, "commit"),
+        reject=reject,
+        reject_hint=_int(hint, "reject_hint"),
+        snapshot=_snapshot(snap, max_bytes),
+        context=_bytes(ctx, "context", MAX_CONTEXT),
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "CodecError",
+    "MessageTooLarge",
+    "decode_message",
+    "encode_message",
+]
