@@ -1,0 +1,378 @@
+"""The KM state machine that Raft replicates: keys, policy, members, releases, ledger chain.
+
+Every KM enclave applies the same committed commands in the same order and must reach the same
+state, so ``apply`` is a pure function of (state, index, command bytes): no clock, no
+randomness, no I/O, and refusals are results, not exceptions, because a command that one node
+refuses every node refuses identically. Nothing here is secret: keys are *derived* inside the
+enclave from the master secret and (name, generation), so the ledger only holds metadata and
+the host may store it in plaintext.
+
+Each applied entry extends a hash chain (``chain_hash``) so a ledger copied off a node can be
+checked offline, and signatures over the chain by the leader's enclave can be verified later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from attest.identity import EnclaveRole
+from attest.policy import Policy
+
+MAX_COMMAND_BYTES = 64 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX32 = re.compile(r"^[0-9a-f]{64}$")
+GENESIS_HASH = bytes(32)
+
+
+class CommandRefused(Exception):
+    """A command is well-formed JSON but not acceptable in the current state (or malformed)."""
+
+
+def encode_command(op: str, **fields: Any) -> bytes:
+    """Canonical bytes for a command: the same command always encodes identically."""
+    return json.dumps({"op": op, **fields}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def chain_step(previous: bytes, index: int, data: bytes) -> bytes:
+    return hashlib.blake2b(previous + index.to_bytes(8, "big") + data, digest_size=32).digest()
+
+
+@dataclass
+class KeyRecord:
+    name: str
+    generation: int
+    #: Service measurements (hex) allowed to receive this key; empty means "the policy's".
+    allowed_service: list[str]
+    created_index: int
+    rotated_index: int
+
+
+@dataclass
+class Member:
+    name: str
+    platform_id: str
+    host: str
+    peer_port: int
+    api_port: int
+    joined_index: int
+
+
+@dataclass
+class Release:
+    id: str
+    key: str
+    generation: int
+    node: str
+    requested_index: int
+    status: str = "requested"  # requested | provisioned | refused
+    reason: str = ""
+    service_measurement: str = ""
+    completed_index: int = 0
+
+
+@dataclass
+class KMState:
+    cluster: str = ""
+    policy: Policy = field(default_factory=Policy)
+    keys: dict[str, KeyRecord] = field(default_factory=dict)
+    members: dict[str, Member] = field(default_factory=dict)
+    releases: dict[str, Release] = field(default_factory=dict)
+    applied_index: int = 0
+    chain_hash: bytes = GENESIS_HASH
+    #: (index, chain hash hex, signer public key hex) of the newest ledger signature.
+    last_signature: tuple[int, str, str] | None = None
+
+    # --- applying ---------------------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> dict[str, Any]:
+        """Apply the committed command at ``index``; returns ``{"ok": ..., ...}``."""
+        self.chain_only(index, data)
+        try:
+            command = self._parse(data)
+            handler = _HANDLERS.get(command["op"])
+            if handler is None:
+                raise CommandRefused(f"unknown operation {command['op']!r}")
+            result = handler(self, index, command)
+        except CommandRefused as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, **result}
+
+    def chain_only(self, index: int, data: bytes) -> None:
+        """Advance the chain over an entry that is not a KM command (NOOP, membership change).
+
+        ``apply`` goes through here too, so every log position is chained exactly once.
+        """
+        if index != self.applied_index + 1:
+            raise ValueError(f"apply out of order: got {index}, applied {self.applied_index}")
+        self.applied_index = index
+        self.chain_hash = chain_step(self.chain_hash, index, data)
+
+    @staticmethod
+    def _parse(data: bytes) -> dict[str, Any]:
+        if len(data) > MAX_COMMAND_BYTES:
+            raise CommandRefused(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
+        try:
+            command = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CommandRefused(f"command is not JSON: {exc}") from None
+        if not isinstance(command, dict) or not isinstance(command.get("op"), str):
+            raise CommandRefused("command must be an object with a string 'op'")
+        return command
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _init(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.cluster:
+            raise CommandRefused(f"cluster {self.cluster!r} is already initialised")
+        cluster = _str(cmd, "cluster")
+        policy = _policy(cmd.get("policy"))
+        self.cluster = cluster
+        self.policy = policy
+        self._add_member(index, cmd.get("member"))
+        return {"cluster": cluster}
+
+    def _member_add(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        self._require_init()
+        member = self._add_member(index, cmd.get("member"))
+        return {"member": member.name}
+
+    def _add_member(self, index: int, raw: Any) -> Member:
+        if not isinstance(raw, dict):
+            raise CommandRefused("member must be an object")
+        name = _name(raw, "name")
+        if name in self.members:
+            raise CommandRefused(f"{name!r} is already a member")
+        platform_id = _name(raw, "platform_id")
+        if platform_id in self.policy.revoked_platforms:
+            raise CommandRefused(f"platform {platform_id!r} is revoked")
+        if any(m.platform_id == platform_id for m in self.members.values()):
+            raise CommandRefused(f"platform {platform_id!r} already hosts a member")
+        member = Member(
+            name=name,
+            platform_id=platform_id,
+            host=_str(raw, "host"),
+            peer_port=_port(raw, "peer_port"),
+            api_port=_port(raw, "api_port"),
+            joined_index=index,
+        )
+        self.members[name] = member
+        return member
+
+    def _member_remove(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        self._require_init()
+        name = _name(cmd, "name")
+        if name not in self.members:
+            raise CommandRefused(f"{name!r} is not a member")
+        if len(self.members) == 1:
+            raise CommandRefused("cannot remove the last member")
+        del self.members[name]
+        return {"member": name}
+
+    def _key_create(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        self._require_init()
+        name = _name(cmd, "name")
+        if name in self.keys:
+            raise CommandRefused(f"key {name!r} already exists")
+        allowed = _measurements(cmd.get("allowed_service", []))
+        self.keys[name] = KeyRecord(name, 1, allowed, index, index)
+        return {"key": name, "generation": 1}
+
+    def _key_rotate(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        record = self._key(cmd)
+        record.generation += 1
+        record.rotated_index = index
+        return {"key": record.name, "generation": record.generation}
+
+    def _release_request(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        record = self._key(cmd)
+        node = _name(cmd, "node")
+        if node not in self.members:
+            raise CommandRefused(f"{node!r} is not a member")
+        generation = cmd.get("generation", record.generation)
+        if not isinstance(generation, int) or not 1 <= generation <= record.generation:
+            raise CommandRefused(
+                f"key {record.name!r} has generations 1..{record.generation}, not {generation!r}"
+            )
+        release = Release(f"r{index}", record.name, generation, node, index)
+        self.releases[release.id] = release
+        return {"release": release.id, "key": record.name, "generation": generation, "node": node}
+
+    def _release_outcome(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        release_id = _str(cmd, "release")
+        release = self.releases.get(release_id)
+        if release is None:
+            raise CommandRefused(f"no release {release_id!r}")
+        if release.status != "requested":
+            raise CommandRefused(f"release {release_id} is already {release.status}")
+        if _name(cmd, "node") != release.node:
+            raise CommandRefused(f"release {release_id} targets {release.node!r}")
+        status = _str(cmd, "status")
+        if status not in ("provisioned", "refused"):
+            raise CommandRefused(f"outcome status must be provisioned or refused, not {status!r}")
+        measurement = cmd.get("service_measurement", "")
+        if measurement and not (isinstance(measurement, str) and _HEX32.match(measurement)):
+            raise CommandRefused("service_measurement must be 64 hex digits")
+        if status == "provisioned" and not self.service_allowed(release.key, measurement):
+            raise CommandRefused(
+                f"measurement {measurement[:16]}… is not allowed to receive {release.key!r}"
+            )
+        release.status = status
+        release.reason = str(cmd.get("reason", ""))[:500]
+        release.service_measurement = measurement
+        release.completed_index = index
+        return {"release": release_id, "status": status}
+
+    def _policy_set(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        self._require_init()
+        self.policy = _policy(cmd.get("policy"))
+        return {"policy": self.policy.to_dict()}
+
+    def _policy_allow(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        role, measurement = _role_measurement(cmd)
+        self.policy = self.policy.allow(role, measurement)
+        return {"role": role.value, "measurement": measurement.hex()}
+
+    def _policy_disallow(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        role, measurement = _role_measurement(cmd)
+        self.policy = self.policy.disallow(role, measurement)
+        return {"role": role.value, "measurement": measurement.hex()}
+
+    def _policy_revoke_platform(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        platform_id = _name(cmd, "platform_id")
+        self.policy = self.policy.revoke_platform(platform_id)
+        return {"revoked": platform_id}
+
+    def _ledger_sign(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+        signed_index = cmd.get("index")
+        if not isinstance(signed_index, int) or not 0 < signed_index < index:
+            raise CommandRefused("ledger signature must cover an earlier index")
+        chain = _str(cmd, "chain_hash")
+        signer = _str(cmd, "public_key")
+        if not (_HEX32.match(chain) and _HEX32.match(signer)):
+            raise CommandRefused("chain_hash and public_key must be 64 hex digits")
+        self.last_signature = (signed_index, chain, signer)
+        return {"signed_index": signed_index}
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def service_allowed(self, key: str, measurement_hex: str) -> bool:
+        """May a service enclave with this measurement receive ``key``?"""
+        record = self.keys.get(key)
+        if record is None:
+            return False
+        if record.allowed_service:
+            return measurement_hex in record.allowed_service
+        return bytes.fromhex(measurement_hex or "00" * 32) in self.policy.measurements_for(
+            EnclaveRole.SERVICE
+        )
+
+    def _key(self, cmd: dict[str, Any]) -> KeyRecord:
+        self._require_init()
+        name = _name(cmd, "key" if "key" in cmd else "name")
+        record = self.keys.get(name)
+        if record is None:
+            raise CommandRefused(f"no key named {name!r}")
+        return record
+
+    def _require_init(self) -> None:
+        if not self.cluster:
+            raise CommandRefused("the cluster is not initialised yet")
+
+    # --- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        data = {
+            "cluster": self.cluster,
+            "policy": self.policy.to_dict(),
+            "keys": [asdict(k) for k in self.keys.values()],
+            "members": [asdict(m) for m in self.members.values()],
+            "releases": [asdict(r) for r in self.releases.values()],
+            "applied_index": self.applied_index,
+            "chain_hash": self.chain_hash.hex(),
+            "last_signature": list(self.last_signature) if self.last_signature else None,
+        }
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def restore(cls, blob: bytes) -> KMState:
+        data = json.loads(blob)
+        signature = data["last_signature"]
+        return cls(
+            cluster=data["cluster"],
+            policy=Policy.from_dict(data["policy"]),
+            keys={k["name"]: KeyRecord(**k) for k in data["keys"]},
+            members={m["name"]: Member(**m) for m in data["members"]},
+            releases={r["id"]: Release(**r) for r in data["releases"]},
+            applied_index=data["applied_index"],
+            chain_hash=bytes.fromhex(data["chain_hash"]),
+            last_signature=(signature[0], signature[1], signature[2]) if signature else None,
+        )
+
+
+_HANDLERS = {
+    "cluster.init": KMState._init,
+    "member.add": KMState._member_add,
+    "member.remove": KMState._member_remove,
+    "key.create": KMState._key_create,
+    "key.rotate": KMState._key_rotate,
+    "release.request": KMState._release_request,
+    "release.outcome": KMState._release_outcome,
+    "policy.set": KMState._policy_set,
+    "policy.allow": KMState._policy_allow,
+    "policy.disallow": KMState._policy_disallow,
+    "policy.revoke_platform": KMState._policy_revoke_platform,
+    "ledger.sign": KMState._ledger_sign,
+}
+
+
+# --- field validation (every refusal says which field and why) -------------------------------
+
+
+def _str(cmd: dict[str, Any], key: str) -> str:
+    value = cmd.get(key)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise CommandRefused(f"{key!r} must be a non-empty string")
+    return value
+
+
+def _name(cmd: dict[str, Any], key: str) -> str:
+    value = _str(cmd, key)
+    if not _NAME.match(value):
+        raise CommandRefused(f"{key!r} must match {_NAME.pattern}, got {value!r}")
+    return value
+
+
+def _port(cmd: dict[str, Any], key: str) -> int:
+    value = cmd.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise CommandRefused(f"{key!r} must be a port number")
+    return value
+
+
+def _measurements(raw: Any) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(m, str) and _HEX32.match(m) for m in raw):
+        raise CommandRefused("allowed_service must be a list of 64-hex-digit measurements")
+    return sorted(set(raw))
+
+
+def _role_measurement(cmd: dict[str, Any]) -> tuple[EnclaveRole, bytes]:
+    role = cmd.get("role")
+    if role not in [r.value for r in EnclaveRole]:
+        raise CommandRefused(f"role must be km or service, not {role!r}")
+    measurement = _str(cmd, "measurement")
+    if not _HEX32.match(measurement):
+        raise CommandRefused("measurement must be 64 hex digits")
+    return EnclaveRole(role), bytes.fromhex(measurement)
+
+
+def _policy(raw: Any) -> Policy:
+    if not isinstance(raw, dict):
+        raise CommandRefused("policy must be an object")
+    try:
+        return Policy.from_dict(raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CommandRefused(f"invalid policy: {exc}") from None
