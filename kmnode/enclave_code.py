@@ -20,13 +20,14 @@ PRODUCT_IDS = {EnclaveRole.KM: 1, EnclaveRole.SERVICE: 2}
 
 #: Modules (a package means all of its .py files) that make up each enclave.
 ENCLAVE_MODULES: dict[EnclaveRole, tuple[str, ...]] = {
-    EnclaveRole.KM: ("attest",),
+    EnclaveRole.KM: ("attest", "kmnode.km"),
     EnclaveRole.SERVICE: (
         "attest.errors",
         "attest.identity",
         "attest.local",
         "attest.sealing",
         "attest.wire",
+        "kmnode.service",
     ),
 }
 

@@ -1,0 +1,176 @@
+"""The KM enclave: the only place the cluster master secret and derived keys exist in clear.
+
+The host drives this object but only ever receives ciphertext from it: sealed state for its data
+directory, channel frames for the network, keys encrypted to an attested service enclave. Keys
+are derived from the master secret and (key name, generation), so every KM enclave derives the
+same bytes without any key ever being written to the replicated ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import nacl.utils
+from nacl.public import PublicKey, SealedBox
+from nacl.signing import SigningKey
+
+from attest import local
+from attest.channel import SecureChannel
+from attest.errors import AttestationError, SealingError
+from attest.handshake import HandshakeConfig, Initiator, Responder
+from attest.hardware import EnclaveContext
+from attest.quote import QuoteVerifier, report_data_for
+from attest.sealing import seal, unseal
+from kmnode.km.state import KMState
+
+SECRET_SIZE = 32
+_SEALED_VERSION = 1
+
+
+class EnclaveStateError(Exception):
+    """The enclave cannot do this in its current state (no master secret yet, ...)."""
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """What the host may see of a provisioning: ciphertext for the service, and the outcome."""
+
+    ok: bool
+    reason: str
+    service_measurement: str
+    #: The key encrypted to the attested service enclave's public key (empty when refused).
+    ciphertext: bytes
+
+
+def derive_key(master_secret: bytes, name: str, generation: int) -> bytes:
+    """Key bytes for (name, generation): one-way from the master secret, distinct per input."""
+    info = json.dumps([name, generation]).encode()
+    return hashlib.blake2b(info, key=master_secret, person=b"kmsim-key-v1", digest_size=32).digest()
+
+
+class KMEnclave:
+    """Enclave-side state of one KM node. ``repr`` and errors never include secrets."""
+
+    def __init__(self, name: str, context: EnclaveContext, verifier: QuoteVerifier) -> None:
+        self.name = name
+        self.context = context
+        self.verifier = verifier
+        self.state = KMState()
+        self._master_secret: bytes | None = None
+        self._signing_key = SigningKey(nacl.utils.random(SECRET_SIZE))
+
+    # --- master secret ----------------------------------------------------------------------
+
+    @property
+    def has_master_secret(self) -> bool:
+        return self._master_secret is not None
+
+    def genesis(self) -> None:
+        """Create the cluster master secret (first node of a new cluster only)."""
+        if self._master_secret is not None:
+            raise EnclaveStateError("this enclave already holds a master secret")
+        self._master_secret = nacl.utils.random(SECRET_SIZE)
+
+    def export_master_secret(self, channel: SecureChannel) -> bytes:
+        """The master secret as one frame of an attested channel to a joining member."""
+        return channel.seal(self._require_secret())
+
+    def import_master_secret(self, channel: SecureChannel, frame: bytes) -> None:
+        secret = channel.open(frame)
+        if len(secret) != SECRET_SIZE:
+            raise EnclaveStateError("received master secret has the wrong size")
+        if self._master_secret is not None and self._master_secret != secret:
+            raise EnclaveStateError("received a master secret different from the one held")
+        self._master_secret = secret
+
+    def _require_secret(self) -> bytes:
+        if self._master_secret is None:
+            raise EnclaveStateError("no master secret: the node has not joined a cluster")
+        return self._master_secret
+
+    def key_fingerprint(self, name: str, generation: int) -> str:
+        """A MAC proving which key bytes this enclave derives, without revealing them."""
+        key = derive_key(self._require_secret(), name, generation)
+        return hashlib.blake2b(b"kmsim-fingerprint", key=key, digest_size=16).hexdigest()
+
+    # --- sealing ----------------------------------------------------------------------------
+
+    def sealed_state(self) -> bytes:
+        """Everything the enclave needs after a restart, sealed to this platform and code."""
+        payload = json.dumps(
+            {
+                "version": _SEALED_VERSION,
+                "name": self.name,
+                "master_secret": self._require_secret().hex(),
+                "signing_key": bytes(self._signing_key).hex(),
+            }
+        ).encode()
+        return seal(self.context, payload)
+
+    def restore_sealed_state(self, blob: bytes) -> None:
+        """Unseal state written by :meth:`sealed_state`; raises a SealingError if it cannot."""
+        data = json.loads(unseal(self.context, blob))
+        if data.get("version") != _SEALED_VERSION or data.get("name") != self.name:
+            raise SealingError("sealed state belongs to another node or version")
+        self._master_secret = bytes.fromhex(data["master_secret"])
+        self._signing_key = SigningKey(bytes.fromhex(data["signing_key"]))
+
+    # --- attestation ------------------------------------------------------------------------
+
+    def directory(self) -> dict[str, str]:
+        return {m.name: m.platform_id for m in self.state.members.values()}
+
+    def handshake_config(self, accept_unknown_peers: bool = False) -> HandshakeConfig:
+        return HandshakeConfig(
+            name=self.name,
+            enclave=self.context,
+            verifier=self.verifier,
+            directory=self.directory(),
+            accept_unknown_peers=accept_unknown_peers,
+        )
+
+    def initiator(self, peer: str, directory: dict[str, str] | None = None) -> Initiator:
+        config = self.handshake_config()
+        if directory is not None:
+            config = HandshakeConfig(config.name, config.enclave, config.verifier, directory)
+        return Initiator(config, self.state.policy, peer)
+
+    def responder(self, accept_unknown_peers: bool = False) -> Responder:
+        return Responder(self.handshake_config(accept_unknown_peers), self.state.policy)
+
+    def signing_quote(self, now: float) -> tuple[bytes, bytes]:
+        """(public key, quote binding it): lets anyone check ledger signatures offline."""
+        public = bytes(self._signing_key.verify_key)
+        return public, self.context.quote(report_data_for(b"ledger-signer", public), now)
+
+    def sign_chain(self, index: int, chain_hash: bytes) -> bytes:
+        return self._signing_key.sign(index.to_bytes(8, "big") + chain_hash).signature
+
+    # --- provisioning -----------------------------------------------------------------------
+
+    def provision(
+        self, key: str, generation: int, challenge: bytes, response: bytes
+    ) -> ProvisionResult:
+        """Local attestation of the service enclave, then its key encrypted to it (or refusal).
+
+        Must be called only for a release the state machine has committed; the outcome is
+        then proposed as a ``release.outcome`` audit record.
+        """
+        try:
+            attested = local.verify_response(self.context, challenge, response, self.state.policy)
+        except AttestationError as exc:
+            return ProvisionResult(False, f"{type(exc).__name__}: {exc}", "", b"")
+        measurement = attested.identity.measurement.hex()
+        if not self.state.service_allowed(key, measurement):
+            return ProvisionResult(
+                False, f"service measurement not allowed for key {key!r}", measurement, b""
+            )
+        material = derive_key(self._require_secret(), key, generation)
+        envelope = json.dumps({"key": key, "generation": generation, "material": material.hex()})
+        ciphertext = SealedBox(PublicKey(attested.public_key)).encrypt(envelope.encode())
+        return ProvisionResult(True, "", measurement, bytes(ciphertext))
+
+    def __repr__(self) -> str:
+        return f"KMEnclave({self.name!r}, has_master_secret={self.has_master_secret})"

@@ -1,0 +1,1 @@
+"""The service enclave: receives keys after local attestation and runs workloads with them."""
