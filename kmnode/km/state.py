@@ -7,8 +7,10 @@ refuses every node refuses identically. Nothing here is secret: keys are *derive
 enclave from the master secret and (name, generation), so the ledger only holds metadata and
 the host may store it in plaintext.
 
-Each applied entry extends a hash chain (``chain_hash``) so a ledger copied off a node can be
-checked offline, and signatures over the chain by the leader's enclave can be verified later.
+Each applied command extends a hash chain (``chain_hash``, over index and bytes) so a ledger
+copied off a node can be checked offline, and signatures over the chain by the leader's enclave
+can be verified later. Raft's own entries (leader NOOPs, membership changes) never reach the
+state machine, so indexes increase but need not be contiguous.
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ class KMState:
 
     def apply(self, index: int, data: bytes) -> dict[str, Any]:
         """Apply the committed command at ``index``; returns ``{"ok": ..., ...}``."""
-        self.chain_only(index, data)
+        if index <= self.applied_index:
+            raise ValueError(f"apply out of order: got {index}, applied {self.applied_index}")
+        self.applied_index = index
+        self.chain_hash = chain_step(self.chain_hash, index, data)
         try:
             command = self._parse(data)
             handler = _HANDLERS.get(command["op"])
@@ -100,16 +105,6 @@ class KMState:
         except CommandRefused as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, **result}
-
-    def chain_only(self, index: int, data: bytes) -> None:
-        """Advance the chain over an entry that is not a KM command (NOOP, membership change).
-
-        ``apply`` goes through here too, so every log position is chained exactly once.
-        """
-        if index != self.applied_index + 1:
-            raise ValueError(f"apply out of order: got {index}, applied {self.applied_index}")
-        self.applied_index = index
-        self.chain_hash = chain_step(self.chain_hash, index, data)
 
     @staticmethod
     def _parse(data: bytes) -> dict[str, Any]:
