@@ -1,0 +1,69 @@
+"""Shared-memory ring buffer carrying the service TEE's output to the untrusted host.
+
+The TEE side creates or attaches a `Ring` by name and appends with a `Writer`; the host side
+attaches the same name and drains it with a `Reader` (or an `AsyncReader` on its event loop).
+`OcallWriter` models the other variant of the seeds, where every record costs a world switch
+to the host which then writes it.  See `kmnode/ring/_ring.pyx` for the memory layout and why
+each side validates what it reads.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from kmnode.ring.errors import (
+    RecordTooLarge,
+    RingClosed,
+    RingCorrupted,
+    RingError,
+    RingFull,
+    RingLockTimeout,
+)
+
+# The extension imports kmnode.ring.errors, so it must come after it.
+from kmnode.ring import _ring  # noqa: I001  (order matters, see above)
+from kmnode.ring._ring import (
+    FRAME_SIZE,
+    HEADER_SIZE,
+    LAYOUT,
+    Reader,
+    Ring,
+    ViewBatch,
+    Writer,
+    record_size,
+)
+
+
+class OnFull(IntEnum):
+    """What a writer does when a record does not fit in the free bytes."""
+
+    WAIT = _ring.WAIT
+    """Sleep until the reader frees space, up to the timeout, then raise RingFull."""
+    DISCARD = _ring.DISCARD
+    """Drop the record, count it at the header's fourth address, return False."""
+    FAIL = _ring.FAIL
+    """Raise RingFull at once."""
+
+
+from kmnode.ring.aio import AsyncReader  # noqa: E402  (needs Reader above)
+from kmnode.ring.ocall import OcallWriter  # noqa: E402
+
+__all__ = [
+    "FRAME_SIZE",
+    "HEADER_SIZE",
+    "LAYOUT",
+    "AsyncReader",
+    "OcallWriter",
+    "OnFull",
+    "Reader",
+    "RecordTooLarge",
+    "Ring",
+    "RingClosed",
+    "RingCorrupted",
+    "RingError",
+    "RingFull",
+    "RingLockTimeout",
+    "ViewBatch",
+    "Writer",
+    "record_size",
+]
