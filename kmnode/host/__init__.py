@@ -1,0 +1,1 @@
+"""The untrusted host side of a KM node: never sees plaintext key material."""

@@ -1,0 +1,382 @@
+"""Publishing a node's events, service output and audit records on MQTT.
+
+MQTT is never on the consensus path: a node must commit and release keys while the broker is
+down, slow, or restarting. So `EventPublisher.publish` only appends to a bounded in-memory
+buffer and returns; a background task owns the connection, reconnects with capped exponential
+backoff, and drains the buffer with QoS 1. When the buffer is full the *oldest* message is
+dropped and counted: a recent event is worth more to an operator than a stale one, and the
+count tells them how much they missed.
+
+Delivery is at least once: the message in flight when a connection breaks is sent again on the
+next connection, so a subscriber may see it twice, never out of order.
+
+Payload bodies are never logged; only topics, sizes and counts are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import ssl
+from collections import deque
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import aiomqtt
+
+from kmnode.config import ClusterConfig
+from kmnode.host.broker import broker_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUFFER_SIZE = 10_000
+#: Far below MQTT's 256 MB limit: events and audit records are small, and a huge message would
+#: hold up every event behind it on the single ordered connection.
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+
+
+class TopicKind(StrEnum):
+    """What a node publishes; the value is the topic suffix after ``{prefix}/{cluster}/{node}``."""
+
+    EVENTS = "events"
+    SERVICE = "service/out"
+    AUDIT = "audit"
+
+
+def _check_level(what: str, value: str) -> None:
+    if not value or any(c in value for c in "/+#\0"):
+        raise ValueError(f"{what} {value!r} cannot be an MQTT topic level")
+
+
+def topic_for(prefix: str, cluster: str, node: str, kind: TopicKind) -> str:
+    """``{prefix}/{cluster}/{node}/events`` (or ``service/out``, ``audit``)."""
+    for what, value in (("topic prefix", prefix), ("cluster", cluster), ("node", node)):
+        _check_level(what, value)
+    return f"{prefix}/{cluster}/{node}/{kind.value}"
+
+
+def topic_filter(prefix: str, cluster: str, kind: TopicKind, node: str | None = None) -> str:
+    """A subscription filter for one kind, from one node or (``node=None``) every node."""
+    if node is not None:
+        return topic_for(prefix, cluster, node, kind)
+    _check_level("topic prefix", prefix)
+    _check_level("cluster", cluster)
+    return f"{prefix}/{cluster}/+/{kind.value}"
+
+
+def parse_topic(topic: str, prefix: str, cluster: str) -> tuple[str, TopicKind] | None:
+    """``(node, kind)`` of one of this cluster's topics, or None for anything else."""
+    head = f"{prefix}/{cluster}/"
+    if not topic.startswith(head):
+        return None
+    node, _, suffix = topic[len(head) :].partition("/")
+    try:
+        kind = TopicKind(suffix)
+    except ValueError:
+        return None
+    return (node, kind) if node else None
+
+
+@dataclass(frozen=True)
+class PublisherStats:
+    """Counters since the publisher was created.
+
+    ``published``: messages the broker acknowledged (PUBACK). ``dropped``: oldest messages
+    discarded because the buffer was full. ``reconnects``: connections made after the first
+    one. ``connect_failures``: connection attempts that failed. ``buffered``: messages waiting,
+    including one in flight. ``connected``: whether a broker connection is up now.
+    """
+
+    published: int
+    dropped: int
+    reconnects: int
+    connect_failures: int
+    buffered: int
+    connected: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Outgoing(NamedTuple):
+    topic: str
+    payload: bytes
+
+
+class EventPublisher:
+    """A node's MQTT publisher: `publish` never blocks or fails on broker trouble.
+
+    Not thread-safe: call `publish` from the event loop's thread (from another thread, use
+    ``loop.call_soon_threadsafe(publisher.publish, ...)``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        cluster: str,
+        node: str,
+        prefix: str = "kmsim",
+        tls: bool = False,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        initial_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        connect_timeout: float = 5.0,
+        publish_timeout: float = 5.0,
+        client_id: str | None = None,
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be at least 1, not {buffer_size}")
+        if max_payload < 1:
+            raise ValueError(f"max_payload must be at least 1, not {max_payload}")
+        if not 0 < initial_backoff <= max_backoff:
+            raise ValueError("backoff must satisfy 0 < initial_backoff <= max_backoff")
+        self._topics = {kind: topic_for(prefix, cluster, node, kind) for kind in TopicKind}
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self._buffer_size = buffer_size
+        self._max_payload = max_payload
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._connect_timeout = connect_timeout
+        self._publish_timeout = publish_timeout
+        # Random suffix: two publishers with one id would keep kicking each other off the broker.
+        self._client_id = client_id or f"kmsim-{cluster}-{node}-{secrets.token_hex(4)}"
+
+        self._buffer: deque[_Outgoing] = deque()
+        self._inflight: _Outgoing | None = None
+        self._has_items = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._published = 0
+        self._dropped = 0
+        self._reconnects = 0
+        self._connect_failures = 0
+        self._connected = False
+        self._ever_connected = False
+        self._warned_full = False
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig, node: str, **kwargs: Any) -> EventPublisher:
+        """The publisher of ``node``, on the broker and topic prefix cluster.yaml names."""
+        config.node(node)  # a KeyError naming the known nodes beats publishing to a typo
+        address = broker_address(config.mqtt)
+        return cls(
+            address.host,
+            address.port,
+            cluster=config.cluster,
+            node=node,
+            prefix=config.mqtt.topic_prefix,
+            tls=address.tls,
+            **kwargs,
+        )
+
+    def topic(self, kind: TopicKind) -> str:
+        return self._topics[kind]
+
+    def publish(self, topic_suffix: TopicKind | str, payload: dict[str, Any] | bytes) -> None:
+        """Queue one message and return at once; raise ValueError only for a caller's mistake.
+
+        A dict is sent as compact JSON. An unknown topic suffix, a payload that is not JSON
+        serialisable, or one larger than ``max_payload`` bytes is refused here, with nothing
+        queued or counted, because no retry could ever deliver it.
+        """
+        try:
+            kind = TopicKind(topic_suffix)
+        except ValueError:
+            known = ", ".join(k.value for k in TopicKind)
+            raise ValueError(f"unknown topic suffix {topic_suffix!r}; use one of {known}") from None
+        if isinstance(payload, bytes | bytearray | memoryview):
+            body = bytes(payload)
+        elif isinstance(payload, dict):
+            try:
+                text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"payload for {kind.value} is not JSON: {exc}") from None
+            body = text.encode("utf-8")
+        else:
+            raise ValueError(f"payload must be a dict or bytes, not {type(payload).__name__}")
+        if len(body) > self._max_payload:
+            raise ValueError(
+                f"payload for {self._topics[kind]} is {len(body)} bytes; "
+                f"the maximum is {self._max_payload} bytes"
+            )
+        if len(self._buffer) >= self._buffer_size:
+            self._buffer.popleft()
+            self._dropped += 1
+            if not self._warned_full:
+                self._warned_full = True
+                log.warning(
+                    "MQTT buffer full (%d messages): dropping the oldest until the broker "
+                    "at %s:%d drains it",
+                    self._buffer_size,
+                    self._host,
+                    self._port,
+                )
+        self._buffer.append(_Outgoing(self._topics[kind], body))
+        self._idle.clear()
+        self._has_items.set()
+
+    def stats(self) -> PublisherStats:
+        return PublisherStats(
+            published=self._published,
+            dropped=self._dropped,
+            reconnects=self._reconnects,
+            connect_failures=self._connect_failures,
+            buffered=len(self._buffer) + (self._inflight is not None),
+            connected=self._connected,
+        )
+
+    def start(self) -> None:
+        """Start the background connection; messages published before are sent first."""
+        if self._task is not None and not self._task.done():
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"mqtt-publisher {self._client_id}"
+        )
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Send what can be sent within ``timeout`` seconds, then close the connection.
+
+        A connection still being (re)established gets the same chance, so a broker that is
+        down costs the full ``timeout``. Whatever is left stays buffered (a later `start`
+        sends it). The background task is always finished when this returns, even if the
+        broker hangs.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            if not task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+        finally:
+            task.cancel()
+            # The cancelled task disconnects cleanly; a broker that never answers the
+            # DISCONNECT gets a second cancel rather than holding the caller up.
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.error("MQTT publisher task failed", exc_info=task.exception())
+
+    async def __aenter__(self) -> EventPublisher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        backoff = self._initial_backoff
+        outage_logged = False
+        while True:
+            try:
+                async with self._client() as client:
+                    self._on_connected()
+                    outage_logged = False
+                    backoff = self._initial_backoff
+                    await self._serve(client)
+            except Exception as exc:
+                # MqttError is the broker's trouble; anything else is a bug here, but events
+                # are not worth a node: log it loudly and keep trying.
+                if not isinstance(exc, aiomqtt.MqttError):
+                    log.exception("MQTT publisher error; reconnecting")
+                if self._connected:
+                    log.warning("MQTT connection to %s:%d lost: %s", self._host, self._port, exc)
+                else:
+                    self._connect_failures += 1
+                    level = logging.DEBUG if outage_logged else logging.WARNING
+                    log.log(
+                        level,
+                        "MQTT broker %s:%d unreachable: %s (retrying)",
+                        self._host,
+                        self._port,
+                        exc,
+                    )
+                outage_logged = True
+            finally:
+                self._connected = False
+                self._requeue_inflight()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    def _client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self._host,
+            self._port,
+            identifier=self._client_id,
+            clean_session=True,
+            keepalive=30,
+            timeout=self._connect_timeout,
+            tls_context=ssl.create_default_context() if self._tls else None,
+        )
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        if self._ever_connected:
+            self._reconnects += 1
+        self._ever_connected = True
+        log.info(
+            "MQTT connected to %s:%d as %s (%d buffered)",
+            self._host,
+            self._port,
+            self._client_id,
+            len(self._buffer),
+        )
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Drain until the connection breaks; raise MqttError when it does.
+
+        A publish waiting for its PUBACK is not woken by a dropped connection, so a watcher
+        on the client's message stream (which ends on disconnection) races the drain.
+        """
+        watch = asyncio.create_task(self._watch(client))
+        drain = asyncio.create_task(self._drain(client))
+        try:
+            done, _ = await asyncio.wait({watch, drain}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, drain):
+                task.cancel()
+            await asyncio.gather(watch, drain, return_exceptions=True)
+        for task in done:
+            task.result()
+        raise aiomqtt.MqttError("MQTT connection ended")
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        async for _ in client.messages:
+            pass  # nothing is subscribed; the loop only ends (with MqttError) on disconnection
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            while not self._buffer:
+                self._warned_full = False
+                self._idle.set()
+                self._has_items.clear()
+                await self._has_items.wait()
+            self._inflight = self._buffer.popleft()
+            await client.publish(
+                self._inflight.topic, self._inflight.payload, qos=1, timeout=self._publish_timeout
+            )
+            self._inflight = None
+            self._published += 1
+
+    def _requeue_inflight(self) -> None:
+        """Put the unacknowledged message back first, so order survives a reconnect."""
+        item, self._inflight = self._inflight, None
+        if item is None:
+            return
+        if len(self._buffer) >= self._buffer_size:
+            self._dropped += 1  # it is the oldest message, so it is the one to drop
+        else:
+            self._buffer.appendleft(item)

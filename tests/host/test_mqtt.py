@@ -1,0 +1,289 @@
+"""EventPublisher against real brokers: the embedded amqtt process and a real mosquitto.
+
+The property that matters is that a broker outage never reaches the caller: `publish` keeps
+returning at once, messages wait in the bounded buffer, and delivery resumes in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from kmnode.config import ClusterConfig, MqttSpec
+from kmnode.host.broker import answers_mqtt
+from kmnode.host.mqtt import (
+    EventPublisher,
+    TopicKind,
+    parse_topic,
+    topic_filter,
+    topic_for,
+)
+from tests.host import BrokerUnderTest, Subscriber, eventually, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+ALL_KM1 = "kmsim/demo/km1/#"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerUnderTest]:
+    """A broker on a free port, not started: each test decides when it comes up."""
+    under_test = BrokerUnderTest(free_port(), tmp_path / "broker.log")
+    try:
+        yield under_test
+    finally:
+        under_test.stop()
+
+
+@pytest.fixture
+def running_broker(broker: BrokerUnderTest) -> BrokerUnderTest:
+    broker.start()
+    return broker
+
+
+def make_publisher(port: int, buffer_size: int = 10_000) -> EventPublisher:
+    """A short backoff cap keeps reconnect waits in these tests well under a second."""
+    return EventPublisher(
+        "127.0.0.1", port, cluster="demo", node="km1", buffer_size=buffer_size, max_backoff=0.5
+    )
+
+
+@pytest.fixture
+async def publisher_factory() -> AsyncIterator[list[EventPublisher]]:
+    """Collects publishers so each is stopped even when its test fails."""
+    made: list[EventPublisher] = []
+    yield made
+    for publisher in made:
+        await publisher.stop(timeout=1.0)
+
+
+def seqs(messages: list[tuple[str, bytes]]) -> list[int]:
+    return [json.loads(payload)["seq"] for _, payload in messages]
+
+
+async def test_messages_arrive_in_order_on_their_topics(
+    running_broker: BrokerUnderTest, publisher_factory: list[EventPublisher]
+) -> None:
+    kinds = [TopicKind.EVENTS, TopicKind.SERVICE, TopicKind.AUDIT]
+    async with Subscriber(running_broker.port, ALL_KM1) as sub:
+        publisher = make_publisher(running_broker.port)
+        publisher_factory.append(publisher)
+        publisher.start()
+        for i in range(30):
+            publisher.publish(kinds[i % 3], {"seq": i, "kind": kinds[i % 3].value})
+        publisher.publish("audit", b"\x00raw bytes\xff")
+        await sub.wait_for(31)
+
+    expected_topics = [f"kmsim/demo/km1/{kinds[i % 3].value}" for i in range(30)]
+    assert [topic for topic, _ in sub.messages[:30]] == expected_topics
+    assert seqs(sub.messages[:30]) == list(range(30))
+    assert sub.messages[0][1] == b'{"seq":0,"kind":"events"}'  # compact JSON
+    assert sub.messages[30] == ("kmsim/demo/km1/audit", b"\x00raw bytes\xff")
+    stats = publisher.stats()
+    assert (stats.published, stats.dropped, stats.buffered, stats.connected) == (31, 0, 0, True)
+
+
+async def test_broker_down_at_start_buffers_then_delivers(
+    broker: BrokerUnderTest, publisher_factory: list[EventPublisher]
+) -> None:
+    publisher = make_publisher(broker.port)
+    publisher_factory.append(publisher)
+    publisher.start()
+    await eventually(lambda: publisher.stats().connect_failures >= 2, "failed connection attempts")
+
+    for i in range(20):
+        publisher.publish(TopicKind.EVENTS, {"seq": i})  # returns at once, never raises
+    stats = publisher.stats()
+    assert (stats.published, stats.buffered, stats.connected) == (0, 20, False)
+
+    await asyncio.to_thread(broker.start)
+    # The broker acknowledged all 20 (QoS 1): nothing was lost to the outage.
+    await eventually(lambda: publisher.stats().published == 20, "the buffered messages")
+    assert publisher.stats().buffered == 0
+    assert publisher.stats().dropped == 0
+    async with Subscriber(broker.port, ALL_KM1) as sub:
+        publisher.publish(TopicKind.EVENTS, {"seq": 20})
+        await sub.wait_for(1)
+    assert seqs(sub.messages) == [20]
+
+
+async def test_broker_killed_mid_stream_and_restarted(
+    running_broker: BrokerUnderTest, publisher_factory: list[EventPublisher]
+) -> None:
+    publisher = make_publisher(running_broker.port)
+    publisher_factory.append(publisher)
+    publisher.start()
+    async with Subscriber(running_broker.port, ALL_KM1) as sub:
+        for i in range(10):
+            publisher.publish(TopicKind.EVENTS, {"seq": i})
+        await sub.wait_for(10)
+        running_broker.kill()
+        for i in range(10, 20):  # while the broker is dead: must not raise or block
+            publisher.publish(TopicKind.EVENTS, {"seq": i})
+        await eventually(lambda: not publisher.stats().connected, "the lost connection")
+    assert seqs(sub.messages) == list(range(10))
+
+    await asyncio.to_thread(running_broker.start)
+    await eventually(lambda: publisher.stats().reconnects >= 1, "a reconnect")
+    await eventually(lambda: publisher.stats().published == 20, "the messages sent in the outage")
+    async with Subscriber(running_broker.port, ALL_KM1) as sub:
+        for i in range(20, 30):
+            publisher.publish(TopicKind.EVENTS, {"seq": i})
+        await sub.wait_for(10)
+    assert seqs(sub.messages) == list(range(20, 30))
+    stats = publisher.stats()
+    assert (stats.published, stats.dropped, stats.buffered) == (30, 0, 0)
+    assert stats.reconnects >= 1
+
+
+async def test_overflow_drops_the_oldest_and_counts_exactly(
+    broker: BrokerUnderTest, publisher_factory: list[EventPublisher]
+) -> None:
+    publisher = make_publisher(broker.port, buffer_size=5)
+    publisher_factory.append(publisher)
+    publisher.start()  # the broker is down: everything stays buffered
+    await eventually(lambda: publisher.stats().connect_failures >= 1, "a failed connection")
+    for i in range(12):
+        publisher.publish(TopicKind.EVENTS, {"seq": i})
+    stats = publisher.stats()
+    assert (stats.dropped, stats.buffered, stats.published) == (7, 5, 0)
+
+    # Stopping keeps the buffer; restarting after the subscriber is in place makes the
+    # delivered set exact.
+    await publisher.stop(timeout=0.5)
+    await asyncio.to_thread(broker.start)
+    async with Subscriber(broker.port, ALL_KM1) as sub:
+        publisher.start()
+        await sub.wait_for(5)
+        await eventually(lambda: publisher.stats().buffered == 0, "an empty buffer")
+    assert seqs(sub.messages) == [7, 8, 9, 10, 11]
+    assert publisher.stats().dropped == 7
+    assert publisher.stats().published == 5
+
+
+def test_oversized_and_malformed_payloads_are_refused_and_not_counted() -> None:
+    publisher = EventPublisher("127.0.0.1", 1, cluster="demo", node="km1", max_payload=100)
+    publisher.publish(TopicKind.EVENTS, b"x" * 100)  # exactly the limit is fine
+    with pytest.raises(ValueError, match=r"kmsim/demo/km1/events is 101 bytes; the maximum is 100"):
+        publisher.publish(TopicKind.EVENTS, b"x" * 101)
+    with pytest.raises(ValueError, match=r"is 1\d\d bytes; the maximum is 100 bytes"):
+        publisher.publish(TopicKind.AUDIT, {"blob": "y" * 100})
+    with pytest.raises(ValueError, match="not JSON"):
+        publisher.publish(TopicKind.EVENTS, {"set": {1, 2}})
+    with pytest.raises(ValueError, match="not JSON"):
+        publisher.publish(TopicKind.EVENTS, {"nan": float("nan")})
+    with pytest.raises(ValueError, match="unknown topic suffix 'service'"):
+        publisher.publish("service", {})
+    stats = publisher.stats()
+    assert (stats.buffered, stats.dropped, stats.published) == (1, 0, 0)
+
+
+async def test_stop_flushes_and_leaves_no_task(
+    running_broker: BrokerUnderTest,
+) -> None:
+    publisher = make_publisher(running_broker.port)
+    publisher.start()
+    for i in range(200):
+        publisher.publish(TopicKind.SERVICE, {"seq": i})
+    await publisher.stop(timeout=20)
+    assert publisher.stats().published == 200
+    assert publisher.stats().connected is False
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_stop_with_the_broker_down_returns_and_leaves_no_task(
+    broker: BrokerUnderTest,
+) -> None:
+    publisher = make_publisher(broker.port)
+    async with publisher:
+        publisher.publish(TopicKind.EVENTS, {"seq": 0})
+        await eventually(lambda: publisher.stats().connect_failures >= 1, "a failed connection")
+    assert publisher.stats().buffered == 1
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+def test_topics() -> None:
+    assert topic_for("kmsim", "demo", "km2", TopicKind.SERVICE) == "kmsim/demo/km2/service/out"
+    assert topic_filter("kmsim", "demo", TopicKind.AUDIT) == "kmsim/demo/+/audit"
+    assert topic_filter("kmsim", "demo", TopicKind.EVENTS, "km3") == "kmsim/demo/km3/events"
+    assert parse_topic("kmsim/demo/km2/service/out", "kmsim", "demo") == ("km2", TopicKind.SERVICE)
+    assert parse_topic("kmsim/other/km2/events", "kmsim", "demo") is None
+    assert parse_topic("kmsim/demo/km2/metrics", "kmsim", "demo") is None
+    for bad in ("", "a/b", "+", "#"):
+        with pytest.raises(ValueError, match="cannot be an MQTT topic level"):
+            topic_for("kmsim", "demo", bad, TopicKind.EVENTS)
+
+
+def test_from_config_uses_the_cluster_broker_and_prefix() -> None:
+    cfg = ClusterConfig(mqtt=MqttSpec(url="mqtt://broker.example:1884", topic_prefix="lab"))
+    publisher = EventPublisher.from_config(cfg, "km2")
+    assert publisher.topic(TopicKind.AUDIT) == "lab/demo/km2/audit"
+    with pytest.raises(KeyError, match="no node named 'km9'"):
+        EventPublisher.from_config(cfg, "km9")
+
+
+def find_mosquitto() -> str:
+    """Debian puts mosquitto in /usr/sbin, which a non-root PATH may lack."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        pytest.fail(
+            "mosquitto is not installed (not on PATH nor in /usr/sbin): this integration test "
+            "needs it; install it with `apt-get install mosquitto` (.ci/run does)"
+        )
+    return found
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[int]:
+    binary = find_mosquitto()
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    # `user` = ourselves: run as root, mosquitto would otherwise switch to a 'mosquitto' user.
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"user {getpass.getuser()}\n"
+    )
+    log_path = tmp_path / "mosquitto.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        for _ in range(200):  # at most ~20 s
+            if proc.poll() is not None or answers_mqtt("127.0.0.1", port):
+                break
+            time.sleep(0.1)
+        if proc.poll() is not None or not answers_mqtt("127.0.0.1", port):
+            pytest.fail(f"mosquitto did not start on port {port}:\n{log_path.read_text()}")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def test_publisher_against_real_mosquitto(
+    mosquitto: int, publisher_factory: list[EventPublisher]
+) -> None:
+    publisher = make_publisher(mosquitto)
+    publisher_factory.append(publisher)
+    async with Subscriber(mosquitto, topic_filter("kmsim", "demo", TopicKind.EVENTS)) as sub:
+        publisher.start()
+        for i in range(20):
+            publisher.publish(TopicKind.EVENTS, {"seq": i})
+        publisher.publish(TopicKind.AUDIT, {"not": "subscribed"})
+        await sub.wait_for(20)
+        await eventually(lambda: publisher.stats().published == 21, "all acknowledgements")
+    assert seqs(sub.messages) == list(range(20))
+    assert {topic for topic, _ in sub.messages} == {"kmsim/demo/km1/events"}
