@@ -92,6 +92,7 @@ def start_embedded_broker(
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kmnode.host.broker", "--port", str(port)],
+            env=_child_env(),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -115,6 +116,14 @@ def start_embedded_broker(
                 f"end of {log_path}:\n{_log_tail(log_path, start_offset)}"
             )
         time.sleep(0.05)
+
+
+def _child_env() -> dict[str, str]:
+    """The child must import this very kmnode, even when it is not installed (a source tree)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def stop_broker(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
