@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from attest import local
 from attest.channel import SecureChannel
 from attest.errors import AttestationError, SealingError
-from attest.handshake import HandshakeConfig, Initiator, Responder
+from attest.handshake import HandshakeConfig, HandshakeResult, Initiator, Responder
 from attest.hardware import EnclaveContext
 from attest.quote import QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
@@ -60,6 +60,9 @@ class KMEnclave:
         self.state = KMState()
         self._master_secret: bytes | None = None
         self._signing_key = SigningKey(nacl.utils.random(SECRET_SIZE))
+        self._sessions: dict[int, Initiator | Responder] = {}
+        self._challenges: set[bytes] = set()
+        self._next_session = 0
 
     # --- master secret ----------------------------------------------------------------------
 
@@ -140,6 +143,59 @@ class KMEnclave:
     def responder(self, accept_unknown_peers: bool = False) -> Responder:
         return Responder(self.handshake_config(accept_unknown_peers), self.state.policy)
 
+    # --- sessions: the host moves bytes, the enclave keeps every channel key ---------------
+
+    def open_initiator(self, peer: str, directory: dict[str, str]) -> tuple[int, bytes]:
+        """Start a handshake towards ``peer``; returns (session id, HELLO to send)."""
+        initiator = self.initiator(peer, directory)
+        session = self._new_session(initiator)
+        return session, initiator.start()
+
+    def open_responder(self, directory: dict[str, str], accept_unknown_peers: bool) -> int:
+        config = self.handshake_config(accept_unknown_peers)
+        config = HandshakeConfig(
+            config.name, config.enclave, config.verifier, directory, accept_unknown_peers
+        )
+        return self._new_session(Responder(config, self.state.policy))
+
+    def handshake_step(self, session: int, message: bytes, now: float) -> bytes | None:
+        """Feed a handshake message; returns the reply to send, if any. Raises on refusal."""
+        party = self._sessions.get(session)
+        if party is None:
+            raise EnclaveStateError(f"no handshake session {session}")
+        return party.receive(message, now)
+
+    def session_peer(self, session: int) -> tuple[str, str]:
+        """(peer node name, verified platform id) of a completed handshake."""
+        result = self._result(session)
+        return result.peer_name, result.peer.platform_id
+
+    def seal_frame(self, session: int, plaintext: bytes) -> bytes:
+        return self._result(session).channel.seal(plaintext)
+
+    def open_frame(self, session: int, frame: bytes) -> bytes:
+        return self._result(session).channel.open(frame)
+
+    def send_master_secret(self, session: int) -> bytes:
+        return self.export_master_secret(self._result(session).channel)
+
+    def receive_master_secret(self, session: int, frame: bytes) -> None:
+        self.import_master_secret(self._result(session).channel, frame)
+
+    def close_session(self, session: int) -> None:
+        self._sessions.pop(session, None)
+
+    def _new_session(self, party: Initiator | Responder) -> int:
+        self._next_session += 1
+        self._sessions[self._next_session] = party
+        return self._next_session
+
+    def _result(self, session: int) -> HandshakeResult:
+        party = self._sessions.get(session)
+        if party is None or party.result is None:
+            raise EnclaveStateError(f"session {session} has no completed handshake")
+        return party.result
+
     def signing_quote(self, now: float) -> tuple[bytes, bytes]:
         """(public key, quote binding it): lets anyone check ledger signatures offline."""
         public = bytes(self._signing_key.verify_key)
@@ -150,14 +206,24 @@ class KMEnclave:
 
     # --- provisioning -----------------------------------------------------------------------
 
+    def new_challenge(self) -> bytes:
+        """A fresh local-attestation challenge; only challenges issued here are accepted."""
+        challenge = local.new_challenge()
+        self._challenges.add(challenge)
+        return challenge
+
     def provision(
         self, key: str, generation: int, challenge: bytes, response: bytes
     ) -> ProvisionResult:
         """Local attestation of the service enclave, then its key encrypted to it (or refusal).
 
         Must be called only for a release the state machine has committed; the outcome is
-        then proposed as a ``release.outcome`` audit record.
+        then proposed as a ``release.outcome`` audit record. Each challenge is good for one
+        attempt, so a recorded response cannot be replayed.
         """
+        if challenge not in self._challenges:
+            return ProvisionResult(False, "challenge was not issued by this enclave", "", b"")
+        self._challenges.discard(challenge)
         try:
             attested = local.verify_response(self.context, challenge, response, self.state.policy)
         except AttestationError as exc:

@@ -48,7 +48,7 @@ def km_node(name: str, platform: str) -> KMEnclave:
 
 
 def provision(km: KMEnclave, service: ServiceEnclave, generation: int = 1):  # type: ignore[no-untyped-def]
-    challenge = local.new_challenge()
+    challenge = km.new_challenge()
     response = service.answer_challenge(km.context.identity.measurement, challenge)
     return km.provision("db", generation, challenge, response)
 
@@ -101,7 +101,7 @@ def test_key_restricted_to_other_measurement_is_refused() -> None:
     a, _ = joined_pair()
     a.state.apply(4, encode_command("key.create", name="narrow", allowed_service=["cc" * 32]))
     service = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID))
-    challenge = local.new_challenge()
+    challenge = a.new_challenge()
     response = service.answer_challenge(KM_ID.measurement, challenge)
     result = a.provision("narrow", 1, challenge, response)
     assert not result.ok and "not allowed" in result.reason
@@ -155,3 +155,16 @@ def test_km_enclave_with_unknown_measurement_is_refused_by_members() -> None:
     with pytest.raises(UnknownMeasurement):
         responder.receive(initiator.receive(answer, NOW), NOW)
     assert responder.result is None
+
+
+def test_replayed_or_foreign_challenge_is_refused() -> None:
+    a, _ = joined_pair()
+    service = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID))
+    challenge = a.new_challenge()
+    response = service.answer_challenge(KM_ID.measurement, challenge)
+    assert a.provision("db", 1, challenge, response).ok
+    replay = a.provision("db", 1, challenge, response)
+    assert not replay.ok and "not issued" in replay.reason
+    foreign = local.new_challenge()
+    response = service.answer_challenge(KM_ID.measurement, foreign)
+    assert not a.provision("db", 1, foreign, response).ok

@@ -1,0 +1,331 @@
+"""The operator API (docs/operator-api.md): JSON over HTTP, served by every node.
+
+Handlers are thin: validate the request, turn it into a KM command or a read of the applied
+state, and map failures to status codes an operator can act on (421 with the leader's address,
+409 with the state machine's reason, 504 when the outcome is unknown). Nothing returned here
+contains key material: keys are shown by fingerprint (a MAC), never by value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from attest.errors import AttestationError
+from attest.identity import EnclaveRole
+from attest.quote import CheckLog
+from attest.quote import report_data_for as _report_data_for
+from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
+from kmnode.host.node import KMNode
+from kmnode.host.service_link import ServiceUnavailable
+from kmnode.km.state import encode_command
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+MAX_BODY = 64 * 1024
+_HEX = re.compile(r"^[0-9a-f]*$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.extra = status, code, extra
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+class OperatorApi:
+    def __init__(self, node: KMNode) -> None:
+        self.node = node
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        get, post = app.router.add_get, app.router.add_post
+        get("/v1/status", self.status)
+        get("/v1/keys", self.list_keys)
+        post("/v1/keys", self.create_key)
+        get("/v1/keys/{name}", self.show_key)
+        post("/v1/keys/{name}/rotate", self.rotate_key)
+        post("/v1/keys/{name}/release", self.release_key)
+        get("/v1/releases", self.list_releases)
+        post("/v1/service/prove", self.prove)
+        get("/v1/policy", self.get_policy)
+        post("/v1/policy/allow", self.policy_change("policy.allow"))
+        post("/v1/policy/disallow", self.policy_change("policy.disallow"))
+        post("/v1/policy/revoke-platform", self.revoke_platform)
+        get("/v1/members", self.list_members)
+        post("/v1/members/remove", self.remove_member)
+        get("/v1/attest", self.attest)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _json({"error": str(exc), "code": exc.code, **exc.extra}, exc.status)
+        except NotLeader as exc:
+            return self._not_leader(exc.leader)
+        except ProposalTimeout as exc:
+            return _json({"error": str(exc), "code": "timeout"}, 504)
+        except (RaftError, ServiceUnavailable) as exc:
+            return _json({"error": str(exc), "code": "unavailable"}, 503)
+        except web.HTTPException as exc:
+            return _json({"error": exc.reason, "code": "bad_request"}, exc.status)
+
+    def _not_leader(self, leader: str) -> web.Response:
+        member = self.node.enclave.state.members.get(leader) if leader else None
+        leader_api = f"http://{member.host}:{member.api_port}" if member else None
+        return _json(
+            {
+                "error": "not the leader",
+                "code": "not_leader",
+                "leader": leader or None,
+                "leader_api": leader_api,
+            },
+            421,
+        )
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "bad_request", "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_request", "body must be a JSON object")
+        return body
+
+    def _require_ready(self) -> None:
+        if not self.node.ready:
+            raise ApiError(503, "not_ready", "node is not ready (no leader yet, or not joined)")
+
+    async def _commit(self, command: bytes, timeout: float = 5.0) -> dict[str, Any]:
+        self._require_ready()
+        driver = self.node.driver
+        if driver is None or not driver.is_leader:
+            raise NotLeader(driver.leader if driver else "")
+        result = await self.node.propose(command, timeout)
+        if not result.get("ok"):
+            raise ApiError(409, "refused", str(result.get("error", "refused")))
+        return result
+
+    @staticmethod
+    def _hex(body: dict[str, Any], field: str, size: int | None = None) -> str:
+        value = body.get(field)
+        if not isinstance(value, str) or not _HEX.match(value) or len(value) % 2:
+            raise ApiError(400, "bad_request", f"{field!r} must be a lowercase hex string")
+        if size is not None and len(value) != size * 2:
+            raise ApiError(400, "bad_request", f"{field!r} must be {size} bytes")
+        return value
+
+    # --- status and reads -------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        node = self.node
+        driver = node.driver
+        state = node.enclave.state
+        raft: dict[str, Any] = {}
+        if driver is not None:
+            st = driver.status
+            raft = {
+                "role": st.role.name.lower(),
+                "leader": st.leader or None,
+                "term": st.term,
+                "commit": st.commit,
+                "applied": driver.applied_index,
+                "voters": list(st.conf.voters),
+            }
+        peers = node.transport.attested_peers()
+        stats = node.events.stats()
+        return _json(
+            {
+                "node": node.name,
+                "cluster": state.cluster or None,
+                "ready": node.ready,
+                **raft,
+                "members": sorted(state.members),
+                "peers": {
+                    name: {"attested": True, "platform_id": platform}
+                    for name, platform in sorted(peers.items())
+                },
+                "has_master_secret": node.enclave.has_master_secret,
+                "service": {
+                    "running": node.service.running,
+                    "measurement": node.service.measurement,
+                },
+                "mqtt": {"published": stats.published, "dropped": stats.dropped},
+            }
+        )
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        keys = [dataclasses.asdict(k) for k in self.node.enclave.state.keys.values()]
+        return _json({"keys": sorted(keys, key=lambda k: k["name"])})
+
+    async def show_key(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        record = self.node.enclave.state.keys.get(name)
+        if record is None:
+            raise ApiError(404, "not_found", f"no key named {name!r}")
+        fingerprints = {
+            str(g): self.node.enclave.key_fingerprint(name, g)
+            for g in range(1, record.generation + 1)
+        }
+        return _json({**dataclasses.asdict(record), "fingerprints": fingerprints})
+
+    async def list_releases(self, request: web.Request) -> web.Response:
+        key = request.query.get("key")
+        releases = [
+            dataclasses.asdict(r)
+            for r in self.node.enclave.state.releases.values()
+            if key is None or r.key == key
+        ]
+        return _json({"releases": releases})
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        return _json(self.node.enclave.state.policy.to_dict())
+
+    async def list_members(self, request: web.Request) -> web.Response:
+        members = [dataclasses.asdict(m) for m in self.node.enclave.state.members.values()]
+        voters = list(self.node.driver.status.conf.voters) if self.node.driver else []
+        return _json({"members": members, "voters": voters})
+
+    async def attest(self, request: web.Request) -> web.Response:
+        """A fresh quote of this node's KM enclave, verified against the replicated policy."""
+        enclave = self.node.enclave
+        now = time.time()
+        binding = _report_data_for(b"kmctl-attest-show", self.node.name.encode())
+        quote = enclave.context.quote(binding, now)
+        log = CheckLog()
+        error = None
+        try:
+            enclave.verifier.verify(
+                quote, enclave.state.policy, binding, role=EnclaveRole.KM, now=now, log=log
+            )
+        except AttestationError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        identity = enclave.context.identity
+        return _json(
+            {
+                "node": self.node.name,
+                "platform_id": enclave.context.platform_id,
+                "quote": quote.hex(),
+                "identity": {
+                    "measurement": identity.measurement.hex(),
+                    "signer": identity.signer.hex(),
+                    "svn": identity.svn,
+                    "product_id": identity.product_id,
+                },
+                "verification": {
+                    "accepted": error is None,
+                    "error": error,
+                    "checks": [{"check": c, "detail": d} for c, d in log.passed],
+                },
+            }
+        )
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        allowed = body.get("allowed_service", [])
+        result = await self._commit(
+            encode_command("key.create", name=body.get("name"), allowed_service=allowed)
+        )
+        return _json({"key": result["key"], "generation": result["generation"]}, 201)
+
+    async def rotate_key(self, request: web.Request) -> web.Response:
+        result = await self._commit(encode_command("key.rotate", key=request.match_info["name"]))
+        return _json({"key": result["key"], "generation": result["generation"]})
+
+    async def release_key(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = request.match_info["name"]
+        target = body.get("node", "all")
+        timeout = float(body.get("timeout", 10.0))
+        state = self.node.enclave.state
+        targets = sorted(state.members) if target == "all" else [target]
+        fields: dict[str, Any] = {}
+        if "generation" in body:
+            fields["generation"] = body["generation"]
+        release_ids = []
+        for node in targets:
+            result = await self._commit(
+                encode_command("release.request", key=name, node=node, **fields)
+            )
+            release_ids.append(str(result["release"]))
+
+        def all_done() -> bool:
+            return all(state.releases[r].status != "requested" for r in release_ids)
+
+        await self.node.wait_for(all_done, min(max(timeout, 0.1), 60.0))
+        releases = []
+        for release_id in release_ids:
+            r = state.releases[release_id]
+            releases.append(
+                {
+                    "release": r.id,
+                    "node": r.node,
+                    "key": r.key,
+                    "generation": r.generation,
+                    "status": r.status,
+                    "reason": r.reason,
+                }
+            )
+        return _json({"releases": releases})
+
+    async def prove(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        challenge = self._hex(body, "challenge")
+        key, generation = body.get("key"), body.get("generation")
+        if not isinstance(key, str) or not isinstance(generation, int):
+            raise ApiError(400, "bad_request", "'key' (string) and 'generation' (int) are required")
+        try:
+            reply = await self.node.service.request(
+                {"op": "prove", "key": key, "generation": generation, "challenge": challenge}
+            )
+        except ServiceUnavailable as exc:
+            raise ApiError(409, "refused", f"service enclave cannot prove it: {exc}") from None
+        return _json(
+            {"node": self.node.name, "key": key, "generation": generation, "mac": reply["mac"]}
+        )
+
+    def policy_change(self, op: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            body = await self._body(request)
+            measurement = self._hex(body, "measurement", 32)
+            result = await self._commit(
+                encode_command(op, role=body.get("role"), measurement=measurement)
+            )
+            return _json(result)
+
+        return handler
+
+    async def revoke_platform(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        result = await self._commit(
+            encode_command("policy.revoke_platform", platform_id=body.get("platform_id"))
+        )
+        return _json(result)
+
+    async def remove_member(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = body.get("name")
+        result = await self._commit(encode_command("member.remove", name=name))
+        driver = self.node.driver
+        assert driver is not None
+        if isinstance(name, str) and name in driver.status.conf.voters:
+            await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))
+        return _json(result)

@@ -1,0 +1,489 @@
+"""One KM node process: the untrusted host around a KM enclave and a service enclave.
+
+The host owns the sockets, the data directory, the service child process and MQTT; it drives
+the KM enclave but only ever handles ciphertext of key material (sealed state, channel frames,
+keys encrypted to the service enclave). Start-up decides the node's situation from its data
+directory:
+
+* sealed enclave state present: resume (unseal, replay the Raft log, rejoin the peers);
+* nothing, and this is the first node of cluster.yaml: genesis (the master secret is created
+  inside the KM enclave, a one-node Raft cluster initialises the ledger);
+* nothing otherwise: join (attest to a member, get membership committed, receive the master
+  secret over the attested channel, then catch up through Raft).
+
+A Raft log without sealed state is refused: the enclave's state was lost or removed, and
+starting anyway would present a node without its keys as a full member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from attest.errors import AttestationError
+from consensus.driver import RaftDriver
+from consensus.raft import RaftConfig
+from consensus.storage import DurableLog
+from consensus.types import (
+    ConfChange,
+    ConfChangeType,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    NotLeader,
+    RaftError,
+)
+from kmnode.config import ClusterConfig
+from kmnode.host.mqtt import EventPublisher, TopicKind
+from kmnode.host.peer_transport import Address, AttestedTransport
+from kmnode.host.peer_wire import (
+    CHANNEL,
+    JOIN,
+    PeerProtocolError,
+    PeerRefused,
+    encode_frame,
+    expect,
+    initiate,
+)
+from kmnode.host.service_link import ServiceLink, ServiceUnavailable
+from kmnode.km.enclave import KMEnclave
+from kmnode.km.loader import load_km_enclave
+from kmnode.km.machine import KMStateMachine
+from kmnode.km.state import encode_command
+
+log = logging.getLogger(__name__)
+
+SEALED_STATE = "enclave.sealed"
+JOIN_TIMEOUT = 15.0
+LEDGER_SIGN_EVERY = 1000
+
+
+class NodeStartError(Exception):
+    """The node cannot start; the message says why and what to do."""
+
+
+class JoinRefused(Exception):
+    """A member refused this node's join request, with the reason."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_suffix(".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class KMNode:
+    def __init__(self, config: ClusterConfig, config_path: Path, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.spec = config.node(name)
+        self.data_dir = config.state_dir / "nodes" / name
+        self.enclave: KMEnclave = load_km_enclave(config, name)
+        self.machine = KMStateMachine(self.enclave)
+        self.machine.listeners.append(self._on_apply)
+        self.events = EventPublisher.from_config(config, name)
+        self.service = ServiceLink(
+            config_path, name, self._on_service_output, self.data_dir / "service.log"
+        )
+        self.transport = AttestedTransport(
+            name,
+            self.enclave,
+            directory=self.directory,
+            addresses=self.addresses,
+            host=self.spec.host,
+            port=self.spec.peer_port,
+            on_join=self._serve_join,
+            on_refused=self._on_refused,
+        )
+        self.driver: RaftDriver | None = None
+        self.joined = asyncio.Event()
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_signed = 0
+
+    # --- views used by the transport and the API ---------------------------------------------
+
+    def directory(self) -> dict[str, str]:
+        """Node name -> platform id: the replicated members, over cluster.yaml's nodes."""
+        names = {n.name: n.platform.id for n in self.config.nodes}
+        names.update(self.enclave.directory())
+        return names
+
+    def addresses(self) -> dict[str, Address]:
+        members = self.enclave.state.members
+        if members:
+            return {m.name: (m.host, m.peer_port) for m in members.values()}
+        return {n.name: (n.host, n.peer_port) for n in self.config.nodes}
+
+    @property
+    def ready(self) -> bool:
+        driver = self.driver
+        return (
+            driver is not None
+            and self.joined.is_set()
+            and bool(driver.leader)
+            and bool(self.enclave.state.cluster)
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sealed_path = self.data_dir / SEALED_STATE
+        raft_log = DurableLog.open(self.data_dir / "raft", fsync=self.config.raft.fsync)
+        persisted = raft_log.initial_state
+        has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
+        if sealed_path.exists():
+            self.enclave.restore_sealed_state(sealed_path.read_bytes())
+            mode = "resume"
+        elif has_log:
+            raft_log.close()
+            raise NodeStartError(
+                f"{self.data_dir} has a Raft log but no sealed enclave state: the enclave's "
+                "state was lost; remove the node (kmctl members remove) and delete the directory "
+                "to join it afresh"
+            )
+        elif self.name == self.config.nodes[0].name:
+            self.enclave.genesis()
+            _write_atomic(sealed_path, self.enclave.sealed_state())
+            mode = "genesis"
+        else:
+            mode = "join"
+        raft = self.config.raft
+        self.driver = RaftDriver(
+            RaftConfig(
+                id=self.name,
+                peers=(self.name,) if mode == "genesis" else (),
+                election_tick=raft.election_ticks,
+                heartbeat_tick=raft.heartbeat_ticks,
+            ),
+            raft_log,
+            self.transport,
+            self.machine,
+            tick_interval=raft.tick_ms / 1000,
+        )
+        self.events.start()
+        await self.service.start()
+        await self.driver.start()
+        self._publish_event("node.started", mode=mode, service=self.service.measurement)
+        log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
+        if mode == "join":
+            self._spawn(self._join_loop())
+        else:
+            self.joined.set()
+            if mode == "genesis":
+                self._spawn(self._initialise_ledger())
+        self._spawn(self._sign_ledger_periodically())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.driver is not None:
+            await self.driver.stop()
+        await self.service.stop()
+        await self.events.stop()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- applying and waiting ---------------------------------------------------------------
+
+    def _on_apply(self, index: int, result: dict[str, Any]) -> None:
+        if result.get("ok"):
+            if "member" in result or "cluster" in result:
+                self.transport.refresh_peers()
+            if result.get("node") == self.name and "generation" in result and "release" in result:
+                self._spawn(self._provision(str(result["release"])))
+        if self._waiters:
+            still = []
+            for predicate, future in self._waiters:
+                if future.done():
+                    continue
+                if predicate():
+                    future.set_result(None)
+                else:
+                    still.append((predicate, future))
+            self._waiters = still
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until the applied state satisfies ``predicate``; False on timeout."""
+        if predicate():
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((predicate, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- proposing --------------------------------------------------------------------------
+
+    def _driver(self) -> RaftDriver:
+        if self.driver is None:
+            raise RaftError("the node has not started")
+        return self.driver
+
+    async def propose(self, command: bytes, timeout: float = 5.0) -> dict[str, Any]:
+        """Propose on this node, which must be the leader (raises NotLeader otherwise)."""
+        result = await self._driver().propose(command, timeout=timeout)
+        assert isinstance(result, dict)
+        return result
+
+    async def propose_anywhere(
+        self, command: bytes, done: Callable[[], bool], timeout: float = 10.0
+    ) -> bool:
+        """Get ``command`` committed from any node: propose locally if leader, else forward it
+        to the leader and watch the applied state for ``done``. Commands sent this way must be
+        idempotent (a retry may commit twice; the state machine refuses the duplicate)."""
+        driver = self._driver()
+        deadline = time.monotonic() + timeout
+        for _ in range(50):
+            remaining = deadline - time.monotonic()
+            if done() or remaining <= 0:
+                break
+            if driver.is_leader:
+                with contextlib.suppress(RaftError):
+                    await driver.propose(command, timeout=min(remaining, 5.0))
+            elif driver.leader:
+                self.transport.send(
+                    Message(
+                        MessageType.PROPOSE,
+                        to=driver.leader,
+                        frm=self.name,
+                        entries=(Entry(0, 0, EntryType.NORMAL, command),),
+                    )
+                )
+            await self.wait_for(done, min(max(remaining, 0.0), 1.0))
+        return done()
+
+    # --- genesis, join, ledger ----------------------------------------------------------------
+
+    def member_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform_id": self.spec.platform.id,
+            "host": self.spec.host,
+            "peer_port": self.spec.peer_port,
+            "api_port": self.spec.api_port,
+        }
+
+    async def _initialise_ledger(self) -> None:
+        driver = self._driver()
+        for _ in range(200):
+            if self.enclave.state.cluster:
+                return
+            if driver.is_leader:
+                command = encode_command(
+                    "cluster.init",
+                    cluster=self.config.cluster,
+                    policy=self.enclave.state.policy.to_dict(),
+                    member=self.member_record(),
+                )
+                with contextlib.suppress(RaftError):
+                    await driver.propose(command)
+                    self._publish_event("cluster.genesis", cluster=self.config.cluster)
+                    return
+            await asyncio.sleep(0.05)
+
+    async def _join_loop(self) -> None:
+        """Try members in cluster.yaml order until one (the leader) admits this node."""
+        candidates = [n for n in self.config.nodes if n.name != self.name]
+        delay = 0.2
+        for _ in range(600):
+            for node in candidates:
+                try:
+                    leader_hint = await self._join_via(node.name, (node.host, node.peer_port))
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, PeerProtocolError):
+                    continue
+                except (PeerRefused, JoinRefused, AttestationError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log.error("%s: join refused by %s: %s", self.name, node.name, reason)
+                    self._publish_event("join.refused", by=node.name, reason=reason)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                if leader_hint is None:
+                    self.joined.set()
+                    _write_atomic(self.data_dir / SEALED_STATE, self.enclave.sealed_state())
+                    self._publish_event("node.joined", via=node.name)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    async def _join_via(self, peer: str, address: Address) -> str | None:
+        """One join attempt; returns None when admitted, else the leader hint to retry with."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 2.0)
+        try:
+            session = await initiate(self.enclave, reader, writer, JOIN, peer, self.directory())
+            try:
+                request = json.dumps(self.member_record()).encode()
+                writer.write(encode_frame(CHANNEL, self.enclave.seal_frame(session, request)))
+                async with asyncio.timeout(JOIN_TIMEOUT):
+                    reply = json.loads(
+                        self.enclave.open_frame(session, await expect(reader, CHANNEL, 1 << 20))
+                    )
+                    status = reply.get("status")
+                    if status == "redirect":
+                        return str(reply.get("leader") or "")
+                    if status != "admitted":
+                        raise JoinRefused(str(reply.get("reason", reply)))
+                    secret_frame = await expect(reader, CHANNEL, 1 << 20)
+                    self.enclave.receive_master_secret(session, secret_frame)
+                return None
+            finally:
+                self.enclave.close_session(session)
+        finally:
+            writer.close()
+
+    async def _serve_join(
+        self, session: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Member side of a join: the joiner's quote already passed the replicated policy."""
+        peer_name, platform_id = self.enclave.session_peer(session)
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT):
+                request = json.loads(
+                    self.enclave.open_frame(session, await expect(reader, CHANNEL, 1 << 20))
+                )
+                reply = await self._admit(peer_name, platform_id, request)
+                writer.write(
+                    encode_frame(
+                        CHANNEL, self.enclave.seal_frame(session, json.dumps(reply).encode())
+                    )
+                )
+                if reply["status"] == "admitted":
+                    writer.write(encode_frame(CHANNEL, self.enclave.send_master_secret(session)))
+                    self._publish_event("member.admitted", member=peer_name, platform=platform_id)
+                await writer.drain()
+        finally:
+            self.enclave.close_session(session)
+
+    async def _admit(
+        self, peer_name: str, platform_id: str, request: dict[str, Any]
+    ) -> dict[str, Any]:
+        driver = self._driver()
+        if not driver.is_leader:
+            return {"status": "redirect", "leader": driver.leader}
+        if request.get("name") != peer_name:
+            return {"status": "refused", "reason": "member record names another node"}
+        record = {**request, "platform_id": platform_id}  # the platform is what the quote proved
+        existing = self.enclave.state.members.get(peer_name)
+        if existing is None:
+            result = await self.propose(encode_command("member.add", member=record))
+            if not result.get("ok"):
+                return {"status": "refused", "reason": result.get("error", "refused")}
+        elif existing.platform_id != platform_id:
+            return {"status": "refused", "reason": f"{peer_name} is a member on another platform"}
+        if peer_name not in driver.status.conf.voters:
+            await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, peer_name))
+        return {"status": "admitted"}
+
+    async def _sign_ledger_periodically(self) -> None:
+        """The leader's enclave signs the ledger's hash chain every LEDGER_SIGN_EVERY entries."""
+        while True:
+            await asyncio.sleep(1.0)
+            driver = self._driver()
+            state = self.enclave.state
+            if not driver.is_leader or state.applied_index - self._last_signed < LEDGER_SIGN_EVERY:
+                continue
+            index, chain = state.applied_index, state.chain_hash
+            public_key, quote = self.enclave.signing_quote(time.time())
+            command = encode_command(
+                "ledger.sign",
+                index=index,
+                chain_hash=chain.hex(),
+                public_key=public_key.hex(),
+                quote=quote.hex(),
+                signature=self.enclave.sign_chain(index, chain).hex(),
+            )
+            with contextlib.suppress(RaftError):
+                await driver.propose(command)
+                self._last_signed = index
+
+    # --- releases ---------------------------------------------------------------------------
+
+    async def _provision(self, release_id: str) -> None:
+        """Local attestation of our service enclave, key provisioning, then the audit record."""
+        state = self.enclave.state
+        release = state.releases.get(release_id)
+        if release is None or release.status != "requested":
+            return
+        challenge = self.enclave.new_challenge()
+        try:
+            reply = await self.service.request(
+                {
+                    "op": "challenge",
+                    "km_measurement": self.enclave.context.identity.measurement.hex(),
+                    "challenge": challenge.hex(),
+                }
+            )
+            outcome = self.enclave.provision(
+                release.key, release.generation, challenge, bytes.fromhex(reply["response"])
+            )
+            if outcome.ok:
+                await self.service.request({"op": "key", "ciphertext": outcome.ciphertext.hex()})
+            status, reason = ("provisioned", "") if outcome.ok else ("refused", outcome.reason)
+            measurement = outcome.service_measurement
+        except ServiceUnavailable as exc:
+            status, reason, measurement = "refused", f"service enclave unavailable: {exc}", ""
+        command = encode_command(
+            "release.outcome",
+            release=release_id,
+            node=self.name,
+            status=status,
+            reason=reason,
+            service_measurement=measurement,
+        )
+        committed = await self.propose_anywhere(
+            command, lambda: state.releases[release_id].status != "requested"
+        )
+        record = {
+            "release": release_id,
+            "key": release.key,
+            "generation": release.generation,
+            "status": status,
+            "reason": reason,
+            "committed": committed,
+        }
+        self.events.publish(TopicKind.AUDIT, record)
+        if status == "refused":
+            log.warning("%s: release %s refused: %s", self.name, release_id, reason)
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _publish_event(self, kind: str, **fields: Any) -> None:
+        self.events.publish(
+            TopicKind.EVENTS, {"event": kind, "node": self.name, "time": time.time(), **fields}
+        )
+
+    def _on_refused(self, peer: str, reason: str) -> None:
+        self._publish_event("peer.refused", peer=peer, reason=reason)
+
+    def _on_service_output(self, record: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            self.events.publish(TopicKind.SERVICE, record)
+
+
+__all__ = ["KMNode", "NodeStartError", "NotLeader"]

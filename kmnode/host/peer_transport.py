@@ -1,0 +1,279 @@
+"""Raft over attested channels: the node's implementation of ``consensus.transport.Transport``.
+
+Each node keeps one outbound connection per peer for the messages it sends, and accepts inbound
+connections for the messages it receives (the same shape as the plain ``TcpTransport``). Every
+connection starts with a mutual attestation handshake run by the KM enclave; after it, each
+Raft message travels as one channel frame, and an inbound message is accepted only if its
+``frm`` is the node the handshake proved the peer to be. ``send`` never blocks: frames wait in
+a bounded per-peer buffer, and what does not fit or has no connection is dropped and counted,
+which Raft tolerates (it retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from attest.errors import AttestationError
+from consensus.codec import CodecError, decode_message, encode_message
+from consensus.transport import MessageHandler, Transport
+from consensus.types import Message, NodeId
+from kmnode.host.peer_wire import (
+    CHANNEL,
+    DEFAULT_MAX_FRAME,
+    JOIN,
+    RAFT,
+    EnclaveSessions,
+    PeerProtocolError,
+    PeerRefused,
+    encode_frame,
+    initiate,
+    read_frame,
+    respond,
+)
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+#: Called for a verified join connection: (session, reader, writer). It owns the connection.
+JoinHandler = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+#: Called when a peer is refused: (claimed name or address, reason).
+RefusalHandler = Callable[[str, str], None]
+
+
+@dataclass
+class PeerLinkStats:
+    sent: int = 0
+    received: int = 0
+    dropped_disconnected: int = 0
+    dropped_full: int = 0
+    handshakes: int = 0
+    refused: int = 0
+
+
+class _Peer:
+    def __init__(self, node: NodeId) -> None:
+        self.node = node
+        self.session: int | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.platform_id = ""
+
+
+class AttestedTransport(Transport):
+    def __init__(
+        self,
+        node_id: NodeId,
+        enclave: EnclaveSessions,
+        *,
+        directory: Callable[[], dict[str, str]],
+        addresses: Callable[[], dict[NodeId, Address]],
+        host: str,
+        port: int,
+        on_join: JoinHandler | None = None,
+        on_refused: RefusalHandler | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_buffer_bytes: int = 16 * 1024 * 1024,
+        reconnect_max: float = 0.5,
+    ) -> None:
+        self.node_id = node_id
+        self.enclave = enclave
+        self.directory = directory
+        self.addresses = addresses
+        self.host = host
+        self.port = port
+        self.on_join = on_join
+        self.on_refused = on_refused
+        self.max_frame = max_frame
+        self.max_buffer_bytes = max_buffer_bytes
+        self.reconnect_max = reconnect_max
+        self.stats = PeerLinkStats()
+        self._peers: dict[NodeId, _Peer] = {}
+        self._handler: MessageHandler | None = None
+        self._server: asyncio.Server | None = None
+        self._inbound: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Open the peer port (before Raft starts, so joins can be served)."""
+        if self._server is None:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def start(self, handler: MessageHandler) -> None:
+        self._handler = handler
+        await self.listen()
+        self.refresh_peers()
+
+    def refresh_peers(self) -> None:
+        """Connect to peers that appeared in the membership; drop those that left."""
+        if self._stopping or self._handler is None:
+            return
+        wanted = {n for n in self.addresses() if n != self.node_id}
+        for node in wanted - self._peers.keys():
+            peer = self._peers[node] = _Peer(node)
+            peer.task = asyncio.create_task(self._connector(peer), name=f"peer-{node}")
+        for node in self._peers.keys() - wanted:
+            peer = self._peers.pop(node)
+            if peer.task is not None:
+                peer.task.cancel()
+            if peer.writer is not None:
+                peer.writer.close()
+
+    def attested_peers(self) -> dict[NodeId, str]:
+        """Peers with a live attested outbound channel, and their verified platform ids."""
+        return {n: p.platform_id for n, p in self._peers.items() if p.session is not None}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        tasks = [p.task for p in self._peers.values() if p.task is not None]
+        tasks += list(self._inbound)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for peer in self._peers.values():
+            if peer.writer is not None:
+                peer.writer.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        peer = self._peers.get(msg.to)
+        if peer is None or peer.session is None:
+            self.stats.dropped_disconnected += 1
+            return
+        frame = encode_frame(CHANNEL, self.enclave.seal_frame(peer.session, encode_message(msg)))
+        if peer.queued_bytes + len(frame) > self.max_buffer_bytes:
+            self.stats.dropped_full += 1
+            return
+        peer.queue.append(frame)
+        peer.queued_bytes += len(frame)
+        self.stats.sent += 1
+        peer.ready.set()
+
+    async def _connector(self, peer: _Peer) -> None:
+        delay = 0.02
+        while not self._stopping:
+            address = self.addresses().get(peer.node)
+            if address is None:
+                return
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 1.0)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                continue
+            try:
+                session = await initiate(
+                    self.enclave, reader, writer, RAFT, peer.node, self.directory(), self.max_frame
+                )
+                peer.platform_id = self.enclave.session_peer(session)[1]
+                self.stats.handshakes += 1
+                delay = 0.02
+                await self._pump(peer, session, reader, writer)
+            except (AttestationError, PeerRefused, PeerProtocolError) as exc:
+                self.stats.refused += 1
+                log.warning("%s: link to %s refused: %s", self.node_id, peer.node, exc)
+                if self.on_refused is not None:
+                    self.on_refused(peer.node, f"{type(exc).__name__}: {exc}")
+                delay = self.reconnect_max
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+            await asyncio.sleep(delay)
+
+    async def _pump(
+        self,
+        peer: _Peer,
+        session: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Write queued frames until the connection fails (detected by the reader side)."""
+        peer.session, peer.writer = session, writer
+        closed = asyncio.create_task(reader.read(1))  # the responder never sends after FINISH
+        try:
+            while not closed.done():
+                if not peer.queue:
+                    peer.ready.clear()
+                    waiter = asyncio.create_task(peer.ready.wait())
+                    await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                writer.write(b"".join(peer.queue))
+                peer.queue.clear()
+                peer.queued_bytes = 0
+                await writer.drain()
+        finally:
+            closed.cancel()
+            peer.session = peer.writer = None
+            peer.queue.clear()
+            peer.queued_bytes = 0
+            self.enclave.close_session(session)
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inbound.add(task)
+        host, port = writer.get_extra_info("peername", ("?", 0))[:2]
+        peer_label = f"{host}:{port}"
+        try:
+            kind, hello = await asyncio.wait_for(read_frame(reader, self.max_frame), 5.0)
+            if kind not in (RAFT, JOIN) or (kind == JOIN and self.on_join is None):
+                raise PeerProtocolError(f"unexpected first frame {kind!r}")
+            session = await respond(
+                self.enclave, reader, writer, hello, self.directory(), kind == JOIN, self.max_frame
+            )
+            if kind == JOIN:
+                assert self.on_join is not None
+                await self.on_join(session, reader, writer)
+                return
+            await self._receive(session, reader)
+        except (AttestationError, PeerProtocolError) as exc:
+            self.stats.refused += 1
+            log.warning("%s: refused connection from %s: %s", self.node_id, peer_label, exc)
+            if self.on_refused is not None:
+                self.on_refused(peer_label, f"{type(exc).__name__}: {exc}")
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, PeerRefused):
+            pass
+        finally:
+            writer.close()
+            self._inbound.discard(task)
+
+    async def _receive(self, session: int, reader: asyncio.StreamReader) -> None:
+        peer_name, _ = self.enclave.session_peer(session)
+        try:
+            while not self._stopping:
+                kind, payload = await read_frame(reader, self.max_frame)
+                if kind != CHANNEL:
+                    raise PeerProtocolError(f"expected channel frames, got {kind!r}")
+                try:
+                    msg = decode_message(self.enclave.open_frame(session, payload))
+                except CodecError as exc:
+                    raise PeerProtocolError(f"undecodable message from {peer_name}: {exc}") from exc
+                if msg.frm != peer_name or msg.to != self.node_id:
+                    raise PeerProtocolError(
+                        f"{peer_name} sent a message claiming {msg.frm!r} -> {msg.to!r}"
+                    )
+                self.stats.received += 1
+                if self._handler is not None:
+                    self._handler(msg)
+        finally:
+            self.enclave.close_session(session)

@@ -1,0 +1,140 @@
+"""Framing on a peer connection, and the enclave-facing handshake over it.
+
+A peer connection carries frames of ``u32 length | kind byte | payload``. The length is checked
+before the payload is read, so a hostile peer cannot make us buffer more than one maximum-size
+frame. Kinds:
+
+* ``R`` / ``J``: first frame, the handshake HELLO, for a Raft link or a join request;
+* ``H``: the other handshake messages;
+* ``C``: an attested-channel frame (ciphertext; only the enclave can open it);
+* ``E``: a plaintext refusal reason, sent before closing (never contains secrets).
+
+The host only moves these bytes: every handshake step and every channel frame is processed by
+the KM enclave, addressed by a session id, so no channel key ever exists on the host side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from typing import Protocol
+
+from attest.errors import AttestationError
+
+RAFT = b"R"
+JOIN = b"J"
+HANDSHAKE = b"H"
+CHANNEL = b"C"
+ERROR = b"E"
+_KINDS = {RAFT, JOIN, HANDSHAKE, CHANNEL, ERROR}
+_LEN = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class PeerProtocolError(Exception):
+    """The peer broke the framing or the handshake; the connection must be closed."""
+
+
+class PeerRefused(Exception):
+    """The other side refused us and said why (an ``E`` frame)."""
+
+
+class EnclaveSessions(Protocol):
+    """What the host may ask of the KM enclave for peer links (see kmnode.km.enclave)."""
+
+    def open_initiator(self, peer: str, directory: dict[str, str]) -> tuple[int, bytes]: ...
+
+    def open_responder(self, directory: dict[str, str], accept_unknown_peers: bool) -> int: ...
+
+    def handshake_step(self, session: int, message: bytes, now: float) -> bytes | None: ...
+
+    def session_peer(self, session: int) -> tuple[str, str]: ...
+
+    def seal_frame(self, session: int, plaintext: bytes) -> bytes: ...
+
+    def open_frame(self, session: int, frame: bytes) -> bytes: ...
+
+    def close_session(self, session: int) -> None: ...
+
+
+def encode_frame(kind: bytes, payload: bytes) -> bytes:
+    return _LEN.pack(len(payload) + 1) + kind + payload
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME
+) -> tuple[bytes, bytes]:
+    """Next (kind, payload); raises PeerProtocolError on bad framing, EOF as IncompleteRead."""
+    header = await reader.readexactly(_LEN.size)
+    (length,) = _LEN.unpack(header)
+    if length < 1 or length > max_frame + 1:
+        raise PeerProtocolError(f"frame length {length} outside 1..{max_frame + 1}")
+    body = await reader.readexactly(length)
+    kind = body[:1]
+    if kind not in _KINDS:
+        raise PeerProtocolError(f"unknown frame kind {kind!r}")
+    return kind, body[1:]
+
+
+async def expect(reader: asyncio.StreamReader, kind: bytes, max_frame: int) -> bytes:
+    got, payload = await read_frame(reader, max_frame)
+    if got == ERROR:
+        raise PeerRefused(payload.decode("utf-8", "replace")[:500])
+    if got != kind:
+        raise PeerProtocolError(f"expected a {kind!r} frame, got {got!r}")
+    return payload
+
+
+async def initiate(
+    enclave: EnclaveSessions,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    purpose: bytes,
+    peer: str,
+    directory: dict[str, str],
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> int:
+    """Run the initiator side; returns the enclave session id of the attested channel."""
+    session, hello = enclave.open_initiator(peer, directory)
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            writer.write(encode_frame(purpose, hello))
+            answer = await expect(reader, HANDSHAKE, max_frame)
+            finish = enclave.handshake_step(session, answer, time.time())
+            assert finish is not None
+            writer.write(encode_frame(HANDSHAKE, finish))
+            await writer.drain()
+    except BaseException:
+        enclave.close_session(session)
+        raise
+    return session
+
+
+async def respond(
+    enclave: EnclaveSessions,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hello: bytes,
+    directory: dict[str, str],
+    accept_unknown_peers: bool,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> int:
+    """Run the responder side after the first frame; refusals are sent as ``E`` then raised."""
+    session = enclave.open_responder(directory, accept_unknown_peers)
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            answer = enclave.handshake_step(session, hello, time.time())
+            assert answer is not None
+            writer.write(encode_frame(HANDSHAKE, answer))
+            finish = await expect(reader, HANDSHAKE, max_frame)
+            enclave.handshake_step(session, finish, time.time())
+    except AttestationError as exc:
+        enclave.close_session(session)
+        writer.write(encode_frame(ERROR, f"{type(exc).__name__}: {exc}".encode()))
+        raise
+    except BaseException:
+        enclave.close_session(session)
+        raise
+    return session

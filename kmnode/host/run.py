@@ -1,0 +1,58 @@
+"""`kmctl node run NAME`: one node process, until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from consensus.storage import StorageError
+from kmnode.config import ClusterConfig, config_to_yaml
+from kmnode.host.api import OperatorApi
+from kmnode.host.node import KMNode, NodeStartError
+
+log = logging.getLogger("kmnode")
+
+
+async def serve(config: ClusterConfig, name: str) -> int:
+    data_dir = config.state_dir / "nodes" / name
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config_path = data_dir / "cluster.yaml"
+    config_path.write_text(config_to_yaml(config))
+    node = KMNode(config, config_path, name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+    except (NodeStartError, StorageError) as exc:
+        log.error("%s: cannot start: %s", name, exc)
+        await node.stop()
+        return 1
+    runner = web.AppRunner(OperatorApi(node).app(), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, node.spec.host, node.spec.api_port)
+        await site.start()
+        log.info("%s: operator API on http://%s:%d", name, node.spec.host, node.spec.api_port)
+        await stop.wait()
+        log.info("%s: stopping", name)
+    finally:
+        await runner.cleanup()
+        await node.stop()
+    return 0
+
+
+def run_node(config: ClusterConfig, name: str) -> int:
+    """Run node ``name`` of ``config`` in this process; returns the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config.node(name)
+    return asyncio.run(serve(config, name))

@@ -1,0 +1,142 @@
+"""The host's side of the service enclave: its child process, and the ring it writes.
+
+The host creates the shared-memory ring, starts the service enclave with the ring's name, relays
+requests to it as JSON lines (challenges, reports, ciphertext: nothing secret in clear), and
+drains the ring on its event loop, handing each output record to a callback (MQTT). A crashed
+service enclave is restarted on the next request; it then holds no keys until re-provisioned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kmnode.ring import AsyncReader, RingClosed, RingError
+from kmnode.ring import Ring as SharedRing
+
+log = logging.getLogger(__name__)
+RING_CAPACITY = 1 << 20
+REQUEST_TIMEOUT = 10.0
+
+
+class ServiceUnavailable(Exception):
+    """The service enclave is not running or did not answer."""
+
+
+class ServiceLink:
+    def __init__(
+        self,
+        config_path: Path,
+        node: str,
+        on_output: Callable[[bytes], None],
+        log_path: Path,
+    ) -> None:
+        self.config_path = config_path
+        self.node = node
+        self.on_output = on_output
+        self.log_path = log_path
+        self.ring_name = f"/kmsim-{node}-{os.getpid()}"
+        self._ring: SharedRing | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._drain_task: asyncio.Task[None] | None = None
+        self.measurement = ""
+        self.outputs = 0
+        self.restarts = 0
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        self._ring = SharedRing.create(self.ring_name, RING_CAPACITY)
+        self._drain_task = asyncio.create_task(self._drain(self._ring), name="service-drain")
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as stderr:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kmnode.service.process",
+                "--config",
+                str(self.config_path),
+                "--node",
+                self.node,
+                "--ring",
+                self.ring_name,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+            )
+        reply = await self._exchange({"op": "identity"})
+        self.measurement = str(reply["measurement"])
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request/response with the service enclave, restarting it if it died."""
+        async with self._lock:
+            if not self.running:
+                self.restarts += 1
+                log.warning("%s: service enclave not running; restarting it", self.node)
+                await self._spawn()
+            return await self._exchange(request)
+
+    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise ServiceUnavailable("service enclave is not running")
+        try:
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            await proc.stdin.drain()
+            line = await asyncio.wait_for(proc.stdout.readline(), REQUEST_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"service enclave did not answer: {exc!r}") from None
+        if not line:
+            raise ServiceUnavailable("service enclave exited")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            raise ServiceUnavailable(str(reply.get("error", "unknown error")))
+        return reply
+
+    async def _drain(self, ring: SharedRing) -> None:
+        reader = AsyncReader(ring)
+        try:
+            while True:
+                for record in await reader.read_batch():
+                    self.outputs += 1
+                    self.on_output(record)
+        except (RingClosed, asyncio.CancelledError):
+            pass
+        except RingError as exc:
+            log.error("%s: service ring failed: %s", self.node, exc)
+        finally:
+            reader.close()
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 2.0)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task
+        if self._ring is not None:
+            self._ring.close()  # the creator's close also unlinks the name

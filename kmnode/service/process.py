@@ -1,0 +1,104 @@
+"""The service enclave as a child process of the node.
+
+It loads itself onto its node's simulated platform, answers the KM enclave's local-attestation
+challenges, accepts keys encrypted to it, and runs the proof workload. Requests come from the
+host as JSON lines on stdin (the host relays them; it only ever sees challenges, reports and
+ciphertext); every workload output is written to the shared-memory ring, which the host drains
+and publishes. Replies on stdout are for the request/response flow only.
+
+``KMSIM_SERVICE_PATCH`` (environment) models a modified service build: its text is measured
+together with the code, so the enclave gets a different measurement. Tests and chaos runs use
+it to show that such an enclave receives nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from attest.identity import EnclaveIdentity, EnclaveRole, measure_sources
+from kmnode.config import load_config
+from kmnode.enclave_code import ENCLAVE_MODULES, current_identity, enclave_sources
+from kmnode.ring import OnFull, Ring, Writer
+from kmnode.service.enclave import ProvisioningError, ServiceEnclave
+from kmnode.simhw import HardwareStore
+
+RECORD_PROOF = 1
+
+
+def service_identity() -> EnclaveIdentity:
+    identity = current_identity(EnclaveRole.SERVICE)
+    patch = os.environ.get("KMSIM_SERVICE_PATCH")
+    if not patch:
+        return identity
+    sources = enclave_sources(ENCLAVE_MODULES[EnclaveRole.SERVICE])
+    sources["kmsim-patch"] = patch.encode()
+    return EnclaveIdentity(
+        measure_sources(sources), identity.signer, identity.product_id, identity.svn
+    )
+
+
+def handle(enclave: ServiceEnclave, writer: Writer, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    if op == "identity":
+        return {"measurement": enclave.context.identity.measurement.hex()}
+    if op == "challenge":
+        response = enclave.answer_challenge(
+            bytes.fromhex(request["km_measurement"]), bytes.fromhex(request["challenge"])
+        )
+        return {"response": response.hex()}
+    if op == "key":
+        name, generation = enclave.accept_key(bytes.fromhex(request["ciphertext"]))
+        return {"key": name, "generation": generation}
+    if op == "prove":
+        key, generation = request["key"], int(request["generation"])
+        mac = enclave.prove(key, generation, bytes.fromhex(request["challenge"]))
+        record = {
+            "kind": "proof",
+            "key": key,
+            "generation": generation,
+            "challenge": request["challenge"],
+            "mac": mac,
+        }
+        writer.write(json.dumps(record, separators=(",", ":")).encode(), RECORD_PROOF)
+        return {"mac": mac}
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def serve(enclave: ServiceEnclave, writer: Writer) -> None:
+    """Answer requests until stdin closes (the host went away)."""
+    for line in sys.stdin:
+        try:
+            reply = {"ok": True, **handle(enclave, writer, json.loads(line))}
+        except (ProvisioningError, ValueError, KeyError, TypeError) as exc:
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="kmsim service enclave (started by the node)")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--ring", required=True, help="name of the shared-memory ring to write")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    node = config.node(args.node)
+    platform = HardwareStore(config.state_dir / "hardware").platform(
+        node.platform.id, node.platform.tcb
+    )
+    enclave = ServiceEnclave(platform.enclave(service_identity()))
+    ring = Ring.attach(args.ring)
+    writer = Writer(ring, on_full=OnFull.WAIT, timeout=1.0, lock_timeout=1.0)
+    try:
+        serve(enclave, writer)
+    finally:
+        ring.close()
+
+
+if __name__ == "__main__":
+    main()
