@@ -21,7 +21,7 @@ from kmnode.ring.errors import (
 )
 
 # The extension imports kmnode.ring.errors, so it must come after it.
-from kmnode.ring import _ring  # noqa: I001  (order matters, see above)
+from kmnode.ring import _ring  # isort: skip
 from kmnode.ring._ring import (
     FRAME_SIZE,
     HEADER_SIZE,

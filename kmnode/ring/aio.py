@@ -58,7 +58,9 @@ class AsyncReader:
                 return None
             await self._wait(remaining)
 
-    async def read_batch(self, max_records: int | None = None, timeout: float | None = None) -> list[bytes]:
+    async def read_batch(
+        self, max_records: int | None = None, timeout: float | None = None
+    ) -> list[bytes]:
         """Up to max_records payloads, waiting for at least one (empty list on timeout)."""
         loop = asyncio.get_running_loop()
         limit = self._batch if max_records is None else max_records

@@ -32,7 +32,9 @@ class _Buffer(Protocol):
 class OcallWriter:
     """A TEE-side writer that pays one world switch per record and lets the host write it."""
 
-    def __init__(self, host_write: HostWrite, *, switch_cycles: int = DEFAULT_SWITCH_CYCLES) -> None:
+    def __init__(
+        self, host_write: HostWrite, *, switch_cycles: int = DEFAULT_SWITCH_CYCLES
+    ) -> None:
         if switch_cycles < 0:
             raise ValueError("switch_cycles must be >= 0")
         self._host_write = host_write
@@ -58,7 +60,10 @@ class OcallWriter:
         return cls(host_write, switch_cycles=switch_cycles)
 
     def write(self, data: bytes | bytearray | memoryview, type: int = 0) -> bool:
-        """One OCALL: exit, marshal the record out, host writes it, re-enter.  Returns the host's answer."""
+        """One OCALL: exit, marshal the record out, the host writes it, re-enter.
+
+        Returns the host function's answer (False: the host discarded the record).
+        """
         _ring.spin_cycles(self._exit_cycles)
         try:
             self.calls += 1

@@ -22,7 +22,6 @@ def write_numbers(name: str, count: int) -> None:
     writer = Writer(ring, timeout=10.0)
     for i in range(count):
         writer.write(i.to_bytes(4, "little") * (1 + i % 50), i % 7)
-    del writer
     ring.close()
 
 
@@ -38,7 +37,6 @@ def read_numbers(name: str, count: int, out: Connection) -> None:
         got.append(rec)
     out.send(got)
     out.close()
-    del reader
     ring.close()
 
 
@@ -96,5 +94,4 @@ def stress_reader(name: str, results: Queue[object], n_writers: int) -> None:
     for t in threads:
         t.join()
     results.put((errors, [[a.tobytes() for a in per] for per in seqs]))
-    del reader
     ring.close()

@@ -116,9 +116,9 @@ def test_batch_write_modes(small_ring: Ring) -> None:
         w.write_batch(recs, on_full=OnFull.WAIT, timeout=0.05)
     assert err.value.written == 6
     r.read_batch(100)
-    assert w.write_batch(recs + [b"tiny"], on_full=OnFull.DISCARD) == 7
+    assert w.write_batch([*recs, b"tiny"], on_full=OnFull.DISCARD) == 7
     assert w.discarded == 4
-    assert r.read_batch(100) == recs[:6] + [b"tiny"]
+    assert r.read_batch(100) == [*recs[:6], b"tiny"]
     assert w.write_batch([]) == 0
 
 
@@ -314,10 +314,11 @@ def test_cross_process_writer_and_reader() -> None:
     for i in range(500):
         writer.write(i.to_bytes(4, "little") * (1 + i % 50), i % 7)
     assert parent_end.poll(60)
-    assert parent_end.recv() == [(i % 7, i.to_bytes(4, "little") * (1 + i % 50)) for i in range(500)]
+    assert parent_end.recv() == [
+        (i % 7, i.to_bytes(4, "little") * (1 + i % 50)) for i in range(500)
+    ]
     child.join(30)
     assert child.exitcode == 0
-    del reader, writer
     ring.close()
 
 
