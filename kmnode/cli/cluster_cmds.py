@@ -1,0 +1,222 @@
+"""`kmctl up | down | status | node run`: the cluster's processes on this machine."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from kmnode import supervisor
+from kmnode.cli.client import NodeClient, NodeUnreachable
+from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.output import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    print_json,
+    print_table,
+)
+from kmnode.config import DEFAULT_CONFIG_NAME, ClusterConfig
+
+_STATUS_TIMEOUT = 2.0
+#: Phases worth a line of their own; the others only update the spinner.
+_MILESTONES = ("started", "joined", "running", "already running")
+
+
+def _selected(ctx: CliContext, count: int | None) -> ClusterConfig:
+    """The config with its first ``count`` nodes; the embedded defaults grow to ``count``."""
+    cfg = ctx.config()
+    if count is None or count == len(cfg.nodes):
+        return cfg
+    if count < len(cfg.nodes):
+        return cfg.model_copy(update={"nodes": cfg.nodes[:count]})
+    if ctx.config_path is None and not (Path.cwd() / DEFAULT_CONFIG_NAME).exists():
+        return ClusterConfig.default(count).model_copy(update={"state_dir": cfg.state_dir})
+    source = ctx.config_path or Path.cwd() / DEFAULT_CONFIG_NAME
+    raise CliError(
+        f"-n {count}: {source} defines only {len(cfg.nodes)} nodes (add them to the file)",
+        EXIT_USAGE,
+    )
+
+
+@click.command("up")
+@click.option(
+    "-n",
+    "--nodes",
+    "count",
+    type=click.IntRange(1, 64),
+    help="Start the first N nodes of the cluster file (the embedded defaults: N nodes).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=supervisor.DEFAULT_READY_TIMEOUT,
+    show_default=True,
+    help="Seconds each node may take to become ready.",
+)
+@pass_context
+def up(ctx: CliContext, count: int | None, timeout: float) -> None:
+    """Start the cluster on this machine and wait until every node has joined.
+
+    Starts the embedded MQTT broker (unless mqtt.url is set), then the first node, which
+    bootstraps the cluster, then each other node in turn once the previous one is ready.
+    Processes run detached, with logs in <state_dir>/logs and pid files in <state_dir>/run.
+    Prints the status table. If the cluster is already up, says so and exits 0; if a node
+    does not become ready, prints the end of its log, stops what it started, and exits 3.
+    """
+    cfg = _selected(ctx, count)
+    console = Console(stderr=True)
+    with console.status(f"starting cluster {cfg.cluster!r}") as spinner:
+
+        def progress(name: str, message: str) -> None:
+            spinner.update(f"{name}: {message}")
+            if message.startswith(_MILESTONES):
+                console.print(f"  {name}: {message}", highlight=False)
+
+        result = supervisor.up(cfg, timeout=timeout, progress=progress)
+    if result.already_up:
+        click.echo(f"cluster {cfg.cluster!r} is already up", err=True)
+    else:
+        click.echo(f"started {', '.join(result.started)}; config in {result.config_file}", err=True)
+    show_status(cfg, as_json=False)
+
+
+@click.command("down")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0.0),
+    default=supervisor.DEFAULT_STOP_GRACE,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before SIGKILL.",
+)
+@pass_context
+def down(ctx: CliContext, grace: float) -> None:
+    """Stop every node and the embedded broker started by `kmctl up`; leave nothing running.
+
+    Each recorded process gets SIGTERM, then SIGKILL after the grace period. A pid file whose
+    pid now belongs to another program is removed without signalling it. Node data is kept,
+    so the next `kmctl up` resumes the same cluster.
+    """
+    cfg = ctx.config()
+    outcomes = supervisor.down(cfg, grace=grace)
+    if not outcomes:
+        click.echo(f"nothing to stop: no pid files in {supervisor.run_dir(cfg)}")
+    for outcome in outcomes:
+        note = (
+            " (pid reused by another program: not signalled)"
+            if outcome.result == "not ours"
+            else ""
+        )
+        click.echo(f"{outcome.name} (pid {outcome.pid}): {outcome.result}{note}")
+
+
+def _node_status(cfg: ClusterConfig, name: str) -> dict[str, Any]:
+    client = NodeClient.for_node(cfg.node(name), _STATUS_TIMEOUT)
+    try:
+        status = client.get("/v1/status")
+    except NodeUnreachable:
+        return {"node": name, "state": "down", "error": "not reachable", "status": None}
+    except CliError as exc:
+        return {"node": name, "state": "error", "error": exc.message, "status": None}
+    ready, phase = supervisor.describe_readiness(status)
+    state = "ready" if ready else "not ready"
+    return {"node": name, "state": state, "error": None if ready else phase, "status": status}
+
+
+def show_status(cfg: ClusterConfig, as_json: bool) -> int:
+    """Print every node's status; return 0 if all are ready, 1 otherwise."""
+    names = [n.name for n in cfg.nodes]
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        rows = list(pool.map(lambda name: _node_status(cfg, name), names))
+    pids = supervisor.running(cfg)
+    for row in rows:
+        record = pids.get(row["node"])
+        row["pid"] = record.pid if record else None
+    if as_json:
+        print_json({"cluster": cfg.cluster, "nodes": rows})
+    else:
+        print_table(
+            f"cluster {cfg.cluster!r}",
+            [
+                "node",
+                "state",
+                "pid",
+                "role",
+                "leader",
+                "term",
+                "commit/applied",
+                "peers",
+                "service",
+            ],
+            [_status_row(row) for row in rows],
+        )
+    return EXIT_OK if all(row["state"] == "ready" for row in rows) else EXIT_REFUSED
+
+
+def _status_row(row: dict[str, Any]) -> list[Any]:
+    status = row["status"]
+    pid = row["pid"] if row["pid"] is not None else "-"
+    if not isinstance(status, dict):
+        return [row["node"], row["state"], pid, row["error"], "", "", "", "", ""]
+    peers = status.get("peers") or {}
+    attested = sum(1 for p in peers.values() if isinstance(p, dict) and p.get("attested"))
+    service = status.get("service") or {}
+    return [
+        row["node"],
+        row["state"],
+        pid,
+        status.get("role", "?"),
+        status.get("leader") or "-",
+        status.get("term", "?"),
+        f"{status.get('commit', '?')}/{status.get('applied', '?')}",
+        f"{attested}/{len(peers)} attested",
+        "running" if isinstance(service, dict) and service.get("running") else "stopped",
+    ]
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_context
+def status(ctx: CliContext, as_json: bool) -> None:
+    """Every node's view: ready or not, role, leader, term, commit/applied index, peers.
+
+    Asks each node's /v1/status (unreachable nodes are shown as down). Exits 0 if every node
+    is ready, 1 if some are down or not ready.
+    """
+    cfg = supervisor.effective_config(ctx.config())
+    raise click.exceptions.Exit(show_status(cfg, as_json))
+
+
+@click.group("node")
+def node() -> None:
+    """Run one node in the foreground (what `kmctl up` starts for each node)."""
+
+
+@node.command("run")
+@click.argument("name")
+@pass_context
+def run(ctx: CliContext, name: str) -> None:
+    """Run node NAME of the cluster file until SIGTERM or SIGINT.
+
+    The first node of the file, with an empty data directory, bootstraps a new cluster; any
+    other node joins it. The exit code is the node's.
+    """
+    cfg = ctx.config()
+    try:
+        cfg.node(name)
+    except KeyError as exc:
+        raise CliError(str(exc.args[0]), EXIT_USAGE) from None
+    try:
+        # Imported here: the node pulls in the enclaves and Raft, which no other command needs.
+        module = importlib.import_module("kmnode.host.node")
+    except ImportError as exc:
+        raise CliError(f"the node process is not available: {exc}", EXIT_FAILURE) from None
+    run_node: Callable[[ClusterConfig, str], int] = module.run_node
+    raise click.exceptions.Exit(run_node(cfg, name))

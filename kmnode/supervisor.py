@@ -1,0 +1,506 @@
+"""Starting and stopping the processes of a single-machine cluster (`kmctl up` / `kmctl down`).
+
+Each node is its own detached OS process (its own session, so a Ctrl-C in the operator's shell
+does not take the cluster down) running ``python -m kmnode.cli -c <state>/cluster.yaml node run
+NAME``. The config the nodes run with is written to ``<state_dir>/cluster.yaml``, so `down`,
+`status` and later invocations see the cluster that is really running, even after ``-n``.
+
+A pid file is three lines: the pid, the process start time (clock ticks since boot, from
+/proc/PID/stat) and the argv as JSON. `down` signals a pid only when /proc still shows exactly
+that start time and argv: a pid file left behind by a crash must never make kmctl kill
+whatever unrelated process has since been given the same pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kmnode
+from kmnode.cli.client import NodeClient, NodeUnreachable
+from kmnode.cli.output import EXIT_FAILURE, CliError
+from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
+from kmnode.host.broker import BrokerStartError, start_embedded_broker, stop_broker
+
+BROKER = "broker"
+DEFAULT_READY_TIMEOUT = 30.0
+DEFAULT_STOP_GRACE = 5.0
+LOG_TAIL_LINES = 10
+_POLL_FIRST = 0.05
+_POLL_MAX = 0.5
+_STATUS_TIMEOUT = 2.0
+
+#: (node name, what it is doing now): `up` reports each change through this.
+Progress = Callable[[str, str], None]
+#: Builds the argv of a node process from the effective config file and the node's name.
+NodeCommand = Callable[[Path, str], list[str]]
+
+
+class SupervisorError(CliError):
+    """`up` or `down` failed; the message says which process and why (log tail included)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_FAILURE)
+
+
+def node_command(config_file: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "kmnode.cli", "-c", str(config_file), "node", "run", name]
+
+
+def run_dir(cfg: ClusterConfig) -> Path:
+    return cfg.state_dir / "run"
+
+
+def log_dir(cfg: ClusterConfig) -> Path:
+    return cfg.state_dir / "logs"
+
+
+def effective_config_path(cfg: ClusterConfig) -> Path:
+    return cfg.state_dir / "cluster.yaml"
+
+
+def log_path(cfg: ClusterConfig, name: str) -> Path:
+    return log_dir(cfg) / f"{name}.log"
+
+
+def pid_path(cfg: ClusterConfig, name: str) -> Path:
+    return run_dir(cfg) / f"{name}.pid"
+
+
+def write_effective_config(cfg: ClusterConfig) -> Path:
+    """Write the config the nodes will run with; the state_dir in it is absolute."""
+    cfg = cfg.model_copy(update={"state_dir": cfg.state_dir.resolve()})
+    path = effective_config_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(
+        "# Written by `kmctl up`: the configuration this cluster's nodes run with.\n"
+        + config_to_yaml(cfg),
+        encoding="utf-8",
+    )
+    tmp.replace(path)
+    return path
+
+
+# --- processes and pid files ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What a pid file says; enough to recognise the very same process later."""
+
+    pid: int
+    start_ticks: int
+    argv: tuple[str, ...]
+
+    def encode(self) -> str:
+        return f"{self.pid}\n{self.start_ticks}\n{json.dumps(list(self.argv))}\n"
+
+    @classmethod
+    def decode(cls, text: str) -> ProcessRecord:
+        lines = text.splitlines()
+        if len(lines) != 3:
+            raise ValueError(f"expected 3 lines, found {len(lines)}")
+        argv = json.loads(lines[2])
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv is not a JSON list of strings")
+        return cls(int(lines[0]), int(lines[1]), tuple(argv))
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRecord | None:
+        """The live process ``pid`` as /proc shows it; None if gone or a zombie."""
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] == "Z":
+            return None
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0")[:-1])
+        return cls(pid, int(stat[19]), argv)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, comes first)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def write_pid_file(path: Path, record: ProcessRecord) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pid.tmp")
+    tmp.write_text(record.encode())
+    tmp.replace(path)
+
+
+def read_pid_file(path: Path) -> ProcessRecord | None:
+    try:
+        return ProcessRecord.decode(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def effective_config(cfg: ClusterConfig) -> ClusterConfig:
+    """The config the running (or last started) cluster uses, else ``cfg`` itself: after
+    `kmctl up -n 5`, `status` must look at five nodes even with the 3-node defaults."""
+    path = effective_config_path(cfg)
+    if not path.is_file():
+        return cfg
+    try:
+        return load_config(path)
+    except ConfigError:
+        return cfg
+
+
+def is_ours(record: ProcessRecord) -> bool:
+    """True while the recorded process itself is alive (not a recycled pid)."""
+    return ProcessRecord.of(record.pid) == record
+
+
+def running(cfg: ClusterConfig) -> dict[str, ProcessRecord]:
+    """Processes of this cluster (nodes and broker) that are alive, by pid-file name."""
+    alive: dict[str, ProcessRecord] = {}
+    if not run_dir(cfg).is_dir():
+        return alive
+    for path in sorted(run_dir(cfg).glob("*.pid")):
+        record = read_pid_file(path)
+        if record is not None and is_ours(record):
+            alive[path.stem] = record
+    return alive
+
+
+def spawn(
+    name: str, argv: Sequence[str], log_file: Path, pid_file: Path
+) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    """Start a detached process logging to ``log_file`` and record it in ``pid_file``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    # The child must run this very code, installed or not.
+    root = str(Path(kmnode.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    offset = _log_size(log_file)
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    record = ProcessRecord.of(proc.pid)
+    if record is None:
+        # Exited already: Popen returns only after exec, so this is the program failing.
+        proc.wait()
+        raise SupervisorError(
+            f"{name} exited at once with code {proc.returncode}; "
+            f"end of {log_file}:\n{log_tail(log_file, offset=offset)}"
+        )
+    write_pid_file(pid_file, record)
+    return proc, record
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, offset: int = 0) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        text = ""
+    tail = text.splitlines()[-lines:]
+    return "\n".join(f"  | {line}" for line in tail) or "  | (empty)"
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    name: str
+    pid: int
+    #: "stopped" (exited after SIGTERM), "killed" (needed SIGKILL), "gone" (was not running),
+    #: or "not ours" (the pid now belongs to another program: left alone).
+    result: str
+
+
+def stop_processes(
+    records: dict[str, ProcessRecord], grace: float = DEFAULT_STOP_GRACE
+) -> list[StopOutcome]:
+    """SIGTERM each process that is still the recorded one, SIGKILL what remains after
+    ``grace`` seconds, then SIGKILL leftovers in their sessions (a node's service enclave)."""
+    outcomes: dict[str, StopOutcome] = {}
+    waiting: dict[str, ProcessRecord] = {}
+    for name, record in records.items():
+        current = ProcessRecord.of(record.pid)
+        if current is None:
+            outcomes[name] = StopOutcome(name, record.pid, "gone")
+        elif current != record:
+            outcomes[name] = StopOutcome(name, record.pid, "not ours")
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGTERM)
+            waiting[name] = record
+    deadline = time.monotonic() + grace
+    while waiting and time.monotonic() < deadline:
+        for name, record in list(waiting.items()):
+            _reap(record.pid)
+            if not is_ours(record):
+                outcomes[name] = StopOutcome(name, record.pid, "stopped")
+                del waiting[name]
+        if waiting:
+            time.sleep(0.05)
+    for name, record in waiting.items():
+        if is_ours(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGKILL)
+        outcomes[name] = StopOutcome(name, record.pid, "killed")
+    for name in records:
+        if outcomes[name].result in ("stopped", "killed"):
+            _kill_session(records[name].pid)
+    return [outcomes[name] for name in records]
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if ``pid`` is our own child (after a failed `up`)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL whatever is left in the session ``sid`` led. Safe: Linux does not hand out a
+    pid that is still some live process's session id, so these are the node's descendants."""
+    deadline = time.monotonic() + DEFAULT_STOP_GRACE
+    while time.monotonic() < deadline:
+        members = [pid for pid in _pids() if _session_of(pid) == sid]
+        if not members:
+            _reap(sid)
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+        time.sleep(0.05)
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _session_of(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] == "Z":
+        return None
+    return int(stat[3])
+
+
+# --- up and down -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpResult:
+    config_file: Path
+    #: Names of the processes this call started ("broker" first if it was); empty if all ran.
+    started: list[str]
+
+    @property
+    def already_up(self) -> bool:
+        return not self.started
+
+
+def _ignore(_node: str, _message: str) -> None:
+    return None
+
+
+def up(
+    cfg: ClusterConfig,
+    *,
+    timeout: float = DEFAULT_READY_TIMEOUT,
+    progress: Progress = _ignore,
+    command: NodeCommand | None = None,
+) -> UpResult:
+    """Start the broker and every node not already running; the first node must be ready
+    before the next starts, because each join is a single-server membership change.
+
+    ``timeout`` bounds each node's wait for readiness. On any failure (or Ctrl-C) the
+    processes this call started are stopped again before the error propagates.
+    ``command`` replaces :func:`node_command` (tests run stand-in nodes with it).
+    """
+    command = command or node_command
+    alive = running(cfg)
+    if all(n.name in alive for n in cfg.nodes) and (cfg.mqtt.url or BROKER in alive):
+        return UpResult(effective_config_path(cfg), [])
+    _check_ports([n for n in cfg.nodes if n.name not in alive])
+    config_file = write_effective_config(cfg)
+    started: dict[str, ProcessRecord] = {}
+    broker: subprocess.Popen[bytes] | None = None
+    try:
+        if not cfg.mqtt.url and BROKER not in alive:
+            progress(BROKER, f"starting MQTT broker on 127.0.0.1:{cfg.mqtt.embedded_port}")
+            broker = _start_broker(cfg)
+            progress(BROKER, f"running (pid {broker.pid})")
+        for node in cfg.nodes:
+            offset = _log_size(log_path(cfg, node.name))
+            proc: subprocess.Popen[bytes] | None = None
+            if node.name in alive:
+                progress(node.name, f"already running (pid {alive[node.name].pid})")
+            else:
+                progress(node.name, "starting")
+                proc, started[node.name] = spawn(
+                    node.name,
+                    command(config_file, node.name),
+                    log_path(cfg, node.name),
+                    pid_path(cfg, node.name),
+                )
+                progress(node.name, f"started (pid {proc.pid})")
+            _wait_ready(cfg, node, proc, offset, timeout, progress)
+    except BaseException:
+        _rollback(cfg, started, broker)
+        raise
+    names = ([BROKER] if broker is not None else []) + list(started)
+    return UpResult(config_file, names)
+
+
+def down(cfg: ClusterConfig, *, grace: float = DEFAULT_STOP_GRACE) -> list[StopOutcome]:
+    """Stop every process with a pid file (nodes first, then the broker) and remove the files.
+
+    A pid file whose pid now runs something else is removed without signalling anything.
+    """
+    records: dict[str, ProcessRecord] = {}
+    broken: list[Path] = []
+    if run_dir(cfg).is_dir():
+        for path in sorted(run_dir(cfg).glob("*.pid")):
+            record = read_pid_file(path)
+            if record is None:
+                broken.append(path)
+            else:
+                records[path.stem] = record
+    nodes = {k: v for k, v in records.items() if k != BROKER}
+    outcomes = stop_processes(nodes, grace)
+    if BROKER in records:
+        outcomes += stop_processes({BROKER: records[BROKER]}, grace)
+    for name in records:
+        pid_path(cfg, name).unlink(missing_ok=True)
+    for path in broken:
+        path.unlink(missing_ok=True)
+    return outcomes
+
+
+def _check_ports(nodes: Sequence[NodeSpec]) -> None:
+    """Fail before starting anything if another program already listens on a node's port."""
+    for node in nodes:
+        for label, port in (("api_port", node.api_port), ("peer_port", node.peer_port)):
+            try:
+                family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((node.host, port))
+            except OSError as exc:
+                raise SupervisorError(
+                    f"cannot start {node.name}: {node.host}:{port} ({label}) is unavailable: "
+                    f"{exc.strerror or exc} (another cluster or program is using it?)"
+                ) from None
+
+
+def _start_broker(cfg: ClusterConfig) -> subprocess.Popen[bytes]:
+    try:
+        proc = start_embedded_broker(cfg.mqtt.embedded_port, log_path(cfg, BROKER))
+    except BrokerStartError as exc:
+        raise SupervisorError(str(exc)) from None
+    record = ProcessRecord.of(proc.pid)
+    if record is None:
+        stop_broker(proc)
+        raise SupervisorError(f"embedded MQTT broker (pid {proc.pid}) exited right after start")
+    write_pid_file(pid_path(cfg, BROKER), record)
+    return proc
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _wait_ready(
+    cfg: ClusterConfig,
+    node: NodeSpec,
+    proc: subprocess.Popen[bytes] | None,
+    log_offset: int,
+    timeout: float,
+    progress: Progress,
+) -> None:
+    client = NodeClient.for_node(node, _STATUS_TIMEOUT)
+    deadline = time.monotonic() + timeout
+    interval = _POLL_FIRST
+    last = ""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise SupervisorError(
+                f"{node.name} exited with code {proc.returncode} before it was ready; "
+                f"end of {log_path(cfg, node.name)}:\n"
+                f"{log_tail(log_path(cfg, node.name), offset=log_offset)}"
+            )
+        try:
+            status = client.get("/v1/status")
+        except NodeUnreachable:
+            phase = "starting: API not answering yet"
+        except CliError as exc:
+            phase = f"starting: {exc.message}"
+        else:
+            ready, phase = describe_readiness(status)
+            if ready:
+                progress(node.name, phase)
+                return
+        if phase != last:
+            progress(node.name, phase)
+            last = phase
+        if time.monotonic() >= deadline:
+            raise SupervisorError(
+                f"{node.name} was not ready after {timeout:g}s (last seen: {phase}); "
+                f"end of {log_path(cfg, node.name)}:\n"
+                f"{log_tail(log_path(cfg, node.name), offset=log_offset)}"
+            )
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 2, _POLL_MAX)
+
+
+def describe_readiness(status: Any) -> tuple[bool, str]:
+    """Whether a /v1/status answer means ready (ready and a leader known), and a phase text."""
+    if not isinstance(status, dict):
+        return False, "starting: unexpected /v1/status answer"
+    peers = status.get("peers") or {}
+    attested = sum(1 for p in peers.values() if isinstance(p, dict) and p.get("attested"))
+    leader = status.get("leader")
+    if status.get("ready") is True and leader:
+        return (
+            True,
+            f"joined: {status.get('role', '?')}, leader {leader}, term {status.get('term')}",
+        )
+    if attested:
+        return False, f"attested {attested} peer(s), joining"
+    if leader:
+        return False, f"leader {leader} known, attesting"
+    return False, "running, waiting for a leader"
+
+
+def _rollback(
+    cfg: ClusterConfig,
+    started: dict[str, ProcessRecord],
+    broker: subprocess.Popen[bytes] | None,
+) -> None:
+    stop_processes(started)
+    for name in started:
+        pid_path(cfg, name).unlink(missing_ok=True)
+    if broker is not None:
+        stop_broker(broker)
+        pid_path(cfg, BROKER).unlink(missing_ok=True)
