@@ -85,7 +85,8 @@ def start_embedded_broker(
     """Start the broker process and return once it serves 127.0.0.1:``port``.
 
     The process gets its own session, so a Ctrl-C aimed at the command that started it does not
-    kill the event stream of a running cluster; `stop_broker` is how it ends.
+    kill the event stream of a running cluster; `stop_broker` is how it ends. This blocks while
+    it waits (from asyncio code, run it with ``asyncio.to_thread``).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start_offset = log_path.stat().st_size if log_path.exists() else 0

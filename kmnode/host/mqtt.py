@@ -37,6 +37,9 @@ DEFAULT_BUFFER_SIZE = 10_000
 #: Far below MQTT's 256 MB limit: events and audit records are small, and a huge message would
 #: hold up every event behind it on the single ordered connection.
 DEFAULT_MAX_PAYLOAD = 256 * 1024
+#: Ten thousand messages of the maximum size would be 2.5 GB: the byte bound keeps a long broker
+#: outage from costing the node its memory, whatever the message sizes.
+DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 class TopicKind(StrEnum):
@@ -86,9 +89,10 @@ class PublisherStats:
     """Counters since the publisher was created.
 
     ``published``: messages the broker acknowledged (PUBACK). ``dropped``: oldest messages
-    discarded because the buffer was full. ``reconnects``: connections made after the first
-    one. ``connect_failures``: connection attempts that failed. ``buffered``: messages waiting,
-    including one in flight. ``connected``: whether a broker connection is up now.
+    discarded because the buffer was full (by count or by bytes). ``reconnects``: connections
+    made after the first one. ``connect_failures``: connection attempts that failed.
+    ``buffered``: messages waiting, including one in flight. ``connected``: whether a broker
+    connection is up now.
     """
 
     published: int
@@ -124,6 +128,7 @@ class EventPublisher:
         prefix: str = "kmsim",
         tls: bool = False,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         initial_backoff: float = 0.05,
         max_backoff: float = 2.0,
@@ -133,8 +138,8 @@ class EventPublisher:
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, not {buffer_size}")
-        if max_payload < 1:
-            raise ValueError(f"max_payload must be at least 1, not {max_payload}")
+        if not 1 <= max_payload <= buffer_bytes:
+            raise ValueError(f"max_payload must be from 1 to buffer_bytes, not {max_payload}")
         if not 0 < initial_backoff <= max_backoff:
             raise ValueError("backoff must satisfy 0 < initial_backoff <= max_backoff")
         self._topics = {kind: topic_for(prefix, cluster, node, kind) for kind in TopicKind}
@@ -142,6 +147,7 @@ class EventPublisher:
         self._port = port
         self._tls = tls
         self._buffer_size = buffer_size
+        self._buffer_bytes = buffer_bytes
         self._max_payload = max_payload
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
@@ -151,6 +157,7 @@ class EventPublisher:
         self._client_id = client_id or f"kmsim-{cluster}-{node}-{secrets.token_hex(4)}"
 
         self._buffer: deque[_Outgoing] = deque()
+        self._bytes = 0  # payload bytes in _buffer (not counting the message in flight)
         self._inflight: _Outgoing | None = None
         self._has_items = asyncio.Event()
         self._idle = asyncio.Event()
@@ -209,21 +216,26 @@ class EventPublisher:
                 f"payload for {self._topics[kind]} is {len(body)} bytes; "
                 f"the maximum is {self._max_payload} bytes"
             )
-        if len(self._buffer) >= self._buffer_size:
-            self._buffer.popleft()
+        while not self._fits(len(body)):
+            self._bytes -= len(self._buffer.popleft().payload)
             self._dropped += 1
             if not self._warned_full:
                 self._warned_full = True
                 log.warning(
-                    "MQTT buffer full (%d messages): dropping the oldest until the broker "
-                    "at %s:%d drains it",
+                    "MQTT buffer full (%d messages, %d bytes at most): dropping the oldest "
+                    "until the broker at %s:%d drains it",
                     self._buffer_size,
+                    self._buffer_bytes,
                     self._host,
                     self._port,
                 )
         self._buffer.append(_Outgoing(self._topics[kind], body))
+        self._bytes += len(body)
         self._idle.clear()
         self._has_items.set()
+
+    def _fits(self, size: int) -> bool:
+        return len(self._buffer) < self._buffer_size and self._bytes + size <= self._buffer_bytes
 
     def stats(self) -> PublisherStats:
         return PublisherStats(
@@ -365,6 +377,7 @@ class EventPublisher:
                 self._has_items.clear()
                 await self._has_items.wait()
             self._inflight = self._buffer.popleft()
+            self._bytes -= len(self._inflight.payload)
             await client.publish(
                 self._inflight.topic, self._inflight.payload, qos=1, timeout=self._publish_timeout
             )
@@ -376,7 +389,8 @@ class EventPublisher:
         item, self._inflight = self._inflight, None
         if item is None:
             return
-        if len(self._buffer) >= self._buffer_size:
-            self._dropped += 1  # it is the oldest message, so it is the one to drop
-        else:
+        if self._fits(len(item.payload)):
             self._buffer.appendleft(item)
+            self._bytes += len(item.payload)
+        else:
+            self._dropped += 1  # it is the oldest message, so it is the one to drop

@@ -169,6 +169,88 @@ async def test_overflow_drops_the_oldest_and_counts_exactly(
     assert publisher.stats().published == 5
 
 
+def test_the_buffer_is_bounded_in_bytes_too() -> None:
+    publisher = EventPublisher(
+        "127.0.0.1", 1, cluster="demo", node="km1", buffer_bytes=1000, max_payload=400
+    )
+    for _ in range(5):
+        publisher.publish(TopicKind.SERVICE, b"z" * 300)
+    stats = publisher.stats()
+    assert (stats.buffered, stats.dropped) == (3, 2)
+    with pytest.raises(ValueError, match="max_payload must be from 1 to buffer_bytes"):
+        EventPublisher("127.0.0.1", 1, cluster="demo", node="km1", buffer_bytes=10, max_payload=11)
+
+
+class HungBroker:
+    """Accepts MQTT connections and publishes but never acknowledges one (no PUBACK).
+
+    Records, per connection, the payloads of the PUBLISH packets it received.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[list[bytes]] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received: list[bytes] = []
+        self.connections.append(received)
+        try:
+            while True:
+                header = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                for _ in range(4):
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = header >> 4
+                if kind == 1:  # CONNECT -> CONNACK, accepted
+                    writer.write(b"\x20\x02\x00\x00")
+                elif kind == 12:  # PINGREQ -> PINGRESP
+                    writer.write(b"\xd0\x00")
+                elif kind == 3:  # PUBLISH (QoS 1): topic, packet id, payload; never acknowledged
+                    topic_len = int.from_bytes(body[:2], "big")
+                    received.append(body[2 + topic_len + 2 :])
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_broker_that_never_acknowledges_costs_nothing_and_loses_nothing() -> None:
+    hung = HungBroker()
+    hung.server = await asyncio.start_server(hung.handle, "127.0.0.1", 0)
+    publisher = EventPublisher(
+        "127.0.0.1", hung.port, cluster="demo", node="km1", publish_timeout=0.3, max_backoff=0.2
+    )
+    try:
+        publisher.start()
+        for i in range(3):
+            publisher.publish(TopicKind.EVENTS, {"seq": i})
+        await eventually(lambda: len(hung.connections) >= 3, "two reconnections")
+        await eventually(lambda: len(hung.connections[1]) >= 1, "a resend")
+        stats = publisher.stats()
+        assert (stats.published, stats.dropped, stats.buffered) == (0, 0, 3)
+        assert stats.reconnects >= 1
+        # The unacknowledged message is sent again first on every new connection: order holds.
+        assert hung.connections[0][0] == hung.connections[1][0] == b'{"seq":0}'
+    finally:
+        await publisher.stop(timeout=0.5)
+        hung.server.close()
+        await hung.server.wait_closed()
+    assert publisher.stats().buffered == 3
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
 def test_oversized_and_malformed_payloads_are_refused_and_not_counted() -> None:
     publisher = EventPublisher("127.0.0.1", 1, cluster="demo", node="km1", max_payload=100)
     publisher.publish(TopicKind.EVENTS, b"x" * 100)  # exactly the limit is fine
