@@ -8,6 +8,7 @@ the enclave's trusted computing base: anything added to an enclave belongs here.
 from __future__ import annotations
 
 import importlib.util
+import os
 from functools import cache
 from pathlib import Path
 
@@ -65,3 +66,26 @@ def current_identity(role: EnclaveRole) -> EnclaveIdentity:
 
 def current_measurements() -> dict[EnclaveRole, bytes]:
     return {role: current_identity(role).measurement for role in EnclaveRole}
+
+
+#: Environment variables that model a modified enclave build, per role (see ``build_identity``).
+PATCH_VARIABLES = {EnclaveRole.KM: "KMSIM_KM_PATCH", EnclaveRole.SERVICE: "KMSIM_SERVICE_PATCH"}
+
+
+def build_identity(role: EnclaveRole) -> EnclaveIdentity:
+    """The identity this process's enclave of ``role`` runs with.
+
+    Normally the installation's code (``current_identity``). If the role's patch variable is
+    set, its text is measured together with the code, modelling a modified enclave build: the
+    hardware then reports a different measurement, which tests and chaos runs use to show
+    that such an enclave can neither join nor receive keys.
+    """
+    identity = current_identity(role)
+    patch = os.environ.get(PATCH_VARIABLES[role])
+    if not patch:
+        return identity
+    sources = enclave_sources(ENCLAVE_MODULES[role])
+    sources["kmsim-patch"] = patch.encode()
+    return EnclaveIdentity(
+        measure_sources(sources), identity.signer, identity.product_id, identity.svn
+    )

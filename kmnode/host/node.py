@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +115,9 @@ class KMNode:
         )
         self.driver: RaftDriver | None = None
         self.joined = asyncio.Event()
+        #: Set when the node should shut down (signal, or a fatal refusal); see ``exit_code``.
+        self.stop_requested = asyncio.Event()
+        self.exit_code = 0
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_signed = 0
@@ -322,7 +324,8 @@ class KMNode:
                     reason = f"{type(exc).__name__}: {exc}"
                     log.error("%s: join refused by %s: %s", self.name, node.name, reason)
                     self._publish_event("join.refused", by=node.name, reason=reason)
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    self.exit_code = 1
+                    self.stop_requested.set()
                     return
                 if leader_hint is None:
                     self.joined.set()

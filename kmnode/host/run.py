@@ -23,7 +23,7 @@ async def serve(config: ClusterConfig, name: str) -> int:
     config_path = data_dir / "cluster.yaml"
     config_path.write_text(config_to_yaml(config))
     node = KMNode(config, config_path, name)
-    stop = asyncio.Event()
+    stop = node.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -44,7 +44,7 @@ async def serve(config: ClusterConfig, name: str) -> int:
     finally:
         await runner.cleanup()
         await node.stop()
-    return 0
+    return node.exit_code
 
 
 def run_node(config: ClusterConfig, name: str) -> int:
@@ -56,3 +56,20 @@ def run_node(config: ClusterConfig, name: str) -> int:
     )
     config.node(name)
     return asyncio.run(serve(config, name))
+
+
+def main() -> None:
+    import argparse
+    from pathlib import Path
+
+    from kmnode.config import load_config
+
+    parser = argparse.ArgumentParser(description="Run one KM node (what `kmctl node run` does).")
+    parser.add_argument("-c", "--config", type=Path, required=True)
+    parser.add_argument("name")
+    args = parser.parse_args()
+    sys.exit(run_node(load_config(args.config), args.name))
+
+
+if __name__ == "__main__":
+    main()

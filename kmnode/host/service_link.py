@@ -59,7 +59,17 @@ class ServiceLink:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def _remove_stale_rings(self) -> None:
+        """Unlink rings left by earlier runs of this node that were killed (SIGKILL skips
+        cleanup), so shared memory does not leak across restarts."""
+        for path in Path("/dev/shm").glob(f"kmsim-{self.node}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     async def start(self) -> None:
+        self._remove_stale_rings()
         self._ring = SharedRing.create(self.ring_name, RING_CAPACITY)
         self._drain_task = asyncio.create_task(self._drain(self._ring), name="service-drain")
         await self._spawn()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from attest.identity import EnclaveRole
 from attest.quote import QuoteVerifier
 from kmnode.config import ClusterConfig
-from kmnode.enclave_code import current_identity, current_measurements
+from kmnode.enclave_code import build_identity, current_measurements
 from kmnode.km.enclave import KMEnclave
 from kmnode.simhw import HardwareStore
 
@@ -20,7 +20,7 @@ def load_km_enclave(config: ClusterConfig, name: str) -> KMEnclave:
     platform = store.platform(node.platform.id, node.platform.tcb)
     enclave = KMEnclave(
         name,
-        platform.enclave(current_identity(EnclaveRole.KM)),
+        platform.enclave(build_identity(EnclaveRole.KM)),
         QuoteVerifier(store.vendor_public_key()),
     )
     # Until the replicated policy arrives (genesis or the join's log), judge peers by the

@@ -6,40 +6,26 @@ host as JSON lines on stdin (the host relays them; it only ever sees challenges,
 ciphertext); every workload output is written to the shared-memory ring, which the host drains
 and publishes. Replies on stdout are for the request/response flow only.
 
-``KMSIM_SERVICE_PATCH`` (environment) models a modified service build: its text is measured
-together with the code, so the enclave gets a different measurement. Tests and chaos runs use
-it to show that such an enclave receives nothing.
+``KMSIM_SERVICE_PATCH`` (environment) models a modified service build (see
+``kmnode.enclave_code.build_identity``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from attest.identity import EnclaveIdentity, EnclaveRole, measure_sources
+from attest.identity import EnclaveRole
 from kmnode.config import load_config
-from kmnode.enclave_code import ENCLAVE_MODULES, current_identity, enclave_sources
+from kmnode.enclave_code import build_identity
 from kmnode.ring import OnFull, Ring, Writer
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.simhw import HardwareStore
 
 RECORD_PROOF = 1
-
-
-def service_identity() -> EnclaveIdentity:
-    identity = current_identity(EnclaveRole.SERVICE)
-    patch = os.environ.get("KMSIM_SERVICE_PATCH")
-    if not patch:
-        return identity
-    sources = enclave_sources(ENCLAVE_MODULES[EnclaveRole.SERVICE])
-    sources["kmsim-patch"] = patch.encode()
-    return EnclaveIdentity(
-        measure_sources(sources), identity.signer, identity.product_id, identity.svn
-    )
 
 
 def handle(enclave: ServiceEnclave, writer: Writer, request: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +77,7 @@ def main() -> None:
     platform = HardwareStore(config.state_dir / "hardware").platform(
         node.platform.id, node.platform.tcb
     )
-    enclave = ServiceEnclave(platform.enclave(service_identity()))
+    enclave = ServiceEnclave(platform.enclave(build_identity(EnclaveRole.SERVICE)))
     ring = Ring.attach(args.ring)
     writer = Writer(ring, on_full=OnFull.WAIT, timeout=1.0, lock_timeout=1.0)
     try:

@@ -1,0 +1,209 @@
+"""A real cluster for tests: node processes on 127.0.0.1, an embedded broker, an MQTT capture.
+
+Every port is free when chosen; every wait is bounded; ``close`` kills whatever is left (node
+processes, their service enclaves, the broker) so a failing test leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import yaml
+
+from kmnode.config import ClusterConfig, load_config
+from kmnode.host.broker import start_embedded_broker, stop_broker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class MqttCapture:
+    """Records every message on the cluster's topics, from a thread with its own event loop."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._port, self._topic = port, topic
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._subscribed.wait(15):
+            raise AssertionError("MQTT capture could not subscribe")
+
+    async def _run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self._port, identifier="kmsim-test-capture") as c:
+            await c.subscribe(self._topic, qos=1)
+            self._subscribed.set()
+            messages = c.messages
+            while not self._stop.is_set():
+                try:
+                    message = await asyncio.wait_for(anext(messages), 0.2)
+                except TimeoutError:
+                    continue
+                payload = message.payload
+                data = payload if isinstance(payload, bytes) else str(payload).encode()
+                self.messages.append((str(message.topic), data))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def json_on(self, suffix: str) -> list[dict[str, Any]]:
+        return [json.loads(p) for t, p in list(self.messages) if t.endswith(suffix)]
+
+
+class LocalCluster:
+    def __init__(self, root: Path, nodes: int = 3) -> None:
+        self.root = root
+        data = ClusterConfig.default(nodes).model_dump(mode="json")
+        for node in data["nodes"]:
+            node["peer_port"], node["api_port"] = free_port(), free_port()
+        data["state_dir"] = str(root / "state")
+        data["mqtt"]["embedded_port"] = free_port()
+        data["raft"]["tick_ms"] = 25
+        self.config_path = root / "cluster.yaml"
+        self.config_path.write_text(yaml.safe_dump(data))
+        self.config = load_config(self.config_path)
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.capture: MqttCapture | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.config.nodes]
+
+    def start_broker_and_capture(self) -> MqttCapture:
+        port = self.config.mqtt.embedded_port
+        self.broker = start_embedded_broker(port, self.logs / "broker.log")
+        self.capture = MqttCapture(port, f"{self.config.mqtt.topic_prefix}/#")
+        self.capture.start()
+        return self.capture
+
+    def start(self, name: str, env: dict[str, str] | None = None) -> None:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "kmnode.host.run", "-c", str(self.config_path), name],
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def up(self, timeout: float = 60.0) -> None:
+        """Start every node (the first alone, then each joiner in turn) until all are ready."""
+        for name in self.names:
+            self.start(name)
+            self.wait_ready(name, timeout)
+
+    def api(self, name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        node = self.config.node(name)
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://{node.host}:{node.api_port}{path}", data=data, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        try:
+            code, body = self.api(name, "GET", "/v1/status")
+        except (OSError, ValueError):
+            return None
+        return body if code == 200 else None
+
+    def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}: {self.log_tail(name)}")
+            status = self.status(name)
+            return bool(status and status["ready"])
+
+        until(ready, timeout, f"{name} to be ready")
+
+    def leader(self, among: list[str] | None = None, timeout: float = 20.0) -> str:
+        found: list[str] = []
+
+        def has_leader() -> bool:
+            for name in among or self.names:
+                status = self.status(name)
+                if status and status.get("role") == "leader" and status["ready"]:
+                    found.append(name)
+                    return True
+            return False
+
+        until(has_leader, timeout, "a leader")
+        return found[-1]
+
+    def leader_call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Call the leader, following one 421 redirect (as kmctl does)."""
+        name = self.leader()
+        code, reply = self.api(name, method, path, body)
+        if code == 421 and reply.get("leader"):
+            code, reply = self.api(reply["leader"], method, path, body)
+        return code, reply
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait(15)
+
+    def stop(self, name: str) -> None:
+        self.kill(name, signal.SIGTERM)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.logs / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self.capture is not None:
+            self.capture.stop()
+        if self.broker is not None:
+            stop_broker(self.broker)
