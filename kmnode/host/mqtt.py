@@ -289,14 +289,16 @@ class EventPublisher:
         await self.stop()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = self._initial_backoff
         outage_logged = False
         while True:
+            connected_at: float | None = None
             try:
                 async with self._client() as client:
                     self._on_connected()
+                    connected_at = loop.time()
                     outage_logged = False
-                    backoff = self._initial_backoff
                     await self._serve(client)
             except Exception as exc:
                 # MqttError is the broker's trouble; anything else is a bug here, but events
@@ -319,6 +321,10 @@ class EventPublisher:
             finally:
                 self._connected = False
                 self._requeue_inflight()
+            # Only a connection that lasted earns a fast retry: a broker that accepts and then
+            # drops every connection must not be hammered at the initial backoff.
+            if connected_at is not None and loop.time() - connected_at >= self._max_backoff:
+                backoff = self._initial_backoff
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
