@@ -101,6 +101,14 @@ class RaftSpec(_Strict):
     fsync: bool = True
 
 
+class LedgerSpec(_Strict):
+    """How often the leader's enclave signs the ledger's hash chain (for offline verification)."""
+
+    sign_every_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 100
+    #: Also sign after this many seconds if any entry is still unsigned.
+    sign_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
 class MqttSpec(_Strict):
     #: ``mqtt://host:port`` of an external broker; unset means the embedded amqtt broker.
     url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:\d{1,5})?/?$")] | None = None
@@ -127,6 +135,7 @@ class ClusterConfig(_Strict):
     nodes: Annotated[list[NodeSpec], Field(min_length=1, max_length=64)] = _default_nodes(3)
     policy: PolicySpec = PolicySpec()
     raft: RaftSpec = RaftSpec()
+    ledger: LedgerSpec = LedgerSpec()
     mqtt: MqttSpec = MqttSpec()
 
     def node(self, name: str) -> NodeSpec:

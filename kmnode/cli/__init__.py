@@ -7,8 +7,12 @@ from pathlib import Path
 import click
 
 from kmnode.cli.attest_cmds import attest
+from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
+from kmnode.cli.events_cmds import events
+from kmnode.cli.ledger_cmds import ledger
+from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -34,7 +38,9 @@ def cli(ctx: click.Context, config_path: Path | None) -> None:
     ctx.obj = CliContext(config_path)
 
 
-cli.add_command(attest)
+for command in (up, down, status, node, keys, releases, prove, policy, members, attest, ledger):
+    cli.add_command(command)
+cli.add_command(events)
 cli.add_command(config)
 
 

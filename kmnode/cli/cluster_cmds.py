@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,6 @@ from kmnode import supervisor
 from kmnode.cli.client import NodeClient, NodeUnreachable
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import (
-    EXIT_FAILURE,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -26,6 +23,10 @@ from kmnode.cli.output import (
 from kmnode.config import DEFAULT_CONFIG_NAME, ClusterConfig
 
 _STATUS_TIMEOUT = 2.0
+# Literals, not supervisor's constants: kmnode.supervisor imports kmnode.cli (the client), so
+# nothing of it may be read while this module is being imported.
+_READY_TIMEOUT = 30.0
+_STOP_GRACE = 5.0
 #: Phases worth a line of their own; the others only update the spinner.
 _MILESTONES = ("started", "joined", "running", "already running")
 
@@ -57,7 +58,7 @@ def _selected(ctx: CliContext, count: int | None) -> ClusterConfig:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=1.0),
-    default=supervisor.DEFAULT_READY_TIMEOUT,
+    default=_READY_TIMEOUT,
     show_default=True,
     help="Seconds each node may take to become ready.",
 )
@@ -92,7 +93,7 @@ def up(ctx: CliContext, count: int | None, timeout: float) -> None:
 @click.option(
     "--grace",
     type=click.FloatRange(min=0.0),
-    default=supervisor.DEFAULT_STOP_GRACE,
+    default=_STOP_GRACE,
     show_default=True,
     help="Seconds to wait after SIGTERM before SIGKILL.",
 )
@@ -213,10 +214,7 @@ def run(ctx: CliContext, name: str) -> None:
         cfg.node(name)
     except KeyError as exc:
         raise CliError(str(exc.args[0]), EXIT_USAGE) from None
-    try:
-        # Imported here: the node pulls in the enclaves and Raft, which no other command needs.
-        module = importlib.import_module("kmnode.host.node")
-    except ImportError as exc:
-        raise CliError(f"the node process is not available: {exc}", EXIT_FAILURE) from None
-    run_node: Callable[[ClusterConfig, str], int] = module.run_node
+    # Imported here: the node pulls in the enclaves and Raft, which no other command needs.
+    from kmnode.host.run import run_node
+
     raise click.exceptions.Exit(run_node(cfg, name))

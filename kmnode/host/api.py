@@ -108,6 +108,14 @@ class OperatorApi:
             raise ApiError(400, "bad_request", "body must be a JSON object")
         return body
 
+    async def _read_barrier(self, request: web.Request) -> None:
+        """With ``?linearizable=1``, confirm with the leader that this node is up to date."""
+        if request.query.get("linearizable") not in (None, "", "0", "false"):
+            self._require_ready()
+            driver = self.node.driver
+            assert driver is not None
+            await driver.read_index()
+
     def _require_ready(self) -> None:
         if not self.node.ready:
             raise ApiError(503, "not_ready", "node is not ready (no leader yet, or not joined)")
@@ -171,10 +179,12 @@ class OperatorApi:
         )
 
     async def list_keys(self, request: web.Request) -> web.Response:
+        await self._read_barrier(request)
         keys = [dataclasses.asdict(k) for k in self.node.enclave.state.keys.values()]
         return _json({"keys": sorted(keys, key=lambda k: k["name"])})
 
     async def show_key(self, request: web.Request) -> web.Response:
+        await self._read_barrier(request)
         name = request.match_info["name"]
         record = self.node.enclave.state.keys.get(name)
         if record is None:
@@ -186,6 +196,7 @@ class OperatorApi:
         return _json({**dataclasses.asdict(record), "fingerprints": fingerprints})
 
     async def list_releases(self, request: web.Request) -> web.Response:
+        await self._read_barrier(request)
         key = request.query.get("key")
         releases = [
             dataclasses.asdict(r)
@@ -195,9 +206,11 @@ class OperatorApi:
         return _json({"releases": releases})
 
     async def get_policy(self, request: web.Request) -> web.Response:
+        await self._read_barrier(request)
         return _json(self.node.enclave.state.policy.to_dict())
 
     async def list_members(self, request: web.Request) -> web.Response:
+        await self._read_barrier(request)
         members = [dataclasses.asdict(m) for m in self.node.enclave.state.members.values()]
         voters = list(self.node.driver.status.conf.voters) if self.node.driver else []
         return _json({"members": members, "voters": voters})

@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 SEALED_STATE = "enclave.sealed"
 JOIN_TIMEOUT = 15.0
-LEDGER_SIGN_EVERY = 1000
 
 
 class NodeStartError(Exception):
@@ -120,7 +119,6 @@ class KMNode:
         self.exit_code = 0
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._last_signed = 0
 
     # --- views used by the transport and the API ---------------------------------------------
 
@@ -404,13 +402,22 @@ class KMNode:
         return {"status": "admitted"}
 
     async def _sign_ledger_periodically(self) -> None:
-        """The leader's enclave signs the ledger's hash chain every LEDGER_SIGN_EVERY entries."""
+        """The leader's enclave signs the hash chain every ``sign_every_entries`` commands, or
+        after ``sign_interval_s`` if anything is unsigned, so `kmctl ledger verify` can vouch
+        for a copied ledger offline."""
+        spec = self.config.ledger
+        last_attempt = time.monotonic()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(spec.sign_interval_s, 0.2))
             driver = self._driver()
             state = self.enclave.state
-            if not driver.is_leader or state.applied_index - self._last_signed < LEDGER_SIGN_EVERY:
+            unsigned = state.applied_index - state.last_signature_entry
+            due = unsigned >= spec.sign_every_entries or (
+                unsigned > 0 and time.monotonic() - last_attempt >= spec.sign_interval_s
+            )
+            if not driver.is_leader or not state.cluster or not due:
                 continue
+            last_attempt = time.monotonic()
             index, chain = state.applied_index, state.chain_hash
             public_key, quote = self.enclave.signing_quote(time.time())
             command = encode_command(
@@ -423,7 +430,6 @@ class KMNode:
             )
             with contextlib.suppress(RaftError):
                 await driver.propose(command)
-                self._last_signed = index
 
     # --- releases ---------------------------------------------------------------------------
 

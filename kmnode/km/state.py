@@ -85,8 +85,9 @@ class KMState:
     releases: dict[str, Release] = field(default_factory=dict)
     applied_index: int = 0
     chain_hash: bytes = GENESIS_HASH
-    #: (index, chain hash hex, signer public key hex) of the newest ledger signature.
-    last_signature: tuple[int, str, str] | None = None
+    #: Index the newest ledger signature covers, and the index of that ``ledger.sign`` entry.
+    last_signed_index: int = 0
+    last_signature_entry: int = 0
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -249,7 +250,12 @@ class KMState:
         signer = _str(cmd, "public_key")
         if not (_HEX32.match(chain) and _HEX32.match(signer)):
             raise CommandRefused("chain_hash and public_key must be 64 hex digits")
-        self.last_signature = (signed_index, chain, signer)
+        _str(cmd, "quote", 8192)
+        _str(cmd, "signature")
+        if signed_index <= self.last_signed_index:
+            raise CommandRefused(f"index {signed_index} is already covered by a signature")
+        self.last_signed_index = signed_index
+        self.last_signature_entry = index
         return {"signed_index": signed_index}
 
     # --- queries ----------------------------------------------------------------------------
@@ -288,14 +294,14 @@ class KMState:
             "releases": [asdict(r) for r in self.releases.values()],
             "applied_index": self.applied_index,
             "chain_hash": self.chain_hash.hex(),
-            "last_signature": list(self.last_signature) if self.last_signature else None,
+            "last_signed_index": self.last_signed_index,
+            "last_signature_entry": self.last_signature_entry,
         }
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def restore(cls, blob: bytes) -> KMState:
         data = json.loads(blob)
-        signature = data["last_signature"]
         return cls(
             cluster=data["cluster"],
             policy=Policy.from_dict(data["policy"]),
@@ -304,7 +310,8 @@ class KMState:
             releases={r["id"]: Release(**r) for r in data["releases"]},
             applied_index=data["applied_index"],
             chain_hash=bytes.fromhex(data["chain_hash"]),
-            last_signature=(signature[0], signature[1], signature[2]) if signature else None,
+            last_signed_index=data["last_signed_index"],
+            last_signature_entry=data["last_signature_entry"],
         )
 
 
@@ -327,10 +334,10 @@ _HANDLERS = {
 # --- field validation (every refusal says which field and why) -------------------------------
 
 
-def _str(cmd: dict[str, Any], key: str) -> str:
+def _str(cmd: dict[str, Any], key: str, max_len: int = 256) -> str:
     value = cmd.get(key)
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise CommandRefused(f"{key!r} must be a non-empty string")
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise CommandRefused(f"{key!r} must be a non-empty string of at most {max_len} chars")
     return value
 
 
