@@ -201,7 +201,7 @@ def spawn(
             start_new_session=True,
             env=env,
         )
-    record = ProcessRecord.of(proc.pid)
+    record = _settled_record(proc, argv)
     if record is None:
         # Exited already: Popen returns only after exec, so this is the program failing.
         proc.wait()
@@ -211,6 +211,19 @@ def spawn(
         )
     write_pid_file(pid_file, record)
     return proc, record
+
+
+def _settled_record(proc: subprocess.Popen[bytes], argv: Sequence[str]) -> ProcessRecord | None:
+    """The child's record once exec has finished: Popen returns while the kernel may still
+    show an empty /proc/PID/cmdline, and a record taken then would never match again."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        record = ProcessRecord.of(proc.pid)
+        if record is None or record.argv:
+            return record
+        if time.monotonic() >= deadline:
+            return ProcessRecord(record.pid, record.start_ticks, tuple(argv))
+        time.sleep(0.005)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, offset: int = 0) -> str:
@@ -416,7 +429,7 @@ def _start_broker(cfg: ClusterConfig) -> subprocess.Popen[bytes]:
         proc = start_embedded_broker(cfg.mqtt.embedded_port, log_path(cfg, BROKER))
     except BrokerStartError as exc:
         raise SupervisorError(str(exc)) from None
-    record = ProcessRecord.of(proc.pid)
+    record = _settled_record(proc, [])
     if record is None:
         stop_broker(proc)
         raise SupervisorError(f"embedded MQTT broker (pid {proc.pid}) exited right after start")

@@ -610,9 +610,9 @@ def test_node_run_calls_run_node_with_the_config(
         calls.append((cfg, name))
         return 7
 
-    fake_module = types.ModuleType("kmnode.host.node")
+    fake_module = types.ModuleType("kmnode.host.run")
     fake_module.run_node = run_node  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kmnode.host.node", fake_module)
+    monkeypatch.setitem(sys.modules, "kmnode.host.run", fake_module)
     assert kmctl(cluster, "node", "run", "km2").code == 7
     assert [(c.cluster, n) for c, n in calls] == [("demo", "km2")]
     assert kmctl(cluster, "node", "run", "km9").code == 2

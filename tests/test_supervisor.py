@@ -1,0 +1,385 @@
+"""kmctl up/down process management with real child processes and stand-in nodes.
+
+The stand-in node is a tiny aiohttp program serving /v1/status on the configured api_port; it
+refuses to start unless the first node is already ready, so the order `up` promises is
+checked by the children themselves. Every test stops what it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kmnode import supervisor
+from kmnode.cli.output import CliError
+from kmnode.config import ClusterConfig, NodeSpec, PlatformSpec, config_to_yaml, load_config
+from kmnode.supervisor import ProcessRecord, SupervisorError
+
+pytestmark = pytest.mark.timeout(120)
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+FAKE_NODE = textwrap.dedent(
+    """
+    import json, sys, urllib.request
+    from pathlib import Path
+    from aiohttp import web
+    from kmnode.config import load_config
+
+    cfg = load_config(Path(sys.argv[1]))
+    name, mode = sys.argv[2], sys.argv[3]
+    node, first = cfg.node(name), cfg.nodes[0]
+    print(f"fake {name} starting in mode {mode}", flush=True)
+    if mode == "die":
+        print("fatal: cannot open the data directory", flush=True)
+        sys.exit(4)
+    if name != first.name:
+        url = f"http://{first.host}:{first.api_port}/v1/status"
+        try:
+            status = json.load(urllib.request.urlopen(url, timeout=2))
+        except OSError as exc:
+            print(f"first node not serving: {exc}", flush=True)
+            sys.exit(5)
+        if not status["ready"]:
+            print("started before the first node was ready", flush=True)
+            sys.exit(5)
+    ready = mode != "never"
+    for i in range(15):
+        print(f"fake log line {i}", flush=True)
+
+    async def status(request):
+        return web.json_response({
+            "node": name, "ready": ready, "leader": first.name if ready else None,
+            "role": "leader" if name == first.name else "follower", "term": 1,
+            "commit": 1, "applied": 1, "peers": {}, "service": {"running": True},
+        })
+
+    app = web.Application()
+    app.router.add_get("/v1/status", status)
+    web.run_app(app, host=node.host, port=node.api_port, print=None, access_log=None)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Iterator[ClusterConfig]:
+    nodes = [
+        NodeSpec(
+            name=f"km{i}",
+            peer_port=free_port(),
+            api_port=free_port(),
+            platform=PlatformSpec(id=f"platform-{i}"),
+        )
+        for i in (1, 2, 3)
+    ]
+    config = ClusterConfig(
+        state_dir=tmp_path / "state", nodes=nodes, mqtt={"url": "mqtt://127.0.0.1:1"}
+    )
+    yield config
+    supervisor.down(config, grace=1.0)  # whatever a failed test left running
+
+
+@pytest.fixture
+def fake_node(tmp_path: Path) -> Path:
+    path = tmp_path / "fake_node.py"
+    path.write_text(FAKE_NODE)
+    return path
+
+
+def stand_in(script: Path, **modes: str) -> supervisor.NodeCommand:
+    def command(config_file: Path, name: str) -> list[str]:
+        return [sys.executable, str(script), str(config_file), name, modes.get(name, "ok")]
+
+    return command
+
+
+def spawn_sleeper(cfg: ClusterConfig, name: str, argv: list[str] = SLEEPER) -> ProcessRecord:
+    _, record = supervisor.spawn(
+        name, argv, supervisor.log_path(cfg, name), supervisor.pid_path(cfg, name)
+    )
+    return record
+
+
+# --- pid files and down ---------------------------------------------------------------------
+
+
+def test_pid_file_round_trip_and_identity_of_this_process(tmp_path: Path) -> None:
+    me = ProcessRecord.of(os.getpid())
+    assert me is not None and me.argv == tuple(
+        Path("/proc/self/cmdline").read_text().split("\0")[:-1]
+    )
+    path = tmp_path / "run" / "x.pid"
+    supervisor.write_pid_file(path, me)
+    assert path.read_text().splitlines()[0] == str(os.getpid())
+    assert supervisor.read_pid_file(path) == me
+    assert supervisor.is_ours(me)
+    assert not supervisor.is_ours(ProcessRecord(me.pid, me.start_ticks + 1, me.argv))
+    path.write_text("garbage")
+    assert supervisor.read_pid_file(path) is None
+
+
+def test_down_stops_a_recorded_process_and_removes_its_pid_file(cfg: ClusterConfig) -> None:
+    record = spawn_sleeper(cfg, "km1")
+    assert supervisor.running(cfg) == {"km1": record}
+    outcomes = supervisor.down(cfg)
+    assert [(o.name, o.pid, o.result) for o in outcomes] == [("km1", record.pid, "stopped")]
+    assert wait_gone(record.pid)
+    assert not supervisor.pid_path(cfg, "km1").exists()
+    assert supervisor.running(cfg) == {}
+
+
+def test_down_never_signals_a_pid_that_is_not_the_recorded_process(cfg: ClusterConfig) -> None:
+    stranger = subprocess.Popen(SLEEPER)
+    try:
+        real = ProcessRecord.of(stranger.pid)
+        assert real is not None
+        other_argv = ProcessRecord(real.pid, real.start_ticks, ("python", "-m", "kmnode.cli"))
+        recycled = ProcessRecord(real.pid, real.start_ticks - 1, real.argv)
+        supervisor.write_pid_file(supervisor.pid_path(cfg, "km1"), other_argv)
+        supervisor.write_pid_file(supervisor.pid_path(cfg, "km2"), recycled)
+        outcomes = supervisor.down(cfg, grace=0.5)
+        assert [o.result for o in outcomes] == ["not ours", "not ours"]
+        assert alive(stranger.pid)
+        assert not list(supervisor.run_dir(cfg).glob("*.pid"))
+    finally:
+        stranger.kill()
+        stranger.wait(10)
+
+
+def test_down_kills_what_ignores_sigterm(cfg: ClusterConfig) -> None:
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ignoring', flush=True)\n"
+        "time.sleep(60)",
+    ]
+    record = spawn_sleeper(cfg, "km1", stubborn)
+    deadline = time.monotonic() + 10
+    while "ignoring" not in supervisor.log_path(cfg, "km1").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    outcomes = supervisor.down(cfg, grace=0.5)
+    assert [o.result for o in outcomes] == ["killed"]
+    assert wait_gone(record.pid)
+
+
+def test_down_leaves_no_descendant_running(cfg: ClusterConfig) -> None:
+    parent = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)",
+    ]
+    record = spawn_sleeper(cfg, "km1", parent)
+    log = supervisor.log_path(cfg, "km1")
+    deadline = time.monotonic() + 10
+    while not log.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    grandchild = int(log.read_text().split()[0])
+    assert alive(grandchild)
+    supervisor.down(cfg)
+    assert wait_gone(record.pid)
+    assert wait_gone(grandchild)
+
+
+def test_stale_and_broken_pid_files_are_cleaned_up(cfg: ClusterConfig) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = ProcessRecord.of(proc.pid) or ProcessRecord(proc.pid, 1, ("x",))
+    proc.wait(10)
+    supervisor.write_pid_file(supervisor.pid_path(cfg, "km1"), record)
+    supervisor.pid_path(cfg, "km2").write_text("not a pid file")
+    outcomes = supervisor.down(cfg)
+    assert [(o.name, o.result) for o in outcomes] == [("km1", "gone")]
+    assert not list(supervisor.run_dir(cfg).iterdir())
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def test_up_starts_nodes_in_order_is_idempotent_and_down_stops_all(
+    cfg: ClusterConfig, fake_node: Path
+) -> None:
+    seen: list[tuple[str, str]] = []
+    result = supervisor.up(
+        cfg, timeout=20, progress=lambda n, m: seen.append((n, m)), command=stand_in(fake_node)
+    )
+    assert result.started == ["km1", "km2", "km3"]
+    joined = [n for n, m in seen if m.startswith("joined")]
+    assert joined == ["km1", "km2", "km3"]
+    effective = load_config(result.config_file)
+    assert effective.nodes == cfg.nodes and effective.state_dir == cfg.state_dir
+    records = supervisor.running(cfg)
+    assert sorted(records) == ["km1", "km2", "km3"]
+    for name, record in records.items():
+        assert record.argv[-2:] == (name, "ok")
+
+    again = supervisor.up(cfg, timeout=20, command=stand_in(fake_node))
+    assert again.already_up
+    assert supervisor.running(cfg) == records
+
+    outcomes = supervisor.down(cfg)
+    assert sorted((o.name, o.result) for o in outcomes) == [
+        ("km1", "stopped"),
+        ("km2", "stopped"),
+        ("km3", "stopped"),
+    ]
+    assert all(wait_gone(r.pid) for r in records.values())
+    assert supervisor.running(cfg) == {}
+
+
+def test_up_restarts_only_the_missing_node(cfg: ClusterConfig, fake_node: Path) -> None:
+    supervisor.up(cfg, timeout=20, command=stand_in(fake_node))
+    before = supervisor.running(cfg)
+    os.kill(before["km2"].pid, signal.SIGKILL)
+    assert wait_gone(before["km2"].pid)
+    result = supervisor.up(cfg, timeout=20, command=stand_in(fake_node))
+    assert result.started == ["km2"]
+    after = supervisor.running(cfg)
+    assert after["km1"] == before["km1"] and after["km3"] == before["km3"]
+
+
+def test_up_timeout_names_the_node_shows_its_log_and_stops_everything(
+    cfg: ClusterConfig, fake_node: Path
+) -> None:
+    with pytest.raises(SupervisorError) as info:
+        supervisor.up(cfg, timeout=3, command=stand_in(fake_node, km2="never"))
+    message = info.value.message
+    assert message.startswith("km2 was not ready after 3s (last seen: running, waiting for")
+    assert "fake log line 14" in message and "fake log line 4\n" not in message
+    assert len([line for line in message.splitlines() if line.startswith("  | ")]) == 10
+    assert info.value.exit_code == 3
+    assert supervisor.running(cfg) == {}
+    assert not list(supervisor.run_dir(cfg).glob("*.pid"))
+
+
+def test_up_reports_a_node_that_exits(cfg: ClusterConfig, fake_node: Path) -> None:
+    with pytest.raises(SupervisorError) as info:
+        supervisor.up(cfg, timeout=20, command=stand_in(fake_node, km1="die"))
+    assert "km1 exited" in info.value.message and "with code 4" in info.value.message
+    assert "fatal: cannot open the data directory" in info.value.message
+    assert supervisor.running(cfg) == {}
+
+
+def test_up_refuses_a_port_in_use_before_starting_anything(
+    cfg: ClusterConfig, fake_node: Path
+) -> None:
+    node = cfg.nodes[1]
+    with socket.socket() as blocker:
+        blocker.bind((node.host, node.api_port))
+        blocker.listen()
+        with pytest.raises(SupervisorError) as info:
+            supervisor.up(cfg, timeout=20, command=stand_in(fake_node))
+    assert f"cannot start km2: 127.0.0.1:{node.api_port} (api_port) is unavailable" in str(
+        info.value.message
+    )
+    assert not supervisor.run_dir(cfg).exists() or not list(supervisor.run_dir(cfg).iterdir())
+
+
+def test_up_with_embedded_broker_and_down_stops_it(cfg: ClusterConfig, fake_node: Path) -> None:
+    local = cfg.model_copy(
+        update={
+            "nodes": cfg.nodes[:1],
+            "mqtt": cfg.mqtt.model_copy(update={"url": None, "embedded_port": free_port()}),
+        }
+    )
+    result = supervisor.up(local, timeout=20, command=stand_in(fake_node))
+    assert result.started == ["broker", "km1"]
+    broker = supervisor.running(local)["broker"]
+    assert broker.argv[1:3] == ("-m", "kmnode.host.broker")
+    outcomes = supervisor.down(local)
+    assert [o.name for o in outcomes] == ["km1", "broker"]
+    assert wait_gone(broker.pid)
+    assert supervisor.running(local) == {}
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def test_kmctl_up_status_down(
+    cfg: ClusterConfig, fake_node: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli_ops import kmctl_group
+
+    monkeypatch.setattr(supervisor, "node_command", stand_in(fake_node))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(config_to_yaml(cfg))
+    runner = CliRunner()
+    first = runner.invoke(kmctl_group, ["-c", str(path), "up", "-n", "2", "--timeout", "20"])
+    assert first.exit_code == 0, first.stderr
+    assert "km2: joined" in first.stderr
+    assert "ready" in first.stdout
+    again = runner.invoke(kmctl_group, ["-c", str(path), "up", "-n", "2"])
+    assert again.exit_code == 0 and "already up" in again.stderr
+    status = runner.invoke(kmctl_group, ["-c", str(path), "status", "--json"])
+    assert status.exit_code == 0
+    assert '"km3"' not in status.stdout  # the effective config has two nodes
+    stopped = runner.invoke(kmctl_group, ["-c", str(path), "down"])
+    assert stopped.exit_code == 0
+    assert "km1 (pid " in stopped.stdout and "stopped" in stopped.stdout
+    after = runner.invoke(kmctl_group, ["-c", str(path), "status"])
+    assert after.exit_code == 1
+    nothing = runner.invoke(kmctl_group, ["-c", str(path), "down"])
+    assert "nothing to stop" in nothing.stdout
+
+
+def test_kmctl_up_failure_is_one_error_with_exit_3(
+    cfg: ClusterConfig, fake_node: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli_ops import kmctl_group
+
+    monkeypatch.setattr(supervisor, "node_command", stand_in(fake_node, km1="die"))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(config_to_yaml(cfg))
+    result = CliRunner().invoke(kmctl_group, ["-c", str(path), "up"])
+    assert result.exit_code == 3
+    assert isinstance(result.exception, SystemExit)
+    assert "kmctl: error: km1 exited" in result.stderr
+    assert not isinstance(result.exception, CliError)
+
+
+@pytest.mark.parametrize("module", ["kmnode.supervisor", "kmnode.cli.client", "kmnode.cli"])
+def test_modules_import_in_any_order(module: str) -> None:
+    root = Path(supervisor.__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], cwd=root, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
