@@ -145,17 +145,7 @@ def show_status(cfg: ClusterConfig, as_json: bool) -> int:
     else:
         print_table(
             f"cluster {cfg.cluster!r}",
-            [
-                "node",
-                "state",
-                "pid",
-                "role",
-                "leader",
-                "term",
-                "commit/applied",
-                "peers",
-                "service",
-            ],
+            ["node", "state", "pid", "role", "leader", "term", "index", "peers", "svc"],
             [_status_row(row) for row in rows],
         )
     return EXIT_OK if all(row["state"] == "ready" for row in rows) else EXIT_REFUSED
@@ -177,8 +167,8 @@ def _status_row(row: dict[str, Any]) -> list[Any]:
         status.get("leader") or "-",
         status.get("term", "?"),
         f"{status.get('commit', '?')}/{status.get('applied', '?')}",
-        f"{attested}/{len(peers)} attested",
-        "running" if isinstance(service, dict) and service.get("running") else "stopped",
+        f"{attested}/{len(peers)}",
+        "up" if isinstance(service, dict) and service.get("running") else "down",
     ]
 
 
@@ -188,8 +178,9 @@ def _status_row(row: dict[str, Any]) -> list[Any]:
 def status(ctx: CliContext, as_json: bool) -> None:
     """Every node's view: ready or not, role, leader, term, commit/applied index, peers.
 
-    Asks each node's /v1/status (unreachable nodes are shown as down). Exits 0 if every node
-    is ready, 1 if some are down or not ready.
+    Asks each node's /v1/status (unreachable nodes are shown as down). "index" is the commit
+    and applied Raft index, "peers" how many peers the node has attested, "svc" whether its
+    service enclave runs. Exits 0 if every node is ready, 1 if some are down or not ready.
     """
     cfg = supervisor.effective_config(ctx.config())
     raise click.exceptions.Exit(show_status(cfg, as_json))

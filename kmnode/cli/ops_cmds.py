@@ -233,7 +233,7 @@ def _releases_table(title: str, releases: list[dict[str, Any]]) -> None:
         ["release", "node", "key", "generation", "status", "reason"],
         [
             (
-                r.get("release"),
+                r.get("release") or r.get("id"),
                 r.get("node"),
                 r.get("key"),
                 r.get("generation"),
@@ -434,7 +434,7 @@ def attest_show(ctx: CliContext, node: str, as_json: bool) -> None:
 def _refused(verification: Any) -> bool:
     if not isinstance(verification, dict):
         return False
-    if verification.get("verdict") == "refused":
+    if verification.get("verdict") == "refused" or verification.get("accepted") is False:
         return True
     checks = verification.get("checks")
     return isinstance(checks, list) and any(
@@ -447,13 +447,16 @@ def _check_rows(verification: Any) -> list[tuple[Any, str, Any]]:
     if not isinstance(verification, dict):
         return []
     checks = verification.get("checks")
+    error = verification.get("error")
+    failed = [("refused", "FAILED", error)] if error else []
     if isinstance(checks, list):
         return [
             (c.get("check"), "ok" if c.get("ok", True) else "FAILED", c.get("detail", ""))
             for c in checks
             if isinstance(c, dict)
-        ]
-    return [(name, "ok", detail) for name, detail in verification.items() if name != "verdict"]
+        ] + failed
+    skip = {"verdict", "accepted", "error"}
+    return [(name, "ok", detail) for name, detail in verification.items() if name not in skip]
 
 
 attest.add_command(attest_show)
@@ -514,9 +517,16 @@ def prove(
             f"proofs of {key} generation {generation}: "
             + ("all nodes agree" if agree else "NOT all nodes agree"),
             ["node", "mac", "error"],
-            [(r["node"], r["mac"] or "-", r["error"] or "") for r in results],
+            [(r["node"], _short(r["mac"]), r["error"] or "") for r in results],
         )
     if failure is not None:
         raise click.exceptions.Exit(failure.exit_code)
     if not agree:
         raise click.exceptions.Exit(EXIT_REFUSED)
+
+
+def _short(mac: str | None) -> str:
+    """Enough of a MAC to compare by eye; --json has it whole."""
+    if mac is None:
+        return "-"
+    return mac if len(mac) <= 40 else mac[:32] + "…"
