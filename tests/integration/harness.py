@@ -25,7 +25,7 @@ import aiomqtt
 import yaml
 
 from kmnode.config import ClusterConfig, load_config
-from kmnode.host.broker import start_embedded_broker, stop_broker
+from kmnode.host.broker import broker_address, start_embedded_broker, stop_broker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,13 +85,14 @@ class MqttCapture:
 
 
 class LocalCluster:
-    def __init__(self, root: Path, nodes: int = 3) -> None:
+    def __init__(self, root: Path, nodes: int = 3, mqtt_url: str | None = None) -> None:
         self.root = root
         data = ClusterConfig.default(nodes).model_dump(mode="json")
         for node in data["nodes"]:
             node["peer_port"], node["api_port"] = free_port(), free_port()
         data["state_dir"] = str(root / "state")
         data["mqtt"]["embedded_port"] = free_port()
+        data["mqtt"]["url"] = mqtt_url
         data["raft"]["tick_ms"] = 25
         self.config_path = root / "cluster.yaml"
         self.config_path.write_text(yaml.safe_dump(data))
@@ -107,9 +108,11 @@ class LocalCluster:
         return [n.name for n in self.config.nodes]
 
     def start_broker_and_capture(self) -> MqttCapture:
-        port = self.config.mqtt.embedded_port
-        self.broker = start_embedded_broker(port, self.logs / "broker.log")
-        self.capture = MqttCapture(port, f"{self.config.mqtt.topic_prefix}/#")
+        """The embedded broker (unless cluster.yaml names an external one), and a capture."""
+        address = broker_address(self.config.mqtt)
+        if self.config.mqtt.url is None:
+            self.broker = start_embedded_broker(address.port, self.logs / "broker.log")
+        self.capture = MqttCapture(address.port, f"{self.config.mqtt.topic_prefix}/#")
         self.capture.start()
         return self.capture
 

@@ -8,13 +8,16 @@ enclaves, kill the leader mid-stream, restart a node, and finally scan for leake
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from kmnode.cli import cli
 from kmnode.km.enclave import derive_key
 from kmnode.km.loader import load_km_enclave
 
@@ -216,6 +219,30 @@ def test_stopped_node_restarts_from_its_data_directory_and_catches_up(
         cluster.api(n, "GET", "/v1/keys/while-down")[1]["fingerprints"]["1"] for n in cluster.names
     }
     assert len(fingerprints) == 1
+
+
+def test_ledger_of_a_stopped_node_verifies_and_damage_is_named(cluster: LocalCluster) -> None:
+    name = cluster.names[2]
+    cluster.stop(name)
+    args = ["-c", str(cluster.config_path), "ledger", "verify", name, "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["signatures"] >= 1 and report["commands"] > 20
+    segment = sorted((cluster.config.state_dir / "nodes" / name / "raft").glob("wal-*.log"))[0]
+    original = segment.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 3] ^= 0x40
+    segment.write_bytes(bytes(damaged))
+    try:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1
+        report = json.loads(result.stdout)
+        assert not report["ok"] and "offset" in report["problem"]
+    finally:
+        segment.write_bytes(original)
+    cluster.start(name)
+    cluster.wait_ready(name)
 
 
 def test_no_plaintext_key_material_on_the_host_side(cluster: LocalCluster) -> None:
