@@ -14,6 +14,7 @@ whatever unrelated process has since been given the same pid.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,25 @@ class UpResult:
         return not self.started
 
 
+@contextlib.contextmanager
+def exclusive(cfg: ClusterConfig) -> Iterator[None]:
+    """Serialise `up` and `down` on one state directory: two at once would start a node
+    twice or stop one that the other is still waiting for."""
+    path = run_dir(cfg) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SupervisorError(
+                f"another kmctl up or down is running on {cfg.state_dir} (lock {path})"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _ignore(_node: str, _message: str) -> None:
     return None
 
@@ -348,7 +368,11 @@ def up(
     processes this call started are stopped again before the error propagates.
     ``command`` replaces :func:`node_command` (tests run stand-in nodes with it).
     """
-    command = command or node_command
+    with exclusive(cfg):
+        return _up(cfg, timeout, progress, command or node_command)
+
+
+def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCommand) -> UpResult:
     alive = running(cfg)
     if all(n.name in alive for n in cfg.nodes) and (cfg.mqtt.url or BROKER in alive):
         return UpResult(effective_config_path(cfg), [])
@@ -388,6 +412,11 @@ def down(cfg: ClusterConfig, *, grace: float = DEFAULT_STOP_GRACE) -> list[StopO
 
     A pid file whose pid now runs something else is removed without signalling anything.
     """
+    with exclusive(cfg):
+        return _down(cfg, grace)
+
+
+def _down(cfg: ClusterConfig, grace: float) -> list[StopOutcome]:
     records: dict[str, ProcessRecord] = {}
     broken: list[Path] = []
     if run_dir(cfg).is_dir():

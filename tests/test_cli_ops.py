@@ -231,8 +231,9 @@ def make_app(name: str, state: FakeState) -> web.Application:
                 "quote": "00" * 400,
                 "identity": {"role": "km", "platform_id": f"platform-{name[2:]}"},
                 "verification": {
-                    "verdict": "accepted",
-                    "checks": [{"check": "signature", "ok": True, "detail": "signed"}],
+                    "accepted": True,
+                    "error": None,
+                    "checks": [{"check": "signature", "detail": "signed"}],
                 },
             }
         )
@@ -560,11 +561,18 @@ def test_attest_show_asks_the_named_node(cluster: FakeCluster) -> None:
     assert res.code == 0
     assert "quote of km2 (400 bytes): accepted\n" in res.out
     assert [r.node for r in cluster.requests("/v1/attest")] == ["km2"]
+    refused = {
+        "accepted": False,
+        "error": "PlatformRevoked: 'platform-3' is revoked",
+        "checks": [{"check": "format", "detail": "parses"}],
+    }
     cluster.state.inject[("km3", "/v1/attest")] = (
         200,
-        {"node": "km3", "quote": "00", "identity": {}, "verification": {"verdict": "refused"}},
+        {"node": "km3", "quote": "00", "identity": {}, "verification": refused},
     )
-    assert kmctl(cluster, "attest", "show", "km3").code == 1
+    res = kmctl(cluster, "attest", "show", "km3")
+    assert res.code == 1
+    assert "PlatformRevoked" in res.out and "quote of km3 (1 bytes): REFUSED" in res.out
 
 
 def test_prove_on_every_node(cluster: FakeCluster) -> None:
@@ -641,3 +649,20 @@ def test_status_uses_the_effective_config_of_the_running_cluster(cluster: FakeCl
     supervisor.write_effective_config(bigger.model_copy(update={"nodes": bigger.nodes[:2]}))
     res = kmctl(cluster, "status", "--json")
     assert [n["node"] for n in res.json()["nodes"]] == ["km1", "km2"]
+
+
+HELP_COMMANDS = [
+    ["up"], ["down"], ["status"], ["node", "run"], ["keys", "create"], ["keys", "list"],
+    ["keys", "show"], ["keys", "rotate"], ["keys", "release"], ["policy", "get"],
+    ["policy", "allow"], ["policy", "disallow"], ["policy", "revoke-platform"],
+    ["members", "list"], ["members", "remove"], ["releases", "list"], ["attest", "show"],
+    ["prove"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
+def test_every_command_explains_itself(command: list[str]) -> None:
+    result = CliRunner().invoke(kmctl_group, [*command, "--help"])
+    assert result.exit_code == 0
+    summary = result.stdout.split("\n\n")[1].strip()
+    assert len(summary) > 20, summary

@@ -229,7 +229,16 @@ def test_stale_and_broken_pid_files_are_cleaned_up(cfg: ClusterConfig) -> None:
     supervisor.pid_path(cfg, "km2").write_text("not a pid file")
     outcomes = supervisor.down(cfg)
     assert [(o.name, o.result) for o in outcomes] == [("km1", "gone")]
-    assert not list(supervisor.run_dir(cfg).iterdir())
+    assert not list(supervisor.run_dir(cfg).glob("*.pid"))
+
+
+def test_up_and_down_refuse_to_run_concurrently(cfg: ClusterConfig, fake_node: Path) -> None:
+    with supervisor.exclusive(cfg):
+        with pytest.raises(SupervisorError, match="another kmctl up or down is running"):
+            supervisor.down(cfg)
+        with pytest.raises(SupervisorError, match="another kmctl up or down is running"):
+            supervisor.up(cfg, command=stand_in(fake_node))
+    assert supervisor.down(cfg) == []
 
 
 # --- up -------------------------------------------------------------------------------------
@@ -311,7 +320,7 @@ def test_up_refuses_a_port_in_use_before_starting_anything(
     assert f"cannot start km2: 127.0.0.1:{node.api_port} (api_port) is unavailable" in str(
         info.value.message
     )
-    assert not supervisor.run_dir(cfg).exists() or not list(supervisor.run_dir(cfg).iterdir())
+    assert not list(supervisor.run_dir(cfg).glob("*.pid"))
 
 
 def test_up_with_embedded_broker_and_down_stops_it(cfg: ClusterConfig, fake_node: Path) -> None:
