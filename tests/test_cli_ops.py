@@ -19,17 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
 import yaml
 from aiohttp import web
 from click.testing import CliRunner
 
 from kmnode import supervisor
+from kmnode.cli import cli
 from kmnode.cli.client import ApiError, ClusterClient, NodeClient, NodeUnreachable
-from kmnode.cli.cluster_cmds import _selected, down, node, status, up
+from kmnode.cli.cluster_cmds import _selected
 from kmnode.cli.context import CliContext
-from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
 from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig, NodeSpec, PlatformSpec
 
@@ -325,17 +324,8 @@ def partial(tmp_path: Path) -> Iterator[FakeCluster]:
     fake.close()
 
 
-@click.group()
-@click.option("-c", "config_path", type=click.Path(path_type=Path))
-@click.pass_context
-def kmctl_group(ctx: click.Context, config_path: Path | None) -> None:
-    """The commands of this change, mounted like kmnode/cli/__init__.py mounts them."""
-    ctx.obj = CliContext(config_path)
-
-
-for _command in (up, down, status, node, keys, policy, members, releases, prove):
-    kmctl_group.add_command(_command)
-kmctl_group.add_command(__import__("kmnode.cli.attest_cmds", fromlist=["attest"]).attest)
+#: The real kmctl, with every command registered as users get it.
+kmctl_group = cli
 
 
 @dataclass

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from kmnode import supervisor
+from kmnode.cli import cli
 from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig, NodeSpec, PlatformSpec, config_to_yaml, load_config
 from kmnode.supervisor import ProcessRecord, SupervisorError
@@ -346,39 +347,35 @@ def test_up_with_embedded_broker_and_down_stops_it(cfg: ClusterConfig, fake_node
 def test_kmctl_up_status_down(
     cfg: ClusterConfig, fake_node: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_cli_ops import kmctl_group
-
     monkeypatch.setattr(supervisor, "node_command", stand_in(fake_node))
     path = tmp_path / "cluster.yaml"
     path.write_text(config_to_yaml(cfg))
     runner = CliRunner()
-    first = runner.invoke(kmctl_group, ["-c", str(path), "up", "-n", "2", "--timeout", "20"])
+    first = runner.invoke(cli, ["-c", str(path), "up", "-n", "2", "--timeout", "20"])
     assert first.exit_code == 0, first.stderr
     assert "km2: joined" in first.stderr
     assert "ready" in first.stdout
-    again = runner.invoke(kmctl_group, ["-c", str(path), "up", "-n", "2"])
+    again = runner.invoke(cli, ["-c", str(path), "up", "-n", "2"])
     assert again.exit_code == 0 and "already up" in again.stderr
-    status = runner.invoke(kmctl_group, ["-c", str(path), "status", "--json"])
+    status = runner.invoke(cli, ["-c", str(path), "status", "--json"])
     assert status.exit_code == 0
     assert '"km3"' not in status.stdout  # the effective config has two nodes
-    stopped = runner.invoke(kmctl_group, ["-c", str(path), "down"])
+    stopped = runner.invoke(cli, ["-c", str(path), "down"])
     assert stopped.exit_code == 0
     assert "km1 (pid " in stopped.stdout and "stopped" in stopped.stdout
-    after = runner.invoke(kmctl_group, ["-c", str(path), "status"])
+    after = runner.invoke(cli, ["-c", str(path), "status"])
     assert after.exit_code == 1
-    nothing = runner.invoke(kmctl_group, ["-c", str(path), "down"])
+    nothing = runner.invoke(cli, ["-c", str(path), "down"])
     assert "nothing to stop" in nothing.stdout
 
 
 def test_kmctl_up_failure_is_one_error_with_exit_3(
     cfg: ClusterConfig, fake_node: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_cli_ops import kmctl_group
-
     monkeypatch.setattr(supervisor, "node_command", stand_in(fake_node, km1="die"))
     path = tmp_path / "cluster.yaml"
     path.write_text(config_to_yaml(cfg))
-    result = CliRunner().invoke(kmctl_group, ["-c", str(path), "up"])
+    result = CliRunner().invoke(cli, ["-c", str(path), "up"])
     assert result.exit_code == 3
     assert isinstance(result.exception, SystemExit)
     assert "kmctl: error: km1 exited" in result.stderr
