@@ -191,6 +191,8 @@ class KMNode:
         else:
             self.joined.set()
             if mode == "genesis":
+                # A one-node cluster has nobody to wait for: lead now, not after a timeout.
+                self.driver.campaign()
                 self._spawn(self._initialise_ledger())
         self._spawn(self._sign_ledger_periodically())
 
@@ -309,13 +311,22 @@ class KMNode:
             await asyncio.sleep(0.05)
 
     async def _join_loop(self) -> None:
-        """Try members in cluster.yaml order until one (the leader) admits this node."""
-        candidates = [n for n in self.config.nodes if n.name != self.name]
-        delay = 0.2
-        for _ in range(600):
-            for node in candidates:
+        """Ask members (the leader they name first) until one admits this node.
+
+        Bounded: about 1,000 rounds of at most 0.5 s. Unreachable members and "busy" or
+        "redirect" answers are retried; a refusal (policy, identity) stops the node.
+        """
+        by_name = {n.name: n for n in self.config.nodes if n.name != self.name}
+        hint = ""
+        delay = 0.05
+        for _ in range(1000):
+            order = ([by_name[hint]] if hint in by_name else []) + [
+                n for n in by_name.values() if n.name != hint
+            ]
+            hint = ""
+            for node in order:
                 try:
-                    leader_hint = await self._join_via(node.name, (node.host, node.peer_port))
+                    answer = await self._join_via(node.name, (node.host, node.peer_port))
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, PeerProtocolError):
                     continue
                 except (PeerRefused, JoinRefused, AttestationError) as exc:
@@ -325,13 +336,15 @@ class KMNode:
                     self.exit_code = 1
                     self.stop_requested.set()
                     return
-                if leader_hint is None:
+                if answer is None:
                     self.joined.set()
                     _write_atomic(self.data_dir / SEALED_STATE, self.enclave.sealed_state())
                     self._publish_event("node.joined", via=node.name)
                     return
+                hint = answer
+                break
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            delay = min(delay * 1.5, 0.5)
 
     async def _join_via(self, peer: str, address: Address) -> str | None:
         """One join attempt; returns None when admitted, else the leader hint to retry with."""
@@ -346,7 +359,7 @@ class KMNode:
                         self.enclave.open_frame(session, await expect(reader, CHANNEL, 1 << 20))
                     )
                     status = reply.get("status")
-                    if status == "redirect":
+                    if status in ("redirect", "busy"):
                         return str(reply.get("leader") or "")
                     if status != "admitted":
                         raise JoinRefused(str(reply.get("reason", reply)))
@@ -398,7 +411,12 @@ class KMNode:
         elif existing.platform_id != platform_id:
             return {"status": "refused", "reason": f"{peer_name} is a member on another platform"}
         if peer_name not in driver.status.conf.voters:
-            await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, peer_name))
+            try:
+                await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, peer_name))
+            except RaftError as exc:
+                # Another membership change is still in flight (joins are single-server
+                # changes, one at a time): the joiner retries shortly.
+                return {"status": "busy", "reason": str(exc)}
         return {"status": "admitted"}
 
     async def _sign_ledger_periodically(self) -> None:
