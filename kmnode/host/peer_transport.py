@@ -253,6 +253,10 @@ class AttestedTransport(Transport):
                 self.on_refused(peer_label, f"{type(exc).__name__}: {exc}")
         except (OSError, asyncio.IncompleteReadError, TimeoutError, PeerRefused):
             pass
+        except asyncio.CancelledError:
+            # Shutdown: end quietly. Re-raising would make asyncio's stream callback log the
+            # cancellation of this connection handler as an error.
+            pass
         finally:
             writer.close()
             self._inbound.discard(task)
