@@ -30,7 +30,7 @@ from kmnode.cli.client import ApiError, ClusterClient, NodeClient, NodeUnreachab
 from kmnode.cli.cluster_cmds import _selected
 from kmnode.cli.context import CliContext
 from kmnode.cli.output import CliError
-from kmnode.config import ClusterConfig, NodeSpec, PlatformSpec
+from kmnode.config import ClusterConfig, MqttSpec, NodeSpec, PlatformSpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,7 +170,7 @@ def make_app(name: str, state: FakeState) -> web.Application:
         body = await request.json()
         key = request.match_info["key"]
         targets = list(state.members) if body["node"] == "all" else [body["node"]]
-        out = []
+        out: list[dict[str, Any]] = []
         for target in targets:
             refused = target == "km3"
             out.append(
@@ -285,7 +285,7 @@ class FakeCluster:
                 )
             )
         self.config = ClusterConfig(
-            state_dir=state_dir, nodes=specs, mqtt={"url": "mqtt://127.0.0.1:1"}
+            state_dir=state_dir, nodes=specs, mqtt=MqttSpec(url="mqtt://127.0.0.1:1")
         )
         self.thread.start()
         for name, sock in sockets.items():

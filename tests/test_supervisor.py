@@ -23,7 +23,14 @@ from click.testing import CliRunner
 from kmnode import supervisor
 from kmnode.cli import cli
 from kmnode.cli.output import CliError
-from kmnode.config import ClusterConfig, NodeSpec, PlatformSpec, config_to_yaml, load_config
+from kmnode.config import (
+    ClusterConfig,
+    MqttSpec,
+    NodeSpec,
+    PlatformSpec,
+    config_to_yaml,
+    load_config,
+)
 from kmnode.supervisor import ProcessRecord, SupervisorError
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,7 +115,7 @@ def cfg(tmp_path: Path) -> Iterator[ClusterConfig]:
         for i in (1, 2, 3)
     ]
     config = ClusterConfig(
-        state_dir=tmp_path / "state", nodes=nodes, mqtt={"url": "mqtt://127.0.0.1:1"}
+        state_dir=tmp_path / "state", nodes=nodes, mqtt=MqttSpec(url="mqtt://127.0.0.1:1")
     )
     yield config
     supervisor.down(config, grace=1.0)  # whatever a failed test left running
