@@ -388,8 +388,9 @@ def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCom
         for node in cfg.nodes:
             offset = _log_size(log_path(cfg, node.name))
             proc: subprocess.Popen[bytes] | None = None
-            if node.name in alive:
-                progress(node.name, f"already running (pid {alive[node.name].pid})")
+            record = alive.get(node.name)
+            if record is not None:
+                progress(node.name, f"already running (pid {record.pid})")
             else:
                 progress(node.name, "starting")
                 proc, started[node.name] = spawn(
@@ -399,7 +400,7 @@ def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCom
                     pid_path(cfg, node.name),
                 )
                 progress(node.name, f"started (pid {proc.pid})")
-            _wait_ready(cfg, node, proc, offset, timeout, progress)
+            _wait_ready(cfg, node, proc or record, offset, timeout, progress)
     except BaseException:
         _rollback(cfg, started, broker)
         raise
@@ -476,7 +477,7 @@ def _log_size(path: Path) -> int:
 def _wait_ready(
     cfg: ClusterConfig,
     node: NodeSpec,
-    proc: subprocess.Popen[bytes] | None,
+    process: subprocess.Popen[bytes] | ProcessRecord | None,
     log_offset: int,
     timeout: float,
     progress: Progress,
@@ -486,9 +487,10 @@ def _wait_ready(
     interval = _POLL_FIRST
     last = ""
     while True:
-        if proc is not None and proc.poll() is not None:
+        code = _exit_code(process)
+        if code is not None:
             raise SupervisorError(
-                f"{node.name} exited with code {proc.returncode} before it was ready; "
+                f"{node.name} exited with {code} before it was ready; "
                 f"end of {log_path(cfg, node.name)}:\n"
                 f"{log_tail(log_path(cfg, node.name), offset=log_offset)}"
             )
@@ -514,6 +516,15 @@ def _wait_ready(
             )
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * 2, _POLL_MAX)
+
+
+def _exit_code(process: subprocess.Popen[bytes] | ProcessRecord | None) -> str | None:
+    """How the process ended ("code 4"), or None while it runs (or is not ours to watch)."""
+    if isinstance(process, ProcessRecord):
+        return None if is_ours(process) else "an unknown code"
+    if process is not None and process.poll() is not None:
+        return f"code {process.returncode}"
+    return None
 
 
 def describe_readiness(status: Any) -> tuple[bool, str]:

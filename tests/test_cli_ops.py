@@ -468,6 +468,27 @@ def test_unreachable_error_types(partial: FakeCluster) -> None:
         ClusterClient(partial.config, "nope")
 
 
+def test_a_port_that_does_not_speak_http_is_one_clear_error() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer_garbage() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        with pytest.raises(CliError) as info:
+            NodeClient("km1", f"http://127.0.0.1:{port}", timeout=5).get("/v1/status")
+        thread.join(5)
+    assert info.value.exit_code == 3
+    assert f"127.0.0.1:{port} (node km1) did not answer in HTTP" in info.value.message
+
+
 # --- commands -------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,6 +314,29 @@ def test_up_reports_a_node_that_exits(cfg: ClusterConfig, fake_node: Path) -> No
         supervisor.up(cfg, timeout=20, command=stand_in(fake_node, km1="die"))
     assert "km1 exited" in info.value.message and "with code 4" in info.value.message
     assert "fatal: cannot open the data directory" in info.value.message
+    assert supervisor.running(cfg) == {}
+
+
+def test_up_notices_an_already_running_node_dying_while_it_waits(
+    cfg: ClusterConfig, fake_node: Path
+) -> None:
+    config_file = supervisor.write_effective_config(cfg)
+    proc, _ = supervisor.spawn(
+        "km1",
+        stand_in(fake_node, km1="never")(config_file, "km1"),
+        supervisor.log_path(cfg, "km1"),
+        supervisor.pid_path(cfg, "km1"),
+    )
+    killer = threading.Timer(1.0, proc.kill)
+    killer.start()
+    try:
+        with pytest.raises(SupervisorError) as info:
+            supervisor.up(cfg, timeout=60, command=stand_in(fake_node))
+    finally:
+        killer.cancel()
+        proc.kill()
+        proc.wait(10)
+    assert info.value.message.startswith("km1 exited with an unknown code before it was ready")
     assert supervisor.running(cfg) == {}
 
 

@@ -10,6 +10,7 @@ that follows the API's status: 409 refused → 1, 400/404 → 2, 421 (twice)/503
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -156,6 +157,12 @@ def _send(
     except OSError as exc:
         raise CliError(
             f"node {node} at {address} dropped the connection during {method} {path}: {exc}",
+            EXIT_FAILURE,
+        ) from None
+    except http.client.HTTPException as exc:
+        raise CliError(
+            f"{address} (node {node}) did not answer in HTTP: {type(exc).__name__} "
+            "(is another program on that port?)",
             EXIT_FAILURE,
         ) from None
 
