@@ -361,8 +361,9 @@ def up(
     progress: Progress = _ignore,
     command: NodeCommand | None = None,
 ) -> UpResult:
-    """Start the broker and every node not already running; the first node must be ready
-    before the next starts, because each join is a single-server membership change.
+    """Start the broker and every node not already running; in a fresh cluster each node
+    must be ready before the next starts, because each join is a single-server membership
+    change. Nodes resuming from their data directories are started without that wait.
 
     ``timeout`` bounds each node's wait for readiness. On any failure (or Ctrl-C) the
     processes this call started are stopped again before the error propagates.
@@ -385,7 +386,8 @@ def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCom
             progress(BROKER, f"starting MQTT broker on 127.0.0.1:{cfg.mqtt.embedded_port}")
             broker = _start_broker(cfg)
             progress(BROKER, f"running (pid {broker.pid})")
-        for node in cfg.nodes:
+        deferred: list[tuple[NodeSpec, _Watched, int]] = []
+        for index, node in enumerate(cfg.nodes):
             offset = _log_size(log_path(cfg, node.name))
             proc: subprocess.Popen[bytes] | None = None
             record = alive.get(node.name)
@@ -400,7 +402,12 @@ def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCom
                     pid_path(cfg, node.name),
                 )
                 progress(node.name, f"started (pid {proc.pid})")
-            _wait_ready(cfg, node, proc or record, offset, timeout, progress)
+            not_started = {n.name for n in cfg.nodes[index + 1 :] if n.name not in alive}
+            watched = proc or record
+            if not _wait_ready(cfg, node, watched, offset, timeout, progress, not_started):
+                deferred.append((node, watched, offset))
+        for node, watched, offset in deferred:
+            _wait_ready(cfg, node, watched, offset, timeout, progress, set())
     except BaseException:
         _rollback(cfg, started, broker)
         raise
@@ -474,14 +481,25 @@ def _log_size(path: Path) -> int:
         return 0
 
 
+#: What `_wait_ready` watches for an early exit: our child, or a process found running.
+_Watched = subprocess.Popen[bytes] | ProcessRecord | None
+
+
 def _wait_ready(
     cfg: ClusterConfig,
     node: NodeSpec,
-    process: subprocess.Popen[bytes] | ProcessRecord | None,
+    process: _Watched,
     log_offset: int,
     timeout: float,
     progress: Progress,
-) -> None:
+    not_started: set[str],
+) -> bool:
+    """Poll until ``node`` is ready (True), or until it shows it resumes a cluster whose
+    quorum needs nodes in ``not_started`` (False: start those first, then wait again).
+
+    Only a fresh cluster must grow one node at a time; a resumed one elects no leader until
+    enough of its members run, so waiting for each in turn would never end.
+    """
     client = NodeClient.for_node(node, _STATUS_TIMEOUT)
     deadline = time.monotonic() + timeout
     interval = _POLL_FIRST
@@ -504,7 +522,11 @@ def _wait_ready(
             ready, phase = describe_readiness(status)
             if ready:
                 progress(node.name, phase)
-                return
+                return True
+            needed = sorted(_known_members(status) & not_started)
+            if needed:
+                progress(node.name, f"resuming: needs {', '.join(needed)} for a quorum")
+                return False
         if phase != last:
             progress(node.name, phase)
             last = phase
@@ -518,7 +540,20 @@ def _wait_ready(
         interval = min(interval * 2, _POLL_MAX)
 
 
-def _exit_code(process: subprocess.Popen[bytes] | ProcessRecord | None) -> str | None:
+def _known_members(status: Any) -> set[str]:
+    """The cluster members a node knows of from its persisted state (members and voters)."""
+    if not isinstance(status, dict):
+        return set()
+    names: set[str] = set()
+    for field_name in ("members", "voters"):
+        values = status.get(field_name)
+        if isinstance(values, list):
+            names |= {v for v in values if isinstance(v, str)}
+    names.discard(str(status.get("node")))
+    return names
+
+
+def _exit_code(process: _Watched) -> str | None:
     """How the process ended ("code 4"), or None while it runs (or is not ours to watch)."""
     if isinstance(process, ProcessRecord):
         return None if is_ours(process) else "an unknown code"

@@ -40,7 +40,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 FAKE_NODE = textwrap.dedent(
     """
-    import json, sys, urllib.request
+    import json, socket, sys, urllib.request
     from pathlib import Path
     from aiohttp import web
     from kmnode.config import load_config
@@ -52,7 +52,7 @@ FAKE_NODE = textwrap.dedent(
     if mode == "die":
         print("fatal: cannot open the data directory", flush=True)
         sys.exit(4)
-    if name != first.name:
+    if name != first.name and mode != "resume":
         url = f"http://{first.host}:{first.api_port}/v1/status"
         try:
             status = json.load(urllib.request.urlopen(url, timeout=2))
@@ -62,15 +62,27 @@ FAKE_NODE = textwrap.dedent(
         if not status["ready"]:
             print("started before the first node was ready", flush=True)
             sys.exit(5)
-    ready = mode != "never"
     for i in range(15):
         print(f"fake log line {i}", flush=True)
+    everyone = [n.name for n in cfg.nodes]
+
+    def quorum():
+        # A resumed member is ready only once every other member's port accepts connections.
+        for other in cfg.nodes:
+            try:
+                socket.create_connection((other.host, other.api_port), timeout=0.2).close()
+            except OSError:
+                return False
+        return True
 
     async def status(request):
+        ready = mode == "ok" or (mode == "resume" and quorum())
         return web.json_response({
             "node": name, "ready": ready, "leader": first.name if ready else None,
             "role": "leader" if name == first.name else "follower", "term": 1,
             "commit": 1, "applied": 1, "peers": {}, "service": {"running": True},
+            "members": everyone if mode == "resume" else [name],
+            "voters": everyone if mode == "resume" else [name],
         })
 
     app = web.Application()
@@ -282,6 +294,23 @@ def test_up_starts_nodes_in_order_is_idempotent_and_down_stops_all(
     ]
     assert all(wait_gone(r.pid) for r in records.values())
     assert supervisor.running(cfg) == {}
+
+
+def test_up_starts_a_resuming_cluster_without_waiting_node_by_node(
+    cfg: ClusterConfig, fake_node: Path
+) -> None:
+    seen: list[tuple[str, str]] = []
+    modes = {n.name: "resume" for n in cfg.nodes}
+    result = supervisor.up(
+        cfg,
+        timeout=20,
+        progress=lambda n, m: seen.append((n, m)),
+        command=stand_in(fake_node, **modes),
+    )
+    assert result.started == ["km1", "km2", "km3"]
+    assert ("km1", "resuming: needs km2, km3 for a quorum") in seen
+    assert ("km2", "resuming: needs km3 for a quorum") in seen
+    assert sorted(n for n, m in seen if m.startswith("joined")) == ["km1", "km2", "km3"]
 
 
 def test_up_restarts_only_the_missing_node(cfg: ClusterConfig, fake_node: Path) -> None:
