@@ -74,6 +74,7 @@ class Writer:
         timeout: float = 1.0,
         lock_timeout: float = 1.0,
         gil_release_bytes: int | None = None,
+        spin: float = 20e-6,
     ) -> None: ...
     def write(
         self, data: Buffer, type: int = 0, on_full: int | None = None, timeout: float | None = None
@@ -104,7 +105,12 @@ class Reader:
     @property
     def gil_release_bytes(self) -> int: ...
     def __init__(
-        self, ring: Ring, *, lock_timeout: float | None = 5.0, gil_release_bytes: int | None = None
+        self,
+        ring: Ring,
+        *,
+        lock_timeout: float | None = 5.0,
+        gil_release_bytes: int | None = None,
+        spin: float = 50e-6,
     ) -> None: ...
     def interrupt(self) -> None: ...
     def wait_readable(self, timeout: float | None = None) -> bool: ...

@@ -40,11 +40,16 @@ def assert_nothing_written(before: bytes, after: bytes) -> None:
 
 
 def fill_some(ring: Ring) -> tuple[Writer, Reader]:
+    """Twelve records of 312 bytes written (352 bytes free), the first read by the host."""
     w, r = Writer(ring, lock_timeout=0.05, timeout=0.05), Reader(ring, lock_timeout=0.05)
-    for i in range(5):
+    for i in range(12):
         w.write(bytes([i]) * 300, i)
     assert r.read() == b"\0" * 300
     return w, r
+
+
+# Big enough that the writer cannot rely on the read offset it saw last and must load it.
+BIG = b"x" * 1000
 
 
 @pytest.mark.parametrize(
@@ -61,12 +66,12 @@ def test_writer_rejects_impossible_read_offsets(
     small_ring: Ring, host: HostileHost, label: str, value: object
 ) -> None:
     w, _ = fill_some(small_ring)
-    w.write(b"")  # the writer has now seen the current read offset
+    w.write(b"z" * 500)  # too big for the cached view: the writer loads the current read offset
     wo, ro = host.get64("write_offset"), host.get64("read_offset")
     assert callable(value)
     host.set64("read_offset", value(wo, ro))
     before = host.snapshot()
-    for attempt in (lambda: w.write(b"x" * 10), lambda: w.write_batch([b"y"] * 3)):
+    for attempt in (lambda: w.write(BIG), lambda: w.write_batch([BIG, b"y"])):
         with pytest.raises(RingCorrupted, match="read offset"):
             attempt()
     assert_nothing_written(before, host.snapshot())
@@ -74,6 +79,18 @@ def test_writer_rejects_impossible_read_offsets(
     # once the host restores a sane value the TEE carries on
     host.set64("read_offset", ro)
     assert w.write(b"ok")
+    assert w.write_offset == wo + 16
+
+
+def test_a_batch_stopped_by_a_corrupted_read_offset_keeps_its_written_prefix(
+    small_ring: Ring, host: HostileHost
+) -> None:
+    w, r = fill_some(small_ring)
+    host.set64("read_offset", 2**63)
+    with pytest.raises(RingCorrupted, match="read offset"):
+        w.write_batch([b"a", b"b", BIG, BIG])
+    host.set64("read_offset", record_size(300))
+    assert r.read_batch()[-2:] == [b"a", b"b"]
 
 
 @pytest.mark.parametrize("delta", [8, -8, 2**40, CAP])
@@ -173,7 +190,7 @@ def test_reader_rejects_garbage_frame_lengths(
     small_ring: Ring, host: HostileHost, length: int, label: str
 ) -> None:
     w, r = fill_some(small_ring)
-    assert len(r.read_batch(3)) == 3  # one record left, 308 bytes before the write offset
+    assert len(r.read_batch(10)) == 10  # one record left, 312 bytes before the write offset
     ro = host.get64("read_offset")
     host.set_frame(ro, CAP, length)
     with pytest.raises(RingCorrupted, match="frame"):
@@ -184,10 +201,10 @@ def test_reader_rejects_garbage_frame_lengths(
         r.views()
     assert host.get64("read_offset") == ro  # nothing consumed
     # a bad frame after a good one: the good prefix is delivered, the bad one raises next
-    host.set_frame(ro, CAP, 300, 4)
-    w.write(b"\x05" * 300, 5)
+    host.set_frame(ro, CAP, 300, 11)
+    w.write(b"\x0c" * 300, 12)
     host.set_frame(ro + record_size(300), CAP, length)
-    assert r.read_batch() == [b"\x04" * 300]
+    assert r.read_batch() == [b"\x0b" * 300]
     with pytest.raises(RingCorrupted):
         r.read_batch()
 
@@ -197,6 +214,7 @@ def test_reader_rejects_impossible_write_offsets(
     small_ring: Ring, host: HostileHost, bad: str
 ) -> None:
     _, r = fill_some(small_ring)
+    assert len(r.read_batch()) == 11  # drained: the reader must load the write offset again
     ro = host.get64("read_offset")
     bad_offsets = {"behind read": ro - 8, "unaligned": ro + 5, "beyond capacity": ro + CAP + 8}
     host.set64("write_offset", bad_offsets[bad])
