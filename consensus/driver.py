@@ -91,6 +91,7 @@ class RaftDriver:
         rng: random.Random | None = None,
         snapshot_every: int = 10_000,
         max_inbox: int = 100_000,
+        persist_in_thread: bool | None = None,
     ) -> None:
         state = log.initial_state
         snap = state.snapshot
@@ -125,13 +126,16 @@ class RaftDriver:
         self._executor: ThreadPoolExecutor | None = None
         self._was_leader = False
         self._stopping = False
+        hs0 = state.hard_state
+        self._durable_term_vote = (hs0.term, hs0.vote)
+        self._persist_in_thread = log.fsync if persist_in_thread is None else persist_in_thread
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        if self.log.fsync:
+        if self._persist_in_thread:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"raft-log-{self.id}")
         await self.transport.start(self._on_message)
         self._next_tick = loop.time() + self.tick_interval
@@ -312,12 +316,15 @@ class RaftDriver:
                 if leading:
                     self._send(rd)
                 if rd.must_sync:
-                    self.stats.fsync_batches += 1
-                    self.stats.entries_persisted += len(rd.entries)
-                    if self._executor is not None:
-                        await loop.run_in_executor(self._executor, self.log.persist, rd)
+                    if self._needs_fsync(rd):
+                        self.stats.fsync_batches += 1
+                        self.stats.entries_persisted += len(rd.entries)
+                        if self._executor is not None:
+                            await loop.run_in_executor(self._executor, self.log.persist, rd)
+                        else:
+                            self.log.persist(rd)
                     else:
-                        self.log.persist(rd)
+                        self.log.persist(rd, sync=False)
                 if not leading:
                     self._send(rd)
                 self._was_leader = core.role == Role.LEADER
@@ -325,6 +332,24 @@ class RaftDriver:
                 core.advance(rd)
                 await self._maybe_snapshot(loop)
                 self._feed()
+
+    def _needs_fsync(self, rd: Ready) -> bool:
+        """Whether ``rd`` must be on disk before its messages go out (etcd's ``MustSync``).
+
+        Entries, a snapshot, or a new term or vote must; a hard state whose only change is the
+        commit index need not: losing it in a crash is harmless (the leader re-sends it), and
+        skipping the fsync spares followers a second disk flush per commit.
+        """
+        hs = rd.hard_state
+        if (
+            rd.entries
+            or rd.snapshot is not None
+            or (hs is not None and (hs.term, hs.vote) != self._durable_term_vote)
+        ):
+            if hs is not None:
+                self._durable_term_vote = (hs.term, hs.vote)
+            return True
+        return False
 
     def _send(self, rd: Ready) -> None:
         send = self.transport.send

@@ -266,20 +266,25 @@ class DurableLog:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def persist(self, ready: Ready) -> None:
+    def persist(self, ready: Ready, *, sync: bool = True) -> None:
         """Make a Ready's snapshot, entries and hard state durable with one fsync."""
         if ready.must_sync:
-            self.append(ready.entries, ready.hard_state, ready.snapshot)
+            self.append(ready.entries, ready.hard_state, ready.snapshot, sync=sync)
 
     def append(
         self,
         entries: tuple[Entry, ...] | list[Entry] = (),
         hard_state: HardState | None = None,
         snapshot: Snapshot | None = None,
+        *,
+        sync: bool = True,
     ) -> None:
         """Durably record (in this order) a snapshot from the leader, entries and hard state.
 
         Entries at or below the current last index replace the existing suffix from there on.
+        ``sync=False`` writes without fsync: for a hard state that differs from the durable one
+        only in its commit index, which Raft may lose in a crash (it is re-learned from the
+        leader), so it need not cost an fsync of its own; the next synced append covers it.
         """
         if self._fd < 0:
             raise StorageError("log is closed")
@@ -304,7 +309,8 @@ class DurableLog:
         if not records:
             return
         self._write(records, active)
-        self._sync()
+        if sync:
+            self._sync()
         if snapshot is not None and not snapshot.is_empty:
             self._delete_covered_segments()
         if active.size >= self.segment_bytes:
