@@ -117,6 +117,10 @@ class Progress:
             self.paused = True
 
     @property
+    def inflight_full(self) -> bool:
+        return len(self.inflight) >= self.max_inflight
+
+    @property
     def is_paused(self) -> bool:
         if self.state == ProgressState.PROBE:
             return self.paused

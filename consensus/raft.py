@@ -248,7 +248,9 @@ class RaftCore:
         if self.role != Role.LEADER:
             return
         conf = self.conf
-        members = set(conf.voters) | set(conf.learners)
+        # Iterate tuples, never sets: set order depends on the process's hash seed, and message
+        # order must be reproducible for the simulator to replay a seed.
+        members = (*conf.voters, *conf.learners)
         for node in list(self.progress):
             if node not in members:
                 del self.progress[node]
@@ -852,6 +854,11 @@ class RaftCore:
         pr.recent_active = True
         if pr.state == ProgressState.PROBE:
             pr.paused = False
+        elif pr.state == ProgressState.REPLICATE and pr.inflight_full:
+            # The follower is alive but some APPENDs went unanswered (lost, or their answers
+            # were): let one more through. If it does not fit the follower's log, its
+            # rejection puts the follower back into PROBE and replication resumes from match.
+            pr.inflight.popleft()
         if pr.match < self.log.last_index:
             self._send_append(m.frm, send_if_empty=True)
         if m.context.startswith(_READ_PREFIX):

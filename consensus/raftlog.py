@@ -68,8 +68,6 @@ class RaftLog:
             return self.snapshot.meta.term
         if base < index <= base + len(self.entries):
             return self.entries[index - base - 1].term
-        if index == 0:
-            return 0
         return None
 
     def match_term(self, index: int, term: int) -> bool:
