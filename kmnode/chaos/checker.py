@@ -1,0 +1,711 @@
+"""The checker: does a chaos run's history, plus what every node holds after healing, keep the
+cluster's promises (DESIGN.md, "Chaos and checking")?
+
+Each invariant is a named check returning a ``CheckOutcome`` with the first violation (ordered
+by the history position of the operation that exposes it; violations only visible in the final
+state come after those). Everything here is a pure function of its arguments, so each check is
+tested against hand-made bad histories and against generated correct ones.
+
+``final_state`` maps each node the runner could read after healing (and after waiting for the
+nodes to converge) to a ``NodeState``: its committed releases, key generations, the key
+fingerprints it derives per (key, generation), and the service measurements each key may go to.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from bisect import bisect_left, bisect_right, insort
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kmnode.chaos.history import FaultEvent, History, Operation
+
+TERMINAL = ("provisioned", "refused")
+INCREMENTS = ("key.create", "key.rotate")
+#: Pairwise linearizability checks compare each observation with this many predecessors (in
+#: invoke order): every pair in ordinary runs, bounded work in very long ones.
+PAIR_WINDOW = 256
+MIN_NEEDLE = 8
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken promise; ``op`` is the operation that exposes it, if any."""
+
+    message: str
+    op: Operation | None = None
+    node: str | None = None
+
+    @property
+    def order(self) -> float:
+        """History position of the exposing op; final-state-only violations sort last. Ties
+        keep the order the check found them in (sorting is stable)."""
+        return math.inf if self.op is None else self.op.position
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOutcome:
+    valid: bool
+    detail: str
+    first_violation: Violation | None = None
+    violations: int = 0
+
+    @classmethod
+    def judge(cls, violations: Iterable[Violation], passed: str) -> CheckOutcome:
+        found = sorted(violations, key=lambda v: v.order)
+        if not found:
+            return cls(True, passed)
+        first = found[0]
+        where = f" ({first.op.describe()})" if first.op else ""
+        more = f" [+{len(found) - 1} more]" if len(found) > 1 else ""
+        return cls(False, f"{first.message}{where}{more}", first, len(found))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    valid: bool
+    checks: dict[str, CheckOutcome]
+    stats: dict[str, dict[str, int]]  #: op kind -> outcome -> count
+    faults: dict[str, int]  #: fault kind -> times started
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(check, "ok"/"FAIL", detail) per check, for a table."""
+        return [(n, "ok" if c.valid else "FAIL", c.detail) for n, c in self.checks.items()]
+
+    def summary(self) -> str:
+        width = max((len(n) for n in self.checks), default=5)
+        lines = [f"{'check':<{width}}  result  detail"]
+        lines += [f"{n:<{width}}  {r:<6}  {d}" for n, r, d in self.rows()]
+        for kind, counts in sorted(self.stats.items()):
+            lines.append(f"ops {kind}: " + " ".join(f"{o}={c}" for o, c in sorted(counts.items())))
+        faults = " ".join(f"{k}={c}" for k, c in sorted(self.faults.items())) or "none"
+        lines.append(f"faults: {faults}")
+        lines.append("VALID" if self.valid else "INVALID")
+        return "\n".join(lines)
+
+
+# --- final state --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRecord:
+    id: str
+    key: str
+    generation: int
+    node: str
+    status: str  #: requested | provisioned | refused
+    service_measurement: str = ""
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What one node reports after healing (read with ``?linearizable=1``)."""
+
+    keys: Mapping[str, int] = field(default_factory=dict)  #: name -> generation
+    releases: Mapping[str, ReleaseRecord] = field(default_factory=dict)  #: id -> release
+    fingerprints: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    #: Measurements each key may be provisioned to (the key's own list); keys absent or with an
+    #: empty set fall back to ``default_allowed`` (the policy's service measurements). A runner
+    #: that changes policy during the run passes every measurement that was allowed at any time.
+    allowed_service: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    default_allowed: frozenset[str] = frozenset()
+
+    def allowed_for(self, key: str) -> frozenset[str]:
+        return self.allowed_service.get(key) or self.default_allowed
+
+
+FinalState = Mapping[str, NodeState]
+
+
+# --- the entry point ---------------------------------------------------------------------------
+
+
+def check(
+    history: History,
+    final_state: FinalState,
+    *,
+    haystacks: Sequence[tuple[str, bytes]] | None = None,
+    needles: Sequence[bytes] = (),
+    recovery_bound: float | None = None,
+    heal_time: float | None = None,
+) -> CheckResult:
+    """Run every check; the plaintext scan and the recovery bound only when given their inputs."""
+    ops = history.operations()
+    checks = {
+        "release-committed": check_release_committed(ops, final_state),
+        "allowed-measurement": check_allowed_measurement(ops, final_state),
+        "identical-keys": check_identical_keys(ops, final_state),
+        "no-lost-ops": check_no_lost_ops(ops, final_state),
+        "linearizable-keys": check_linearizable(ops),
+    }
+    if haystacks is not None:
+        checks["no-plaintext-keys"] = check_plaintext(haystacks, needles)
+    if recovery_bound is not None:
+        checks["recovery"] = check_recovery(history, recovery_bound, heal_time)
+    stats: dict[str, dict[str, int]] = defaultdict(dict)
+    for (kind, outcome), count in Counter((o.kind, o.outcome) for o in ops).items():
+        stats[kind][outcome] = count
+    faults = Counter(f.fault for f in history.faults() if f.phase == "start")
+    return CheckResult(
+        valid=all(c.valid for c in checks.values()),
+        checks=checks,
+        stats=dict(stats),
+        faults=dict(faults),
+    )
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _ok(ops: Iterable[Operation], kind: str) -> list[Operation]:
+    return [o for o in ops if o.kind == kind and o.outcome == "ok"]
+
+
+def _reported_releases(op: Operation) -> list[dict[str, Any]]:
+    """The release entries an ok ``release`` op was told about (malformed entries dropped)."""
+    value = op.value if isinstance(op.value, dict) else {}
+    entries = value.get("releases", [])
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _generation(value: Any) -> int | None:
+    """The generation a ``read``/increment was told: 0 for an absent key, None if malformed."""
+    if not isinstance(value, dict) or "generation" not in value:
+        return None
+    gen = value["generation"]
+    if gen is None:
+        return 0
+    return gen if isinstance(gen, int) and not isinstance(gen, bool) and gen >= 0 else None
+
+
+def _release_op_index(ops: Iterable[Operation]) -> dict[str, Operation]:
+    """Release id -> the first ok ``release`` op that reported it."""
+    found: dict[str, Operation] = {}
+    for op in _ok(ops, "release"):
+        for entry in _reported_releases(op):
+            found.setdefault(str(entry.get("release")), op)
+    return found
+
+
+# --- no release without a committed request ----------------------------------------------------
+
+
+def check_release_committed(ops: Sequence[Operation], final: FinalState) -> CheckOutcome:
+    """Every key a service enclave proved to hold, and every release a client was told was
+    provisioned, must be backed on every node by a committed release of that (key, generation)
+    to that node with status provisioned: a key reaching a service without a committed request
+    is exactly the attack the Raft agreement exists to prevent."""
+    evidence: list[tuple[Operation, str, Any, Any, str | None]] = []
+    for op in _ok(ops, "prove"):
+        value = op.value if isinstance(op.value, dict) else {}
+        key = value.get("key", op.args.get("key"))
+        gen = value.get("generation", op.args.get("generation"))
+        evidence.append((op, str(value.get("node") or op.node), key, gen, None))
+    for op in _ok(ops, "release"):
+        for e in _reported_releases(op):
+            if e.get("status") == "provisioned":
+                release_id = str(e.get("release"))
+                evidence.append(
+                    (op, str(e.get("node")), e.get("key"), e.get("generation"), release_id)
+                )
+    violations = []
+    for op, target, key, gen, wanted in evidence:
+        for name, state in sorted(final.items()):
+            backed = any(
+                r.key == key
+                and r.generation == gen
+                and r.node == target
+                and r.status == "provisioned"
+                and wanted in (None, r.id)
+                for r in state.releases.values()
+            )
+            if not backed:
+                what = f"release {wanted}" if wanted else "a proof"
+                violations.append(
+                    Violation(
+                        f"{what} of {key!r} g{gen} on {target} has no committed provisioned "
+                        f"release on {name}",
+                        op,
+                        name,
+                    )
+                )
+    return CheckOutcome.judge(violations, f"{len(evidence)} provisions all committed")
+
+
+# --- provisioned only to allowed measurements -----------------------------------------------
+
+
+def check_allowed_measurement(ops: Sequence[Operation], final: FinalState) -> CheckOutcome:
+    """A provisioned release names the service measurement the KM enclave locally attested;
+    it must be one the key (or the policy) allows, on every node's copy of the record."""
+    by_release = _release_op_index(ops)
+    violations = []
+    count = 0
+    for name, state in sorted(final.items()):
+        for r in state.releases.values():
+            if r.status != "provisioned":
+                continue
+            count += 1
+            if not r.service_measurement or r.service_measurement not in state.allowed_for(r.key):
+                shown = r.service_measurement[:16] or "(none)"
+                violations.append(
+                    Violation(
+                        f"release {r.id} of {r.key!r} g{r.generation} provisioned to {r.node} for "
+                        f"measurement {shown}, not allowed on {name}",
+                        by_release.get(r.id),
+                        name,
+                    )
+                )
+    return CheckOutcome.judge(violations, f"{count} provisioned records, all to allowed services")
+
+
+# --- identical keys -----------------------------------------------------------------------------
+
+
+def check_identical_keys(ops: Sequence[Operation], final: FinalState) -> CheckOutcome:
+    """All nodes must derive the same key bytes for a (key, generation) — compared through
+    fingerprints, which are equal iff the keys are — and distinct (key, generation) pairs must
+    derive distinct keys (a rotation that changes nothing is not a rotation). Fingerprints that
+    clients read during the run must match the final ones too."""
+    violations = []
+    agreed: dict[tuple[str, int], str] = {}
+    per_pair: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
+    for name, state in sorted(final.items()):
+        seen: dict[str, tuple[str, int]] = {}
+        for pair, fp in sorted(state.fingerprints.items()):
+            per_pair[pair][name] = fp
+            if fp in seen:
+                violations.append(
+                    Violation(f"{name} derives the same key for {seen[fp]} and {pair}", None, name)
+                )
+            seen[fp] = pair
+    for pair, by_node in sorted(per_pair.items()):
+        distinct = sorted(set(by_node.values()))
+        if len(distinct) > 1:
+            shown = ", ".join(f"{n}={fp[:12]}" for n, fp in sorted(by_node.items()))
+            violations.append(Violation(f"key {pair[0]!r} g{pair[1]} differs: {shown}"))
+        else:
+            agreed[pair] = distinct[0]
+    for op in _ok(ops, "read"):
+        fps = op.value.get("fingerprints") if isinstance(op.value, dict) else None
+        key = op.key
+        if not isinstance(fps, dict) or key is None:
+            continue
+        for gen, fp in fps.items():
+            final_fp = agreed.get((key, int(gen))) if str(gen).isdigit() else None
+            if final_fp is not None and fp != final_fp:
+                violations.append(
+                    Violation(
+                        f"read saw {key!r} g{gen} as {str(fp)[:12]}, final is {final_fp[:12]}", op
+                    )
+                )
+    return CheckOutcome.judge(violations, f"{len(per_pair)} (key, generation) agree on all nodes")
+
+
+# --- no lost committed operation ---------------------------------------------------------------
+
+
+def check_no_lost_ops(ops: Sequence[Operation], final: FinalState) -> CheckOutcome:
+    """Nothing a client was told happened may be missing afterwards: every ok create leaves the
+    key on every node, every ok rotation's generation is reached, every release an ok op or read
+    reported exists everywhere with the same target and a terminal status it was seen with.
+    Each touched key's final generation lies between what must have happened (ok increments,
+    and any generation observed) and what may have (one create plus every ok or info rotation),
+    and all nodes agree."""
+    if not final:
+        return CheckOutcome.judge([Violation("no node state was collected")], "")
+    violations: list[Violation] = []
+    violations += _lost_keys(ops, final)
+    violations += _lost_releases(ops, final)
+    return CheckOutcome.judge(violations, f"{len(ops)} ops against {len(final)} nodes: none lost")
+
+
+def _lost_keys(ops: Sequence[Operation], final: FinalState) -> list[Violation]:
+    violations = []
+    for key, key_ops in sorted(_ops_by_created_key(ops).items()):
+        incs = [o for o in key_ops if o.kind in INCREMENTS]
+        ok = [o for o in incs if o.outcome == "ok"]
+        ok_rot = [o for o in ok if o.kind == "key.rotate"]
+        maybe_rot = [o for o in incs if o.kind == "key.rotate" and o.outcome != "fail"]
+        created = any(o.kind == "key.create" and o.outcome != "fail" for o in incs)
+        seen = [_generation(o.value) or 0 for o in key_ops if o.outcome == "ok"]
+        lower = max([len(ok_rot) + 1 if ok else 0, *seen])
+        upper = int(created) + len(maybe_rot)
+        gens = {name: state.keys.get(key, 0) for name, state in final.items()}
+        for name, gen in sorted(gens.items()):
+            if gen < lower:
+                culprit = next(
+                    (o for o in key_ops if o.outcome == "ok" and (_generation(o.value) or 0) > gen),
+                    ok[-1] if ok else key_ops[-1],
+                )
+                violations.append(
+                    Violation(
+                        f"{name} has {key!r} at g{gen}, below the g{lower} that ok operations "
+                        "reached",
+                        culprit,
+                        name,
+                    )
+                )
+            elif gen > upper:
+                violations.append(
+                    Violation(
+                        f"{name} has {key!r} at g{gen}, above the g{upper} that ok and info "
+                        f"operations allow",
+                        incs[-1],
+                        name,
+                    )
+                )
+        if len(set(gens.values())) > 1:
+            shown = ", ".join(f"{n}=g{g}" for n, g in sorted(gens.items()))
+            violations.append(Violation(f"nodes disagree on {key!r}: {shown}"))
+    return violations
+
+
+def _ops_by_created_key(ops: Iterable[Operation]) -> dict[str, list[Operation]]:
+    """Generation-bearing ops (increments, key reads) per key, for keys whose ``key.create`` is
+    in the history: a key created before recording began starts at an unknown generation, so
+    counting arguments about it would be wrong. The runner records its set-up to avoid that."""
+    by_key: dict[str, list[Operation]] = defaultdict(list)
+    for op in ops:
+        if op.key is None or "release" in op.args:
+            continue
+        if op.kind in INCREMENTS or op.kind == "read":
+            by_key[op.key].append(op)
+    return {k: v for k, v in by_key.items() if any(o.kind == "key.create" for o in v)}
+
+
+def _lost_releases(ops: Sequence[Operation], final: FinalState) -> list[Violation]:
+    violations = []
+    expected: list[tuple[Operation, str, dict[str, Any]]] = []
+    for op in _ok(ops, "release"):
+        expected += [(op, str(e.get("release")), e) for e in _reported_releases(op)]
+    for op in _ok(ops, "read"):
+        release_id = op.args.get("release")
+        if isinstance(release_id, str) and isinstance(op.value, dict):
+            expected.append((op, release_id, {"status": op.value.get("status")}))
+    for op, release_id, seen in expected:
+        for name, state in sorted(final.items()):
+            r = state.releases.get(release_id)
+            if r is None:
+                violations.append(Violation(f"release {release_id} is missing on {name}", op, name))
+                continue
+            mismatched = [
+                f"{f}={getattr(r, f)!r} (told {seen[f]!r})"
+                for f in ("key", "generation", "node")
+                if f in seen and seen[f] != getattr(r, f)
+            ]
+            if seen.get("status") in TERMINAL and seen["status"] != r.status:
+                mismatched.append(f"status={r.status!r} (told {seen['status']!r})")
+            if mismatched:
+                violations.append(
+                    Violation(
+                        f"release {release_id} on {name} changed: {', '.join(mismatched)}", op, name
+                    )
+                )
+    statuses: dict[str, dict[str, str]] = defaultdict(dict)
+    for name, state in final.items():
+        for r in state.releases.values():
+            statuses[r.id][name] = r.status
+    for release_id, by_node in sorted(statuses.items()):
+        if len(by_node) != len(final) or len(set(by_node.values())) > 1:
+            shown = ", ".join(f"{n}={by_node.get(n, 'missing')}" for n in sorted(final))
+            violations.append(Violation(f"nodes disagree on release {release_id}: {shown}"))
+    return violations
+
+
+# --- linearizability of each key's generation --------------------------------------------------
+
+
+def check_linearizable(ops: Sequence[Operation]) -> CheckOutcome:
+    """Each key's generation is a counter: absent (0), ``key.create`` takes it 0→1 (at most
+    once), ``key.rotate`` adds 1. An observation is an ok linearizable ``read`` of the key (its
+    value) or an ok create/rotate (the generation it returned, counting itself). Take any
+    linearization: every op that took effect has a point inside [invoke, completion] (info and
+    pending ops: [invoke, ∞), or no point at all), an observation sees the number of increments
+    placed before its point (plus itself). Then, necessarily:
+
+    * stale read  — v ≥ self + #ok increments completed before it was invoked;
+    * future read — v ≤ self + #non-failed increments invoked before it completed (creates
+      counted at most once): nothing else can have been placed before its point;
+    * real-time order — if o1 completed before o2 was invoked, v2 − v1 ≥ self(o2) + #ok
+      increments wholly inside (o1.completion, o2.invoke): they lie between the two points;
+    * each generation is returned by at most one ok increment, and one process's observations
+      never go backwards (a process is sequential, so its points are ordered).
+
+    Every rule follows from the counter's semantics alone, so a linearizable history can never
+    be flagged (sound); together they catch stale reads, reads from the future and reads that
+    go back after another client saw a newer generation, even one an info rotation produced.
+    (The matching pairwise upper bound, v2 − v1 ≤ increments that may lie between, is implied
+    by the stale and future rules, so it is not checked separately.) Plain reads
+    (``"linearizable": false``, served from a node's applied state) may be stale, so only the
+    future-read rule applies to them. The real-time rule compares each observation with its
+    ``PAIR_WINDOW`` predecessors in invoke order. Keys whose create is not in the history are
+    skipped: their starting generation is unknown.
+    """
+    by_key = _ops_by_created_key(ops)
+    violations: list[Violation] = []
+    observed = 0
+    for key, key_ops in sorted(by_key.items()):
+        found, count = _KeyRegister(key, key_ops).violations()
+        violations += found
+        observed += count
+    return CheckOutcome.judge(
+        violations, f"{observed} generation observations on {len(by_key)} keys linearizable"
+    )
+
+
+class _KeyRegister:
+    """The per-key counting structures behind ``check_linearizable``."""
+
+    def __init__(self, key: str, ops: list[Operation]) -> None:
+        self.key = key
+        incs = [o for o in ops if o.kind in INCREMENTS and o.outcome != "fail"]
+        self.rotations = sorted((o for o in incs if o.kind == "key.rotate"), key=_inv)
+        self.creates = [o for o in incs if o.kind == "key.create"]
+        ok_incs = sorted((o for o in incs if o.outcome == "ok"), key=_inv)
+        self.ok_invs = [o.invoke_time for o in ok_incs]
+        self.ok_cmps_sorted = sorted(o.complete_time for o in ok_incs)
+        # suffix_cmps[i]: sorted completions of ok_incs[i:]  (ok increments invoked after a time)
+        self.suffix_cmps: list[list[float]] = [[]]
+        for o in reversed(ok_incs):
+            nxt = list(self.suffix_cmps[-1])
+            insort(nxt, o.complete_time)
+            self.suffix_cmps.append(nxt)
+        self.suffix_cmps.reverse()
+        self.rot_invs = [o.invoke_time for o in self.rotations]
+        self.ops = ops
+
+    # C(a, b): ok increments invoked after a and completed before b.
+    def _between_ok(self, a: float, b: float) -> int:
+        return bisect_left(self.suffix_cmps[bisect_right(self.ok_invs, a)], b)
+
+    # Non-failed increments other than ``op`` invoked before ``op`` completed (creates count
+    # once: only one can take effect).
+    def _may_before(self, op: Operation) -> int:
+        b = op.complete_time
+        rotations = bisect_left(self.rot_invs, b)
+        rotations -= int(op.kind == "key.rotate" and op.invoke_time < b)
+        creates = any(o.invoke_time < b and o.id != op.id for o in self.creates)
+        return rotations + int(creates)
+
+    def violations(self) -> tuple[list[Violation], int]:
+        found: list[Violation] = []
+        observations: list[tuple[Operation, int]] = []
+        for op in self.ops:
+            if op.outcome != "ok":
+                continue
+            value = _generation(op.value)
+            if value is None:
+                found.append(Violation(f"{self.key!r}: malformed generation {op.value!r}", op))
+                continue
+            self._single(op, value, found)
+            if op.kind != "read" or op.args.get("linearizable", True) is not False:
+                observations.append((op, value))
+        self._unique(observations, found)
+        self._pairs(observations, found)
+        return found, len(observations)
+
+    def _single(self, op: Operation, v: int, found: list[Violation]) -> None:
+        me = int(op.kind != "read")
+        linearizable = op.kind != "read" or op.args.get("linearizable", True) is not False
+        least = me + bisect_left(self.ok_cmps_sorted, op.invoke_time)
+        if linearizable and v < least:
+            found.append(
+                Violation(
+                    f"stale: {self.key!r} seen at g{v}, but increments completed before it was "
+                    f"invoked reach g{least}",
+                    op,
+                )
+            )
+        most = me + self._may_before(op)
+        if v > most:
+            found.append(
+                Violation(
+                    f"from the future: {self.key!r} seen at g{v}, but only g{most} can have been "
+                    f"reached by increments invoked before it completed",
+                    op,
+                )
+            )
+
+    def _unique(self, observations: list[tuple[Operation, int]], found: list[Violation]) -> None:
+        returned: dict[int, Operation] = {}
+        last_of: dict[str, tuple[Operation, int]] = {}
+        for op, v in sorted(observations, key=lambda ov: ov[0].position):
+            if op.kind != "read":
+                if v in returned:
+                    found.append(
+                        Violation(
+                            f"{self.key!r}: g{v} returned by two increments (op {returned[v].id})",
+                            op,
+                        )
+                    )
+                returned.setdefault(v, op)
+            previous = last_of.get(op.process)
+            if previous is not None and v < previous[1]:
+                found.append(
+                    Violation(
+                        f"{self.key!r}: process {op.process} went back from g{previous[1]} "
+                        f"(op {previous[0].id}) to g{v}",
+                        op,
+                    )
+                )
+            last_of[op.process] = (op, v)
+
+    def _pairs(self, observations: list[tuple[Operation, int]], found: list[Violation]) -> None:
+        """The real-time rule for o1 → o2; only an earlier-invoked o1 can complete before o2."""
+        ordered = sorted(observations, key=lambda ov: ov[0].invoke_index)
+        for i, (o2, v2) in enumerate(ordered):
+            me2 = int(o2.kind != "read")
+            for o1, v1 in ordered[max(0, i - PAIR_WINDOW) : i]:
+                if o1.complete_time >= o2.invoke_time:
+                    continue
+                least = v1 + me2 + self._between_ok(o1.complete_time, o2.invoke_time)
+                if v2 < least:
+                    found.append(
+                        Violation(
+                            f"stale: {self.key!r} seen at g{v2} after op {o1.id} saw g{v1} "
+                            f"and increments since reach g{least}",
+                            o2,
+                        )
+                    )
+
+
+def _inv(op: Operation) -> float:
+    return op.invoke_time
+
+
+# --- the host never holds plaintext keys --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlaintextHit:
+    source: str
+    offset: int
+    encoding: str
+    needle: int  #: index into the needles
+
+
+def _encodings(needle: bytes) -> list[tuple[str, bytes]]:
+    """Every way the host could plausibly hold ``needle``: raw, hex in either case, and base64
+    (standard and URL-safe) at each of the three alignments a needle can have inside a longer
+    base64 text — only the characters determined by the needle's own bits are searched."""
+    forms = [
+        ("raw", needle),
+        ("hex", needle.hex().encode()),
+        ("HEX", needle.hex().upper().encode()),
+    ]
+    for shift in range(3):
+        total = shift + len(needle)
+        encoded = base64.b64encode(bytes(shift) + needle)
+        core = encoded[(0, 2, 3)[shift] : 4 * (total // 3)]
+        forms.append((f"base64@{shift}", core))
+        forms.append((f"base64url@{shift}", core.translate(bytes.maketrans(b"+/", b"-_"))))
+    return forms
+
+
+def scan_plaintext(
+    haystacks: Iterable[tuple[str, bytes]], needles: Sequence[bytes]
+) -> list[PlaintextHit]:
+    """Where any secret needle appears in any haystack (file, log, captured MQTT payload)."""
+    for needle in needles:
+        if len(needle) < MIN_NEEDLE:
+            raise ValueError(f"needle of {len(needle)} bytes is too short to scan for")
+    forms = [(i, name, form) for i, n in enumerate(needles) for name, form in _encodings(n)]
+    hits = []
+    for source, data in haystacks:
+        for index, name, form in forms:
+            offset = data.find(form)
+            if offset >= 0:
+                hits.append(PlaintextHit(source, offset, name, index))
+    return hits
+
+
+def check_plaintext(
+    haystacks: Iterable[tuple[str, bytes]], needles: Sequence[bytes]
+) -> CheckOutcome:
+    stacks = list(haystacks)
+    hits = scan_plaintext(stacks, needles)
+    violations = [
+        Violation(f"secret #{h.needle} found {h.encoding} in {h.source} at offset {h.offset}")
+        for h in hits
+    ]
+    if violations:  # the first in haystack order, as the runner listed them
+        first = violations[0]
+        return CheckOutcome(False, f"{first.message} [{len(hits)} hits]", first, len(hits))
+    size = sum(len(d) for _, d in stacks)
+    return CheckOutcome(
+        True, f"{len(needles)} secrets absent from {len(stacks)} sources ({size} B)"
+    )
+
+
+# --- recovery within a bound --------------------------------------------------------------------
+
+
+def check_recovery(history: History, bound: float, heal_time: float | None = None) -> CheckOutcome:
+    """After each heal (the moment no fault is active any more, or the given ``heal_time``), an
+    operation must complete ok within ``bound`` seconds. A heal followed by a new fault before
+    the bound elapsed is not judged: the cluster was not given its chance."""
+    ops = history.operations()
+    oks = sorted(o.complete_time for o in ops if o.outcome == "ok")
+    windows = _heal_windows(history.faults()) if heal_time is None else [(heal_time, math.inf)]
+    violations = []
+    worst = 0.0
+    for healed, next_fault in windows:
+        i = bisect_left(oks, healed)
+        recovered = oks[i] - healed if i < len(oks) else math.inf
+        if recovered <= bound:
+            worst = max(worst, recovered)
+        elif next_fault - healed >= bound:
+            first_late = next((o for o in ops if o.complete_time >= healed), None)
+            took = "no ok operation after it" if math.isinf(recovered) else f"{recovered:.3f}s"
+            violations.append(
+                Violation(f"heal at {healed:.3f}: recovery took {took}, bound {bound}s", first_late)
+            )
+    return CheckOutcome.judge(
+        violations, f"{len(windows)} heals, slowest recovery {worst:.3f}s (bound {bound}s)"
+    )
+
+
+def _heal_windows(faults: Iterable[FaultEvent]) -> list[tuple[float, float]]:
+    """(heal time, next fault start or ∞) for each moment the active-fault set became empty."""
+    active: Counter[tuple[str, str]] = Counter()
+    heals: list[tuple[float, float]] = []
+    for event in faults:
+        key = (event.fault, event.target)
+        if event.phase == "start":
+            if not active and heals and math.isinf(heals[-1][1]):
+                heals[-1] = (heals[-1][0], event.time)
+            active[key] += 1
+        elif active[key] > 0:
+            active[key] -= 1
+            if active[key] == 0:
+                del active[key]
+            if not active:
+                heals.append((event.time, math.inf))
+    return heals
+
+
+__all__ = [
+    "CheckOutcome",
+    "CheckResult",
+    "FinalState",
+    "NodeState",
+    "PlaintextHit",
+    "ReleaseRecord",
+    "Violation",
+    "check",
+    "check_allowed_measurement",
+    "check_identical_keys",
+    "check_linearizable",
+    "check_no_lost_ops",
+    "check_plaintext",
+    "check_recovery",
+    "check_release_committed",
+    "scan_plaintext",
+]
