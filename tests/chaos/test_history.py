@@ -86,9 +86,10 @@ def test_arguments_are_validated_and_copied() -> None:
         rec.invoke("c1", "delete", {})  # type: ignore[arg-type]
     with pytest.raises(HistoryError, match="not JSON"):
         rec.invoke("c1", "read", {"key": object()})
-    args = {"key": "k", "nested": [1]}
+    nested = [1]
+    args = {"key": "k", "nested": nested}
     handle = rec.invoke("c1", "read", args)
-    args["nested"].append(2)
+    nested.append(2)
     value = {"generation": 1}
     handle.ok(value)
     value["generation"] = 99
