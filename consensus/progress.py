@@ -35,6 +35,7 @@ class Progress:
         "paused",
         "pending_snapshot",
         "recent_active",
+        "sent_commit",
         "snapshot_wait",
         "state",
     )
@@ -47,6 +48,8 @@ class Progress:
         self.pending_snapshot = 0
         self.snapshot_wait = 0
         self.recent_active = False
+        #: highest commit index this follower can have learned from what we sent it
+        self.sent_commit = 0
         self.is_learner = is_learner
         self.max_inflight = max(1, max_inflight)
         #: last index of each unacknowledged APPEND, oldest first

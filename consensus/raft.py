@@ -844,6 +844,9 @@ class RaftCore:
             for _ in range(self.log.last_index - pr.match + 1):
                 if not self._send_append(m.frm, send_if_empty=False):
                     break
+            if pr.sent_commit < min(self.log.commit, pr.match):
+                # Nothing left to send, but the follower has not heard the latest commit index.
+                self._send_append(m.frm, send_if_empty=True)
             if m.frm == self.lead_transferee and pr.match == self.log.last_index:
                 self._send(Message(_M.TIMEOUT_NOW, to=m.frm, frm=self.id, term=self.term))
 
@@ -900,13 +903,18 @@ class RaftCore:
                 commit=log.commit,
             )
         )
-        pr.sent(entries[-1].index if entries else prev, len(entries))
+        last_sent = entries[-1].index if entries else prev
+        pr.sent(last_sent, len(entries))
+        pr.sent_commit = max(pr.sent_commit, min(log.commit, last_sent))
         return True
 
     def _bcast_append(self) -> None:
+        """Send every follower what it is missing, filling its pipeline (or one probe)."""
         for node in self.progress:
-            if node != self.id:
-                self._send_append(node, send_if_empty=True)
+            if node != self.id and self._send_append(node, send_if_empty=True):
+                for _ in range(self.config.max_inflight):
+                    if not self._send_append(node, send_if_empty=False):
+                        break
 
     def _bcast_heartbeat(self, ctx: bytes) -> None:
         commit = self.log.commit

@@ -13,7 +13,16 @@ from collections.abc import Callable, Iterable
 
 from consensus.raft import RaftConfig, RaftCore
 from consensus.sim.memstore import MemStore
-from consensus.types import Entry, EntryType, Message, NodeId, ReadState, Role, Snapshot
+from consensus.types import (
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    NodeId,
+    ReadState,
+    Role,
+    Snapshot,
+)
 
 MessageFilter = Callable[[Message], bool]
 
@@ -79,6 +88,26 @@ class Harness:
         if node not in self.ids:
             self.ids.append(node)
         return core
+
+    def preset(
+        self, node: NodeId, terms: list[int], term: int | None = None, vote: NodeId = ""
+    ) -> RaftCore:
+        """Give ``node`` a log whose entry ``i`` (1-based) has term ``terms[i-1]``, and restart it.
+
+        Entries carry their position as data (``b"<index>/<term>"``): equal index and term
+        means equal entry, as log matching requires, and tests can tell which one survived.
+        Used to set up the divergent logs of the Raft paper's figures without replaying how
+        they came about.
+        """
+        store = self.stores[node]
+        store.entries = [
+            Entry(t, i + 1, EntryType.NORMAL, b"%d/%d" % (i + 1, t)) for i, t in enumerate(terms)
+        ]
+        last_term = terms[-1] if terms else 0
+        store.hard_state = HardState(term=max(term or 0, last_term), vote=vote, commit=0)
+        self.queue = [m for m in self.queue if m.to != node and m.frm != node]
+        self.applied[node] = []
+        return self.add_node(node, peers=self.voters)
 
     def crash(self, node: NodeId) -> None:
         """Lose everything volatile; the durable store survives. Queued messages to it vanish."""
