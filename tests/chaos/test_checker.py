@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from kmnode.chaos.checker import (
     scan_plaintext,
 )
 from kmnode.chaos.history import History, HistoryRecorder, OpEvent, OpHandle, OpKind
+from kmnode.km.state import Release
 
 ALLOWED = "aa" * 32
 ROGUE = "bb" * 32
@@ -286,13 +288,23 @@ def test_release_without_commit_a_proof_of_an_unreleased_key(base: Base) -> None
         key="k", generation=1, node="km1",
     )  # fmt: skip
     op, detail = failing(base.run.history(), base.final(), "release-committed")
-    assert op == prove and "'k' g1 on km1 has no committed provisioned release on km1" in detail
+    assert (
+        op == prove and "'k' g1 on km1 has no committed, unrefused release request on km1" in detail
+    )
 
 
-def test_release_without_commit_requested_only(base: Base) -> None:
+def test_release_told_provisioned_but_committed_as_refused(base: Base) -> None:
+    refused = ReleaseRecord("r9", "k", 2, "km2", "refused")
+    op, _ = failing(base.run.history(), cluster(2, [refused]), "release-committed")
+    assert op == base.release
+    assert not check(base.run.history(), cluster(2, [refused])).checks["no-lost-ops"].valid
+
+
+def test_a_proof_may_precede_the_outcome_entry(base: Base) -> None:
+    """The service may hold the key before ``release.outcome`` commits; the request backs it."""
     requested = ReleaseRecord("r9", "k", 2, "km2", "requested")
-    op, _ = failing(base.run.history(), cluster(2, [requested]), "release-committed")
-    assert op == base.release  # told provisioned, committed only as a request
+    history = base.run.history()
+    assert check(history, cluster(2, [requested])).checks["release-committed"].valid
 
 
 def test_stale_read_below_a_completed_rotation(base: Base) -> None:
@@ -522,3 +534,15 @@ def test_generated_linearizable_histories_pass_and_corrupted_ones_fail(
     assert not outcome.valid
     assert outcome.first_violation is not None and outcome.first_violation.op is not None
     assert outcome.first_violation.op.id == corrupted
+
+
+def test_node_state_from_the_operator_api_and_json() -> None:
+    keys = [{"name": "k", "generation": 2, "allowed_service": [], "created_index": 3}]
+    release = Release("r9", "k", 2, "km2", 9, "provisioned", "", ALLOWED, 11)
+    policy = {"measurements": {"km": ["cc" * 32], "service": [ALLOWED]}, "min_svn": 1}
+    fps = {"k": {"1": fingerprint("k", 1), "2": fingerprint("k", 2)}}
+    state = NodeState.from_api(keys, [asdict(release)], fps, policy)
+    assert state.allowed_for("k") == frozenset({ALLOWED})  # the policy's, as the key has none
+    assert state.releases["r9"] == R9 and state.keys == {"k": 2}
+    assert state.fingerprints[("k", 2)] == fingerprint("k", 2)
+    assert NodeState.from_json(json.loads(json.dumps(state.to_json()))) == state
