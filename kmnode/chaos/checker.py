@@ -329,8 +329,10 @@ def check_allowed_measurement(ops: Sequence[Operation], final: FinalState) -> Ch
 def check_identical_keys(ops: Sequence[Operation], final: FinalState) -> CheckOutcome:
     """All nodes must derive the same key bytes for a (key, generation) — compared through
     fingerprints, which are equal iff the keys are — and distinct (key, generation) pairs must
-    derive distinct keys (a rotation that changes nothing is not a rotation). Fingerprints that
-    clients read during the run must match the final ones too."""
+    derive distinct keys (a rotation that changes nothing is not a rotation). A node that
+    reports fingerprints for a key must report every generation up to its current one (the API
+    shows them all: a gap means it cannot derive that key). Fingerprints that clients read
+    during the run must match the final ones too."""
     violations = []
     agreed: dict[tuple[str, int], str] = {}
     per_pair: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
@@ -343,6 +345,16 @@ def check_identical_keys(ops: Sequence[Operation], final: FinalState) -> CheckOu
                     Violation(f"{name} derives the same key for {seen[fp]} and {pair}", None, name)
                 )
             seen[fp] = pair
+        for key in sorted({k for k, _ in state.fingerprints}):
+            missing = [
+                g
+                for g in range(1, state.keys.get(key, 0) + 1)
+                if (key, g) not in state.fingerprints
+            ]
+            if missing:
+                violations.append(
+                    Violation(f"{name} reports no fingerprint for {key!r} g{missing}", None, name)
+                )
     for pair, by_node in sorted(per_pair.items()):
         distinct = sorted(set(by_node.values()))
         if len(distinct) > 1:
@@ -352,15 +364,16 @@ def check_identical_keys(ops: Sequence[Operation], final: FinalState) -> CheckOu
             agreed[pair] = distinct[0]
     for op in _ok(ops, "read"):
         fps = op.value.get("fingerprints") if isinstance(op.value, dict) else None
-        key = op.key
-        if not isinstance(fps, dict) or key is None:
+        read_key = op.key
+        if not isinstance(fps, dict) or read_key is None:
             continue
         for gen, fp in fps.items():
-            final_fp = agreed.get((key, int(gen))) if str(gen).isdigit() else None
+            final_fp = agreed.get((read_key, int(gen))) if str(gen).isdigit() else None
             if final_fp is not None and fp != final_fp:
                 violations.append(
                     Violation(
-                        f"read saw {key!r} g{gen} as {str(fp)[:12]}, final is {final_fp[:12]}", op
+                        f"read saw {read_key!r} g{gen} as {str(fp)[:12]}, final is {final_fp[:12]}",
+                        op,
                     )
                 )
     return CheckOutcome.judge(violations, f"{len(per_pair)} (key, generation) agree on all nodes")

@@ -546,3 +546,10 @@ def test_node_state_from_the_operator_api_and_json() -> None:
     assert state.releases["r9"] == R9 and state.keys == {"k": 2}
     assert state.fingerprints[("k", 2)] == fingerprint("k", 2)
     assert NodeState.from_json(json.loads(json.dumps(state.to_json()))) == state
+
+
+def test_a_node_must_derive_every_generation(base: Base) -> None:
+    final = base.final()
+    final["km3"] = node_state(2, [R9], fingerprints={("k", 1): fingerprint("k", 1)})
+    op, detail = failing(base.run.history(), final, "identical-keys")
+    assert op == -1 and "km3 reports no fingerprint for 'k' g[2]" in detail
