@@ -665,7 +665,8 @@ class PlaintextHit:
 def _encodings(needle: bytes) -> list[tuple[str, bytes]]:
     """Every way the host could plausibly hold ``needle``: raw, hex in either case, and base64
     (standard and URL-safe) at each of the three alignments a needle can have inside a longer
-    base64 text — only the characters determined by the needle's own bits are searched."""
+    base64 text — only the characters determined by the needle's own bits are searched.
+    Line-wrapped base64 (MIME, PEM) is not unwrapped: the runner feeds such sources unwrapped."""
     forms = [
         ("raw", needle),
         ("hex", needle.hex().encode()),
