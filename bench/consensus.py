@@ -93,7 +93,14 @@ class NodeProc:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
-        return self.replies.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self.replies.get(timeout=0.05)
+            if not self.alive:
+                raise RuntimeError(f"node {self.name} exited ({self.proc.returncode}) on {cmd}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {self.name}: no reply to {cmd} within {timeout}s")
 
     @property
     def alive(self) -> bool:
@@ -107,8 +114,10 @@ class NodeProc:
 
     def quit(self) -> None:
         if self.alive:
-            with contextlib.suppress(OSError, queue.Empty):
-                self.request({"cmd": "quit"}, timeout=0.1)
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write('{"cmd": "quit"}\n')
+                self.proc.stdin.flush()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -197,9 +206,9 @@ def measure(cfg: Config, args: argparse.Namespace, work: Path) -> Result:
     cluster = Cluster(cfg, root)
     try:
         lead = cluster.nodes[cluster.leader()]
-        lead.request({"cmd": "seq", "n": 100})  # warm up connections and code paths
+        lead.request({"cmd": "seq", "n": 100, "limit": 5})  # warm up connections and code paths
         for _ in range(args.runs):
-            r = lead.request({"cmd": "seq", "n": args.seq})
+            r = lead.request({"cmd": "seq", "n": args.seq, "limit": args.seq_limit})
             res.seq.append(r["n"] / r["secs"])
             r = lead.request({"cmd": "conc", "n": args.conc, "inflight": args.inflight})
             if r.get("errors") or r.get("lost"):
@@ -274,7 +283,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {machine()}",
         f"Command: python bench/consensus.py {' '.join(args.argv)}".rstrip(),
-        f"Runs per figure: {args.runs} (median); sequential n={args.seq}; concurrent n={args.conc} "
+        f"Runs per figure: {args.runs} (median); sequential n={args.seq} (at most "
+        f"{args.seq_limit:g} s); concurrent n={args.conc} "
         f"with {args.inflight} in flight; fail-over: {args.kills} SIGKILLs of the leader",
         "",
         "| configuration | sequential commits/s | concurrent commits/s | fail-over median s "
@@ -315,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seq", type=int, default=2000)
+    p.add_argument("--seq-limit", type=float, default=3.0, help="seconds per sequential run")
     p.add_argument("--conc", type=int, default=30000)
     p.add_argument("--inflight", type=int, default=1000)
     p.add_argument("--kills", type=int, default=10)
@@ -325,17 +336,15 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = raw
     if args.quick:
         args.runs, args.seq, args.conc, args.kills = 1, 200, 3000, 2
-    extra = os.environ.get("NODE_FLAGS", "").split()
     configs = [
-        Config("kmsim fsync=on", "kmsim", ["--fsync", *extra]),
+        Config("kmsim fsync=on", "kmsim", ["--fsync"]),
         Config("kmsim fsync=off", "kmsim", ["--no-fsync"]),
         Config("pysyncobj batch=off", "pysyncobj", ["--no-batch"]),
         Config("pysyncobj batch=on (default)", "pysyncobj", ["--batch"]),
     ]
     if args.only:
         wanted = set(args.only.split(","))
-        extra = os.environ.get("NODE_FLAGS", "").split()
-    configs = [c for c in configs if c.label in wanted]
+        configs = [c for c in configs if c.label in wanted]
     work = Path(tempfile.mkdtemp(prefix="kmsim-bench-"))
     try:
         results = [measure(c, args, work) for c in configs]
