@@ -182,13 +182,18 @@ class History:
 
     @classmethod
     def load(cls, path: Path | str) -> History:
+        data = Path(path).read_bytes()
         try:
-            return cls.loads(Path(path).read_text(encoding="utf-8"))
+            return cls.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise HistoryError(f"{path}: line {line}: not UTF-8 at byte {exc.start}") from None
         except HistoryError as exc:
             raise HistoryError(f"{path}: {exc}") from None
 
 
 def _pair(inv: OpEvent, done: OpEvent | None) -> Operation:
+    # A completion's type is never "invoke" (the pairing rules guarantee it).
     outcome: Outcome = "pending" if done is None else done.type  # type: ignore[assignment]
     return Operation(
         id=inv.op,
@@ -227,7 +232,9 @@ class _Pairing:
     def add(self, event: Event, position: int) -> None:
         if event.index != position:
             raise HistoryError(f"event index {event.index} out of sequence (expected {position})")
-        if not math.isfinite(event.time) or event.time < self.last_time:
+        if not math.isfinite(event.time):
+            raise HistoryError(f"time {event.time} is not a finite number")
+        if event.time < self.last_time:
             raise HistoryError(f"time {event.time} goes backwards (last {self.last_time})")
         self.last_time = event.time
         if isinstance(event, FaultEvent):

@@ -209,3 +209,13 @@ def test_constructor_validates_events_too() -> None:
     event = OpEvent(0, "ok", 0, "c1", "read", "km1", 1.0, value={})
     with pytest.raises(HistoryError, match="never invoked"):
         History((event,))
+
+
+def test_loader_rejects_non_utf8_and_non_finite_times(tmp_path: Path) -> None:
+    lines = sample().to_jsonl().encode().splitlines(keepends=True)
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b"".join([*lines[:2], b"\xff\xfe garbage\n", *lines[2:]]))
+    with pytest.raises(HistoryError, match=r"binary\.jsonl: line 3: not UTF-8"):
+        History.load(path)
+    with pytest.raises(HistoryError, match="line 1: time nan is not a finite number"):
+        History.loads(_mutate(1, time=float("nan")))
