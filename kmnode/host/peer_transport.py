@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from attest.errors import AttestationError
 from consensus.codec import CodecError, decode_message, encode_message
@@ -45,6 +46,18 @@ JoinHandler = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaita
 RefusalHandler = Callable[[str, str], None]
 
 
+class FaultDecision(Protocol):
+    drop: bool
+    delay: float
+    duplicate: bool
+
+
+class LinkFaults(Protocol):
+    """Injected faults on outbound links (chaos testing): see kmnode.host.faults."""
+
+    def decide(self, peer: str) -> FaultDecision: ...
+
+
 @dataclass
 class PeerLinkStats:
     sent: int = 0
@@ -53,6 +66,7 @@ class PeerLinkStats:
     dropped_full: int = 0
     handshakes: int = 0
     refused: int = 0
+    dropped_fault: int = 0
 
 
 class _Peer:
@@ -95,6 +109,8 @@ class AttestedTransport(Transport):
         self.max_buffer_bytes = max_buffer_bytes
         self.reconnect_max = reconnect_max
         self.stats = PeerLinkStats()
+        #: Fault rules for chaos runs; None in normal operation.
+        self.faults: LinkFaults | None = None
         self._peers: dict[NodeId, _Peer] = {}
         self._handler: MessageHandler | None = None
         self._server: asyncio.Server | None = None
@@ -152,6 +168,27 @@ class AttestedTransport(Transport):
     # --- sending ----------------------------------------------------------------------------
 
     def send(self, msg: Message) -> None:
+        faults = self.faults
+        if faults is not None:
+            decision = faults.decide(msg.to)
+            if decision.drop:
+                self.stats.dropped_fault += 1
+                return
+            copies = 2 if decision.duplicate else 1
+            if decision.delay > 0:
+                loop = asyncio.get_running_loop()
+                for _ in range(copies):
+                    loop.call_later(decision.delay, self._enqueue, msg)
+                return
+            for _ in range(copies - 1):
+                self._enqueue(msg)
+        self._enqueue(msg)
+
+    def _enqueue(self, msg: Message) -> None:
+        """Seal and queue ``msg``; sealing happens here, in queue order, so a delayed message
+        takes the channel counter of the moment it is really sent."""
+        if self._stopping:
+            return
         peer = self._peers.get(msg.to)
         if peer is None or peer.session is None:
             self.stats.dropped_disconnected += 1

@@ -1,0 +1,124 @@
+"""Raft messages over attested channels between two in-process nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from attest.certs import TcbStatus
+from attest.hardware import Platform, VendorRoot
+from attest.identity import EnclaveIdentity, measure_sources, signer_id
+from attest.policy import Policy
+from attest.quote import QuoteVerifier
+from consensus.types import Message, MessageType
+from kmnode.host.peer_transport import AttestedTransport
+from kmnode.km.enclave import KMEnclave
+from tests.host import eventually
+
+pytestmark = pytest.mark.timeout(60)
+
+VENDOR = VendorRoot(b"vendor".ljust(32, b"\0"))
+KM = EnclaveIdentity(measure_sources({"km": b"code"}), signer_id("t"), 1, 1)
+ROGUE = EnclaveIdentity(measure_sources({"km": b"rogue"}), signer_id("t"), 1, 1)
+POLICY = Policy(km_measurements=frozenset({KM.measurement}), min_svn=1)
+DIRECTORY = {"a": "pa", "b": "pb"}
+
+
+@dataclass
+class Decision:
+    drop: bool = False
+    delay: float = 0.0
+    duplicate: bool = False
+
+
+class FixedFaults:
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+    def decide(self, peer: str) -> Decision:
+        return self.decision
+
+
+def enclave(name: str, identity: EnclaveIdentity = KM) -> KMEnclave:
+    platform = Platform(f"p{name}", TcbStatus.UP_TO_DATE, name.encode().ljust(32, b"\0"), VENDOR)
+    km = KMEnclave(name, platform.enclave(identity), QuoteVerifier(VENDOR.public_key))
+    km.state.policy = POLICY
+    return km
+
+
+class Pair:
+    def __init__(self, b_identity: EnclaveIdentity = KM) -> None:
+        self.received: dict[str, list[Message]] = {"a": [], "b": []}
+        self.ports: dict[str, int] = {}
+        self.transports = {
+            name: AttestedTransport(
+                name, enclave(name, KM if name == "a" else b_identity),
+                directory=lambda: dict(DIRECTORY),
+                addresses=lambda: {n: ("127.0.0.1", p) for n, p in self.ports.items()},
+                host="127.0.0.1", port=0,
+            )
+            for name in ("a", "b")
+        }  # fmt: skip
+
+    async def start(self) -> None:
+        for name, transport in self.transports.items():
+            await transport.listen()
+            self.ports[name] = transport.port
+        for name, transport in self.transports.items():
+            await transport.start(self.received[name].append)
+
+    async def stop(self) -> None:
+        for transport in self.transports.values():
+            await transport.stop()
+
+
+def heartbeat(i: int) -> Message:
+    return Message(MessageType.HEARTBEAT, to="b", frm="a", term=1, commit=i)
+
+
+async def test_messages_flow_after_mutual_attestation() -> None:
+    pair = Pair()
+    await pair.start()
+    try:
+        a = pair.transports["a"]
+        await eventually(lambda: "b" in a.attested_peers(), "a's attested link to b")
+        assert a.attested_peers() == {"b": "pb"}
+        for i in range(50):
+            a.send(heartbeat(i))
+        await eventually(lambda: len(pair.received["b"]) == 50, "50 messages at b")
+        assert [m.commit for m in pair.received["b"]] == list(range(50))
+    finally:
+        await pair.stop()
+
+
+async def test_injected_drop_and_duplicate() -> None:
+    pair = Pair()
+    await pair.start()
+    try:
+        a = pair.transports["a"]
+        await eventually(lambda: "b" in a.attested_peers(), "attested link")
+        a.faults = FixedFaults(Decision(drop=True))
+        for i in range(10):
+            a.send(heartbeat(i))
+        assert a.stats.dropped_fault == 10
+        a.faults = FixedFaults(Decision(duplicate=True, delay=0.01))
+        a.send(heartbeat(99))
+        await eventually(lambda: len(pair.received["b"]) == 2, "duplicated message")
+        assert [m.commit for m in pair.received["b"]] == [99, 99]
+    finally:
+        await pair.stop()
+
+
+async def test_peer_with_unknown_measurement_never_gets_a_link() -> None:
+    pair = Pair(b_identity=ROGUE)
+    await pair.start()
+    try:
+        a = pair.transports["a"]
+        await eventually(lambda: a.stats.refused >= 1, "a refusing b's quote")
+        a.send(heartbeat(1))
+        await asyncio.sleep(0.2)
+        assert a.attested_peers() == {} and pair.received["b"] == []
+    finally:
+        await pair.stop()
