@@ -11,6 +11,7 @@ from consensus.types import (
     ConfChange,
     ConfChangeType,
     ConfState,
+    Entry,
     EntryType,
     MessageType,
     NotLeader,
@@ -234,7 +235,5 @@ def test_garbage_conf_change_entry_leaves_membership_alone() -> None:
     h.elect("a")
     core = h.nodes["a"]
     index = core.log.last_index + 1
-    from consensus.types import Entry  # local: only this test forges entries
-
     core._append_to_log([Entry(core.term, index, EntryType.CONF_CHANGE, b"not json")])
     assert core.conf.voters == ("a", "b", "c")
