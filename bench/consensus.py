@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
         Config("pysyncobj batch=off", "pysyncobj", ["--no-batch"]),
         Config("pysyncobj batch=on (default)", "pysyncobj", ["--batch"]),
     ]
+    if importlib.util.find_spec("uvloop") is not None:
+        # Optional: the same code on uvloop's event loop, to show how much is asyncio overhead.
+        configs.insert(2, Config("kmsim fsync=off uvloop", "kmsim", ["--no-fsync", "--uvloop"]))
     if args.only:
         wanted = set(args.only.split(","))
         configs = [c for c in configs if c.label in wanted]

@@ -308,6 +308,7 @@ def main() -> None:
     p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tick", type=float, default=0.025)
     p.add_argument("--election-tick", type=int, default=10)
+    p.add_argument("--uvloop", action="store_true", help="run kmsim on uvloop if installed")
     p.add_argument("--inline-persist", action="store_true")
     p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--password", default="bench-password")
@@ -316,7 +317,11 @@ def main() -> None:
 
     if os.environ.get("SWITCH"):
         sys.setswitchinterval(float(os.environ["SWITCH"]))
-    if args.impl == "kmsim":
+    if args.impl == "kmsim" and args.uvloop:
+        import uvloop
+
+        uvloop.run(run_kmsim(args))
+    elif args.impl == "kmsim":
         asyncio.run(run_kmsim(args))
     else:
         run_pysyncobj(args)

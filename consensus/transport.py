@@ -24,6 +24,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from consensus.codec import DEFAULT_MAX_MESSAGE_BYTES, CodecError, decode_message, encode_message
 from consensus.types import Message, NodeId
@@ -74,9 +75,9 @@ class _Inbound(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._owner._inbound.add(transport)
+        # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+        self._owner._inbound.add(self._transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
@@ -264,7 +265,6 @@ class TcpTransport(Transport):
                     await asyncio.wait_for(peer.changed.wait(), delay)
                 delay = min(delay * 2, self.reconnect_max)
                 continue
-            assert isinstance(transport, asyncio.Transport)
             delay = self.reconnect_min
             self.stats.connects += 1
             transport.write(self._hello)
