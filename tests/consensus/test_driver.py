@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from consensus.driver import DriverStopped, RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
 from consensus.transport import TcpTransport
-from consensus.types import Entry, NotLeader, ProposalTimeout
+from consensus.types import Entry, NotLeader, ProposalDropped, ProposalTimeout
 
 NAMES = ("a", "b", "c")
 
@@ -190,3 +191,36 @@ async def test_snapshot_catch_up_after_compaction(tmp_path: Path) -> None:
         assert c.machines[lagging].items == c.machines[leader.id].items
     finally:
         await c.close()
+
+
+def refused_address() -> tuple[str, int]:
+    """A loopback port nobody listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return ("127.0.0.1", s.getsockname()[1])
+
+
+async def test_partitioned_leader_proposals_are_dropped(cluster: Cluster) -> None:
+    old = await cluster.leader()
+    others = [d for d in cluster.drivers.values() if d is not old]
+    real = {n: d.transport.address for n, d in cluster.drivers.items()}  # type: ignore[attr-defined]
+    nowhere = refused_address()
+    for o in others:  # cut the leader off in both directions
+        old.transport.set_peer(o.id, nowhere)  # type: ignore[attr-defined]
+        o.transport.set_peer(old.id, nowhere)  # type: ignore[attr-defined]
+    lost = [asyncio.create_task(old.propose(b"lost%d" % i, timeout=20)) for i in range(5)]
+    await until(lambda: any(o.is_leader for o in others), 10, "a leader in the majority")
+    new = next(o for o in others if o.is_leader)
+    for i in range(3):
+        await new.propose(b"kept%d" % i, timeout=10)
+    for o in others:  # heal
+        old.transport.set_peer(o.id, real[o.id])  # type: ignore[attr-defined]
+        o.transport.set_peer(old.id, real[old.id])  # type: ignore[attr-defined]
+    outcomes = await asyncio.gather(*lost, return_exceptions=True)
+    assert all(isinstance(r, ProposalDropped) for r in outcomes), outcomes
+    await until(
+        lambda: cluster.machines[old.id].items == cluster.machines[new.id].items,
+        10,
+        "the old leader converging on the new log",
+    )
+    assert not any(item.startswith(b"lost") for item in cluster.machines[old.id].items)

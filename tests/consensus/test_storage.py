@@ -271,3 +271,13 @@ def test_random_appends_match_model(
         assert list(log.initial_state.entries) == model
         assert log.initial_state.hard_state.term == term
     os.sync()
+
+
+def test_commit_only_hard_state_can_skip_fsync(tmp_path: Path) -> None:
+    with DurableLog.open(tmp_path) as log:
+        log.append(entries(1, 3), HardState(1, "a", 0))
+        synced = log.fsyncs
+        log.append(hard_state=HardState(1, "a", 3), sync=False)
+        assert log.fsyncs == synced  # written, but no fsync of its own
+    with DurableLog.open(tmp_path) as log:
+        assert log.initial_state.hard_state == HardState(1, "a", 3)
