@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import time
@@ -224,3 +225,21 @@ async def test_partitioned_leader_proposals_are_dropped(cluster: Cluster) -> Non
         "the old leader converging on the new log",
     )
     assert not any(item.startswith(b"lost") for item in cluster.machines[old.id].items)
+
+
+async def test_stop_leaves_no_tasks_or_file_descriptors(tmp_path: Path) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before_fds = fds()
+    before_tasks = asyncio.all_tasks()
+    c = Cluster(tmp_path)
+    for n in NAMES:
+        await c.start(n)
+    leader = await c.leader()
+    await asyncio.gather(*(leader.propose(b"x%d" % i) for i in range(20)))
+    assert fds() > before_fds
+    await c.close()
+    await asyncio.sleep(0.05)  # let closed transports run their final callbacks
+    assert asyncio.all_tasks() == before_tasks
+    assert fds() == before_fds
