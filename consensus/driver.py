@@ -126,6 +126,7 @@ class RaftDriver:
         self._executor: ThreadPoolExecutor | None = None
         self._was_leader = False
         self._stopping = False
+        self._closed = False
         hs0 = state.hard_state
         self._durable_term_vote = (hs0.term, hs0.vote)
         self._persist_in_thread = log.fsync if persist_in_thread is None else persist_in_thread
@@ -147,8 +148,9 @@ class RaftDriver:
 
         Any persist already running completes first, so the log is never closed under a write.
         """
-        if self._stopping:
+        if self._closed:
             return
+        self._closed = True
         self._stopping = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -164,16 +166,18 @@ class RaftDriver:
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
         await self.transport.stop()
         self.log.close()
-        err = DriverStopped(f"raft driver {self.id} stopped")
+        self._fail_all(DriverStopped(f"raft driver {self.id} stopped"))
+
+    def _fail_all(self, err: Exception) -> None:
+        """Fail every queued or in-flight request with ``err``."""
         futures: list[asyncio.Future[object]] = [f for _, f in self._proposals]
         futures += [f for _, f in self._pending.values()]
         for fut in futures:
             if not fut.done():
                 fut.set_exception(err)
-        for rfut in [f for _, f in self._reads] + list(self._read_waits.values()):
-            if not rfut.done():
-                rfut.set_exception(err)
-        for _, rfut in self._read_ready:
+        reads = [f for _, f in self._reads] + list(self._read_waits.values())
+        reads += [f for _, f in self._read_ready]
+        for rfut in reads:
             if not rfut.done():
                 rfut.set_exception(err)
         self._proposals.clear()
@@ -301,6 +305,18 @@ class RaftDriver:
                 core.read_index(ctx)
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception as exc:
+            # A failed write must not be retried or skipped: stop serving, say why, and let
+            # the owner restart the node (the log is replayed from what is durable).
+            log.exception("%s: raft loop failed; the driver stops", self.id)
+            self._stopping = True
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+            self._fail_all(DriverStopped(f"raft driver {self.id} failed: {exc!r}"))
+
+    async def _loop(self) -> None:
         assert self._wake is not None
         wake = self._wake
         core = self.core

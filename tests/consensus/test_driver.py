@@ -243,3 +243,15 @@ async def test_stop_leaves_no_tasks_or_file_descriptors(tmp_path: Path) -> None:
     await asyncio.sleep(0.05)  # let closed transports run their final callbacks
     assert asyncio.all_tasks() == before_tasks
     assert fds() == before_fds
+
+
+async def test_storage_failure_stops_the_driver_loudly(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    leader = await cluster.leader()
+    leader.log.close()  # every later write fails
+    with pytest.raises(DriverStopped, match="failed"):
+        await leader.propose(b"x", timeout=5)
+    assert "raft loop failed" in caplog.text
+    with pytest.raises(DriverStopped):
+        await leader.propose(b"y")
