@@ -113,10 +113,12 @@ class SimNode:
         "incarnation",
         "inflight",
         "inflight_leader_term",
+        "inflight_sent",
         "leader_term_seen",
         "peers",
         "retired",
         "store",
+        "was_leader",
     )
 
     def __init__(self, node_id: NodeId, peers: tuple[NodeId, ...], core: RaftCore) -> None:
@@ -129,6 +131,8 @@ class SimNode:
         self.incarnation = 0
         self.inflight: Ready | None = None
         self.inflight_leader_term = 0
+        self.inflight_sent = False
+        self.was_leader = False
         self.leader_term_seen = 0
         self.app_index = 0
         self.app_digest = GENESIS
@@ -154,6 +158,9 @@ class Simulation:
         pv, cq = self.cfg.pre_vote, self.cfg.check_quorum
         self._pre_vote = pv if pv is not None else self.rng.random() < 0.75
         self._check_quorum = cq if cq is not None else self.rng.random() < 0.75
+        # Like the asyncio driver (and etcd), a steady leader may send its messages before its
+        # own write is durable; half the seeds model that, half the strict persist-then-send.
+        self._leader_sends_early = self.rng.random() < 0.5
         self._client_hint: NodeId = ""
         self._proposals = 0
         self._reads = 0
@@ -221,16 +228,23 @@ class Simulation:
             if node.inflight is not None or not core.has_ready():
                 return
             rd = core.ready()
-            leader_term = core.term if core.role == Role.LEADER else 0
+            is_leader = core.role == Role.LEADER
+            leader_term = core.term if is_leader else 0
             if rd.entries:
                 self.checker.on_persist(node.id, rd.entries, core.log)
+            sent = self._leader_sends_early and node.was_leader and is_leader
+            node.was_leader = is_leader
+            if sent:
+                for m in rd.messages:
+                    self._send(m)
             if rd.must_sync:
                 node.inflight = rd
                 node.inflight_leader_term = leader_term
+                node.inflight_sent = sent
                 delay = self.rng.randint(self.cfg.fsync_min_us, self.cfg.fsync_max_us)
                 self._at(self.now + delay, self._fsync_done, (node, node.incarnation))
                 return
-            self._complete(node, rd, leader_term)
+            self._complete(node, rd, leader_term, sent)
 
     def _fsync_done(self, arg: tuple[SimNode, int]) -> None:
         node, inc = arg
@@ -238,14 +252,15 @@ class Simulation:
             return
         rd = node.inflight
         node.inflight = None
-        self._complete(node, rd, node.inflight_leader_term)
+        self._complete(node, rd, node.inflight_leader_term, node.inflight_sent)
         self._pump(node)
 
-    def _complete(self, node: SimNode, rd: Ready, leader_term: int) -> None:
-        """Persist, send, apply and acknowledge one Ready, in the order the contract says."""
+    def _complete(self, node: SimNode, rd: Ready, leader_term: int, sent: bool) -> None:
+        """Persist, send (unless already sent), apply and acknowledge one Ready."""
         node.store.write(rd)
-        for m in rd.messages:
-            self._send(m)
+        if not sent:
+            for m in rd.messages:
+                self._send(m)
         checker = self.checker
         if rd.snapshot is not None:
             index, digest = decode_snapshot(rd.snapshot.data)
@@ -312,6 +327,7 @@ class Simulation:
         node.core = self._make_core(node, node.id, node.peers, node.incarnation)
         node.alive = True
         node.leader_term_seen = 0
+        node.was_leader = False
         snap = node.store.snapshot
         node.app_index, node.app_digest = (
             decode_snapshot(snap.data) if not snap.is_empty else (0, GENESIS)
