@@ -78,7 +78,6 @@ async def run_kmsim(args: argparse.Namespace) -> None:
         tick_interval=args.tick,
         rng=random.Random(),
         snapshot_every=100_000,
-        persist_in_thread=not args.inline_persist,
     )
     await driver.start()
     loop = asyncio.get_running_loop()
@@ -309,7 +308,6 @@ def main() -> None:
     p.add_argument("--tick", type=float, default=0.025)
     p.add_argument("--election-tick", type=int, default=10)
     p.add_argument("--uvloop", action="store_true", help="run kmsim on uvloop if installed")
-    p.add_argument("--inline-persist", action="store_true")
     p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--password", default="bench-password")
     args = p.parse_args()

@@ -31,7 +31,9 @@ from consensus.types import Message, NodeId
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[Message], None]
+#: Receives the messages decoded from one read, in order (a batch lets the driver run the core
+#: once per read rather than once per message).
+MessageHandler = Callable[[list[Message]], None]
 Address = tuple[str, int]
 
 _LEN = struct.Struct(">I")
@@ -43,7 +45,7 @@ class Transport(ABC):
 
     @abstractmethod
     async def start(self, handler: MessageHandler) -> None:
-        """Begin delivering inbound messages addressed to this node to ``handler``."""
+        """Begin delivering inbound messages addressed to this node to ``handler``, in batches."""
 
     @abstractmethod
     def send(self, msg: Message) -> None:
@@ -63,6 +65,10 @@ class TransportStats:
     dropped_oversize: int = 0
     rejected_frames: int = 0
     connects: int = 0
+
+
+class _BadFrame(Exception):
+    """The inbound byte stream cannot be trusted past this point."""
 
 
 class _Inbound(asyncio.Protocol):
@@ -93,6 +99,18 @@ class _Inbound(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         buf += data
+        batch: list[Message] = []
+        try:
+            pos = self._parse(buf, batch)
+            if pos:
+                del buf[:pos]
+        except _BadFrame as exc:
+            self._reject(str(exc))
+        if batch:  # messages before a bad frame were fine: deliver them
+            self._owner._deliver(batch)
+
+    def _parse(self, buf: bytearray, batch: list[Message]) -> int:
+        """Decode every complete frame in ``buf`` into ``batch``; returns the bytes consumed."""
         owner = self._owner
         limit = owner.max_message_bytes
         pos = 0
@@ -101,30 +119,26 @@ class _Inbound(asyncio.Protocol):
             (n,) = _LEN.unpack_from(buf, pos)
             if n > limit:
                 owner.stats.dropped_oversize += 1
-                self._reject(f"frame of {n} bytes exceeds the {limit}-byte limit")
-                return
+                raise _BadFrame(f"frame of {n} bytes exceeds the {limit}-byte limit")
             if end - pos - 4 < n:
                 break
             body = bytes(buf[pos + 4 : pos + 4 + n])
             pos += 4 + n
             if not self._hello:
                 if not body.startswith(_MAGIC):
-                    self._reject("bad hello")
-                    return
+                    raise _BadFrame("bad hello")
                 self._hello = True
                 continue
             try:
                 msg = decode_message(body, max_bytes=limit)
             except CodecError as exc:
-                self._reject(f"undecodable message: {exc}")
-                return
+                raise _BadFrame(f"undecodable message: {exc}") from exc
             if msg.to != owner.node_id:
                 owner.stats.rejected_frames += 1
                 continue
             owner.stats.received += 1
-            owner._deliver(msg)
-        if pos:
-            del buf[:pos]
+            batch.append(msg)
+        return pos
 
 
 class _Outbound(asyncio.Protocol):
@@ -216,9 +230,9 @@ class TcpTransport(Transport):
             peer.transport.close()
         peer.changed.set()
 
-    def _deliver(self, msg: Message) -> None:
+    def _deliver(self, msgs: list[Message]) -> None:
         if self._handler is not None and not self._stopping:
-            self._handler(msg)
+            self._handler(msgs)
 
     def send(self, msg: Message) -> None:
         peer = self._peers.get(msg.to)

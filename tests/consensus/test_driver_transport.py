@@ -37,7 +37,7 @@ async def pair(**kw: int) -> tuple[TcpTransport, TcpTransport, list[Message]]:
     a = TcpTransport("a", **kw)  # type: ignore[arg-type]
     b = TcpTransport("b", **kw)  # type: ignore[arg-type]
     await a.start(lambda m: None)
-    await b.start(got.append)
+    await b.start(got.extend)
     a.set_peer("b", b.address)
     b.set_peer("a", a.address)
     await until(lambda: a.stats.connects == 1)
@@ -75,7 +75,7 @@ async def test_oversize_frame_rejected_on_receive() -> None:
 async def test_garbage_and_misaddressed_input_is_rejected() -> None:
     got: list[Message] = []
     b = TcpTransport("b")
-    await b.start(got.append)
+    await b.start(got.extend)
     try:
         _, w = await asyncio.open_connection(*b.address)
         w.write(struct.pack(">I", 4) + b"nope")  # bad hello
