@@ -1,16 +1,21 @@
 """The asyncio driver: runs one ``RaftCore`` against a durable log, a transport and a state machine.
 
-One task owns the core. Everything else (inbound messages, ticks, proposals, reads) only
-appends to a queue and wakes that task, so the core is never stepped between ``ready()`` and
-``advance()`` and needs no locks. Each turn of the loop:
+Everything that reaches the core (inbound messages, ticks, proposals, reads) is first queued;
+the core is only ever run by one pass of ``_pump`` at a time, so it is never stepped between
+``ready()`` and ``advance()`` and needs no locks. A pass:
 
-1. feed queued messages, ticks, proposals and reads to the core;
-2. take a ``Ready``; persist it (one write + one fsync for every proposal and message fed in
-   step 1: group commit), in a worker thread so the event loop keeps receiving meanwhile;
-3. send its messages, apply its committed entries, resolve futures, serve reads, ``advance``.
+1. feeds queued messages, ticks, proposals and reads to the core;
+2. takes a ``Ready`` and persists it: one write and one fsync for every proposal and message
+   fed in step 1 (group commit). An fsync runs in a worker thread so the event loop keeps
+   receiving meanwhile; the Ready is "parked" and the loop task awaits the thread;
+3. sends its messages, applies its committed entries, resolves futures, serves reads, and
+   calls ``advance``.
 
-Inputs that arrive while step 2 waits for the disk are all fed in the next turn, so the batch
-size grows with load and the fsync rate stays bounded.
+Inputs that arrive while step 2 waits for the disk are all fed in the next pass, so batches
+grow with load and the fsync rate stays bounded. Passes normally run in the loop task; when it
+is idle, a batch of inbound messages runs a pass directly from the transport's callback, which
+saves an event-loop turn per network hop on the commit path. A hard state that differs from
+the durable one only in its commit index is written without an fsync (etcd's ``MustSync``).
 
 Leader pipelining (Raft dissertation §10.2.1): a node that was leader before and after a
 ``Ready`` sends that Ready's messages *before* its own fsync, so followers write in parallel
