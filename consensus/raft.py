@@ -74,8 +74,9 @@ from consensus.types import (
 #: leader lease of the voters, because the current leader asked for this election.
 CAMPAIGN_TRANSFER = b"transfer"
 
-#: Heartbeats that confirm leadership for a read carry this prefix before the read's context,
-#: so an ordinary heartbeat (empty context) can never be mistaken for a read confirmation.
+#: Heartbeats that confirm leadership for a read carry this prefix and the leader's own
+#: sequence number for the read, so an ordinary heartbeat (empty context) can never be mistaken
+#: for a confirmation, and two clients that happen to pick the same context cannot collide.
 _READ_PREFIX = b"\x01"
 
 _M = MessageType
@@ -150,6 +151,7 @@ class Status:
 class _ReadRequest:
     index: int
     frm: NodeId
+    ctx: bytes
     acks: set[NodeId]
 
 
@@ -190,7 +192,8 @@ class RaftCore:
         self._randomized_timeout = config.election_tick
         self.lead_transferee: NodeId = NONE
         self._pending_conf_index = 0
-        self._reads: OrderedDict[bytes, _ReadRequest] = OrderedDict()
+        self._reads: OrderedDict[int, _ReadRequest] = OrderedDict()
+        self._read_seq = 0
         self._queued_reads: list[tuple[bytes, NodeId]] = []
         self._bcast_pending = False
 
@@ -864,8 +867,8 @@ class RaftCore:
             pr.inflight.popleft()
         if pr.match < self.log.last_index:
             self._send_append(m.frm, send_if_empty=True)
-        if m.context.startswith(_READ_PREFIX):
-            self._ack_read(m.context[len(_READ_PREFIX) :], m.frm)
+        if len(m.context) == len(_READ_PREFIX) + 8 and m.context.startswith(_READ_PREFIX):
+            self._ack_read(int.from_bytes(m.context[len(_READ_PREFIX) :], "big"), m.frm)
 
     def _send_append(self, to: NodeId, send_if_empty: bool) -> bool:
         """Send the next APPEND (or the snapshot) to ``to``; False if nothing was sent."""
@@ -993,14 +996,14 @@ class RaftCore:
         if voters == (self.id,):
             self._deliver_read(ctx, frm, self.log.commit)
             return
-        if ctx in self._reads:
-            return
+        self._read_seq += 1
+        seq = self._read_seq
         acks = {self.id} if self.id in voters else set()
-        self._reads[ctx] = _ReadRequest(self.log.commit, frm, acks)
-        self._bcast_heartbeat(_READ_PREFIX + ctx)
+        self._reads[seq] = _ReadRequest(self.log.commit, frm, ctx, acks)
+        self._bcast_heartbeat(_READ_PREFIX + seq.to_bytes(8, "big"))
 
-    def _ack_read(self, ctx: bytes, frm: NodeId) -> None:
-        req = self._reads.get(ctx)
+    def _ack_read(self, seq: int, frm: NodeId) -> None:
+        req = self._reads.get(seq)
         voters = self.conf.voters
         if req is None or frm not in voters:
             return
@@ -1011,8 +1014,8 @@ class RaftCore:
         # earlier ones were registered, so a quorum for it confirms them too.
         while self._reads:
             key, r = self._reads.popitem(last=False)
-            self._deliver_read(key, r.frm, r.index)
-            if key == ctx:
+            self._deliver_read(r.ctx, r.frm, r.index)
+            if key == seq:
                 break
 
     def _deliver_read(self, ctx: bytes, frm: NodeId, index: int) -> None:

@@ -86,13 +86,27 @@ def test_reads_are_confirmed_in_order() -> None:
     h.nodes["a"].read_index(b"r1")
     h.nodes["a"].read_index(b"r2")
     h.process("a")
-    # Only the heartbeats for r2 get through; that quorum confirms r1 as well.
-    h.take(lambda m: m.type == HEARTBEAT and m.context.endswith(b"r1"))
+    # Only the heartbeats for r2 (the later round) get through; that quorum confirms r1 too.
+    rounds = sorted({m.context for m in h.queue if m.type == HEARTBEAT})
+    assert len(rounds) == 2
+    h.take(lambda m: m.type == HEARTBEAT and m.context == rounds[0])
     h.stabilize()
     assert [r.request_ctx for r in h.read_states["a"]] == [b"r1", b"r2"]
 
 
 # -- leadership transfer ---------------------------------------------------------------------
+
+
+def test_same_context_from_two_nodes_does_not_collide() -> None:
+    h = Harness(["a", "b", "c"])
+    h.elect("a")
+    h.nodes["b"].read_index(b"1")
+    h.nodes["c"].read_index(b"1")
+    h.process("b")
+    h.process("c")
+    h.stabilize()
+    assert [r.request_ctx for r in h.read_states["b"]] == [b"1"]
+    assert [r.request_ctx for r in h.read_states["c"]] == [b"1"]
 
 
 def test_transfer_to_an_up_to_date_follower() -> None:
