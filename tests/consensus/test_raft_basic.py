@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from consensus.quorum import VoteResult, committed_index, quorum, tally
 from consensus.raft import RaftConfig, RaftCore
 from consensus.sim.harness import Harness
 from consensus.types import EntryType, HardState, NotLeader, PersistedState, Role
@@ -79,3 +80,14 @@ def test_core_uses_only_the_given_rng() -> None:
         two.tick()
     assert one.ready() == two.ready()
     assert one.role == two.role == Role.PRE_CANDIDATE
+
+
+def test_quorum_is_a_strict_majority() -> None:
+    assert [quorum(n) for n in range(1, 8)] == [1, 2, 2, 3, 3, 4, 4]
+    voters = ("a", "b", "c", "d")
+    assert tally(voters, {"a": True, "b": True}) == VoteResult.PENDING
+    assert tally(voters, {"a": True, "b": True, "c": True}) == VoteResult.WON
+    assert tally(voters, {"a": True, "b": False, "c": False}) == VoteResult.LOST
+    # votes from non-voters do not count
+    assert tally(voters, {"a": True, "b": True, "x": True, "y": True}) == VoteResult.PENDING
+    assert committed_index(voters, {"a": 9, "b": 7, "c": 5, "d": 1}) == 5  # held by a, b and c

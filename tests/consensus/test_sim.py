@@ -10,8 +10,9 @@ from consensus.raftlog import RaftLog
 from consensus.sim.appstate import GENESIS
 from consensus.sim.checker import Checker
 from consensus.sim.cli import main, sweep
+from consensus.sim.memstore import MemStore
 from consensus.sim.simulator import SimConfig, Simulation, run_seed
-from consensus.types import Entry, NodeId, NotLeader, Snapshot
+from consensus.types import Entry, HardState, NodeId, NotLeader, Ready, Snapshot
 
 FAULTY = SimConfig()  # faults, crashes with torn writes, membership changes, compaction
 
@@ -142,3 +143,21 @@ def test_cli_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--seeds", "3", "--start", "5", "--nodes", "3"]) == 0
     out = capsys.readouterr().out
     assert "seeds run: 3" in out and "violations: 0" in out and "sim-s/wall-s" in out
+
+
+def test_memstore_torn_write_keeps_a_prefix_of_records() -> None:
+    store = MemStore()
+    rd = Ready(
+        hard_state=HardState(term=2, vote="a", commit=1),
+        entries=(Entry(2, 1), Entry(2, 2), Entry(2, 3)),
+    )
+    assert MemStore.record_count(rd) == 4
+    store.write(rd, keep=2)  # crash mid-write: two entries made it, the hard state did not
+    loaded = store.load()
+    assert [e.index for e in loaded.entries] == [1, 2]
+    assert loaded.hard_state == HardState()
+    store.write(rd)
+    assert store.load().hard_state.vote == "a"
+    # A conflicting append replaces the tail.
+    store.write(Ready(entries=(Entry(3, 2),)))
+    assert [(e.index, e.term) for e in store.load().entries] == [(1, 2), (2, 3)]
