@@ -109,6 +109,7 @@ class SimNode:
         "app_digest",
         "app_index",
         "core",
+        "crash_mid_write",
         "id",
         "incarnation",
         "inflight",
@@ -132,6 +133,8 @@ class SimNode:
         self.inflight: Ready | None = None
         self.inflight_leader_term = 0
         self.inflight_sent = False
+        #: when non-zero: crash during the next durable write, then stay down this long (µs)
+        self.crash_mid_write = 0
         self.was_leader = False
         self.leader_term_seen = 0
         self.app_index = 0
@@ -243,6 +246,10 @@ class Simulation:
                 node.inflight_sent = sent
                 delay = self.rng.randint(self.cfg.fsync_min_us, self.cfg.fsync_max_us)
                 self._at(self.now + delay, self._fsync_done, (node, node.incarnation))
+                if node.crash_mid_write:
+                    downtime, node.crash_mid_write = node.crash_mid_write, 0
+                    when = self.now + self.rng.randint(0, delay - 1)
+                    self._at(when, self._crash_for, (node, node.incarnation, downtime))
                 return
             self._complete(node, rd, leader_term, sent)
 
@@ -317,8 +324,17 @@ class Simulation:
             kept = f"{keep}/{total}"
         node.alive = False
         node.inflight = None
+        node.crash_mid_write = 0
         node.incarnation += 1
         self._log(f"{node.id} crashes (unsynced records kept: {kept})")
+
+    def _crash_for(self, arg: tuple[SimNode, int, int]) -> None:
+        """Crash now (if still the same incarnation) and restart after ``downtime`` µs."""
+        node, inc, downtime = arg
+        if not node.alive or node.incarnation != inc:
+            return
+        self._crash(node)
+        self._at(self.now + downtime, self._restart, node)
 
     def _restart(self, node: SimNode) -> None:
         if node.alive or node.retired:
@@ -487,13 +503,17 @@ class Simulation:
             victim = self.rng.choice(candidates)  # crash in the middle of an election
         else:
             victim = self.rng.choice(alive)
-        self._crash(victim)
         # Quick bounces hit the windows where durable state matters most (a vote cast just
         # before the crash, entries acknowledged just before it); long outages make laggards.
         if self.rng.random() < 0.4:
             downtime = self.rng.randint(1_000, 100_000)
         else:
             downtime = self.rng.randint(100_000, 5_000_000)
+        if self.cfg.torn_writes and self.rng.random() < 0.5:
+            # Crash in the middle of the victim's next write: a torn tail of unsynced records.
+            victim.crash_mid_write = downtime
+            return
+        self._crash(victim)
         self._at(self.now + downtime, self._restart, victim)
 
     def _fault_links(self) -> None:
