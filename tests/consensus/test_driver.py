@@ -17,7 +17,14 @@ from consensus.driver import DriverStopped, RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
 from consensus.transport import TcpTransport
-from consensus.types import Entry, NotLeader, ProposalDropped, ProposalTimeout
+from consensus.types import (
+    ConfChange,
+    ConfChangeType,
+    Entry,
+    NotLeader,
+    ProposalDropped,
+    ProposalTimeout,
+)
 
 NAMES = ("a", "b", "c")
 
@@ -57,11 +64,11 @@ class Cluster:
         self.drivers: dict[str, RaftDriver] = {}
         self.machines: dict[str, ListMachine] = {}
 
-    async def start(self, name: str) -> RaftDriver:
+    async def start(self, name: str, peers: tuple[str, ...] = NAMES) -> RaftDriver:
         transport = TcpTransport(name)
         sm = ListMachine()
         driver = RaftDriver(
-            RaftConfig(id=name, peers=NAMES),
+            RaftConfig(id=name, peers=peers),
             DurableLog.open(self.root / name, fsync=True),
             transport,
             sm,
@@ -255,3 +262,19 @@ async def test_storage_failure_stops_the_driver_loudly(
     assert "raft loop failed" in caplog.text
     with pytest.raises(DriverStopped):
         await leader.propose(b"y")
+
+
+async def test_membership_change_adds_a_voter_that_catches_up(cluster: Cluster) -> None:
+    leader = await cluster.leader()
+    await asyncio.gather(*(leader.propose(b"old%d" % i) for i in range(30)))
+    await cluster.start("d", peers=())  # a joiner learns the membership from the leader
+    await leader.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, "d"), timeout=10)
+    assert "d" in leader.status.conf.voters
+    await leader.propose(b"new", timeout=10)
+    await until(
+        lambda: cluster.machines["d"].items == cluster.machines[leader.id].items,
+        10,
+        "the new voter catching up",
+    )
+    assert cluster.machines["d"].items[-1] == b"new"
+    assert "d" in cluster.drivers["d"].status.conf.voters
