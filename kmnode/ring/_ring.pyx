@@ -290,11 +290,12 @@ WAIT = ON_FULL_WAIT
 DISCARD = ON_FULL_DISCARD
 FAIL = ON_FULL_FAIL
 
-#: Copies of at least this many bytes are done with the GIL released.  Smaller copies take
-#: a few nanoseconds, less than handing the GIL to another thread and taking it back, which
-#: with several writer threads turns every record into two context switches.  Waiting (for
-#: a lock, for space, for data) always releases the GIL whatever the size.
-GIL_RELEASE_BYTES = 0
+#: Copies of at least this many bytes are done with the GIL released (so are all waits, for a
+#: lock, for space or for data, whatever the size).  Below it the copy is done with the GIL
+#: held: a sub-kilobyte memcpy takes tens of nanoseconds, while releasing and re-taking the GIL
+#: costs more than that, and measured here (bench/results/ring.md) it halved the one-record
+#: throughput at 64 B.  Set 0 (module-wide, or per Writer/Reader) to release it for every copy.
+GIL_RELEASE_BYTES = 1024
 
 LAYOUT = {
     "write_offset": OFF_WRITE,
@@ -879,6 +880,9 @@ cdef class Writer:
         try:
             if <uint64_t>n > self.max_rec:
                 raise RecordTooLarge(f"{self.ring.name}: record of {n} bytes exceeds the maximum {self.max_rec}")
+            mode = self._mode(on_full)
+            if timeout is not None and not timeout >= 0.0:
+                raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
             self.ring._enter()
             try:
                 if n < self.gil_release_bytes:
@@ -887,7 +891,6 @@ cdef class Writer:
                         return True
                     if rc != RC_BUSY and rc != RC_FULL:
                         self._raise(rc, 0)
-                mode = self._mode(on_full)
                 deadline = self._deadline(timeout)
                 with nogil:
                     rc = self._put(buf, n, typ, mode, deadline)

@@ -48,7 +48,7 @@ def stress_reader(name: str, results: Queue[object], n_writers: int) -> None:
     Thread 0 uses batches, thread 1 single reads and zero-copy views.
     """
     ring = Ring.attach(name)
-    reader = Reader(ring, lock_timeout=30.0)
+    reader = Reader(ring, lock_timeout=30.0, gil_release_bytes=32)
     done = threading.Event()
     errors: list[str] = []
     seqs: list[list[array[int]]] = [[array("Q") for _ in range(n_writers)] for _ in range(2)]

@@ -33,7 +33,8 @@ def test_four_writer_threads_two_reader_threads_in_another_process() -> None:
     per = TOTAL // N_WRITERS
     name = unique_name("stress")
     ring = Ring.create(name, 1 << 16, max_record=1024)
-    writer = Writer(ring, timeout=60.0, lock_timeout=30.0)
+    # records are 16..56 bytes: a threshold of 32 sends them down both copy paths
+    writer = Writer(ring, timeout=60.0, lock_timeout=30.0, gil_release_bytes=32)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     child = ctx.Process(target=_workers.stress_reader, args=(name, results, N_WRITERS))
