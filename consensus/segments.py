@@ -117,6 +117,8 @@ def find_intact_record(buf: bytes, start: int) -> int | None:
     plausibility checks reject almost every offset before any checksum is computed.
     """
     end = len(buf)
+    if not buf[start:].strip(b"\0"):
+        return None  # a zero-filled tail (extended but never written): nothing intact in it
     unpack_header = HEADER.unpack_from
     for off in range(start, end - HEADER_SIZE + 1):
         length, _ = unpack_header(buf, off)

@@ -205,15 +205,16 @@ class DurableLog:
             key=lambda s: s.seq,
         )
         replay = _Replay()
-        contents = [seg.path.read_bytes() for seg in segments]
         for i, seg in enumerate(segments):
-            records, damage = read_records(contents[i])
+            content = seg.path.read_bytes()  # one segment in memory at a time
+            records, damage = read_records(content)
             for offset, payload in records:
                 replay.apply(seg, offset, payload)
             if damage is not None:
-                cls._recover_tail(segments, contents, i, damage, fsync)
+                cls._recover_tail(segments, content, i, damage, fsync)
                 del segments[i + 1 :]
                 break
+            del content, records
         state = replay.result(snapshot)
         if not segments:
             segments.append(_Segment(1, path / "wal-0000000000000001.log", 0, 0))
@@ -221,21 +222,21 @@ class DurableLog:
 
     @staticmethod
     def _recover_tail(
-        segments: list[_Segment], contents: list[bytes], i: int, damage: Damage, fsync: bool
+        segments: list[_Segment], content: bytes, i: int, damage: Damage, fsync: bool
     ) -> None:
         """Truncate a torn tail, or raise ``CorruptLogError`` if an intact record follows."""
         seg = segments[i]
-        after = find_intact_record(contents[i], damage.offset + 1)
+        after = find_intact_record(content, damage.offset + 1)
         if after is None:
-            for j in range(i + 1, len(segments)):
-                if find_intact_record(contents[j], 0) is not None:
+            for later in segments[i + 1 :]:
+                if find_intact_record(later.path.read_bytes(), 0) is not None:
                     after = 0
                     break
         if after is not None:
             raise CorruptLogError(
                 seg.path, damage.offset, f"{damage.reason}, and intact records follow it"
             )
-        dropped = len(contents[i]) - damage.offset
+        dropped = len(content) - damage.offset
         log.warning(
             "torn tail in %s at offset %d (%s): truncating %d bytes",
             seg.path,

@@ -104,7 +104,7 @@ def test_zero_filled_tail_is_torn(tmp_path: Path) -> None:
     seg = tmp_path / "wal-0000000000000001.log"
     size = seg.stat().st_size
     with open(seg, "ab") as f:
-        f.write(b"\0" * 4096)  # a file system that extended the file but never wrote the data
+        f.write(b"\0" * (4 << 20))  # a file system that extended the file but never wrote the data
     with DurableLog.open(tmp_path) as log:
         assert len(log.initial_state.entries) == 3
     assert seg.stat().st_size == size
