@@ -303,18 +303,22 @@ class AttestedTransport(Transport):
         try:
             while not self._stopping:
                 kind, payload = await read_frame(reader, self.max_frame)
-                if kind != CHANNEL:
-                    raise PeerProtocolError(f"expected channel frames, got {kind!r}")
-                try:
-                    msg = decode_message(self.enclave.open_frame(session, payload))
-                except CodecError as exc:
-                    raise PeerProtocolError(f"undecodable message from {peer_name}: {exc}") from exc
-                if msg.frm != peer_name or msg.to != self.node_id:
-                    raise PeerProtocolError(
-                        f"{peer_name} sent a message claiming {msg.frm!r} -> {msg.to!r}"
-                    )
+                msg = self._open(session, peer_name, kind, payload)
                 self.stats.received += 1
                 if self._handler is not None:
-                    self._handler(msg)
+                    self._handler([msg])
         finally:
             self.enclave.close_session(session)
+
+    def _open(self, session: int, peer_name: str, kind: bytes, payload: bytes) -> Message:
+        if kind != CHANNEL:
+            raise PeerProtocolError(f"expected channel frames, got {kind!r}")
+        try:
+            msg = decode_message(self.enclave.open_frame(session, payload))
+        except CodecError as exc:
+            raise PeerProtocolError(f"undecodable message from {peer_name}: {exc}") from exc
+        if msg.frm != peer_name or msg.to != self.node_id:
+            raise PeerProtocolError(
+                f"{peer_name} sent a message claiming {msg.frm!r} -> {msg.to!r}"
+            )
+        return msg

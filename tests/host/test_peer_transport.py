@@ -67,7 +67,7 @@ class Pair:
             await transport.listen()
             self.ports[name] = transport.port
         for name, transport in self.transports.items():
-            await transport.start(self.received[name].append)
+            await transport.start(self.received[name].extend)
 
     async def stop(self) -> None:
         for transport in self.transports.values():
