@@ -82,7 +82,8 @@ cdef extern from *:
     #error "kmnode.ring sleeps on the low 32 bits of its 64-bit offsets: little-endian only"
     #endif
 
-    #define KM_LOCK_SPINS 128
+    #define KM_LOCK_SPINS 64
+    #define KM_LOCK_SPIN_NS 20000
 
     static inline uint64_t km_ld64_rlx(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
     static inline uint64_t km_ld64_acq(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -124,16 +125,21 @@ cdef extern from *:
         return __atomic_compare_exchange_n(w, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
     }
     /* Returns 0 once acquired, 1 when the deadline (CLOCK_MONOTONIC ns, < 0: none) passed.
-       Bounded spinning first (the critical sections are a few hundred ns), then sleep in the
+       Spin first, for at most KM_LOCK_SPIN_NS (critical sections are a copy, from tens of ns
+       to a few us for 64 KiB, much shorter than a futex sleep and wake), then sleep in the
        kernel with the remaining time as timeout, so a holder that never releases costs us
        the deadline and nothing more. */
     static int km_lock_wait(uint32_t *w, int64_t deadline_ns) {
         int i;
         int64_t left;
-        for (i = 0; i < KM_LOCK_SPINS; i++) {
-            if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0 && km_lock_try(w)) return 0;
-            KM_PAUSE();
-        }
+        int64_t spin_until = km_now_ns() + KM_LOCK_SPIN_NS;
+        if (deadline_ns >= 0 && deadline_ns < spin_until) spin_until = deadline_ns;
+        do {
+            for (i = 0; i < KM_LOCK_SPINS; i++) {
+                if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0 && km_lock_try(w)) return 0;
+                KM_PAUSE();
+            }
+        } while (km_now_ns() < spin_until);
         for (;;) {
             if (__atomic_exchange_n(w, 2, __ATOMIC_ACQUIRE) == 0) return 0;
             left = -1;
@@ -292,10 +298,13 @@ FAIL = ON_FULL_FAIL
 
 #: Copies of at least this many bytes are done with the GIL released (so are all waits, for a
 #: lock, for space or for data, whatever the size).  Below it the copy is done with the GIL
-#: held: a sub-kilobyte memcpy takes tens of nanoseconds, while releasing and re-taking the GIL
-#: costs more than that, and measured here (bench/results/ring.md) it halved the one-record
-#: throughput at 64 B.  Set 0 (module-wide, or per Writer/Reader) to release it for every copy.
-GIL_RELEASE_BYTES = 1024
+#: held: such a memcpy takes tens to a couple of hundred nanoseconds, less than releasing and
+#: re-taking the GIL, and with several writer threads each release hands the GIL to another
+#: thread, so every record costs two thread switches.  Measured here (bench/results/ring.md):
+#: releasing it for every copy halved one-record throughput at 64 B with one writer thread
+#: and cut it by 3-6x at 1 KiB with four.  Set 0 (module-wide, or per Writer/Reader) to
+#: release it for every copy.
+GIL_RELEASE_BYTES = 4096
 
 LAYOUT = {
     "write_offset": OFF_WRITE,
