@@ -280,10 +280,9 @@ class OperatorApi:
             )
             release_ids.append(str(result["release"]))
 
-        def all_done() -> bool:
-            return all(state.releases[r].status != "requested" for r in release_ids)
-
-        await self.node.wait_for(all_done, min(max(timeout, 0.1), 60.0))
+        deadline = time.monotonic() + min(max(timeout, 0.1), 60.0)
+        for release_id in release_ids:
+            await self.node.wait_release(release_id, max(deadline - time.monotonic(), 0.0))
         releases = []
         for release_id in release_ids:
             r = state.releases[release_id]

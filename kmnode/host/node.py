@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ class KMNode:
         #: Set when the node should shut down (signal, or a fatal refusal); see ``exit_code``.
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
-        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._release_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- views used by the transport and the API ---------------------------------------------
@@ -218,26 +218,33 @@ class KMNode:
                 self.transport.refresh_peers()
             if result.get("node") == self.name and "generation" in result and "release" in result:
                 self._spawn(self._provision(str(result["release"])))
-        if self._waiters:
-            still = []
-            for predicate, future in self._waiters:
-                if future.done():
-                    continue
-                if predicate():
+        if result.get("ok") and "status" in result and "release" in result:
+            for future in self._release_waiters.pop(str(result["release"]), []):
+                if not future.done():
                     future.set_result(None)
-                else:
-                    still.append((predicate, future))
-            self._waiters = still
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait until the applied state satisfies ``predicate``; False on timeout."""
-        if predicate():
+    def release_done(self, release_id: str) -> bool:
+        release = self.enclave.state.releases.get(release_id)
+        return release is not None and release.status != "requested"
+
+    async def wait_release(self, release_id: str, timeout: float) -> bool:
+        """Wait until the outcome of ``release_id`` is applied here; False on timeout.
+
+        Waiters are keyed by release, so an apply wakes only the callers it concerns (checking
+        every waiter on every apply cost a sixth of the leader's CPU under load).
+        """
+        if self.release_done(release_id):
             return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((predicate, future))
+        self._release_waiters.setdefault(release_id, []).append(future)
         try:
             await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            waiters = self._release_waiters.get(release_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._release_waiters.pop(release_id, None)
             return False
         return True
 
@@ -254,12 +261,11 @@ class KMNode:
         assert isinstance(result, dict)
         return result
 
-    async def propose_anywhere(
-        self, command: bytes, done: Callable[[], bool], timeout: float = 10.0
-    ) -> bool:
-        """Get ``command`` committed from any node: propose locally if leader, else forward it
-        to the leader and watch the applied state for ``done``. Commands sent this way must be
-        idempotent (a retry may commit twice; the state machine refuses the duplicate)."""
+    async def propose_outcome(self, command: bytes, release_id: str, timeout: float = 10.0) -> bool:
+        """Get a release outcome committed from any node: propose locally if leader, else
+        forward it to the leader, until the release's outcome is applied here. A retry may
+        commit twice; the state machine refuses the duplicate, so this is idempotent."""
+        done = functools.partial(self.release_done, release_id)
         driver = self._driver()
         deadline = time.monotonic() + timeout
         for _ in range(50):
@@ -278,7 +284,7 @@ class KMNode:
                         entries=(Entry(0, 0, EntryType.NORMAL, command),),
                     )
                 )
-            await self.wait_for(done, min(max(remaining, 0.0), 1.0))
+            await self.wait_release(release_id, min(max(remaining, 0.0), 1.0))
         return done()
 
     # --- genesis, join, ledger ----------------------------------------------------------------
@@ -483,9 +489,7 @@ class KMNode:
             reason=reason,
             service_measurement=measurement,
         )
-        committed = await self.propose_anywhere(
-            command, lambda: state.releases[release_id].status != "requested"
-        )
+        committed = await self.propose_outcome(command, release_id)
         record = {
             "release": release_id,
             "key": release.key,

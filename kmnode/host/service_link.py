@@ -47,6 +47,9 @@ class ServiceLink:
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
+        self._reply_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
         self.measurement = ""
         self.outputs = 0
         self.restarts = 0
@@ -91,34 +94,64 @@ class ServiceLink:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
             )
+        self._reply_task = asyncio.create_task(self._read_replies(self._proc), name="service-rx")
         reply = await self._exchange({"op": "identity"})
         self.measurement = str(reply["measurement"])
 
     async def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request/response with the service enclave, restarting it if it died."""
-        async with self._lock:
-            if not self.running:
-                self.restarts += 1
-                log.warning("%s: service enclave not running; restarting it", self.node)
-                await self._spawn()
-            return await self._exchange(request)
+        """One request/response with the service enclave, restarting it if it died.
+
+        Requests are pipelined: many may be outstanding, each matched to its reply by id, so a
+        slow release never makes the others queue behind a lock (and a reply that arrives after
+        its request timed out is recognised and dropped, never given to the next caller).
+        """
+        if not self.running:
+            async with self._lock:
+                if not self.running:
+                    self.restarts += 1
+                    log.warning("%s: service enclave not running; restarting it", self.node)
+                    await self._spawn()
+        return await self._exchange(request)
 
     async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc
-        if proc is None or proc.stdin is None or proc.stdout is None:
+        if proc is None or proc.stdin is None:
             raise ServiceUnavailable("service enclave is not running")
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
         try:
-            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.write(json.dumps({**request, "id": request_id}).encode() + b"\n")
             await proc.stdin.drain()
-            line = await asyncio.wait_for(proc.stdout.readline(), REQUEST_TIMEOUT)
+            reply = await asyncio.wait_for(future, REQUEST_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"service enclave did not answer: {exc!r}") from None
-        if not line:
-            raise ServiceUnavailable("service enclave exited")
-        reply: dict[str, Any] = json.loads(line)
+        finally:
+            self._pending.pop(request_id, None)
         if not reply.get("ok"):
             raise ServiceUnavailable(str(reply.get("error", "unknown error")))
         return reply
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                try:
+                    reply = json.loads(line)
+                    future = self._pending.get(int(reply.get("id", -1)))
+                except (ValueError, TypeError, AttributeError):
+                    log.warning("%s: unreadable reply from the service enclave", self.node)
+                    continue
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ServiceUnavailable("service enclave exited"))
 
     async def _drain(self, ring: SharedRing) -> None:
         reader = AsyncReader(ring)
@@ -144,6 +177,10 @@ class ServiceLink:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if self._reply_task is not None:
+            self._reply_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reply_task
         if self._drain_task is not None:
             self._drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

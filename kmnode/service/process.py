@@ -58,10 +58,14 @@ def handle(enclave: ServiceEnclave, writer: Writer, request: dict[str, Any]) -> 
 def serve(enclave: ServiceEnclave, writer: Writer) -> None:
     """Answer requests until stdin closes (the host went away)."""
     for line in sys.stdin:
+        request_id = None
         try:
-            reply = {"ok": True, **handle(enclave, writer, json.loads(line))}
-        except (ProvisioningError, ValueError, KeyError, TypeError) as exc:
+            request = json.loads(line)
+            request_id = request.get("id")
+            reply = {"ok": True, **handle(enclave, writer, request)}
+        except (ProvisioningError, ValueError, KeyError, TypeError, AttributeError) as exc:
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply["id"] = request_id
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
