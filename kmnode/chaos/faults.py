@@ -1,0 +1,302 @@
+"""Process and disk faults on a local cluster started by `kmctl up`, callable from Python.
+
+Process faults act on the pid the supervisor recorded, and only after :func:`is_ours`
+confirms that pid is still that very process: a stale pid file must never make chaos tooling
+signal an unrelated program. Disk faults edit a node's files and refuse while the node runs,
+because a live process would overwrite the damage or see it half-made; they model what a crash
+or a bad disk leaves behind for the next start.
+
+Every fault returns a :class:`FaultDone`: what was done, to which file and offset, ready to be
+recorded as a nemesis event (``recorder.fault_start(done.fault, done.node, **done.detail)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from consensus.segments import HEADER_SIZE, read_records
+from kmnode import supervisor
+from kmnode.cli.client import NodeClient, NodeUnreachable
+from kmnode.cli.output import CliError
+from kmnode.config import ClusterConfig
+
+if TYPE_CHECKING:
+    from kmnode.supervisor import ProcessRecord
+
+SEALED_STATE = "enclave.sealed"  # as kmnode.host.node names it (not imported: no enclave deps)
+#: How long a SIGKILLed process may take to disappear from /proc.
+KILL_WAIT = 5.0
+_POLL = 0.05
+
+Where = Literal["middle", "tail"]
+
+
+class FaultError(Exception):
+    """The fault cannot be injected (node not running, running when it must be stopped,
+    nothing to damage); the message says why."""
+
+
+@dataclass(frozen=True)
+class FaultDone:
+    fault: str
+    node: str
+    summary: str  #: one line for people
+    detail: dict[str, Any] = field(default_factory=dict)  #: JSON for the history
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fault": self.fault, "node": self.node, "summary": self.summary, **self.detail}
+
+
+def data_dir(cfg: ClusterConfig, node: str) -> Path:
+    cfg.node(node)  # KeyError naming the node if it is not in the cluster
+    return cfg.state_dir / "nodes" / node
+
+
+def raft_dir(cfg: ClusterConfig, node: str) -> Path:
+    return data_dir(cfg, node) / "raft"
+
+
+def _record(cfg: ClusterConfig, node: str) -> ProcessRecord | None:
+    """The node's process if it is alive and really the one its pid file names."""
+    cfg.node(node)
+    record = supervisor.read_pid_file(supervisor.pid_path(cfg, node))
+    return record if record is not None and supervisor.is_ours(record) else None
+
+
+def _running(cfg: ClusterConfig, node: str) -> ProcessRecord:
+    record = _record(cfg, node)
+    if record is None:
+        raise FaultError(f"{node} is not running (no live process behind its pid file)")
+    return record
+
+
+def _process_state(pid: int) -> str:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return text[text.rindex(")") + 2 :].split()[0]
+
+
+# --- process faults ----------------------------------------------------------------------------
+
+
+def kill(cfg: ClusterConfig, node: str) -> FaultDone:
+    """SIGKILL the node process (its service enclave exits when its stdin closes)."""
+    record = _running(cfg, node)
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT
+    # A zombie is not "ours" either: no need to reap a child of the caller here.
+    while supervisor.is_ours(record) and time.monotonic() < deadline:
+        time.sleep(_POLL)
+    if supervisor.is_ours(record):
+        raise FaultError(f"{node} (pid {record.pid}) survived SIGKILL for {KILL_WAIT:g}s")
+    return FaultDone(
+        "kill",
+        node,
+        f"killed {node} (pid {record.pid}) with SIGKILL",
+        {"pid": record.pid, "signal": "SIGKILL"},
+    )
+
+
+def pause(cfg: ClusterConfig, node: str) -> FaultDone:
+    """SIGSTOP the node process: it keeps its sockets but answers nothing (a long GC pause,
+    a frozen VM), so peers see timeouts rather than refused connections."""
+    record = _running(cfg, node)
+    os.kill(record.pid, signal.SIGSTOP)
+    # Signal delivery is asynchronous: return once the process really is stopped.
+    deadline = time.monotonic() + KILL_WAIT
+    while _process_state(record.pid) not in ("T", "t", "") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return FaultDone(
+        "pause",
+        node,
+        f"paused {node} (pid {record.pid}) with SIGSTOP",
+        {"pid": record.pid, "signal": "SIGSTOP"},
+    )
+
+
+def resume(cfg: ClusterConfig, node: str) -> FaultDone:
+    """SIGCONT a paused node (harmless if it was not paused; ``was_stopped`` says which)."""
+    record = _running(cfg, node)
+    was_stopped = _process_state(record.pid) in ("T", "t")
+    os.kill(record.pid, signal.SIGCONT)
+    return FaultDone(
+        "resume",
+        node,
+        f"resumed {node} (pid {record.pid}) with SIGCONT",
+        {"pid": record.pid, "signal": "SIGCONT", "was_stopped": was_stopped},
+    )
+
+
+def restart(
+    cfg: ClusterConfig, node: str, *, wait: bool = True, timeout: float = 30.0
+) -> FaultDone:
+    """Start a stopped (killed) node again as `kmctl up` does: same command, log and pid file.
+
+    With ``wait``, return once the node reports ready; a node whose quorum is down cannot
+    become ready, so ``wait=False`` just starts it. Raises FaultError if it is running, exits
+    early (with the end of its log) or is not ready within ``timeout``.
+    """
+    spec = cfg.node(node)
+    if _record(cfg, node) is not None:
+        raise FaultError(f"{node} is running; kill it first")
+    config_file = supervisor.effective_config_path(cfg)
+    with supervisor.exclusive(cfg):
+        if not config_file.is_file():
+            config_file = supervisor.write_effective_config(cfg)
+        log = supervisor.log_path(cfg, node)
+        offset = log.stat().st_size if log.exists() else 0
+        try:
+            proc, record = supervisor.spawn(
+                node,
+                supervisor.node_command(config_file, node),
+                log,
+                supervisor.pid_path(cfg, node),
+            )
+        except CliError as exc:
+            raise FaultError(exc.message) from None
+    detail: dict[str, Any] = {"pid": record.pid, "ready": False}
+    if wait:
+        _wait_ready(cfg, node, proc.poll, NodeClient.for_node(spec, 2.0), timeout, offset)
+        detail["ready"] = True
+    state = "ready" if wait else "started"
+    return FaultDone("restart", node, f"restarted {node} (pid {record.pid}): {state}", detail)
+
+
+def _wait_ready(
+    cfg: ClusterConfig,
+    node: str,
+    exited: Any,
+    client: NodeClient,
+    timeout: float,
+    log_offset: int,
+) -> None:
+    deadline = time.monotonic() + timeout
+    phase = "not answering"
+    for _ in range(int(timeout / 0.1) + 2):
+        code = exited()
+        if code is not None:
+            tail = supervisor.log_tail(supervisor.log_path(cfg, node), offset=log_offset)
+            raise FaultError(f"{node} exited with code {code} after restart:\n{tail}")
+        with contextlib.suppress(NodeUnreachable, CliError):
+            ready, phase = supervisor.describe_readiness(client.get("/v1/status"))
+            if ready:
+                return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    raise FaultError(f"{node} was not ready {timeout:g}s after restart (last seen: {phase})")
+
+
+# --- disk faults -------------------------------------------------------------------------------
+
+
+def _stopped(cfg: ClusterConfig, node: str) -> None:
+    record = _record(cfg, node)
+    if record is not None:
+        raise FaultError(f"{node} is running (pid {record.pid}); stop or kill it first")
+
+
+def _segments(cfg: ClusterConfig, node: str) -> list[Path]:
+    directory = raft_dir(cfg, node)
+    segments = sorted(directory.glob("wal-*.log"))
+    if not segments:
+        raise FaultError(f"{node} has no Raft log segments in {directory}")
+    return segments
+
+
+def _flip(path: Path, offset: int) -> tuple[int, int]:
+    """XOR the byte at ``offset`` with 0xFF in place; returns (old, new)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([old ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    return old, old ^ 0xFF
+
+
+def torn_tail(cfg: ClusterConfig, node: str) -> FaultDone:
+    """Cut the newest segment in the middle of its last record, as a crash during an append
+    does. The next start truncates the log back to ``record_offset``."""
+    _stopped(cfg, node)
+    path = _segments(cfg, node)[-1]
+    records, _ = read_records(path.read_bytes())
+    if not records:
+        raise FaultError(f"{path} holds no intact record to tear")
+    record_offset, payload = records[-1]
+    cut = record_offset + (HEADER_SIZE + len(payload)) // 2
+    old_size = path.stat().st_size
+    os.truncate(path, cut)
+    return FaultDone(
+        "torn-tail",
+        node,
+        f"truncated {path} from {old_size} to {cut} bytes (mid-record)",
+        {
+            "file": str(path),
+            "offset": cut,
+            "record_offset": record_offset,
+            "removed_bytes": old_size - cut,
+        },
+    )
+
+
+def flip_byte(cfg: ClusterConfig, node: str, where: Where = "middle") -> FaultDone:
+    """Flip one payload byte of a Raft log record.
+
+    ``middle``: a record with intact records after it, which no crash can explain, so the
+    next start refuses with CorruptLogError naming ``record_offset``. ``tail``: the last record
+    of the newest segment, indistinguishable from a torn write, so the next start truncates it.
+    """
+    if where not in ("middle", "tail"):
+        raise ValueError(f"where must be 'middle' or 'tail', not {where!r}")
+    _stopped(cfg, node)
+    found = [
+        (path, offset, len(payload))
+        for path in _segments(cfg, node)
+        for offset, payload in read_records(path.read_bytes())[0]
+    ]
+    if where == "tail":
+        if not found or found[-1][0] != _segments(cfg, node)[-1]:
+            raise FaultError(f"{node}'s newest segment holds no intact record")
+        path, record_offset, length = found[-1]
+    else:
+        if len(found) < 2:
+            raise FaultError(f"{node}'s log has {len(found)} record(s): nothing in the middle")
+        path, record_offset, length = found[(len(found) - 1) // 2]
+    offset = record_offset + HEADER_SIZE + length // 2
+    old, new = _flip(path, offset)
+    return FaultDone(
+        "flip-byte",
+        node,
+        f"flipped byte {offset} of {path} ({old:#04x} -> {new:#04x}, {where})",
+        {"file": str(path), "offset": offset, "record_offset": record_offset, "where": where},
+    )
+
+
+def tamper_sealed(cfg: ClusterConfig, node: str) -> FaultDone:
+    """Flip the last byte of the sealed enclave state (inside its authentication tag): the
+    enclave can no longer unseal it, so the node must refuse to start."""
+    _stopped(cfg, node)
+    path = data_dir(cfg, node) / SEALED_STATE
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FaultError(f"{node} has no sealed state at {path}") from None
+    if size == 0:
+        raise FaultError(f"{path} is empty")
+    old, new = _flip(path, size - 1)
+    return FaultDone(
+        "tamper-sealed",
+        node,
+        f"flipped byte {size - 1} of {path} ({old:#04x} -> {new:#04x})",
+        {"file": str(path), "offset": size - 1},
+    )

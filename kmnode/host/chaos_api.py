@@ -1,0 +1,132 @@
+"""`/v1/chaos/...`: fault injection on one node through its operator API.
+
+Only faults that must happen inside the node process live here (link rules, the ring stall,
+the service enclave crash); process and disk faults are done from outside (kmnode.chaos.faults).
+Every change is validated completely before anything is modified, so a 400 leaves the node's
+fault state exactly as it was. Errors follow docs/operator-api.md, plus ``field`` naming the
+offending body field.
+
+    GET  /v1/chaos/rules         -> {"rules": {peer: rule}, "stats": {peer: counts}, "seed",
+                                     "ring_stalled"}
+    POST /v1/chaos/rules         {"peer", "drop"?, "delay_ms"?, "jitter_ms"?, "duplicate"?,
+                                  "partition"?} -> {"peer", "rule"}; fields not given keep
+                                  their current value
+    POST /v1/chaos/heal          {"peer"?} -> {"healed": [peers]}
+    POST /v1/chaos/ring-stall    {"stalled": bool} -> {"stalled"}
+    POST /v1/chaos/service-crash -> {"killed": pid}; 409 if no service enclave runs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from kmnode.host.faults import FaultRuleError, FaultRules, RingStall, kill_child
+
+
+class _BadRequest(Exception):
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message, "code": code}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _BadRequest(None, "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _BadRequest(None, "body must be a JSON object")
+    return body
+
+
+def _peer(body: dict[str, Any], known: list[str], required: bool) -> str | None:
+    peer = body.get("peer")
+    if peer is None and not required:
+        return None
+    if not isinstance(peer, str) or not peer:
+        raise _BadRequest("peer", "'peer' must name a peer node")
+    if peer not in known:
+        raise _BadRequest("peer", f"'peer' {peer!r} is not a peer of this node (peers: {known})")
+    return peer
+
+
+def add_chaos_routes(
+    app: web.Application,
+    rules: FaultRules,
+    stall: RingStall,
+    service_pid: Callable[[], int | None],
+    peers: Callable[[], list[str]],
+) -> None:
+    """Mount the chaos endpoints on ``app``. ``peers`` lists the names a rule may target
+    (every other node of the cluster); ``service_pid`` gives the running service enclave's
+    pid, or None."""
+
+    def guarded(
+        handler: Callable[[dict[str, Any]], web.Response],
+    ) -> Callable[[web.Request], Any]:
+        async def route(request: web.Request) -> web.Response:
+            try:
+                return handler(await _body(request))
+            except _BadRequest as exc:
+                return _error(400, "bad_request", str(exc), exc.field)
+
+        return route
+
+    async def get_rules(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "rules": {p: r.to_dict() for p, r in sorted(rules.rules().items())},
+                "stats": rules.stats_dict(),
+                "seed": rules.seed,
+                "ring_stalled": stall.stalled,
+            }
+        )
+
+    def set_rule(body: dict[str, Any]) -> web.Response:
+        peer = _peer(body, peers(), required=True)
+        assert peer is not None
+        changes = {k: v for k, v in body.items() if k != "peer"}
+        try:
+            rule = rules.get(peer).updated(changes)
+        except FaultRuleError as exc:
+            raise _BadRequest(exc.field, str(exc)) from None
+        rules.set(peer, rule)
+        return web.json_response({"peer": peer, "rule": rule.to_dict()})
+
+    def heal(body: dict[str, Any]) -> web.Response:
+        # A peer that has a rule may be healed even if it has since left the membership.
+        peer = _peer(body, sorted({*peers(), *rules.rules()}), required=False)
+        healed = sorted(rules.rules()) if peer is None else [peer]
+        rules.clear(peer)
+        return web.json_response({"healed": healed})
+
+    def ring_stall(body: dict[str, Any]) -> web.Response:
+        stalled = body.get("stalled")
+        if not isinstance(stalled, bool):
+            raise _BadRequest("stalled", f"'stalled' must be true or false, not {stalled!r}")
+        stall.set(stalled)
+        return web.json_response({"stalled": stall.stalled})
+
+    def service_crash(body: dict[str, Any]) -> web.Response:
+        pid = service_pid()
+        if pid is None or not kill_child(pid):
+            return _error(409, "refused", "the service enclave is not running")
+        return web.json_response({"killed": pid})
+
+    app.router.add_get("/v1/chaos/rules", get_rules)
+    app.router.add_post("/v1/chaos/rules", guarded(set_rule))
+    app.router.add_post("/v1/chaos/heal", guarded(heal))
+    app.router.add_post("/v1/chaos/ring-stall", guarded(ring_stall))
+    app.router.add_post("/v1/chaos/service-crash", guarded(service_crash))
