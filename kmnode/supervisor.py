@@ -38,7 +38,7 @@ DEFAULT_READY_TIMEOUT = 30.0
 DEFAULT_STOP_GRACE = 5.0
 LOG_TAIL_LINES = 10
 _POLL_FIRST = 0.05
-_POLL_MAX = 0.5
+_POLL_MAX = 0.1
 _STATUS_TIMEOUT = 2.0
 
 #: (node name, what it is doing now): `up` reports each change through this.
@@ -361,9 +361,9 @@ def up(
     progress: Progress = _ignore,
     command: NodeCommand | None = None,
 ) -> UpResult:
-    """Start the broker and every node not already running; in a fresh cluster each node
-    must be ready before the next starts, because each join is a single-server membership
-    change. Nodes resuming from their data directories are started without that wait.
+    """Start the broker and every node not already running: the first node, once it is ready
+    the others together (their joins queue at the leader). Nodes resuming from their data
+    directories are started without waiting for the first to be ready.
 
     ``timeout`` bounds each node's wait for readiness. On any failure (or Ctrl-C) the
     processes this call started are stopped again before the error propagates.
@@ -386,33 +386,51 @@ def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCom
             progress(BROKER, f"starting MQTT broker on 127.0.0.1:{cfg.mqtt.embedded_port}")
             broker = _start_broker(cfg)
             progress(BROKER, f"running (pid {broker.pid})")
-        deferred: list[tuple[NodeSpec, _Watched, int]] = []
-        for index, node in enumerate(cfg.nodes):
-            offset = _log_size(log_path(cfg, node.name))
-            proc: subprocess.Popen[bytes] | None = None
-            record = alive.get(node.name)
-            if record is not None:
-                progress(node.name, f"already running (pid {record.pid})")
-            else:
-                progress(node.name, "starting")
-                proc, started[node.name] = spawn(
-                    node.name,
-                    command(config_file, node.name),
-                    log_path(cfg, node.name),
-                    pid_path(cfg, node.name),
-                )
-                progress(node.name, f"started (pid {proc.pid})")
-            not_started = {n.name for n in cfg.nodes[index + 1 :] if n.name not in alive}
-            watched = proc or record
-            if not _wait_ready(cfg, node, watched, offset, timeout, progress, not_started):
-                deferred.append((node, watched, offset))
-        for node, watched, offset in deferred:
+        # The first node alone (genesis, or the member the others join through), then every
+        # other node at once: their joins queue at the leader, so their start-up (imports,
+        # service enclave) overlaps instead of adding up.
+        first, rest = cfg.nodes[0], list(cfg.nodes[1:])
+        waits: list[tuple[NodeSpec, _Watched, int]] = []
+        watched, offset = _start_node(cfg, first, alive, started, config_file, command, progress)
+        not_started = {n.name for n in rest if n.name not in alive}
+        if not _wait_ready(cfg, first, watched, offset, timeout, progress, not_started):
+            waits.append((first, watched, offset))
+        for node in rest:
+            watched, offset = _start_node(cfg, node, alive, started, config_file, command, progress)
+            waits.append((node, watched, offset))
+        for node, watched, offset in waits:
             _wait_ready(cfg, node, watched, offset, timeout, progress, set())
     except BaseException:
         _rollback(cfg, started, broker)
         raise
     names = ([BROKER] if broker is not None else []) + list(started)
     return UpResult(config_file, names)
+
+
+def _start_node(
+    cfg: ClusterConfig,
+    node: NodeSpec,
+    alive: dict[str, ProcessRecord],
+    started: dict[str, ProcessRecord],
+    config_file: Path,
+    command: NodeCommand,
+    progress: Progress,
+) -> tuple[_Watched, int]:
+    """Start ``node`` unless it runs; returns what to watch for readiness and its log offset."""
+    offset = _log_size(log_path(cfg, node.name))
+    record = alive.get(node.name)
+    if record is not None:
+        progress(node.name, f"already running (pid {record.pid})")
+        return record, offset
+    progress(node.name, "starting")
+    proc, started[node.name] = spawn(
+        node.name,
+        command(config_file, node.name),
+        log_path(cfg, node.name),
+        pid_path(cfg, node.name),
+    )
+    progress(node.name, f"started (pid {proc.pid})")
+    return proc, offset
 
 
 def down(cfg: ClusterConfig, *, grace: float = DEFAULT_STOP_GRACE) -> list[StopOutcome]:
