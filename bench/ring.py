@@ -493,11 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     say(f"Ring: {RING_CAPACITY >> 20} MiB, GIL released for copies >= {_ring.GIL_RELEASE_BYTES} B")
     say()
 
-    bw_block = memcpy_bandwidth(65536, RING_CAPACITY, 0.5)
-    bw_stream = memcpy_bandwidth(1 << 26, 1 << 27, 1.0)
+    # The best of three, so that a burst of load cannot make the limit look low.
+    bw_block = max(memcpy_bandwidth(65536, RING_CAPACITY, 0.3) for _ in range(3))
+    bw_stream = max(memcpy_bandwidth(1 << 26, 1 << 27, 0.5) for _ in range(3))
     say(
-        f"memcpy bandwidth (one thread): {bw_block / 1e6:,.0f} MB/s in 64 KiB blocks through an "
-        f"8 MiB buffer (the ring's size); {bw_stream / 1e6:,.0f} MB/s streaming 64 MiB copies"
+        f"memcpy bandwidth (one thread, best of 3): {bw_block / 1e6:,.0f} MB/s in 64 KiB blocks "
+        f"through an 8 MiB buffer (the ring's size); {bw_stream / 1e6:,.0f} MB/s streaming "
+        f"64 MiB copies.  The goal below is judged against the first, the higher one."
     )
     say()
 
@@ -515,22 +517,24 @@ def main(argv: list[str] | None = None) -> int:
             + " |"
         )
         say("|---|---|" + "---|---|" * len(args.sizes))
-        for t in chosen:
+        # Round-robin: every repetition runs every transport once, so that load from other
+        # jobs on this shared machine drifts over all transports alike, not over one of them.
+        samples: dict[tuple[int, int], list[float]] = {}
+        for size in args.sizes:
+            n = count_for(size, args.quick)
+            for _ in range(repeats):
+                for i, t in enumerate(chosen):
+                    try:
+                        rate = run_once(t, size, n, threads)
+                    except Exception as exc:  # a peer failing must not hide the others' figures
+                        print(f"  {t.name} {t.api} {size} B failed: {exc!r}", file=sys.stderr)
+                        rate = float("nan")
+                    samples.setdefault((i, size), []).append(rate)
+            print(f"  [{size} B x{threads} done]", file=sys.stderr, flush=True)
+        for i, t in enumerate(chosen):
             cells = []
             for size in args.sizes:
-                n = count_for(size, args.quick)
-                try:
-                    t_start = time.perf_counter()
-                    rate = statistics.median(run_once(t, size, n, threads) for _ in range(repeats))
-                    print(
-                        f"  [{t.name} {t.api} {size} B x{threads}: "
-                        f"{time.perf_counter() - t_start:.1f}s]",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                except Exception as exc:  # a peer failing must not hide the others' figures
-                    print(f"  {t.name} {t.api} {size} B failed: {exc!r}", file=sys.stderr)
-                    rate = float("nan")
+                rate = statistics.median(samples[(i, size)])
                 table[(t.name, t.api, size, threads)] = rate
                 cells.append(f"{fmt_rate(rate)} | {rate * size / 1e6:,.0f}")
             say(f"| {t.name} | {t.api} | " + " | ".join(cells) + " |")

@@ -5,6 +5,16 @@ attaches the same name and drains it with a `Reader` (or an `AsyncReader` on its
 `OcallWriter` models the other variant of the seeds, where every record costs a world switch
 to the host which then writes it.  See `kmnode/ring/_ring.pyx` for the memory layout and why
 each side validates what it reads.
+
+    ring = Ring.create("svc-out", 1 << 20)           # either side; the creator unlinks it
+    tee = Writer(ring, on_full=OnFull.WAIT, timeout=1.0)
+    tee.write(b"record", type=1)                       # or write_batch([...])
+
+    host = Reader(Ring.attach("svc-out"))              # any process, by name
+    host.read(timeout=None)                            # blocks on a futex, no polling
+    host.read_batch(256)
+    with host.views() as records:                      # zero-copy (type, memoryview) pairs
+        ...
 """
 
 from __future__ import annotations
