@@ -259,11 +259,15 @@ def flip_byte(cfg: ClusterConfig, node: str, where: Where = "middle") -> FaultDo
     if where not in ("middle", "tail"):
         raise ValueError(f"where must be 'middle' or 'tail', not {where!r}")
     _stopped(cfg, node)
-    found = [
-        (path, offset, len(payload))
-        for path in _segments(cfg, node)
-        for offset, payload in read_records(path.read_bytes())[0]
-    ]
+    found: list[tuple[Path, int, int]] = []
+    for path in _segments(cfg, node):
+        records, damage = read_records(path.read_bytes())
+        if damage is not None:
+            # Another flip would land relative to records we cannot see past the damage.
+            raise FaultError(
+                f"{path} is already damaged at offset {damage.offset} ({damage.reason})"
+            )
+        found += [(path, offset, len(payload)) for offset, payload in records]
     if where == "tail":
         if not found or found[-1][0] != _segments(cfg, node)[-1]:
             raise FaultError(f"{node}'s newest segment holds no intact record")

@@ -343,6 +343,7 @@ def test_flipped_byte_at_the_tail_is_a_torn_write(tmp_path: Path) -> None:
     cfg = cluster_in(tmp_path)
     write_log(cfg, "km1")
     done = faults.flip_byte(cfg, "km1", "tail")
+    assert done.summary.endswith(", tail)") and done.detail["where"] == "tail"
     assert last_index(cfg, "km1") == 20
     assert Path(done.detail["file"]).stat().st_size == done.detail["record_offset"]
 
