@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from kmnode.cli.attest_cmds import attest
+from kmnode.cli.chaos_cmds import chaos
 from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
@@ -41,6 +42,7 @@ def cli(ctx: click.Context, config_path: Path | None) -> None:
 for command in (up, down, status, node, keys, releases, prove, policy, members, attest, ledger):
     cli.add_command(command)
 cli.add_command(events)
+cli.add_command(chaos)
 cli.add_command(config)
 
 

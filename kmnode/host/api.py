@@ -21,6 +21,8 @@ from attest.identity import EnclaveRole
 from attest.quote import CheckLog
 from attest.quote import report_data_for as _report_data_for
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
+from kmnode.host.chaos_api import add_chaos_routes
+from kmnode.host.faults import service_pid
 from kmnode.host.node import KMNode
 from kmnode.host.service_link import ServiceUnavailable
 from kmnode.km.state import encode_command
@@ -62,6 +64,14 @@ class OperatorApi:
         get("/v1/members", self.list_members)
         post("/v1/members/remove", self.remove_member)
         get("/v1/attest", self.attest)
+        node = self.node
+        add_chaos_routes(
+            app,
+            node.faults,
+            node.ring_stall,
+            service_pid(node.service),
+            lambda: [n.name for n in node.config.nodes if n.name != node.name],
+        )
         return app
 
     @web.middleware

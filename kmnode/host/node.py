@@ -42,6 +42,7 @@ from consensus.types import (
     RaftError,
 )
 from kmnode.config import ClusterConfig
+from kmnode.host.faults import FaultRules, RingStall
 from kmnode.host.mqtt import EventPublisher, TopicKind
 from kmnode.host.peer_transport import Address, AttestedTransport
 from kmnode.host.peer_wire import (
@@ -99,8 +100,13 @@ class KMNode:
         self.machine = KMStateMachine(self.enclave)
         self.machine.listeners.append(self._on_apply)
         self.events = EventPublisher.from_config(config, name)
+        self.ring_stall = RingStall()
         self.service = ServiceLink(
-            config_path, name, self._on_service_output, self.data_dir / "service.log"
+            config_path,
+            name,
+            self._on_service_output,
+            self.data_dir / "service.log",
+            stall=self.ring_stall,
         )
         self.transport = AttestedTransport(
             name,
@@ -112,6 +118,9 @@ class KMNode:
             on_join=self._serve_join,
             on_refused=self._on_refused,
         )
+        #: Chaos: per-link fault rules (inert until a rule is set) and the ring-consumer switch.
+        self.faults = FaultRules()
+        self.transport.faults = self.faults
         self.driver: RaftDriver | None = None
         self.joined = asyncio.Event()
         #: Set when the node should shut down (signal, or a fatal refusal); see ``exit_code``.

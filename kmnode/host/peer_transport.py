@@ -47,9 +47,14 @@ RefusalHandler = Callable[[str, str], None]
 
 
 class FaultDecision(Protocol):
-    drop: bool
-    delay: float
-    duplicate: bool
+    @property
+    def drop(self) -> bool: ...
+
+    @property
+    def delay(self) -> float: ...
+
+    @property
+    def duplicate(self) -> bool: ...
 
 
 class LinkFaults(Protocol):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kmnode.host.faults import RingStall
 from kmnode.ring import AsyncReader, RingClosed, RingError
 from kmnode.ring import Ring as SharedRing
 
@@ -37,11 +38,13 @@ class ServiceLink:
         node: str,
         on_output: Callable[[bytes], None],
         log_path: Path,
+        stall: RingStall | None = None,
     ) -> None:
         self.config_path = config_path
         self.node = node
         self.on_output = on_output
         self.log_path = log_path
+        self.stall = stall
         self.ring_name = f"/kmsim-{node}-{os.getpid()}"
         self._ring: SharedRing | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -157,6 +160,8 @@ class ServiceLink:
         reader = AsyncReader(ring)
         try:
             while True:
+                if self.stall is not None:
+                    await self.stall.wait_running()
                 for record in await reader.read_batch():
                     self.outputs += 1
                     self.on_output(record)
