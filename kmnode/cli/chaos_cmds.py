@@ -268,7 +268,7 @@ def heal(ctx: CliContext, a: str | None, b: str | None, as_json: bool) -> None:
         plan = [(sender, peer) for sender, peer in _link(cfg, a, b, one_way=False)]
         what = f"{a} <-> {b}"
     results: list[dict[str, Any]] = []
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []
     for sender, peer in plan:
         body = {} if peer is None else {"peer": peer}
         try:
@@ -277,14 +277,16 @@ def heal(ctx: CliContext, a: str | None, b: str | None, as_json: bool) -> None:
             results.append({"node": sender, "skipped": "not running"})
             continue
         except CliError as exc:
-            failures.append(exc.message)
+            failures.append((sender, exc.message))
             continue
         results.append({"node": sender, **answer})
     skipped = [r["node"] for r in results if "skipped" in r]
     note = f" (skipped {', '.join(skipped)}: not running)" if skipped else ""
+    if failures:
+        note += f"; NOT healed on {', '.join(sorted({n for n, _ in failures}))}"
     _emit(as_json, results, f"healed {what}{note}")
     if failures:
-        raise CliError("; ".join(failures), EXIT_FAILURE)
+        raise CliError("; ".join(message for _, message in failures), EXIT_FAILURE)
 
 
 @chaos.command("rules")
