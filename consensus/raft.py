@@ -30,6 +30,13 @@ Design choices worth knowing before reading the code:
 * **Read index**: a linearizable read is answered with the commit index once a heartbeat round
   confirms the leader still leads, and only after the leader has committed an entry of its own
   term (before that its commit index may lag what earlier leaders committed).
+* **Lost messages need no transport feedback.** A probe that goes unanswered is retried on the
+  next heartbeat response; a pipeline whose APPENDs were all lost is reopened one slot per
+  heartbeat response; a snapshot that is never acknowledged is given up on after two election
+  timeouts and sent again. The simulator drops, duplicates and reorders to keep this honest.
+* A steady leader may send a Ready's messages before its own write is durable (the asyncio
+  driver does, as etcd does): the leader counts itself only once ``advance`` says the entries
+  are stable, so the quorum it commits on is always durable. Everyone else must persist first.
 * ``step`` never raises: malformed, misaddressed or stale messages are dropped.
 """
 

@@ -109,7 +109,7 @@ def test_pre_vote_keeps_a_partitioned_node_from_disrupting_the_term() -> None:
     h.stabilize()
     assert h.leaders() == ["a"]
     assert h.nodes["a"].term == 1
-    assert h.nodes["c"].role == Role.FOLLOWER and h.nodes["c"].lead == "a"
+    assert h.nodes["c"].status.role == Role.FOLLOWER and h.nodes["c"].lead == "a"
 
 
 def test_without_pre_vote_a_rejoining_node_does_disrupt() -> None:

@@ -82,7 +82,7 @@ def test_removed_leader_steps_down_and_hands_over() -> None:
     assert h.nodes["a"].role == Role.LEADER
     assert h.nodes["a"].conf.voters == ("b", "c")
     h.stabilize()
-    assert h.nodes["a"].role == Role.FOLLOWER
+    assert h.nodes["a"].status.role == Role.FOLLOWER
     new_leaders = [n for n in "bc" if h.nodes[n].role == Role.LEADER]
     assert len(new_leaders) == 1  # TIMEOUT_NOW handed leadership to a caught-up voter
     leader = new_leaders[0]
@@ -93,7 +93,7 @@ def test_removed_leader_steps_down_and_hands_over() -> None:
     # a never campaigns again.
     h.tick("a", 50)
     h.stabilize()
-    assert h.nodes["a"].role == Role.FOLLOWER
+    assert h.nodes["a"].status.role == Role.FOLLOWER
     assert h.leaders() == [leader]
 
 
@@ -147,7 +147,7 @@ def test_membership_change_while_a_node_is_down() -> None:
     assert h.nodes["c"].conf.voters == ("a", "b", "c")
     h.tick("a")
     h.stabilize()
-    assert h.nodes["c"].conf.voters == ("a", "b", "c", "d")
+    assert h.nodes["c"].status.conf.voters == ("a", "b", "c", "d")
     assert h.data_applied("c") == [b"before", b"during"]
 
 
@@ -168,7 +168,7 @@ def test_uncommitted_change_is_rolled_back_with_the_log() -> None:
     h.tick("b")
     h.stabilize()
     assert h.nodes["a"].role == Role.FOLLOWER
-    assert h.nodes["a"].conf.voters == ("a", "b", "c")
+    assert h.nodes["a"].status.conf.voters == ("a", "b", "c")
 
 
 def test_learner_replicates_but_never_votes_or_counts() -> None:
