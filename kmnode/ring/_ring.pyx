@@ -32,9 +32,18 @@ final check, and the other side issues the wake syscall only when that count is 
 the fast path never enters the kernel and a sleeper is never missed.
 
 The TEE side trusts nothing it reads from the mapping: it keeps private copies of the
-capacity, maximum record size and its own write offset, bounds-checks the read offset against
-them on every write, and never waits without a deadline.  The host side likewise validates
-the write offset and every frame length before touching memory.
+capacity, maximum record size and its own write offset, compares the shared ones with them on
+every write, bounds-checks the read offset whenever it loads it, and never waits without a
+deadline.  The host side likewise validates the write offset and every frame length before
+touching memory.  Neither side can be made to touch memory outside the mapping: positions are
+masked with the private capacity and a record is never longer than the ring.  One attack is
+out of reach of a library: a process that can open the name can also ftruncate the object,
+after which touching the lost pages raises SIGBUS; sealing needs memfd, which has no name.
+
+Each side loads the other's offset only when the value it saw last is not enough (the writer
+when the record might not fit, a single read when the records it knows about are used up),
+so each offset's cache line stays with the core that owns it.  Waits spin briefly and then
+sleep on the futex.  Copies below GIL_RELEASE_BYTES are made with the GIL held (see there).
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
@@ -95,6 +104,7 @@ cdef extern from *:
     static inline void km_st32_rlx(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
     static inline void km_add32(uint32_t *p, uint32_t v) { __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
     static inline void km_sub32(uint32_t *p, uint32_t v) { __atomic_sub_fetch(p, v, __ATOMIC_SEQ_CST); }
+    static inline uint32_t km_inc32(uint32_t *p) { return __atomic_add_fetch(p, 1, __ATOMIC_RELAXED); }
     static inline void km_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
     static inline int64_t km_now_ns(void) {
@@ -213,6 +223,7 @@ cdef extern from *:
     void km_st32_rlx(uint32_t *p, uint32_t v) nogil
     void km_add32(uint32_t *p, uint32_t v) nogil
     void km_sub32(uint32_t *p, uint32_t v) nogil
+    uint32_t km_inc32(uint32_t *p) nogil
     void km_fence() nogil
     int64_t km_now_ns() nogil
     void km_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns) nogil
@@ -389,6 +400,7 @@ cdef class Ring:
     cdef int exports
     cdef int busy
     cdef bint unlinked
+    cdef long creator_pid
 
     def __cinit__(self) -> None:
         self.base = NULL
@@ -426,6 +438,7 @@ cdef class Ring:
             shm_unlink(bname)
             raise OSError(err, os.strerror(err), self.name)
         self.owner = True
+        self.creator_pid = os.getpid()
         try:
             self._map(fd, cap)
         except BaseException:
@@ -539,7 +552,7 @@ cdef class Ring:
         return (self._hdr64(OFF_WRITE) - self._hdr64(OFF_READ)) & 0xFFFFFFFFFFFFFFFF
 
     def close(self) -> None:
-        """Unmap (and unlink, if this side created the ring).
+        """Unmap (and unlink, if this process created the ring).
 
         Refused while another thread is inside a ring operation or zero-copy views are alive,
         because unmapping would pull memory from under them.
@@ -551,7 +564,7 @@ cdef class Ring:
         if self.busy > 0:
             raise RingError(f"ring {self.name}: another thread is inside a ring operation")
         self._unmap()
-        if self.owner:
+        if self.owner and self.creator_pid == os.getpid():
             self.unlink()
 
     def unlink(self) -> None:
@@ -568,7 +581,8 @@ cdef class Ring:
 
     def __dealloc__(self) -> None:
         self._unmap()
-        if self.owner and not self.unlinked and self.name is not None:
+        # a forked child inherits the object but not the ownership of the name
+        if self.owner and not self.unlinked and self.name is not None and self.creator_pid == os.getpid():
             shm_unlink(os.fsencode(self.name))
 
     def __repr__(self) -> str:
@@ -600,6 +614,7 @@ cdef class Writer:
     cdef int64_t timeout_ns
     cdef int64_t lock_timeout_ns
     cdef int64_t spin_ns
+    cdef uint32_t spinners
     cdef readonly Py_ssize_t gil_release_bytes
 
     def __cinit__(
@@ -725,11 +740,19 @@ cdef class Writer:
         """Sleep until the read offset moves or the deadline passes (lock not held)."""
         cdef uint32_t *ww = <uint32_t *>(self.hdr + OFF_WRITER_WAITERS)
         cdef uint64_t *rp = <uint64_t *>(self.hdr + OFF_READ)
+        cdef int spun
         cdef int64_t left = deadline - km_now_ns()
         if left <= 0:
             return RC_FULL
-        if km_spin_while_equal(rp, r_seen, min(self.spin_ns, left)):
-            return RC_OK
+        # Only one thread of this Writer spins at a time: on a small machine several spinning
+        # writers would take the very CPU the reader needs to free the space they wait for.
+        if km_inc32(&self.spinners) == 1:
+            spun = km_spin_while_equal(rp, r_seen, min(self.spin_ns, left))
+            km_sub32(&self.spinners, 1)
+            if spun:
+                return RC_OK
+        else:
+            km_sub32(&self.spinners, 1)
         left = deadline - km_now_ns()
         if left <= 0:
             return RC_FULL
@@ -1026,6 +1049,7 @@ cdef class Reader:
     cdef uint32_t interrupts
     cdef uint64_t w_cache
     cdef int64_t spin_ns
+    cdef uint32_t spinners
     cdef readonly Py_ssize_t gil_release_bytes
 
     def __cinit__(
@@ -1121,14 +1145,20 @@ cdef class Reader:
         cdef uint32_t gen = km_ld32_sc(&self.interrupts)
         cdef uint64_t w
         cdef int64_t left
+        cdef int spun
         w = km_ld64_acq(rp)
         if km_ld64_acq(wp) != w:
             return RC_OK
         left = self.spin_ns
         if deadline >= 0:
             left = min(left, deadline - km_now_ns())
-        if km_spin_while_equal(wp, w, left):
-            return RC_OK
+        if km_inc32(&self.spinners) == 1:  # one spinning thread per Reader, as for writers
+            spun = km_spin_while_equal(wp, w, left)
+            km_sub32(&self.spinners, 1)
+            if spun:
+                return RC_OK
+        else:
+            km_sub32(&self.spinners, 1)
         while True:
             km_add32(rw, 1)
             w = km_ld64_sc(wp)

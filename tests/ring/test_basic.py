@@ -334,3 +334,20 @@ def test_gil_release_threshold_does_not_change_results(ring_name: str, threshold
     w.write_batch(recs[100:])
     assert r.read_batch(1000) == recs[100:]
     ring.close()
+
+
+def _close_inherited(ring: Ring) -> None:
+    ring.close()
+
+
+def test_a_forked_child_closing_the_ring_does_not_unlink_it(ring_name: str) -> None:
+    ring = Ring.create(ring_name, 4096)
+    child = mp.get_context("fork").Process(target=_close_inherited, args=(ring,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    other = Ring.attach(ring_name)  # the name survived the child's close()
+    other.close()
+    ring.close()
+    with pytest.raises(FileNotFoundError):
+        Ring.attach(ring_name)
