@@ -22,6 +22,10 @@ from consensus.storage import CorruptLogError, DurableLog
 from consensus.types import Entry, EntryType, HardState
 from kmnode.chaos import faults
 from kmnode.chaos.faults import FaultError
+from kmnode.chaos.history import HistoryRecorder
+from kmnode.chaos.runner import FAULT_KINDS, RunConfig, record_outcome
+from kmnode.cli.client import ApiError, NodeUnreachable
+from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.faults import (
@@ -432,3 +436,42 @@ def test_pause_resume_and_kill_a_recorded_process(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# --- the runner's outcome classification -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raised", "outcome"),
+    [
+        (None, "ok"),
+        (ApiError("km1", 409, "refused", "exists"), "fail"),
+        (ApiError("km1", 400, "bad_request", "bad"), "fail"),
+        (ApiError("km1", 503, "not_ready", "no leader"), "fail"),
+        (ApiError("km1", 503, "unavailable", "dropped"), "info"),
+        (ApiError("km1", 504, "timeout", "may still commit"), "info"),
+        (NodeUnreachable("km1", "127.0.0.1:1"), "fail"),
+        (CliError("did not answer within 10s", 3), "info"),
+    ],
+)
+def test_runner_fails_an_op_only_when_the_cluster_certainly_did_not_act(
+    raised: Exception | None, outcome: str
+) -> None:
+    recorder = HistoryRecorder(clock=iter(range(100)).__next__)
+    handle = recorder.invoke("c0", "key.create", {"key": "k"}, "km1")
+
+    def call() -> Any:
+        if raised is not None:
+            raise raised
+        return {"key": "k", "generation": 1}
+
+    record_outcome(handle, call, lambda answer: {"generation": answer["generation"]})
+    (op,) = recorder.history().operations()
+    assert op.outcome == outcome
+    assert op.value == ({"generation": 1} if outcome == "ok" else None)
+
+
+def test_run_config_refuses_unknown_faults() -> None:
+    with pytest.raises(ValueError, match="unknown fault kinds"):
+        RunConfig(seed=1, faults=("partition", "meteor"))
+    assert RunConfig(seed=1).faults == FAULT_KINDS

@@ -8,16 +8,21 @@ fixture stops every process it started (`supervisor.down`) whatever happens.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from kmnode import supervisor
 from kmnode.chaos import faults
 from kmnode.chaos.faults import FaultError
+from kmnode.chaos.history import History
+from kmnode.cli.chaos_cmds import chaos
+from kmnode.cli.context import CliContext
 
 from .harness import LocalCluster, until
 
@@ -248,3 +253,26 @@ def test_disk_faults_on_a_stopped_follower(cluster: SupervisedCluster) -> None:
 def restore(backup: Path, data: Path) -> None:
     shutil.rmtree(data)
     shutil.copytree(backup, data)
+
+
+# --- a whole seeded run ------------------------------------------------------------------------
+
+
+def test_seeded_chaos_run_is_judged_valid(cluster: SupervisedCluster) -> None:
+    cluster.converged()
+    out = cluster.root / "run"
+    result = CliRunner().invoke(
+        chaos,
+        ["run", "--seed", "11", "--duration", "14", "--interval", "1.5", "--out", str(out),
+         "--json"],
+        obj=CliContext(cluster.config_path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["valid"] is True, report["checks"]
+    assert set(report["checks"]) >= {"release-committed", "identical-keys", "no-lost-ops"}
+    history = History.load(out / "history.jsonl")
+    started = [f for f in history.faults() if f.phase == "start"]
+    assert started and len(started) == len([f for f in history.faults() if f.phase == "stop"])
+    assert sum(report["stats"].get("release", {}).values()) > 0
+    cluster.converged()
