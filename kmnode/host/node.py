@@ -119,7 +119,8 @@ class KMNode:
             on_refused=self._on_refused,
         )
         #: Chaos: per-link fault rules (inert until a rule is set) and the ring-consumer switch.
-        self.faults = FaultRules()
+        seed = os.environ.get("KMSIM_CHAOS_SEED")
+        self.faults = FaultRules(seed=int(seed) if seed and seed.isdigit() else None)
         self.transport.faults = self.faults
         self.driver: RaftDriver | None = None
         self.joined = asyncio.Event()

@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from attest.errors import SealingError
 from consensus.storage import StorageError
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.host.api import OperatorApi
@@ -29,7 +30,7 @@ async def serve(config: ClusterConfig, name: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-    except (NodeStartError, StorageError) as exc:
+    except (NodeStartError, StorageError, SealingError) as exc:
         log.error("%s: cannot start: %s", name, exc)
         await node.stop()
         return 1
