@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import zlib
 from array import array
 from multiprocessing.connection import Connection
@@ -67,11 +68,17 @@ def stress_reader(name: str, results: Queue[object], n_writers: int) -> None:
         last[wid] = seq
         seqs[tid][wid].append(seq)
 
+    give_up = time.monotonic() + 240.0  # bounded even if the END record never comes
+
     def run(tid: int) -> None:
         last = [-1] * n_writers
         step = 0
         try:
             while not done.is_set():
+                if time.monotonic() > give_up:
+                    errors.append(f"thread {tid}: no END record within 240 s")
+                    done.set()
+                    break
                 step += 1
                 if tid == 0:
                     for rtype, payload in reader.read_batch_typed(512, timeout=0.05):

@@ -267,8 +267,10 @@ def test_many_writer_and_reader_threads_in_one_process(ring_name: str) -> None:
         for seq in range(per):
             w.write(seq.to_bytes(4, "little"), wid)
 
+    give_up = time.monotonic() + 60.0
+
     def read(tid: int) -> None:
-        while not stop.is_set() or ring.used:
+        while (not stop.is_set() or ring.used) and time.monotonic() < give_up:
             for t, p in r.read_batch_typed(16, timeout=0.01):
                 got[tid].append((t, int.from_bytes(p, "little")))
 
@@ -294,7 +296,7 @@ def test_cross_process_writer_and_reader() -> None:
     name = unique_name("xproc")
     ring = Ring.create(name, 8192)
     reader = Reader(ring)
-    child = ctx.Process(target=_workers.write_numbers, args=(name, 2000))
+    child = ctx.Process(target=_workers.write_numbers, args=(name, 2000), daemon=True)
     child.start()
     got = []
     while len(got) < 2000:
@@ -307,7 +309,7 @@ def test_cross_process_writer_and_reader() -> None:
 
     # and the other way round: this process writes, a child blocks reading
     parent_end, child_end = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_workers.read_numbers, args=(name, 500, child_end))
+    child = ctx.Process(target=_workers.read_numbers, args=(name, 500, child_end), daemon=True)
     child.start()
     writer = Writer(ring, timeout=30.0)
     time.sleep(0.1)  # let the child block in its read first: it must be woken, not poll
@@ -342,7 +344,7 @@ def _close_inherited(ring: Ring) -> None:
 
 def test_a_forked_child_closing_the_ring_does_not_unlink_it(ring_name: str) -> None:
     ring = Ring.create(ring_name, 4096)
-    child = mp.get_context("fork").Process(target=_close_inherited, args=(ring,))
+    child = mp.get_context("fork").Process(target=_close_inherited, args=(ring,), daemon=True)
     child.start()
     child.join(30)
     assert child.exitcode == 0

@@ -37,7 +37,7 @@ def test_four_writer_threads_two_reader_threads_in_another_process() -> None:
     writer = Writer(ring, timeout=60.0, lock_timeout=30.0, gil_release_bytes=32)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    child = ctx.Process(target=_workers.stress_reader, args=(name, results, N_WRITERS))
+    child = ctx.Process(target=_workers.stress_reader, args=(name, results, N_WRITERS), daemon=True)
     child.start()
 
     dropped_single: set[int] = set()
