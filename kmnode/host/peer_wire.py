@@ -63,6 +63,30 @@ def encode_frame(kind: bytes, payload: bytes) -> bytes:
     return _LEN.pack(len(payload) + 1) + kind + payload
 
 
+def split_frames(
+    buffer: bytearray, max_frame: int = DEFAULT_MAX_FRAME
+) -> list[tuple[bytes, bytes]]:
+    """Remove every complete frame from the front of ``buffer`` and return them as (kind,
+    payload); a partial frame stays for the next read. Lets a reader hand everything that
+    arrived together to Raft as one batch."""
+    frames: list[tuple[bytes, bytes]] = []
+    offset = 0
+    while len(buffer) - offset >= _LEN.size:
+        (length,) = _LEN.unpack_from(buffer, offset)
+        if length < 1 or length > max_frame + 1:
+            raise PeerProtocolError(f"frame length {length} outside 1..{max_frame + 1}")
+        end = offset + _LEN.size + length
+        if end > len(buffer):
+            break
+        kind = bytes(buffer[offset + _LEN.size : offset + _LEN.size + 1])
+        if kind not in _KINDS:
+            raise PeerProtocolError(f"unknown frame kind {kind!r}")
+        frames.append((kind, bytes(buffer[offset + _LEN.size + 1 : end])))
+        offset = end
+    del buffer[:offset]
+    return frames
+
+
 async def read_frame(
     reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME
 ) -> tuple[bytes, bytes]:
