@@ -11,8 +11,8 @@ the writer and the reader do not false-share):
     192   u64  magic, u32 version, u32 header size, u64 capacity, u64 max record size
     256   u32  TEE-side (writer) lock      0 free, 1 held, 2 held with sleepers
     320   u32  host-side (reader) lock     same encoding
-    384   u32  readers sleeping for data
-    448   u32  writers sleeping for space
+    384   u32  flag: a reader sleeps waiting for data (cleared by the writer that wakes it)
+    448   u32  flag: a writer sleeps waiting for space (cleared by the reader that wakes it)
     4096  data ("third addresses"), `capacity` bytes, a power of two
 
 Offsets are monotonically increasing 64-bit byte counts (position = offset mod capacity), so
@@ -27,9 +27,10 @@ really do wrap around the end of the shared object.
 Wake-ups use futexes on the low 32 bits of the offsets themselves (FUTEX_WAIT without the
 PRIVATE flag works across processes that map the same shared memory).  An eventfd would need
 to be inherited or passed over a unix socket, and the host attaches by name only; a futex
-needs nothing but the mapping.  A waiter announces itself in the waiter count before its
-final check, and the other side issues the wake syscall only when that count is non-zero, so
-the fast path never enters the kernel and a sleeper is never missed.
+needs nothing but the mapping.  A waiter raises a "sleeping" flag before its final check, and
+the other side issues the wake syscall only when it finds the flag raised, clearing it: so the
+ring going from empty to non-empty (or from full to not full) with someone asleep costs one
+syscall, the fast path never enters the kernel, and a sleeper is never missed.
 
 The TEE side trusts nothing it reads from the mapping: it keeps private copies of the
 capacity, maximum record size and its own write offset, compares the shared ones with them on
@@ -105,6 +106,8 @@ cdef extern from *:
     static inline void km_add32(uint32_t *p, uint32_t v) { __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
     static inline void km_sub32(uint32_t *p, uint32_t v) { __atomic_sub_fetch(p, v, __ATOMIC_SEQ_CST); }
     static inline uint32_t km_inc32(uint32_t *p) { return __atomic_add_fetch(p, 1, __ATOMIC_RELAXED); }
+    static inline uint32_t km_xchg32(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline void km_st32_sc(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
     static inline void km_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
     static inline int64_t km_now_ns(void) {
@@ -224,6 +227,8 @@ cdef extern from *:
     void km_add32(uint32_t *p, uint32_t v) nogil
     void km_sub32(uint32_t *p, uint32_t v) nogil
     uint32_t km_inc32(uint32_t *p) nogil
+    uint32_t km_xchg32(uint32_t *p, uint32_t v) nogil
+    void km_st32_sc(uint32_t *p, uint32_t v) nogil
     void km_fence() nogil
     int64_t km_now_ns() nogil
     void km_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns) nogil
@@ -335,6 +340,18 @@ LAYOUT = {
 }
 HEADER_SIZE = HEADER
 FRAME_SIZE = FRAME
+
+
+cdef inline int64_t adapt_spin(int64_t cur, int64_t limit, int spun) noexcept nogil:
+    """Next spin budget: grow after a spin that paid off, shrink after one that did not.
+
+    When the other side is not running at the same time (both processes time-sliced on one
+    core, say) spinning only burns the time it needs; halving on every miss brings the cost of
+    that case down to about a microsecond per wait within a few waits.
+    """
+    if spun:
+        return min(limit, cur * 2 + 1000)
+    return min(limit, max(1000, cur // 2))
 
 
 cdef inline uint64_t rec_size(uint64_t n) noexcept nogil:
@@ -614,6 +631,7 @@ cdef class Writer:
     cdef int64_t timeout_ns
     cdef int64_t lock_timeout_ns
     cdef int64_t spin_ns
+    cdef int64_t spin_cur_ns
     cdef uint32_t spinners
     cdef readonly Py_ssize_t gil_release_bytes
 
@@ -646,6 +664,7 @@ cdef class Writer:
         if not 0.0 <= spin <= 0.1:
             raise ValueError("spin must be between 0 and 0.1 seconds")
         self.spin_ns = <int64_t>(spin * 1e9)
+        self.spin_cur_ns = self.spin_ns
         self.gil_release_bytes = GIL_RELEASE_BYTES if gil_release_bytes is None else gil_release_bytes
         # Adopt the current offsets once, validated, under the lock.
         cdef uint64_t w, r
@@ -728,8 +747,10 @@ cdef class Writer:
         km_st64_rel(<uint64_t *>(self.hdr + OFF_WRITE), self.w)
 
     cdef inline void _wake_readers(self) noexcept nogil:
+        """Wake sleeping readers: only the first write after one went to sleep pays a syscall."""
+        cdef uint32_t *flag = <uint32_t *>(self.hdr + OFF_READER_WAITERS)
         km_fence()
-        if km_ld32_sc(<uint32_t *>(self.hdr + OFF_READER_WAITERS)) != 0:
+        if km_ld32_sc(flag) != 0 and km_xchg32(flag, 0) != 0:
             km_futex_wake(<uint32_t *>(self.hdr + OFF_WRITE), INT_MAX)
 
     cdef inline void _discard(self) noexcept nogil:
@@ -747,7 +768,8 @@ cdef class Writer:
         # Only one thread of this Writer spins at a time: on a small machine several spinning
         # writers would take the very CPU the reader needs to free the space they wait for.
         if km_inc32(&self.spinners) == 1:
-            spun = km_spin_while_equal(rp, r_seen, min(self.spin_ns, left))
+            spun = km_spin_while_equal(rp, r_seen, min(self.spin_cur_ns, left))
+            self.spin_cur_ns = adapt_spin(self.spin_cur_ns, self.spin_ns, spun)
             km_sub32(&self.spinners, 1)
             if spun:
                 return RC_OK
@@ -756,10 +778,11 @@ cdef class Writer:
         left = deadline - km_now_ns()
         if left <= 0:
             return RC_FULL
-        km_add32(ww, 1)
+        # Raise the "a writer sleeps" flag, then look once more: either the reader sees the
+        # flag after publishing (and wakes us), or we see its new offset here.
+        km_st32_sc(ww, 1)
         if km_ld64_sc(rp) == r_seen:
             km_futex_wait(<uint32_t *>rp, <uint32_t>r_seen, left)
-        km_sub32(ww, 1)
         return RC_OK
 
     cdef int _put_fast(self, const char *buf, uint64_t n, uint32_t typ) noexcept nogil:
@@ -1049,6 +1072,7 @@ cdef class Reader:
     cdef uint32_t interrupts
     cdef uint64_t w_cache
     cdef int64_t spin_ns
+    cdef int64_t spin_cur_ns
     cdef uint32_t spinners
     cdef readonly Py_ssize_t gil_release_bytes
 
@@ -1079,6 +1103,7 @@ cdef class Reader:
         if not 0.0 <= spin <= 0.1:
             raise ValueError("spin must be between 0 and 0.1 seconds")
         self.spin_ns = <int64_t>(spin * 1e9)
+        self.spin_cur_ns = self.spin_ns
         self.interrupts = 0
         self.w_cache = 0
 
@@ -1129,15 +1154,19 @@ cdef class Reader:
         km_st64_rel(<uint64_t *>(self.hdr + OFF_READ), r)
 
     cdef inline void _wake_writers(self) noexcept nogil:
+        """Wake sleeping writers: only the first read after one went to sleep pays a syscall."""
+        cdef uint32_t *flag = <uint32_t *>(self.hdr + OFF_WRITER_WAITERS)
         km_fence()
-        if km_ld32_sc(<uint32_t *>(self.hdr + OFF_WRITER_WAITERS)) != 0:
+        if km_ld32_sc(flag) != 0 and km_xchg32(flag, 0) != 0:
             km_futex_wake(<uint32_t *>(self.hdr + OFF_READ), INT_MAX)
 
     cdef int _wait_data(self, int64_t deadline) noexcept nogil:
         """Sleep until the ring is non-empty, the deadline passes, or interrupt() is called.
 
-        The only syscall is the futex wait itself; a writer wakes us only if our registration
-        in the waiter count is visible, and the check after registering closes the race.
+        The "a reader sleeps" flag is raised before the last look at the write offset, so a
+        writer either sees the flag after publishing (and wakes us), or we see its record.  The
+        first writer to see the flag clears it, so a wake costs one syscall per sleep, not one
+        per record while the sleeper is being scheduled.
         """
         cdef uint32_t *rw = <uint32_t *>(self.hdr + OFF_READER_WAITERS)
         cdef uint64_t *wp = <uint64_t *>(self.hdr + OFF_WRITE)
@@ -1149,33 +1178,30 @@ cdef class Reader:
         w = km_ld64_acq(rp)
         if km_ld64_acq(wp) != w:
             return RC_OK
-        left = self.spin_ns
+        left = self.spin_cur_ns
         if deadline >= 0:
             left = min(left, deadline - km_now_ns())
         if km_inc32(&self.spinners) == 1:  # one spinning thread per Reader, as for writers
             spun = km_spin_while_equal(wp, w, left)
+            self.spin_cur_ns = adapt_spin(self.spin_cur_ns, self.spin_ns, spun)
             km_sub32(&self.spinners, 1)
             if spun:
                 return RC_OK
         else:
             km_sub32(&self.spinners, 1)
         while True:
-            km_add32(rw, 1)
+            km_st32_sc(rw, 1)
             w = km_ld64_sc(wp)
             if w != km_ld64_sc(rp):
-                km_sub32(rw, 1)
                 return RC_OK
             if km_ld32_sc(&self.interrupts) != gen:
-                km_sub32(rw, 1)
                 return RC_EMPTY
             left = -1
             if deadline >= 0:
                 left = deadline - km_now_ns()
                 if left <= 0:
-                    km_sub32(rw, 1)
                     return RC_EMPTY
             km_futex_wait(<uint32_t *>wp, <uint32_t>w, left)
-            km_sub32(rw, 1)
 
     def interrupt(self) -> None:
         """Wake every thread of this Reader blocked in a read (they return empty-handed)."""
