@@ -27,6 +27,7 @@ from attest.hardware import Platform, VendorRoot
 from attest.identity import EnclaveIdentity, EnclaveRole, measure_sources, signer_id
 from attest.policy import Policy
 from attest.quote import Quote, QuoteVerifier, report_data_for
+from bench.machine import cpu_model
 
 NOW = time.time()
 
@@ -42,17 +43,6 @@ def _rate(func: Callable[[], object], count: int) -> float:
         func()
     elapsed = time.process_time() - start
     return count / elapsed if elapsed > 0 else float("inf")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

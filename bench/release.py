@@ -58,6 +58,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.machine import cpu_model
 from kmnode import supervisor
 from kmnode.config import ClusterConfig, NodeSpec
 
@@ -75,17 +76,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- machine and process accounting ------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict[str, Any]:

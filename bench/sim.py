@@ -27,19 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model
 from consensus.sim.simulator import SimConfig, run_seed
 
 TARGET = 50.0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(cfg: SimConfig, seeds: list[int]) -> list[tuple[float, float, int]]:
@@ -69,7 +60,7 @@ def main() -> int:
     }
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (
-        f"machine: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}, "
+        f"machine: {os.cpu_count()} CPUs, {cpu_model()}, Python {platform.python_version()}, "
         f"load average at start {load:.2f}"
     )
     print(header)
