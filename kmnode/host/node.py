@@ -192,10 +192,10 @@ class KMNode:
             tick_interval=raft.tick_ms / 1000,
         )
         self.events.start()
-        await self.service.start()
+        # The service enclave (a child process: imports, platform load) starts while Raft
+        # starts and the join runs; requests to it wait until it is up.
+        service_started = asyncio.create_task(self.service.start(), name="service-start")
         await self.driver.start()
-        self._publish_event("node.started", mode=mode, service=self.service.measurement)
-        log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
         if mode == "join":
             self._spawn(self._join_loop())
         else:
@@ -205,6 +205,9 @@ class KMNode:
                 self.driver.campaign()
                 self._spawn(self._initialise_ledger())
         self._spawn(self._sign_ledger_periodically())
+        await service_started
+        self._publish_event("node.started", mode=mode, service=self.service.measurement)
+        log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -53,6 +53,7 @@ class ServiceLink:
         self._reply_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
+        self._started = asyncio.Event()
         self.measurement = ""
         self.outputs = 0
         self.restarts = 0
@@ -78,7 +79,10 @@ class ServiceLink:
         self._remove_stale_rings()
         self._ring = SharedRing.create(self.ring_name, RING_CAPACITY)
         self._drain_task = asyncio.create_task(self._drain(self._ring), name="service-drain")
-        await self._spawn()
+        try:
+            await self._spawn()
+        finally:
+            self._started.set()
 
     async def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,11 @@ class ServiceLink:
         slow release never makes the others queue behind a lock (and a reply that arrives after
         its request timed out is recognised and dropped, never given to the next caller).
         """
+        if not self._started.is_set():
+            try:
+                await asyncio.wait_for(self._started.wait(), REQUEST_TIMEOUT)
+            except TimeoutError:
+                raise ServiceUnavailable("service enclave did not start") from None
         if not self.running:
             async with self._lock:
                 if not self.running:
