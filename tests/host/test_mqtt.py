@@ -216,7 +216,7 @@ class HungBroker:
                     received.append(body[2 + topic_len + 2 :])
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            return  # the publisher hung up: this fake broker's connection simply ends
         finally:
             writer.close()
 
