@@ -25,11 +25,11 @@ from kmnode import supervisor
 from kmnode.cli.client import NodeClient, NodeUnreachable
 from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig
+from kmnode.datadir import RAFT_DIR, SEALED_STATE
 
 if TYPE_CHECKING:
     from kmnode.supervisor import ProcessRecord
 
-SEALED_STATE = "enclave.sealed"  # as kmnode.host.node names it (not imported: no enclave deps)
 #: How long a SIGKILLed process may take to disappear from /proc.
 KILL_WAIT = 5.0
 _POLL = 0.05
@@ -59,7 +59,7 @@ def data_dir(cfg: ClusterConfig, node: str) -> Path:
 
 
 def raft_dir(cfg: ClusterConfig, node: str) -> Path:
-    return data_dir(cfg, node) / "raft"
+    return data_dir(cfg, node) / RAFT_DIR
 
 
 def _record(cfg: ClusterConfig, node: str) -> ProcessRecord | None:

@@ -7,7 +7,8 @@ directory:
 
 * sealed enclave state present: resume (unseal, replay the Raft log, rejoin the peers);
 * nothing, and this is the first node of cluster.yaml: genesis (the master secret is created
-  inside the KM enclave, a one-node Raft cluster initialises the ledger);
+  inside the KM enclave, a one-node Raft cluster initialises the ledger), unless the directory
+  holds the join marker (a replaced member: it must join the cluster it belonged to);
 * nothing otherwise: join (attest to a member, get membership committed, receive the master
   secret over the attested channel, then catch up through Raft).
 
@@ -42,6 +43,7 @@ from consensus.types import (
     RaftError,
 )
 from kmnode.config import ClusterConfig
+from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
 from kmnode.host.faults import FaultRules, RingStall
 from kmnode.host.mqtt import EventPublisher, TopicKind
 from kmnode.host.peer_transport import Address, AttestedTransport
@@ -62,7 +64,6 @@ from kmnode.km.state import encode_command
 
 log = logging.getLogger(__name__)
 
-SEALED_STATE = "enclave.sealed"
 JOIN_TIMEOUT = 15.0
 
 
@@ -159,7 +160,7 @@ class KMNode:
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sealed_path = self.data_dir / SEALED_STATE
-        raft_log = DurableLog.open(self.data_dir / "raft", fsync=self.config.raft.fsync)
+        raft_log = DurableLog.open(self.data_dir / RAFT_DIR, fsync=self.config.raft.fsync)
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
         if sealed_path.exists():
@@ -172,7 +173,7 @@ class KMNode:
                 "state was lost; remove the node (kmctl members remove) and delete the directory "
                 "to join it afresh"
             )
-        elif self.name == self.config.nodes[0].name:
+        elif self.name == self.config.nodes[0].name and not self._replaced():
             self.enclave.genesis()
             _write_atomic(sealed_path, self.enclave.sealed_state())
             mode = "genesis"
@@ -208,6 +209,9 @@ class KMNode:
         await service_started
         self._publish_event("node.started", mode=mode, service=self.service.measurement)
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
+
+    def _replaced(self) -> bool:
+        return (self.data_dir / JOIN_MARKER).exists()
 
     async def stop(self) -> None:
         for task in list(self._tasks):

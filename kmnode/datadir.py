@@ -1,0 +1,13 @@
+"""Names inside a node's data directory, shared by the node and by the tools that inspect or
+damage it (chaos faults, the replacement flow). A module of its own, without imports, so
+host-side tooling can name these files without pulling in enclave code."""
+
+#: The KM enclave's sealed state; only that enclave on that platform can open it.
+SEALED_STATE = "enclave.sealed"
+#: The Raft log and snapshots.
+RAFT_DIR = "raft"
+#: Written into an empty data directory by `kmctl chaos replace` (and anyone who re-creates a
+#: member): "this node belongs to an existing cluster; join it". Without it an empty directory
+#: on the first node of cluster.yaml means genesis, and a replaced first node would found a
+#: second cluster with a different master secret.
+JOIN_MARKER = "join-existing"
