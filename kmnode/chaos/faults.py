@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.segments import HEADER_SIZE, read_records
 from kmnode import supervisor
-from kmnode.cli.client import NodeClient, NodeUnreachable
+from kmnode.cli.client import ApiError, NodeClient, NodeUnreachable
 from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig
-from kmnode.datadir import RAFT_DIR, SEALED_STATE
+from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
 
 if TYPE_CHECKING:
     from kmnode.supervisor import ProcessRecord
@@ -304,3 +304,63 @@ def tamper_sealed(cfg: ClusterConfig, node: str) -> FaultDone:
         f"flipped byte {size - 1} of {path} ({old:#04x} -> {new:#04x})",
         {"file": str(path), "offset": size - 1},
     )
+
+
+# --- replacing a member that cannot start ------------------------------------------------------
+
+
+def replace(cfg: ClusterConfig, node: str, *, timeout: float = 60.0) -> FaultDone:
+    """Replace a stopped member by a fresh node of the same name on the same platform.
+
+    For a node that can never start again (a log damaged mid-way, sealed state it cannot
+    open): its membership is removed through the leader (member record, then Raft voter), its
+    data directory is kept aside as ``<name>.replaced-N`` for inspection, and it starts from an
+    empty directory marked to join, so it attests, is admitted as a new member and receives
+    the master secret like any joiner. Reusing the Raft identity is safe only because the
+    removal committed first: the new incarnation never counts towards a quorum it forgot.
+    """
+    _stopped(cfg, node)
+    _remove_member(cfg, node, timeout)
+    old = data_dir(cfg, node)
+    kept = next(
+        old.with_name(f"{node}.replaced-{i}")
+        for i in range(1, 10_000)
+        if not old.with_name(f"{node}.replaced-{i}").exists()
+    )
+    if old.exists():
+        old.rename(kept)
+    old.mkdir(parents=True, mode=0o700)
+    (old / JOIN_MARKER).write_text(f"replaced; the old directory is {kept.name}\n")
+    started = restart(cfg, node, timeout=timeout)
+    return FaultDone(
+        "replace",
+        node,
+        f"removed {node} from the cluster and started it afresh (pid {started.detail['pid']}); "
+        f"old data kept in {kept}",
+        {"old_data": str(kept), "pid": started.detail["pid"]},
+    )
+
+
+def _remove_member(cfg: ClusterConfig, node: str, timeout: float) -> None:
+    """Commit the removal through whichever live member answers (its API forwards to the
+    leader); retried while leadership moves or another membership change is in flight."""
+    others = [n for n in cfg.nodes if n.name != node]
+    if not others:
+        raise FaultError(f"{node} is the only node: there is no cluster to remove it from")
+    deadline = time.monotonic() + timeout
+    last = "no member answered"
+    for attempt in range(int(timeout / 0.2) + 1):
+        spec = others[attempt % len(others)]
+        try:
+            NodeClient.for_node(spec, 5.0).post("/v1/members/remove", {"name": node})
+            return
+        except ApiError as exc:
+            if exc.status == 409 and "is not a member" in exc.message:
+                return  # removed already (an earlier attempt, or by an operator)
+            last = exc.message
+        except CliError as exc:  # unreachable, or no leader right now
+            last = exc.message
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    raise FaultError(f"could not remove {node} from the cluster within {timeout:g}s: {last}")

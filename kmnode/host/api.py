@@ -343,11 +343,20 @@ class OperatorApi:
         return _json(result)
 
     async def remove_member(self, request: web.Request) -> web.Response:
+        """Two commits: the member record, then the Raft voter. Safe to retry: a retry after
+        the first succeeded (and the conf change was busy or timed out) finishes the second."""
         body = await self._body(request)
         name = body.get("name")
-        result = await self._commit(encode_command("member.remove", name=name))
         driver = self.node.driver
-        assert driver is not None
-        if isinstance(name, str) and name in driver.status.conf.voters:
+        voter = driver is not None and isinstance(name, str) and name in driver.status.conf.voters
+        if voter and name not in self.node.enclave.state.members:
+            self._require_ready()
+            if driver is None or not driver.is_leader:
+                raise NotLeader(driver.leader if driver else "")
+            result: dict[str, Any] = {"ok": True, "member": name}
+        else:
+            result = await self._commit(encode_command("member.remove", name=name))
+        if voter and isinstance(name, str) and driver is not None:
+            # A RaftError here (another change in flight) is a 503: the caller retries.
             await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))
         return _json(result)

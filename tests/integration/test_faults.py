@@ -250,6 +250,39 @@ def test_disk_faults_on_a_stopped_follower(cluster: SupervisedCluster) -> None:
     cluster.converged()
 
 
+def test_node_with_a_corrupted_mid_log_refuses_to_start_and_a_fresh_node_replaces_it(
+    cluster: SupervisedCluster,
+) -> None:
+    """The first node of cluster.yaml on purpose: started from an empty directory it would
+    found a second cluster, unless the replacement marks the directory to join."""
+    cfg = cluster.config
+    cluster.converged()
+    victim = cluster.names[0]
+    cluster.create_key("before-damage")
+    faults.kill(cfg, victim)
+    flipped = faults.flip_byte(cfg, victim, "middle")
+    with pytest.raises(FaultError, match=f"at offset {flipped.detail['record_offset']}"):
+        faults.restart(cfg, victim, timeout=60)
+
+    # The two others go on without it.
+    survivors = cluster.others(victim)
+    cluster.create_key("while-broken", among=survivors)
+
+    done = faults.replace(cfg, victim, timeout=60)
+    assert Path(done.detail["old_data"]).is_dir()  # kept for inspection
+    leader = cluster.converged()
+    code, members = cluster.api(leader, "GET", "/v1/members?linearizable=1")
+    assert code == 200, members
+    assert sorted(members["voters"]) == sorted(cluster.names)
+    assert sorted(m["name"] for m in members["members"]) == sorted(cluster.names)
+    # Same master secret: every node, the replaced one too, derives the same key bytes.
+    for key in ("before-damage", "while-broken"):
+        assert len(cluster.fingerprints(key)) == 1
+    assert {r["status"] for r in cluster.release_all("while-broken")} == {"provisioned"}
+    code, status = cluster.api(victim, "GET", "/v1/status")
+    assert code == 200 and status["cluster"] == cluster.status(leader)["cluster"]  # type: ignore[index]
+
+
 def restore(backup: Path, data: Path) -> None:
     shutil.rmtree(data)
     shutil.copytree(backup, data)
