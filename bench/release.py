@@ -26,7 +26,7 @@ not depend on a noisy neighbour.
 
     python -m bench.release            # full run (about 2 minutes)
     python -m bench.release --quick    # smoke run (about 1 minute)
-    python -m bench.release --profile /tmp/prof   # also py-spy the leader under load
+    python -m bench.release --profile /tmp/prof   # also py-spy every process under load
 """
 
 from __future__ import annotations
@@ -442,7 +442,12 @@ async def measure_throughput(
                 else:
                     failures[outcome] += 1
 
-        spy = start_py_spy(profile, pids[leader.name], seconds, concurrency)
+        spies = [
+            start_py_spy(
+                profile, pid, seconds, concurrency, "leader" if name == leader.name else name
+            )
+            for name, pid in pids.items()
+        ]
         node_cpu0 = {name: process_cpu_s(pid) for name, pid in pids.items()}
         client_cpu0 = time.process_time()
         busy0 = machine_busy_s()
@@ -455,7 +460,8 @@ async def measure_throughput(
         node_cpu = {
             name: (process_cpu_s(pid) - node_cpu0[name]) / window for name, pid in pids.items()
         }
-        stop_py_spy(spy)
+        for spy in spies:
+            stop_py_spy(spy)
     ours = client_cpu / window + sum(node_cpu.values())
     return ThroughputResult(
         concurrency=concurrency,
@@ -474,15 +480,17 @@ async def measure_throughput(
 
 
 def start_py_spy(
-    profile: Path | None, pid: int, seconds: float, concurrency: int
+    profile: Path | None, pid: int, seconds: float, concurrency: int, name: str
 ) -> subprocess.Popen[bytes] | None:
-    """Sample the leader with py-spy (if asked and installed) while the load runs."""
+    """Sample one process (a node with its service enclave, or the broker) with py-spy, if
+    asked and installed, while the load runs: one raw profile per process and window."""
     exe = shutil.which("py-spy")
     if profile is None or exe is None:
         return None
     profile.mkdir(parents=True, exist_ok=True)
-    out = profile / f"leader-c{concurrency}.txt"
+    out = profile / f"{name}-c{concurrency}.txt"
     argv = [exe, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw"]
+    argv += ["--subprocesses"]
     return subprocess.Popen(
         [*argv, "-o", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL,
@@ -629,7 +637,9 @@ def main() -> None:
         default="all",
         help="release targets under load: every node (default) or followers only",
     )
-    parser.add_argument("--profile", type=Path, help="py-spy the leader under load, into DIR")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy every node and the broker under load, into DIR"
+    )
     parser.add_argument(
         "--keep", type=Path, help="put the clusters' state dirs (logs) in DIR and keep them"
     )

@@ -171,3 +171,43 @@ def test_unknown_node_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.Monke
     code, _, err = kmctl(monkeypatch, "-c", str(config), "events", "--node", "km9")
     assert code == 2
     assert "no node named 'km9'" in err
+
+
+async def test_coalesced_audit_records_are_shown_one_per_line(
+    broker: BrokerUnderTest, tmp_path: Path
+) -> None:
+    """A node coalesces audit records under load; kmctl shows and counts each record alone,
+    with the payload it would have had if published by itself."""
+    config = write_config(tmp_path, MqttSpec(embedded_port=broker.port))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KMCTL,
+        *["-c", str(config), "events", "--topic", "audit", "--count", "7", "--json"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    output = asyncio.ensure_future(proc.communicate())
+    publisher = km("km1", broker.port)
+    try:
+        publisher.start()
+        for batch in range(400):
+            if output.done():
+                break
+            for i in range(3):  # published together: they leave as one message
+                publisher.publish_record(TopicKind.AUDIT, {"release": f"r{3 * batch + i}"})
+            await asyncio.sleep(0.05)
+        stdout, stderr = await asyncio.wait_for(output, 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await publisher.stop(timeout=1.0)
+    assert proc.returncode == 0, stderr.decode()
+    lines = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert len(lines) == 7
+    numbers = [int(line["payload"]["release"][1:]) for line in lines]
+    assert numbers == list(range(numbers[0], numbers[0] + 7))
+    assert all(set(line["payload"]) == {"release"} for line in lines)
+    assert all(line["kind"] == "audit" for line in lines)

@@ -24,7 +24,7 @@ import click
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError
 from kmnode.host.broker import BrokerAddress, broker_address
-from kmnode.host.mqtt import TopicKind, parse_topic, topic_filter
+from kmnode.host.mqtt import TopicKind, parse_topic, topic_filter, unpack_records
 
 _KINDS: dict[str, tuple[TopicKind, ...]] = {
     "events": (TopicKind.EVENTS,),
@@ -99,7 +99,11 @@ async def stream_events(
 ) -> int:
     """Subscribe and hand each message to ``emit``; return how many were received.
 
-    Ends after ``count`` messages, or after ``silence`` seconds without one (None: never).
+    A node coalesces its audit records under load (``{"records": [...]}``, see
+    `kmnode.host.mqtt.unpack_records`); each record of such a message is emitted and counted
+    on its own, exactly as if it had been published alone, so operators and scripts see one
+    record per line whatever the load was. Ends after ``count`` messages (records), or after
+    ``silence`` seconds without one (None: never).
     Broker trouble becomes a `CliError` with exit code 3, whether at connect time or later.
     """
     where = f"{address.host}:{address.port}"
@@ -128,12 +132,14 @@ async def stream_events(
                 if parsed is None:
                     continue
                 node, kind = parsed
-                emit(
-                    Received(
-                        datetime.now(UTC), node, kind, str(message.topic), _payload_bytes(message)
-                    )
-                )
-                received += 1
+                now = datetime.now(UTC)
+                payload = _payload_bytes(message)
+                parts = unpack_records(payload) if kind is TopicKind.AUDIT else [payload]
+                for part in parts:
+                    if count is not None and received >= count:
+                        break
+                    emit(Received(now, node, kind, str(message.topic), part))
+                    received += 1
     except aiomqtt.MqttError as exc:
         if connected:
             raise CliError(f"lost the MQTT broker at {where}: {exc}", EXIT_FAILURE) from None
