@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from kmnode import supervisor
 from kmnode.cli import cli
 from kmnode.cli.client import ApiError, ClusterClient, NodeClient, NodeUnreachable
-from kmnode.cli.cluster_cmds import _selected
+from kmnode.cli.cluster_cmds import select_nodes
 from kmnode.cli.context import CliContext
 from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig, MqttSpec, NodeSpec, PlatformSpec
@@ -640,7 +640,7 @@ def test_node_run_calls_run_node_with_the_config(
 def test_up_n_selects_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KMSIM_CONFIG", raising=False)
-    assert [n.name for n in _selected(CliContext(None), 5).nodes] == [
+    assert [n.name for n in select_nodes(CliContext(None), 5).nodes] == [
         "km1",
         "km2",
         "km3",
@@ -649,9 +649,9 @@ def test_up_n_selects_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     ]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(ClusterConfig.default(3).model_dump(mode="json")))
-    assert [n.name for n in _selected(CliContext(path), 2).nodes] == ["km1", "km2"]
+    assert [n.name for n in select_nodes(CliContext(path), 2).nodes] == ["km1", "km2"]
     with pytest.raises(CliError) as info:
-        _selected(CliContext(path), 4)
+        select_nodes(CliContext(path), 4)
     assert info.value.exit_code == 2 and "defines only 3 nodes" in info.value.message
 
 

@@ -5,14 +5,16 @@ Clients are threads issuing random operations (create, rotate, release, lineariz
 prove) on random nodes; each outcome is classified the way the history requires: ``ok`` for a
 2xx, ``fail`` only when the cluster certainly did not act (refused by the state machine, bad
 request, not the leader, not ready, unreachable), ``info`` otherwise (timeouts, dropped
-connections, 503/504): an ``info`` operation may still take effect. The nemesis cycles through
-faults chosen by the seed: quiet, inject, hold, heal. The seed fixes the schedule of faults and
-the clients' choices; it cannot fix the timing of real processes, so two runs with one seed
-inject the same faults but interleave differently.
+connections, 503/504): an ``info`` operation may still take effect. The nemesis
+(:mod:`kmnode.chaos.nemesis`) cycles through faults chosen by the seed: quiet, inject, hold,
+heal. The seed fixes the schedule of faults and the clients' choices; it cannot fix the timing
+of real processes, so two runs with one seed inject the same faults but interleave differently.
 
-After the run every fault is healed, the cluster must converge, and each node's committed
-state is read (linearizably) as the checker's final state. History and final state are saved
-in ``out_dir`` so a run can be re-checked offline.
+After the run every fault is healed, the cluster must converge within the recovery bound, and
+each node's committed state is read (linearizably) as the checker's final state. Everything the
+host side holds (data directories, logs, everything published on MQTT during the run) is
+searched for the plaintext keys. History and final state are saved in ``out_dir`` so a run can
+be re-checked offline.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmnode.chaos import faults
-from kmnode.chaos.checker import CheckResult, NodeState, check
+from kmnode.chaos import oracle
+from kmnode.chaos.capture import CaptureError, MqttCapture
+from kmnode.chaos.checker import CheckOutcome, CheckResult, NodeState, check, check_plaintext
 from kmnode.chaos.history import HistoryRecorder, OpHandle
+from kmnode.chaos.nemesis import FAULT_KINDS, Nemesis, resolve_kinds
 from kmnode.cli.client import ApiError, NodeClient, NodeUnreachable
 from kmnode.cli.output import CliError
 from kmnode.config import ClusterConfig
 
-FAULT_KINDS = ("partition", "loss", "kill", "pause", "service-crash", "torn-tail")
 _CLIENT_TIMEOUT = 10.0
 _RELEASE_WAIT = 5.0
 #: API errors after which the cluster certainly did not act on the request.
@@ -52,16 +55,24 @@ class RunConfig:
     clients: int = 3
     #: Seconds of quiet before each fault and seconds each fault is held.
     interval: float = 3.0
-    faults: tuple[str, ...] = FAULT_KINDS
+    #: Fault kinds to cycle through; None: every kind the cluster supports.
+    faults: tuple[str, ...] | None = None
     keys: int = 4
     converge_timeout: float = 60.0
+    #: After each heal an operation must succeed, and after the final heal every node must
+    #: agree, within this many seconds.
+    recovery_bound: float = 20.0
+    #: Search the host side for plaintext keys at the end.
+    scan_plaintext: bool = True
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.faults) - set(FAULT_KINDS))
+        unknown = sorted(set(self.faults or ()) - set(FAULT_KINDS))
         if unknown:
             raise ValueError(f"unknown fault kinds {unknown}; known: {list(FAULT_KINDS)}")
         if self.duration <= 0 or self.clients < 1 or self.interval <= 0 or self.keys < 1:
             raise ValueError("duration, interval, clients and keys must be positive")
+        if self.recovery_bound <= 0:
+            raise ValueError("the recovery bound must be positive")
 
 
 @dataclass
@@ -70,6 +81,37 @@ class RunOutcome:
     history_path: Path
     final_path: Path
     faults: list[dict[str, Any]] = field(default_factory=list)
+    #: Seconds from the final heal until every node agreed on leader, term and applied index.
+    recovery: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        result = self.result
+        return {
+            "valid": result.valid,
+            "checks": {n: {"valid": c.valid, "detail": c.detail} for n, c in result.checks.items()},
+            "first_violation": self.first_violation(),
+            "stats": result.stats,
+            "faults": self.faults,
+            "recovery_s": round(self.recovery, 3),
+            "history": str(self.history_path),
+            "final_state": str(self.final_path),
+        }
+
+    def first_violation(self) -> dict[str, Any] | None:
+        """The earliest violation in the history (by its operation's invoke time)."""
+        found = [c.first_violation for c in self.result.checks.values() if c.first_violation]
+        if not found:
+            return None
+        first = min(found, key=lambda v: v.order)
+        op = first.op
+        return {
+            "message": first.message,
+            "node": first.node,
+            "op": None if op is None else {
+                "id": op.id, "process": op.process, "kind": op.kind, "args": dict(op.args),
+                "node": op.node, "outcome": op.outcome, "value": op.value, "error": op.error,
+            },
+        }  # fmt: skip
 
 
 def record_outcome(handle: OpHandle, call: Callable[[], Any], value: Callable[[Any], Any]) -> None:
@@ -153,81 +195,27 @@ class _Run:
         self.names = [n.name for n in cfg.nodes]
         self.recorder = HistoryRecorder()
         self.stop = threading.Event()
-        self.rng = random.Random(f"{config.seed}/nemesis")
-        self.injected: list[dict[str, Any]] = []
+        self.nemesis = Nemesis(
+            cfg,
+            config.seed,
+            resolve_kinds(cfg, config.faults),
+            self.recorder,
+            log,
+            restart_timeout=config.converge_timeout,
+        )
         # Fresh key names per run: the checker counts generations from each key's creation,
         # so keys left by an earlier run (at an unknown generation) must not be reused.
         self.key_prefix = f"s{config.seed}-{time.time_ns() % 10**9:09d}-k"
 
-    def api(self, node: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return NodeClient.for_node(self.cfg.node(node), 5.0).post(path, body or {})
-
-    # --- the nemesis ------------------------------------------------------------------------
-
-    def inject(self, kind: str) -> Callable[[], None]:
-        """Start fault ``kind``; returns the function that heals it."""
-        target = self.rng.choice(self.names)
-        others = [n for n in self.names if n != target]
-        detail: dict[str, Any] = {}
-        if kind == "partition":
-            for other in others:
-                self.api(target, "/v1/chaos/rules", {"peer": other, "partition": True})
-                self.api(other, "/v1/chaos/rules", {"peer": target, "partition": True})
-            heal = self.heal_links
-        elif kind == "loss":
-            target = "all"
-            rule = {"drop": 0.2, "delay_ms": 5, "jitter_ms": 5}
-            for a in self.names:
-                for b in self.names:
-                    if a != b:
-                        self.api(a, "/v1/chaos/rules", {"peer": b, **rule})
-            detail = rule
-            heal = self.heal_links
-        elif kind in ("kill", "torn-tail"):
-            detail = faults.kill(self.cfg, target).detail
-            if kind == "torn-tail":
-                detail = {**detail, **faults.torn_tail(self.cfg, target).detail}
-
-            def heal() -> None:
-                faults.restart(self.cfg, target, timeout=self.config.converge_timeout)
-
-        elif kind == "pause":
-            detail = faults.pause(self.cfg, target).detail
-
-            def heal() -> None:
-                faults.resume(self.cfg, target)
-
-        else:
+    def faults(self, deadline: float) -> None:
+        """Quiet, inject, hold, heal, for as long as two intervals fit before ``deadline``."""
+        interval = self.config.interval
+        kinds = self.nemesis.schedule()
+        while self.nemesis.kinds and time.monotonic() + 2 * interval <= deadline:
+            time.sleep(interval)
+            heal = self.nemesis.inject(next(kinds))
             try:
-                detail = self.api(target, "/v1/chaos/service-crash")
-            except ApiError as exc:  # 409: not running (crashed before, not yet restarted)
-                detail = {"skipped": exc.message}
-
-            def heal() -> None:
-                """Nothing to do: the node restarts its service enclave on the next request."""
-
-        self.recorder.fault_start(kind, target, **detail)
-        self.injected.append({"fault": kind, "target": target, **detail})
-        self.log(f"nemesis: {kind} {target}")
-
-        def healed() -> None:
-            heal()
-            self.recorder.fault_stop(kind, target)
-            self.log(f"nemesis: healed {kind} {target}")
-
-        return healed
-
-    def heal_links(self) -> None:
-        for name in self.names:
-            self.api(name, "/v1/chaos/heal")
-
-    def nemesis(self, deadline: float) -> None:
-        kinds = list(self.config.faults)
-        while kinds and time.monotonic() + 2 * self.config.interval <= deadline:
-            time.sleep(self.config.interval)
-            heal = self.inject(self.rng.choice(kinds))
-            try:
-                time.sleep(self.config.interval)
+                time.sleep(interval)
             finally:
                 heal()
         time.sleep(max(0.0, deadline - time.monotonic()))
@@ -271,6 +259,23 @@ class _Run:
             )
         return states
 
+    def plaintext(self, final: dict[str, NodeState], capture: MqttCapture) -> CheckOutcome:
+        """Search every host-side file and MQTT message for the master secret and each key."""
+        generations: dict[str, int] = {}
+        for node_state in final.values():
+            for key, generation in node_state.keys.items():
+                generations[key] = max(generations.get(key, 0), generation)
+        try:
+            needles = oracle.secret_needles(self.cfg, generations)
+        except oracle.OracleError as exc:
+            return CheckOutcome(False, f"no secrets to search for: {exc}")
+        haystacks = oracle.host_files([self.cfg.state_dir]) + capture.haystacks()
+        outcome = check_plaintext(haystacks, needles)
+        if capture.error is not None and outcome.valid:
+            lost = f"MQTT capture incomplete ({capture.error}); {outcome.detail}"
+            return CheckOutcome(False, lost)
+        return outcome
+
 
 def run(
     cfg: ClusterConfig,
@@ -284,18 +289,31 @@ def run(
         state.converge()
     except RunError as exc:
         raise RunError(f"the cluster is not up and converged before the run: {exc}") from None
-    clients = [_Client(i, state) for i in range(config.clients)]
-    for client in clients:
-        client.start()
+    capture = MqttCapture(cfg)
+    if config.scan_plaintext:
+        try:
+            capture.start()
+        except CaptureError as exc:
+            raise RunError(str(exc)) from None
     try:
-        state.nemesis(time.monotonic() + config.duration)
-    finally:
-        state.stop.set()
+        clients = [_Client(i, state) for i in range(config.clients)]
         for client in clients:
-            client.join(_CLIENT_TIMEOUT + _RELEASE_WAIT + 5)
-    state.heal_links()
-    state.converge()
-    final = state.final_state()
+            client.start()
+        try:
+            state.faults(time.monotonic() + config.duration)
+        finally:
+            state.stop.set()
+            for client in clients:
+                client.join(_CLIENT_TIMEOUT + _RELEASE_WAIT + 5)
+        clients_stopped = time.monotonic()
+        state.nemesis.heal_everything()
+        healed = time.monotonic()
+        state.converge()
+        recovery = time.monotonic() - healed
+        log(f"converged {recovery:.2f}s after the final heal")
+        final = state.final_state()
+    finally:
+        capture.stop()
     history = state.recorder.history()
     out_dir.mkdir(parents=True, exist_ok=True)
     history_path, final_path = out_dir / "history.jsonl", out_dir / "final.json"
@@ -303,5 +321,21 @@ def run(
     final_path.write_text(
         json.dumps({n: s.to_json() for n, s in final.items()}, indent=1, sort_keys=True)
     )
-    result = check(history, final)
-    return RunOutcome(result, history_path, final_path, state.injected)
+    bound = config.recovery_bound
+    observed = {
+        "disk-damage-refused": state.nemesis.disk_check(),
+        "converged-after-heal": CheckOutcome(
+            recovery <= bound,
+            f"every node agreed {recovery:.2f}s after the final heal (bound {bound:g}s)",
+        ),
+    }
+    if config.scan_plaintext:
+        observed["no-plaintext-keys"] = state.plaintext(final, capture)
+    result = check(
+        history,
+        final,
+        recovery_bound=bound,
+        recovery_until=clients_stopped,
+        observed=observed,
+    )
+    return RunOutcome(result, history_path, final_path, state.nemesis.injected, recovery)

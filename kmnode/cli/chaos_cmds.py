@@ -14,7 +14,6 @@ stopped), 2 for bad usage, 3 when a node cannot be reached.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
@@ -397,94 +396,9 @@ def corrupt(
         _fault(as_json, lambda: faults.flip_byte(cfg, node, where))
 
 
-# --- a whole run -------------------------------------------------------------------------------
+# Whole runs, sweeps and replacement live in their own module; registered here so that the
+# `chaos` group is complete wherever it is imported from.
+from kmnode.cli.chaos_run_cmds import replace, run, sweep  # noqa: E402
 
-
-@chaos.command("run")
-@click.option("--seed", type=int, required=True, help="Seeds the fault schedule and the clients.")
-@click.option(
-    "--duration", type=click.FloatRange(min=1.0), default=30.0, show_default=True, help="Seconds."
-)
-@click.option("--clients", type=click.IntRange(1, 32), default=3, show_default=True)
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.5),
-    default=3.0,
-    show_default=True,
-    help="Seconds of quiet before each fault, and seconds each fault is held.",
-)
-@click.option(
-    "--faults",
-    "kinds",
-    default="partition,loss,kill,pause,service-crash,torn-tail",
-    show_default=True,
-    help="Comma-separated fault kinds the nemesis chooses from.",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where to save history.jsonl and final.json. Default: <state_dir>/chaos/seed-N.",
-)
-@_as_json
-@pass_context
-def run(
-    ctx: CliContext,
-    seed: int,
-    duration: float,
-    clients: int,
-    interval: float,
-    kinds: str,
-    out: Path | None,
-    as_json: bool,
-) -> None:
-    """Run clients and a seeded nemesis against the running cluster, then check the history.
-
-    Every fault is healed at the end and the nodes must converge; their committed state and
-    the history go to the checker. Exits 0 if every check passes, 1 if one fails, 3 if the run
-    could not be carried out.
-    """
-    from kmnode.chaos.faults import FaultError
-    from kmnode.chaos.runner import RunConfig, RunError
-    from kmnode.chaos.runner import run as chaos_run
-
-    cfg = _config(ctx)
-    try:
-        config = RunConfig(
-            seed=seed,
-            duration=duration,
-            clients=clients,
-            interval=interval,
-            faults=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-        )
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    out_dir = out or cfg.state_dir / "chaos" / f"seed-{seed}"
-
-    def progress(line: str) -> None:
-        if not as_json:
-            click.echo(line, err=True)
-
-    try:
-        outcome = chaos_run(cfg, config, out_dir, progress)
-    except (RunError, FaultError, CliError) as exc:
-        raise CliError(f"chaos run failed: {exc}", EXIT_FAILURE) from None
-
-    result = outcome.result
-    if as_json:
-        print_json(
-            {
-                "valid": result.valid,
-                "checks": {
-                    n: {"valid": c.valid, "detail": c.detail} for n, c in result.checks.items()
-                },
-                "stats": result.stats,
-                "faults": outcome.faults,
-                "history": str(outcome.history_path),
-                "final_state": str(outcome.final_path),
-            }
-        )
-    else:
-        click.echo(result.summary())
-        click.echo(f"history: {outcome.history_path}")
-    if not result.valid:
-        raise click.exceptions.Exit(EXIT_REFUSED)
+for _command in (run, sweep, replace):
+    chaos.add_command(_command)

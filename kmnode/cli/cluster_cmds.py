@@ -31,7 +31,7 @@ _STOP_GRACE = 5.0
 _MILESTONES = ("started", "joined", "running", "already running", "resuming")
 
 
-def _selected(ctx: CliContext, count: int | None) -> ClusterConfig:
+def select_nodes(ctx: CliContext, count: int | None) -> ClusterConfig:
     """The config with its first ``count`` nodes; the embedded defaults grow to ``count``."""
     cfg = ctx.config()
     if count is None or count == len(cfg.nodes):
@@ -72,7 +72,7 @@ def up(ctx: CliContext, count: int | None, timeout: float) -> None:
     Prints the status table. If the cluster is already up, says so and exits 0; if a node
     does not become ready, prints the end of its log, stops what it started, and exits 3.
     """
-    cfg = _selected(ctx, count)
+    cfg = select_nodes(ctx, count)
     console = Console(stderr=True)
     with console.status(f"starting cluster {cfg.cluster!r}") as spinner:
 

@@ -84,18 +84,25 @@ class MqttCapture:
         return [json.loads(p) for t, p in list(self.messages) if t.endswith(suffix)]
 
 
+def write_config(root: Path, nodes: int = 3, mqtt_url: str | None = None) -> Path:
+    """``root/cluster.yaml``: the embedded defaults with free ports on 127.0.0.1, state under
+    ``root/state`` and a fast Raft tick, for a cluster of its own."""
+    data = ClusterConfig.default(nodes).model_dump(mode="json")
+    for node in data["nodes"]:
+        node["peer_port"], node["api_port"] = free_port(), free_port()
+    data["state_dir"] = str(root / "state")
+    data["mqtt"]["embedded_port"] = free_port()
+    data["mqtt"]["url"] = mqtt_url
+    data["raft"]["tick_ms"] = 25
+    path = root / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 class LocalCluster:
     def __init__(self, root: Path, nodes: int = 3, mqtt_url: str | None = None) -> None:
         self.root = root
-        data = ClusterConfig.default(nodes).model_dump(mode="json")
-        for node in data["nodes"]:
-            node["peer_port"], node["api_port"] = free_port(), free_port()
-        data["state_dir"] = str(root / "state")
-        data["mqtt"]["embedded_port"] = free_port()
-        data["mqtt"]["url"] = mqtt_url
-        data["raft"]["tick_ms"] = 25
-        self.config_path = root / "cluster.yaml"
-        self.config_path.write_text(yaml.safe_dump(data))
+        self.config_path = write_config(root, nodes, mqtt_url)
         self.config = load_config(self.config_path)
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)

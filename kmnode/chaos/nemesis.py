@@ -1,0 +1,234 @@
+"""The nemesis of `kmctl chaos run`: seeded faults injected into a live local cluster.
+
+Every kind of fault the chaos tooling knows is here, each as "inject, then heal":
+
+* links (through each sender's ``/v1/chaos/rules``): two-way and one-way partitions of one
+  node, message loss with delay and jitter on every link, duplication on every link;
+* real partitions with network namespaces (``netns-partition``; only when every node of the
+  cluster runs in its own namespace, see docs/chaos-netns.md);
+* processes: SIGKILL then restart, SIGSTOP then SIGCONT, the service enclave killed, the
+  host's ring drain stalled;
+* disks, on a killed node: a torn log tail (a crash mid-append; the node must repair it and
+  rejoin), a flipped byte mid-log and tampered sealed state (damage no crash explains; the node
+  must refuse to start, and is replaced by a fresh node, which must restore full membership).
+
+The order of kinds is a seeded shuffle, repeated, so a run with N fault slots covers
+min(N, kinds) distinct kinds: a short CI run still exercises every kind across a few seeds.
+A damaged node that starts anyway is recorded as a violation (``disk_check``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kmnode.chaos import faults
+from kmnode.chaos.checker import CheckOutcome, Violation
+from kmnode.chaos.faults import FaultError
+from kmnode.chaos.history import HistoryRecorder
+from kmnode.cli.client import ApiError, NodeClient
+from kmnode.config import ClusterConfig
+
+LINK_KINDS = ("partition", "partition-one-way", "loss", "duplicate")
+PROCESS_KINDS = ("kill", "pause", "service-crash", "ring-stall")
+DISK_KINDS = ("torn-tail", "flip-byte", "tamper-sealed")
+NETNS_KINDS = ("netns-partition",)
+FAULT_KINDS = LINK_KINDS + PROCESS_KINDS + DISK_KINDS + NETNS_KINDS
+#: Damage no crash can leave behind: the node must refuse to start with it.
+UNREPAIRABLE = ("flip-byte", "tamper-sealed")
+
+LOSS_RULE: dict[str, Any] = {"drop": 0.2, "delay_ms": 5, "jitter_ms": 5}
+DUPLICATE_RULE: dict[str, Any] = {"duplicate": 0.3, "delay_ms": 2, "jitter_ms": 2}
+
+Heal = Callable[[], None]
+
+
+def in_namespaces(cfg: ClusterConfig) -> bool:
+    """Whether every node runs in a network namespace of its own (netns faults possible)."""
+    spaces = [getattr(n, "netns", None) for n in cfg.nodes]
+    return all(spaces) and len(set(spaces)) == len(spaces)
+
+
+def available_kinds(cfg: ClusterConfig) -> tuple[str, ...]:
+    """Every kind this cluster can take: netns partitions only for a cluster in namespaces."""
+    return FAULT_KINDS if in_namespaces(cfg) else FAULT_KINDS[: -len(NETNS_KINDS)]
+
+
+def check_kinds(cfg: ClusterConfig, kinds: tuple[str, ...]) -> None:
+    """ValueError naming what is wrong with a requested list of fault kinds."""
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown fault kinds {unknown}; known: {list(FAULT_KINDS)}")
+    if set(kinds) & set(NETNS_KINDS) and not in_namespaces(cfg):
+        raise ValueError(
+            "netns-partition needs every node in its own network namespace (nodes[].netns); "
+            "see docs/chaos-netns.md"
+        )
+
+
+class Nemesis:
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        seed: int,
+        kinds: tuple[str, ...],
+        recorder: HistoryRecorder,
+        log: Callable[[str], None],
+        restart_timeout: float,
+    ) -> None:
+        self.cfg, self.kinds, self.recorder, self.log = cfg, kinds, recorder, log
+        self.restart_timeout = restart_timeout
+        self.names = [n.name for n in cfg.nodes]
+        self.rng = random.Random(f"{seed}/nemesis")
+        self.injected: list[dict[str, Any]] = []
+        #: Damaged nodes that started anyway (the log or the sealing failed to notice).
+        self.undetected: list[Violation] = []
+        self.refused: list[str] = []
+
+    def schedule(self) -> Iterator[str]:
+        """The kinds in a seeded shuffle, reshuffled after each full round (never ends)."""
+        while True:
+            order = list(self.kinds)
+            self.rng.shuffle(order)
+            yield from order
+
+    def inject(self, kind: str) -> Heal:
+        """Start fault ``kind`` on a seeded target; returns the function that heals it."""
+        target = self.rng.choice(self.names)
+        detail, heal = self._start(kind, target)
+        if kind in ("loss", "duplicate"):
+            target = "all"
+        self.recorder.fault_start(kind, target, **detail)
+        self.injected.append({"fault": kind, "target": target, **detail})
+        self.log(f"nemesis: {kind} {target}")
+
+        def healed() -> None:
+            heal()
+            self.recorder.fault_stop(kind, target)
+            self.log(f"nemesis: healed {kind} {target}")
+
+        return healed
+
+    def _start(self, kind: str, target: str) -> tuple[dict[str, Any], Heal]:
+        others = [n for n in self.names if n != target]
+        if kind in ("partition", "partition-one-way"):
+            for other in others:
+                self._rule(target, other, {"partition": True})
+                if kind == "partition":
+                    self._rule(other, target, {"partition": True})
+            return {}, self.heal_links
+        if kind in ("loss", "duplicate"):
+            rule = LOSS_RULE if kind == "loss" else DUPLICATE_RULE
+            for a in self.names:
+                for b in self.names:
+                    if a != b:
+                        self._rule(a, b, rule)
+            return dict(rule), self.heal_links
+        if kind == "netns-partition":
+            from kmnode.chaos import netns
+
+            for other in others:
+                netns.partition(self.cfg, target, other)
+            return {"isolated": target}, lambda: netns.heal(self.cfg)
+        if kind == "kill":
+            return faults.kill(self.cfg, target).detail, lambda: self._restart(target)
+        if kind == "pause":
+            return faults.pause(self.cfg, target).detail, lambda: self._resume(target)
+        if kind == "service-crash":
+            try:
+                answer = self._api(target, "/v1/chaos/service-crash")
+            except ApiError as exc:  # 409: not running (crashed before, not yet restarted)
+                answer = {"skipped": exc.message}
+            # Nothing to heal: the node restarts its service enclave on the next request.
+            return answer, lambda: None
+        if kind == "ring-stall":
+            self._api(target, "/v1/chaos/ring-stall", {"stalled": True})
+            return {}, lambda: self._unstall(target)
+        if kind == "torn-tail":
+            detail = faults.kill(self.cfg, target).detail
+            detail.update(_damage(lambda: faults.torn_tail(self.cfg, target)))
+            return detail, lambda: self._restart(target)
+        if kind in UNREPAIRABLE:
+            return self._unrepairable(kind, target)
+        raise ValueError(f"unknown fault kind {kind!r}")
+
+    def _unrepairable(self, kind: str, target: str) -> tuple[dict[str, Any], Heal]:
+        """Kill, damage, and check the node refuses to start; the heal replaces it."""
+        detail = faults.kill(self.cfg, target).detail
+        if kind == "flip-byte":
+            damage = _damage(lambda: faults.flip_byte(self.cfg, target, "middle"))
+        else:
+            damage = _damage(lambda: faults.tamper_sealed(self.cfg, target))
+        detail.update(damage)
+        if "skipped" in damage:
+            return detail, lambda: self._restart(target)
+        try:
+            faults.restart(self.cfg, target, timeout=self.restart_timeout)
+        except FaultError as exc:
+            detail["refused"] = str(exc).splitlines()[0]
+            self.refused.append(f"{kind} {target}")
+            return detail, lambda: self._replace(target)
+        made = f"{target} started although its {kind} damage was made: {damage}"
+        self.undetected.append(Violation(made, None, target))
+        return detail, lambda: None
+
+    # --- heals --------------------------------------------------------------------------------
+
+    def heal_links(self) -> None:
+        for name in self.names:
+            self._api(name, "/v1/chaos/heal")
+
+    def heal_everything(self) -> None:
+        """The end of a run: links healed (and namespaces, if any); processes are healed by
+        their own heals, which always run."""
+        self.heal_links()
+        if in_namespaces(self.cfg):
+            from kmnode.chaos import netns
+
+            netns.heal(self.cfg)
+
+    def _restart(self, target: str) -> None:
+        faults.restart(self.cfg, target, timeout=self.restart_timeout)
+
+    def _replace(self, target: str) -> None:
+        faults.replace(self.cfg, target, timeout=self.restart_timeout)
+
+    def _resume(self, target: str) -> None:
+        faults.resume(self.cfg, target)
+
+    def _unstall(self, target: str) -> None:
+        self._api(target, "/v1/chaos/ring-stall", {"stalled": False})
+
+    def _rule(self, sender: str, peer: str, rule: dict[str, Any]) -> None:
+        self._api(sender, "/v1/chaos/rules", {"peer": peer, **rule})
+
+    def _api(self, node: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return NodeClient.for_node(self.cfg.node(node), 5.0).post(path, body or {})
+
+    # --- the verdict on disk damage -----------------------------------------------------------
+
+    def disk_check(self) -> CheckOutcome:
+        """Every unrepairable damage must have made its node refuse to start."""
+        return CheckOutcome.judge(
+            self.undetected,
+            f"{len(self.refused)} damaged node(s) refused to start and were replaced"
+            + (f" ({', '.join(self.refused)})" if self.refused else ""),
+        )
+
+
+def _damage(make: Callable[[], faults.FaultDone]) -> dict[str, Any]:
+    """The damage's detail, or why there was nothing to damage (a log too short to hold a
+    record in the middle, say): the fault then degrades to a kill and restart."""
+    try:
+        return make().detail
+    except FaultError as exc:
+        return {"skipped": str(exc)}
+
+
+def resolve_kinds(cfg: ClusterConfig, requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The kinds a run cycles through: the requested ones, checked, or all the cluster takes."""
+    if requested is None:
+        return available_kinds(cfg)
+    check_kinds(cfg, requested)
+    return requested  # empty: a baseline run without faults
