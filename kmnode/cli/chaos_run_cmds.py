@@ -225,6 +225,13 @@ def sweep_row(seed: int, nodes: int, outcome: RunOutcome) -> dict[str, Any]:
     }
 
 
+def failed_row(seed: int, nodes: int, error: str) -> dict[str, Any]:
+    """The row of a run that could not be completed: counted as a violation, with why."""
+    row: dict[str, Any] = dict.fromkeys(_SWEEP_COLUMNS, "-")
+    row.update(seed=seed, nodes=nodes, violations=1, valid=False, history="", error=error)
+    return row
+
+
 _SWEEP_COLUMNS = (
     "seed", "nodes", "ops", "ok", "failed", "unknown", "faults", "fault_kinds", "violations",
     "worst_recovery_s",
@@ -282,6 +289,7 @@ def sweep(
     root.mkdir(parents=True, exist_ok=True)
     progress = _stderr(as_json)
     rows: list[dict[str, Any]] = []
+    failed_runs: list[int] = []
     with open(root / "sweep.jsonl", "a") as log:
         for seed in range(first_seed, first_seed + seeds):
             config = _run_config(seed, duration, clients, interval, kinds, recovery_bound, no_scan)
@@ -289,17 +297,28 @@ def sweep(
             cfg = base.model_copy(update={"state_dir": seed_dir / "state"})
             progress(f"seed {seed}: starting a {len(cfg.nodes)}-node cluster in {seed_dir}")
             try:
-                supervisor.up(cfg)
-                outcome = _execute(cfg, config, seed_dir, progress)
+                supervisor.up(cfg)  # a failure here is the environment's: the sweep stops
+                try:
+                    outcome = _execute(cfg, config, seed_dir, progress)
+                except CliError as exc:
+                    if exc.exit_code == EXIT_USAGE:
+                        raise
+                    # The run itself broke down (say, no convergence after healing): a
+                    # finding of this seed, recorded; the sweep goes on with the next.
+                    failed_runs.append(seed)
+                    row = failed_row(seed, len(cfg.nodes), exc.message)
+                else:
+                    report = {"seed": seed, **outcome.to_json()}
+                    (seed_dir / "report.json").write_text(
+                        json.dumps(report, indent=1, sort_keys=True)
+                    )
+                    row = sweep_row(seed, len(cfg.nodes), outcome)
             finally:
                 supervisor.down(cfg)
-            report = {"seed": seed, **outcome.to_json()}
-            (seed_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
-            row = sweep_row(seed, len(cfg.nodes), outcome)
             rows.append(row)
             log.write(json.dumps(row, sort_keys=True) + "\n")
             log.flush()
-            verdict = "VALID" if row["valid"] else "INVALID"
+            verdict = "VALID" if row["valid"] else f"INVALID {row.get('error', '')}".strip()
             progress(
                 f"seed {seed}: {verdict}, {row['ops']} ops, {row['faults']} faults, "
                 f"worst recovery {row['worst_recovery_s']}s"
@@ -314,6 +333,8 @@ def sweep(
             [[r[c] for c in _SWEEP_COLUMNS] for r in rows],
         )
         click.echo(f"table: {root / 'sweep.md'}")
+    if failed_runs:
+        raise CliError(f"runs that could not be completed: seeds {failed_runs}", EXIT_FAILURE)
     if not all(r["valid"] for r in rows):
         raise click.exceptions.Exit(EXIT_REFUSED)
 
