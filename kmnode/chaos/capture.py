@@ -15,7 +15,7 @@ import threading
 import aiomqtt
 
 from kmnode.config import ClusterConfig
-from kmnode.host.broker import broker_address
+from kmnode.host.broker import BrokerAddress, broker_address
 from kmnode.host.mqtt import TopicKind, topic_filter
 
 _CONNECT_TIMEOUT = 5.0
@@ -26,17 +26,21 @@ class CaptureError(Exception):
 
 
 class MqttCapture:
-    def __init__(self, cfg: ClusterConfig) -> None:
-        self.address = broker_address(cfg.mqtt)
-        self.filters = [
-            topic_filter(cfg.mqtt.topic_prefix, cfg.cluster, kind) for kind in TopicKind
-        ]
+    def __init__(self, address: BrokerAddress, filters: list[str]) -> None:
+        self.address, self.filters = address, filters
         self.messages: list[tuple[str, bytes]] = []
         self.error: str | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._thread = threading.Thread(target=self._main, name="mqtt-capture", daemon=True)
+
+    @classmethod
+    def for_cluster(cls, cfg: ClusterConfig) -> MqttCapture:
+        """Every topic the cluster's nodes publish on, at the broker cluster.yaml names."""
+        prefix = cfg.mqtt.topic_prefix
+        filters = [topic_filter(prefix, cfg.cluster, kind) for kind in TopicKind]
+        return cls(broker_address(cfg.mqtt), filters)
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread.start()

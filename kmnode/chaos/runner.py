@@ -289,7 +289,7 @@ def run(
         state.converge()
     except RunError as exc:
         raise RunError(f"the cluster is not up and converged before the run: {exc}") from None
-    capture = MqttCapture(cfg)
+    capture = MqttCapture.for_cluster(cfg)
     if config.scan_plaintext:
         try:
             capture.start()

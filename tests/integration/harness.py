@@ -6,14 +6,12 @@ processes, their service enclaves, the broker) so a failing test leaves nothing 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import yaml
 
+from kmnode.chaos.capture import MqttCapture as ChaosCapture
 from kmnode.config import ClusterConfig, load_config
-from kmnode.host.broker import broker_address, start_embedded_broker, stop_broker
+from kmnode.host.broker import (
+    BrokerAddress,
+    broker_address,
+    start_embedded_broker,
+    stop_broker,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,38 +50,11 @@ def until(predicate: Callable[[], bool], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class MqttCapture:
-    """Records every message on the cluster's topics, from a thread with its own event loop."""
+class MqttCapture(ChaosCapture):
+    """Every message under one topic filter at the broker on 127.0.0.1:``port``."""
 
     def __init__(self, port: int, topic: str) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-        self._port, self._topic = port, topic
-        self._stop = threading.Event()
-        self._subscribed = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        if not self._subscribed.wait(15):
-            raise AssertionError("MQTT capture could not subscribe")
-
-    async def _run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self._port, identifier="kmsim-test-capture") as c:
-            await c.subscribe(self._topic, qos=1)
-            self._subscribed.set()
-            messages = c.messages
-            while not self._stop.is_set():
-                try:
-                    message = await asyncio.wait_for(anext(messages), 0.2)
-                except TimeoutError:
-                    continue
-                payload = message.payload
-                data = payload if isinstance(payload, bytes) else str(payload).encode()
-                self.messages.append((str(message.topic), data))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__(BrokerAddress("127.0.0.1", port, False), [topic])
 
     def json_on(self, suffix: str) -> list[dict[str, Any]]:
         return [json.loads(p) for t, p in list(self.messages) if t.endswith(suffix)]
