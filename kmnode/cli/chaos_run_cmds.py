@@ -9,6 +9,7 @@ a run could not be carried out.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,13 @@ def _run_options(f: Any) -> Any:
             show_default=True,
             help="Seconds of client load and faults per run.",
         ),
-        click.option("--clients", type=click.IntRange(1, 32), default=3, show_default=True),
+        click.option(
+            "--clients",
+            type=click.IntRange(1, 32),
+            default=3,
+            show_default=True,
+            help="Concurrent client threads issuing operations.",
+        ),
         click.option(
             "--interval",
             type=click.FloatRange(min=0.5),
@@ -73,22 +80,25 @@ def _run_options(f: Any) -> Any:
         ),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
     ]
+
+    @functools.wraps(f)
+    def bundled(*args: Any, **kwargs: Any) -> Any:
+        settings = {name: kwargs.pop(name) for name in _SETTINGS}
+        return f(*args, settings=settings, **kwargs)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        bundled = option(bundled)
+    return bundled
 
 
-def _run_config(
-    seed: int,
-    duration: float,
-    clients: int,
-    interval: float,
-    kinds: str,
-    recovery_bound: float,
-    no_scan: bool,
-) -> RunConfig:
+#: The shared options' parameter names, handed to the commands as one ``settings`` dict.
+_SETTINGS = ("duration", "clients", "interval", "kinds", "recovery_bound", "no_scan")
+
+
+def _run_config(seed: int, settings: dict[str, Any]) -> RunConfig:
     from kmnode.chaos.runner import RunConfig
 
+    kinds = str(settings["kinds"])
     chosen = kinds.strip().lower()
     faults: tuple[str, ...] | None
     if chosen == "all":
@@ -100,12 +110,12 @@ def _run_config(
     try:
         return RunConfig(
             seed=seed,
-            duration=duration,
-            clients=clients,
-            interval=interval,
+            duration=settings["duration"],
+            clients=settings["clients"],
+            interval=settings["interval"],
             faults=faults,
-            recovery_bound=recovery_bound,
-            scan_plaintext=not no_scan,
+            recovery_bound=settings["recovery_bound"],
+            scan_plaintext=not settings["no_scan"],
         )
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
@@ -142,16 +152,7 @@ def _stderr(as_json: bool) -> Any:
 )
 @pass_context
 def run(
-    ctx: CliContext,
-    seed: int,
-    duration: float,
-    clients: int,
-    interval: float,
-    kinds: str,
-    recovery_bound: float,
-    no_scan: bool,
-    as_json: bool,
-    out: Path | None,
+    ctx: CliContext, seed: int, settings: dict[str, Any], as_json: bool, out: Path | None
 ) -> None:
     """Run clients and a seeded nemesis against the running cluster, then check the history.
 
@@ -165,7 +166,7 @@ def run(
     could not be carried out.
     """
     cfg = supervisor.effective_config(ctx.config())
-    config = _run_config(seed, duration, clients, interval, kinds, recovery_bound, no_scan)
+    config = _run_config(seed, settings)
     out_dir = out or cfg.state_dir / "chaos" / f"seed-{seed}"
     outcome = _execute(cfg, config, out_dir, _stderr(as_json))
     if as_json:
@@ -265,12 +266,7 @@ def sweep(
     seeds: int,
     first_seed: int,
     nodes: int | None,
-    duration: float,
-    clients: int,
-    interval: float,
-    kinds: str,
-    recovery_bound: float,
-    no_scan: bool,
+    settings: dict[str, Any],
     as_json: bool,
     out: Path | None,
 ) -> None:
@@ -292,7 +288,7 @@ def sweep(
     failed_runs: list[int] = []
     with open(root / "sweep.jsonl", "a") as log:
         for seed in range(first_seed, first_seed + seeds):
-            config = _run_config(seed, duration, clients, interval, kinds, recovery_bound, no_scan)
+            config = _run_config(seed, settings)
             seed_dir = root / f"seed-{seed}"
             cfg = base.model_copy(update={"state_dir": seed_dir / "state"})
             progress(f"seed {seed}: starting a {len(cfg.nodes)}-node cluster in {seed_dir}")
@@ -328,7 +324,7 @@ def sweep(
         print_json({"runs": rows, "table": str(root / "sweep.md")})
     else:
         print_table(
-            f"chaos sweep: {seeds} seeds x {duration:g}s",
+            f"chaos sweep: {seeds} seeds x {settings['duration']:g}s",
             list(_SWEEP_COLUMNS),
             [[r[c] for c in _SWEEP_COLUMNS] for r in rows],
         )
