@@ -17,6 +17,15 @@ is idle, a batch of inbound messages runs a pass directly from the transport's c
 saves an event-loop turn per network hop on the commit path. A hard state that differs from
 the durable one only in its commit index is written without an fsync (etcd's ``MustSync``).
 
+Snapshots are taken in the background: the state machine's image is captured between two
+applies (``snapshot_capture``, when the state machine has it: cheap, consistent), serialised and
+written to its own file by a worker thread while the node keeps committing and applying, and
+only the log compaction itself (dropping covered segments, and the core's in-memory log) runs
+on the loop, at a point where no persist is in flight. A snapshot is due every
+``snapshot_every`` applied entries, but not before the log written since the last snapshot is
+at least as large as that snapshot: the state (every release ever made) keeps growing, and a
+fixed interval would make the cost of snapshots per entry grow with it.
+
 Leader pipelining (Raft dissertation §10.2.1): a node that was leader before and after a
 ``Ready`` sends that Ready's messages *before* its own fsync, so followers write in parallel
 with it. This is safe because a leader's term and vote were made durable when it campaigned,
@@ -31,7 +40,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -51,6 +60,7 @@ from consensus.types import (
     Ready,
     Role,
     Snapshot,
+    SnapshotMeta,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +93,10 @@ class RaftDriver:
     ``log`` is an opened ``DurableLog``; the core is rebuilt from its ``initial_state`` and the
     state machine restored from its snapshot. The driver owns the log and the transport from
     ``start`` on and closes both in ``stop``. ``snapshot_every`` applied entries, the state
-    machine is snapshotted and the log compacted (0 disables it).
+    machine is snapshotted and the log compacted (0 disables it), in the background; see the
+    module docstring. A state machine may offer ``snapshot_capture() -> () -> bytes`` (an image
+    taken now, serialised later in a thread); otherwise ``snapshot()`` runs on the loop and only
+    the writing happens in the thread.
     """
 
     def __init__(
@@ -117,6 +130,12 @@ class RaftDriver:
         self.stats = DriverStats()
         self.applied_index = snap.meta.index
         self._last_snapshot = snap.meta.index
+        #: Log bytes written when the last snapshot was taken, and that snapshot's size.
+        self._snapshot_log_bytes = log.bytes_written
+        self._snapshot_size = len(snap.data)
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_written: Snapshot | None = None
+        self._snapshot_executor: ThreadPoolExecutor | None = None
         self._inbox: deque[Message] = deque()
         self._proposals: deque[_Proposal] = deque()
         self._reads: deque[tuple[bytes, asyncio.Future[int]]] = deque()
@@ -170,8 +189,14 @@ class RaftDriver:
             except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-        if self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if self._snapshot_task is not None:
+            # A snapshot file being written finishes before the log closes (the compaction it
+            # would lead to is skipped: the next start replays from whatever is durable).
+            await asyncio.wait({self._snapshot_task}, timeout=30.0)
+        loop = asyncio.get_running_loop()
+        for executor in (self._executor, self._snapshot_executor):
+            if executor is not None:
+                await loop.run_in_executor(None, executor.shutdown)
         await self.transport.stop()
         self.log.close()
         self._fail_all(DriverStopped(f"raft driver {self.id} stopped"))
@@ -347,9 +372,10 @@ class RaftDriver:
                     if not self._stopping:
                         self._finish(rd, leading)
                     continue
+                if self._snapshot_written is not None:
+                    self._compact()
                 if self._snapshot_due():
-                    await self._snapshot(loop)
-                    continue
+                    self._start_snapshot()
                 break
 
     def _poke(self) -> None:
@@ -370,7 +396,7 @@ class RaftDriver:
             return
         finally:
             self._idle = True
-        if self._parked is not None or self._snapshot_due():
+        if self._parked is not None or self._snapshot_due() or self._snapshot_written is not None:
             self._kick()
 
     def _pump(self) -> None:
@@ -433,6 +459,8 @@ class RaftDriver:
             self.sm.restore(rd.snapshot.data)
             self.applied_index = rd.snapshot.meta.index
             self._last_snapshot = rd.snapshot.meta.index
+            self._snapshot_log_bytes = self.log.bytes_written
+            self._snapshot_size = len(rd.snapshot.data)
         pending = self._pending
         for entry in rd.committed_entries:
             result = self.sm.apply(entry) if entry.type == EntryType.NORMAL else None
@@ -476,18 +504,71 @@ class RaftDriver:
                     fut.set_exception(ProposalDropped(f"entry {index} was replaced"))
 
     def _snapshot_due(self) -> bool:
-        return bool(self.snapshot_every) and (
-            self.applied_index - self._last_snapshot >= self.snapshot_every
+        return (
+            bool(self.snapshot_every)
+            and self._snapshot_task is None
+            and self._snapshot_written is None
+            and self.applied_index - self._last_snapshot >= self.snapshot_every
+            and self.log.bytes_written - self._snapshot_log_bytes >= self._snapshot_size
         )
 
-    async def _snapshot(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Snapshot the state machine at the applied index and compact the log up to it."""
+    def _start_snapshot(self) -> None:
+        """Capture the state machine at the applied index and write it in the background.
+
+        Runs in the loop task between passes, so the capture sees every entry up to
+        ``applied_index`` and none after it.
+        """
         index = self.applied_index
-        snap = Snapshot(self.core.snapshot_meta(index), self.sm.snapshot())
-        if self._executor is not None:
-            await loop.run_in_executor(self._executor, self.log.compact, snap)
+        meta = self.core.snapshot_meta(index)
+        capture: Callable[[], Callable[[], bytes]] | None = getattr(
+            self.sm, "snapshot_capture", None
+        )
+        if capture is not None:
+            serialise = capture()
         else:
-            self.log.compact(snap)
-        self.core.compact(snap)
+            data = self.sm.snapshot()
+
+            def serialise() -> bytes:
+                return data
+
         self._last_snapshot = index
-        log.info("%s: snapshot at %d, log compacted", self.id, index)
+        self._snapshot_log_bytes = self.log.bytes_written
+        if self._snapshot_executor is None:
+            self._snapshot_executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"raft-snap-{self.id}"
+            )
+        self._snapshot_task = asyncio.create_task(
+            self._write_snapshot(meta, serialise), name=f"raft-snapshot-{self.id}"
+        )
+
+    async def _write_snapshot(self, meta: SnapshotMeta, serialise: Callable[[], bytes]) -> None:
+        """Serialise and durably write a snapshot in a worker thread, then hand it to the loop
+        task for compaction. The thread touches only the snapshot files, never the segments
+        that persists append to, so it may run while the log keeps being written."""
+
+        def write() -> Snapshot:
+            snap = Snapshot(meta, serialise())
+            self.log.write_snapshot(snap)
+            return snap
+
+        loop = asyncio.get_running_loop()
+        try:
+            snap = await loop.run_in_executor(self._snapshot_executor, write)
+        except Exception as exc:
+            self._crash(exc)
+            return
+        finally:
+            self._snapshot_task = None
+        self._snapshot_size = len(snap.data)
+        self._snapshot_written = snap
+        self._kick()
+
+    def _compact(self) -> None:
+        """Compact the log and the core up to the snapshot just written (loop task, between
+        passes, with no persist in flight)."""
+        snap, self._snapshot_written = self._snapshot_written, None
+        if snap is None or self._stopping:
+            return
+        self.log.drop_covered(snap)
+        self.core.compact(snap)
+        log.info("%s: snapshot at %d, log compacted", self.id, snap.meta.index)

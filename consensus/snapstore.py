@@ -106,13 +106,17 @@ class SnapshotStore:
         return decode_snapshot(path, path.read_bytes())
 
     def save(self, snap: Snapshot) -> None:
-        """Write ``snap`` atomically, then delete older snapshot files."""
+        """Write ``snap`` atomically, then delete older snapshot files.
+
+        Two saves may overlap (the driver writes its own snapshots in a thread while a snapshot
+        from the leader may be installed), so an older file may already be gone.
+        """
         path = self.directory / snapshot_name(snap.meta)
         atomic_write(path, encode_snapshot(snap), fsync=self.fsync)
         removed = False
         for index, old in self._files():
             if index < snap.meta.index:
-                old.unlink()
+                old.unlink(missing_ok=True)
                 removed = True
         if removed and self.fsync:
             fsync_dir(self.directory)

@@ -325,7 +325,25 @@ class DurableLog:
         """
         if snapshot.meta.index <= self.snapshot_index:
             return
+        self.write_snapshot(snapshot)
+        self.drop_covered(snapshot)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """The first half of `compact`: write the snapshot file durably, nothing else.
+
+        It touches only snapshot files, so it may run in another thread while the owner keeps
+        appending entries (the one exception to "one caller at a time"); a snapshot installed
+        from the leader meanwhile is newer, and the newest file is the one loaded.
+        """
+        if snapshot.meta.index <= self.snapshot_index:
+            return
         self._snapshots.save(snapshot)
+
+    def drop_covered(self, snapshot: Snapshot) -> None:
+        """The second half of `compact`, once `write_snapshot` returned: count the snapshot as
+        the log's base and delete the segments it covers (owner's thread, like `persist`)."""
+        if snapshot.meta.index <= self.snapshot_index:
+            return
         self.snapshot_index = snapshot.meta.index
         self._delete_covered_segments()
 

@@ -35,5 +35,10 @@ class KMStateMachine:
     def snapshot(self) -> bytes:
         return self._holder.state.snapshot()
 
+    def snapshot_capture(self) -> Callable[[], bytes]:
+        """An image of the state now, serialised later (the Raft driver does it in a thread:
+        the release history makes serialising slow, and it must not stall the event loop)."""
+        return self._holder.state.snapshot_capture()
+
     def restore(self, data: bytes) -> None:
         self._holder.state = KMState.restore(data)

@@ -18,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from attest.identity import EnclaveRole
 from attest.policy import Policy
 
 MAX_COMMAND_BYTES = 64 * 1024
+#: Releases per ``json.dumps`` call when a snapshot is serialised: each call holds the GIL, so
+#: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
+SNAPSHOT_CHUNK = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
 GENESIS_HASH = bytes(32)
@@ -63,8 +67,11 @@ class Member:
     joined_index: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Release:
+    """One release. Immutable: the outcome replaces the record, so a snapshot can share the
+    records (it copies only the list of them) while later entries keep being applied."""
+
     id: str
     key: str
     generation: int
@@ -216,10 +223,13 @@ class KMState:
             raise CommandRefused(
                 f"measurement {measurement[:16]}… is not allowed to receive {release.key!r}"
             )
-        release.status = status
-        release.reason = str(cmd.get("reason", ""))[:500]
-        release.service_measurement = measurement
-        release.completed_index = index
+        self.releases[release_id] = replace(
+            release,
+            status=status,
+            reason=str(cmd.get("reason", ""))[:500],
+            service_measurement=measurement,
+            completed_index=index,
+        )
         return {"release": release_id, "status": status}
 
     def _policy_set(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -286,18 +296,51 @@ class KMState:
     # --- snapshots --------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        data = {
+        return self.snapshot_capture()()
+
+    def snapshot_capture(self) -> Callable[[], bytes]:
+        """A consistent image of the state now, and a function that serialises it later.
+
+        The capture is cheap (the small records are copied, the releases list is copied by
+        reference: releases are immutable), so it can be taken on the event loop between two
+        applies and serialised in a thread while applying goes on. Serialising the releases is
+        the expensive part (it grows with the history): it runs chunk by chunk, without
+        ``dataclasses.asdict``'s recursive deep copy (a frozen record's ``__dict__`` is already
+        the flat dict), and the output is the same JSON that `restore` has always read.
+        """
+        head = {
             "cluster": self.cluster,
             "policy": self.policy.to_dict(),
             "keys": [asdict(k) for k in self.keys.values()],
             "members": [asdict(m) for m in self.members.values()],
-            "releases": [asdict(r) for r in self.releases.values()],
             "applied_index": self.applied_index,
             "chain_hash": self.chain_hash.hex(),
             "last_signed_index": self.last_signed_index,
             "last_signature_entry": self.last_signature_entry,
         }
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        releases = list(self.releases.values())
+
+        def serialise() -> bytes:
+            # The releases array is encoded in chunks and spliced into the object, whose keys
+            # are written in sorted order: the bytes equal one json.dumps(sort_keys=True).
+            parts = [b"["]
+            for start in range(0, len(releases), SNAPSHOT_CHUNK):
+                chunk = [vars(r) for r in releases[start : start + SNAPSHOT_CHUNK]]
+                body = json.dumps(chunk, sort_keys=True, separators=(",", ":")).encode()
+                parts.append(body[1:-1] if start == 0 else b"," + body[1:-1])
+            parts.append(b"]")
+            fields = {
+                k: json.dumps(v, sort_keys=True, separators=(",", ":")).encode()
+                for k, v in head.items()
+            }
+            fields["releases"] = b"".join(parts)
+            return (
+                b"{"
+                + b",".join(b'"%s":%s' % (k.encode(), fields[k]) for k in sorted(fields))
+                + b"}"
+            )
+
+        return serialise
 
     @classmethod
     def restore(cls, blob: bytes) -> KMState:

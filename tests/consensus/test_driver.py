@@ -193,7 +193,8 @@ async def test_snapshot_catch_up_after_compaction(tmp_path: Path) -> None:
         await c.stop(lagging)
         for i in range(5):
             await asyncio.gather(*(leader.propose(b"%d-%d" % (i, j)) for j in range(40)))
-        assert leader.log.snapshot_index >= 120  # the leader compacted past what lagging has
+        # The leader compacted past what lagging has (snapshots are written in the background).
+        await until(lambda: leader.log.snapshot_index >= 120, 10, "the leader's compaction")
         await c.start(lagging)
         await until(lambda: len(c.machines[lagging].items) == 200, 10, "snapshot catch-up")
         assert c.machines[lagging].items == c.machines[leader.id].items
