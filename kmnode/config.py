@@ -8,6 +8,7 @@ reported at once, one line each, as ``path: message`` (``nodes[2].peer_port: ...
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +56,10 @@ class NodeSpec(_Strict):
     peer_port: Port
     api_port: Port
     platform: PlatformSpec
+    #: The Linux network namespace the node runs in (``kmctl chaos netns setup`` creates it and
+    #: gives it ``host``): real IP-level partitions between nodes on one machine. Unset means
+    #: the node shares the machine's network, as every default node does.
+    netns: Name | None = None
 
 
 def _check_measurements(values: list[str]) -> list[str]:
@@ -112,8 +117,22 @@ class LedgerSpec(_Strict):
 class MqttSpec(_Strict):
     #: ``mqtt://host:port`` of an external broker; unset means the embedded amqtt broker.
     url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:\d{1,5})?/?$")] | None = None
+    #: Where the embedded broker listens and where nodes reach it. Nodes in network namespaces
+    #: cannot reach the machine's loopback, so netns clusters use the bridge address here.
+    embedded_host: str = "127.0.0.1"
     embedded_port: Port = 18830
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "kmsim"
+
+    @field_validator("embedded_host")
+    @classmethod
+    def _ipv4_literal(cls, value: str) -> str:
+        # amqtt binds "host:port" and the netns bridge is IPv4: a name or an IPv6 address here
+        # would fail later, far from the field that caused it.
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address (e.g. 127.0.0.1)") from None
+        return value
 
 
 def _default_nodes(count: int) -> list[NodeSpec]:
@@ -184,6 +203,7 @@ def _cross_field_problems(config: ClusterConfig) -> list[str]:
                     f"{here}: {endpoint[0]}:{endpoint[1]} is already used by {endpoints[endpoint]}"
                 )
             endpoints.setdefault(endpoint, here)
+    problems += _netns_problems(config)
     if config.raft.heartbeat_ticks >= config.raft.election_ticks:
         problems.append(
             f"raft.heartbeat_ticks: {config.raft.heartbeat_ticks} must be below "
@@ -191,6 +211,52 @@ def _cross_field_problems(config: ClusterConfig) -> list[str]:
         )
     if not config.policy.accepted_tcb:
         problems.append("policy.accepted_tcb: empty list would refuse every platform")
+    return problems
+
+
+def _netns_problems(config: ClusterConfig) -> list[str]:
+    """Nodes in network namespaces only reach what is on the namespaces' bridge: their own
+    address must be a real IPv4 address there (never loopback, which each namespace has its
+    own of), every node must be in one (a node left on the machine's loopback is unreachable
+    from the others), one namespace per node, and the embedded broker must be on the bridge."""
+    in_netns = [(i, n) for i, n in enumerate(config.nodes) if n.netns is not None]
+    if not in_netns:
+        return []
+    problems: list[str] = []
+    first = f"nodes[{in_netns[0][0]}].netns"
+    owners: dict[str, int] = {}
+    for i, node in enumerate(config.nodes):
+        if node.netns is None:
+            problems.append(
+                f"nodes[{i}].netns: not set, but {first} is: either every node runs in its own "
+                "network namespace or none does"
+            )
+            continue
+        if node.netns in owners:
+            problems.append(
+                f"nodes[{i}].netns: {node.netns!r} is also the namespace of "
+                f"nodes[{owners[node.netns]}] (one namespace per node)"
+            )
+        owners.setdefault(node.netns, i)
+        try:
+            address = ipaddress.IPv4Address(node.host)
+        except ValueError:
+            problems.append(
+                f"nodes[{i}].host: {node.host!r} is not an IPv4 address; a node in network "
+                f"namespace {node.netns!r} needs its address there (e.g. 10.77.0.{11 + i})"
+            )
+            continue
+        if address.is_loopback:
+            problems.append(
+                f"nodes[{i}].host: {node.host} is a loopback address, reachable only inside "
+                f"namespace {node.netns!r} itself; use an address on the namespaces' bridge "
+                f"(e.g. 10.77.0.{11 + i})"
+            )
+    if config.mqtt.url is None and ipaddress.IPv4Address(config.mqtt.embedded_host).is_loopback:
+        problems.append(
+            f"mqtt.embedded_host: {config.mqtt.embedded_host} is loopback, which nodes in "
+            f"network namespaces ({first}) cannot reach; use the bridge address (e.g. 10.77.0.1)"
+        )
     return problems
 
 
@@ -246,4 +312,8 @@ def find_config(explicit: Path | None, nodes: int | None = None) -> ClusterConfi
 def config_to_yaml(config: ClusterConfig) -> str:
     """The YAML form of a config (used to write cluster.yaml and the docker manifests)."""
     data = config.model_dump(mode="json")
+    for node in data["nodes"]:
+        # Only netns runs use namespaces; a ``netns: null`` on every default node is noise.
+        if node.get("netns") is None:
+            node.pop("netns", None)
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

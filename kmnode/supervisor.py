@@ -5,10 +5,15 @@ does not take the cluster down) running ``python -m kmnode.cli -c <state>/cluste
 NAME``. The config the nodes run with is written to ``<state_dir>/cluster.yaml``, so `down`,
 `status` and later invocations see the cluster that is really running, even after ``-n``.
 
+A node whose spec has ``netns`` runs inside that Linux network namespace (made by `kmctl chaos
+netns setup`, kmnode.chaos.netns): it is started as ``ip netns exec NS <node command>``.
+
 A pid file is three lines: the pid, the process start time (clock ticks since boot, from
 /proc/PID/stat) and the argv as JSON. `down` signals a pid only when /proc still shows exactly
 that start time and argv: a pid file left behind by a crash must never make kmctl kill
-whatever unrelated process has since been given the same pid.
+whatever unrelated process has since been given the same pid. For a node in a namespace the
+recorded argv is the node command itself, not the ``ip`` one: ``ip netns exec`` execs the
+command in place, so that is what /proc shows for the rest of the process's life.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import kmnode
+from kmnode.chaos import netns
 from kmnode.cli.client import NodeClient, NodeUnreachable
 from kmnode.cli.output import EXIT_FAILURE, CliError
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
@@ -56,6 +62,25 @@ class SupervisorError(CliError):
 
 def node_command(config_file: Path, name: str) -> list[str]:
     return [sys.executable, "-m", "kmnode.cli", "-c", str(config_file), "node", "run", name]
+
+
+def in_node_netns(node: NodeSpec, argv: Sequence[str]) -> list[str]:
+    """``argv`` as ``node`` must be started: wrapped in ``ip netns exec`` if it has a network
+    namespace, else unchanged (so nothing changes for clusters without namespaces)."""
+    if node.netns is None:
+        return list(argv)
+    try:
+        ip = netns.ip_binary()
+    except netns.NetnsError as exc:
+        raise SupervisorError(f"cannot start {node.name} in netns {node.netns!r}: {exc}") from None
+    return netns.node_argv(node, argv, ip)
+
+
+def node_command_for(cfg: ClusterConfig, config_file: Path, name: str) -> list[str]:
+    """The argv that starts node ``name`` of ``cfg``: :func:`node_command`, inside the node's
+    network namespace if it has one. Whatever starts a node (`up`, a chaos restart) uses
+    this, and :func:`spawn` recognises the wrapping when it records the process."""
+    return in_node_netns(cfg.node(name), node_command(config_file, name))
 
 
 def run_dir(cfg: ClusterConfig) -> Path:
@@ -186,7 +211,10 @@ def running(cfg: ClusterConfig) -> dict[str, ProcessRecord]:
 def spawn(
     name: str, argv: Sequence[str], log_file: Path, pid_file: Path
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
-    """Start a detached process logging to ``log_file`` and record it in ``pid_file``."""
+    """Start a detached process logging to ``log_file`` and record it in ``pid_file``.
+
+    An ``ip netns exec NS CMD`` argv is recorded as CMD: what /proc shows once ``ip`` has
+    entered the namespace and exec'd it."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # The child must run this very code, installed or not.
@@ -216,14 +244,18 @@ def spawn(
 
 def _settled_record(proc: subprocess.Popen[bytes], argv: Sequence[str]) -> ProcessRecord | None:
     """The child's record once exec has finished: Popen returns while the kernel may still
-    show an empty /proc/PID/cmdline, and a record taken then would never match again."""
+    show an empty /proc/PID/cmdline, and a record taken then would never match again. For
+    ``ip netns exec NS CMD`` that means the second exec too: until /proc shows CMD, it shows
+    ``ip``, which is gone a moment later (same pid, same start time, other argv)."""
+    final = tuple(netns.unwrap_exec(argv))
+    wrapped = final != tuple(argv)
     deadline = time.monotonic() + 2.0
     while True:
         record = ProcessRecord.of(proc.pid)
-        if record is None or record.argv:
+        if record is None or (record.argv and (not wrapped or record.argv == final)):
             return record
         if time.monotonic() >= deadline:
-            return ProcessRecord(record.pid, record.start_ticks, tuple(argv))
+            return ProcessRecord(record.pid, record.start_ticks, final)
         time.sleep(0.005)
 
 
@@ -377,13 +409,14 @@ def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCom
     alive = running(cfg)
     if all(n.name in alive for n in cfg.nodes) and (cfg.mqtt.url or BROKER in alive):
         return UpResult(effective_config_path(cfg), [])
-    _check_ports([n for n in cfg.nodes if n.name not in alive])
+    _check_ports([n for n in cfg.nodes if n.name not in alive], progress)
     config_file = write_effective_config(cfg)
     started: dict[str, ProcessRecord] = {}
     broker: subprocess.Popen[bytes] | None = None
     try:
         if not cfg.mqtt.url and BROKER not in alive:
-            progress(BROKER, f"starting MQTT broker on 127.0.0.1:{cfg.mqtt.embedded_port}")
+            where = f"{cfg.mqtt.embedded_host}:{cfg.mqtt.embedded_port}"
+            progress(BROKER, f"starting MQTT broker on {where}")
             broker = _start_broker(cfg)
             progress(BROKER, f"running (pid {broker.pid})")
         # The first node alone (genesis, or the member the others join through), then every
@@ -422,10 +455,10 @@ def _start_node(
     if record is not None:
         progress(node.name, f"already running (pid {record.pid})")
         return record, offset
-    progress(node.name, "starting")
+    progress(node.name, "starting" if node.netns is None else f"starting in netns {node.netns}")
     proc, started[node.name] = spawn(
         node.name,
-        command(config_file, node.name),
+        in_node_netns(node, command(config_file, node.name)),
         log_path(cfg, node.name),
         pid_path(cfg, node.name),
     )
@@ -463,9 +496,22 @@ def _down(cfg: ClusterConfig, grace: float) -> list[StopOutcome]:
     return outcomes
 
 
-def _check_ports(nodes: Sequence[NodeSpec]) -> None:
-    """Fail before starting anything if another program already listens on a node's port."""
+def _check_ports(nodes: Sequence[NodeSpec], progress: Progress = _ignore) -> None:
+    """Fail before starting anything if another program already listens on a node's port.
+
+    A node in a network namespace is checked inside it (its address exists only there, so a
+    bind in this namespace would always fail): the namespace and its address must exist and
+    nothing there may listen on the ports. Without ``ss`` that port check is skipped, and
+    ``progress`` says so."""
     for node in nodes:
+        if node.netns is not None:
+            try:
+                skipped = netns.check_node_namespace(node)
+            except netns.NetnsError as exc:
+                raise SupervisorError(str(exc)) from None
+            if skipped:
+                progress(node.name, skipped)
+            continue
         for label, port in (("api_port", node.api_port), ("peer_port", node.peer_port)):
             try:
                 family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
@@ -481,7 +527,9 @@ def _check_ports(nodes: Sequence[NodeSpec]) -> None:
 
 def _start_broker(cfg: ClusterConfig) -> subprocess.Popen[bytes]:
     try:
-        proc = start_embedded_broker(cfg.mqtt.embedded_port, log_path(cfg, BROKER))
+        proc = start_embedded_broker(
+            cfg.mqtt.embedded_port, log_path(cfg, BROKER), host=cfg.mqtt.embedded_host
+        )
     except BrokerStartError as exc:
         raise SupervisorError(str(exc)) from None
     record = _settled_record(proc, [])

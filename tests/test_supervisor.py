@@ -448,3 +448,41 @@ def test_modules_import_in_any_order(module: str) -> None:
         [sys.executable, "-c", f"import {module}"], cwd=root, capture_output=True, timeout=60
     )
     assert done.returncode == 0, done.stderr.decode()
+
+
+# --- nodes in network namespaces -------------------------------------------------------------
+
+
+def test_node_command_for_wraps_only_nodes_with_a_namespace(cfg: ClusterConfig) -> None:
+    config_file = Path("/state/cluster.yaml")
+    assert supervisor.node_command_for(cfg, config_file, "km1") == supervisor.node_command(
+        config_file, "km1"
+    )
+    nodes = [cfg.nodes[0].model_copy(update={"netns": "kmsim-km1"}), *cfg.nodes[1:]]
+    in_ns = cfg.model_copy(update={"nodes": nodes})
+    argv = supervisor.node_command_for(in_ns, config_file, "km1")
+    assert Path(argv[0]).name == "ip" and argv[1:4] == ["netns", "exec", "kmsim-km1"]
+    assert argv[4:] == supervisor.node_command(config_file, "km1")
+    with pytest.raises(KeyError, match="km9"):
+        supervisor.node_command_for(cfg, config_file, "km9")
+
+
+def test_spawn_records_what_ip_netns_exec_becomes(cfg: ClusterConfig, tmp_path: Path) -> None:
+    """A stand-in for `ip` that, like `ip netns exec NS CMD`, execs CMD in place after a
+    moment: the pid file must name CMD (what /proc shows for the rest of the process's life),
+    never the short-lived `ip` argv, or `down` would take the node for a stranger."""
+    fake_ip = tmp_path / "bin" / "ip"
+    fake_ip.parent.mkdir()
+    fake_ip.write_text('#!/bin/sh\nshift 3\nsleep 0.3\nexec "$@"\n')
+    fake_ip.chmod(0o755)
+    _, record = supervisor.spawn(
+        "km1",
+        [str(fake_ip), "netns", "exec", "kmsim-km1", *SLEEPER],
+        supervisor.log_path(cfg, "km1"),
+        supervisor.pid_path(cfg, "km1"),
+    )
+    assert record.argv == tuple(SLEEPER)
+    assert supervisor.running(cfg) == {"km1": record}
+    outcomes = supervisor.down(cfg)
+    assert [(o.name, o.result) for o in outcomes] == [("km1", "stopped")]
+    assert wait_gone(record.pid)

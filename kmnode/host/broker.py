@@ -2,9 +2,10 @@
 
 The broker is amqtt run in its own OS process (``python -m kmnode.host.broker --port P``) rather
 than inside a node, so that killing or crashing a node (which chaos runs do on purpose) never
-takes the event stream of the other nodes down with it. It listens on loopback only and allows
-anonymous clients: it is a single-machine convenience, and ``mqtt.url`` in cluster.yaml points
-at a real broker (mosquitto) for anything else.
+takes the event stream of the other nodes down with it. It listens on ``mqtt.embedded_host``
+(loopback unless the nodes run in network namespaces, which reach it on their bridge address)
+and allows anonymous clients: it is a single-machine convenience, and ``mqtt.url`` in
+cluster.yaml points at a real broker (mosquitto) for anything else.
 """
 
 from __future__ import annotations
@@ -76,13 +77,13 @@ def broker_address(spec: MqttSpec) -> BrokerAddress:
     """The broker a node or kmctl should use: ``mqtt.url`` if set, else the embedded one."""
     if spec.url:
         return parse_mqtt_url(spec.url)
-    return BrokerAddress(LOOPBACK, spec.embedded_port, False)
+    return BrokerAddress(spec.embedded_host, spec.embedded_port, False)
 
 
 def start_embedded_broker(
-    port: int, log_path: Path, *, timeout: float = 15.0
+    port: int, log_path: Path, *, host: str = LOOPBACK, timeout: float = 15.0
 ) -> subprocess.Popen[bytes]:
-    """Start the broker process and return once it serves 127.0.0.1:``port``.
+    """Start the broker process and return once it serves ``host``:``port``.
 
     The process gets its own session, so a Ctrl-C aimed at the command that started it does not
     kill the event stream of a running cluster; `stop_broker` is how it ends. This blocks while
@@ -92,7 +93,7 @@ def start_embedded_broker(
     start_offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kmnode.host.broker", "--port", str(port)],
+            [sys.executable, "-m", "kmnode.host.broker", "--host", host, "--port", str(port)],
             env=_child_env(),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -104,16 +105,16 @@ def start_embedded_broker(
         code = proc.poll()
         if code is not None:
             raise BrokerStartError(
-                f"embedded MQTT broker on {LOOPBACK}:{port} exited with code {code}; "
+                f"embedded MQTT broker on {host}:{port} exited with code {code}; "
                 f"end of {log_path}:\n{_log_tail(log_path, start_offset)}"
             )
-        if _logged_ready(log_path, start_offset) and answers_mqtt(LOOPBACK, port):
-            log.info("embedded MQTT broker pid %d on %s:%d", proc.pid, LOOPBACK, port)
+        if _logged_ready(log_path, start_offset) and answers_mqtt(host, port):
+            log.info("embedded MQTT broker pid %d on %s:%d", proc.pid, host, port)
             return proc
         if time.monotonic() >= deadline:
             stop_broker(proc)
             raise BrokerStartError(
-                f"embedded MQTT broker on {LOOPBACK}:{port} not ready after {timeout:g}s; "
+                f"embedded MQTT broker on {host}:{port} not ready after {timeout:g}s; "
                 f"end of {log_path}:\n{_log_tail(log_path, start_offset)}"
             )
         time.sleep(0.05)
@@ -183,17 +184,17 @@ def _log_tail(path: Path, offset: int) -> str:
     return "\n".join(f"  | {line}" for line in lines) or "  | (empty)"
 
 
-def broker_config(port: int) -> dict[str, object]:
-    """amqtt settings: one TCP listener on loopback, anonymous clients, no $SYS, no websockets."""
+def broker_config(port: int, host: str = LOOPBACK) -> dict[str, object]:
+    """amqtt settings: one TCP listener on ``host``, anonymous clients, no $SYS, no websockets."""
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{LOOPBACK}:{port}"}},
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "plugins": {
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
         },
     }
 
 
-async def serve(port: int) -> int:
+async def serve(port: int, host: str = LOOPBACK) -> int:
     """Run the broker until SIGTERM or SIGINT; return the process exit code."""
     from amqtt.broker import Broker
     from amqtt.errors import BrokerError
@@ -202,13 +203,13 @@ async def serve(port: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    broker = Broker(broker_config(port))
+    broker = Broker(broker_config(port, host))
     try:
         await broker.start()
     except BrokerError as exc:
-        log.error("cannot start MQTT broker on %s:%d: %s", LOOPBACK, port, exc)
+        log.error("cannot start MQTT broker on %s:%d: %s", host, port, exc)
         return 1
-    log.info("%s: listening on %s:%d (pid %d)", READY_MARKER, LOOPBACK, port, os.getpid())
+    log.info("%s: listening on %s:%d (pid %d)", READY_MARKER, host, port, os.getpid())
     await stop.wait()
     log.info("shutting down")
     await broker.shutdown()
@@ -218,9 +219,15 @@ async def serve(port: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kmnode.host.broker",
-        description="Embedded MQTT broker of a kmsim cluster (loopback only, anonymous).",
+        description="Embedded MQTT broker of a kmsim cluster (one local address, anonymous).",
     )
-    parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
+    parser.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help="IPv4 address to listen on (default %(default)s; a netns bridge address for "
+        "clusters in network namespaces)",
+    )
+    parser.add_argument("--port", type=int, required=True, help="TCP port on --host")
     parser.add_argument(
         "--verbose", action="store_true", help="amqtt's own INFO logs (connections, sessions)"
     )
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     # and payloads must never reach one.
     logging.getLogger("amqtt").setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    return asyncio.run(serve(args.port))
+    return asyncio.run(serve(args.port, args.host))
 
 
 if __name__ == "__main__":
