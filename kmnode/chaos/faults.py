@@ -156,7 +156,7 @@ def restart(
         try:
             proc, record = supervisor.spawn(
                 node,
-                supervisor.node_command(config_file, node),
+                supervisor.node_command_for(cfg, config_file, node),
                 log,
                 supervisor.pid_path(cfg, node),
             )

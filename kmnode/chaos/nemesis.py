@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kmnode.chaos import faults
+from kmnode.chaos import faults, netns
 from kmnode.chaos.checker import CheckOutcome, Violation
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
@@ -46,7 +46,7 @@ Heal = Callable[[], None]
 
 def in_namespaces(cfg: ClusterConfig) -> bool:
     """Whether every node runs in a network namespace of its own (netns faults possible)."""
-    spaces = [getattr(n, "netns", None) for n in cfg.nodes]
+    spaces = [n.netns for n in cfg.nodes]
     return all(spaces) and len(set(spaces)) == len(spaces)
 
 
@@ -126,8 +126,6 @@ class Nemesis:
                         self._rule(a, b, rule)
             return dict(rule), self.heal_links
         if kind == "netns-partition":
-            from kmnode.chaos import netns
-
             for other in others:
                 netns.partition(self.cfg, target, other)
             return {"isolated": target}, lambda: netns.heal(self.cfg)
@@ -184,8 +182,6 @@ class Nemesis:
         their own heals, which always run."""
         self.heal_links()
         if in_namespaces(self.cfg):
-            from kmnode.chaos import netns
-
             netns.heal(self.cfg)
 
     def _restart(self, target: str) -> None:

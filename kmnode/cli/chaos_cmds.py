@@ -399,6 +399,7 @@ def corrupt(
 # Whole runs, sweeps and replacement live in their own module; registered here so that the
 # `chaos` group is complete wherever it is imported from.
 from kmnode.cli.chaos_run_cmds import replace, run, sweep  # noqa: E402
+from kmnode.cli.netns_cmds import netns  # noqa: E402
 
-for _command in (run, sweep, replace):
+for _command in (run, sweep, replace, netns):
     chaos.add_command(_command)

@@ -13,6 +13,7 @@ Needs root and iproute2. Without them the tests are skipped with the reason, unl
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import random
 import secrets
@@ -24,9 +25,11 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from kmnode import supervisor
 from kmnode.chaos import netns
+from kmnode.cli import cli
 from kmnode.config import load_config
 
 from .harness import until
@@ -150,6 +153,27 @@ def test_partitioned_leader_is_replaced_and_heals(cluster: NetnsCluster) -> None
         assert code == 200, (name, code, reply)
         code, reply = cluster.api(name, "GET", "/v1/keys/on-the-old-leader?linearizable=1")
         assert code == 404, (name, code, reply)
+
+
+def test_seeded_chaos_run_in_namespaces_finds_no_violation(cluster: NetnsCluster) -> None:
+    """The CI matrix's namespace entry: real partitions next to kills, replacement of a node
+    with a damaged log (restarted inside its namespace) and host-level partitions."""
+    cluster.converged(timeout=60)
+    out = cluster.root / "run"
+    result = CliRunner().invoke(
+        cli,
+        ["-c", str(cluster.config_path), "chaos", "run", "--seed", "6", "--duration", "30",
+         "--interval", "1.5", "--faults", "netns-partition,kill,flip-byte,partition",
+         "--out", str(out), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["valid"] is True and report["first_violation"] is None, report["checks"]
+    assert {"no-plaintext-keys", "recovery", "disk-damage-refused"} <= set(report["checks"])
+    kinds = {f["fault"] for f in report["faults"]}
+    assert "netns-partition" in kinds, kinds
+    assert netns.status(cluster.config).partitions() == []  # healed at the end
+    cluster.converged(timeout=60)
 
 
 def test_setup_is_idempotent_and_teardown_leaves_nothing(
