@@ -49,3 +49,14 @@ def test_a_loopback_cluster_takes_every_kind_but_namespace_partitions() -> None:
         resolve_kinds(cfg, ("kill", "netns-partition"))
     with pytest.raises(ValueError, match="unknown fault kinds"):
         resolve_kinds(cfg, ("kill", "meteor"))
+
+
+def test_a_cluster_in_namespaces_also_takes_namespace_partitions() -> None:
+    data = ClusterConfig.default(3).model_dump(mode="json")
+    data["mqtt"]["embedded_host"] = "10.77.9.1"
+    for i, node in enumerate(data["nodes"]):
+        node["host"], node["netns"] = f"10.77.9.{11 + i}", f"kmx-{node['name']}"
+    cfg = ClusterConfig.model_validate(data)
+    assert in_namespaces(cfg)
+    assert available_kinds(cfg) == FAULT_KINDS
+    assert resolve_kinds(cfg, ("netns-partition",)) == ("netns-partition",)
