@@ -9,8 +9,12 @@ a run could not be carried out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,6 +252,17 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """A sweep runs for hours, often in the background: SIGTERM must stop the cluster it
+    started too (SystemExit runs the ``finally`` that stops it), not leave nodes behind."""
+    previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @click.command("sweep")
 @click.option("--seeds", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--first-seed", type=int, default=1, show_default=True)
@@ -286,7 +301,7 @@ def sweep(
     progress = _stderr(as_json)
     rows: list[dict[str, Any]] = []
     failed_runs: list[int] = []
-    with open(root / "sweep.jsonl", "a") as log:
+    with _sigterm_exits(), open(root / "sweep.jsonl", "a") as log:
         for seed in range(first_seed, first_seed + seeds):
             config = _run_config(seed, settings)
             seed_dir = root / f"seed-{seed}"
