@@ -53,6 +53,9 @@ class ServiceLink:
         self._reply_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
+        #: Requests (id, line) queued for the next write, and the process they are for.
+        self._outbox: list[tuple[int, bytes]] = []
+        self._outbox_proc: asyncio.subprocess.Process | None = None
         self._started = asyncio.Event()
         self.measurement = ""
         self.outputs = 0
@@ -110,7 +113,9 @@ class ServiceLink:
 
         Requests are pipelined: many may be outstanding, each matched to its reply by id, so a
         slow release never makes the others queue behind a lock (and a reply that arrives after
-        its request timed out is recognised and dropped, never given to the next caller).
+        its request timed out is recognised and dropped, never given to the next caller). The
+        requests made in one turn of the event loop (say, the challenges for every release of
+        an applied batch) leave in one write, and the service answers them in one write.
         """
         if not self._started.is_set():
             try:
@@ -129,13 +134,15 @@ class ServiceLink:
         proc = self._proc
         if proc is None or proc.stdin is None:
             raise ServiceUnavailable("service enclave is not running")
+        if self._reply_task is None or self._reply_task.done():
+            raise ServiceUnavailable("service enclave exited")
         self._next_id += 1
         request_id = self._next_id
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            proc.stdin.write(json.dumps({**request, "id": request_id}).encode() + b"\n")
-            await proc.stdin.drain()
+            line = json.dumps({**request, "id": request_id}).encode() + b"\n"
+            self._queue_line(proc, request_id, line)
             reply = await asyncio.wait_for(future, REQUEST_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"service enclave did not answer: {exc!r}") from None
@@ -144,6 +151,30 @@ class ServiceLink:
         if not reply.get("ok"):
             raise ServiceUnavailable(str(reply.get("error", "unknown error")))
         return reply
+
+    def _queue_line(self, proc: asyncio.subprocess.Process, request_id: int, line: bytes) -> None:
+        """Queue a request line; the queue is written once, at the end of this loop turn."""
+        if self._outbox and self._outbox_proc is not proc:
+            self._flush()  # lines for a process that was replaced meanwhile go to it first
+        if not self._outbox:
+            self._outbox_proc = proc
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append((request_id, line))
+
+    def _flush(self) -> None:
+        queued, self._outbox = self._outbox, []
+        proc, self._outbox_proc = self._outbox_proc, None
+        if not queued or proc is None:
+            return
+        try:
+            if proc.stdin is None or proc.stdin.is_closing():
+                raise ConnectionResetError("its stdin is closed")
+            proc.stdin.write(b"".join(line for _, line in queued))
+        except OSError as exc:
+            for request_id, _ in queued:
+                future = self._pending.get(request_id)
+                if future is not None and not future.done():
+                    future.set_exception(ServiceUnavailable(f"cannot write to it: {exc}"))
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
