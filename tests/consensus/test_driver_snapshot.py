@@ -1,5 +1,6 @@
-"""Background snapshots: the state machine is captured between applies, serialised and written
-in a worker thread while the node keeps committing, and the log is compacted afterwards."""
+"""Background snapshots (the state machine is captured between applies, serialised and written
+in a worker thread while the node keeps committing, and the log is compacted afterwards), and
+persists inline or in the thread depending on how fast the disk is."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
+import pytest
 
+from consensus import driver as driver_module
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
 from consensus.transport import TcpTransport
+from consensus.types import Ready
 from tests.consensus.test_driver import ListMachine, until
 
 
@@ -125,5 +129,40 @@ async def test_snapshots_wait_until_the_log_outgrows_the_last_one(tmp_path: Path
         for _ in range(20):
             await driver.propose(b"z" * 4000)
         await until(lambda: driver.log.snapshot_index > first, 5, "the second snapshot")
+    finally:
+        await driver.stop()
+
+
+async def test_persists_run_inline_while_fsyncs_are_fast_and_in_the_thread_when_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fast disk is written inline (no thread hand-off on the commit path); a slow one from
+    the worker thread, so the event loop is not stalled for the length of an fsync."""
+    sm = ListMachine()
+    driver = single(tmp_path, sm, snapshot_every=0)
+    threads: list[str] = []
+    persist = driver.log.persist
+
+    def recording_persist(rd: Ready, *, sync: bool = True) -> None:
+        if sync and rd.entries:
+            threads.append(threading.current_thread().name)
+        persist(rd, sync=sync)
+
+    monkeypatch.setattr(driver.log, "persist", recording_persist)
+    await driver.start()
+    try:
+        driver.campaign()
+        await until(lambda: driver.is_leader, 5, "leadership")
+        monkeypatch.setattr(driver_module, "INLINE_FSYNC_S", 10.0)  # any disk is "fast"
+        for i in range(10):
+            await driver.propose(b"%d" % i)
+        assert threads[-5:] == [threading.main_thread().name] * 5
+        monkeypatch.setattr(driver_module, "INLINE_FSYNC_S", 0.0)  # any disk is "slow"
+        threads.clear()
+        for i in range(10):
+            await driver.propose(b"%d" % i)
+        assert threading.main_thread().name not in threads[-5:]
+        assert 0 < driver.fsync_avg_s < 10.0
+        assert len(sm.items) == 20
     finally:
         await driver.stop()
