@@ -255,7 +255,10 @@ class KMNode:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._release_waiters.setdefault(release_id, []).append(future)
         try:
-            await asyncio.wait_for(future, timeout)
+            # asyncio.timeout, not wait_for: one timer instead of a timer, a callback and an
+            # inner future per call (a few per release, on the leader's busy loop).
+            async with asyncio.timeout(timeout):
+                await future
         except TimeoutError:
             waiters = self._release_waiters.get(release_id, [])
             if future in waiters:

@@ -143,7 +143,8 @@ class ServiceLink:
         try:
             line = json.dumps({**request, "id": request_id}).encode() + b"\n"
             self._queue_line(proc, request_id, line)
-            reply = await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            async with asyncio.timeout(REQUEST_TIMEOUT):  # cheaper than wait_for
+                reply = await future
         except (OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"service enclave did not answer: {exc!r}") from None
         finally:
