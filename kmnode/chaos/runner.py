@@ -237,7 +237,11 @@ class _Run:
                 views = {(s["leader"], s["term"], s["applied"]) for s in statuses}
                 if all(s.get("ready") for s in statuses) and len(views) == 1:
                     return
-                seen = f"leader/term/applied {sorted(views, key=str)}"
+                seen = "; ".join(
+                    f"{n}: {'ready' if s.get('ready') else 'NOT ready'}, leader {s['leader']}, "
+                    f"term {s['term']}, applied {s['applied']}"
+                    for n, s in zip(self.names, statuses, strict=True)
+                )
             time.sleep(0.2)
         raise RunError(f"the cluster did not converge in {self.config.converge_timeout:g}s: {seen}")
 

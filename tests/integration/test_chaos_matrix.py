@@ -52,10 +52,19 @@ def sweep_one(root: Path, nodes: int, seed: int, *extra: str) -> dict[str, objec
         ["-c", str(config), "chaos", "sweep", "--seeds", "1", "--first-seed", str(seed),
          "--duration", DURATION, "--interval", INTERVAL, "--out", str(out), "--json", *extra],
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output + logs_tail(out / f"seed-{seed}")
     (row,) = json.loads(result.output)["runs"]
     assert (out / "sweep.md").read_text().count("\n") == 3  # header, rule, one row
     return dict(row)
+
+
+def logs_tail(seed_dir: Path, lines: int = 25) -> str:
+    """The end of every node's log: what a failed run in CI leaves to diagnose it by."""
+    parts = []
+    for log in sorted((seed_dir / "state" / "logs").glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"\n== {log.name}\n" + "\n".join(tail))
+    return "".join(parts)
 
 
 @pytest.mark.parametrize(("nodes", "seed"), MATRIX, ids=[f"{n}nodes-seed{s}" for n, s in MATRIX])
