@@ -29,6 +29,7 @@ from kmnode.host.broker import (
     start_embedded_broker,
     stop_broker,
 )
+from kmnode.host.mqtt import unpack_records
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +58,13 @@ class MqttCapture(ChaosCapture):
         super().__init__(BrokerAddress("127.0.0.1", port, False), [topic])
 
     def json_on(self, suffix: str) -> list[dict[str, Any]]:
-        return [json.loads(p) for t, p in list(self.messages) if t.endswith(suffix)]
+        """Every record on topics ending in ``suffix``; coalesced audit messages unpacked."""
+        return [
+            json.loads(record)
+            for t, p in list(self.messages)
+            if t.endswith(suffix)
+            for record in unpack_records(p)
+        ]
 
 
 def write_config(root: Path, nodes: int = 3, mqtt_url: str | None = None) -> Path:
