@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kmnode.host.broker import answers_mqtt
-from tests.host import free_port
+from tests.host import BrokerUnderTest, free_port
 
 
 def find_mosquitto() -> str:
@@ -56,3 +56,14 @@ def mosquitto(tmp_path: Path) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerUnderTest]:
+    """An embedded amqtt broker on a free 127.0.0.1 port, stopped after the test."""
+    under_test = BrokerUnderTest(free_port(), tmp_path / "broker.log")
+    try:
+        under_test.start()
+        yield under_test
+    finally:
+        under_test.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ KMCTL = (
     "cli.add_command(events)\n"
     "cli(prog_name='kmctl')\n"
 )
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerUnderTest]:
-    under_test = BrokerUnderTest(free_port(), tmp_path / "broker.log")
-    try:
-        under_test.start()
-        yield under_test
-    finally:
-        under_test.stop()
 
 
 def write_config(tmp_path: Path, mqtt: MqttSpec) -> Path:

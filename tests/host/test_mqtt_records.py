@@ -10,7 +10,6 @@ as if it had been published alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 
 ALL_KM1 = "kmsim/demo/km1/#"
 AUDIT = "kmsim/demo/km1/audit"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerUnderTest]:
-    under_test = BrokerUnderTest(free_port(), tmp_path / "broker.log")
-    try:
-        under_test.start()
-        yield under_test
-    finally:
-        under_test.stop()
 
 
 def record(i: int) -> dict[str, object]:
