@@ -9,65 +9,36 @@ tested against hand-made bad histories and against generated correct ones.
 ``final_state`` maps each node the runner could read after healing (and after waiting for the
 nodes to converge) to a ``NodeState``: its committed releases, key generations, the key
 fingerprints it derives per (key, generation), and the service measurements each key may go to.
+
+The per-key linearizability check (``linearizable.py``) and the plaintext scan
+(``plaintext.py``) have modules of their own; ``check`` runs them with the rest and their
+entry points are re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import math
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kmnode.chaos.history import FaultEvent, History, Operation
+from kmnode.chaos.linearizable import (
+    INCREMENTS,
+    check_linearizable,
+    observed_generation,
+    ops_by_created_key,
+)
+from kmnode.chaos.outcome import CheckOutcome, Violation
+from kmnode.chaos.plaintext import PlaintextHit, check_plaintext, scan_plaintext
 
 TERMINAL = ("provisioned", "refused")
-INCREMENTS = ("key.create", "key.rotate")
-#: Pairwise linearizability checks compare each observation with this many predecessors (in
-#: invoke order): every pair in ordinary runs, bounded work in very long ones.
-PAIR_WINDOW = 256
-MIN_NEEDLE = 8
 
 
 # --- results ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    """One broken promise; ``op`` is the operation that exposes it, if any."""
-
-    message: str
-    op: Operation | None = None
-    node: str | None = None
-
-    @property
-    def order(self) -> float:
-        """History position of the exposing op; final-state-only violations sort last. Ties
-        keep the order the check found them in (sorting is stable)."""
-        return math.inf if self.op is None else self.op.position
-
-
-@dataclass(frozen=True, slots=True)
-class CheckOutcome:
-    valid: bool
-    detail: str
-    first_violation: Violation | None = None
-    violations: int = 0
-    #: The check's headline number, where it has one (the slowest recovery, in seconds).
-    figure: float | None = None
-
-    @classmethod
-    def judge(cls, violations: Iterable[Violation], passed: str) -> CheckOutcome:
-        found = sorted(violations, key=lambda v: v.order)
-        if not found:
-            return cls(True, passed)
-        first = found[0]
-        where = f" ({first.op.describe()})" if first.op else ""
-        more = f" [+{len(found) - 1} more]" if len(found) > 1 else ""
-        return cls(False, f"{first.message}{where}{more}", first, len(found))
 
 
 @dataclass(frozen=True)
@@ -237,16 +208,6 @@ def _reported_releases(op: Operation) -> list[dict[str, Any]]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def _generation(value: Any) -> int | None:
-    """The generation a ``read``/increment was told: 0 for an absent key, None if malformed."""
-    if not isinstance(value, dict) or "generation" not in value:
-        return None
-    gen = value["generation"]
-    if gen is None:
-        return 0
-    return gen if isinstance(gen, int) and not isinstance(gen, bool) and gen >= 0 else None
-
-
 def _release_op_index(ops: Iterable[Operation]) -> dict[str, Operation]:
     """Release id -> the first ok ``release`` op that reported it."""
     found: dict[str, Operation] = {}
@@ -407,20 +368,24 @@ def check_no_lost_ops(ops: Sequence[Operation], final: FinalState) -> CheckOutco
 
 def _lost_keys(ops: Sequence[Operation], final: FinalState) -> list[Violation]:
     violations = []
-    for key, key_ops in sorted(_ops_by_created_key(ops).items()):
+    for key, key_ops in sorted(ops_by_created_key(ops).items()):
         incs = [o for o in key_ops if o.kind in INCREMENTS]
         ok = [o for o in incs if o.outcome == "ok"]
         ok_rot = [o for o in ok if o.kind == "key.rotate"]
         maybe_rot = [o for o in incs if o.kind == "key.rotate" and o.outcome != "fail"]
         created = any(o.kind == "key.create" and o.outcome != "fail" for o in incs)
-        seen = [_generation(o.value) or 0 for o in key_ops if o.outcome == "ok"]
+        seen = [observed_generation(o.value) or 0 for o in key_ops if o.outcome == "ok"]
         lower = max([len(ok_rot) + 1 if ok else 0, *seen])
         upper = int(created) + len(maybe_rot)
         gens = {name: state.keys.get(key, 0) for name, state in final.items()}
         for name, gen in sorted(gens.items()):
             if gen < lower:
                 culprit = next(
-                    (o for o in key_ops if o.outcome == "ok" and (_generation(o.value) or 0) > gen),
+                    (
+                        o
+                        for o in key_ops
+                        if o.outcome == "ok" and (observed_generation(o.value) or 0) > gen
+                    ),
                     ok[-1] if ok else key_ops[-1],
                 )
                 violations.append(
@@ -444,19 +409,6 @@ def _lost_keys(ops: Sequence[Operation], final: FinalState) -> list[Violation]:
             shown = ", ".join(f"{n}=g{g}" for n, g in sorted(gens.items()))
             violations.append(Violation(f"nodes disagree on {key!r}: {shown}"))
     return violations
-
-
-def _ops_by_created_key(ops: Iterable[Operation]) -> dict[str, list[Operation]]:
-    """Generation-bearing ops (increments, key reads) per key, for keys whose ``key.create`` is
-    in the history: a key created before recording began starts at an unknown generation, so
-    counting arguments about it would be wrong. The runner records its set-up to avoid that."""
-    by_key: dict[str, list[Operation]] = defaultdict(list)
-    for op in ops:
-        if op.key is None or "release" in op.args:
-            continue
-        if op.kind in INCREMENTS or op.kind == "read":
-            by_key[op.key].append(op)
-    return {k: v for k, v in by_key.items() if any(o.kind == "key.create" for o in v)}
 
 
 def _lost_releases(ops: Sequence[Operation], final: FinalState) -> list[Violation]:
@@ -496,232 +448,6 @@ def _lost_releases(ops: Sequence[Operation], final: FinalState) -> list[Violatio
             shown = ", ".join(f"{n}={by_node.get(n, 'missing')}" for n in sorted(final))
             violations.append(Violation(f"nodes disagree on release {release_id}: {shown}"))
     return violations
-
-
-# --- linearizability of each key's generation --------------------------------------------------
-
-
-def check_linearizable(ops: Sequence[Operation]) -> CheckOutcome:
-    """Each key's generation is a counter: absent (0), ``key.create`` takes it 0→1 (at most
-    once), ``key.rotate`` adds 1. An observation is an ok linearizable ``read`` of the key (its
-    value) or an ok create/rotate (the generation it returned, counting itself). Take any
-    linearization: every op that took effect has a point inside [invoke, completion] (info and
-    pending ops: [invoke, ∞), or no point at all), an observation sees the number of increments
-    placed before its point (plus itself). Then, necessarily:
-
-    * stale read  — v ≥ self + #ok increments completed before it was invoked;
-    * future read — v ≤ self + #non-failed increments invoked before it completed (creates
-      counted at most once): nothing else can have been placed before its point;
-    * real-time order — if o1 completed before o2 was invoked, v2 − v1 ≥ self(o2) + #ok
-      increments wholly inside (o1.completion, o2.invoke): they lie between the two points;
-    * each generation is returned by at most one ok increment, and one process's observations
-      never go backwards (a process is sequential, so its points are ordered).
-
-    Every rule follows from the counter's semantics alone, so a linearizable history can never
-    be flagged (sound); together they catch stale reads, reads from the future and reads that
-    go back after another client saw a newer generation, even one an info rotation produced.
-    (The matching pairwise upper bound, v2 − v1 ≤ increments that may lie between, is implied
-    by the stale and future rules, so it is not checked separately.) Plain reads
-    (``"linearizable": false``, served from a node's applied state) may be stale, so only the
-    future-read rule applies to them. The real-time rule compares each observation with its
-    ``PAIR_WINDOW`` predecessors in invoke order. Keys whose create is not in the history are
-    skipped: their starting generation is unknown.
-    """
-    by_key = _ops_by_created_key(ops)
-    violations: list[Violation] = []
-    observed = 0
-    for key, key_ops in sorted(by_key.items()):
-        found, count = _KeyRegister(key, key_ops).violations()
-        violations += found
-        observed += count
-    return CheckOutcome.judge(
-        violations, f"{observed} generation observations on {len(by_key)} keys linearizable"
-    )
-
-
-class _KeyRegister:
-    """The per-key counting structures behind ``check_linearizable``."""
-
-    def __init__(self, key: str, ops: list[Operation]) -> None:
-        self.key = key
-        incs = [o for o in ops if o.kind in INCREMENTS and o.outcome != "fail"]
-        self.rotations = sorted((o for o in incs if o.kind == "key.rotate"), key=_inv)
-        self.creates = [o for o in incs if o.kind == "key.create"]
-        ok_incs = sorted((o for o in incs if o.outcome == "ok"), key=_inv)
-        self.ok_invs = [o.invoke_time for o in ok_incs]
-        self.ok_cmps_sorted = sorted(o.complete_time for o in ok_incs)
-        # suffix_cmps[i]: sorted completions of ok_incs[i:]  (ok increments invoked after a time)
-        self.suffix_cmps: list[list[float]] = [[]]
-        for o in reversed(ok_incs):
-            nxt = list(self.suffix_cmps[-1])
-            insort(nxt, o.complete_time)
-            self.suffix_cmps.append(nxt)
-        self.suffix_cmps.reverse()
-        self.rot_invs = [o.invoke_time for o in self.rotations]
-        self.ops = ops
-
-    # C(a, b): ok increments invoked after a and completed before b.
-    def _between_ok(self, a: float, b: float) -> int:
-        return bisect_left(self.suffix_cmps[bisect_right(self.ok_invs, a)], b)
-
-    # Non-failed increments other than ``op`` invoked before ``op`` completed (creates count
-    # once: only one can take effect).
-    def _may_before(self, op: Operation) -> int:
-        b = op.complete_time
-        rotations = bisect_left(self.rot_invs, b)
-        rotations -= int(op.kind == "key.rotate" and op.invoke_time < b)
-        creates = any(o.invoke_time < b and o.id != op.id for o in self.creates)
-        return rotations + int(creates)
-
-    def violations(self) -> tuple[list[Violation], int]:
-        found: list[Violation] = []
-        observations: list[tuple[Operation, int]] = []
-        for op in self.ops:
-            if op.outcome != "ok":
-                continue
-            value = _generation(op.value)
-            if value is None:
-                found.append(Violation(f"{self.key!r}: malformed generation {op.value!r}", op))
-                continue
-            self._single(op, value, found)
-            if op.kind != "read" or op.args.get("linearizable", True) is not False:
-                observations.append((op, value))
-        self._unique(observations, found)
-        self._pairs(observations, found)
-        return found, len(observations)
-
-    def _single(self, op: Operation, v: int, found: list[Violation]) -> None:
-        me = int(op.kind != "read")
-        linearizable = op.kind != "read" or op.args.get("linearizable", True) is not False
-        least = me + bisect_left(self.ok_cmps_sorted, op.invoke_time)
-        if linearizable and v < least:
-            found.append(
-                Violation(
-                    f"stale: {self.key!r} seen at g{v}, but increments completed before it was "
-                    f"invoked reach g{least}",
-                    op,
-                )
-            )
-        most = me + self._may_before(op)
-        if v > most:
-            found.append(
-                Violation(
-                    f"from the future: {self.key!r} seen at g{v}, but only g{most} can have been "
-                    f"reached by increments invoked before it completed",
-                    op,
-                )
-            )
-
-    def _unique(self, observations: list[tuple[Operation, int]], found: list[Violation]) -> None:
-        returned: dict[int, Operation] = {}
-        last_of: dict[str, tuple[Operation, int]] = {}
-        for op, v in sorted(observations, key=lambda ov: ov[0].position):
-            if op.kind != "read":
-                if v in returned:
-                    found.append(
-                        Violation(
-                            f"{self.key!r}: g{v} returned by two increments (op {returned[v].id})",
-                            op,
-                        )
-                    )
-                returned.setdefault(v, op)
-            previous = last_of.get(op.process)
-            if previous is not None and v < previous[1]:
-                found.append(
-                    Violation(
-                        f"{self.key!r}: process {op.process} went back from g{previous[1]} "
-                        f"(op {previous[0].id}) to g{v}",
-                        op,
-                    )
-                )
-            last_of[op.process] = (op, v)
-
-    def _pairs(self, observations: list[tuple[Operation, int]], found: list[Violation]) -> None:
-        """The real-time rule for o1 → o2; only an earlier-invoked o1 can complete before o2."""
-        ordered = sorted(observations, key=lambda ov: ov[0].invoke_index)
-        for i, (o2, v2) in enumerate(ordered):
-            me2 = int(o2.kind != "read")
-            for o1, v1 in ordered[max(0, i - PAIR_WINDOW) : i]:
-                if o1.complete_time >= o2.invoke_time:
-                    continue
-                least = v1 + me2 + self._between_ok(o1.complete_time, o2.invoke_time)
-                if v2 < least:
-                    found.append(
-                        Violation(
-                            f"stale: {self.key!r} seen at g{v2} after op {o1.id} saw g{v1} "
-                            f"and increments since reach g{least}",
-                            o2,
-                        )
-                    )
-
-
-def _inv(op: Operation) -> float:
-    return op.invoke_time
-
-
-# --- the host never holds plaintext keys --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PlaintextHit:
-    source: str
-    offset: int
-    encoding: str
-    needle: int  #: index into the needles
-
-
-def _encodings(needle: bytes) -> list[tuple[str, bytes]]:
-    """Every way the host could plausibly hold ``needle``: raw, hex in either case, and base64
-    (standard and URL-safe) at each of the three alignments a needle can have inside a longer
-    base64 text — only the characters determined by the needle's own bits are searched.
-    Line-wrapped base64 (MIME, PEM) is not unwrapped: the runner feeds such sources unwrapped."""
-    forms = [
-        ("raw", needle),
-        ("hex", needle.hex().encode()),
-        ("HEX", needle.hex().upper().encode()),
-    ]
-    for shift in range(3):
-        total = shift + len(needle)
-        encoded = base64.b64encode(bytes(shift) + needle)
-        core = encoded[(0, 2, 3)[shift] : 4 * (total // 3)]
-        forms.append((f"base64@{shift}", core))
-        forms.append((f"base64url@{shift}", core.translate(bytes.maketrans(b"+/", b"-_"))))
-    return forms
-
-
-def scan_plaintext(
-    haystacks: Iterable[tuple[str, bytes]], needles: Sequence[bytes]
-) -> list[PlaintextHit]:
-    """Where any secret needle appears in any haystack (file, log, captured MQTT payload)."""
-    for needle in needles:
-        if len(needle) < MIN_NEEDLE:
-            raise ValueError(f"needle of {len(needle)} bytes is too short to scan for")
-    forms = [(i, name, form) for i, n in enumerate(needles) for name, form in _encodings(n)]
-    hits = []
-    for source, data in haystacks:
-        for index, name, form in forms:
-            offset = data.find(form)
-            if offset >= 0:
-                hits.append(PlaintextHit(source, offset, name, index))
-    return hits
-
-
-def check_plaintext(
-    haystacks: Iterable[tuple[str, bytes]], needles: Sequence[bytes]
-) -> CheckOutcome:
-    stacks = list(haystacks)
-    hits = scan_plaintext(stacks, needles)
-    violations = [
-        Violation(f"secret #{h.needle} found {h.encoding} in {h.source} at offset {h.offset}")
-        for h in hits
-    ]
-    if violations:  # the first in haystack order, as the runner listed them
-        first = violations[0]
-        return CheckOutcome(False, f"{first.message} [{len(hits)} hits]", first, len(hits))
-    size = sum(len(d) for _, d in stacks)
-    return CheckOutcome(
-        True, f"{len(needles)} secrets absent from {len(stacks)} sources ({size} B)"
-    )
 
 
 # --- recovery within a bound --------------------------------------------------------------------
