@@ -1,9 +1,11 @@
-"""`kmctl chaos sweep` bookkeeping, with the cluster and the run replaced by stand-ins: one
-fresh state directory per seed, the cluster always stopped, a run that breaks down recorded as
-that seed's violation while the sweep goes on, and the table written."""
+"""`kmctl chaos run` reporting and `kmctl chaos sweep` bookkeeping, with the cluster and the
+run replaced by stand-ins: what a violation prints; one fresh state directory per seed, the
+cluster always stopped, a run that breaks down recorded as that seed's violation while the
+sweep goes on, and the table written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,10 @@ from click.testing import CliRunner
 
 from kmnode import supervisor
 from kmnode.chaos import runner
-from kmnode.chaos.checker import CheckOutcome, CheckResult
+from kmnode.chaos.checker import CheckOutcome, CheckResult, Violation
+from kmnode.chaos.history import Operation
 from kmnode.cli import cli
-from kmnode.cli.output import EXIT_FAILURE, EXIT_USAGE
+from kmnode.cli.output import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE
 from kmnode.config import ClusterConfig, config_to_yaml
 
 
@@ -80,3 +83,44 @@ def test_an_unknown_fault_kind_stops_before_any_cluster_starts(
     result = sweep(tmp_path, "--seeds", "2", "--faults", "kill,meteor")
     assert result.exit_code == EXIT_USAGE, result.output
     assert "meteor" in result.output and calls == []
+
+
+def test_a_violation_prints_the_seed_the_history_and_the_first_violating_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = Operation(
+        id=41, process="c2", kind="read", args={"key": "k1"}, node="km3", outcome="ok",
+        invoke_index=80, invoke_time=5.0, complete_index=83, complete_time=5.2,
+        value={"generation": 1},
+    )  # fmt: skip
+    later = dataclasses.replace(stale, id=57, invoke_index=120, complete_index=121)
+    checks = {
+        "no-lost-ops": CheckOutcome(True, "none lost"),
+        "linearizable-keys": CheckOutcome(
+            False, "2 violations", Violation("stale: 'k1' seen at g1 after g2", later), 2
+        ),
+        "identical-keys": CheckOutcome(
+            False, "1 violation", Violation("stale: 'k1' seen at g1 ...", stale), 1
+        ),
+    }
+    result = CheckResult(False, checks, {"read": {"ok": 3}}, {"partition": 1})
+
+    def fake_run(cfg: ClusterConfig, config: runner.RunConfig, out: Path, log: Any) -> Any:
+        return runner.RunOutcome(result, out / "history.jsonl", out / "final.json", [], 0.7)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(config_to_yaml(ClusterConfig.default(3)))
+    out = tmp_path / "run"
+    args = ["-c", str(config), "chaos", "run", "--seed", "99", "--out", str(out)]
+    shown = CliRunner().invoke(cli, args)
+    assert shown.exit_code == EXIT_REFUSED, shown.output
+    assert "INVALID (seed 99)" in shown.output
+    assert str(out / "history.jsonl") in shown.output
+    first = shown.output.split("first violation:", 1)[1]
+    assert '"id": 41' in first and '"id": 57' not in first  # the earlier in the history
+    assert "recovery after the final heal: 0.70s" in shown.output
+
+    as_json = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    assert as_json["seed"] == 99 and as_json["valid"] is False
+    assert as_json["first_violation"]["op"]["id"] == 41
