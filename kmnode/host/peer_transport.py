@@ -31,6 +31,7 @@ from kmnode.host.peer_wire import (
     EnclaveSessions,
     PeerProtocolError,
     PeerRefused,
+    channel_frame_size,
     encode_frame,
     initiate,
     read_frame,
@@ -199,10 +200,13 @@ class AttestedTransport(Transport):
         if peer is None or peer.session is None:
             self.stats.dropped_disconnected += 1
             return
-        frame = encode_frame(CHANNEL, self.enclave.seal_frame(peer.session, encode_message(msg)))
-        if peer.queued_bytes + len(frame) > self.max_buffer_bytes:
+        plaintext = encode_message(msg)
+        if peer.queued_bytes + channel_frame_size(len(plaintext)) > self.max_buffer_bytes:
+            # Dropped before sealing: a sealed frame that is never sent would leave a gap in
+            # the channel's counters, and the peer would refuse the whole connection.
             self.stats.dropped_full += 1
             return
+        frame = encode_frame(CHANNEL, self.enclave.seal_frame(peer.session, plaintext))
         peer.queue.append(frame)
         peer.queued_bytes += len(frame)
         self.stats.sent += 1

@@ -20,6 +20,7 @@ import struct
 import time
 from typing import Protocol
 
+from attest.channel import FRAME_OVERHEAD
 from attest.errors import AttestationError
 
 RAFT = b"R"
@@ -57,6 +58,12 @@ class EnclaveSessions(Protocol):
     def open_frame(self, session: int, frame: bytes) -> bytes: ...
 
     def close_session(self, session: int) -> None: ...
+
+
+def channel_frame_size(plaintext_size: int) -> int:
+    """Bytes on the wire of a CHANNEL frame sealing ``plaintext_size`` bytes: known before
+    sealing, so a sender can refuse to queue a frame without spending a channel counter."""
+    return _LEN.size + 1 + FRAME_OVERHEAD + plaintext_size
 
 
 def encode_frame(kind: bytes, payload: bytes) -> bytes:

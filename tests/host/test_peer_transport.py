@@ -12,8 +12,10 @@ from attest.hardware import Platform, VendorRoot
 from attest.identity import EnclaveIdentity, measure_sources, signer_id
 from attest.policy import Policy
 from attest.quote import QuoteVerifier
+from consensus.codec import encode_message
 from consensus.types import Message, MessageType
 from kmnode.host.peer_transport import AttestedTransport
+from kmnode.host.peer_wire import channel_frame_size
 from kmnode.km.enclave import KMEnclave
 from tests.host import eventually
 
@@ -107,6 +109,29 @@ async def test_injected_drop_and_duplicate() -> None:
         a.send(heartbeat(99))
         await eventually(lambda: len(pair.received["b"]) == 2, "duplicated message")
         assert [m.commit for m in pair.received["b"]] == [99, 99]
+    finally:
+        await pair.stop()
+
+
+async def test_a_full_send_buffer_drops_messages_without_breaking_the_channel() -> None:
+    """Messages that do not fit are dropped before sealing: the channel's counters stay
+    gapless, so the peer keeps the connection and everything sent later arrives."""
+    pair = Pair()
+    await pair.start()
+    try:
+        a, b = pair.transports["a"], pair.transports["b"]
+        await eventually(lambda: "b" in a.attested_peers(), "attested link")
+        a.max_buffer_bytes = 3 * channel_frame_size(len(encode_message(heartbeat(0))))
+        for i in range(10):  # no await: the link cannot drain meanwhile
+            a.send(heartbeat(i))
+        assert a.stats.dropped_full == 7
+        await eventually(lambda: len(pair.received["b"]) == 3, "the three that fitted")
+        for i in range(10, 15):  # one at a time, each with room in the buffer
+            a.send(heartbeat(i))
+            await asyncio.sleep(0.02)
+        await eventually(lambda: len(pair.received["b"]) == 8, "the five sent later")
+        assert [m.commit for m in pair.received["b"]] == [0, 1, 2, 10, 11, 12, 13, 14]
+        assert b.stats.refused == 0 and a.stats.handshakes == 1
     finally:
         await pair.stop()
 
