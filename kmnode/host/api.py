@@ -187,6 +187,9 @@ class OperatorApi:
                     "measurement": node.service.measurement,
                 },
                 "mqtt": {"published": stats.published, "dropped": stats.dropped},
+                # Peer-link counters since start: drops, refusals and reconnects explain a
+                # node that falls behind during a chaos run.
+                "links": dataclasses.asdict(node.transport.stats),
             }
         )
 
