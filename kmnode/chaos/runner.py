@@ -32,6 +32,7 @@ from typing import Any
 from kmnode.chaos import oracle
 from kmnode.chaos.capture import CaptureError, MqttCapture
 from kmnode.chaos.checker import CheckOutcome, CheckResult, NodeState, check, check_plaintext
+from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder, OpHandle
 from kmnode.chaos.nemesis import FAULT_KINDS, Nemesis, resolve_kinds
 from kmnode.cli.client import ApiError, NodeClient, NodeUnreachable
@@ -316,12 +317,14 @@ def run(
         recovery = time.monotonic() - healed
         log(f"converged {recovery:.2f}s after the final heal")
         final = state.final_state()
+    except (RunError, CliError, FaultError) as exc:
+        # The history is the evidence of what led here: keep it even without a verdict.
+        saved = _save_history(state, out_dir)
+        raise RunError(f"{exc} (history so far: {saved})") from None
     finally:
         capture.stop()
     history = state.recorder.history()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history_path, final_path = out_dir / "history.jsonl", out_dir / "final.json"
-    history.save(history_path)
+    history_path, final_path = _save_history(state, out_dir), out_dir / "final.json"
     final_path.write_text(
         json.dumps({n: s.to_json() for n, s in final.items()}, indent=1, sort_keys=True)
     )
@@ -343,3 +346,10 @@ def run(
         observed=observed,
     )
     return RunOutcome(result, history_path, final_path, state.nemesis.injected, recovery)
+
+
+def _save_history(state: _Run, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "history.jsonl"
+    state.recorder.history().save(path)
+    return path
