@@ -106,7 +106,13 @@ class Progress:
             return True
         if self.next - 1 != rejected:
             return False
-        self.next = max(min(rejected, hint + 1), self.match + 1, 1)
+        # The answer to the current probe. A follower whose disk lost entries it had
+        # acknowledged rejects at or below ``match``: believe it rather than our record of
+        # ``match`` (etcd keeps ``next`` above ``match``, and would re-send the same probe at
+        # network speed forever). Lowering ``match`` is always safe: it can only delay a
+        # commit, and the commit index never moves back.
+        self.next = max(min(rejected, hint + 1), 1)
+        self.match = min(self.match, self.next - 1)
         self.paused = False
         return True
 

@@ -225,28 +225,39 @@ def _flip(path: Path, offset: int) -> tuple[int, int]:
 
 
 def torn_tail(cfg: ClusterConfig, node: str) -> FaultDone:
-    """Cut the newest segment in the middle of its last record, as a crash during an append
-    does. The next start truncates the log back to ``record_offset``."""
+    """Leave a half-written record after the last complete one, as a crash in the middle of an
+    append does. The next start truncates the log back to ``record_offset``.
+
+    Only a record that was never complete can be torn by a crash: the node fsyncs before it
+    acknowledges anything, so every complete record may already have been counted by a quorum.
+    Cutting one of those would model a disk that loses acknowledged writes, which Raft (like
+    every consensus protocol) does not promise to survive; the fault therefore appends the
+    first half of a copy of the last record instead of shortening it.
+    """
     _stopped(cfg, node)
     path = _segments(cfg, node)[-1]
-    records, _ = read_records(path.read_bytes())
+    data = path.read_bytes()
+    records, damage = read_records(data)
+    if damage is not None:
+        raise FaultError(f"{path} is already damaged at offset {damage.offset} ({damage.reason})")
     if not records:
-        raise FaultError(f"{path} holds no intact record to tear")
-    record_offset, payload = records[-1]
-    cut = record_offset + (HEADER_SIZE + len(payload)) // 2
-    old_size = path.stat().st_size
-    os.truncate(path, cut)
+        raise FaultError(f"{path} holds no record to copy a torn one from")
+    last_offset, payload = records[-1]
+    whole = data[last_offset : last_offset + HEADER_SIZE + len(payload)]
+    torn = whole[: len(whole) // 2]
+    record_offset = len(data)
+    with open(path, "ab") as f:
+        f.write(torn)
+        f.flush()
+        os.fsync(f.fileno())
     return FaultDone(
         "torn-tail",
         node,
-        f"truncated {path} from {old_size} to {cut} bytes (mid-record)",
-        {
-            "file": str(path),
-            "offset": cut,
-            "record_offset": record_offset,
-            "removed_bytes": old_size - cut,
-        },
-    )
+        f"appended {len(torn)} bytes of a half-written record to {path} at offset "
+        f"{record_offset}",
+        {"file": str(path), "offset": record_offset + len(torn), "record_offset": record_offset,
+         "torn_bytes": len(torn)},
+    )  # fmt: skip
 
 
 def flip_byte(cfg: ClusterConfig, node: str, where: Where = "middle") -> FaultDone:
@@ -254,7 +265,9 @@ def flip_byte(cfg: ClusterConfig, node: str, where: Where = "middle") -> FaultDo
 
     ``middle``: a record with intact records after it, which no crash can explain, so the
     next start refuses with CorruptLogError naming ``record_offset``. ``tail``: the last record
-    of the newest segment, indistinguishable from a torn write, so the next start truncates it.
+    of the newest segment, indistinguishable from a torn write, so the next start truncates it:
+    the node loses a record it may have acknowledged (a disk that lies), which the cluster
+    repairs from the others but which, on the leader of a 3-node cluster, may lose a write.
     """
     if where not in ("middle", "tail"):
         raise ValueError(f"where must be 'middle' or 'tail', not {where!r}")

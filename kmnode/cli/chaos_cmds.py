@@ -358,7 +358,9 @@ def ring_stall(ctx: CliContext, node: str, stalled: bool, as_json: bool) -> None
 
 @chaos.command("corrupt")
 @click.argument("node")
-@click.option("--torn-tail", is_flag=True, help="Cut the newest Raft segment mid-record.")
+@click.option(
+    "--torn-tail", is_flag=True, help="Leave a half-written record at the end of the Raft log."
+)
 @click.option(
     "--flip-byte",
     type=click.Choice(["middle", "tail"]),

@@ -327,7 +327,8 @@ def test_torn_tail_is_truncated_by_the_next_open(tmp_path: Path) -> None:
     path = Path(done.detail["file"])
     assert path.stat().st_size == done.detail["offset"] > done.detail["record_offset"]
     assert done.fault == "torn-tail" and done.node == "km2"
-    # The last record was the final hard state; the entries all survive.
+    # Only the half-written record goes: every complete record (possibly acknowledged) stays.
+    assert done.detail["torn_bytes"] > 0
     assert last_index(cfg, "km2") == 20
     assert path.stat().st_size == done.detail["record_offset"]
 

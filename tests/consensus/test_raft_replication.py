@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from consensus.sim.harness import Harness
 from consensus.types import EntryType, Message, MessageType, Role
@@ -212,3 +213,32 @@ def test_commit_reaches_followers_via_heartbeat() -> None:
     h.tick("a")
     h.stabilize()
     assert h.data_applied("b") == h.data_applied("c") == [b"x"]
+
+
+def test_a_follower_that_lost_acknowledged_entries_is_repaired_without_a_message_storm() -> None:
+    """A disk that loses fsynced writes (the chaos tool's ``flip-byte tail``) leaves a follower
+    behind what the leader recorded as its match. The leader must take the follower's word,
+    back off and repair it, not probe the same index forever."""
+    h = Harness(["a", "b", "c"])
+    h.elect("a")
+    for k in range(5):
+        h.propose("a", b"x%d" % k)
+    h.stabilize()
+    h.crash("b")
+    store = h.stores["b"]
+    lost = store.entries.pop()  # acknowledged: the leader counts it in b's match
+    commit = min(store.hard_state.commit, lost.index - 1)
+    store.hard_state = replace(store.hard_state, commit=commit)
+    h.restart("b")
+    h.propose("a", b"after")
+    appends_to_b = 0
+    for _ in range(40):
+        batch = h.take()
+        if not batch:
+            break
+        appends_to_b += sum(1 for m in batch if m.type == APPEND and m.to == "b")
+        h.deliver(batch)
+        h.process_all()
+    assert h.log_terms("b") == h.log_terms("a")
+    assert h.data_applied("b")[-2:] == [b"x4", b"after"]
+    assert appends_to_b <= 6, appends_to_b
