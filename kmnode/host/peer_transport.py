@@ -259,8 +259,12 @@ class AttestedTransport(Transport):
                 if not peer.queue:
                     peer.ready.clear()
                     waiter = asyncio.create_task(peer.ready.wait())
-                    await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    try:
+                        await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        # Also when this link is cancelled (the peer left the membership):
+                        # a waiter left pending is destroyed later with an asyncio error.
+                        waiter.cancel()
                     continue
                 writer.write(b"".join(peer.queue))
                 peer.queue.clear()
