@@ -293,7 +293,7 @@ def sweep(
     The cluster's ports must be free: stop a running cluster first (`kmctl down`). Exits 1 if
     any run found a violation, 3 if a run could not be carried out.
 
-    The documented soak: kmctl chaos sweep --seeds 50 --duration 120
+    The recorded soak (bench/RESULTS.md): kmctl chaos sweep --seeds 50 --duration 60
     """
     base = select_nodes(ctx, nodes)
     root = (out or base.state_dir / "sweep").resolve()
