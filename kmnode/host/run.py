@@ -10,7 +10,7 @@ import sys
 from aiohttp import web
 
 from attest.errors import SealingError
-from consensus.storage import StorageError
+from consensus.storage import CorruptLogError, StorageError
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.host.api import OperatorApi
 from kmnode.host.node import KMNode, NodeStartError
@@ -32,6 +32,15 @@ async def serve(config: ClusterConfig, name: str) -> int:
         await node.start()
     except (NodeStartError, StorageError, SealingError) as exc:
         log.error("%s: cannot start: %s", name, exc)
+        if isinstance(exc, CorruptLogError | SealingError):
+            # Damage no crash explains: this node's data cannot be trusted again, but the
+            # cluster still holds everything; say how to get the member back.
+            log.error(
+                "%s: its data directory cannot be repaired; the other members go on without "
+                "it. To replace it by a fresh node of the same name: kmctl chaos replace %s",
+                name,
+                name,
+            )
         await node.stop()
         return 1
     runner = web.AppRunner(OperatorApi(node).app(), access_log=None)

@@ -261,8 +261,9 @@ def test_node_with_a_corrupted_mid_log_refuses_to_start_and_a_fresh_node_replace
     cluster.create_key("before-damage")
     faults.kill(cfg, victim)
     flipped = faults.flip_byte(cfg, victim, "middle")
-    with pytest.raises(FaultError, match=f"at offset {flipped.detail['record_offset']}"):
+    with pytest.raises(FaultError, match=f"at offset {flipped.detail['record_offset']}") as no:
         faults.restart(cfg, victim, timeout=60)
+    assert f"kmctl chaos replace {victim}" in str(no.value)  # the log says what to do
 
     # The two others go on without it.
     survivors = cluster.others(victim)
