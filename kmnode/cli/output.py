@@ -27,7 +27,9 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # Per error, not per class: Click reads ``exit_code`` from the instance, though from
+        # 8.2 on it types the attribute as a ClassVar (which a plain assignment would violate).
+        object.__setattr__(self, "exit_code", exit_code)
 
     def show(self, file: Any = None) -> None:
         click.echo(f"kmctl: error: {self.format_message()}", err=True)
