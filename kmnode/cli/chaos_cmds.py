@@ -150,6 +150,27 @@ def restart(ctx: CliContext, node: str, no_wait: bool, timeout: float, as_json: 
     )
 
 
+@chaos.command("replace")
+@click.argument("node")
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Seconds."
+)
+@_as_json
+@pass_context
+def replace(ctx: CliContext, node: str, timeout: float, as_json: bool) -> None:
+    """Replace stopped member NODE, which cannot start, by a fresh node of the same name.
+
+    For a node whose log is damaged mid-way or whose sealed state cannot be opened: its
+    membership is removed through the leader, its data directory is kept aside as
+    NODE.replaced-N, and it starts empty, attests, is admitted as a new member and receives the
+    master secret over the attested channel. Refuses while NODE runs.
+    """
+    from kmnode.chaos import faults
+
+    cfg = _config(ctx)
+    _fault(as_json, lambda: faults.replace(cfg, _check_node(cfg, node), timeout=timeout))
+
+
 # --- links -------------------------------------------------------------------------------------
 
 
@@ -400,8 +421,8 @@ def corrupt(
 
 # Whole runs, sweeps and replacement live in their own module; registered here so that the
 # `chaos` group is complete wherever it is imported from.
-from kmnode.cli.chaos_run_cmds import replace, run, sweep  # noqa: E402
+from kmnode.cli.chaos_run_cmds import run, sweep  # noqa: E402
 from kmnode.cli.netns_cmds import netns  # noqa: E402
 
-for _command in (run, sweep, replace, netns):
+for _command in (run, sweep, netns):
     chaos.add_command(_command)

@@ -1,5 +1,4 @@
-"""`kmctl chaos run | sweep | replace`: whole seeded runs judged by the checker, and the
-replacement of a member that cannot start.
+"""`kmctl chaos run | sweep`: whole seeded runs judged by the checker.
 
 `run` works against the cluster that is up; `sweep` starts a fresh cluster per seed (its own
 state directory under ``--out``), runs it, stops it, and tabulates every run: the long
@@ -348,34 +347,3 @@ def sweep(
         raise CliError(f"runs that could not be completed: seeds {failed_runs}", EXIT_FAILURE)
     if not all(r["valid"] for r in rows):
         raise click.exceptions.Exit(EXIT_REFUSED)
-
-
-@click.command("replace")
-@click.argument("node")
-@click.option(
-    "--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Seconds."
-)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_context
-def replace(ctx: CliContext, node: str, timeout: float, as_json: bool) -> None:
-    """Replace stopped member NODE, which cannot start, by a fresh node of the same name.
-
-    For a node whose log is damaged mid-way or whose sealed state cannot be opened: its
-    membership is removed through the leader, its data directory is kept aside as
-    NODE.replaced-N, and it starts empty, attests, is admitted as a new member and receives the
-    master secret over the attested channel. Refuses while NODE runs.
-    """
-    from kmnode.chaos import faults
-
-    cfg = supervisor.effective_config(ctx.config())
-    try:
-        cfg.node(node)
-        done = faults.replace(cfg, node, timeout=timeout)
-    except KeyError as exc:
-        raise CliError(str(exc.args[0]), EXIT_USAGE) from None
-    except faults.FaultError as exc:
-        raise CliError(str(exc), EXIT_REFUSED) from None
-    if as_json:
-        print_json(done.to_dict())
-    else:
-        click.echo(done.summary)
