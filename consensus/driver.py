@@ -30,10 +30,11 @@ at least as large as that snapshot: the state (every release ever made) keeps gr
 fixed interval would make the cost of snapshots per entry grow with it.
 
 Leader pipelining (Raft dissertation §10.2.1): a node that was leader before and after a
-``Ready`` sends that Ready's messages *before* its own fsync, so followers write in parallel
-with it. This is safe because a leader's term and vote were made durable when it campaigned,
-and the core counts the leader's own log toward commit only up to what ``advance`` reports
-durable. Every other node persists first and sends after, as ``Ready`` documents.
+``Ready`` sends that Ready's messages *before* its own fsync, and has the transport flush them
+to the wire, so followers write in parallel with it. This is safe because a leader's term and
+vote were made durable when it campaigned, and the core counts the leader's own log toward
+commit only up to what ``advance`` reports durable. Every other node persists first and sends
+after, as ``Ready`` documents.
 """
 
 from __future__ import annotations
@@ -474,9 +475,12 @@ class RaftDriver:
         return False
 
     def _send(self, rd: Ready) -> None:
+        if not rd.messages:
+            return
         send = self.transport.send
         for m in rd.messages:
             send(m)
+        self.transport.flush()
 
     def _apply(self, rd: Ready) -> None:
         if rd.snapshot is not None and not rd.snapshot.is_empty:

@@ -51,6 +51,14 @@ class Transport(ABC):
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for ``msg.to``; may drop it (counted), never blocks."""
 
+    def flush(self) -> None:  # noqa: B027 - an optional hook: most have nothing to flush
+        """Put what ``send`` queued on the wire now, not at the end of this event-loop turn.
+
+        The driver calls it after each batch of sends: a leader fsyncs right after sending,
+        and messages still queued then would wait for the disk. A transport that writes in
+        ``send`` has nothing to do.
+        """
+
     @abstractmethod
     async def stop(self) -> None:
         """Close every connection and server; no tasks are left running."""

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -21,9 +22,12 @@ from consensus.types import (
     ConfChange,
     ConfChangeType,
     Entry,
+    Message,
+    MessageType,
     NotLeader,
     ProposalDropped,
     ProposalTimeout,
+    Ready,
 )
 
 NAMES = ("a", "b", "c")
@@ -126,6 +130,55 @@ async def test_elect_and_apply_concurrent_proposals_in_same_order(cluster: Clust
     assert orders[0] == orders[1] == orders[2]
     assert sorted(orders[0]) == sorted(payloads)
     assert leader.stats.fsync_batches < 300  # proposals shared fsyncs (group commit)
+
+
+async def test_leader_appends_leave_before_its_fsync_and_acks_after_the_followers(
+    cluster: Cluster,
+) -> None:
+    """Pipelining only helps if the leader's appends reach the wire before it blocks on its
+    own fsync (a buffering transport would otherwise hold them until after it), and a
+    follower may only acknowledge what its own fsync made durable."""
+    leader = await cluster.leader()
+    await leader.propose(b"warm-up")
+    events: dict[str, list[tuple[str, int]]] = {n: [] for n in cluster.drivers}
+    for name, driver in cluster.drivers.items():
+        record = events[name].append
+        send, flush, persist = driver.transport.send, driver.transport.flush, driver.log.persist
+
+        def recording_send(m: Message, send: Any = send, record: Any = record) -> None:
+            if m.type == MessageType.APPEND and m.entries:
+                record(("APPEND", m.entries[-1].index))
+            elif m.type == MessageType.APPEND_RESP:
+                record(("APPEND_RESP", m.index))
+            send(m)
+
+        def recording_flush(flush: Any = flush, record: Any = record) -> None:
+            record(("flush", 0))
+            flush()
+
+        def recording_persist(
+            rd: Ready, persist: Any = persist, record: Any = record, **kw: Any
+        ) -> None:
+            persist(rd, **kw)
+            if rd.entries and kw.get("sync", True):
+                record(("durable", rd.entries[-1].index))
+
+        driver.transport.send = recording_send  # type: ignore[method-assign]
+        driver.transport.flush = recording_flush  # type: ignore[method-assign]
+        driver.log.persist = recording_persist  # type: ignore[method-assign]
+    await leader.propose(b"x")
+    index = leader.applied_index
+    await until(
+        lambda: all(d.applied_index >= index for d in cluster.drivers.values()), 10, "apply"
+    )
+    lead = events[leader.id]
+    durable = lead.index(("durable", index))
+    sent = [i for i, e in enumerate(lead) if e == ("APPEND", index)]
+    assert len(sent) == 2 and sent[-1] < durable
+    assert ("flush", 0) in lead[sent[-1] : durable]
+    for name, seen in events.items():
+        if name != leader.id:
+            assert seen.index(("durable", index)) < seen.index(("APPEND_RESP", index))
 
 
 async def test_not_leader_carries_hint(cluster: Cluster) -> None:
