@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 
 import nacl.utils
-from nacl.public import PublicKey, SealedBox
 from nacl.signing import SigningKey
 
 from attest import local
@@ -21,6 +20,7 @@ from attest.channel import SecureChannel
 from attest.errors import AttestationError, SealingError
 from attest.handshake import HandshakeConfig, HandshakeResult, Initiator, Responder
 from attest.hardware import EnclaveContext
+from attest.keybox import KeyBoxes
 from attest.quote import QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
 from kmnode.km.state import KMState
@@ -40,7 +40,7 @@ class ProvisionResult:
     ok: bool
     reason: str
     service_measurement: str
-    #: The key encrypted to the attested service enclave's public key (empty when refused).
+    #: The key boxed to the attested service enclave's public key (empty when refused).
     ciphertext: bytes
 
 
@@ -62,6 +62,8 @@ class KMEnclave:
         self._signing_key = SigningKey(nacl.utils.random(SECRET_SIZE))
         self._sessions: dict[int, Initiator | Responder] = {}
         self._challenges: set[bytes] = set()
+        #: Provisioning boxes to service enclaves (see ``attest.keybox``).
+        self._boxes = KeyBoxes()
         self._next_session = 0
 
     # --- master secret ----------------------------------------------------------------------
@@ -235,7 +237,7 @@ class KMEnclave:
             )
         material = derive_key(self._require_secret(), key, generation)
         envelope = json.dumps({"key": key, "generation": generation, "material": material.hex()})
-        ciphertext = SealedBox(PublicKey(attested.public_key)).encrypt(envelope.encode())
+        ciphertext = self._boxes.seal(attested.public_key, envelope.encode())
         return ProvisionResult(True, "", measurement, bytes(ciphertext))
 
     def __repr__(self) -> str:

@@ -1,8 +1,9 @@
 """Service-enclave logic: answer local attestation, accept provisioned keys, run workloads.
 
-Keys arrive encrypted to an X25519 key pair generated inside this enclave and bound into its
-local-attestation report, so only this enclave instance can open them. The workload used by the
-tests and benchmarks proves possession of a key without revealing it: an HMAC of a challenge.
+Keys arrive in a box (``attest.keybox``) to an X25519 key pair generated inside this enclave
+and bound into its local-attestation report, so only this enclave instance can open them. The
+workload used by the tests and benchmarks proves possession of a key without revealing it: an
+HMAC of a challenge.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import hashlib
 import hmac
 import json
 
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, SealedBox
-
 from attest import local
 from attest.hardware import EnclaveContext
+from attest.keybox import KeyBoxError, KeyBoxes
 
 
 class ProvisioningError(Exception):
@@ -25,21 +24,19 @@ class ProvisioningError(Exception):
 class ServiceEnclave:
     def __init__(self, context: EnclaveContext) -> None:
         self.context = context
-        self._box_key = PrivateKey.generate()
+        self._boxes = KeyBoxes()
         self._keys: dict[tuple[str, int], bytes] = {}
 
     def answer_challenge(self, km_measurement: bytes, challenge: bytes) -> bytes:
         """Local attestation response for our node's KM enclave."""
-        return local.respond(
-            self.context, km_measurement, challenge, bytes(self._box_key.public_key)
-        )
+        return local.respond(self.context, km_measurement, challenge, self._boxes.public)
 
     def accept_key(self, ciphertext: bytes) -> tuple[str, int]:
         try:
-            envelope = json.loads(SealedBox(self._box_key).decrypt(ciphertext))
+            envelope = json.loads(self._boxes.open(ciphertext))
             name, generation = envelope["key"], envelope["generation"]
             material = bytes.fromhex(envelope["material"])
-        except (CryptoError, ValueError, KeyError, TypeError) as exc:
+        except (KeyBoxError, ValueError, KeyError, TypeError) as exc:
             raise ProvisioningError(f"provisioned key rejected: {type(exc).__name__}") from None
         if not isinstance(name, str) or not isinstance(generation, int) or len(material) != 32:
             raise ProvisioningError("provisioned key envelope is malformed")
