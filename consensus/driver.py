@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from consensus.deadlines import Deadlines
 from consensus.raft import RaftConfig, RaftCore, Status
 from consensus.statemachine import StateMachine
 from consensus.storage import DurableLog
@@ -156,6 +157,8 @@ class RaftDriver:
         self._read_waits: dict[bytes, asyncio.Future[int]] = {}
         self._read_ready: list[tuple[int, asyncio.Future[int]]] = []
         self._read_ids = itertools.count(1)
+        #: Timeouts of proposals and reads (one timer for all: see ``consensus.deadlines``).
+        self._deadlines = Deadlines()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -215,6 +218,7 @@ class RaftDriver:
         await self.transport.stop()
         self.log.close()
         self._fail_all(DriverStopped(f"raft driver {self.id} stopped"))
+        self._deadlines.close()
 
     def _fail_all(self, err: Exception) -> None:
         """Fail every queued or in-flight request with ``err``."""
@@ -255,13 +259,15 @@ class RaftDriver:
         ctx = next(self._read_ids).to_bytes(8, "big")
         self._check_running()
         self._reads.append((ctx, fut))
+        self._deadlines.watch(
+            fut, timeout, lambda: ProposalTimeout(f"read index not confirmed within {timeout}s")
+        )
         self._kick()
         try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
+            return await fut
+        except ProposalTimeout:
             self._read_waits.pop(ctx, None)
-            raise ProposalTimeout(f"read index not confirmed within {timeout}s") from None
+            raise
 
     def campaign(self) -> None:
         """Start an election now (tests, operator tooling)."""
@@ -298,12 +304,13 @@ class RaftDriver:
         self._check_running()
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._proposals.append((item, fut))
+        self._deadlines.watch(
+            fut,
+            timeout,
+            lambda: ProposalTimeout(f"not applied within {timeout}s; it may still commit"),
+        )
         self._kick()
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise ProposalTimeout(f"not applied within {timeout}s; it may still commit") from None
+        return await fut
 
     def _on_messages(self, msgs: Sequence[Message]) -> None:
         room = self.max_inbox - len(self._inbox)

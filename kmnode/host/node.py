@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from attest.errors import AttestationError
+from consensus.deadlines import Deadlines
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
@@ -63,6 +64,11 @@ from kmnode.km.machine import KMStateMachine
 from kmnode.km.state import encode_command
 
 log = logging.getLogger(__name__)
+
+
+class _ReleaseWaitTimedOut(Exception):
+    """A release wait ran out of time (``wait_release`` returns False)."""
+
 
 JOIN_TIMEOUT = 15.0
 
@@ -129,6 +135,8 @@ class KMNode:
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
         self._release_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: Timeouts of release waits (one timer for all: see ``consensus.deadlines``).
+        self._deadlines = Deadlines()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- views used by the transport and the API ---------------------------------------------
@@ -221,6 +229,7 @@ class KMNode:
             await self.driver.stop()
         await self.service.stop()
         await self.events.stop()
+        self._deadlines.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -252,14 +261,14 @@ class KMNode:
         """
         if self.release_done(release_id):
             return True
+        if timeout <= 0:
+            return False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._release_waiters.setdefault(release_id, []).append(future)
+        self._deadlines.watch(future, timeout, _ReleaseWaitTimedOut)
         try:
-            # asyncio.timeout, not wait_for: one timer instead of a timer, a callback and an
-            # inner future per call (a few per release, on the leader's busy loop).
-            async with asyncio.timeout(timeout):
-                await future
-        except TimeoutError:
+            await future
+        except _ReleaseWaitTimedOut:
             waiters = self._release_waiters.get(release_id, [])
             if future in waiters:
                 waiters.remove(future)

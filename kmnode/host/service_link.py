@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from consensus.deadlines import Deadlines
 from kmnode.host.faults import RingStall
 from kmnode.ring import AsyncReader, RingClosed, RingError
 from kmnode.ring import Ring as SharedRing
@@ -29,6 +30,10 @@ REQUEST_TIMEOUT = 10.0
 
 class ServiceUnavailable(Exception):
     """The service enclave is not running or did not answer."""
+
+
+def _no_answer() -> TimeoutError:
+    return TimeoutError(f"no reply within {REQUEST_TIMEOUT}s")
 
 
 class ServiceLink:
@@ -57,6 +62,8 @@ class ServiceLink:
         self._outbox: list[tuple[int, bytes]] = []
         self._outbox_proc: asyncio.subprocess.Process | None = None
         self._started = asyncio.Event()
+        #: Request timeouts (one timer for all: see ``consensus.deadlines``).
+        self._deadlines = Deadlines()
         self.measurement = ""
         self.outputs = 0
         self.restarts = 0
@@ -143,8 +150,8 @@ class ServiceLink:
         try:
             line = json.dumps({**request, "id": request_id}).encode() + b"\n"
             self._queue_line(proc, request_id, line)
-            async with asyncio.timeout(REQUEST_TIMEOUT):  # cheaper than wait_for
-                reply = await future
+            self._deadlines.watch(future, REQUEST_TIMEOUT, _no_answer)
+            reply = await future
         except (OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"service enclave did not answer: {exc!r}") from None
         finally:
@@ -233,3 +240,4 @@ class ServiceLink:
                 await self._drain_task
         if self._ring is not None:
             self._ring.close()  # the creator's close also unlinks the name
+        self._deadlines.close()
