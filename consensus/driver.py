@@ -108,7 +108,9 @@ class RaftDriver:
     taken now, serialised later in a thread); otherwise ``snapshot()`` runs on the loop and only
     the writing happens in the thread. ``persist_in_thread``: None (default) persists in a
     thread when the log fsyncs, unless recent fsyncs were fast (``INLINE_FSYNC_S``); True
-    always in the thread; False always inline.
+    always in the thread; False always inline. ``on_append`` sees entries as they are written
+    to the log, before they are durable or committed: hints for work worth starting early
+    (they may still be replaced), never a reason to act on their content.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class RaftDriver:
         snapshot_every: int = 10_000,
         max_inbox: int = 100_000,
         persist_in_thread: bool | None = None,
+        on_append: Callable[[tuple[Entry, ...]], None] | None = None,
     ) -> None:
         state = log.initial_state
         snap = state.snapshot
@@ -171,6 +174,7 @@ class RaftDriver:
         hs0 = state.hard_state
         self._durable_term_vote = (hs0.term, hs0.vote)
         self._persist_in_thread = log.fsync if persist_in_thread is None else persist_in_thread
+        self._on_append = on_append
         #: Moving average of the time a synced persist took; starts pessimistic (the thread),
         #: and persists in the thread keep measuring, so a disk that speeds up is noticed.
         self.fsync_avg_s = 0.01
@@ -433,6 +437,8 @@ class RaftDriver:
             leading = self._was_leader and core.role == Role.LEADER
             if leading:
                 self._send(rd)
+            if rd.entries and self._on_append is not None:
+                self._on_append(rd.entries)
             if rd.must_sync:
                 if self._needs_fsync(rd):
                     self.stats.fsync_batches += 1

@@ -185,6 +185,9 @@ class OperatorApi:
                 "service": {
                     "running": node.service.running,
                     "measurement": node.service.measurement,
+                    # Challenged while a release to it was still being committed (the key
+                    # itself only ever follows the commit).
+                    "early_attestations": dataclasses.asdict(node.early_attestations),
                 },
                 "mqtt": {"published": stats.published, "dropped": stats.dropped},
                 # Peer-link counters since start: drops, refusals and reconnects explain a

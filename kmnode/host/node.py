@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -58,12 +59,49 @@ from kmnode.host.peer_wire import (
     initiate,
 )
 from kmnode.host.service_link import ServiceLink, ServiceUnavailable
-from kmnode.km.enclave import KMEnclave
+from kmnode.km.enclave import KMEnclave, ProvisionResult
 from kmnode.km.loader import load_km_enclave
 from kmnode.km.machine import KMStateMachine
-from kmnode.km.state import encode_command
+from kmnode.km.state import Release, encode_command
 
 log = logging.getLogger(__name__)
+#: Marks a release request in a command's canonical JSON (``encode_command``).
+_RELEASE_REQUEST = b'"op":"release.request"'
+#: Early local attestations kept for releases that have not committed (see ``_on_append``).
+MAX_EARLY_ATTESTATIONS = 1024
+#: Forwarded commands per proposal message, in bytes: far below the 8 MiB peer frame limit.
+FORWARD_BATCH_BYTES = 1 << 20
+
+
+def split_by_size(entries: list[Entry], limit: int) -> list[tuple[Entry, ...]]:
+    """Consecutive runs of ``entries``, in order, each holding at most ``limit`` bytes of data
+    (an entry larger than ``limit`` travels alone)."""
+    batches: list[tuple[Entry, ...]] = []
+    start, size = 0, 0
+    for i, entry in enumerate(entries):
+        if i > start and size + len(entry.data) > limit:
+            batches.append(tuple(entries[start:i]))
+            start, size = i, 0
+        size += len(entry.data)
+    if start < len(entries):
+        batches.append(tuple(entries[start:]))
+    return batches
+
+
+@dataclasses.dataclass
+class EarlyAttestations:
+    """Service attestations started when a release to this node entered the log (before it
+    committed), and how many of them a committed release went on to use."""
+
+    started: int = 0
+    used: int = 0
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    """Mark a background future's failure as seen: an early attestation nobody ends up
+    using must not be reported as an exception that was never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _ReleaseWaitTimedOut(Exception):
@@ -135,6 +173,13 @@ class KMNode:
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
         self._release_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: Local attestations started for releases to this node not yet committed (``_on_append``).
+        self._early_attestations: dict[str, asyncio.Task[tuple[bytes, bytes]]] = {}
+        #: Local attestations started before their release committed, and those used.
+        self.early_attestations = EarlyAttestations()
+        self._name_json = json.dumps({"node": self.name}, separators=(",", ":"))[1:-1].encode()
+        #: Commands to forward to the leader at the end of this turn (``_forward_to_leader``).
+        self._forwarding: dict[str, list[Entry]] = {}
         #: Timeouts of release waits (one timer for all: see ``consensus.deadlines``).
         self._deadlines = Deadlines()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -199,6 +244,7 @@ class KMNode:
             self.transport,
             self.machine,
             tick_interval=raft.tick_ms / 1000,
+            on_append=self._on_append,
         )
         self.events.start()
         # The service enclave (a child process: imports, platform load) starts while Raft
@@ -231,10 +277,12 @@ class KMNode:
         await self.events.stop()
         self._deadlines.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of this node (cancelled by ``stop``)."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- applying and waiting ---------------------------------------------------------------
 
@@ -305,16 +353,24 @@ class KMNode:
                 with contextlib.suppress(RaftError):
                     await driver.propose(command, timeout=min(remaining, 5.0))
             elif driver.leader:
-                self.transport.send(
-                    Message(
-                        MessageType.PROPOSE,
-                        to=driver.leader,
-                        frm=self.name,
-                        entries=(Entry(0, 0, EntryType.NORMAL, command),),
-                    )
-                )
+                self._forward_to_leader(driver.leader, command)
             await self.wait_release(release_id, min(max(remaining, 0.0), 1.0))
         return done()
+
+    def _forward_to_leader(self, leader: str, command: bytes) -> None:
+        """Queue ``command`` for ``leader``: the commands of one event-loop turn (the outcomes
+        of a whole applied batch, under load) leave as one proposal message, not one each."""
+        if not self._forwarding:
+            asyncio.get_running_loop().call_soon(self._send_forwarded)
+        self._forwarding.setdefault(leader, []).append(Entry(0, 0, EntryType.NORMAL, command))
+
+    def _send_forwarded(self) -> None:
+        batches, self._forwarding = self._forwarding, {}
+        for leader, entries in batches.items():
+            for batch in split_by_size(entries, FORWARD_BATCH_BYTES):
+                self.transport.send(
+                    Message(MessageType.PROPOSE, to=leader, frm=self.name, entries=batch)
+                )
 
     # --- genesis, join, ledger ----------------------------------------------------------------
 
@@ -486,26 +542,80 @@ class KMNode:
 
     # --- releases ---------------------------------------------------------------------------
 
+    def _on_append(self, entries: tuple[Entry, ...]) -> None:
+        """Start attesting our service enclave as soon as a release to this node is in the log.
+
+        The challenge and its answer then travel while the request is still being committed
+        (a pipe round trip off every release's latency). Nothing is decided on it: the report
+        is checked, against the policy of that moment, and the key provisioned, only once the
+        release is committed (``_provision``). An entry that is replaced before it commits
+        leaves an unused challenge behind, which expires.
+        """
+        for entry in entries:
+            data = entry.data
+            if _RELEASE_REQUEST not in data or self._name_json not in data:
+                continue
+            try:
+                command = json.loads(data)
+            except ValueError:
+                continue
+            if command.get("node") != self.name:
+                continue
+            release_id = f"r{entry.index}"
+            early = self._early_attestations
+            if release_id in early:  # the same entry sent again (or replaced): one will do
+                continue
+            attestation = self._spawn(self._attest_service())
+            self.early_attestations.started += 1
+            attestation.add_done_callback(_consume_outcome)
+            early[release_id] = attestation
+            if len(early) > MAX_EARLY_ATTESTATIONS:
+                early.pop(next(iter(early))).cancel()
+
+    async def _attest_service(self) -> tuple[bytes, bytes]:
+        """One local-attestation exchange with our service enclave: (challenge, response)."""
+        challenge = self.enclave.new_challenge()
+        reply = await self.service.request(
+            {
+                "op": "challenge",
+                "km_measurement": self.enclave.context.identity.measurement.hex(),
+                "challenge": challenge.hex(),
+            }
+        )
+        return challenge, bytes.fromhex(reply["response"])
+
+    async def _provision_to_service(self, release: Release) -> ProvisionResult:
+        """Check the attestation and hand the key over. An answer obtained while the release
+        was being committed is used first; if the enclave that gave it is gone by now (the key
+        cannot be delivered to it), once more with a fresh challenge."""
+        early = self._early_attestations.pop(release.id, None)
+        for attempt in (early, None) if early is not None else (None,):
+            try:
+                source = attempt if attempt is not None else self._attest_service()
+                challenge, response = await source
+                if attempt is not None:
+                    self.early_attestations.used += 1
+                outcome = self.enclave.provision(
+                    release.key, release.generation, challenge, response
+                )
+                if outcome.ok:
+                    await self.service.request(
+                        {"op": "key", "ciphertext": outcome.ciphertext.hex()}
+                    )
+                return outcome
+            except ServiceUnavailable:
+                if attempt is None:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def _provision(self, release_id: str) -> None:
         """Local attestation of our service enclave, key provisioning, then the audit record."""
         state = self.enclave.state
         release = state.releases.get(release_id)
         if release is None or release.status != "requested":
             return
-        challenge = self.enclave.new_challenge()
         try:
-            reply = await self.service.request(
-                {
-                    "op": "challenge",
-                    "km_measurement": self.enclave.context.identity.measurement.hex(),
-                    "challenge": challenge.hex(),
-                }
-            )
-            outcome = self.enclave.provision(
-                release.key, release.generation, challenge, bytes.fromhex(reply["response"])
-            )
-            if outcome.ok:
-                await self.service.request({"op": "key", "ciphertext": outcome.ciphertext.hex()})
+            outcome = await self._provision_to_service(release)
             status, reason = ("provisioned", "") if outcome.ok else ("refused", outcome.reason)
             measurement = outcome.service_measurement
         except ServiceUnavailable as exc:

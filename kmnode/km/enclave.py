@@ -26,6 +26,8 @@ from attest.sealing import seal, unseal
 from kmnode.km.state import KMState
 
 SECRET_SIZE = 32
+#: Outstanding local-attestation challenges kept (each is good for one provisioning).
+MAX_OPEN_CHALLENGES = 4096
 _SEALED_VERSION = 1
 
 
@@ -61,7 +63,8 @@ class KMEnclave:
         self._master_secret: bytes | None = None
         self._signing_key = SigningKey(nacl.utils.random(SECRET_SIZE))
         self._sessions: dict[int, Initiator | Responder] = {}
-        self._challenges: set[bytes] = set()
+        #: Challenges issued and not yet used, oldest first (a dict as an ordered set).
+        self._challenges: dict[bytes, None] = {}
         #: Provisioning boxes to service enclaves (see ``attest.keybox``).
         self._boxes = KeyBoxes()
         self._next_session = 0
@@ -211,7 +214,10 @@ class KMEnclave:
     def new_challenge(self) -> bytes:
         """A fresh local-attestation challenge; only challenges issued here are accepted."""
         challenge = local.new_challenge()
-        self._challenges.add(challenge)
+        self._challenges[challenge] = None
+        if len(self._challenges) > MAX_OPEN_CHALLENGES:
+            # Answers that never came, or releases that never committed: forget the oldest.
+            del self._challenges[next(iter(self._challenges))]
         return challenge
 
     def provision(
@@ -225,7 +231,7 @@ class KMEnclave:
         """
         if challenge not in self._challenges:
             return ProvisionResult(False, "challenge was not issued by this enclave", "", b"")
-        self._challenges.discard(challenge)
+        del self._challenges[challenge]
         try:
             attested = local.verify_response(self.context, challenge, response, self.state.policy)
         except AttestationError as exc:

@@ -161,6 +161,42 @@ def test_service_enclave_with_wrong_measurement_gets_nothing(cluster: LocalClust
     cluster.wait_ready(victim)
 
 
+def test_a_release_that_has_not_committed_never_reaches_the_service_enclave(
+    cluster: LocalCluster,
+) -> None:
+    """The target attests its service enclave as soon as the request is in its log, to save a
+    round trip; the key itself must wait for the commit. Here the commit is held off (one
+    follower down, the target's acknowledgements dropped), then allowed."""
+    leader = cluster.leader()
+    target, other = [n for n in cluster.names if n != leader]
+    code, _ = cluster.leader_call("POST", "/v1/keys", {"name": "held"})
+    assert code == 201
+    started = cluster.status(target)["service"]["early_attestations"]["started"]  # type: ignore[index]
+    cluster.stop(other)
+    code, _ = cluster.api(target, "POST", "/v1/chaos/rules", {"peer": leader, "partition": True})
+    assert code == 200
+    code, reply = cluster.api(leader, "POST", "/v1/keys/held/release", {"node": target})
+    assert code in (503, 504), reply  # not committed: no quorum hears about it
+    status = cluster.status(target)
+    assert status is not None and status["service"]["early_attestations"]["started"] > started
+    prove = {"key": "held", "generation": 1, "challenge": "00"}
+    code, proof = cluster.api(target, "POST", "/v1/service/prove", prove)
+    assert code == 409 and "no key" in proof["error"]
+
+    cluster.api(target, "POST", "/v1/chaos/heal", {})
+    cluster.start(other)
+    for name in cluster.names:
+        cluster.wait_ready(name)
+    # Two of three logs hold the request, so the next leader commits it and it is provisioned.
+    until(
+        lambda: cluster.api(target, "POST", "/v1/service/prove", prove)[0] == 200,
+        30,
+        "the key to follow the commit",
+    )
+    code, releases = cluster.api(target, "GET", "/v1/releases?key=held")
+    assert [r["status"] for r in releases["releases"]] == ["provisioned"]
+
+
 def test_leader_killed_during_releases_loses_no_committed_release(cluster: LocalCluster) -> None:
     code, _ = cluster.leader_call("POST", "/v1/keys", {"name": "stream"})
     assert code == 201
