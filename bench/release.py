@@ -58,7 +58,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.machine import cpu_model
+from bench.machine import cpu_model, cpu_probe_ms
 from kmnode import supervisor
 from kmnode.config import ClusterConfig, NodeSpec
 
@@ -595,13 +595,14 @@ def run_release_phase(
     with running_cluster(root, 3, fsync, command, settings.keep) as (cfg, _timing):
         leader = find_leader(cfg)
         # The VM's disk latency drifts (0.1 to 4 ms seen): probe it right before and after.
-        disk_before = fsync_floor_ms(cfg.state_dir)
+        disk_before, cpu_before = fsync_floor_ms(cfg.state_dir), cpu_probe_ms()
         latency = asyncio.run(measure_latency(cfg, leader, settings.latency_count))
-        disk_after = fsync_floor_ms(cfg.state_dir)
+        disk_after, cpu_after = fsync_floor_ms(cfg.state_dir), cpu_probe_ms()
         print(
             f"  fsync={fsync!s:5}  one at a time: p50 {latency.p50_ms:6.2f} ms  "
             f"p99 {latency.p99_ms:6.2f} ms  (n={latency.count}, failures {latency.failures}); "
-            f"fdatasync p50 {disk_before:.2f} ms before, {disk_after:.2f} ms after",
+            f"fdatasync p50 {disk_before:.2f} ms before, {disk_after:.2f} ms after; "
+            f"cpu probe {cpu_before:.1f} / {cpu_after:.1f} ms",
             flush=True,
         )
         loads = []
@@ -634,6 +635,7 @@ def run_release_phase(
         "leader": leader.name,
         "latency": latency.__dict__,
         "fdatasync_ms_before_after": [disk_before, disk_after],
+        "cpu_probe_ms_before_after": [cpu_before, cpu_after],
         "throughput": [r.__dict__ for r in loads],
     }
 
