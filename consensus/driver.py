@@ -109,8 +109,8 @@ class RaftDriver:
     the writing happens in the thread. ``persist_in_thread``: None (default) persists in a
     thread when the log fsyncs, unless recent fsyncs were fast (``INLINE_FSYNC_S``); True
     always in the thread; False always inline. ``on_append`` sees entries as they are written
-    to the log, before they are durable or committed: hints for work worth starting early
-    (they may still be replaced), never a reason to act on their content.
+    to the log, before they are durable, if they are not yet known to be committed: hints for
+    work worth starting early (they may still be replaced), never a reason to act on them.
     """
 
     def __init__(
@@ -437,8 +437,10 @@ class RaftDriver:
             leading = self._was_leader and core.role == Role.LEADER
             if leading:
                 self._send(rd)
-            if rd.entries and self._on_append is not None:
-                self._on_append(rd.entries)
+            if self._on_append is not None and rd.entries:
+                commit = core.log.commit
+                if rd.entries[-1].index > commit:  # a follower catching up has none of these
+                    self._on_append(tuple(e for e in rd.entries if e.index > commit))
             if rd.must_sync:
                 if self._needs_fsync(rd):
                     self.stats.fsync_batches += 1

@@ -10,7 +10,7 @@ from consensus.deadlines import Deadlines
 
 
 class Expired(Exception):
-    pass
+    """The error a watched future gets when its time is up."""
 
 
 async def test_a_future_not_done_in_time_fails_with_its_error() -> None:

@@ -67,10 +67,13 @@ class Cluster:
         self.snapshot_every = snapshot_every
         self.drivers: dict[str, RaftDriver] = {}
         self.machines: dict[str, ListMachine] = {}
+        #: Indexes each node's ``on_append`` hook was shown (since its last start).
+        self.appended: dict[str, list[int]] = {}
 
     async def start(self, name: str, peers: tuple[str, ...] = NAMES) -> RaftDriver:
         transport = TcpTransport(name)
         sm = ListMachine()
+        appended = self.appended[name] = []
         driver = RaftDriver(
             RaftConfig(id=name, peers=peers),
             DurableLog.open(self.root / name, fsync=True),
@@ -79,6 +82,7 @@ class Cluster:
             tick_interval=0.02,
             rng=random.Random(hash(name) + len(self.drivers)),
             snapshot_every=self.snapshot_every,
+            on_append=lambda entries: appended.extend(e.index for e in entries),
         )
         await driver.start()
         self.drivers[name] = driver
@@ -179,6 +183,25 @@ async def test_leader_appends_leave_before_its_fsync_and_acks_after_the_follower
     for name, seen in events.items():
         if name != leader.id:
             assert seen.index(("durable", index)) < seen.index(("APPEND_RESP", index))
+
+
+async def test_append_hook_sees_new_entries_but_not_a_catch_up_of_committed_ones(
+    cluster: Cluster,
+) -> None:
+    leader = await cluster.leader()
+    follower, lagging = [n for n in NAMES if n != leader.id]
+    await cluster.stop(lagging)
+    await asyncio.gather(*(leader.propose(b"while %d was down" % i) for i in range(20)))
+    missed = set(range(leader.applied_index - 19, leader.applied_index + 1))
+    assert missed <= set(cluster.appended[leader.id])
+    assert missed <= set(cluster.appended[follower])  # not committed when it got them
+    restarted = await cluster.start(lagging)
+    await until(lambda: restarted.applied_index >= max(missed), 10, "catch-up")
+    await leader.propose(b"after")
+    index = leader.applied_index
+    await until(lambda: restarted.applied_index >= index, 10, "the new entry")
+    assert index in cluster.appended[lagging]
+    assert not missed & set(cluster.appended[lagging])  # already committed on arrival
 
 
 async def test_not_leader_carries_hint(cluster: Cluster) -> None:
