@@ -199,8 +199,8 @@ class AttestedTransport(Transport):
         self._enqueue(msg)
 
     def _enqueue(self, msg: Message) -> None:
-        """Seal ``msg`` and write it; sealing happens here, in write order, so a delayed
-        message takes the channel counter of the moment it is really sent."""
+        """Seal ``msg`` and buffer it for this turn's ``flush``; sealing happens here, in write
+        order, so a delayed message takes the channel counter of the moment it is really sent."""
         if self._stopping:
             return
         peer = self._peers.get(msg.to)
