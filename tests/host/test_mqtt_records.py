@@ -9,7 +9,9 @@ as if it had been published alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,18 @@ def compact(value: dict[str, object]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
+@contextlib.asynccontextmanager
+async def watched_publisher(
+    broker: BrokerUnderTest,
+) -> AsyncIterator[tuple[Subscriber, EventPublisher]]:
+    """km1's publisher, and a subscriber to everything it publishes (subscribed first)."""
+    async with (
+        Subscriber(broker.port, ALL_KM1) as sub,
+        EventPublisher("127.0.0.1", broker.port, cluster="demo", node="km1") as pub,
+    ):
+        yield sub, pub
+
+
 def unpacked(messages: list[tuple[str, bytes]], topic: str) -> list[bytes]:
     return [r for t, p in messages if t == topic for r in unpack_records(p)]
 
@@ -38,10 +52,7 @@ def unpacked(messages: list[tuple[str, bytes]], topic: str) -> list[bytes]:
 async def test_records_published_together_share_a_message_and_unpack_to_the_same_records(
     broker: BrokerUnderTest,
 ) -> None:
-    async with (
-        Subscriber(broker.port, ALL_KM1) as sub,
-        EventPublisher("127.0.0.1", broker.port, cluster="demo", node="km1") as pub,
-    ):
+    async with watched_publisher(broker) as (sub, pub):
         for i in range(50):
             pub.publish_record(TopicKind.AUDIT, record(i))
         await eventually(lambda: pub.stats().published == 50, "50 records acknowledged")
@@ -52,10 +63,7 @@ async def test_records_published_together_share_a_message_and_unpack_to_the_same
 
 
 async def test_a_lone_record_is_sent_exactly_as_publish_sends_it(broker: BrokerUnderTest) -> None:
-    async with (
-        Subscriber(broker.port, ALL_KM1) as sub,
-        EventPublisher("127.0.0.1", broker.port, cluster="demo", node="km1") as pub,
-    ):
+    async with watched_publisher(broker) as (sub, pub):
         pub.publish_record(TopicKind.AUDIT, record(1))
         await sub.wait_for(1)
     assert sub.messages == [(AUDIT, compact(record(1)))]
@@ -64,10 +72,7 @@ async def test_a_lone_record_is_sent_exactly_as_publish_sends_it(broker: BrokerU
 async def test_records_never_cross_a_plain_message_or_another_topic(
     broker: BrokerUnderTest,
 ) -> None:
-    async with (
-        Subscriber(broker.port, ALL_KM1) as sub,
-        EventPublisher("127.0.0.1", broker.port, cluster="demo", node="km1") as pub,
-    ):
+    async with watched_publisher(broker) as (sub, pub):
         pub.publish_record(TopicKind.AUDIT, record(0))
         pub.publish_record(TopicKind.AUDIT, record(1))
         pub.publish(TopicKind.AUDIT, {"plain": 2})
