@@ -197,7 +197,11 @@ async def test_append_hook_sees_new_entries_but_not_a_catch_up_of_committed_ones
     assert missed <= set(cluster.appended[follower])  # not committed when it got them
     restarted = await cluster.start(lagging)
     await until(lambda: restarted.applied_index >= max(missed), 10, "catch-up")
-    await leader.propose(b"after")
+    # With the other follower down, the new entry cannot commit before the restarted node has
+    # it, so it reaches that node uncommitted and the hook must show it. (With both followers
+    # up, the leader may commit it first and the restarted node rightly skips it.)
+    await cluster.stop(follower)
+    await leader.propose(b"after", timeout=10)
     index = leader.applied_index
     await until(lambda: restarted.applied_index >= index, 10, "the new entry")
     assert index in cluster.appended[lagging]
