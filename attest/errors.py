@@ -81,6 +81,14 @@ class UnknownPeer(HandshakeError):
     """The peer names a node that is not in the cluster's membership."""
 
 
+class SelfSession(HandshakeError):
+    """The peer is this very enclave (same name or same platform): a host talking to itself.
+
+    Such a channel would let the host drive both ends of an "attested" session, so it is
+    refused whatever the directory says.
+    """
+
+
 # --- channel ----------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from attest.errors import (
     HandshakeReplay,
     PeerIdentityMismatch,
     ReportDataMismatch,
+    SelfSession,
     UnexpectedHandshakeMessage,
     UnknownPeer,
 )
@@ -139,6 +140,11 @@ class _Party:
             raise HandshakeReplay(
                 f"{peer_name}'s quote does not bind this session (replayed or forged)"
             ) from exc
+        own = self._config
+        if peer_name == own.name or verified.platform_id == own.enclave.platform_id:
+            raise SelfSession(
+                f"peer {peer_name!r} on platform {verified.platform_id!r} is this enclave itself"
+            )
         expected_platform = self._config.directory.get(peer_name)
         if expected_platform is not None and verified.platform_id != expected_platform:
             raise PeerIdentityMismatch(
@@ -153,6 +159,8 @@ class Initiator(_Party):
 
     def __init__(self, config: HandshakeConfig, policy: Policy, peer_name: str) -> None:
         super().__init__(config, policy, _State.START)
+        if peer_name == config.name:
+            raise SelfSession(f"{peer_name!r} is this enclave itself")
         if peer_name not in config.directory:
             raise UnknownPeer(f"{peer_name!r} is not a known member")
         self._peer_name = peer_name
@@ -222,6 +230,8 @@ class Responder(_Party):
         name = wire.text(name_raw, "initiator name")
         wire.fixed(nonce, NONCE_SIZE, "initiator nonce")
         wire.fixed(ephemeral, KEY_SIZE, "initiator ephemeral key")
+        if name == self._config.name:
+            raise SelfSession(f"{name!r} is this enclave itself")
         if name not in self._config.directory and not self._config.accept_unknown_peers:
             raise UnknownPeer(f"{name!r} is not a known member")
         own_name = self._config.name.encode("utf-8")

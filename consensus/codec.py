@@ -77,6 +77,26 @@ def encode_message(msg: Message) -> bytes:
     return out
 
 
+#: Most bytes msgpack spends around one entry (array header, three ints, a bin header), and
+#: around a message's fixed fields (array header, nine ints or bools, three str/bin headers).
+_ENTRY_OVERHEAD = 1 + 3 * 9 + 5
+_MESSAGE_OVERHEAD = 1 + 9 * 9 + 3 * 5 + 16
+
+
+def message_size(msg: Message) -> int:
+    """An upper bound on ``len(encode_message(msg))``, without encoding it: lets a sender
+    refuse a message that will not fit before anything (a channel counter) is spent on it."""
+    size = _MESSAGE_OVERHEAD + len(msg.to) * 4 + len(msg.frm) * 4 + len(msg.context)
+    for entry in msg.entries:
+        size += _ENTRY_OVERHEAD + len(entry.data)
+    snap = msg.snapshot
+    if snap is not None:
+        conf = snap.meta.conf
+        names = sum(len(n) * 4 + 5 for n in (*conf.voters, *conf.learners))
+        size += 1 + 2 * 9 + 2 * 5 + names + 5 + len(snap.data)
+    return size
+
+
 def _int(value: object, name: str) -> int:
     if type(value) is not int or not 0 <= value < _U63:
         raise CodecError(f"{name} must be an integer in [0, 2^63), got {value!r:.40}")

@@ -19,7 +19,6 @@ from aiohttp import web
 from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.quote import CheckLog
-from attest.quote import report_data_for as _report_data_for
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.faults import service_pid
@@ -237,8 +236,7 @@ class OperatorApi:
         """A fresh quote of this node's KM enclave, verified against the replicated policy."""
         enclave = self.node.enclave
         now = time.time()
-        binding = _report_data_for(b"kmctl-attest-show", self.node.name.encode())
-        quote = enclave.context.quote(binding, now)
+        binding, quote = enclave.show_quote(now)
         log = CheckLog()
         error = None
         try:
@@ -247,11 +245,11 @@ class OperatorApi:
             )
         except AttestationError as exc:
             error = f"{type(exc).__name__}: {exc}"
-        identity = enclave.context.identity
+        identity = enclave.identity
         return _json(
             {
                 "node": self.node.name,
-                "platform_id": enclave.context.platform_id,
+                "platform_id": enclave.platform_id,
                 "quote": quote.hex(),
                 "identity": {
                     "measurement": identity.measurement.hex(),

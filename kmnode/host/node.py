@@ -59,7 +59,13 @@ from kmnode.host.peer_wire import (
     initiate,
 )
 from kmnode.host.service_link import ServiceLink, ServiceUnavailable
-from kmnode.km.enclave import KMEnclave, ProvisionResult
+from kmnode.km.enclave import (
+    EnclaveStateError,
+    JoinReply,
+    JoinRequest,
+    KMEnclave,
+    ProvisionResult,
+)
 from kmnode.km.loader import load_km_enclave
 from kmnode.km.machine import KMStateMachine
 from kmnode.km.state import Release, encode_command
@@ -69,6 +75,8 @@ log = logging.getLogger(__name__)
 _RELEASE_REQUEST = b'"op":"release.request"'
 #: Early local attestations kept for releases that have not committed (see ``_on_append``).
 MAX_EARLY_ATTESTATIONS = 1024
+#: Largest join request or reply frame read from a peer.
+MAX_JOIN_FRAME = 64 * 1024
 #: Forwarded commands per proposal message, in bytes: far below the 8 MiB peer frame limit.
 FORWARD_BATCH_BYTES = 1 << 20
 
@@ -156,7 +164,6 @@ class KMNode:
         self.transport = AttestedTransport(
             name,
             self.enclave,
-            directory=self.directory,
             addresses=self.addresses,
             host=self.spec.host,
             port=self.spec.peer_port,
@@ -185,12 +192,6 @@ class KMNode:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- views used by the transport and the API ---------------------------------------------
-
-    def directory(self) -> dict[str, str]:
-        """Node name -> platform id: the replicated members, over cluster.yaml's nodes."""
-        names = {n.name: n.platform.id for n in self.config.nodes}
-        names.update(self.enclave.directory())
-        return names
 
     def addresses(self) -> dict[str, Address]:
         members = self.enclave.state.members
@@ -246,6 +247,9 @@ class KMNode:
             tick_interval=raft.tick_ms / 1000,
             on_append=self._on_append,
         )
+        if self.enclave.binding_error:  # the snapshot just restored names another cluster
+            raft_log.close()
+            raise NodeStartError(self.enclave.binding_error)
         self.events.start()
         # The service enclave (a child process: imports, platform load) starts while Raft
         # starts and the join runs; requests to it wait until it is up.
@@ -288,6 +292,8 @@ class KMNode:
 
     def _on_apply(self, index: int, result: dict[str, Any]) -> None:
         if result.get("ok"):
+            if "cluster" in result:
+                self._check_binding()
             if "member" in result or "cluster" in result:
                 self.transport.refresh_peers()
             if result.get("node") == self.name and "generation" in result and "release" in result:
@@ -296,6 +302,20 @@ class KMNode:
             for future in self._release_waiters.pop(str(result["release"]), []):
                 if not future.done():
                     future.set_result(None)
+
+    def _check_binding(self) -> None:
+        """Stop if the ledger belongs to another cluster than the sealed state; store the
+        sealed state again once it has learnt the genesis hash it is bound to."""
+        enclave = self.enclave
+        if enclave.binding_error:
+            if not self.stop_requested.is_set():
+                log.error("%s: %s; the node stops", self.name, enclave.binding_error)
+                self._publish_event("node.binding_refused", reason=enclave.binding_error)
+                self.exit_code = 1
+                self.stop_requested.set()
+            return
+        if enclave.sealed_dirty and enclave.has_master_secret:
+            _write_atomic(self.data_dir / SEALED_STATE, enclave.sealed_state())
 
     def release_done(self, release_id: str) -> bool:
         release = self.enclave.state.releases.get(release_id)
@@ -392,6 +412,7 @@ class KMNode:
                 command = encode_command(
                     "cluster.init",
                     cluster=self.config.cluster,
+                    cluster_id=self.enclave.cluster_id,
                     policy=self.enclave.state.policy.to_dict(),
                     member=self.member_record(),
                 )
@@ -429,6 +450,7 @@ class KMNode:
                     return
                 if answer is None:
                     self.joined.set()
+                    self.enclave.check_binding()  # the log may have arrived before the secret
                     _write_atomic(self.data_dir / SEALED_STATE, self.enclave.sealed_state())
                     self._publish_event("node.joined", via=node.name)
                     return
@@ -441,21 +463,23 @@ class KMNode:
         """One join attempt; returns None when admitted, else the leader hint to retry with."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 2.0)
         try:
-            session = await initiate(self.enclave, reader, writer, JOIN, peer, self.directory())
+            session = await initiate(self.enclave, reader, writer, JOIN, peer)
             try:
-                request = json.dumps(self.member_record()).encode()
-                writer.write(encode_frame(CHANNEL, self.enclave.seal_frame(session, request)))
+                spec = self.spec
+                request = self.enclave.join_request(
+                    session, spec.host, spec.peer_port, spec.api_port
+                )
+                writer.write(encode_frame(CHANNEL, request))
                 async with asyncio.timeout(JOIN_TIMEOUT):
-                    reply = json.loads(
-                        self.enclave.open_frame(session, await expect(reader, CHANNEL, 1 << 20))
-                    )
-                    status = reply.get("status")
-                    if status in ("redirect", "busy"):
-                        return str(reply.get("leader") or "")
-                    if status != "admitted":
-                        raise JoinRefused(str(reply.get("reason", reply)))
-                    secret_frame = await expect(reader, CHANNEL, 1 << 20)
-                    self.enclave.receive_master_secret(session, secret_frame)
+                    frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
+                    try:
+                        reply = self.enclave.open_join_reply(session, frame)
+                    except EnclaveStateError as exc:
+                        raise PeerProtocolError(f"join reply refused: {exc}") from exc
+                if reply.status in ("redirect", "busy"):
+                    return reply.leader
+                if reply.status != "admitted":
+                    raise JoinRefused(reply.reason or reply.status)
                 return None
             finally:
                 self.enclave.close_session(session)
@@ -466,49 +490,50 @@ class KMNode:
         self, session: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Member side of a join: the joiner's quote already passed the replicated policy."""
-        peer_name, platform_id = self.enclave.session_peer(session)
         try:
             async with asyncio.timeout(JOIN_TIMEOUT):
-                request = json.loads(
-                    self.enclave.open_frame(session, await expect(reader, CHANNEL, 1 << 20))
-                )
-                reply = await self._admit(peer_name, platform_id, request)
-                writer.write(
-                    encode_frame(
-                        CHANNEL, self.enclave.seal_frame(session, json.dumps(reply).encode())
+                frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
+                try:
+                    request = self.enclave.open_join_request(session, frame)
+                except EnclaveStateError as exc:
+                    raise PeerProtocolError(f"join request refused: {exc}") from exc
+                reply = await self._admit(request)
+                try:
+                    sealed = self.enclave.join_reply(session, reply)
+                except EnclaveStateError as exc:
+                    # The enclave did not find the admission it needs in its own state (it
+                    # changed meanwhile): the joiner asks again.
+                    sealed = self.enclave.join_reply(session, JoinReply("busy", reason=str(exc)))
+                    reply = JoinReply("busy")
+                writer.write(encode_frame(CHANNEL, sealed))
+                if reply.status == "admitted":
+                    self._publish_event(
+                        "member.admitted", member=request.name, platform=request.platform_id
                     )
-                )
-                if reply["status"] == "admitted":
-                    writer.write(encode_frame(CHANNEL, self.enclave.send_master_secret(session)))
-                    self._publish_event("member.admitted", member=peer_name, platform=platform_id)
                 await writer.drain()
         finally:
             self.enclave.close_session(session)
 
-    async def _admit(
-        self, peer_name: str, platform_id: str, request: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def _admit(self, request: JoinRequest) -> JoinReply:
         driver = self._driver()
         if not driver.is_leader:
-            return {"status": "redirect", "leader": driver.leader}
-        if request.get("name") != peer_name:
-            return {"status": "refused", "reason": "member record names another node"}
-        record = {**request, "platform_id": platform_id}  # the platform is what the quote proved
+            return JoinReply("redirect", leader=driver.leader)
+        peer_name, platform_id = request.name, request.platform_id
         existing = self.enclave.state.members.get(peer_name)
         if existing is None:
-            result = await self.propose(encode_command("member.add", member=record))
+            result = await self.propose(encode_command("member.add", member=request.record()))
             if not result.get("ok"):
-                return {"status": "refused", "reason": result.get("error", "refused")}
+                return JoinReply("refused", reason=str(result.get("error", "refused")))
         elif existing.platform_id != platform_id:
-            return {"status": "refused", "reason": f"{peer_name} is a member on another platform"}
+            return JoinReply("refused", reason=f"{peer_name} is a member on another platform")
         if peer_name not in driver.status.conf.voters:
             try:
                 await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, peer_name))
             except RaftError as exc:
                 # Another membership change is still in flight (joins are single-server
                 # changes, one at a time): the joiner retries shortly.
-                return {"status": "busy", "reason": str(exc)}
-        return {"status": "admitted"}
+                return JoinReply("busy", reason=str(exc))
+        return JoinReply("admitted")
 
     async def _sign_ledger_periodically(self) -> None:
         """The leader's enclave signs the hash chain every ``sign_every_entries`` commands, or
@@ -527,16 +552,7 @@ class KMNode:
             if not driver.is_leader or not state.cluster or not due:
                 continue
             last_attempt = time.monotonic()
-            index, chain = state.applied_index, state.chain_hash
-            public_key, quote = self.enclave.signing_quote(time.time())
-            command = encode_command(
-                "ledger.sign",
-                index=index,
-                chain_hash=chain.hex(),
-                public_key=public_key.hex(),
-                quote=quote.hex(),
-                signature=self.enclave.sign_chain(index, chain).hex(),
-            )
+            command = encode_command("ledger.sign", **self.enclave.ledger_signature(time.time()))
             with contextlib.suppress(RaftError):
                 await driver.propose(command)
 
@@ -578,7 +594,7 @@ class KMNode:
         reply = await self.service.request(
             {
                 "op": "challenge",
-                "km_measurement": self.enclave.context.identity.measurement.hex(),
+                "km_measurement": self.enclave.identity.measurement.hex(),
                 "challenge": challenge.hex(),
             }
         )
@@ -595,9 +611,7 @@ class KMNode:
                 challenge, response = await source
                 if attempt is not None:
                     self.early_attestations.used += 1
-                outcome = self.enclave.provision(
-                    release.key, release.generation, challenge, response
-                )
+                outcome = self.enclave.provision(release.id, challenge, response)
                 if outcome.ok:
                     await self.service.request(
                         {"op": "key", "ciphertext": outcome.ciphertext.hex()}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from attest.errors import AttestationError
-from consensus.codec import CodecError, decode_message, encode_message
+from consensus.codec import message_size
 from consensus.transport import MessageHandler, Transport
 from consensus.types import Message, NodeId
 from kmnode.host.peer_wire import (
@@ -44,6 +44,7 @@ from kmnode.host.peer_wire import (
     respond,
     split_frames,
 )
+from kmnode.km.enclave import FrameRefused
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ class AttestedTransport(Transport):
         node_id: NodeId,
         enclave: EnclaveSessions,
         *,
-        directory: Callable[[], dict[str, str]],
         addresses: Callable[[], dict[NodeId, Address]],
         host: str,
         port: int,
@@ -112,7 +112,6 @@ class AttestedTransport(Transport):
     ) -> None:
         self.node_id = node_id
         self.enclave = enclave
-        self.directory = directory
         self.addresses = addresses
         self.host = host
         self.port = port
@@ -208,14 +207,13 @@ class AttestedTransport(Transport):
         if peer is None or peer.session is None or writer is None or writer.is_closing():
             self.stats.dropped_disconnected += 1
             return
-        plaintext = encode_message(msg)
         unsent = writer.transport.get_write_buffer_size() + peer.unflushed_bytes
-        if unsent + channel_frame_size(len(plaintext)) > self.max_buffer_bytes:
+        if unsent + channel_frame_size(message_size(msg)) > self.max_buffer_bytes:
             # Dropped before sealing: a sealed frame that is never sent would leave a gap in
             # the channel's counters, and the peer would refuse the whole connection.
             self.stats.dropped_full += 1
             return
-        frame = encode_frame(CHANNEL, self.enclave.seal_frame(peer.session, plaintext))
+        frame = encode_frame(CHANNEL, self.enclave.seal_raft(peer.session, msg))
         peer.unflushed.append(frame)
         peer.unflushed_bytes += len(frame)
         self.stats.sent += 1
@@ -249,7 +247,7 @@ class AttestedTransport(Transport):
                 continue
             try:
                 session = await initiate(
-                    self.enclave, reader, writer, RAFT, peer.node, self.directory(), self.max_frame
+                    self.enclave, reader, writer, RAFT, peer.node, self.max_frame
                 )
                 peer.platform_id = self.enclave.session_peer(session)[1]
                 self.stats.handshakes += 1
@@ -296,9 +294,7 @@ class AttestedTransport(Transport):
             kind, hello = await asyncio.wait_for(read_frame(reader, self.max_frame), 5.0)
             if kind not in (RAFT, JOIN) or (kind == JOIN and self.on_join is None):
                 raise PeerProtocolError(f"unexpected first frame {kind!r}")
-            session = await respond(
-                self.enclave, reader, writer, hello, self.directory(), kind == JOIN, self.max_frame
-            )
+            session = await respond(self.enclave, reader, writer, hello, kind, self.max_frame)
             if kind == JOIN:
                 assert self.on_join is not None
                 await self.on_join(session, reader, writer)
@@ -347,11 +343,6 @@ class AttestedTransport(Transport):
         if kind != CHANNEL:
             raise PeerProtocolError(f"expected channel frames, got {kind!r}")
         try:
-            msg = decode_message(self.enclave.open_frame(session, payload))
-        except CodecError as exc:
-            raise PeerProtocolError(f"undecodable message from {peer_name}: {exc}") from exc
-        if msg.frm != peer_name or msg.to != self.node_id:
-            raise PeerProtocolError(
-                f"{peer_name} sent a message claiming {msg.frm!r} -> {msg.to!r}"
-            )
-        return msg
+            return self.enclave.open_raft(session, payload)
+        except FrameRefused as exc:
+            raise PeerProtocolError(str(exc)) from exc

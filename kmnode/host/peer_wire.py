@@ -22,6 +22,8 @@ from typing import Protocol
 
 from attest.channel import FRAME_OVERHEAD
 from attest.errors import AttestationError
+from consensus.types import Message
+from kmnode.km.enclave import Purpose
 
 RAFT = b"R"
 JOIN = b"J"
@@ -43,21 +45,26 @@ class PeerRefused(Exception):
 
 
 class EnclaveSessions(Protocol):
-    """What the host may ask of the KM enclave for peer links (see kmnode.km.enclave)."""
+    """What the host may ask of the KM enclave for peer links (see kmnode.km.enclave): whom
+    to accept is the enclave's own decision, so nothing here passes a directory."""
 
-    def open_initiator(self, peer: str, directory: dict[str, str]) -> tuple[int, bytes]: ...
+    def open_initiator(self, peer: str, purpose: Purpose) -> tuple[int, bytes]: ...
 
-    def open_responder(self, directory: dict[str, str], accept_unknown_peers: bool) -> int: ...
+    def open_responder(self, purpose: Purpose) -> int: ...
 
     def handshake_step(self, session: int, message: bytes, now: float) -> bytes | None: ...
 
     def session_peer(self, session: int) -> tuple[str, str]: ...
 
-    def seal_frame(self, session: int, plaintext: bytes) -> bytes: ...
+    def seal_raft(self, session: int, message: Message) -> bytes: ...
 
-    def open_frame(self, session: int, frame: bytes) -> bytes: ...
+    def open_raft(self, session: int, frame: bytes) -> Message: ...
 
     def close_session(self, session: int) -> None: ...
+
+
+#: The first frame's kind says what the connection is for.
+PURPOSES = {RAFT: Purpose.RAFT, JOIN: Purpose.JOIN}
 
 
 def channel_frame_size(plaintext_size: int) -> int:
@@ -124,11 +131,10 @@ async def initiate(
     writer: asyncio.StreamWriter,
     purpose: bytes,
     peer: str,
-    directory: dict[str, str],
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> int:
     """Run the initiator side; returns the enclave session id of the attested channel."""
-    session, hello = enclave.open_initiator(peer, directory)
+    session, hello = enclave.open_initiator(peer, PURPOSES[purpose])
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             writer.write(encode_frame(purpose, hello))
@@ -148,12 +154,11 @@ async def respond(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     hello: bytes,
-    directory: dict[str, str],
-    accept_unknown_peers: bool,
+    purpose: bytes,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> int:
     """Run the responder side after the first frame; refusals are sent as ``E`` then raised."""
-    session = enclave.open_responder(directory, accept_unknown_peers)
+    session = enclave.open_responder(PURPOSES[purpose])
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             answer = enclave.handshake_step(session, hello, time.time())

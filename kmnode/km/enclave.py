@@ -4,35 +4,80 @@ The host drives this object but only ever receives ciphertext from it: sealed st
 directory, channel frames for the network, keys encrypted to an attested service enclave. Keys
 are derived from the master secret and (key name, generation), so every KM enclave derives the
 same bytes without any key ever being written to the replicated ledger.
+
+The interface is narrow on purpose, because the host may call any entry point in any order with
+any arguments (``tests/km/test_adversarial_host.py`` does exactly that):
+
+* every decision is taken from the enclave's own state: whom it may talk to (committed
+  membership, or the bootstrap directory until this enclave has a cluster), whether a joining
+  node is admitted (a committed member record on the platform its quote proved), whether a key
+  may be provisioned (a committed release naming this node, once);
+* a channel carries only typed messages the enclave builds itself (Raft messages from this
+  node, join requests and replies): there is no entry point that seals host-chosen plaintext or
+  returns the plaintext of a frame, and no session with itself;
+* the master secret leaves only inside a join reply, on a channel whose keys are bound to the
+  joining enclave's quote, to a node the committed membership admitted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 import nacl.utils
 from nacl.signing import SigningKey
 
 from attest import local
-from attest.channel import SecureChannel
 from attest.errors import AttestationError, SealingError
 from attest.handshake import HandshakeConfig, HandshakeResult, Initiator, Responder
 from attest.hardware import EnclaveContext
+from attest.identity import EnclaveIdentity
 from attest.keybox import KeyBoxes
 from attest.quote import QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
+from consensus.codec import CodecError, decode_message, encode_message
+from consensus.types import Message
 from kmnode.km.state import KMState
 
 SECRET_SIZE = 32
+CLUSTER_ID_SIZE = 16
 #: Outstanding local-attestation challenges kept (each is good for one provisioning).
 MAX_OPEN_CHALLENGES = 4096
-_SEALED_VERSION = 1
+#: Open sessions kept; the oldest is dropped beyond this (a host opening sessions in a loop
+#: must not grow enclave memory without bound).
+MAX_SESSIONS = 1024
+#: Largest join request or reply the enclave opens.
+MAX_JOIN_FRAME = 64 * 1024
+_SEALED_VERSION = 2
+#: Label of the report data in the quote ``kmctl attest show`` prints (nothing else uses it).
+SHOW_QUOTE_LABEL = b"kmctl-attest-show"
 
 
 class EnclaveStateError(Exception):
     """The enclave cannot do this in its current state (no master secret yet, ...)."""
+
+
+class SessionRefused(EnclaveStateError):
+    """A session entry point was used for something its session cannot do."""
+
+
+class FrameRefused(EnclaveStateError):
+    """A channel frame was authentic but its content is not acceptable (wrong sender, ...)."""
+
+
+class BindingMismatch(SealingError):
+    """Sealed state and the ledger belong to different clusters (or a different genesis)."""
+
+
+class Purpose(Enum):
+    """What a peer connection is for; fixed when its session opens."""
+
+    RAFT = "raft"
+    JOIN = "join"
 
 
 @dataclass(frozen=True)
@@ -46,6 +91,46 @@ class ProvisionResult:
     ciphertext: bytes
 
 
+@dataclass(frozen=True)
+class JoinRequest:
+    """A joining node's member record, as its own enclave sent it and ours verified it."""
+
+    name: str
+    #: The platform the joiner's quote proved (never what the joiner claims).
+    platform_id: str
+    host: str
+    peer_port: int
+    api_port: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform_id": self.platform_id,
+            "host": self.host,
+            "peer_port": self.peer_port,
+            "api_port": self.api_port,
+        }
+
+
+@dataclass(frozen=True)
+class JoinReply:
+    """A member's answer to a join request, as the host may see it (never the secret)."""
+
+    status: str  # admitted | redirect | busy | refused
+    leader: str = ""
+    reason: str = ""
+
+
+@dataclass
+class _Session:
+    party: Initiator | Responder
+    purpose: Purpose
+    initiator: bool
+    #: A join reply has been sealed (members) or opened (joiners) on this session.
+    join_answered: bool = False
+    join_requested: bool = False
+
+
 def derive_key(master_secret: bytes, name: str, generation: int) -> bytes:
     """Key bytes for (name, generation): one-way from the master secret, distinct per input."""
     info = json.dumps([name, generation]).encode()
@@ -53,49 +138,85 @@ def derive_key(master_secret: bytes, name: str, generation: int) -> bytes:
 
 
 class KMEnclave:
-    """Enclave-side state of one KM node. ``repr`` and errors never include secrets."""
+    """Enclave-side state of one KM node. ``repr`` and errors never include secrets.
 
-    def __init__(self, name: str, context: EnclaveContext, verifier: QuoteVerifier) -> None:
+    ``bootstrap`` (node name -> platform id, from cluster.yaml) is whom the enclave may talk to
+    before it belongs to a cluster (a joining node dialling a member, members dialling it); from
+    the moment its replicated state names a cluster, only committed members count.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        context: EnclaveContext,
+        verifier: QuoteVerifier,
+        bootstrap: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
-        self.context = context
+        self._context = context
         self.verifier = verifier
         self.state = KMState()
+        self._bootstrap = dict(bootstrap or {})
         self._master_secret: bytes | None = None
+        #: Random id of the cluster this enclave belongs to, and the hash of its genesis entry:
+        #: both sealed with the master secret, so a blob cannot be carried to another cluster.
+        self._cluster_id = ""
+        self._genesis_hash = ""
+        #: Set when the ledger turns out to belong to another cluster than the sealed state.
+        self.binding_error = ""
+        #: The sealed state changed (genesis hash learnt): the host should store it anew.
+        self.sealed_dirty = False
         self._signing_key = SigningKey(nacl.utils.random(SECRET_SIZE))
-        self._sessions: dict[int, Initiator | Responder] = {}
+        self._sessions: dict[int, _Session] = {}
         #: Challenges issued and not yet used, oldest first (a dict as an ordered set).
         self._challenges: dict[bytes, None] = {}
+        #: Releases provisioned by this enclave instance: each at most once.
+        self._provisioned: set[str] = set()
         #: Provisioning boxes to service enclaves (see ``attest.keybox``).
         self._boxes = KeyBoxes()
         self._next_session = 0
 
-    # --- master secret ----------------------------------------------------------------------
+    # --- public facts -------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return self._context.identity
+
+    @property
+    def platform_id(self) -> str:
+        return self._context.platform_id
 
     @property
     def has_master_secret(self) -> bool:
         return self._master_secret is not None
 
+    @property
+    def cluster_id(self) -> str:
+        return self._cluster_id
+
+    def show_quote(self, now: float) -> tuple[bytes, bytes]:
+        """(report data, quote) for `kmctl attest show`: the report data is fixed by the
+        enclave (a label and the node name), so the host cannot obtain a quote that binds
+        something of its choosing, such as a handshake key of its own."""
+        binding = report_data_for(SHOW_QUOTE_LABEL, self.name.encode())
+        return binding, self._context.quote(binding, now)
+
+    # --- master secret ----------------------------------------------------------------------
+
     def genesis(self) -> None:
-        """Create the cluster master secret (first node of a new cluster only)."""
+        """Create the cluster master secret and cluster id (first node of a new cluster only)."""
         if self._master_secret is not None:
             raise EnclaveStateError("this enclave already holds a master secret")
+        if self.state.cluster:
+            raise EnclaveStateError(f"this enclave belongs to cluster {self.state.cluster!r}")
         self._master_secret = nacl.utils.random(SECRET_SIZE)
-
-    def export_master_secret(self, channel: SecureChannel) -> bytes:
-        """The master secret as one frame of an attested channel to a joining member."""
-        return channel.seal(self._require_secret())
-
-    def import_master_secret(self, channel: SecureChannel, frame: bytes) -> None:
-        secret = channel.open(frame)
-        if len(secret) != SECRET_SIZE:
-            raise EnclaveStateError("received master secret has the wrong size")
-        if self._master_secret is not None and self._master_secret != secret:
-            raise EnclaveStateError("received a master secret different from the one held")
-        self._master_secret = secret
+        self._cluster_id = nacl.utils.random(CLUSTER_ID_SIZE).hex()
 
     def _require_secret(self) -> bytes:
         if self._master_secret is None:
             raise EnclaveStateError("no master secret: the node has not joined a cluster")
+        if self.binding_error:
+            raise EnclaveStateError(f"refusing to use the master secret: {self.binding_error}")
         return self._master_secret
 
     def key_fingerprint(self, name: str, generation: int) -> str:
@@ -103,111 +224,312 @@ class KMEnclave:
         key = derive_key(self._require_secret(), name, generation)
         return hashlib.blake2b(b"kmsim-fingerprint", key=key, digest_size=16).hexdigest()
 
-    # --- sealing ----------------------------------------------------------------------------
+    # --- sealing and cluster binding --------------------------------------------------------
 
     def sealed_state(self) -> bytes:
-        """Everything the enclave needs after a restart, sealed to this platform and code."""
+        """Everything the enclave needs after a restart, sealed to this platform and code, and
+        bound to this node, its cluster id and (once known) the cluster's genesis entry."""
         payload = json.dumps(
             {
                 "version": _SEALED_VERSION,
                 "name": self.name,
+                "cluster_id": self._cluster_id,
+                "genesis_hash": self._genesis_hash,
                 "master_secret": self._require_secret().hex(),
                 "signing_key": bytes(self._signing_key).hex(),
             }
         ).encode()
-        return seal(self.context, payload)
+        self.sealed_dirty = False
+        return seal(self._context, payload)
 
     def restore_sealed_state(self, blob: bytes) -> None:
         """Unseal state written by :meth:`sealed_state`; raises a SealingError if it cannot."""
-        data = json.loads(unseal(self.context, blob))
-        if data.get("version") != _SEALED_VERSION or data.get("name") != self.name:
-            raise SealingError("sealed state belongs to another node or version")
+        try:
+            data = json.loads(unseal(self._context, blob))
+        except ValueError:
+            raise SealingError("sealed state does not parse") from None
+        if not isinstance(data, dict) or data.get("version") != _SEALED_VERSION:
+            raise SealingError(
+                f"sealed state has version {data.get('version') if isinstance(data, dict) else '?'}"
+                f", this enclave reads version {_SEALED_VERSION}"
+            )
+        if data.get("name") != self.name:
+            raise SealingError(
+                f"sealed state belongs to node {data.get('name')!r}, not {self.name!r}"
+            )
+        cluster_id = data.get("cluster_id")
+        if not isinstance(cluster_id, str) or len(cluster_id) != 2 * CLUSTER_ID_SIZE:
+            raise SealingError("sealed state names no cluster")
         self._master_secret = bytes.fromhex(data["master_secret"])
         self._signing_key = SigningKey(bytes.fromhex(data["signing_key"]))
+        self._cluster_id = cluster_id
+        self._genesis_hash = str(data.get("genesis_hash") or "")
+        self.check_binding()
 
-    # --- attestation ------------------------------------------------------------------------
+    def check_binding(self) -> None:
+        """Compare the replicated state's cluster id and genesis hash with the sealed ones.
+
+        Called after every apply that could change them (and after a restore). A mismatch is
+        recorded in ``binding_error`` (the node stops on it) and the master secret is no longer
+        used; nothing raises, because it runs while committed entries are applied.
+        """
+        state = self.state
+        if not state.cluster or self._master_secret is None or self.binding_error:
+            return
+        if state.cluster_id and self._cluster_id and state.cluster_id != self._cluster_id:
+            self.binding_error = (
+                f"the sealed state belongs to cluster id {self._cluster_id}, the ledger to "
+                f"{state.cluster_id}: a sealed blob from another cluster"
+            )
+            return
+        genesis = state.genesis_hash.hex() if state.genesis_hash else ""
+        if genesis and self._genesis_hash and genesis != self._genesis_hash:
+            self.binding_error = (
+                f"the sealed state was made for genesis {self._genesis_hash[:16]}…, the ledger "
+                f"starts with {genesis[:16]}…"
+            )
+            return
+        if genesis and not self._genesis_hash:
+            self._genesis_hash = genesis
+            self.sealed_dirty = True
+
+    # --- whom this enclave talks to -----------------------------------------------------------
 
     def directory(self) -> dict[str, str]:
-        return {m.name: m.platform_id for m in self.state.members.values()}
+        """Node name -> platform id of the peers this enclave accepts: committed members once
+        it belongs to a cluster, the bootstrap directory before that. Never itself."""
+        if self.state.cluster:
+            names = {m.name: m.platform_id for m in self.state.members.values()}
+        else:
+            names = dict(self._bootstrap)
+        names.pop(self.name, None)
+        return names
 
-    def handshake_config(self, accept_unknown_peers: bool = False) -> HandshakeConfig:
+    def _handshake_config(self, accept_unknown_peers: bool) -> HandshakeConfig:
         return HandshakeConfig(
             name=self.name,
-            enclave=self.context,
+            enclave=self._context,
             verifier=self.verifier,
             directory=self.directory(),
             accept_unknown_peers=accept_unknown_peers,
         )
 
-    def initiator(self, peer: str, directory: dict[str, str] | None = None) -> Initiator:
-        config = self.handshake_config()
-        if directory is not None:
-            config = HandshakeConfig(config.name, config.enclave, config.verifier, directory)
-        return Initiator(config, self.state.policy, peer)
-
-    def responder(self, accept_unknown_peers: bool = False) -> Responder:
-        return Responder(self.handshake_config(accept_unknown_peers), self.state.policy)
-
     # --- sessions: the host moves bytes, the enclave keeps every channel key ---------------
 
-    def open_initiator(self, peer: str, directory: dict[str, str]) -> tuple[int, bytes]:
-        """Start a handshake towards ``peer``; returns (session id, HELLO to send)."""
-        initiator = self.initiator(peer, directory)
-        session = self._new_session(initiator)
+    def open_initiator(self, peer: str, purpose: Purpose) -> tuple[int, bytes]:
+        """Start a handshake towards ``peer`` (a peer of :meth:`directory`); returns (session
+        id, HELLO to send). Raises an AttestationError for an unknown peer or itself."""
+        purpose = Purpose(purpose)
+        initiator = Initiator(self._handshake_config(False), self.state.policy, peer)
+        session = self._new_session(_Session(initiator, purpose, initiator=True))
         return session, initiator.start()
 
-    def open_responder(self, directory: dict[str, str], accept_unknown_peers: bool) -> int:
-        config = self.handshake_config(accept_unknown_peers)
-        config = HandshakeConfig(
-            config.name, config.enclave, config.verifier, directory, accept_unknown_peers
+    def open_responder(self, purpose: Purpose) -> int:
+        """Accept a handshake. Unknown initiators are heard only on a join connection, and only
+        by a member that can admit them (it holds the secret and belongs to a cluster)."""
+        purpose = Purpose(purpose)
+        accept_unknown = (
+            purpose is Purpose.JOIN and bool(self.state.cluster) and self.has_master_secret
         )
-        return self._new_session(Responder(config, self.state.policy))
+        responder = Responder(self._handshake_config(accept_unknown), self.state.policy)
+        return self._new_session(_Session(responder, purpose, initiator=False))
 
     def handshake_step(self, session: int, message: bytes, now: float) -> bytes | None:
         """Feed a handshake message; returns the reply to send, if any. Raises on refusal."""
-        party = self._sessions.get(session)
-        if party is None:
-            raise EnclaveStateError(f"no handshake session {session}")
-        return party.receive(message, now)
+        record = self._sessions.get(session)
+        if record is None:
+            raise SessionRefused(f"no handshake session {session}")
+        if record.party.result is not None:
+            raise SessionRefused(f"session {session} has completed its handshake")
+        try:
+            return record.party.receive(message, now)
+        except AttestationError:
+            self._sessions.pop(session, None)
+            raise
 
     def session_peer(self, session: int) -> tuple[str, str]:
         """(peer node name, verified platform id) of a completed handshake."""
         result = self._result(session)
         return result.peer_name, result.peer.platform_id
 
-    def seal_frame(self, session: int, plaintext: bytes) -> bytes:
-        return self._result(session).channel.seal(plaintext)
-
-    def open_frame(self, session: int, frame: bytes) -> bytes:
-        return self._result(session).channel.open(frame)
-
-    def send_master_secret(self, session: int) -> bytes:
-        return self.export_master_secret(self._result(session).channel)
-
-    def receive_master_secret(self, session: int, frame: bytes) -> None:
-        self.import_master_secret(self._result(session).channel, frame)
-
     def close_session(self, session: int) -> None:
         self._sessions.pop(session, None)
 
-    def _new_session(self, party: Initiator | Responder) -> int:
+    def _new_session(self, record: _Session) -> int:
         self._next_session += 1
-        self._sessions[self._next_session] = party
+        self._sessions[self._next_session] = record
+        while len(self._sessions) > MAX_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
         return self._next_session
 
+    def _session(self, session: int, purpose: Purpose, initiator: bool | None) -> _Session:
+        record = self._sessions.get(session)
+        if record is None or record.party.result is None:
+            raise SessionRefused(f"session {session} has no completed handshake")
+        if record.purpose is not purpose:
+            raise SessionRefused(
+                f"session {session} is a {record.purpose.value} session, not {purpose.value}"
+            )
+        if initiator is not None and record.initiator is not initiator:
+            side = "dialled" if initiator else "accepted"
+            raise SessionRefused(f"session {session} was not {side} by this enclave")
+        return record
+
     def _result(self, session: int) -> HandshakeResult:
-        party = self._sessions.get(session)
-        if party is None or party.result is None:
-            raise EnclaveStateError(f"session {session} has no completed handshake")
-        return party.result
+        record = self._sessions.get(session)
+        if record is None or record.party.result is None:
+            raise SessionRefused(f"session {session} has no completed handshake")
+        return record.party.result
 
-    def signing_quote(self, now: float) -> tuple[bytes, bytes]:
-        """(public key, quote binding it): lets anyone check ledger signatures offline."""
+    # --- Raft links: this node's messages out on links it dialled, peers' messages in ---------
+
+    def seal_raft(self, session: int, message: Message) -> bytes:
+        """One Raft message from this node to the session's peer, as a channel frame."""
+        result = self._session(session, Purpose.RAFT, initiator=True).party.result
+        assert result is not None
+        if message.frm != self.name or message.to != result.peer_name:
+            raise FrameRefused(
+                f"a message {message.frm!r} -> {message.to!r} does not belong on the link "
+                f"{self.name!r} -> {result.peer_name!r}"
+            )
+        return result.channel.seal(encode_message(message))
+
+    def open_raft(self, session: int, frame: bytes) -> Message:
+        """The Raft message in a frame from the session's peer (addressed to this node)."""
+        result = self._session(session, Purpose.RAFT, initiator=False).party.result
+        assert result is not None
+        plaintext = result.channel.open(frame)
+        try:
+            message = decode_message(plaintext)
+        except CodecError as exc:
+            raise FrameRefused(f"undecodable message from {result.peer_name}: {exc}") from None
+        if message.frm != result.peer_name or message.to != self.name:
+            raise FrameRefused(
+                f"{result.peer_name} sent a message claiming {message.frm!r} -> {message.to!r}"
+            )
+        return message
+
+    # --- joining ----------------------------------------------------------------------------
+
+    def join_request(self, session: int, host: str, peer_port: int, api_port: int) -> bytes:
+        """The join request of this node (its addresses; its name and platform are the
+        enclave's own) as a frame on a join session this enclave dialled."""
+        record = self._session(session, Purpose.JOIN, initiator=True)
+        if record.join_requested:
+            raise SessionRefused(f"session {session} has already carried a join request")
+        record.join_requested = True
+        assert record.party.result is not None
+        body = {"name": self.name, "host": host, "peer_port": peer_port, "api_port": api_port}
+        return record.party.result.channel.seal(json.dumps(body).encode())
+
+    def open_join_request(self, session: int, frame: bytes) -> JoinRequest:
+        """A joiner's request, checked: its name is the one its handshake proved, and its
+        platform is the one its quote proved (whatever the record says)."""
+        record = self._session(session, Purpose.JOIN, initiator=False)
+        result = record.party.result
+        assert result is not None
+        if len(frame) > MAX_JOIN_FRAME:
+            raise FrameRefused(f"join request of {len(frame)} bytes exceeds {MAX_JOIN_FRAME}")
+        try:
+            body = json.loads(result.channel.open(frame))
+        except ValueError:
+            raise FrameRefused("join request is not JSON") from None
+        if not isinstance(body, dict) or body.get("name") != result.peer_name:
+            raise FrameRefused("join request names another node than the handshake proved")
+        host, peer_port, api_port = body.get("host"), body.get("peer_port"), body.get("api_port")
+        if not (isinstance(host, str) and 0 < len(host) <= 253):
+            raise FrameRefused("join request: host must be a non-empty string")
+        for port in (peer_port, api_port):
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise FrameRefused("join request: ports must be numbers in 1..65535")
+        assert isinstance(peer_port, int) and isinstance(api_port, int)
+        return JoinRequest(result.peer_name, result.peer.platform_id, host, peer_port, api_port)
+
+    def join_reply(self, session: int, reply: JoinReply) -> bytes:
+        """A member's answer on a join session it accepted. An ``admitted`` answer carries the
+        master secret and cluster id, and is sealed only if the committed membership holds the
+        joiner on the platform its quote proved; once per session."""
+        record = self._session(session, Purpose.JOIN, initiator=False)
+        result = record.party.result
+        assert result is not None
+        if record.join_answered:
+            raise SessionRefused(f"session {session} has already been answered")
+        body: dict[str, Any] = {
+            "status": reply.status,
+            "leader": reply.leader,
+            "reason": reply.reason[:500],
+        }
+        if reply.status == "admitted":
+            member = self.state.members.get(result.peer_name)
+            if member is None or member.platform_id != result.peer.platform_id:
+                raise SessionRefused(
+                    f"{result.peer_name} on platform {result.peer.platform_id!r} is not a "
+                    "committed member: it cannot be sent the master secret"
+                )
+            body["master_secret"] = self._require_secret().hex()
+            body["cluster_id"] = self._cluster_id
+        elif reply.status not in ("redirect", "busy", "refused"):
+            raise SessionRefused(f"unknown join status {reply.status!r}")
+        record.join_answered = True
+        return result.channel.seal(json.dumps(body).encode())
+
+    def open_join_reply(self, session: int, frame: bytes) -> JoinReply:
+        """The member's answer on a join session this enclave dialled; an admission installs
+        the master secret and cluster id here (they are not part of what is returned)."""
+        record = self._session(session, Purpose.JOIN, initiator=True)
+        result = record.party.result
+        assert result is not None
+        if not record.join_requested or record.join_answered:
+            raise SessionRefused(f"session {session} expects no join reply")
+        if len(frame) > MAX_JOIN_FRAME:
+            raise FrameRefused(f"join reply of {len(frame)} bytes exceeds {MAX_JOIN_FRAME}")
+        try:
+            body = json.loads(result.channel.open(frame))
+        except ValueError:
+            raise FrameRefused("join reply is not JSON") from None
+        if not isinstance(body, dict):
+            raise FrameRefused("join reply is not an object")
+        status = body.get("status")
+        if status not in ("admitted", "redirect", "busy", "refused"):
+            raise FrameRefused(f"unknown join status {status!r}")
+        record.join_answered = True
+        if status == "admitted":
+            self._install_secret(body.get("master_secret"), body.get("cluster_id"))
+        return JoinReply(str(status), str(body.get("leader") or ""), str(body.get("reason", "")))
+
+    def _install_secret(self, secret_hex: object, cluster_id: object) -> None:
+        try:
+            secret = bytes.fromhex(str(secret_hex))
+        except ValueError:
+            raise FrameRefused("the admitted reply carries no readable master secret") from None
+        if len(secret) != SECRET_SIZE:
+            raise FrameRefused("received master secret has the wrong size")
+        if not isinstance(cluster_id, str) or len(cluster_id) != 2 * CLUSTER_ID_SIZE:
+            raise FrameRefused("the admitted reply names no cluster id")
+        if self._master_secret is not None and (
+            self._master_secret != secret or self._cluster_id != cluster_id
+        ):
+            raise FrameRefused("received a master secret different from the one held")
+        self._master_secret = secret
+        self._cluster_id = cluster_id
+
+    # --- ledger signing -----------------------------------------------------------------------
+
+    def ledger_signature(self, now: float) -> dict[str, Any]:
+        """Fields of a ``ledger.sign`` command over this enclave's own applied state: the
+        index and chain hash signed are the ones this enclave computed, never host input."""
+        state = self.state
         public = bytes(self._signing_key.verify_key)
-        return public, self.context.quote(report_data_for(b"ledger-signer", public), now)
-
-    def sign_chain(self, index: int, chain_hash: bytes) -> bytes:
-        return self._signing_key.sign(index.to_bytes(8, "big") + chain_hash).signature
+        quote = self._context.quote(report_data_for(b"ledger-signer", public), now)
+        index, chain = state.applied_index, state.chain_hash
+        signature = self._signing_key.sign(index.to_bytes(8, "big") + chain).signature
+        return {
+            "index": index,
+            "chain_hash": chain.hex(),
+            "public_key": public.hex(),
+            "quote": quote.hex(),
+            "signature": signature.hex(),
+        }
 
     # --- provisioning -----------------------------------------------------------------------
 
@@ -220,29 +542,41 @@ class KMEnclave:
             del self._challenges[next(iter(self._challenges))]
         return challenge
 
-    def provision(
-        self, key: str, generation: int, challenge: bytes, response: bytes
-    ) -> ProvisionResult:
-        """Local attestation of the service enclave, then its key encrypted to it (or refusal).
+    def provision(self, release_id: str, challenge: bytes, response: bytes) -> ProvisionResult:
+        """Local attestation of the service enclave, then the released key encrypted to it.
 
-        Must be called only for a release the state machine has committed; the outcome is
-        then proposed as a ``release.outcome`` audit record. Each challenge is good for one
+        Only for a release this enclave's replicated state holds as committed, naming this
+        node, still awaiting its outcome, and not provisioned before by this enclave: the key
+        and generation are the release's, never the caller's. Each challenge is good for one
         attempt, so a recorded response cannot be replayed.
         """
+        release = self.state.releases.get(release_id)
+        if release is None:
+            return ProvisionResult(False, f"no committed release {release_id!r}", "", b"")
+        if release.node != self.name:
+            return ProvisionResult(False, f"release {release_id} is for {release.node}", "", b"")
+        if release.status != "requested" or release_id in self._provisioned:
+            return ProvisionResult(False, f"release {release_id} was already handled", "", b"")
+        secret = self._require_secret()
         if challenge not in self._challenges:
             return ProvisionResult(False, "challenge was not issued by this enclave", "", b"")
         del self._challenges[challenge]
         try:
-            attested = local.verify_response(self.context, challenge, response, self.state.policy)
+            attested = local.verify_response(
+                self._context, challenge, response, self.state.policy
+            )
         except AttestationError as exc:
             return ProvisionResult(False, f"{type(exc).__name__}: {exc}", "", b"")
         measurement = attested.identity.measurement.hex()
-        if not self.state.service_allowed(key, measurement):
+        if not self.state.service_allowed(release.key, measurement):
             return ProvisionResult(
-                False, f"service measurement not allowed for key {key!r}", measurement, b""
+                False, f"service measurement not allowed for key {release.key!r}", measurement, b""
             )
-        material = derive_key(self._require_secret(), key, generation)
-        envelope = json.dumps({"key": key, "generation": generation, "material": material.hex()})
+        self._provisioned.add(release_id)
+        material = derive_key(secret, release.key, release.generation)
+        envelope = json.dumps(
+            {"key": release.key, "generation": release.generation, "material": material.hex()}
+        )
         ciphertext = self._boxes.seal(attested.public_key, envelope.encode())
         return ProvisionResult(True, "", measurement, bytes(ciphertext))
 

@@ -22,6 +22,9 @@ def load_km_enclave(config: ClusterConfig, name: str) -> KMEnclave:
         name,
         platform.enclave(build_identity(EnclaveRole.KM)),
         QuoteVerifier(store.vendor_public_key()),
+        # Whom to talk to before the enclave belongs to a cluster (joining): the configured
+        # nodes. From the first committed entry on, only the replicated membership counts.
+        bootstrap={n.name: n.platform.id for n in config.nodes},
     )
     # Until the replicated policy arrives (genesis or the join's log), judge peers by the
     # policy in cluster.yaml: a joining node must verify the member it joins through.

@@ -7,38 +7,37 @@ enclave, waking API requests) happen in listeners the node registers, after the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from consensus.types import Entry
+from kmnode.km.enclave import KMEnclave
 from kmnode.km.state import KMState
 
 ApplyListener = Callable[[int, dict[str, Any]], None]
 
 
-class StateHolder(Protocol):
-    """Anything that owns the replicated KM state (the KM enclave)."""
-
-    state: KMState
-
-
 class KMStateMachine:
-    def __init__(self, holder: StateHolder) -> None:
-        self._holder = holder
+    def __init__(self, enclave: KMEnclave) -> None:
+        self._enclave = enclave
         self.listeners: list[ApplyListener] = []
 
     def apply(self, entry: Entry) -> object:
-        result = self._holder.state.apply(entry.index, entry.data)
+        result = self._enclave.state.apply(entry.index, entry.data)
+        if "cluster" in result:
+            # The ledger now names its cluster: it must be the one the sealed state is bound to.
+            self._enclave.check_binding()
         for listener in self.listeners:
             listener(entry.index, result)
         return result
 
     def snapshot(self) -> bytes:
-        return self._holder.state.snapshot()
+        return self._enclave.state.snapshot()
 
     def snapshot_capture(self) -> Callable[[], bytes]:
         """An image of the state now, serialised later (the Raft driver does it in a thread:
         the release history makes serialising slow, and it must not stall the event loop)."""
-        return self._holder.state.snapshot_capture()
+        return self._enclave.state.snapshot_capture()
 
     def restore(self, data: bytes) -> None:
-        self._holder.state = KMState.restore(data)
+        self._enclave.state = KMState.restore(data)
+        self._enclave.check_binding()

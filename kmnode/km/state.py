@@ -31,6 +31,7 @@ MAX_COMMAND_BYTES = 64 * 1024
 SNAPSHOT_CHUNK = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")
+_HEX16 = re.compile(r"^[0-9a-f]{32}$")
 GENESIS_HASH = bytes(32)
 
 
@@ -86,6 +87,10 @@ class Release:
 @dataclass
 class KMState:
     cluster: str = ""
+    #: Random id the genesis enclave chose (hex), and the chain hash right after the
+    #: ``cluster.init`` entry: what sealed state is bound to (see ``KMEnclave.check_binding``).
+    cluster_id: str = ""
+    genesis_hash: bytes = b""
     policy: Policy = field(default_factory=Policy)
     keys: dict[str, KeyRecord] = field(default_factory=dict)
     members: dict[str, Member] = field(default_factory=dict)
@@ -132,10 +137,19 @@ class KMState:
         if self.cluster:
             raise CommandRefused(f"cluster {self.cluster!r} is already initialised")
         cluster = _str(cmd, "cluster")
+        cluster_id = cmd.get("cluster_id", "")
+        if not isinstance(cluster_id, str) or (cluster_id and not _HEX16.match(cluster_id)):
+            raise CommandRefused("cluster_id must be 32 hex digits")
         policy = _policy(cmd.get("policy"))
+        previous, self.policy = self.policy, policy
+        try:
+            self._add_member(index, cmd.get("member"))  # judged under the cluster's policy
+        except CommandRefused:
+            self.policy = previous  # a refused command changes nothing
+            raise
         self.cluster = cluster
-        self.policy = policy
-        self._add_member(index, cmd.get("member"))
+        self.cluster_id = cluster_id
+        self.genesis_hash = self.chain_hash
         return {"cluster": cluster}
 
     def _member_add(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -310,6 +324,8 @@ class KMState:
         """
         head = {
             "cluster": self.cluster,
+            "cluster_id": self.cluster_id,
+            "genesis_hash": self.genesis_hash.hex(),
             "policy": self.policy.to_dict(),
             "keys": [asdict(k) for k in self.keys.values()],
             "members": [asdict(m) for m in self.members.values()],
@@ -347,6 +363,8 @@ class KMState:
         data = json.loads(blob)
         return cls(
             cluster=data["cluster"],
+            cluster_id=data.get("cluster_id", ""),
+            genesis_hash=bytes.fromhex(data.get("genesis_hash", "")),
             policy=Policy.from_dict(data["policy"]),
             keys={k["name"]: KeyRecord(**k) for k in data["keys"]},
             members={m["name"]: Member(**m) for m in data["members"]},

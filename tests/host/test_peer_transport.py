@@ -12,7 +12,7 @@ from attest.hardware import Platform, VendorRoot
 from attest.identity import EnclaveIdentity, measure_sources, signer_id
 from attest.policy import Policy
 from attest.quote import QuoteVerifier
-from consensus.codec import encode_message
+from consensus.codec import message_size
 from consensus.types import Message, MessageType
 from kmnode.host.peer_transport import AttestedTransport
 from kmnode.host.peer_wire import channel_frame_size
@@ -45,7 +45,9 @@ class FixedFaults:
 
 def enclave(name: str, identity: EnclaveIdentity = KM) -> KMEnclave:
     platform = Platform(f"p{name}", TcbStatus.UP_TO_DATE, name.encode().ljust(32, b"\0"), VENDOR)
-    km = KMEnclave(name, platform.enclave(identity), QuoteVerifier(VENDOR.public_key))
+    km = KMEnclave(
+        name, platform.enclave(identity), QuoteVerifier(VENDOR.public_key), bootstrap=DIRECTORY
+    )
     km.state.policy = POLICY
     return km
 
@@ -57,7 +59,6 @@ class Pair:
         self.transports = {
             name: AttestedTransport(
                 name, enclave(name, KM if name == "a" else b_identity),
-                directory=lambda: dict(DIRECTORY),
                 addresses=lambda: {n: ("127.0.0.1", p) for n, p in self.ports.items()},
                 host="127.0.0.1", port=0,
             )
@@ -123,7 +124,7 @@ async def test_a_full_send_buffer_drops_messages_without_breaking_the_channel(
     try:
         a, b = pair.transports["a"], pair.transports["b"]
         await eventually(lambda: "b" in a.attested_peers(), "attested link")
-        frame = channel_frame_size(len(encode_message(heartbeat(0))))
+        frame = channel_frame_size(message_size(heartbeat(0)))  # what the sender reckons
         a.max_buffer_bytes = 3 * frame
         writer = a._peers["b"].writer
         assert writer is not None

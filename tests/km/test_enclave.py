@@ -2,69 +2,31 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from attest import local
-from attest.certs import TcbStatus
 from attest.errors import SealingError, UnknownMeasurement
-from attest.hardware import Platform, VendorRoot
-from attest.identity import EnclaveIdentity, measure_sources, signer_id
-from attest.policy import Policy
-from attest.quote import QuoteVerifier
-from kmnode.km.enclave import EnclaveStateError, KMEnclave
-from kmnode.km.state import encode_command
+from kmnode.km.enclave import EnclaveStateError, KMEnclave, ProvisionResult, Purpose
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
-
-NOW = 1_800_000_000.0
-KM_ID = EnclaveIdentity(measure_sources({"km": b"km"}), signer_id("t"), 1, 1)
-SVC_ID = EnclaveIdentity(measure_sources({"svc": b"svc"}), signer_id("t"), 2, 1)
-ROGUE_ID = dataclasses.replace(SVC_ID, measurement=measure_sources({"svc": b"rogue"}))
-VENDOR = VendorRoot(b"v".ljust(32, b"\0"))
-PLATFORMS = {
-    n: Platform(n, TcbStatus.UP_TO_DATE, n.encode().ljust(32, b"\0"), VENDOR) for n in "ab"
-}
-POLICY = Policy(
-    km_measurements=frozenset({KM_ID.measurement}),
-    service_measurements=frozenset({SVC_ID.measurement}),
-    min_svn=1,
+from tests.km.enclaves import (
+    KM_ID,
+    PLATFORMS,
+    ROGUE_ID,
+    SVC_ID,
+    bare_enclave,
+    commit,
+    handshake,
+    joined_pair,
+    km_node,
+    release,
+    service,
 )
 
 
-def km_node(name: str, platform: str) -> KMEnclave:
-    enclave = KMEnclave(name, PLATFORMS[platform].enclave(KM_ID), QuoteVerifier(VENDOR.public_key))
-    members = [
-        {"name": "n-a", "platform_id": "a", "host": "127.0.0.1", "peer_port": 1, "api_port": 2},
-        {"name": "n-b", "platform_id": "b", "host": "127.0.0.1", "peer_port": 3, "api_port": 4},
-    ]
-    state = enclave.state
-    state.apply(
-        1, encode_command("cluster.init", cluster="t", policy=POLICY.to_dict(), member=members[0])
-    )
-    state.apply(2, encode_command("member.add", member=members[1]))
-    state.apply(3, encode_command("key.create", name="db"))
-    return enclave
-
-
-def provision(km: KMEnclave, service: ServiceEnclave, generation: int = 1):  # type: ignore[no-untyped-def]
+def provision(km: KMEnclave, svc: ServiceEnclave, release_id: str = "") -> ProvisionResult:
     challenge = km.new_challenge()
-    response = service.answer_challenge(km.context.identity.measurement, challenge)
-    return km.provision("db", generation, challenge, response)
-
-
-def joined_pair() -> tuple[KMEnclave, KMEnclave]:
-    """n-a creates the master secret; n-b receives it over an attested channel."""
-    a, b = km_node("n-a", "a"), km_node("n-b", "b")
-    a.genesis()
-    initiator, responder = b.initiator("n-a"), a.responder()
-    answer = responder.receive(initiator.start(), NOW)
-    assert answer is not None
-    responder.receive(initiator.receive(answer, NOW), NOW)
-    assert initiator.result and responder.result
-    frame = a.export_master_secret(responder.result.channel)
-    b.import_master_secret(initiator.result.channel, frame)
-    return a, b
+    response = svc.answer_challenge(km.identity.measurement, challenge)
+    return km.provision(release_id or release(km), challenge, response)
 
 
 def test_attested_service_receives_the_key_and_all_nodes_agree() -> None:
@@ -72,99 +34,153 @@ def test_attested_service_receives_the_key_and_all_nodes_agree() -> None:
     challenge = b"test challenge"
     proofs = []
     for km, platform in ((a, "a"), (b, "b")):
-        service = ServiceEnclave(PLATFORMS[platform].enclave(SVC_ID))
-        result = provision(km, service)
+        svc = service(platform)
+        result = provision(km, svc)
         assert result.ok and result.service_measurement == SVC_ID.measurement.hex()
-        assert service.accept_key(result.ciphertext) == ("db", 1)
-        proofs.append(service.prove("db", 1, challenge))
+        assert svc.accept_key(result.ciphertext) == ("db", 1)
+        proofs.append(svc.prove("db", 1, challenge))
     assert proofs[0] == proofs[1]
     assert a.key_fingerprint("db", 1) == b.key_fingerprint("db", 1)
     assert a.key_fingerprint("db", 1) != a.key_fingerprint("db", 2)
 
 
+def test_the_key_and_generation_are_the_committed_releases() -> None:
+    a, _ = joined_pair()
+    commit(a, "key.rotate", key="db")
+    svc = service("a")
+    assert provision(a, svc, release(a, generation=1)).ok
+    assert provision(a, svc, release(a)).ok
+    assert svc.holds("db", 1) is False  # accepted only once handed over
+    first = provision(a, svc, release(a, generation=1))
+    assert svc.accept_key(first.ciphertext) == ("db", 1)
+    latest = provision(a, svc, release(a))
+    assert svc.accept_key(latest.ciphertext) == ("db", 2)
+
+
+def test_no_key_without_a_committed_release_for_this_node() -> None:
+    a, _ = joined_pair()
+    svc = service("a")
+    assert "no committed release" in provision(a, svc, "r999").reason
+    other = release(a, node="n-b")
+    assert "is for n-b" in provision(a, svc, other).reason
+    done = release(a)
+    assert provision(a, svc, done).ok
+    again = provision(a, svc, done)
+    assert not again.ok and "already handled" in again.reason
+    commit(a, "release.outcome", release=(later := release(a)), node="n-a", status="refused")
+    assert "already handled" in provision(a, svc, later).reason
+
+
 def test_service_with_wrong_measurement_gets_nothing() -> None:
     a, _ = joined_pair()
-    rogue = ServiceEnclave(PLATFORMS["a"].enclave(ROGUE_ID))
-    result = provision(a, rogue)
+    result = provision(a, service("a", ROGUE_ID))
     assert not result.ok and result.ciphertext == b""
     assert result.reason.startswith("UnknownMeasurement")
 
 
 def test_service_on_another_platform_gets_nothing() -> None:
     a, _ = joined_pair()
-    remote = ServiceEnclave(PLATFORMS["b"].enclave(SVC_ID))
-    result = provision(a, remote)
+    result = provision(a, service("b"))
     assert not result.ok and result.reason.startswith("ReportNotFromThisPlatform")
 
 
 def test_key_restricted_to_other_measurement_is_refused() -> None:
     a, _ = joined_pair()
-    a.state.apply(4, encode_command("key.create", name="narrow", allowed_service=["cc" * 32]))
-    service = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID))
-    challenge = a.new_challenge()
-    response = service.answer_challenge(KM_ID.measurement, challenge)
-    result = a.provision("narrow", 1, challenge, response)
+    commit(a, "key.create", name="narrow", allowed_service=["cc" * 32])
+    result = provision(a, service("a"), release(a, key="narrow"))
     assert not result.ok and "not allowed" in result.reason
 
 
 def test_ciphertext_for_one_service_is_useless_to_another() -> None:
     a, _ = joined_pair()
-    first = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID))
-    second = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID))
-    result = provision(a, first)
+    result = provision(a, service("a"))
     with pytest.raises(ProvisioningError):
-        second.accept_key(result.ciphertext)
+        service("a").accept_key(result.ciphertext)
 
 
-def test_sealed_state_restores_on_same_platform_only() -> None:
+def test_sealed_state_restores_on_same_platform_and_node_only() -> None:
     a, _ = joined_pair()
     blob = a.sealed_state()
     restarted = km_node("n-a", "a")
     restarted.restore_sealed_state(blob)
     assert restarted.key_fingerprint("db", 1) == a.key_fingerprint("db", 1)
-    elsewhere = km_node("n-a", "b")
-    with pytest.raises(SealingError):
-        elsewhere.restore_sealed_state(blob)
+    with pytest.raises(SealingError, match="platform"):
+        km_node("n-a", "b").restore_sealed_state(blob)
+    with pytest.raises(SealingError, match="belongs to node 'n-a', not 'n-c'"):
+        bare_enclave("n-c", "a").restore_sealed_state(blob)
+
+
+def test_sealed_state_of_another_cluster_is_refused() -> None:
+    """Two clusters with a node of the same name on the same platform: the blob of one is
+    refused by the ledger of the other, and the enclave then keeps its secret to itself."""
+    ours = km_node("n-a", "a", genesis=True)
+    other = km_node("n-a", "a", genesis=True)
+    blob = other.sealed_state()
+    restored = km_node("n-a", "a", cluster_id=ours.cluster_id)
+    restored.restore_sealed_state(blob)
+    assert "another cluster" in restored.binding_error
+    with pytest.raises(EnclaveStateError, match="refusing"):
+        restored.key_fingerprint("db", 1)
+    svc = service("a")
+    with pytest.raises(EnclaveStateError, match="refusing"):
+        provision(restored, svc)
+    same = km_node("n-a", "a", cluster_id=other.cluster_id)
+    same.restore_sealed_state(blob)
+    assert same.binding_error == "" and same.key_fingerprint("db", 1)
+
+
+def test_sealed_state_of_another_genesis_is_refused() -> None:
+    first = km_node("n-a", "a", genesis=True)
+    first.check_binding()  # learns the genesis hash of its ledger
+    assert first.sealed_dirty
+    blob = first.sealed_state()
+    replayed = bare_enclave("n-a", "a")
+    replayed.restore_sealed_state(blob)
+    # A ledger with the same cluster id but another first entry (a forged history).
+    commit(replayed, "cluster.init", cluster="forged", policy=replayed.state.policy.to_dict(),
+           member={**{"name": "n-a", "platform_id": "a", "host": "h", "peer_port": 1,
+                      "api_port": 2}})  # fmt: skip
+    replayed.check_binding()
+    assert "genesis" in replayed.binding_error
 
 
 def test_no_master_secret_before_joining() -> None:
     lone = km_node("n-b", "b")
     with pytest.raises(EnclaveStateError):
         lone.key_fingerprint("db", 1)
-    service = ServiceEnclave(PLATFORMS["b"].enclave(SVC_ID))
     with pytest.raises(EnclaveStateError):
-        provision(lone, service)
+        provision(lone, service("b"))
 
 
 def test_secrets_never_appear_in_repr() -> None:
     a, _ = joined_pair()
     secret = a._master_secret
     assert secret is not None
-    for text in (repr(a), repr(a.context), repr(ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID)))):
+    for text in (repr(a), repr(service("a"))):
         assert secret.hex() not in text and repr(secret) not in text
 
 
 def test_km_enclave_with_unknown_measurement_is_refused_by_members() -> None:
     a, _ = joined_pair()
-    modified = dataclasses.replace(KM_ID, measurement=measure_sources({"km": b"patched"}))
-    rogue = KMEnclave("n-b", PLATFORMS["b"].enclave(modified), QuoteVerifier(VENDOR.public_key))
-    initiator = rogue.initiator("n-a", directory=a.directory())
-    responder = a.responder()
-    answer = responder.receive(initiator.start(), NOW)
-    assert answer is not None
+    modified = KM_ID.__class__(
+        local.new_challenge(), KM_ID.signer, KM_ID.product_id, KM_ID.svn
+    )  # any other measurement
+    rogue = KMEnclave(
+        "n-b", PLATFORMS["b"].enclave(modified), a.verifier, bootstrap={"n-a": "a"}
+    )
+    rogue.state.policy = a.state.policy
     with pytest.raises(UnknownMeasurement):
-        responder.receive(initiator.receive(answer, NOW), NOW)
-    assert responder.result is None
+        handshake(rogue, a, Purpose.RAFT)
 
 
 def test_replayed_or_foreign_challenge_is_refused() -> None:
     a, _ = joined_pair()
-    service = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID))
+    svc = service("a")
     challenge = a.new_challenge()
-    response = service.answer_challenge(KM_ID.measurement, challenge)
-    assert a.provision("db", 1, challenge, response).ok
-    replay = a.provision("db", 1, challenge, response)
+    response = svc.answer_challenge(KM_ID.measurement, challenge)
+    assert a.provision(release(a), challenge, response).ok
+    replay = a.provision(release(a), challenge, response)
     assert not replay.ok and "not issued" in replay.reason
     foreign = local.new_challenge()
-    response = service.answer_challenge(KM_ID.measurement, foreign)
-    assert not a.provision("db", 1, foreign, response).ok
+    response = svc.answer_challenge(KM_ID.measurement, foreign)
+    assert not a.provision(release(a), foreign, response).ok

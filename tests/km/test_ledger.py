@@ -29,7 +29,7 @@ def signer(identity: EnclaveIdentity = KM) -> KMEnclave:
 
 def build(commands: list[bytes], sign_after: list[int], enclave: KMEnclave) -> list[Entry]:
     """Entries as a leader would log them, with a signature entry after the given positions."""
-    state = KMState()
+    state = enclave.state = KMState()  # the enclave signs the state it has applied
     entries: list[Entry] = []
     index = 1
     for position, data in enumerate(commands):
@@ -37,15 +37,7 @@ def build(commands: list[bytes], sign_after: list[int], enclave: KMEnclave) -> l
         state.apply(index, data)
         index += 2  # leave gaps: NOOPs and membership changes never reach the state machine
         if position in sign_after:
-            public, quote = enclave.signing_quote(NOW)
-            sign = encode_command(
-                "ledger.sign",
-                index=state.applied_index,
-                chain_hash=state.chain_hash.hex(),
-                public_key=public.hex(),
-                quote=quote.hex(),
-                signature=enclave.sign_chain(state.applied_index, state.chain_hash).hex(),
-            )
+            sign = encode_command("ledger.sign", **enclave.ledger_signature(NOW))
             entries.append(Entry(1, index, data=sign))
             state.apply(index, sign)
             index += 1

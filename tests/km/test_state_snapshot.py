@@ -36,9 +36,12 @@ def with_releases(count: int) -> KMState:
 
 
 def reference_snapshot(state: KMState) -> bytes:
-    """The snapshot encoding before snapshots were captured and chunked (restore reads it)."""
+    """The snapshot encoding as one ``json.dumps`` (before snapshots were captured and chunked;
+    restore reads it)."""
     data = {
         "cluster": state.cluster,
+        "cluster_id": state.cluster_id,
+        "genesis_hash": state.genesis_hash.hex(),
         "policy": state.policy.to_dict(),
         "keys": [dataclasses.asdict(k) for k in state.keys.values()],
         "members": [dataclasses.asdict(m) for m in state.members.values()],
