@@ -1,63 +1,48 @@
 """Which code each enclave is, and therefore what its measurement is.
 
-A measurement must change whenever the enclave's code changes, so it is computed from the
-source bytes of the modules the enclave runs, read from this installation. The lists below are
-the enclave's trusted computing base: anything added to an enclave belongs here.
+A measurement must change whenever the enclave's code changes, so it is computed from the bytes
+of every project module (and compiled extension) that the enclave's entry modules import,
+followed transitively (``kmnode.imports``): nobody keeps a list that could forget a module. The
+service enclave's coverage is checked against its real process (``tests/test_enclave_identity``
+asks the running enclave which project modules it loaded).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from functools import cache
-from pathlib import Path
 
 from attest.identity import EnclaveIdentity, EnclaveRole, measure_sources, signer_id
+from kmnode.imports import import_closure, module_sources
 
 #: Security version of this build's enclaves; raise it when fixing a vulnerability in them.
 ENCLAVE_SVN = 1
 SIGNER = signer_id("kmsim")
 PRODUCT_IDS = {EnclaveRole.KM: 1, EnclaveRole.SERVICE: 2}
 
-#: Modules (a package means all of its .py files) that make up each enclave.
-ENCLAVE_MODULES: dict[EnclaveRole, tuple[str, ...]] = {
-    EnclaveRole.KM: ("attest", "kmnode.km"),
-    EnclaveRole.SERVICE: (
-        "attest.errors",
-        "attest.identity",
-        "attest.local",
-        "attest.sealing",
-        "attest.wire",
-        "kmnode.service",
-    ),
+#: The modules each enclave starts from; its code is everything they import.
+ENCLAVE_ENTRIES: dict[EnclaveRole, tuple[str, ...]] = {
+    EnclaveRole.KM: ("kmnode.km.enclave", "kmnode.km.machine", "kmnode.km.loader"),
+    EnclaveRole.SERVICE: ("kmnode.service.process",),
 }
 
 
-def enclave_sources(modules: tuple[str, ...]) -> dict[str, bytes]:
-    """Source bytes of ``modules``, keyed by module-relative path."""
-    sources: dict[str, bytes] = {}
-    for module in modules:
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(f"enclave module {module!r} is not installed")
-        origin = Path(spec.origin)
-        if spec.submodule_search_locations is not None:
-            root = origin.parent
-            files = sorted(root.rglob("*.py"))
-            base = root.parent
-        else:
-            files = [origin]
-            base = origin.parent.parent
-        for file in files:
-            sources[file.relative_to(base).as_posix()] = file.read_bytes()
-    return sources
+@cache
+def enclave_modules(role: EnclaveRole) -> frozenset[str]:
+    """Every project module the enclave of ``role`` loads (its trusted computing base)."""
+    return import_closure(ENCLAVE_ENTRIES[role])
+
+
+def enclave_sources(role: EnclaveRole) -> dict[str, bytes]:
+    """Bytes of the enclave's modules, keyed by path relative to the installation."""
+    return module_sources(enclave_modules(role))
 
 
 @cache
 def current_identity(role: EnclaveRole) -> EnclaveIdentity:
     """This installation's identity for ``role`` (computed once per process)."""
     return EnclaveIdentity(
-        measurement=measure_sources(enclave_sources(ENCLAVE_MODULES[role])),
+        measurement=measure_sources(enclave_sources(role)),
         signer=SIGNER,
         product_id=PRODUCT_IDS[role],
         svn=ENCLAVE_SVN,
@@ -84,7 +69,7 @@ def build_identity(role: EnclaveRole) -> EnclaveIdentity:
     patch = os.environ.get(PATCH_VARIABLES[role])
     if not patch:
         return identity
-    sources = enclave_sources(ENCLAVE_MODULES[role])
+    sources = enclave_sources(role)
     sources["kmsim-patch"] = patch.encode()
     return EnclaveIdentity(
         measure_sources(sources), identity.signer, identity.product_id, identity.svn

@@ -1,19 +1,29 @@
-"""Measurements follow the code, and the simulated hardware store keeps identities stable."""
+"""Measurements cover the code each enclave really loads, and the simulated hardware store
+keeps identities stable."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from attest.certs import TcbStatus
-from attest.identity import measure_sources
-from kmnode.enclave_code import enclave_sources
+from attest.identity import EnclaveRole, measure_sources
+from kmnode.config import ClusterConfig, config_to_yaml
+from kmnode.enclave_code import current_identity, enclave_modules, enclave_sources
+from kmnode.host.service_link import ServiceLink
+from kmnode.imports import import_closure, module_sources
+from kmnode.km.loader import load_km_enclave
+from kmnode.km.state import encode_command
 from kmnode.simhw import HardwareStore, HardwareStoreError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_changing_any_byte_or_name_of_enclave_code_changes_the_measurement() -> None:
-    sources = enclave_sources(("attest",))
+    sources = enclave_sources(EnclaveRole.SERVICE)
     base = measure_sources(sources)
     assert measure_sources(dict(reversed(list(sources.items())))) == base
     name = sorted(sources)[0]
@@ -23,16 +33,136 @@ def test_changing_any_byte_or_name_of_enclave_code_changes_the_measurement() -> 
     assert measure_sources(renamed) != base
 
 
-def test_measurement_of_a_package_tracks_its_files(
+def test_the_measured_code_follows_the_imports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    package = tmp_path / "fake_enclave"
+    """Modules imported directly, through ``from package import module``, relatively, or
+    inside a function are measured; one imported only for type checking is not."""
+    package = tmp_path / "attest_fake"
     package.mkdir()
-    (package / "__init__.py").write_text("VALUE = 1\n")
+    (package / "__init__.py").write_text("")
+    (package / "entry.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from attest_fake import helper\n"
+        "from . import relative\n"
+        "import attest_fake.direct\n"
+        "if TYPE_CHECKING:\n"
+        "    import attest_fake.typing_only\n"
+        "def later():\n"
+        "    from attest_fake.lazy import x\n"
+    )
+    for name in ("helper", "relative", "direct", "typing_only", "lazy"):
+        (package / f"{name}.py").write_text("x = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    before = measure_sources(enclave_sources(("fake_enclave",)))
-    (package / "__init__.py").write_text("VALUE = 2\n")
-    assert measure_sources(enclave_sources(("fake_enclave",))) != before
+    monkeypatch.setattr("kmnode.imports.PROJECT_PACKAGES", ("attest_fake",))
+    closure = import_closure(["attest_fake.entry"])
+    assert closure == {
+        "attest_fake",
+        "attest_fake.entry",
+        "attest_fake.helper",
+        "attest_fake.relative",
+        "attest_fake.direct",
+        "attest_fake.lazy",
+    }
+    before = measure_sources(module_sources(closure))
+    (package / "lazy.py").write_text("x = 2\n")
+    assert measure_sources(module_sources(closure)) != before
+
+
+def test_both_enclaves_measure_the_modules_the_issue_named() -> None:
+    """The pieces a hand-kept list once missed: the keybox and ring writer of the service
+    enclave, the consensus types and codec of the KM enclave, the compiled ring."""
+    service = enclave_modules(EnclaveRole.SERVICE)
+    assert {"attest.keybox", "kmnode.ring", "kmnode.ring._ring"} <= service
+    sources = enclave_sources(EnclaveRole.SERVICE)
+    assert any(path.startswith("kmnode/ring/_ring") and path.endswith(".so") for path in sources)
+    assert {"consensus.types", "consensus.codec", "attest.keybox"} <= enclave_modules(
+        EnclaveRole.KM
+    )
+
+
+def _cluster(tmp_path: Path) -> tuple[ClusterConfig, Path]:
+    cfg = ClusterConfig.default(3).model_copy(update={"state_dir": tmp_path / "state"})
+    path = tmp_path / "cluster.yaml"
+    path.write_text(config_to_yaml(cfg))
+    return cfg, path
+
+
+async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
+    """Start km1's service enclave process, run a release through the KM enclave, have the
+    service prove the key, then ask it which project modules it loaded."""
+    cfg, path = _cluster(tmp_path)
+    km = load_km_enclave(cfg, "km1")
+    km.genesis()
+    node = cfg.node("km1")
+    member = {
+        "name": "km1",
+        "platform_id": node.platform.id,
+        "host": node.host,
+        "peer_port": node.peer_port,
+        "api_port": node.api_port,
+    }
+    state = km.state
+    state.apply(1, encode_command(
+        "cluster.init", cluster="c", policy=state.policy.to_dict(), member=member,
+        cluster_id=km.cluster_id,
+    ))  # fmt: skip
+    state.apply(2, encode_command("key.create", name="db"))
+    release = state.apply(3, encode_command("release.request", key="db", node="km1"))
+    link = ServiceLink(path, "km1", lambda _: None, tmp_path / "service.log")
+    await link.start()
+    try:
+        challenge = km.new_challenge()
+        answer = await link.request(
+            {
+                "op": "challenge",
+                "km_measurement": km.identity.measurement.hex(),
+                "challenge": challenge.hex(),
+            }
+        )
+        outcome = km.provision(release["release"], challenge, bytes.fromhex(answer["response"]))
+        if outcome.ok:
+            await link.request({"op": "key", "ciphertext": outcome.ciphertext.hex()})
+            await link.request({"op": "prove", "key": "db", "generation": 1, "challenge": "00"})
+        modules = await link.request({"op": "modules"})
+        return {
+            "outcome": outcome,
+            "measurement": link.measurement,
+            "modules": set(modules["modules"]),
+        }
+    finally:
+        await link.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_the_service_enclave_process_loads_exactly_the_measured_modules(
+    tmp_path: Path,
+) -> None:
+    seen = await _provision_to_a_real_service(tmp_path)
+    assert seen["outcome"].ok, seen["outcome"].reason
+    assert seen["measurement"] == current_identity(EnclaveRole.SERVICE).measurement.hex()
+    assert seen["modules"] == set(enclave_modules(EnclaveRole.SERVICE))
+
+
+@pytest.mark.timeout(60)
+async def test_a_service_enclave_built_with_a_changed_keybox_gets_no_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy the installation, change one comment in attest/keybox.py, and start km1's
+    service enclave from the copy: it reports another measurement and is refused."""
+    build = tmp_path / "modified"
+    for package in ("attest", "consensus", "kmnode"):
+        shutil.copytree(
+            REPO / package, build / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    keybox = build / "attest" / "keybox.py"
+    keybox.write_text(keybox.read_text() + "\n# a modified build\n")
+    monkeypatch.chdir(build)  # `python -m` puts the working directory first on the path
+    monkeypatch.setenv("PYTHONPATH", str(build))
+    seen = await _provision_to_a_real_service(tmp_path)
+    assert seen["measurement"] != current_identity(EnclaveRole.SERVICE).measurement.hex()
+    assert not seen["outcome"].ok and seen["outcome"].ciphertext == b""
+    assert seen["outcome"].reason.startswith("UnknownMeasurement")
 
 
 def test_hardware_store_gives_stable_identities(tmp_path: Path) -> None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from attest.identity import EnclaveRole
 from kmnode.config import load_config
 from kmnode.enclave_code import build_identity
+from kmnode.imports import PROJECT_PACKAGES
 from kmnode.ring import OnFull, Ring, Writer
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.simhw import HardwareStore
@@ -32,6 +34,10 @@ def handle(enclave: ServiceEnclave, writer: Writer, request: dict[str, Any]) -> 
     op = request.get("op")
     if op == "identity":
         return {"measurement": enclave.context.identity.measurement.hex()}
+    if op == "modules":
+        # Public: which project modules this process has loaded, so a test (or an auditor)
+        # can check that the measurement covers every one of them.
+        return {"modules": loaded_project_modules()}
     if op == "challenge":
         response = enclave.answer_challenge(
             bytes.fromhex(request["km_measurement"]), bytes.fromhex(request["challenge"])
@@ -53,6 +59,15 @@ def handle(enclave: ServiceEnclave, writer: Writer, request: dict[str, Any]) -> 
         writer.write(json.dumps(record, separators=(",", ":")).encode(), RECORD_PROOF)
         return {"mac": mac}
     raise ValueError(f"unknown operation {op!r}")
+
+
+def loaded_project_modules() -> list[str]:
+    """Project modules in this process, the one run as ``__main__`` by its real name."""
+    names = set(sys.modules)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        names.add(spec.name)
+    return sorted(m for m in names if m.split(".")[0] in PROJECT_PACKAGES)
 
 
 def answer(enclave: ServiceEnclave, writer: Writer, line: bytes) -> bytes:
