@@ -6,7 +6,7 @@ NAME``. The config the nodes run with is written to ``<state_dir>/cluster.yaml``
 `status` and later invocations see the cluster that is really running, even after ``-n``.
 
 A node whose spec has ``netns`` runs inside that Linux network namespace (made by `kmctl chaos
-netns setup`, kmnode.chaos.netns): it is started as ``ip netns exec NS <node command>``.
+netns setup`, kmnode.netns): it is started as ``ip netns exec NS <node command>``.
 
 A pid file is three lines: the pid, the process start time (clock ticks since boot, from
 /proc/PID/stat) and the argv as JSON. `down` signals a pid only when /proc still shows exactly
@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import kmnode
-from kmnode.chaos import netns
-from kmnode.cli.client import NodeClient, NodeUnreachable
-from kmnode.cli.output import EXIT_FAILURE, CliError
+from kmnode import netns
+from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
+from kmnode.errors import EXIT_FAILURE, KmsimError
 from kmnode.host.broker import BrokerStartError, start_embedded_broker, stop_broker
 
 BROKER = "broker"
@@ -53,7 +53,7 @@ Progress = Callable[[str, str], None]
 NodeCommand = Callable[[Path, str], list[str]]
 
 
-class SupervisorError(CliError):
+class SupervisorError(KmsimError):
     """`up` or `down` failed; the message says which process and why (log tail included)."""
 
     def __init__(self, message: str) -> None:
@@ -582,7 +582,7 @@ def _wait_ready(
             status = client.get("/v1/status")
         except NodeUnreachable:
             phase = "starting: API not answering yet"
-        except CliError as exc:
+        except KmsimError as exc:
             phase = f"starting: {exc.message}"
         else:
             ready, phase = describe_readiness(status)

@@ -26,11 +26,12 @@ from click.testing import CliRunner
 
 from kmnode import supervisor
 from kmnode.cli import cli
-from kmnode.cli.client import ApiError, ClusterClient, NodeClient, NodeUnreachable
 from kmnode.cli.cluster_cmds import select_nodes
 from kmnode.cli.context import CliContext
 from kmnode.cli.output import CliError
+from kmnode.client import ApiError, ClusterClient, NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, MqttSpec, NodeSpec, PlatformSpec
+from kmnode.errors import KmsimError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -464,7 +465,7 @@ def test_unreachable_error_types(partial: FakeCluster) -> None:
     with pytest.raises(NodeUnreachable) as info:
         NodeClient.for_node(partial.config.node("km1")).get("/v1/status")
     assert info.value.exit_code == 3
-    with pytest.raises(CliError):
+    with pytest.raises(KmsimError):
         ClusterClient(partial.config, "nope")
 
 
@@ -482,7 +483,7 @@ def test_a_port_that_does_not_speak_http_is_one_clear_error() -> None:
 
         thread = threading.Thread(target=answer_garbage, daemon=True)
         thread.start()
-        with pytest.raises(CliError) as info:
+        with pytest.raises(KmsimError) as info:
             NodeClient("km1", f"http://127.0.0.1:{port}", timeout=5).get("/v1/status")
         thread.join(5)
     assert info.value.exit_code == 3

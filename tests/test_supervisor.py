@@ -441,7 +441,7 @@ def test_kmctl_up_failure_is_one_error_with_exit_3(
     assert not isinstance(result.exception, CliError)
 
 
-@pytest.mark.parametrize("module", ["kmnode.supervisor", "kmnode.cli.client", "kmnode.cli"])
+@pytest.mark.parametrize("module", ["kmnode.supervisor", "kmnode.client", "kmnode.cli"])
 def test_modules_import_in_any_order(module: str) -> None:
     root = Path(supervisor.__file__).resolve().parent.parent
     done = subprocess.run(

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.segments import HEADER_SIZE, read_records
 from kmnode import supervisor
-from kmnode.cli.client import ApiError, NodeClient, NodeUnreachable
-from kmnode.cli.output import CliError
+from kmnode.client import ApiError, NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig
 from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
+from kmnode.errors import KmsimError
 
 if TYPE_CHECKING:
     from kmnode.supervisor import ProcessRecord
@@ -160,7 +160,7 @@ def restart(
                 log,
                 supervisor.pid_path(cfg, node),
             )
-        except CliError as exc:
+        except KmsimError as exc:
             raise FaultError(exc.message) from None
     detail: dict[str, Any] = {"pid": record.pid, "ready": False}
     if wait:
@@ -185,7 +185,7 @@ def _wait_ready(
         if code is not None:
             tail = supervisor.log_tail(supervisor.log_path(cfg, node), offset=log_offset)
             raise FaultError(f"{node} exited with code {code} after restart:\n{tail}")
-        with contextlib.suppress(NodeUnreachable, CliError):
+        with contextlib.suppress(NodeUnreachable, KmsimError):
             ready, phase = supervisor.describe_readiness(client.get("/v1/status"))
             if ready:
                 return
@@ -371,7 +371,7 @@ def _remove_member(cfg: ClusterConfig, node: str, timeout: float) -> None:
             if exc.status == 409 and "is not a member" in exc.message:
                 return  # removed already (an earlier attempt, or by an operator)
             last = exc.message
-        except CliError as exc:  # unreachable, or no leader right now
+        except KmsimError as exc:  # unreachable, or no leader right now
             last = exc.message
         if time.monotonic() >= deadline:
             break

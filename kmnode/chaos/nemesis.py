@@ -23,11 +23,12 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kmnode.chaos import faults, netns
+from kmnode import netns
+from kmnode.chaos import faults
 from kmnode.chaos.checker import CheckOutcome, Violation
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
-from kmnode.cli.client import ApiError, NodeClient
+from kmnode.client import ApiError, NodeClient
 from kmnode.config import ClusterConfig
 
 LINK_KINDS = ("partition", "partition-one-way", "loss", "duplicate")

@@ -35,9 +35,9 @@ from kmnode.chaos.checker import CheckOutcome, CheckResult, NodeState, check, ch
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder, OpHandle
 from kmnode.chaos.nemesis import FAULT_KINDS, Nemesis, resolve_kinds
-from kmnode.cli.client import ApiError, NodeClient, NodeUnreachable
-from kmnode.cli.output import CliError
+from kmnode.client import ApiError, NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig
+from kmnode.errors import KmsimError
 
 _CLIENT_TIMEOUT = 10.0
 _RELEASE_WAIT = 5.0
@@ -126,7 +126,7 @@ def record_outcome(handle: OpHandle, call: Callable[[], Any], value: Callable[[A
     except NodeUnreachable as exc:
         handle.fail(exc.message)
         return
-    except CliError as exc:
+    except KmsimError as exc:
         handle.info(exc.message)
         return
     handle.ok(value(answer))
@@ -232,7 +232,7 @@ class _Run:
                 statuses = [
                     NodeClient.for_node(self.cfg.node(n), 2.0).get("/v1/status") for n in self.names
                 ]
-            except CliError as exc:
+            except KmsimError as exc:
                 seen = exc.message
             else:
                 views = {(s["leader"], s["term"], s["applied"]) for s in statuses}
@@ -317,7 +317,7 @@ def run(
         recovery = time.monotonic() - healed
         log(f"converged {recovery:.2f}s after the final heal")
         final = state.final_state()
-    except (RunError, CliError, FaultError) as exc:
+    except (RunError, KmsimError, FaultError) as exc:
         # The history is the evidence of what led here: keep it even without a verdict.
         saved = _save_history(state, out_dir)
         raise RunError(f"{exc} (history so far: {saved})") from None

@@ -18,7 +18,14 @@ from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.quote import REPORT_DATA_SIZE, CheckLog, Quote, QuoteVerifier, VerifiedIdentity
 from kmnode.cli.context import CliContext, pass_context
-from kmnode.cli.output import EXIT_REFUSED, EXIT_USAGE, CliError, print_json, print_table
+from kmnode.cli.output import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    KmctlGroup,
+    print_json,
+    print_table,
+)
 from kmnode.config import ClusterConfig
 from kmnode.enclave_code import current_identity, current_measurements
 from kmnode.simhw import HardwareStore
@@ -54,7 +61,7 @@ def _make_quote(cfg: ClusterConfig, node_name: str, role: EnclaveRole, report_da
     return platform.enclave(current_identity(role)).quote(report_data, time.time())
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def attest() -> None:
     """Enclave measurements, quotes and their verification against the cluster policy."""
 

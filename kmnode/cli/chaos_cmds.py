@@ -19,10 +19,18 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 
 from kmnode import supervisor
-from kmnode.cli.client import NodeClient, NodeUnreachable
 from kmnode.cli.context import CliContext, pass_context
-from kmnode.cli.output import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, CliError, print_json
+from kmnode.cli.output import (
+    EXIT_FAILURE,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    KmctlGroup,
+    print_json,
+)
+from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig
+from kmnode.errors import KmsimError
 
 if TYPE_CHECKING:
     from kmnode.chaos.faults import FaultDone
@@ -76,7 +84,7 @@ def _fault(as_json: bool, run: Callable[[], FaultDone]) -> None:
     _emit(as_json, done.to_dict(), done.summary)
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def chaos() -> None:
     """Inject faults: kill or pause nodes, partition or degrade links, corrupt disks.
 
@@ -297,7 +305,7 @@ def heal(ctx: CliContext, a: str | None, b: str | None, as_json: bool) -> None:
         except NodeUnreachable:
             results.append({"node": sender, "skipped": "not running"})
             continue
-        except CliError as exc:
+        except KmsimError as exc:
             failures.append((sender, exc.message))
             continue
         results.append({"node": sender, **answer})

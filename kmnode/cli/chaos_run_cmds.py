@@ -31,6 +31,7 @@ from kmnode.cli.output import (
     print_table,
 )
 from kmnode.config import ClusterConfig
+from kmnode.errors import KmsimError
 
 if TYPE_CHECKING:
     from kmnode.chaos.runner import RunConfig, RunOutcome
@@ -133,7 +134,7 @@ def _execute(cfg: ClusterConfig, config: RunConfig, out_dir: Path, progress: Any
         return chaos_run(cfg, config, out_dir, progress)
     except ValueError as exc:  # a fault kind this cluster cannot take
         raise CliError(str(exc), EXIT_USAGE) from None
-    except (RunError, FaultError, CliError) as exc:
+    except (RunError, FaultError, KmsimError) as exc:
         raise CliError(f"chaos run (seed {config.seed}) failed: {exc}", EXIT_FAILURE) from None
 
 
@@ -310,7 +311,7 @@ def sweep(
                 supervisor.up(cfg)  # a failure here is the environment's: the sweep stops
                 try:
                     outcome = _execute(cfg, config, seed_dir, progress)
-                except CliError as exc:
+                except KmsimError as exc:
                     if exc.exit_code == EXIT_USAGE:
                         raise
                     # The run itself broke down (say, no convergence after healing): a

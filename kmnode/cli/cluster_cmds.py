@@ -10,17 +10,19 @@ import click
 from rich.console import Console
 
 from kmnode import supervisor
-from kmnode.cli.client import NodeClient, NodeUnreachable
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
     CliError,
+    KmctlGroup,
     print_json,
     print_table,
 )
+from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import DEFAULT_CONFIG_NAME, ClusterConfig
+from kmnode.errors import KmsimError
 
 _STATUS_TIMEOUT = 2.0
 # Literals, not supervisor's constants: kmnode.supervisor imports kmnode.cli (the client), so
@@ -124,7 +126,7 @@ def _node_status(cfg: ClusterConfig, name: str) -> dict[str, Any]:
         status = client.get("/v1/status")
     except NodeUnreachable:
         return {"node": name, "state": "down", "error": "not reachable", "status": None}
-    except CliError as exc:
+    except KmsimError as exc:
         return {"node": name, "state": "error", "error": exc.message, "status": None}
     ready, phase = supervisor.describe_readiness(status)
     state = "ready" if ready else "not ready"
@@ -186,7 +188,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
     raise click.exceptions.Exit(show_status(cfg, as_json))
 
 
-@click.group("node")
+@click.group("node", cls=KmctlGroup)
 def node() -> None:
     """Run one node in the foreground (what `kmctl up` starts for each node)."""
 

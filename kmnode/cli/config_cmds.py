@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from kmnode.cli.context import CliContext, pass_context
-from kmnode.cli.output import print_json, print_table
+from kmnode.cli.output import KmctlGroup, print_json, print_table
 from kmnode.config import config_to_yaml
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def config() -> None:
     """Validate and show the cluster configuration."""
 

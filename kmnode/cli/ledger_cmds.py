@@ -9,7 +9,7 @@ import click
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
-from kmnode.cli.output import EXIT_REFUSED, CliError, print_json, print_table
+from kmnode.cli.output import EXIT_REFUSED, CliError, KmctlGroup, print_json, print_table
 from kmnode.config import ClusterConfig
 from kmnode.ledger import committed_commands, read_ledger, verify_node
 from kmnode.simhw import HardwareStore
@@ -28,7 +28,7 @@ def _raft_dir(cfg: ClusterConfig, node: str, force: bool) -> Path:
     return path
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def ledger() -> None:
     """Offline checks of a node's ledger (its Raft log): hash chain and enclave signatures."""
 

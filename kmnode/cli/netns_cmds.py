@@ -1,7 +1,7 @@
 """`kmctl chaos netns ...`: real IP-level partitions, each node in its own network namespace.
 
 Where `kmctl chaos partition` asks the nodes' transports to drop what they send, these
-commands make the Linux kernel drop the packets (kmnode.chaos.netns): `setup` builds a bridge
+commands make the Linux kernel drop the packets (kmnode.netns): `setup` builds a bridge
 and one namespace per node (for a cluster file whose nodes have `netns` set, such as
 docs/netns-cluster.yaml), `partition A B` adds blackhole routes between two namespaces, `heal`
 removes them all, `teardown` removes everything. All of it needs root and iproute2.
@@ -20,14 +20,15 @@ from typing import Any, TypeVar
 
 import click
 
+from kmnode import netns as ns
 from kmnode import supervisor
-from kmnode.chaos import netns as ns
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import (
     EXIT_FAILURE,
     EXIT_REFUSED,
     EXIT_USAGE,
     CliError,
+    KmctlGroup,
     print_json,
     print_table,
 )
@@ -80,7 +81,7 @@ def _show(status: ns.NetnsStatus, as_json: bool, headline: str) -> None:
     )
 
 
-@click.group("netns")
+@click.group("netns", cls=KmctlGroup)
 def netns() -> None:
     """Real network partitions: each node in its own Linux network namespace (root only).
 

@@ -16,9 +16,17 @@ import click
 
 from kmnode import supervisor
 from kmnode.cli.attest_cmds import attest
-from kmnode.cli.client import DEFAULT_TIMEOUT, ClusterClient
 from kmnode.cli.context import CliContext, pass_context
-from kmnode.cli.output import EXIT_REFUSED, EXIT_USAGE, CliError, print_json, print_table
+from kmnode.cli.output import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CliError,
+    KmctlGroup,
+    print_json,
+    print_table,
+)
+from kmnode.client import DEFAULT_TIMEOUT, ClusterClient
+from kmnode.errors import KmsimError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,7 +89,7 @@ def _write_result(as_json: bool, answer: Any, line: str) -> None:
 # --- keys --------------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def keys() -> None:
     """Named keys: create, list, show, rotate, and release them to nodes' service enclaves."""
 
@@ -248,7 +256,7 @@ def _releases_table(title: str, releases: list[dict[str, Any]]) -> None:
 # --- releases ------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def releases() -> None:
     """The replicated record of key releases and their outcomes."""
 
@@ -274,7 +282,7 @@ def releases_list(
 # --- policy --------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def policy() -> None:
     """The replicated attestation policy: allowed measurements, TCB levels, revoked platforms."""
 
@@ -361,7 +369,7 @@ def policy_revoke_platform(
 # --- members -------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=KmctlGroup)
 def members() -> None:
     """Cluster membership as committed through Raft."""
 
@@ -500,12 +508,12 @@ def prove(
         return
     cfg = supervisor.effective_config(ctx.config())
     results: list[dict[str, Any]] = []
-    failure: CliError | None = None
+    failure: KmsimError | None = None
     for spec in cfg.nodes:
         try:
             answer = ClusterClient(cfg, spec.name, DEFAULT_TIMEOUT).post("/v1/service/prove", body)
             results.append({"node": spec.name, "mac": answer.get("mac"), "error": None})
-        except CliError as exc:
+        except KmsimError as exc:
             failure = failure or exc
             results.append({"node": spec.name, "mac": None, "error": exc.message})
     macs = {r["mac"] for r in results if r["mac"] is not None}

@@ -1,8 +1,6 @@
 """How kmctl talks to people and scripts: tables on a terminal, JSON with --json, one-line errors.
 
-Exit codes mean something, so scripts can branch on them without parsing text:
-0 success, 1 the cluster or a check refused (e.g. a quote failed verification),
-2 bad usage or configuration, 3 an internal or environment failure.
+Exit codes mean something (see ``kmnode.errors``), so scripts can branch on them.
 """
 
 from __future__ import annotations
@@ -16,23 +14,45 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_FAILURE = 3
+from kmnode.errors import EXIT_FAILURE, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, KmsimError
 
 
-class CliError(click.ClickException):
-    """An error reported to the user in one line, with a meaningful exit code."""
+class CliError(KmsimError, click.ClickException):
+    """An error of the CLI itself, reported in one line with a meaningful exit code (errors
+    of the layers below are :class:`KmsimError` and are shown the same way)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        # Per error, not per class: Click reads ``exit_code`` from the instance, though from
-        # 8.2 on it types the attribute as a ClassVar (which a plain assignment would violate).
-        object.__setattr__(self, "exit_code", exit_code)
+        KmsimError.__init__(self, message, exit_code)
 
     def show(self, file: Any = None) -> None:
         click.echo(f"kmctl: error: {self.format_message()}", err=True)
+
+
+class KmctlGroup(click.Group):
+    """Every kmctl command group: an error of the layers below the CLI (the API client, the
+    supervisor, the chaos tools) is shown like the CLI's own, in one line with its exit code,
+    however the group is invoked (as part of kmctl, or on its own in a test)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KmsimError as exc:
+            if isinstance(exc, click.ClickException):
+                raise
+            raise CliError(exc.message, exc.exit_code) from exc
+
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "CliError",
+    "KmctlGroup",
+    "KmsimError",
+    "print_json",
+    "print_table",
+]
 
 
 def print_json(data: Any) -> None:

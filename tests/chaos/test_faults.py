@@ -24,9 +24,9 @@ from kmnode.chaos import faults
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
 from kmnode.chaos.runner import RunConfig, record_outcome
-from kmnode.cli.client import ApiError, NodeUnreachable
-from kmnode.cli.output import CliError
+from kmnode.client import ApiError, NodeUnreachable
 from kmnode.config import ClusterConfig
+from kmnode.errors import KmsimError
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.faults import (
     Decision,
@@ -452,7 +452,7 @@ def test_pause_resume_and_kill_a_recorded_process(tmp_path: Path) -> None:
         (ApiError("km1", 503, "unavailable", "dropped"), "info"),
         (ApiError("km1", 504, "timeout", "may still commit"), "info"),
         (NodeUnreachable("km1", "127.0.0.1:1"), "fail"),
-        (CliError("did not answer within 10s", 3), "info"),
+        (KmsimError("did not answer within 10s", 3), "info"),
     ],
 )
 def test_runner_fails_an_op_only_when_the_cluster_certainly_did_not_act(

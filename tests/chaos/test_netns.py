@@ -1,4 +1,4 @@
-"""kmnode.chaos.netns without root: names, validation, the ``ip`` argv lists, the parsers, and
+"""kmnode.netns without root: names, validation, the ``ip`` argv lists, the parsers, and
 the runners against a fake ``ip`` that keeps the state a real one would (so idempotency and
 "teardown never fails on what is gone" are checked end to end), plus `kmctl chaos netns`."""
 
@@ -14,12 +14,12 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from kmnode.chaos import netns
-from kmnode.chaos.netns import IpResult, NetnsError, Observed
+from kmnode import netns
 from kmnode.cli.context import CliContext
 from kmnode.cli.netns_cmds import netns as netns_group
 from kmnode.cli.output import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, load_config, parse_config
+from kmnode.netns import IpResult, NetnsError, Observed
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "docs" / "netns-cluster.yaml"
@@ -497,7 +497,7 @@ def test_a_failing_ip_command_is_reported_with_its_argv() -> None:
 def test_environment_checks_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(NetnsError, match="need root"):
         netns.check_environment(euid=1000)
-    monkeypatch.setattr("kmnode.chaos.netns.shutil.which", lambda *_a, **_k: None)
+    monkeypatch.setattr("kmnode.netns.shutil.which", lambda *_a, **_k: None)
     with pytest.raises(NetnsError, match="apt-get install iproute2"):
         netns.check_environment(euid=0)
 

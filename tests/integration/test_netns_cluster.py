@@ -1,6 +1,6 @@
 """Real partitions: a 3-node cluster whose nodes each run in their own network namespace.
 
-The namespaces, veth pairs and bridge are made by kmnode.chaos.netns, the nodes started by
+The namespaces, veth pairs and bridge are made by kmnode.netns, the nodes started by
 the supervisor exactly as `kmctl up` starts them (``ip netns exec``), and a partition is a pair
 of blackhole routes: the nodes are not told, the kernel drops their packets. Every run uses
 its own cluster name, namespace names and 10.77.X.0/24 subnet, so parallel runs on one machine
@@ -27,8 +27,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kmnode import supervisor
-from kmnode.chaos import netns
+from kmnode import netns, supervisor
 from kmnode.cli import cli
 from kmnode.config import load_config
 

@@ -4,7 +4,7 @@ Synchronous ``urllib`` on purpose: kmctl makes a handful of requests per invocat
 blocking client keeps every command a plain function. Proxies from the environment are
 ignored, because the API listens on cluster-internal addresses that a proxy cannot reach.
 
-Every failure becomes a :class:`~kmnode.cli.output.CliError` with one line and an exit code
+Every failure becomes a :class:`~kmnode.errors.KmsimError` with one line and an exit code
 that follows the API's status: 409 refused → 1, 400/404 → 2, 421 (twice)/503/504/other → 3.
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kmnode.cli.output import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, CliError
 from kmnode.config import ClusterConfig, NodeSpec
+from kmnode.errors import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, KmsimError
 
 DEFAULT_TIMEOUT = 10.0
 #: How long to wait before the single retry when a follower does not know the leader yet.
@@ -31,7 +31,7 @@ _EXIT_BY_STATUS = {400: EXIT_USAGE, 404: EXIT_USAGE, 409: EXIT_REFUSED}
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class NodeUnreachable(CliError):
+class NodeUnreachable(KmsimError):
     """The node could not be connected to: the request never reached it, so trying another
     node (or starting the cluster) is safe."""
 
@@ -43,7 +43,7 @@ class NodeUnreachable(CliError):
         self.node = node
 
 
-class ApiError(CliError):
+class ApiError(KmsimError):
     """The node answered with an error; ``status`` and ``code`` are the API's."""
 
     def __init__(self, node: str, status: int, code: str, message: str) -> None:
@@ -95,7 +95,7 @@ class NodeClient:
         query: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """The decoded JSON body of a 2xx answer; anything else raises a CliError."""
+        """The decoded JSON body of a 2xx answer; anything else raises a KmsimError."""
         wait = self.timeout if timeout is None else timeout
         answer = _send(self.name, self.url, method, path, body, query, wait)
         if answer.status != 421:
@@ -111,11 +111,11 @@ class NodeClient:
             retried = _send(target, url, method, path, body, query, wait)
         except NodeUnreachable as exc:
             # Not NodeUnreachable: this node did answer, so trying others would mislead.
-            raise CliError(
+            raise KmsimError(
                 f"{self.name} named {target} as the leader, but {exc.message}", EXIT_FAILURE
             ) from None
         if retried.status == 421:
-            raise CliError(
+            raise KmsimError(
                 f"{target} is not the leader either (leadership is changing, or no leader is "
                 "elected yet): retry shortly",
                 EXIT_FAILURE,
@@ -149,18 +149,18 @@ def _send(
         # urllib raises URLError only while connecting and sending: the node never got it.
         raise NodeUnreachable(node, address) from exc
     except TimeoutError:
-        raise CliError(
+        raise KmsimError(
             f"node {node} at {address} did not answer {method} {path} within {timeout:g}s "
             "(a write may still commit)",
             EXIT_FAILURE,
         ) from None
     except OSError as exc:
-        raise CliError(
+        raise KmsimError(
             f"node {node} at {address} dropped the connection during {method} {path}: {exc}",
             EXIT_FAILURE,
         ) from None
     except http.client.HTTPException as exc:
-        raise CliError(
+        raise KmsimError(
             f"{address} (node {node}) did not answer in HTTP: {type(exc).__name__} "
             "(is another program on that port?)",
             EXIT_FAILURE,
@@ -171,7 +171,7 @@ def _decode(node: str, status: int, raw: bytes) -> Any:
     try:
         return json.loads(raw) if raw else None
     except ValueError:
-        raise CliError(
+        raise KmsimError(
             f"node {node} answered HTTP {status} with a body that is not JSON", EXIT_FAILURE
         ) from None
 
@@ -200,7 +200,7 @@ class ClusterClient:
             try:
                 spec = self.config.node(self.node)
             except KeyError as exc:
-                raise CliError(str(exc.args[0]), EXIT_USAGE) from None
+                raise KmsimError(str(exc.args[0]), EXIT_USAGE) from None
             self._chosen = NodeClient.for_node(spec, self.timeout)
 
     @property
@@ -228,7 +228,7 @@ class ClusterClient:
                 continue
             self._chosen = candidate
             return result
-        raise CliError(
+        raise KmsimError(
             f"no node of cluster {self.config.cluster!r} is reachable ({', '.join(tried)}): "
             "is the cluster up? (kmctl up)",
             EXIT_FAILURE,

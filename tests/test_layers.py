@@ -1,0 +1,144 @@
+"""Imports only go down the layers: a walk over every import statement of the project.
+
+The layers, top to bottom: the CLI (``kmnode.cli``); the chaos tools (``kmnode.chaos``); the
+orchestration of nodes (``kmnode.supervisor``, ``kmnode.client``, ``kmnode.netns``); the
+untrusted host of a node (``kmnode.host``) and the offline ledger check (``kmnode.ledger``);
+the enclaves (``kmnode.km``, ``kmnode.service``); shared pieces (config, ring, simulated
+hardware, measurement, errors); and the pure libraries ``consensus`` and ``attest``.
+
+The host must not reach into the enclaves: what it may use of the KM enclave is its entry
+points. Until the KM enclave runs in its own process (issue 11's remaining steps), the node's
+host modules still construct it in-process; those imports are listed in ``KM_IN_PROCESS`` so
+that no other host module can start depending on enclave internals meanwhile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmnode.imports import direct_imports
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("attest", "consensus", "kmnode")
+
+
+def _modules() -> list[str]:
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found.append(".".join(parts))
+    return found
+
+
+MODULES = _modules()
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+#: (importers, what they must not import): each rule is one boundary of the layering.
+_BELOW_CHAOS = (
+    "attest", "consensus", "kmnode.host", "kmnode.km", "kmnode.service", "kmnode.supervisor",
+    "kmnode.client", "kmnode.netns", "kmnode.config", "kmnode.ring", "kmnode.simhw",
+    "kmnode.ledger",
+)  # fmt: skip
+_BELOW_ORCHESTRATION = (
+    "attest", "consensus", "kmnode.host", "kmnode.km", "kmnode.service", "kmnode.config",
+    "kmnode.ring", "kmnode.simhw",
+)  # fmt: skip
+_ORCHESTRATION = ("kmnode.supervisor", "kmnode.client", "kmnode.netns")
+
+#: (importers, what they must not import): each rule is one boundary of the layering.
+RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    # Nothing but the CLI imports the CLI.
+    (("attest", "consensus", "kmnode"), ("kmnode.cli",)),
+    # The chaos tools serve the CLI only.
+    (_BELOW_CHAOS, ("kmnode.chaos",)),
+    # Orchestration is above the node.
+    (_BELOW_ORCHESTRATION, _ORCHESTRATION),
+    # The enclaves never depend on the untrusted host (nor on each other).
+    (("kmnode.km",), ("kmnode.host", "kmnode.service", "kmnode.ledger")),
+    (("kmnode.service",), ("kmnode.host", "kmnode.km", "kmnode.ledger")),
+    # The host uses the service enclave only through its process and pipe.
+    (("kmnode.host",), ("kmnode.service",)),
+    # The host does not reach into the KM enclave (see KM_IN_PROCESS).
+    (("kmnode.host",), ("kmnode.km",)),
+    # The pure libraries stand alone.
+    (("attest",), ("consensus", "kmnode")),
+    (("consensus",), ("attest", "kmnode")),
+]
+
+#: Host modules that still load the KM enclave in-process: (importer, imported module).
+KM_IN_PROCESS = {
+    ("kmnode.host.node", "kmnode.km"),
+    ("kmnode.host.node", "kmnode.km.enclave"),
+    ("kmnode.host.node", "kmnode.km.loader"),
+    ("kmnode.host.node", "kmnode.km.machine"),
+    ("kmnode.host.node", "kmnode.km.state"),
+    ("kmnode.host.api", "kmnode.km"),
+    ("kmnode.host.api", "kmnode.km.state"),
+    ("kmnode.host.peer_wire", "kmnode.km"),
+    ("kmnode.host.peer_wire", "kmnode.km.enclave"),
+    ("kmnode.host.peer_transport", "kmnode.km"),
+    ("kmnode.host.peer_transport", "kmnode.km.enclave"),
+}
+
+
+def violations() -> list[str]:
+    found = []
+    for module in MODULES:
+        imported = direct_imports(module)
+        for importers, forbidden in RULES:
+            if not _under(module, importers):
+                continue
+            for target in sorted(imported):
+                if (
+                    _under(target, forbidden)
+                    and not _under(module, forbidden)
+                    and (module, target) not in KM_IN_PROCESS
+                ):
+                    found.append(f"{module} imports {target}")
+    return sorted(set(found))
+
+
+def test_the_walk_sees_every_module() -> None:
+    assert len(MODULES) > 90
+    assert "kmnode.host.node" in MODULES and "kmnode.cli" in MODULES
+    assert "kmnode.km.enclave" in direct_imports("kmnode.host.node")
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    assert violations() == []
+
+
+def test_the_in_process_exceptions_are_all_still_needed() -> None:
+    """An exception nobody needs any more goes, so the list only shrinks."""
+    used = {
+        (module, target)
+        for module in MODULES
+        for target in direct_imports(module)
+        if (module, target) in KM_IN_PROCESS
+    }
+    assert used == KM_IN_PROCESS
+
+
+@pytest.mark.parametrize(
+    ("module", "target"),
+    [("kmnode.host.mqtt", "kmnode.km.enclave"), ("kmnode.chaos.runner", "kmnode.cli.output")],
+)
+def test_a_violation_is_reported(
+    module: str, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = direct_imports
+
+    def with_extra(name: str) -> set[str]:
+        return real(name) | ({target} if name == module else set())
+
+    monkeypatch.setattr(f"{__name__}.direct_imports", with_extra)
+    assert violations() == [f"{module} imports {target}"]
