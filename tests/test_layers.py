@@ -76,17 +76,24 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
 
 #: Host modules that still load the KM enclave in-process: (importer, imported module).
 KM_IN_PROCESS = {
+    ("kmnode.host.api", "kmnode.km"),
+    ("kmnode.host.api", "kmnode.km.state"),
+    ("kmnode.host.join", "kmnode.km"),
+    ("kmnode.host.join", "kmnode.km.enclave"),
+    ("kmnode.host.join", "kmnode.km.state"),
+    ("kmnode.host.ledger_signer", "kmnode.km"),
+    ("kmnode.host.ledger_signer", "kmnode.km.state"),
     ("kmnode.host.node", "kmnode.km"),
     ("kmnode.host.node", "kmnode.km.enclave"),
     ("kmnode.host.node", "kmnode.km.loader"),
     ("kmnode.host.node", "kmnode.km.machine"),
-    ("kmnode.host.node", "kmnode.km.state"),
-    ("kmnode.host.api", "kmnode.km"),
-    ("kmnode.host.api", "kmnode.km.state"),
-    ("kmnode.host.peer_wire", "kmnode.km"),
-    ("kmnode.host.peer_wire", "kmnode.km.enclave"),
     ("kmnode.host.peer_transport", "kmnode.km"),
     ("kmnode.host.peer_transport", "kmnode.km.enclave"),
+    ("kmnode.host.peer_wire", "kmnode.km"),
+    ("kmnode.host.peer_wire", "kmnode.km.enclave"),
+    ("kmnode.host.releases", "kmnode.km"),
+    ("kmnode.host.releases", "kmnode.km.enclave"),
+    ("kmnode.host.releases", "kmnode.km.state"),
 }
 
 

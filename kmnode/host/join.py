@@ -1,0 +1,165 @@
+"""Joining a cluster, from both sides of the attested join connection.
+
+A joining node dials the members named in cluster.yaml (the leader they name first) until one
+admits it: its KM enclave sends a join request (its addresses; its name and platform are the
+enclave's own) and opens the answer, which installs the master secret inside the enclave when it
+says ``admitted``. A member passes a request to the leader's logic: commit the member record,
+make it a Raft voter, then have its enclave answer; the enclave seals an admission only if its
+own committed membership holds the joiner on the platform its quote proved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from attest.errors import AttestationError
+from consensus.types import ConfChange, ConfChangeType, RaftError
+from kmnode.host.peer_transport import Address
+from kmnode.host.peer_wire import (
+    CHANNEL,
+    JOIN,
+    PeerProtocolError,
+    PeerRefused,
+    encode_frame,
+    expect,
+    initiate,
+)
+from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
+from kmnode.km.state import encode_command
+
+if TYPE_CHECKING:
+    from kmnode.host.node import KMNode
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT = 15.0
+#: Largest join request or reply frame read from a peer.
+MAX_JOIN_FRAME = 64 * 1024
+
+
+class JoinRefused(Exception):
+    """A member refused this node's join request, with the reason."""
+
+
+class Joining:
+    """The join protocol of one node (its joiner side and its member side)."""
+
+    def __init__(self, node: KMNode) -> None:
+        self.node = node
+
+    async def join_loop(self) -> None:
+        """Ask members (the leader they name first) until one admits this node.
+
+        Bounded: about 1,000 rounds of at most 0.5 s. Unreachable members and "busy" or
+        "redirect" answers are retried; a refusal (policy, identity) stops the node.
+        """
+        node = self.node
+        by_name = {n.name: n for n in node.config.nodes if n.name != node.name}
+        hint = ""
+        delay = 0.05
+        for _ in range(1000):
+            order = ([by_name[hint]] if hint in by_name else []) + [
+                n for n in by_name.values() if n.name != hint
+            ]
+            hint = ""
+            for member in order:
+                try:
+                    answer = await self.join_via(member.name, (member.host, member.peer_port))
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, PeerProtocolError):
+                    continue
+                except (PeerRefused, JoinRefused, AttestationError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log.error("%s: join refused by %s: %s", node.name, member.name, reason)
+                    node.publish_event("join.refused", by=member.name, reason=reason)
+                    node.exit_code = 1
+                    node.stop_requested.set()
+                    return
+                if answer is None:
+                    node.joined.set()
+                    node.enclave.check_binding()  # the log may have arrived before the secret
+                    node.store_sealed_state()
+                    node.publish_event("node.joined", via=member.name)
+                    return
+                hint = answer
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def join_via(self, peer: str, address: Address) -> str | None:
+        """One join attempt; returns None when admitted, else the leader hint to retry with."""
+        enclave, spec = self.node.enclave, self.node.spec
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 2.0)
+        try:
+            session = await initiate(enclave, reader, writer, JOIN, peer)
+            try:
+                request = enclave.join_request(session, spec.host, spec.peer_port, spec.api_port)
+                writer.write(encode_frame(CHANNEL, request))
+                async with asyncio.timeout(JOIN_TIMEOUT):
+                    frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
+                    try:
+                        reply = enclave.open_join_reply(session, frame)
+                    except EnclaveStateError as exc:
+                        raise PeerProtocolError(f"join reply refused: {exc}") from exc
+                if reply.status in ("redirect", "busy"):
+                    return reply.leader
+                if reply.status != "admitted":
+                    raise JoinRefused(reply.reason or reply.status)
+                return None
+            finally:
+                enclave.close_session(session)
+        finally:
+            writer.close()
+
+    async def serve(
+        self, session: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Member side of a join: the joiner's quote already passed the replicated policy."""
+        enclave = self.node.enclave
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT):
+                frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
+                try:
+                    request = enclave.open_join_request(session, frame)
+                except EnclaveStateError as exc:
+                    raise PeerProtocolError(f"join request refused: {exc}") from exc
+                reply = await self.admit(request)
+                try:
+                    sealed = enclave.join_reply(session, reply)
+                except EnclaveStateError as exc:
+                    # The enclave did not find the admission it needs in its own state (it
+                    # changed meanwhile): the joiner asks again.
+                    sealed = enclave.join_reply(session, JoinReply("busy", reason=str(exc)))
+                    reply = JoinReply("busy")
+                writer.write(encode_frame(CHANNEL, sealed))
+                if reply.status == "admitted":
+                    self.node.publish_event(
+                        "member.admitted", member=request.name, platform=request.platform_id
+                    )
+                await writer.drain()
+        finally:
+            enclave.close_session(session)
+
+    async def admit(self, request: JoinRequest) -> JoinReply:
+        """The leader commits the joiner as a member, then as a voter (one change at a time)."""
+        node = self.node
+        driver = node.raft()
+        if not driver.is_leader:
+            return JoinReply("redirect", leader=driver.leader)
+        peer_name, platform_id = request.name, request.platform_id
+        existing = node.enclave.state.members.get(peer_name)
+        if existing is None:
+            result = await node.propose(encode_command("member.add", member=request.record()))
+            if not result.get("ok"):
+                return JoinReply("refused", reason=str(result.get("error", "refused")))
+        elif existing.platform_id != platform_id:
+            return JoinReply("refused", reason=f"{peer_name} is a member on another platform")
+        if peer_name not in driver.status.conf.voters:
+            try:
+                await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, peer_name))
+            except RaftError as exc:
+                # Another membership change is still in flight (joins are single-server
+                # changes, one at a time): the joiner retries shortly.
+                return JoinReply("busy", reason=str(exc))
+        return JoinReply("admitted")
