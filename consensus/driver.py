@@ -166,13 +166,10 @@ class RaftDriver:
         self._task: asyncio.Task[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._was_leader = False
         self._stopping = False
         self._closed = False
         self._idle = False
         self._parked: tuple[Ready, bool] | None = None
-        hs0 = state.hard_state
-        self._durable_term_vote = (hs0.term, hs0.vote)
         self._persist_in_thread = log.fsync if persist_in_thread is None else persist_in_thread
         self._on_append = on_append
         #: Moving average of the time a synced persist took; starts pessimistic (the thread),
@@ -434,7 +431,7 @@ class RaftDriver:
                 return
             rd = core.ready()
             self.stats.readies += 1
-            leading = self._was_leader and core.role == Role.LEADER
+            leading = rd.send_first
             if leading:
                 self._send(rd)
             if self._on_append is not None and rd.entries:
@@ -442,15 +439,14 @@ class RaftDriver:
                 if rd.entries[-1].index > commit:  # a follower catching up has none of these
                     self._on_append(tuple(e for e in rd.entries if e.index > commit))
             if rd.must_sync:
-                if self._needs_fsync(rd):
-                    self.stats.fsync_batches += 1
-                    self.stats.entries_persisted += len(rd.entries)
-                    if self._executor is not None and not self._persist_inline():
-                        self._parked = (rd, leading)
-                        return
-                    self._timed_persist(rd)
-                else:
-                    self.log.persist(rd, sync=False)
+                self.stats.fsync_batches += 1
+                self.stats.entries_persisted += len(rd.entries)
+                if self._executor is not None and not self._persist_inline():
+                    self._parked = (rd, leading)
+                    return
+                self._timed_persist(rd)
+            elif rd.has_writes:
+                self.log.persist(rd, sync=False)  # the commit index alone: see Ready.must_sync
             self._finish(rd, leading)
 
     def _persist_inline(self) -> bool:
@@ -467,27 +463,8 @@ class RaftDriver:
         """Everything after a Ready is durable: send (unless sent already), apply, advance."""
         if not leading:
             self._send(rd)
-        self._was_leader = self.core.role == Role.LEADER
         self._apply(rd)
         self.core.advance(rd)
-
-    def _needs_fsync(self, rd: Ready) -> bool:
-        """Whether ``rd`` must be on disk before its messages go out (etcd's ``MustSync``).
-
-        Entries, a snapshot, or a new term or vote must; a hard state whose only change is the
-        commit index need not: losing it in a crash is harmless (the leader re-sends it), and
-        skipping the fsync spares followers a second disk flush per commit.
-        """
-        hs = rd.hard_state
-        if (
-            rd.entries
-            or rd.snapshot is not None
-            or (hs is not None and (hs.term, hs.vote) != self._durable_term_vote)
-        ):
-            if hs is not None:
-                self._durable_term_vote = (hs.term, hs.vote)
-            return True
-        return False
 
     def _send(self, rd: Ready) -> None:
         if not rd.messages:

@@ -482,6 +482,17 @@ class RaftCore:
         committed: tuple[Entry, ...] = ()
         if log.commit > self._applying:
             committed = log.slice(self._applying + 1, log.commit + 1)
+        previous = self._offered_hs
+        must_sync = (
+            bool(entries)
+            or self._pending_snapshot is not None
+            or (hs.term, hs.vote) != (previous.term, previous.vote)
+        )
+        send_first = (
+            self.role == Role.LEADER
+            and self._offered_ss.role == Role.LEADER
+            and previous.term == self.term
+        )
         rd = Ready(
             hard_state=hs_out,
             soft_state=ss_out,
@@ -490,6 +501,8 @@ class RaftCore:
             messages=tuple(self._msgs),
             committed_entries=committed,
             read_states=tuple(self._read_states),
+            must_sync=must_sync,
+            send_first=send_first,
         )
         self._msgs = []
         self._read_states = []

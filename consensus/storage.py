@@ -269,7 +269,7 @@ class DurableLog:
 
     def persist(self, ready: Ready, *, sync: bool = True) -> None:
         """Make a Ready's snapshot, entries and hard state durable with one fsync."""
-        if ready.must_sync:
+        if ready.has_writes:
             self.append(ready.entries, ready.hard_state, ready.snapshot, sync=sync)
 
     def append(

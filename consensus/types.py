@@ -156,10 +156,17 @@ class Ready:
     """Everything the driver must do after a batch of inputs, in this order:
 
     1. persist ``snapshot`` (if any), then ``entries``, then ``hard_state`` (if any), with one
-       fsync covering them (group commit);
-    2. only then send ``messages`` (a node must not acknowledge what is not durable);
+       fsync covering them (group commit) when ``must_sync``; without it (a hard state whose
+       only change is the commit index) the write need not be synced;
+    2. only then send ``messages`` (a node must not acknowledge what is not durable), except
+       when ``send_first``: a leader that already led when the previous Ready was made may send
+       first, so followers write while it writes (its term and vote are durable already);
     3. apply ``committed_entries`` to the state machine and serve ``read_states``;
     4. call ``advance(ready)`` on the core.
+
+    ``must_sync`` and ``send_first`` are decided by the core, once, for every driver (the node,
+    the benchmarks, the simulator): what must be durable before a message leaves is not
+    something each driver may get subtly different.
     """
 
     hard_state: HardState | None = None
@@ -169,9 +176,18 @@ class Ready:
     messages: tuple[Message, ...] = ()
     committed_entries: tuple[Entry, ...] = ()
     read_states: tuple[ReadState, ...] = ()
+    #: Entries, a snapshot, or a new term or vote: durable (fsynced) before ``messages`` leave
+    #: (etcd's ``MustSync``). A change of the commit index alone may be lost in a crash (the
+    #: leader sends it again), so it is written without an fsync of its own.
+    must_sync: bool = False
+    #: This node led before this Ready and still leads in the same term: it may send
+    #: ``messages`` before persisting (Raft dissertation 10.2.1); the core counts its own log
+    #: toward commit only up to what ``advance`` reports durable.
+    send_first: bool = False
 
     @property
-    def must_sync(self) -> bool:
+    def has_writes(self) -> bool:
+        """Anything to write to the log (synced or not)."""
         return bool(self.entries) or self.hard_state is not None or self.snapshot is not None
 
     @property

@@ -119,7 +119,6 @@ class SimNode:
         "peers",
         "retired",
         "store",
-        "was_leader",
     )
 
     def __init__(self, node_id: NodeId, peers: tuple[NodeId, ...], core: RaftCore) -> None:
@@ -135,7 +134,6 @@ class SimNode:
         self.inflight_sent = False
         #: when non-zero: crash during the next durable write, then stay down this long (µs)
         self.crash_mid_write = 0
-        self.was_leader = False
         self.leader_term_seen = 0
         self.app_index = 0
         self.app_digest = GENESIS
@@ -235,8 +233,7 @@ class Simulation:
             leader_term = core.term if is_leader else 0
             if rd.entries:
                 self.checker.on_persist(node.id, rd.entries, core.log)
-            sent = self._leader_sends_early and node.was_leader and is_leader
-            node.was_leader = is_leader
+            sent = self._leader_sends_early and rd.send_first
             if sent:
                 for m in rd.messages:
                     self._send(m)
@@ -343,7 +340,6 @@ class Simulation:
         node.core = self._make_core(node, node.id, node.peers, node.incarnation)
         node.alive = True
         node.leader_term_seen = 0
-        node.was_leader = False
         snap = node.store.snapshot
         node.app_index, node.app_digest = (
             decode_snapshot(snap.data) if not snap.is_empty else (0, GENESIS)
