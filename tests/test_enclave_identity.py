@@ -113,22 +113,15 @@ async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
     await link.start()
     try:
         challenge = km.new_challenge()
-        answer = await link.request(
-            {
-                "op": "challenge",
-                "km_measurement": km.identity.measurement.hex(),
-                "challenge": challenge.hex(),
-            }
-        )
-        outcome = km.provision(release["release"], challenge, bytes.fromhex(answer["response"]))
+        response = await link.challenge(km.identity.measurement, challenge)
+        outcome = km.provision(release["release"], challenge, response)
         if outcome.ok:
-            await link.request({"op": "key", "ciphertext": outcome.ciphertext.hex()})
-            await link.request({"op": "prove", "key": "db", "generation": 1, "challenge": "00"})
-        modules = await link.request({"op": "modules"})
+            assert await link.provide_key(outcome.ciphertext) == ("db", 1)
+            await link.prove("db", 1, b"\x00")
         return {
             "outcome": outcome,
             "measurement": link.measurement,
-            "modules": set(modules["modules"]),
+            "modules": set(await link.modules()),
         }
     finally:
         await link.stop()

@@ -29,6 +29,9 @@ from kmnode.km.state import encode_command
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 MAX_BODY = 64 * 1024
 _HEX = re.compile(r"^[0-9a-f]*$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Longest challenge the proof workload takes, in bytes (``kmnode.service_pipe``).
+MAX_CHALLENGE = 1024
 
 
 class ApiError(Exception):
@@ -320,15 +323,15 @@ class OperatorApi:
         key, generation = body.get("key"), body.get("generation")
         if not isinstance(key, str) or not isinstance(generation, int):
             raise ApiError(400, "bad_request", "'key' (string) and 'generation' (int) are required")
+        if not _KEY_NAME.match(key) or generation < 1:
+            raise ApiError(400, "bad_request", "'key' must be a key name, 'generation' >= 1")
+        if not 0 < len(challenge) <= 2 * MAX_CHALLENGE:
+            raise ApiError(400, "bad_request", f"'challenge' must be 1..{MAX_CHALLENGE} bytes")
         try:
-            reply = await self.node.service.request(
-                {"op": "prove", "key": key, "generation": generation, "challenge": challenge}
-            )
+            mac = await self.node.service.prove(key, generation, bytes.fromhex(challenge))
         except ServiceUnavailable as exc:
             raise ApiError(409, "refused", f"service enclave cannot prove it: {exc}") from None
-        return _json(
-            {"node": self.node.name, "key": key, "generation": generation, "mac": reply["mac"]}
-        )
+        return _json({"node": self.node.name, "key": key, "generation": generation, "mac": mac})
 
     def policy_change(self, op: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:

@@ -164,14 +164,8 @@ class Releases:
         """One local-attestation exchange with our service enclave: (challenge, response)."""
         enclave = self.node.enclave
         challenge = enclave.new_challenge()
-        reply = await self.node.service.request(
-            {
-                "op": "challenge",
-                "km_measurement": enclave.identity.measurement.hex(),
-                "challenge": challenge.hex(),
-            }
-        )
-        return challenge, bytes.fromhex(reply["response"])
+        response = await self.node.service.challenge(enclave.identity.measurement, challenge)
+        return challenge, response
 
     async def _provision_to_service(self, release: Release) -> ProvisionResult:
         """Check the attestation and hand the key over. An answer obtained while the release
@@ -186,9 +180,7 @@ class Releases:
                     self.early_attestations.used += 1
                 outcome = self.node.enclave.provision(release.id, challenge, response)
                 if outcome.ok:
-                    await self.node.service.request(
-                        {"op": "key", "ciphertext": outcome.ciphertext.hex()}
-                    )
+                    await self.node.service.provide_key(outcome.ciphertext)
                 return outcome
             except ServiceUnavailable:
                 if attempt is None:

@@ -10,22 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from consensus.deadlines import Deadlines
 from kmnode.host.faults import RingStall
 from kmnode.ring import AsyncReader, RingClosed, RingError
 from kmnode.ring import Ring as SharedRing
+from kmnode.service_pipe import (
+    ChallengeReply,
+    ChallengeRequest,
+    IdentityReply,
+    IdentityRequest,
+    KeyReply,
+    KeyRequest,
+    ModulesReply,
+    ModulesRequest,
+    PipeError,
+    ProveReply,
+    ProveRequest,
+    Reply,
+    decode_reply,
+    encode,
+    line_id,
+)
+from kmnode.service_pipe import _Message as PipeMessage
 
 log = logging.getLogger(__name__)
 RING_CAPACITY = 1 << 20
 REQUEST_TIMEOUT = 10.0
+R = TypeVar("R", bound=Reply)
 
 
 class ServiceUnavailable(Exception):
@@ -56,7 +74,7 @@ class ServiceLink:
         self._lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
         self._reply_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._next_id = 0
         #: Requests (id, line) queued for the next write, and the process they are for.
         self._outbox: list[tuple[int, bytes]] = []
@@ -112,10 +130,31 @@ class ServiceLink:
                 stderr=stderr,
             )
         self._reply_task = asyncio.create_task(self._read_replies(self._proc), name="service-rx")
-        reply = await self._exchange({"op": "identity"})
-        self.measurement = str(reply["measurement"])
+        reply = await self._exchange(IdentityRequest(), IdentityReply)
+        self.measurement = reply.measurement
 
-    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+    # --- the requests, typed ------------------------------------------------------------------
+
+    async def challenge(self, km_measurement: bytes, challenge: bytes) -> bytes:
+        """Local attestation: the service's report for ``challenge``."""
+        request = ChallengeRequest(km_measurement=km_measurement.hex(), challenge=challenge.hex())
+        return bytes.fromhex((await self.request(request, ChallengeReply)).response)
+
+    async def provide_key(self, ciphertext: bytes) -> tuple[str, int]:
+        """Hand over a boxed key; the service's (name, generation) of what it accepted."""
+        reply = await self.request(KeyRequest(ciphertext=ciphertext.hex()), KeyReply)
+        return reply.key, reply.generation
+
+    async def prove(self, key: str, generation: int, challenge: bytes) -> str:
+        """The proof workload's MAC of ``challenge`` under a provisioned key."""
+        request = ProveRequest(key=key, generation=generation, challenge=challenge.hex())
+        return (await self.request(request, ProveReply)).mac
+
+    async def modules(self) -> list[str]:
+        """The project modules the service process has loaded."""
+        return (await self.request(ModulesRequest(), ModulesReply)).modules
+
+    async def request(self, request: PipeMessage, reply_type: type[R]) -> R:
         """One request/response with the service enclave, restarting it if it died.
 
         Requests are pipelined: many may be outstanding, each matched to its reply by id, so a
@@ -135,9 +174,9 @@ class ServiceLink:
                     self.restarts += 1
                     log.warning("%s: service enclave not running; restarting it", self.node)
                     await self._spawn()
-        return await self._exchange(request)
+        return await self._exchange(request, reply_type)
 
-    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _exchange(self, request: PipeMessage, reply_type: type[R]) -> R:
         proc = self._proc
         if proc is None or proc.stdin is None:
             raise ServiceUnavailable("service enclave is not running")
@@ -145,19 +184,21 @@ class ServiceLink:
             raise ServiceUnavailable("service enclave exited")
         self._next_id += 1
         request_id = self._next_id
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            line = json.dumps({**request, "id": request_id}).encode() + b"\n"
+            line = encode(request.model_copy(update={"id": request_id}))
             self._queue_line(proc, request_id, line)
             self._deadlines.watch(future, REQUEST_TIMEOUT, _no_answer)
-            reply = await future
+            reply = decode_reply(await future, reply_type)
         except (OSError, TimeoutError) as exc:
             raise ServiceUnavailable(f"service enclave did not answer: {exc!r}") from None
+        except PipeError as exc:
+            raise ServiceUnavailable(f"service enclave answered nonsense: {exc}") from None
         finally:
             self._pending.pop(request_id, None)
-        if not reply.get("ok"):
-            raise ServiceUnavailable(str(reply.get("error", "unknown error")))
+        if not reply.ok:
+            raise ServiceUnavailable(reply.error or "unknown error")
         return reply
 
     def _queue_line(self, proc: asyncio.subprocess.Process, request_id: int, line: bytes) -> None:
@@ -191,14 +232,13 @@ class ServiceLink:
                 line = await proc.stdout.readline()
                 if not line:
                     break
-                try:
-                    reply = json.loads(line)
-                    future = self._pending.get(int(reply.get("id", -1)))
-                except (ValueError, TypeError, AttributeError):
+                reply_to = line_id(line)
+                if reply_to is None:
                     log.warning("%s: unreadable reply from the service enclave", self.node)
                     continue
+                future = self._pending.get(reply_to)
                 if future is not None and not future.done():
-                    future.set_result(reply)
+                    future.set_result(line)
         finally:
             for future in self._pending.values():
                 if not future.done():

@@ -2,9 +2,10 @@
 
 It loads itself onto its node's simulated platform, answers the KM enclave's local-attestation
 challenges, accepts keys encrypted to it, and runs the proof workload. Requests come from the
-host as JSON lines on stdin (the host relays them; it only ever sees challenges, reports and
-ciphertext); every workload output is written to the shared-memory ring, which the host drains
-and publishes. Replies on stdout are for the request/response flow only.
+host as typed JSON lines on stdin (``kmnode.service_pipe``; the host relays them and only ever
+sees challenges, reports and ciphertext); every workload output is written to the
+shared-memory ring, which the host drains and publishes. Replies on stdout are for the
+request/response flow only.
 
 ``KMSIM_SERVICE_PATCH`` (environment) models a modified service build (see
 ``kmnode.enclave_code.build_identity``).
@@ -17,7 +18,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from attest.identity import EnclaveRole
 from kmnode.config import load_config
@@ -25,40 +25,54 @@ from kmnode.enclave_code import build_identity
 from kmnode.imports import PROJECT_PACKAGES
 from kmnode.ring import OnFull, Ring, Writer
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
+from kmnode.service_pipe import (
+    ChallengeReply,
+    ChallengeRequest,
+    IdentityReply,
+    IdentityRequest,
+    KeyReply,
+    KeyRequest,
+    ModulesReply,
+    ModulesRequest,
+    PipeError,
+    ProveReply,
+    Reply,
+    Request,
+    decode_request,
+    encode,
+    line_id,
+)
 from kmnode.simhw import HardwareStore
 
 RECORD_PROOF = 1
 
 
-def handle(enclave: ServiceEnclave, writer: Writer, request: dict[str, Any]) -> dict[str, Any]:
-    op = request.get("op")
-    if op == "identity":
-        return {"measurement": enclave.context.identity.measurement.hex()}
-    if op == "modules":
+def handle(enclave: ServiceEnclave, writer: Writer, request: Request) -> Reply:
+    """The reply to one request (refusals raise; ``answer`` turns them into error replies)."""
+    if isinstance(request, IdentityRequest):
+        return IdentityReply(measurement=enclave.context.identity.measurement.hex())
+    if isinstance(request, ModulesRequest):
         # Public: which project modules this process has loaded, so a test (or an auditor)
         # can check that the measurement covers every one of them.
-        return {"modules": loaded_project_modules()}
-    if op == "challenge":
+        return ModulesReply(modules=loaded_project_modules())
+    if isinstance(request, ChallengeRequest):
         response = enclave.answer_challenge(
-            bytes.fromhex(request["km_measurement"]), bytes.fromhex(request["challenge"])
+            bytes.fromhex(request.km_measurement), bytes.fromhex(request.challenge)
         )
-        return {"response": response.hex()}
-    if op == "key":
-        name, generation = enclave.accept_key(bytes.fromhex(request["ciphertext"]))
-        return {"key": name, "generation": generation}
-    if op == "prove":
-        key, generation = request["key"], int(request["generation"])
-        mac = enclave.prove(key, generation, bytes.fromhex(request["challenge"]))
-        record = {
-            "kind": "proof",
-            "key": key,
-            "generation": generation,
-            "challenge": request["challenge"],
-            "mac": mac,
-        }
-        writer.write(json.dumps(record, separators=(",", ":")).encode(), RECORD_PROOF)
-        return {"mac": mac}
-    raise ValueError(f"unknown operation {op!r}")
+        return ChallengeReply(response=response.hex())
+    if isinstance(request, KeyRequest):
+        name, generation = enclave.accept_key(bytes.fromhex(request.ciphertext))
+        return KeyReply(key=name, generation=generation)
+    mac = enclave.prove(request.key, request.generation, bytes.fromhex(request.challenge))
+    record = {
+        "kind": "proof",
+        "key": request.key,
+        "generation": request.generation,
+        "challenge": request.challenge,
+        "mac": mac,
+    }
+    writer.write(json.dumps(record, separators=(",", ":")).encode(), RECORD_PROOF)
+    return ProveReply(mac=mac)
 
 
 def loaded_project_modules() -> list[str]:
@@ -72,15 +86,12 @@ def loaded_project_modules() -> list[str]:
 
 def answer(enclave: ServiceEnclave, writer: Writer, line: bytes) -> bytes:
     """The reply line to one request line (errors are replies too, never exceptions)."""
-    request_id = None
     try:
-        request = json.loads(line)
-        request_id = request.get("id")
-        reply = {"ok": True, **handle(enclave, writer, request)}
-    except (ProvisioningError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    reply["id"] = request_id
-    return json.dumps(reply).encode() + b"\n"
+        request = decode_request(line)
+        reply = handle(enclave, writer, request).model_copy(update={"id": request.id})
+    except (PipeError, ProvisioningError, ValueError) as exc:
+        reply = Reply(id=line_id(line), ok=False, error=f"{type(exc).__name__}: {exc}")
+    return encode(reply)
 
 
 def serve(enclave: ServiceEnclave, writer: Writer, fd_in: int = 0, fd_out: int = 1) -> None:

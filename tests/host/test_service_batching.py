@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
@@ -23,7 +23,7 @@ from attest.identity import EnclaveIdentity, measure_sources, signer_id
 from kmnode.host.service_link import ServiceLink, ServiceUnavailable
 from kmnode.ring import Writer
 from kmnode.service.enclave import ServiceEnclave
-from kmnode.service.process import serve
+from kmnode.service.process import answer, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,13 +56,36 @@ def test_serve_answers_every_line_of_a_read_in_one_write_in_order() -> None:
     assert [r["id"] for r in replies] == [*range(20), None, 99]
     measurement = SVC_ID.measurement.hex()
     assert all(
-        r == {"ok": True, "measurement": measurement, "id": i} for i, r in enumerate(replies[:20])
+        r == {"ok": True, "error": "", "measurement": measurement, "id": i}
+        for i, r in enumerate(replies[:20])
     )
     assert replies[20]["ok"] is False and replies[21]["ok"] is False
-    assert "unknown operation" in replies[21]["error"]
+    assert "unknown operation 'nope'" in replies[21]["error"]
 
 
-# A stand-in service: counts its reads, answers each request with the read it came in.
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b'{"op": "challenge", "id": 1, "km_measurement": "00", "challenge": "00"}', "pattern"),
+        (b'{"op": "prove", "id": 1, "key": "k", "generation": 0, "challenge": "00"}', "greater"),
+        (b'{"op": "prove", "id": 1, "key": "k", "generation": "1", "challenge": "00"}', "integer"),
+        (b'{"op": "key", "id": 1, "ciphertext": "zz"}', "pattern"),
+        (b'{"op": "identity", "id": 1, "extra": true}', "extra"),
+        (b'{"op": "key", "id": 1, "ciphertext": "' + b"00" * 40_000 + b'"}', "exceeds"),
+    ],
+)
+def test_a_malformed_request_gets_a_specific_error_and_changes_nothing(
+    line: bytes, error: str
+) -> None:
+    enclave = ServiceEnclave(PLATFORM.enclave(SVC_ID))
+    reply = json.loads(answer(enclave, cast(Writer, None), line))
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert reply["id"] in (1, None)
+    assert repr(enclave).endswith("keys=0)")
+
+
+# A stand-in service: counts its reads, answers each (prove) request with a "mac" that holds
+# the read it came in and the request's generation; generation 999 makes it die.
 ECHO = """
 import json, os
 reads = 0
@@ -76,12 +99,18 @@ while True:
     out = b""
     for line in lines:
         request = json.loads(line)
-        if request.get("op") == "die":
+        if request.get("generation") == 999:
             os._exit(3)
-        reply = {"ok": True, "id": request["id"], "read": reads, "echo": request}
-        out += json.dumps(reply).encode() + b"\\n"
+        mac = "%02x%04x" % (reads, request["generation"])
+        out += json.dumps({"ok": True, "id": request["id"], "mac": mac}).encode() + b"\\n"
     os.write(1, out)
 """
+
+
+async def echo(link: ServiceLink, n: int) -> tuple[int, int]:
+    """(the read the stand-in got request ``n`` in, the ``n`` it echoed back)."""
+    mac = await link.prove("k", n + 1, b"\\x00")
+    return int(mac[:2], 16), int(mac[2:], 16) - 1
 
 
 class EchoLink(ServiceLink):
@@ -108,11 +137,10 @@ async def test_requests_of_one_loop_turn_share_a_write_and_get_their_own_replies
     link = EchoLink(tmp_path / "c.yaml", "km1", lambda _: None, tmp_path / "log")
     await link.start()
     try:
-        replies = await asyncio.gather(*(link.request({"op": "x", "n": n}) for n in range(100)))
-        assert [r["echo"]["n"] for r in replies] == list(range(100))
-        assert {r["read"] for r in replies} == {1}, "100 requests made together: one write"
-        later: dict[str, Any] = await link.request({"op": "x", "n": 100})
-        assert later["read"] == 2 and later["echo"]["n"] == 100
+        replies = await asyncio.gather(*(echo(link, n) for n in range(100)))
+        assert [n for _, n in replies] == list(range(100))
+        assert {read for read, _ in replies} == {1}, "100 requests made together: one write"
+        assert await echo(link, 100) == (2, 100)
     finally:
         await link.stop()
 
@@ -121,15 +149,14 @@ async def test_a_service_that_dies_fails_its_waiters_at_once(tmp_path: Path) -> 
     link = EchoLink(tmp_path / "c.yaml", "km1", lambda _: None, tmp_path / "log")
     await link.start()
     try:
-        waiting = [asyncio.ensure_future(link.request({"op": "x"})) for _ in range(5)]
+        waiting = [asyncio.ensure_future(echo(link, n)) for n in range(5)]
         with pytest.raises(ServiceUnavailable):
-            await asyncio.wait_for(link.request({"op": "die"}), 5)
+            await asyncio.wait_for(echo(link, 998), 5)
         for future in waiting:
             with pytest.raises(ServiceUnavailable):
                 await asyncio.wait_for(future, 5)
         # The next request restarts the service (as after a crash) and is answered.
         await asyncio.wait_for(link._proc.wait(), 5)  # type: ignore[union-attr]
-        reply = await asyncio.wait_for(link.request({"op": "x", "n": 1}), 5)
-        assert reply["echo"]["n"] == 1 and link.restarts == 1
+        assert (await asyncio.wait_for(echo(link, 1), 5))[1] == 1 and link.restarts == 1
     finally:
         await link.stop()

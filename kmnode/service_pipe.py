@@ -1,0 +1,170 @@
+"""The messages between a node's host and its service enclave, as typed records.
+
+The host relays them over the service process's stdin and stdout, one JSON object a line,
+each request with an ``id`` its reply repeats. Both ends treat what arrives as hostile (the
+host may send anything to the enclave; a compromised service may answer anything): every line
+is parsed into exactly one of the models below, with types, sizes and hex checked, and
+anything else is refused with a specific error. Nothing here is secret: challenges, reports,
+measurements and boxed keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+#: Longest line either side reads (a boxed key is about 200 bytes; a report about 400).
+MAX_LINE = 64 * 1024
+
+Hex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=16_384)]
+Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class PipeError(ValueError):
+    """A line that is not one of the pipe's messages; the message says what is wrong."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    id: int | None = Field(default=None, ge=0)
+
+
+class IdentityRequest(_Message):
+    """Which measurement the service enclave runs with."""
+
+    op: Literal["identity"] = "identity"
+
+
+class ChallengeRequest(_Message):
+    """Local attestation: a report for the KM enclave, binding the challenge and the box key."""
+
+    op: Literal["challenge"] = "challenge"
+    km_measurement: Hex32
+    challenge: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class KeyRequest(_Message):
+    """A key boxed by the KM enclave to the key the service bound in its report."""
+
+    op: Literal["key"] = "key"
+    ciphertext: Hex
+
+
+class ProveRequest(_Message):
+    """The proof workload: a MAC of ``challenge`` under a provisioned key."""
+
+    op: Literal["prove"] = "prove"
+    key: KeyName
+    generation: int = Field(ge=1)
+    challenge: Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})+$", max_length=2048)]
+
+
+class ModulesRequest(_Message):
+    """Which project modules the service process has loaded (checked against its measurement)."""
+
+    op: Literal["modules"] = "modules"
+
+
+Request = Annotated[
+    IdentityRequest | ChallengeRequest | KeyRequest | ProveRequest | ModulesRequest,
+    Field(discriminator="op"),
+]
+_REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
+
+
+class Reply(_Message):
+    """Every reply: ``ok`` or the error, and the fields of its request's answer."""
+
+    ok: bool = True
+    error: str = ""
+
+
+class IdentityReply(Reply):
+    measurement: Hex32 = ""
+
+
+class ChallengeReply(Reply):
+    response: Hex = ""
+
+
+class KeyReply(Reply):
+    key: str = ""
+    generation: int = 0
+
+
+class ProveReply(Reply):
+    mac: Hex = ""
+
+
+class ModulesReply(Reply):
+    modules: list[str] = Field(default_factory=list, max_length=1024)
+
+
+#: The reply model of each request model.
+REPLIES: dict[type[_Message], type[Reply]] = {
+    IdentityRequest: IdentityReply,
+    ChallengeRequest: ChallengeReply,
+    KeyRequest: KeyReply,
+    ProveRequest: ProveReply,
+    ModulesRequest: ModulesReply,
+}
+
+R = TypeVar("R", bound=Reply)
+
+
+def _explain(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "line"
+    return f"{where}: {first['msg']}"
+
+
+def encode(message: BaseModel) -> bytes:
+    """One line of the pipe."""
+    return message.model_dump_json().encode() + b"\n"
+
+
+def decode_request(line: bytes) -> Request:
+    """The request on ``line``, or a PipeError saying what is wrong with it."""
+    if len(line) > MAX_LINE:
+        raise PipeError(f"request of {len(line)} bytes exceeds {MAX_LINE}")
+    try:
+        return _REQUEST.validate_json(line)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] == "union_tag_invalid":
+            op = exc.errors()[0].get("ctx", {}).get("tag")
+            raise PipeError(f"unknown operation {op!r}") from None
+        raise PipeError(f"malformed request: {_explain(exc)}") from None
+
+
+def decode_reply(line: bytes, reply_type: type[R]) -> R:
+    """The reply on ``line`` as ``reply_type`` (a failed request's reply is accepted too)."""
+    if len(line) > MAX_LINE:
+        raise PipeError(f"reply of {len(line)} bytes exceeds {MAX_LINE}")
+    try:
+        return reply_type.model_validate_json(line)
+    except ValidationError as exc:
+        try:
+            failed = Reply.model_validate_json(line)
+        except ValidationError:
+            raise PipeError(f"malformed reply: {_explain(exc)}") from None
+        if failed.ok:
+            raise PipeError(f"malformed reply: {_explain(exc)}") from None
+        return reply_type(id=failed.id, ok=False, error=failed.error)
+
+
+class _AnyId(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: int | None = None
+
+
+def line_id(line: bytes) -> int | None:
+    """The ``id`` of a line whatever else it holds (None if it has no readable one): lets a
+    reply be matched to its request before its type is known, and an error reply name the
+    request it refuses."""
+    try:
+        return _AnyId.model_validate_json(line).id
+    except ValidationError:
+        return None
