@@ -819,6 +819,10 @@ class RaftCore:
         elif t == _M.PROPOSE:
             if self.lead_transferee:
                 return
+            if m.frm != self.id and m.frm not in self.conf.voters:
+                # Only voters may have commands committed through the leader: a learner, a
+                # removed member or a node still joining has no say in what the log holds.
+                return
             appended = False
             for e in m.entries:
                 if e.type == EntryType.NORMAL:

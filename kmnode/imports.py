@@ -16,6 +16,7 @@ import ast
 import importlib.util
 from collections.abc import Iterable, Iterator
 from functools import cache
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 #: Top-level packages of this project: their modules are measured, nothing else is.
@@ -28,14 +29,31 @@ def _is_project(module: str) -> bool:
 
 @cache
 def module_file(module: str) -> Path | None:
-    """The file ``module`` loads from (source or extension), or None if it is not a module."""
+    """The file project module ``module`` loads from (source or extension), or None.
+
+    Found on disk from its top-level package's location, without importing anything:
+    ``importlib.util.find_spec("a.b")`` would import package ``a`` (and, for the ring, its
+    compiled extension), and measuring must not load code into the process it measures.
+    """
+    if not _is_project(module):
+        return None
+    top, _, rest = module.partition(".")
     try:
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(top)  # a top-level lookup imports nothing
     except (ImportError, ValueError):
         return None
-    if spec is None or spec.origin is None or spec.origin in ("built-in", "frozen"):
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(spec.origin)
+    base = Path(next(iter(spec.submodule_search_locations)))
+    parts = rest.split(".") if rest else []
+    directory = base.joinpath(*parts[:-1]) if parts else base
+    if not parts:
+        candidates = [base / "__init__.py"]
+    else:
+        name = parts[-1]
+        candidates = [directory / name / "__init__.py", directory / f"{name}.py"]
+        candidates += [directory / f"{name}{suffix}" for suffix in EXTENSION_SUFFIXES]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _parents(module: str) -> Iterator[str]:

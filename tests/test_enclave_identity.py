@@ -3,7 +3,10 @@ keeps identities stable."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +159,67 @@ async def test_a_service_enclave_built_with_a_changed_keybox_gets_no_key(
     assert seen["measurement"] != current_identity(EnclaveRole.SERVICE).measurement.hex()
     assert not seen["outcome"].ok and seen["outcome"].ciphertext == b""
     assert seen["outcome"].reason.startswith("UnknownMeasurement")
+
+
+KM_PROBE = """
+import json, sys, time
+from pathlib import Path
+from kmnode.config import load_config
+from kmnode.km.loader import load_km_enclave
+from kmnode.km.machine import KMStateMachine
+from kmnode.km.enclave import Purpose
+from kmnode.km.state import encode_command
+from consensus.types import Entry, Message, MessageType
+
+config = load_config(Path(sys.argv[1]))
+km1, km2 = load_km_enclave(config, "km1"), load_km_enclave(config, "km2")
+km1.genesis()
+machines = {e.name: KMStateMachine(e) for e in (km1, km2)}
+def member(name):
+    node = config.node(name)
+    return {"name": name, "platform_id": node.platform.id, "host": node.host,
+            "peer_port": node.peer_port, "api_port": node.api_port}
+for machine in machines.values():
+    machine.apply(Entry(1, 1, data=encode_command(
+        "cluster.init", cluster="c", cluster_id=km1.cluster_id,
+        policy=km1.state.policy.to_dict(), member=member("km1"))))
+    machine.apply(Entry(1, 2, data=encode_command("member.add", member=member("km2"))))
+# Every kind of work the KM enclave does: a handshake, a Raft frame, a release, a signature,
+# sealing and unsealing.
+initiator, hello = km2.open_initiator("km1", Purpose.RAFT)
+responder = km1.open_responder(Purpose.RAFT)
+answer = km1.handshake_step(responder, hello, time.time())
+finish = km2.handshake_step(initiator, answer, time.time())
+km1.handshake_step(responder, finish, time.time())
+frame = km2.seal_raft(initiator, Message(MessageType.HEARTBEAT, to="km1", frm="km2", term=1))
+km1.open_raft(responder, frame)
+machines["km1"].apply(Entry(1, 3, data=encode_command("key.create", name="k")))
+machines["km1"].apply(Entry(1, 4, data=encode_command("release.request", key="k", node="km1")))
+km1.provision("r4", km1.new_challenge(), b"not a report")
+km1.ledger_signature(time.time())
+km1.restore_sealed_state(km1.sealed_state())
+names = set(sys.modules)
+print(json.dumps(sorted(m for m in names if m.split(".")[0] in ("attest", "consensus", "kmnode"))))
+"""
+
+
+def test_the_km_enclave_code_loads_exactly_the_measured_modules(tmp_path: Path) -> None:
+    """The KM enclave still runs in the node's process, so this runs its code in a process of
+    its own (its entry modules, a handshake, a Raft frame, a release, a signature, sealing)
+    and compares the project modules that process loaded with the measured set."""
+    _, path = _cluster(tmp_path)
+    script = tmp_path / "km_probe.py"
+    script.write_text(KM_PROBE)
+    done = subprocess.run(
+        [sys.executable, str(script), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == set(enclave_modules(EnclaveRole.KM))
 
 
 def test_hardware_store_gives_stable_identities(tmp_path: Path) -> None:

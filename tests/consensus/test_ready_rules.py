@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from consensus.raft import RaftConfig, RaftCore
-from consensus.types import Entry, Message, MessageType, PersistedState, Ready
+from consensus.types import Entry, EntryType, Message, MessageType, PersistedState, Ready
 
 
 def core(name: str) -> RaftCore:
@@ -50,3 +50,18 @@ def test_a_follower_syncs_entries_and_votes_but_not_a_commit_index_alone() -> No
     committed = step_ready(b)
     assert committed.hard_state is not None and committed.hard_state.commit == 1
     assert committed.has_writes and not committed.must_sync and not committed.send_first
+
+
+def test_the_leader_takes_forwarded_proposals_from_voters_only() -> None:
+    a = core("a")
+    a.campaign()
+    step_ready(a)
+    a.step(Message(MessageType.VOTE_RESP, to="a", frm="b", term=a.term))
+    step_ready(a)
+    last = a.log.last_index
+    command = (Entry(0, 0, EntryType.NORMAL, b"cmd"),)
+    for outsider in ("x", "joining"):  # not in the membership: dropped, nothing appended
+        a.step(Message(MessageType.PROPOSE, to="a", frm=outsider, entries=command))
+        assert a.log.last_index == last
+    a.step(Message(MessageType.PROPOSE, to="a", frm="c", entries=command))  # a voter
+    assert a.log.last_index == last + 1
