@@ -169,22 +169,28 @@ class Releases:
 
     async def _provision_to_service(self, release: Release) -> ProvisionResult:
         """Check the attestation and hand the key over. An answer obtained while the release
-        was being committed is used first; if the enclave that gave it is gone by now (the key
-        cannot be delivered to it), once more with a fresh challenge."""
+        was being committed is used first; if the enclave that gave it is gone by now, the
+        attestation is done once more with a fresh challenge. The key itself is provisioned
+        once per release (the KM enclave refuses a second time): if the service enclave dies
+        between the attestation and the delivery, the release is refused as undelivered."""
         early = self._early.pop(release.id, None)
         for attempt in (early, None) if early is not None else (None,):
             try:
                 source = attempt if attempt is not None else self._attest_service()
                 challenge, response = await source
-                if attempt is not None:
-                    self.early_attestations.used += 1
-                outcome = self.node.enclave.provision(release.id, challenge, response)
-                if outcome.ok:
-                    await self.node.service.provide_key(outcome.ciphertext)
-                return outcome
             except ServiceUnavailable:
                 if attempt is None:
                     raise
+                continue
+            if attempt is not None:
+                self.early_attestations.used += 1
+            outcome = self.node.enclave.provision(release.id, challenge, response)
+            if outcome.ok:
+                try:
+                    await self.node.service.provide_key(outcome.ciphertext)
+                except ServiceUnavailable as exc:
+                    raise ServiceUnavailable(f"the key could not be delivered: {exc}") from None
+            return outcome
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def provision(self, release_id: str) -> None:
