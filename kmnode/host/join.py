@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from attest.errors import AttestationError
 from consensus.types import ConfChange, ConfChangeType, RaftError
@@ -41,6 +42,18 @@ MAX_JOIN_FRAME = 64 * 1024
 
 class JoinRefused(Exception):
     """A member refused this node's join request, with the reason."""
+
+
+T = TypeVar("T")
+
+
+def _refused_as_protocol(open_frame: Callable[[int, bytes], T], session: int, frame: bytes) -> T:
+    """Open a join frame in the enclave; a frame it refuses ends the connection like any other
+    protocol error (the other side's fault, not this node's)."""
+    try:
+        return open_frame(session, frame)
+    except EnclaveStateError as exc:
+        raise PeerProtocolError(f"join frame refused: {exc}") from exc
 
 
 class Joining:
@@ -98,10 +111,7 @@ class Joining:
                 writer.write(encode_frame(CHANNEL, request))
                 async with asyncio.timeout(JOIN_TIMEOUT):
                     frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
-                    try:
-                        reply = enclave.open_join_reply(session, frame)
-                    except EnclaveStateError as exc:
-                        raise PeerProtocolError(f"join reply refused: {exc}") from exc
+                    reply = _refused_as_protocol(enclave.open_join_reply, session, frame)
                 if reply.status in ("redirect", "busy"):
                     return reply.leader
                 if reply.status != "admitted":
@@ -120,10 +130,7 @@ class Joining:
         try:
             async with asyncio.timeout(JOIN_TIMEOUT):
                 frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
-                try:
-                    request = enclave.open_join_request(session, frame)
-                except EnclaveStateError as exc:
-                    raise PeerProtocolError(f"join request refused: {exc}") from exc
+                request = _refused_as_protocol(enclave.open_join_request, session, frame)
                 reply = await self.admit(request)
                 try:
                     sealed = enclave.join_reply(session, reply)

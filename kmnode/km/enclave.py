@@ -50,6 +50,8 @@ MAX_OPEN_CHALLENGES = 4096
 #: Open sessions kept; the oldest is dropped beyond this (a host opening sessions in a loop
 #: must not grow enclave memory without bound).
 MAX_SESSIONS = 1024
+#: Members a join reply may name.
+MAX_JOIN_MEMBERS = 1024
 #: Largest join request or reply the enclave opens.
 MAX_JOIN_FRAME = 64 * 1024
 _SEALED_VERSION = 2
@@ -131,6 +133,19 @@ class _Session:
     join_requested: bool = False
 
 
+def _open_join_frame(result: HandshakeResult, frame: bytes, what: str) -> dict[str, Any]:
+    """The JSON object in a join session's frame (bounded, authenticated, an object)."""
+    if len(frame) > MAX_JOIN_FRAME:
+        raise FrameRefused(f"{what} of {len(frame)} bytes exceeds {MAX_JOIN_FRAME}")
+    try:
+        body = json.loads(result.channel.open(frame))
+    except ValueError:
+        raise FrameRefused(f"{what} is not JSON") from None
+    if not isinstance(body, dict):
+        raise FrameRefused(f"{what} is not an object")
+    return body
+
+
 def derive_key(master_secret: bytes, name: str, generation: int) -> bytes:
     """Key bytes for (name, generation): one-way from the master secret, distinct per input."""
     info = json.dumps([name, generation]).encode()
@@ -157,6 +172,10 @@ class KMEnclave:
         self.verifier = verifier
         self.state = KMState()
         self._bootstrap = dict(bootstrap or {})
+        #: The committed membership a member sent with our admission, and its applied index
+        #: then: peers until this enclave's own state has caught up to that index.
+        self._join_directory: dict[str, str] = {}
+        self._join_index = 0
         self._master_secret: bytes | None = None
         #: Random id of the cluster this enclave belongs to, and the hash of its genesis entry:
         #: both sealed with the master secret, so a blob cannot be carried to another cluster.
@@ -235,6 +254,8 @@ class KMEnclave:
                 "name": self.name,
                 "cluster_id": self._cluster_id,
                 "genesis_hash": self._genesis_hash,
+                "join_directory": self._join_directory,
+                "join_index": self._join_index,
                 "master_secret": self._require_secret().hex(),
                 "signing_key": bytes(self._signing_key).hex(),
             }
@@ -264,6 +285,9 @@ class KMEnclave:
         self._signing_key = SigningKey(bytes.fromhex(data["signing_key"]))
         self._cluster_id = cluster_id
         self._genesis_hash = str(data.get("genesis_hash") or "")
+        join_directory, join_index = data.get("join_directory", {}), data.get("join_index", 0)
+        if isinstance(join_directory, dict) and isinstance(join_index, int):
+            self._join_directory, self._join_index = dict(join_directory), join_index
         self.check_binding()
 
     def check_binding(self) -> None:
@@ -300,8 +324,13 @@ class KMEnclave:
         it belongs to a cluster, the bootstrap directory before that. Never itself."""
         if self.state.cluster:
             names = {m.name: m.platform_id for m in self.state.members.values()}
+            if self.state.applied_index < self._join_index:
+                # Still catching up to the index at which a member admitted us: the members it
+                # named then count too (a leader added after the first entries this node
+                # applies would otherwise be refused before its own record arrives).
+                names = {**self._join_directory, **names}
         else:
-            names = dict(self._bootstrap)
+            names = {**self._bootstrap, **self._join_directory}
         names.pop(self.name, None)
         return names
 
@@ -383,10 +412,17 @@ class KMEnclave:
 
     # --- Raft links: this node's messages out on links it dialled, peers' messages in ---------
 
+    def _still_a_peer(self, result: HandshakeResult) -> None:
+        """A Raft link lives only as long as its peer belongs (a member removed, or moved to
+        another platform, loses its established links at once, not at its next handshake)."""
+        if self.directory().get(result.peer_name) != result.peer.platform_id:
+            raise FrameRefused(f"{result.peer_name} is no longer a member on this link's platform")
+
     def seal_raft(self, session: int, message: Message) -> bytes:
         """One Raft message from this node to the session's peer, as a channel frame."""
         result = self._session(session, Purpose.RAFT, initiator=True).party.result
         assert result is not None
+        self._still_a_peer(result)
         if message.frm != self.name or message.to != result.peer_name:
             raise FrameRefused(
                 f"a message {message.frm!r} -> {message.to!r} does not belong on the link "
@@ -398,6 +434,7 @@ class KMEnclave:
         """The Raft message in a frame from the session's peer (addressed to this node)."""
         result = self._session(session, Purpose.RAFT, initiator=False).party.result
         assert result is not None
+        self._still_a_peer(result)
         plaintext = result.channel.open(frame)
         try:
             message = decode_message(plaintext)
@@ -428,13 +465,8 @@ class KMEnclave:
         record = self._session(session, Purpose.JOIN, initiator=False)
         result = record.party.result
         assert result is not None
-        if len(frame) > MAX_JOIN_FRAME:
-            raise FrameRefused(f"join request of {len(frame)} bytes exceeds {MAX_JOIN_FRAME}")
-        try:
-            body = json.loads(result.channel.open(frame))
-        except ValueError:
-            raise FrameRefused("join request is not JSON") from None
-        if not isinstance(body, dict) or body.get("name") != result.peer_name:
+        body = _open_join_frame(result, frame, "join request")
+        if body.get("name") != result.peer_name:
             raise FrameRefused("join request names another node than the handshake proved")
         host, peer_port, api_port = body.get("host"), body.get("peer_port"), body.get("api_port")
         if not (isinstance(host, str) and 0 < len(host) <= 253):
@@ -468,6 +500,8 @@ class KMEnclave:
                 )
             body["master_secret"] = self._require_secret().hex()
             body["cluster_id"] = self._cluster_id
+            body["members"] = {m.name: m.platform_id for m in self.state.members.values()}
+            body["applied_index"] = self.state.applied_index
         elif reply.status not in ("redirect", "busy", "refused"):
             raise SessionRefused(f"unknown join status {reply.status!r}")
         record.join_answered = True
@@ -481,19 +515,13 @@ class KMEnclave:
         assert result is not None
         if not record.join_requested or record.join_answered:
             raise SessionRefused(f"session {session} expects no join reply")
-        if len(frame) > MAX_JOIN_FRAME:
-            raise FrameRefused(f"join reply of {len(frame)} bytes exceeds {MAX_JOIN_FRAME}")
-        try:
-            body = json.loads(result.channel.open(frame))
-        except ValueError:
-            raise FrameRefused("join reply is not JSON") from None
-        if not isinstance(body, dict):
-            raise FrameRefused("join reply is not an object")
+        body = _open_join_frame(result, frame, "join reply")
         status = body.get("status")
         if status not in ("admitted", "redirect", "busy", "refused"):
             raise FrameRefused(f"unknown join status {status!r}")
         record.join_answered = True
         if status == "admitted":
+            self._install_join_directory(body.get("members"), body.get("applied_index"))
             self._install_secret(body.get("master_secret"), body.get("cluster_id"))
         return JoinReply(str(status), str(body.get("leader") or ""), str(body.get("reason", "")))
 
@@ -512,6 +540,16 @@ class KMEnclave:
             raise FrameRefused("received a master secret different from the one held")
         self._master_secret = secret
         self._cluster_id = cluster_id
+
+    def _install_join_directory(self, members: object, applied_index: object) -> None:
+        if not isinstance(members, dict) or not isinstance(applied_index, int):
+            raise FrameRefused("the admitted reply carries no membership")
+        if len(members) > MAX_JOIN_MEMBERS or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in members.items()
+        ):
+            raise FrameRefused("the admitted reply's membership is malformed")
+        self._join_directory = dict(members)
+        self._join_index = applied_index
 
     # --- ledger signing -----------------------------------------------------------------------
 

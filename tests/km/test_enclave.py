@@ -6,7 +6,15 @@ import pytest
 
 from attest import local
 from attest.errors import SealingError, UnknownMeasurement
-from kmnode.km.enclave import EnclaveStateError, KMEnclave, ProvisionResult, Purpose
+from consensus.types import Message, MessageType
+from kmnode.km.enclave import (
+    EnclaveStateError,
+    FrameRefused,
+    KMEnclave,
+    ProvisionResult,
+    Purpose,
+    SessionRefused,
+)
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from tests.km.enclaves import (
     KM_ID,
@@ -16,6 +24,7 @@ from tests.km.enclaves import (
     bare_enclave,
     commit,
     handshake,
+    join,
     joined_pair,
     km_node,
     release,
@@ -184,3 +193,53 @@ def test_replayed_or_foreign_challenge_is_refused() -> None:
     foreign = local.new_challenge()
     response = svc.answer_challenge(KM_ID.measurement, foreign)
     assert not a.provision(release(a), foreign, response).ok
+
+
+def test_a_removed_member_loses_its_established_raft_links() -> None:
+    a, b = joined_pair()
+    dialled, accepted = handshake(a, b, Purpose.RAFT)
+    heartbeat = Message(MessageType.HEARTBEAT, to="n-b", frm="n-a", term=1)
+    assert b.open_raft(accepted, a.seal_raft(dialled, heartbeat)) == heartbeat
+    frame = a.seal_raft(dialled, heartbeat)
+    commit(b, "member.remove", name="n-a")  # committed on n-b: its link from n-a goes dead
+    with pytest.raises(FrameRefused, match="no longer a member"):
+        b.open_raft(accepted, frame)
+    commit(a, "member.remove", name="n-b")  # and n-a stops sending to a removed n-b
+    with pytest.raises(FrameRefused, match="no longer a member"):
+        a.seal_raft(dialled, heartbeat)
+
+
+def test_raft_messages_must_belong_to_their_link() -> None:
+    a, b = joined_pair()
+    dialled, accepted = handshake(a, b, Purpose.RAFT)
+    forged = Message(MessageType.HEARTBEAT, to="n-b", frm="n-c", term=1)
+    with pytest.raises(FrameRefused, match="does not belong"):
+        a.seal_raft(dialled, forged)
+    reply = Message(MessageType.HEARTBEAT, to="n-a", frm="n-b", term=1)
+    with pytest.raises(SessionRefused, match="not dialled"):
+        b.seal_raft(accepted, reply)  # links carry one direction: n-b sends on links it dials
+
+
+def test_a_joiner_accepts_the_members_of_its_admission_until_it_has_caught_up() -> None:
+    """A leader added late in the log is not in the first entries a joiner applies; the
+    membership its admission named keeps that leader's links open until then."""
+    a = km_node("n-a", "a", genesis=True)
+    joiner = bare_enclave("n-c", "c")
+    commit(a, "member.add", member={
+        "name": "n-c", "platform_id": "c", "host": "h", "peer_port": 5, "api_port": 6,
+    })  # fmt: skip
+    assert join(joiner, a).status == "admitted"
+    admitted_at = a.state.applied_index
+    commit(joiner, "cluster.init", cluster="t", policy=a.state.policy.to_dict(),
+           member={"name": "n-x", "platform_id": "x", "host": "h", "peer_port": 1,
+                   "api_port": 2})  # fmt: skip
+    assert joiner.state.applied_index < admitted_at
+    assert joiner.directory() == {"n-x": "x", "n-a": "a", "n-b": "b"}
+    restarted = bare_enclave("n-c", "c")
+    restarted.restore_sealed_state(joiner.sealed_state())
+    assert restarted.directory() == {"n-a": "a", "n-b": "b"}  # sealed with the secret
+    for n in range(admitted_at):  # the joiner catches up
+        if joiner.state.applied_index >= admitted_at:
+            break
+        commit(joiner, "key.create", name=f"k{n}")
+    assert joiner.directory() == {"n-x": "x"}  # caught up: its own committed membership
