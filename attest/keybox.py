@@ -52,6 +52,13 @@ class KeyBoxes:
         """``plaintext`` readable only by the holder of ``recipient_public``'s private key."""
         return self.public + bytes(self._box(recipient_public).encrypt(plaintext))
 
+    @staticmethod
+    def sender(message: bytes) -> bytes:
+        """The box key a message claims to come from (checked by whoever vouches for it)."""
+        if len(message) <= PUBLIC_KEY_SIZE:
+            raise KeyBoxError("message too short")
+        return bytes(message[:PUBLIC_KEY_SIZE])
+
     def open(self, message: bytes) -> bytes:
         """The plaintext of a message sealed to us; ``KeyBoxError`` if it is not one."""
         if len(message) <= PUBLIC_KEY_SIZE:

@@ -13,6 +13,7 @@ enclave checks MAC, measurement, security version and binding.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ _REPORT_TAG = b"KMLR"
 _REPORT_BODY_TAG = b"KMLB"
 _RESPONSE_TAG = b"KMLA"
 _BINDING_LABEL = b"local-attestation"
+_VOUCH_LABEL = b"km-provisioning-key"
 CHALLENGE_SIZE = 32
 PUBLIC_KEY_SIZE = 32
 
@@ -131,3 +133,43 @@ def verify_response(
     if not hmac.compare_digest(body.report_data, expected):
         raise ChallengeMismatch("report does not bind this challenge and key (stale or replayed)")
     return LocallyAttested(identity=body.identity, public_key=public_key)
+
+
+def vouch(
+    km: EnclaveContext, service_measurement: bytes, km_box_key: bytes, service_box_key: bytes
+) -> bytes:
+    """KM side: a report for the service enclave binding the box key its keys come from.
+
+    Local attestation the other way round: only the hardware of this platform can MAC a report
+    for the service's measurement, and it names the KM enclave's measurement, so the service
+    can tell a key boxed by its node's KM enclave from one boxed by anybody else (the host).
+    """
+    wire.fixed(km_box_key, PUBLIC_KEY_SIZE, "KM box key")
+    wire.fixed(service_box_key, PUBLIC_KEY_SIZE, "service box key")
+    binding = report_data_for(_VOUCH_LABEL, km_box_key, service_box_key)
+    return km.report(service_measurement, binding)
+
+
+def verify_vouch(
+    service: EnclaveContext,
+    report: bytes,
+    trusted_km: Collection[bytes],
+    km_box_key: bytes,
+    service_box_key: bytes,
+) -> EnclaveIdentity:
+    """Service side: accept a KM enclave's vouch for ``km_box_key`` or raise the failure."""
+    body_bytes, mac = wire.unpack(report, _REPORT_TAG, 2, "local report")
+    if not hmac.compare_digest(_mac(service.own_report_key(), body_bytes), mac):
+        raise ReportNotFromThisPlatform(
+            "vouch MAC does not verify with this platform's report key for this service "
+            "enclave: it was produced on another platform, for another target, or altered"
+        )
+    body = LocalReportBody.decode(body_bytes)
+    if body.identity.measurement not in trusted_km:
+        raise UnknownMeasurement(
+            f"KM measurement {body.identity.measurement.hex()} is not the one this service trusts"
+        )
+    expected = report_data_for(_VOUCH_LABEL, km_box_key, service_box_key)
+    if not hmac.compare_digest(body.report_data, expected):
+        raise ChallengeMismatch("the vouch is for another box key (replayed or forged)")
+    return body.identity

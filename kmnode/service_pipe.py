@@ -51,6 +51,8 @@ class KeyRequest(_Message):
 
     op: Literal["key"] = "key"
     ciphertext: Hex
+    #: The KM enclave's local report vouching for the box key (``attest.local.vouch``).
+    vouch: Hex
 
 
 class ProveRequest(_Message):

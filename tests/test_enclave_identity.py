@@ -119,7 +119,7 @@ async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
         response = await link.challenge(km.identity.measurement, challenge)
         outcome = km.provision(release["release"], challenge, response)
         if outcome.ok:
-            assert await link.provide_key(outcome.ciphertext) == ("db", 1)
+            assert await link.provide_key(outcome.ciphertext, outcome.vouch) == ("db", 1)
             await link.prove("db", 1, b"\x00")
         return {
             "outcome": outcome,

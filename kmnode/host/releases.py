@@ -187,7 +187,7 @@ class Releases:
             outcome = self.node.enclave.provision(release.id, challenge, response)
             if outcome.ok:
                 try:
-                    await self.node.service.provide_key(outcome.ciphertext)
+                    await self.node.service.provide_key(outcome.ciphertext, outcome.vouch)
                 except ServiceUnavailable as exc:
                     raise ServiceUnavailable(f"the key could not be delivered: {exc}") from None
             return outcome

@@ -140,9 +140,11 @@ class ServiceLink:
         request = ChallengeRequest(km_measurement=km_measurement.hex(), challenge=challenge.hex())
         return bytes.fromhex((await self.request(request, ChallengeReply)).response)
 
-    async def provide_key(self, ciphertext: bytes) -> tuple[str, int]:
-        """Hand over a boxed key; the service's (name, generation) of what it accepted."""
-        reply = await self.request(KeyRequest(ciphertext=ciphertext.hex()), KeyReply)
+    async def provide_key(self, ciphertext: bytes, vouch: bytes) -> tuple[str, int]:
+        """Hand over a boxed key and the KM enclave's vouch for it; the service's (name,
+        generation) of what it accepted."""
+        request = KeyRequest(ciphertext=ciphertext.hex(), vouch=vouch.hex())
+        reply = await self.request(request, KeyReply)
         return reply.key, reply.generation
 
     async def prove(self, key: str, generation: int, challenge: bytes) -> str:

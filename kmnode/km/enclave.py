@@ -91,6 +91,8 @@ class ProvisionResult:
     service_measurement: str
     #: The key boxed to the attested service enclave's public key (empty when refused).
     ciphertext: bytes
+    #: This KM enclave's local report for that service, vouching for the box key it used.
+    vouch: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -616,7 +618,10 @@ class KMEnclave:
             {"key": release.key, "generation": release.generation, "material": material.hex()}
         )
         ciphertext = self._boxes.seal(attested.public_key, envelope.encode())
-        return ProvisionResult(True, "", measurement, bytes(ciphertext))
+        vouch = local.vouch(
+            self._context, attested.identity.measurement, self._boxes.public, attested.public_key
+        )
+        return ProvisionResult(True, "", measurement, bytes(ciphertext), vouch)
 
     def __repr__(self) -> str:
         return f"KMEnclave({self.name!r}, has_master_secret={self.has_master_secret})"

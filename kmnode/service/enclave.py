@@ -1,7 +1,9 @@
 """Service-enclave logic: answer local attestation, accept provisioned keys, run workloads.
 
 Keys arrive in a box (``attest.keybox``) to an X25519 key pair generated inside this enclave
-and bound into its local-attestation report, so only this enclave instance can open them. The
+and bound into its local-attestation report, so only this enclave instance can open them; and
+each comes with the KM enclave's own local report vouching for the box key it was sealed with,
+so a key boxed by anyone else (the host knows this enclave's public key too) is refused. The
 workload used by the tests and benchmarks proves possession of a key without revealing it: an
 HMAC of a challenge.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Collection
 
 from attest import local
+from attest.errors import AttestationError
 from attest.hardware import EnclaveContext
 from attest.keybox import KeyBoxError, KeyBoxes
 
@@ -22,8 +26,11 @@ class ProvisioningError(Exception):
 
 
 class ServiceEnclave:
-    def __init__(self, context: EnclaveContext) -> None:
+    """``trusted_km``: the KM measurements whose boxes this enclave opens (its own build's)."""
+
+    def __init__(self, context: EnclaveContext, trusted_km: Collection[bytes]) -> None:
         self.context = context
+        self._trusted_km = frozenset(trusted_km)
         self._boxes = KeyBoxes()
         self._keys: dict[tuple[str, int], bytes] = {}
 
@@ -31,7 +38,17 @@ class ServiceEnclave:
         """Local attestation response for our node's KM enclave."""
         return local.respond(self.context, km_measurement, challenge, self._boxes.public)
 
-    def accept_key(self, ciphertext: bytes) -> tuple[str, int]:
+    def accept_key(self, ciphertext: bytes, vouch: bytes) -> tuple[str, int]:
+        """Open a key boxed to this enclave by a KM enclave that vouched for its box key (a
+        local report from this platform, for this enclave, by a trusted KM measurement)."""
+        try:
+            local.verify_vouch(
+                self.context, vouch, self._trusted_km, KeyBoxes.sender(ciphertext),
+                self._boxes.public,
+            )  # fmt: skip
+        except (AttestationError, KeyBoxError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise ProvisioningError(f"provisioned key rejected: {reason}") from None
         try:
             envelope = json.loads(self._boxes.open(ciphertext))
             name, generation = envelope["key"], envelope["generation"]

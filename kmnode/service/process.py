@@ -21,7 +21,7 @@ from pathlib import Path
 
 from attest.identity import EnclaveRole
 from kmnode.config import load_config
-from kmnode.enclave_code import build_identity
+from kmnode.enclave_code import build_identity, current_identity
 from kmnode.imports import PROJECT_PACKAGES
 from kmnode.ring import OnFull, Ring, Writer
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
@@ -61,7 +61,9 @@ def handle(enclave: ServiceEnclave, writer: Writer, request: Request) -> Reply:
         )
         return ChallengeReply(response=response.hex())
     if isinstance(request, KeyRequest):
-        name, generation = enclave.accept_key(bytes.fromhex(request.ciphertext))
+        name, generation = enclave.accept_key(
+            bytes.fromhex(request.ciphertext), bytes.fromhex(request.vouch)
+        )
         return KeyReply(key=name, generation=generation)
     mac = enclave.prove(request.key, request.generation, bytes.fromhex(request.challenge))
     record = {
@@ -124,7 +126,12 @@ def main() -> None:
     platform = HardwareStore(config.state_dir / "hardware").platform(
         node.platform.id, node.platform.tcb
     )
-    enclave = ServiceEnclave(platform.enclave(build_identity(EnclaveRole.SERVICE)))
+    # The KM enclave this service takes keys from is its own build's, whatever the host's
+    # environment says (a patched KM build is not trusted).
+    enclave = ServiceEnclave(
+        platform.enclave(build_identity(EnclaveRole.SERVICE)),
+        trusted_km={current_identity(EnclaveRole.KM).measurement},
+    )
     ring = Ring.attach(args.ring)
     writer = Writer(ring, on_full=OnFull.WAIT, timeout=1.0, lock_timeout=1.0)
     try:

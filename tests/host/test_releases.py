@@ -26,11 +26,11 @@ class DyingService:
     async def challenge(self, km_measurement: bytes, challenge: bytes) -> bytes:
         return self.enclave.answer_challenge(km_measurement, challenge)
 
-    async def provide_key(self, ciphertext: bytes) -> tuple[str, int]:
+    async def provide_key(self, ciphertext: bytes, vouch: bytes) -> tuple[str, int]:
         if self.die_on_delivery:
             raise ServiceUnavailable("service enclave exited")
         self.delivered.append(ciphertext)
-        return self.enclave.accept_key(ciphertext)
+        return self.enclave.accept_key(ciphertext, vouch)
 
 
 class StubNode:

@@ -32,7 +32,7 @@ PLATFORM = Platform("a", TcbStatus.UP_TO_DATE, b"a".ljust(32, b"\0"), VendorRoot
 
 
 def test_serve_answers_every_line_of_a_read_in_one_write_in_order() -> None:
-    enclave = ServiceEnclave(PLATFORM.enclave(SVC_ID))
+    enclave = ServiceEnclave(PLATFORM.enclave(SVC_ID), trusted_km=set())
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     thread = threading.Thread(
@@ -77,7 +77,7 @@ def test_serve_answers_every_line_of_a_read_in_one_write_in_order() -> None:
 def test_a_malformed_request_gets_a_specific_error_and_changes_nothing(
     line: bytes, error: str
 ) -> None:
-    enclave = ServiceEnclave(PLATFORM.enclave(SVC_ID))
+    enclave = ServiceEnclave(PLATFORM.enclave(SVC_ID), trusted_km=set())
     reply = json.loads(answer(enclave, cast(Writer, None), line))
     assert reply["ok"] is False and error in reply["error"], reply
     assert reply["id"] in (1, None)

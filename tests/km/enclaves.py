@@ -106,4 +106,4 @@ def joined_pair() -> tuple[KMEnclave, KMEnclave]:
 
 
 def service(platform: str, identity: EnclaveIdentity = SVC_ID) -> ServiceEnclave:
-    return ServiceEnclave(PLATFORMS[platform].enclave(identity))
+    return ServiceEnclave(PLATFORMS[platform].enclave(identity), trusted_km={KM_ID.measurement})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from attest import local
 from attest.errors import SealingError, UnknownMeasurement
+from attest.keybox import KeyBoxes
 from consensus.types import Message, MessageType
 from kmnode.km.enclave import (
     EnclaveStateError,
@@ -46,7 +49,7 @@ def test_attested_service_receives_the_key_and_all_nodes_agree() -> None:
         svc = service(platform)
         result = provision(km, svc)
         assert result.ok and result.service_measurement == SVC_ID.measurement.hex()
-        assert svc.accept_key(result.ciphertext) == ("db", 1)
+        assert svc.accept_key(result.ciphertext, result.vouch) == ("db", 1)
         proofs.append(svc.prove("db", 1, challenge))
     assert proofs[0] == proofs[1]
     assert a.key_fingerprint("db", 1) == b.key_fingerprint("db", 1)
@@ -61,9 +64,9 @@ def test_the_key_and_generation_are_the_committed_releases() -> None:
     assert provision(a, svc, release(a)).ok
     assert svc.holds("db", 1) is False  # accepted only once handed over
     first = provision(a, svc, release(a, generation=1))
-    assert svc.accept_key(first.ciphertext) == ("db", 1)
+    assert svc.accept_key(first.ciphertext, first.vouch) == ("db", 1)
     latest = provision(a, svc, release(a))
-    assert svc.accept_key(latest.ciphertext) == ("db", 2)
+    assert svc.accept_key(latest.ciphertext, latest.vouch) == ("db", 2)
 
 
 def test_no_key_without_a_committed_release_for_this_node() -> None:
@@ -104,7 +107,7 @@ def test_ciphertext_for_one_service_is_useless_to_another() -> None:
     a, _ = joined_pair()
     result = provision(a, service("a"))
     with pytest.raises(ProvisioningError):
-        service("a").accept_key(result.ciphertext)
+        service("a").accept_key(result.ciphertext, result.vouch)
 
 
 def test_sealed_state_restores_on_same_platform_and_node_only() -> None:
@@ -243,3 +246,33 @@ def test_a_joiner_accepts_the_members_of_its_admission_until_it_has_caught_up() 
             break
         commit(joiner, "key.create", name=f"k{n}")
     assert joiner.directory() == {"n-x": "x"}  # caught up: its own committed membership
+
+
+def test_a_service_takes_keys_only_from_a_km_enclave_that_vouched_for_the_box() -> None:
+    """The host knows the service's box key too (it relays the report): a key it boxes itself,
+    with or without a genuine vouch taken from another delivery, is refused, and the genuine
+    key of that name and generation stays."""
+    a, _ = joined_pair()
+    svc = service("a")
+    genuine = provision(a, svc)
+    assert svc.accept_key(genuine.ciphertext, genuine.vouch) == ("db", 1)
+    proof = svc.prove("db", 1, b"c")
+    host = KeyBoxes()
+    envelope = json.dumps({"key": "db", "generation": 1, "material": "11" * 32}).encode()
+    forged = host.seal(svc._boxes.public, envelope)
+    for vouch in (genuine.vouch, b"", b"\x00" * 200):
+        with pytest.raises(ProvisioningError, match="rejected"):
+            svc.accept_key(forged, vouch)
+    assert svc.prove("db", 1, b"c") == proof
+
+
+def test_a_vouch_from_another_platform_or_km_build_is_refused() -> None:
+    a, _ = joined_pair()
+    elsewhere = service("b")  # n-a's report cannot be checked on platform b
+    result = provision(a, service("a"))
+    with pytest.raises(ProvisioningError, match="ReportNotFromThisPlatform"):
+        elsewhere.accept_key(result.ciphertext, result.vouch)
+    distrustful = ServiceEnclave(PLATFORMS["a"].enclave(SVC_ID), trusted_km={b"\x01" * 32})
+    result = provision(a, distrustful)
+    with pytest.raises(ProvisioningError, match="UnknownMeasurement"):
+        distrustful.accept_key(result.ciphertext, result.vouch)
