@@ -117,6 +117,11 @@ class KMState:
             result = handler(self, index, command)
         except CommandRefused as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a committed entry must never stop the log
+            # A field shape no check foresaw. Every node runs the same code on the same bytes,
+            # so every node refuses it alike; raising would stop the Raft driver on every node,
+            # and again after every restart, since the entry replays.
+            return {"ok": False, "error": f"command could not be applied ({type(exc).__name__})"}
         return {"ok": True, **result}
 
     @staticmethod
@@ -124,9 +129,11 @@ class KMState:
         if len(data) > MAX_COMMAND_BYTES:
             raise CommandRefused(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
         try:
-            command = json.loads(data)
+            command = json.loads(data, parse_constant=_no_constant)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CommandRefused(f"command is not JSON: {exc}") from None
+        except RecursionError:
+            raise CommandRefused("command is nested too deeply") from None
         if not isinstance(command, dict) or not isinstance(command.get("op"), str):
             raise CommandRefused("command must be an object with a string 'op'")
         return command
@@ -210,7 +217,11 @@ class KMState:
         if node not in self.members:
             raise CommandRefused(f"{node!r} is not a member")
         generation = cmd.get("generation", record.generation)
-        if not isinstance(generation, int) or not 1 <= generation <= record.generation:
+        if (
+            not isinstance(generation, int)
+            or isinstance(generation, bool)
+            or not 1 <= generation <= record.generation
+        ):
             raise CommandRefused(
                 f"key {record.name!r} has generations 1..{record.generation}, not {generation!r}"
             )
@@ -395,6 +406,10 @@ _HANDLERS = {
 # --- field validation (every refusal says which field and why) -------------------------------
 
 
+def _no_constant(name: str) -> Any:
+    raise CommandRefused(f"{name} is not a number a command may hold")
+
+
 def _str(cmd: dict[str, Any], key: str, max_len: int = 256) -> str:
     value = cmd.get(key)
     if not isinstance(value, str) or not value or len(value) > max_len:
@@ -437,5 +452,5 @@ def _policy(raw: Any) -> Policy:
         raise CommandRefused("policy must be an object")
     try:
         return Policy.from_dict(raw)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CommandRefused(f"invalid policy: {exc}") from None
