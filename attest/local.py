@@ -84,6 +84,17 @@ def _mac(key: bytes, body: bytes) -> bytes:
     return hmac.digest(key, body, "blake2b")
 
 
+def _open_report(target: EnclaveContext, report: bytes, role: str) -> LocalReportBody:
+    """A report made for ``target`` on this platform (its MAC checked), decoded."""
+    body_bytes, mac = wire.unpack(report, _REPORT_TAG, 2, "local report")
+    if not hmac.compare_digest(_mac(target.own_report_key(), body_bytes), mac):
+        raise ReportNotFromThisPlatform(
+            f"report MAC does not verify with this platform's report key for this {role} "
+            "enclave: it was produced on another platform, for another target, or altered"
+        )
+    return LocalReportBody.decode(body_bytes)
+
+
 def new_challenge() -> bytes:
     """A fresh challenge for one local attestation (never reuse one)."""
     return nacl.utils.random(CHALLENGE_SIZE)
@@ -114,13 +125,7 @@ def verify_response(
     """KM-enclave side: accept a service enclave's response or raise the specific failure."""
     report, public_key = wire.unpack(response, _RESPONSE_TAG, 2, "local attestation response")
     wire.fixed(public_key, PUBLIC_KEY_SIZE, "service public key")
-    body_bytes, mac = wire.unpack(report, _REPORT_TAG, 2, "local report")
-    if not hmac.compare_digest(_mac(km.own_report_key(), body_bytes), mac):
-        raise ReportNotFromThisPlatform(
-            "report MAC does not verify with this platform's report key for this KM enclave: "
-            "it was produced on another platform, for another target, or altered"
-        )
-    body = LocalReportBody.decode(body_bytes)
+    body = _open_report(km, report, "KM")
     if body.identity.measurement not in policy.measurements_for(EnclaveRole.SERVICE):
         raise UnknownMeasurement(
             f"service measurement {body.identity.measurement.hex()} is not allowed"
@@ -158,13 +163,7 @@ def verify_vouch(
     service_box_key: bytes,
 ) -> EnclaveIdentity:
     """Service side: accept a KM enclave's vouch for ``km_box_key`` or raise the failure."""
-    body_bytes, mac = wire.unpack(report, _REPORT_TAG, 2, "local report")
-    if not hmac.compare_digest(_mac(service.own_report_key(), body_bytes), mac):
-        raise ReportNotFromThisPlatform(
-            "vouch MAC does not verify with this platform's report key for this service "
-            "enclave: it was produced on another platform, for another target, or altered"
-        )
-    body = LocalReportBody.decode(body_bytes)
+    body = _open_report(service, report, "service")
     if body.identity.measurement not in trusted_km:
         raise UnknownMeasurement(
             f"KM measurement {body.identity.measurement.hex()} is not the one this service trusts"
