@@ -26,19 +26,21 @@ class PipeError(ValueError):
     """A line that is not one of the pipe's messages; the message says what is wrong."""
 
 
-class _Message(BaseModel):
+class PipeMessage(BaseModel):
+    """Every request and reply: strict types, no unknown fields, an optional id."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     id: int | None = Field(default=None, ge=0)
 
 
-class IdentityRequest(_Message):
+class IdentityRequest(PipeMessage):
     """Which measurement the service enclave runs with."""
 
     op: Literal["identity"] = "identity"
 
 
-class ChallengeRequest(_Message):
+class ChallengeRequest(PipeMessage):
     """Local attestation: a report for the KM enclave, binding the challenge and the box key."""
 
     op: Literal["challenge"] = "challenge"
@@ -46,7 +48,7 @@ class ChallengeRequest(_Message):
     challenge: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
-class KeyRequest(_Message):
+class KeyRequest(PipeMessage):
     """A key boxed by the KM enclave to the key the service bound in its report."""
 
     op: Literal["key"] = "key"
@@ -55,7 +57,7 @@ class KeyRequest(_Message):
     vouch: Hex
 
 
-class ProveRequest(_Message):
+class ProveRequest(PipeMessage):
     """The proof workload: a MAC of ``challenge`` under a provisioned key."""
 
     op: Literal["prove"] = "prove"
@@ -64,7 +66,7 @@ class ProveRequest(_Message):
     challenge: Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})+$", max_length=2048)]
 
 
-class ModulesRequest(_Message):
+class ModulesRequest(PipeMessage):
     """Which project modules the service process has loaded (checked against its measurement)."""
 
     op: Literal["modules"] = "modules"
@@ -77,7 +79,7 @@ Request = Annotated[
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
 
 
-class Reply(_Message):
+class Reply(PipeMessage):
     """Every reply: ``ok`` or the error, and the fields of its request's answer."""
 
     ok: bool = True
@@ -104,15 +106,6 @@ class ProveReply(Reply):
 class ModulesReply(Reply):
     modules: list[str] = Field(default_factory=list, max_length=1024)
 
-
-#: The reply model of each request model.
-REPLIES: dict[type[_Message], type[Reply]] = {
-    IdentityRequest: IdentityReply,
-    ChallengeRequest: ChallengeReply,
-    KeyRequest: KeyReply,
-    ProveRequest: ProveReply,
-    ModulesRequest: ModulesReply,
-}
 
 R = TypeVar("R", bound=Reply)
 

@@ -31,6 +31,7 @@ from kmnode.service_pipe import (
     ModulesReply,
     ModulesRequest,
     PipeError,
+    PipeMessage,
     ProveReply,
     ProveRequest,
     Reply,
@@ -38,7 +39,6 @@ from kmnode.service_pipe import (
     encode,
     line_id,
 )
-from kmnode.service_pipe import _Message as PipeMessage
 
 log = logging.getLogger(__name__)
 RING_CAPACITY = 1 << 20
