@@ -161,6 +161,11 @@ def free_ports(count: int) -> list[int]:
 # --- the cluster -------------------------------------------------------------------------------
 
 
+#: How each node's host talks to its KM enclave process (``--circuit``; cluster.yaml
+#: ``enclave.circuit``): switchless (the default) or ocall, which models a world switch per record.
+CIRCUIT = "switchless"
+
+
 def make_config(state_dir: Path, nodes: int, fsync: bool) -> ClusterConfig:
     """The embedded defaults (as `kmctl up -n N`), on free ports, in ``state_dir``."""
     base = ClusterConfig.default(nodes)
@@ -175,6 +180,7 @@ def make_config(state_dir: Path, nodes: int, fsync: bool) -> ClusterConfig:
             "state_dir": state_dir,
             "raft": base.raft.model_copy(update={"fsync": fsync}),
             "mqtt": base.mqtt.model_copy(update={"embedded_port": ports[-1]}),
+            "enclave": base.enclave.model_copy(update={"circuit": CIRCUIT}),
         }
     )
 
@@ -719,8 +725,17 @@ def main() -> None:
     parser.add_argument(
         "--keep", type=Path, help="put the clusters' state dirs (logs) in DIR and keep them"
     )
+    parser.add_argument(
+        "--circuit",
+        choices=["switchless", "ocall"],
+        default="switchless",
+        help="host <-> KM enclave circuit: switchless (default) or ocall (a modelled world "
+        "switch per record the enclave sends)",
+    )
     parser.add_argument("--json", action="store_true", help="also print results as JSON")
     args = parser.parse_args()
+    global CIRCUIT
+    CIRCUIT = args.circuit
     settings = Settings(
         latency_count=100 if args.quick else max(1, args.releases),
         concurrencies=[64] if args.quick else [max(1, c) for c in args.concurrency],

@@ -12,7 +12,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -114,6 +114,15 @@ class LedgerSpec(_Strict):
     sign_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
 
 
+class EnclaveSpec(_Strict):
+    """How a node's host and its KM enclave process talk (``kmnode.circuit``)."""
+
+    #: ``switchless``: the enclave writes into the shared ring itself (the default; what CCF
+    #: does). ``ocall``: every record the enclave sends costs a modelled world switch, so the
+    #: price of an enclave transition is visible end to end.
+    circuit: Literal["switchless", "ocall"] = "switchless"
+
+
 class MqttSpec(_Strict):
     #: ``mqtt://host:port`` of an external broker; unset means the embedded amqtt broker.
     url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:\d{1,5})?/?$")] | None = None
@@ -155,6 +164,7 @@ class ClusterConfig(_Strict):
     policy: PolicySpec = PolicySpec()
     raft: RaftSpec = RaftSpec()
     ledger: LedgerSpec = LedgerSpec()
+    enclave: EnclaveSpec = EnclaveSpec()
     mqtt: MqttSpec = MqttSpec()
 
     def node(self, name: str) -> NodeSpec:

@@ -3,7 +3,7 @@
 A measurement must change whenever the enclave's code changes, so it is computed from the bytes
 of every project module (and compiled extension) that the enclave's entry modules import,
 followed transitively (``kmnode.imports``): nobody keeps a list that could forget a module. The
-service enclave's coverage is checked against its real process (``tests/test_enclave_identity``
+coverage of both is checked against their real processes (``tests/test_enclave_identity``
 asks the running enclave which project modules it loaded).
 """
 
@@ -22,7 +22,7 @@ PRODUCT_IDS = {EnclaveRole.KM: 1, EnclaveRole.SERVICE: 2}
 
 #: The modules each enclave starts from; its code is everything they import.
 ENCLAVE_ENTRIES: dict[EnclaveRole, tuple[str, ...]] = {
-    EnclaveRole.KM: ("kmnode.km.enclave", "kmnode.km.machine", "kmnode.km.loader"),
+    EnclaveRole.KM: ("kmnode.km.process",),
     EnclaveRole.SERVICE: ("kmnode.service.process",),
 }
 

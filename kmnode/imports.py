@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import sys
 from collections.abc import Iterable, Iterator
 from functools import cache
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -147,3 +148,12 @@ def module_sources(modules: Iterable[str]) -> dict[str, bytes]:
         root = path.parents[depth]
         sources[path.relative_to(root).as_posix()] = path.read_bytes()
     return sources
+
+
+def loaded_project_modules() -> list[str]:
+    """Project modules in this process, the one run as ``__main__`` by its real name."""
+    names = set(sys.modules)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        names.add(spec.name)
+    return sorted(m for m in names if m.split(".")[0] in PROJECT_PACKAGES)

@@ -26,6 +26,10 @@ class PipeError(ValueError):
     """A line that is not one of the pipe's messages; the message says what is wrong."""
 
 
+class ServiceUnavailable(Exception):
+    """The service enclave is not running or did not answer."""
+
+
 class PipeMessage(BaseModel):
     """Every request and reply: strict types, no unknown fields, an optional id."""
 

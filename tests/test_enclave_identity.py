@@ -3,10 +3,10 @@ keeps identities stable."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import os
 import shutil
-import subprocess
-import sys
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,29 @@ from attest.certs import TcbStatus
 from attest.identity import EnclaveRole, measure_sources
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.enclave_code import current_identity, enclave_modules, enclave_sources
+from kmnode.host.node import KMNode
 from kmnode.host.service_link import ServiceLink
 from kmnode.imports import import_closure, module_sources
 from kmnode.km.loader import load_km_enclave
 from kmnode.km.state import encode_command
+from kmnode.km_messages import (
+    CreateKey,
+    DataReply,
+    ModulesReply,
+    ModulesRequest,
+    ReleaseKey,
+    StatusReply,
+    StatusRequest,
+)
 from kmnode.simhw import HardwareStore, HardwareStoreError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_changing_any_byte_or_name_of_enclave_code_changes_the_measurement() -> None:
@@ -161,65 +177,39 @@ async def test_a_service_enclave_built_with_a_changed_keybox_gets_no_key(
     assert seen["outcome"].reason.startswith("UnknownMeasurement")
 
 
-KM_PROBE = """
-import json, sys, time
-from pathlib import Path
-from kmnode.config import load_config
-from kmnode.km.loader import load_km_enclave
-from kmnode.km.machine import KMStateMachine
-from kmnode.km.enclave import Purpose
-from kmnode.km.state import encode_command
-from consensus.types import Entry, Message, MessageType
-
-config = load_config(Path(sys.argv[1]))
-km1, km2 = load_km_enclave(config, "km1"), load_km_enclave(config, "km2")
-km1.genesis()
-machines = {e.name: KMStateMachine(e) for e in (km1, km2)}
-def member(name):
-    node = config.node(name)
-    return {"name": name, "platform_id": node.platform.id, "host": node.host,
-            "peer_port": node.peer_port, "api_port": node.api_port}
-for machine in machines.values():
-    machine.apply(Entry(1, 1, data=encode_command(
-        "cluster.init", cluster="c", cluster_id=km1.cluster_id,
-        policy=km1.state.policy.to_dict(), member=member("km1"))))
-    machine.apply(Entry(1, 2, data=encode_command("member.add", member=member("km2"))))
-# Every kind of work the KM enclave does: a handshake, a Raft frame, a release, a signature,
-# sealing and unsealing.
-initiator, hello = km2.open_initiator("km1", Purpose.RAFT)
-responder = km1.open_responder(Purpose.RAFT)
-answer = km1.handshake_step(responder, hello, time.time())
-finish = km2.handshake_step(initiator, answer, time.time())
-km1.handshake_step(responder, finish, time.time())
-frame = km2.seal_raft(initiator, Message(MessageType.HEARTBEAT, to="km1", frm="km2", term=1))
-km1.open_raft(responder, frame)
-machines["km1"].apply(Entry(1, 3, data=encode_command("key.create", name="k")))
-machines["km1"].apply(Entry(1, 4, data=encode_command("release.request", key="k", node="km1")))
-km1.provision("r4", km1.new_challenge(), b"not a report")
-km1.ledger_signature(time.time())
-km1.restore_sealed_state(km1.sealed_state())
-names = set(sys.modules)
-print(json.dumps(sorted(m for m in names if m.split(".")[0] in ("attest", "consensus", "kmnode"))))
-"""
+async def _run_a_release_on_one_node(tmp_path: Path) -> tuple[ModulesReply, KMNode]:
+    """A one-node cluster through its real host: genesis, a key, a release to the node's
+    service enclave; then the KM enclave process says which project modules it loaded."""
+    cfg = ClusterConfig.default(1)
+    spec = cfg.nodes[0].model_copy(update={"peer_port": free_port(), "api_port": free_port()})
+    cfg = cfg.model_copy(update={"state_dir": tmp_path / "state", "nodes": [spec]})
+    path = tmp_path / "cluster.yaml"
+    path.write_text(config_to_yaml(cfg))
+    node = KMNode(cfg, path, "km1")
+    await node.start()
+    try:
+        for _ in range(200):
+            if (await node.km.call(StatusRequest(), StatusReply)).ready:
+                break
+            await asyncio.sleep(0.05)
+        await node.km.call(CreateKey(name="db"), DataReply)
+        done = await node.km.call(ReleaseKey(key="db", node="km1"), DataReply)
+        assert isinstance(done.data, dict)
+        assert [r["status"] for r in done.data["releases"]] == ["provisioned"], done.data
+        return await node.km.call(ModulesRequest(), ModulesReply), node
+    finally:
+        await node.stop()
 
 
-def test_the_km_enclave_code_loads_exactly_the_measured_modules(tmp_path: Path) -> None:
-    """The KM enclave still runs in the node's process, so this runs its code in a process of
-    its own (its entry modules, a handshake, a Raft frame, a release, a signature, sealing)
-    and compares the project modules that process loaded with the measured set."""
-    _, path = _cluster(tmp_path)
-    script = tmp_path / "km_probe.py"
-    script.write_text(KM_PROBE)
-    done = subprocess.run(
-        [sys.executable, str(script), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert set(json.loads(done.stdout)) == set(enclave_modules(EnclaveRole.KM))
+@pytest.mark.timeout(120)
+async def test_the_km_enclave_process_loads_exactly_the_measured_modules(tmp_path: Path) -> None:
+    """The KM enclave runs in a process of its own; after a genesis, a join-free start, a key
+    and a release, the project modules that process loaded are exactly the measured set, and
+    it is another process than the host's."""
+    modules, node = await _run_a_release_on_one_node(tmp_path)
+    assert modules.pid != os.getpid()
+    assert set(modules.modules) == set(enclave_modules(EnclaveRole.KM))
+    assert not node.km.running
 
 
 def test_hardware_store_gives_stable_identities(tmp_path: Path) -> None:

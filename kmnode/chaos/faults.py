@@ -87,10 +87,25 @@ def _process_state(pid: int) -> str:
 # --- process faults ----------------------------------------------------------------------------
 
 
+def _signal_node(pid: int, sig: signal.Signals) -> None:
+    """Signal the node's whole process group when it leads one (as `kmctl up` starts it): the
+    host and its two enclave processes are one machine, and a pause or a kill must stop all
+    three at once, not leave the KM enclave talking to its peers."""
+    try:
+        group = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        if group == pid:
+            os.killpg(group, sig)
+        else:
+            os.kill(pid, sig)
+
+
 def kill(cfg: ClusterConfig, node: str) -> FaultDone:
-    """SIGKILL the node process (its service enclave exits when its stdin closes)."""
+    """SIGKILL the node's processes (host, KM enclave and service enclave) at once."""
     record = _running(cfg, node)
-    os.kill(record.pid, signal.SIGKILL)
+    _signal_node(record.pid, signal.SIGKILL)
     deadline = time.monotonic() + KILL_WAIT
     # A zombie is not "ours" either: no need to reap a child of the caller here.
     while supervisor.is_ours(record) and time.monotonic() < deadline:
@@ -106,10 +121,10 @@ def kill(cfg: ClusterConfig, node: str) -> FaultDone:
 
 
 def pause(cfg: ClusterConfig, node: str) -> FaultDone:
-    """SIGSTOP the node process: it keeps its sockets but answers nothing (a long GC pause,
+    """SIGSTOP the node's processes: they keep their sockets but answer nothing (a long GC pause,
     a frozen VM), so peers see timeouts rather than refused connections."""
     record = _running(cfg, node)
-    os.kill(record.pid, signal.SIGSTOP)
+    _signal_node(record.pid, signal.SIGSTOP)
     # Signal delivery is asynchronous: return once the process really is stopped.
     deadline = time.monotonic() + KILL_WAIT
     while _process_state(record.pid) not in ("T", "t", "") and time.monotonic() < deadline:
@@ -126,7 +141,7 @@ def resume(cfg: ClusterConfig, node: str) -> FaultDone:
     """SIGCONT a paused node (harmless if it was not paused; ``was_stopped`` says which)."""
     record = _running(cfg, node)
     was_stopped = _process_state(record.pid) in ("T", "t")
-    os.kill(record.pid, signal.SIGCONT)
+    _signal_node(record.pid, signal.SIGCONT)
     return FaultDone(
         "resume",
         node,

@@ -18,12 +18,13 @@ offending body field.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from kmnode.host.faults import FaultRuleError, FaultRules, RingStall, kill_child
+from kmnode.host.faults import RingStall, kill_child
+from kmnode.linkfaults import FaultRuleError
 
 
 class _BadRequest(Exception):
@@ -62,9 +63,20 @@ def _peer(body: dict[str, Any], known: list[str], required: bool) -> str | None:
     return peer
 
 
+class LinkRules(Protocol):
+    """Where the link rules live: in the KM enclave process (reached through the circuit),
+    or, in tests, ``kmnode.linkfaults.LocalLinkRules``."""
+
+    async def view(self) -> dict[str, Any]: ...
+
+    async def update(self, peer: str, changes: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def heal(self, peer: str | None) -> list[str]: ...
+
+
 def add_chaos_routes(
     app: web.Application,
-    rules: FaultRules,
+    rules: LinkRules,
     stall: RingStall,
     service_pid: Callable[[], int | None],
     peers: Callable[[], list[str]],
@@ -74,52 +86,43 @@ def add_chaos_routes(
     pid, or None."""
 
     def guarded(
-        handler: Callable[[dict[str, Any]], web.Response],
+        handler: Callable[[dict[str, Any]], Awaitable[web.Response]],
     ) -> Callable[[web.Request], Any]:
         async def route(request: web.Request) -> web.Response:
             try:
-                return handler(await _body(request))
+                return await handler(await _body(request))
             except _BadRequest as exc:
                 return _error(400, "bad_request", str(exc), exc.field)
 
         return route
 
     async def get_rules(request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "rules": {p: r.to_dict() for p, r in sorted(rules.rules().items())},
-                "stats": rules.stats_dict(),
-                "seed": rules.seed,
-                "ring_stalled": stall.stalled,
-            }
-        )
+        return web.json_response({**await rules.view(), "ring_stalled": stall.stalled})
 
-    def set_rule(body: dict[str, Any]) -> web.Response:
+    async def set_rule(body: dict[str, Any]) -> web.Response:
         peer = _peer(body, peers(), required=True)
         assert peer is not None
         changes = {k: v for k, v in body.items() if k != "peer"}
         try:
-            rule = rules.get(peer).updated(changes)
+            rule = await rules.update(peer, changes)
         except FaultRuleError as exc:
             raise _BadRequest(exc.field, str(exc)) from None
-        rules.set(peer, rule)
-        return web.json_response({"peer": peer, "rule": rule.to_dict()})
+        return web.json_response({"peer": peer, "rule": rule})
 
-    def heal(body: dict[str, Any]) -> web.Response:
+    async def heal(body: dict[str, Any]) -> web.Response:
         # A peer that has a rule may be healed even if it has since left the membership.
-        peer = _peer(body, sorted({*peers(), *rules.rules()}), required=False)
-        healed = sorted(rules.rules()) if peer is None else [peer]
-        rules.clear(peer)
-        return web.json_response({"healed": healed})
+        with_rules = (await rules.view())["rules"]
+        peer = _peer(body, sorted({*peers(), *with_rules}), required=False)
+        return web.json_response({"healed": await rules.heal(peer)})
 
-    def ring_stall(body: dict[str, Any]) -> web.Response:
+    async def ring_stall(body: dict[str, Any]) -> web.Response:
         stalled = body.get("stalled")
         if not isinstance(stalled, bool):
             raise _BadRequest("stalled", f"'stalled' must be true or false, not {stalled!r}")
         stall.set(stalled)
         return web.json_response({"stalled": stall.stalled})
 
-    def service_crash(body: dict[str, Any]) -> web.Response:
+    async def service_crash(body: dict[str, Any]) -> web.Response:
         pid = service_pid()
         if pid is None or not kill_child(pid):
             return _error(409, "refused", "the service enclave is not running")

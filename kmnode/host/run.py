@@ -9,8 +9,6 @@ import sys
 
 from aiohttp import web
 
-from attest.errors import SealingError
-from consensus.storage import CorruptLogError, StorageError
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.host.api import OperatorApi
 from kmnode.host.node import KMNode, NodeStartError
@@ -30,17 +28,10 @@ async def serve(config: ClusterConfig, name: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-    except (NodeStartError, StorageError, SealingError) as exc:
+    except NodeStartError as exc:
+        # The KM enclave process logged the cause (and, for damage no crash explains, how
+        # to replace the node).
         log.error("%s: cannot start: %s", name, exc)
-        if isinstance(exc, CorruptLogError | SealingError):
-            # Damage no crash explains: this node's data cannot be trusted again, but the
-            # cluster still holds everything; say how to get the member back.
-            log.error(
-                "%s: its data directory cannot be repaired; the other members go on without "
-                "it. To replace it by a fresh node of the same name: kmctl chaos replace %s",
-                name,
-                name,
-            )
         await node.stop()
         return 1
     runner = web.AppRunner(OperatorApi(node).app(), access_log=None)

@@ -35,6 +35,7 @@ from kmnode.service_pipe import (
     ProveReply,
     ProveRequest,
     Reply,
+    ServiceUnavailable,
     decode_reply,
     encode,
     line_id,
@@ -46,12 +47,19 @@ REQUEST_TIMEOUT = 10.0
 R = TypeVar("R", bound=Reply)
 
 
-class ServiceUnavailable(Exception):
-    """The service enclave is not running or did not answer."""
-
-
 def _no_answer() -> TimeoutError:
     return TimeoutError(f"no reply within {REQUEST_TIMEOUT}s")
+
+
+def remove_stale_rings(node: str) -> None:
+    """Unlink rings left by earlier runs of ``node`` that were killed (SIGKILL skips cleanup),
+    so shared memory does not leak across restarts. Every ring of a node is named
+    ``kmsim-{node}-...-{pid of its host}``."""
+    for path in Path("/dev/shm").glob(f"kmsim-{node}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 class ServiceLink:
@@ -94,17 +102,8 @@ class ServiceLink:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def _remove_stale_rings(self) -> None:
-        """Unlink rings left by earlier runs of this node that were killed (SIGKILL skips
-        cleanup), so shared memory does not leak across restarts."""
-        for path in Path("/dev/shm").glob(f"kmsim-{self.node}-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
     async def start(self) -> None:
-        self._remove_stale_rings()
+        remove_stale_rings(self.node)
         self._ring = SharedRing.create(self.ring_name, RING_CAPACITY)
         self._drain_task = asyncio.create_task(self._drain(self._ring), name="service-drain")
         try:

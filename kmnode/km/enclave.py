@@ -602,9 +602,7 @@ class KMEnclave:
             return ProvisionResult(False, "challenge was not issued by this enclave", "", b"")
         del self._challenges[challenge]
         try:
-            attested = local.verify_response(
-                self._context, challenge, response, self.state.policy
-            )
+            attested = local.verify_response(self._context, challenge, response, self.state.policy)
         except AttestationError as exc:
             return ProvisionResult(False, f"{type(exc).__name__}: {exc}", "", b"")
         measurement = attested.identity.measurement.hex()

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from attest.identity import EnclaveRole
 from kmnode.config import load_config
 from kmnode.enclave_code import build_identity, current_identity
-from kmnode.imports import PROJECT_PACKAGES
+from kmnode.imports import loaded_project_modules
 from kmnode.ring import OnFull, Ring, Writer
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service_pipe import (
@@ -75,15 +74,6 @@ def handle(enclave: ServiceEnclave, writer: Writer, request: Request) -> Reply:
     }
     writer.write(json.dumps(record, separators=(",", ":")).encode(), RECORD_PROOF)
     return ProveReply(mac=mac)
-
-
-def loaded_project_modules() -> list[str]:
-    """Project modules in this process, the one run as ``__main__`` by its real name."""
-    names = set(sys.modules)
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None:
-        names.add(spec.name)
-    return sorted(m for m in names if m.split(".")[0] in PROJECT_PACKAGES)
 
 
 def answer(enclave: ServiceEnclave, writer: Writer, line: bytes) -> bytes:

@@ -27,7 +27,8 @@ from kmnode.cli.context import CliContext
 from kmnode.cli.output import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.host.chaos_api import add_chaos_routes
-from kmnode.host.faults import FaultRules, LinkRule, RingStall
+from kmnode.host.faults import RingStall
+from kmnode.linkfaults import FaultRules, LinkRule, LocalLinkRules
 from kmnode.supervisor import ProcessRecord, pid_path, write_pid_file
 from tests.host import free_port
 
@@ -62,7 +63,7 @@ class Nodes:
         node = self.nodes[name]
         app = web.Application()
         peers = [n for n in NAMES if n != name]
-        add_chaos_routes(app, node.rules, node.stall, lambda: None, lambda: peers)
+        add_chaos_routes(app, LocalLinkRules(node.rules), node.stall, lambda: None, lambda: peers)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.config.node(name).api_port).start()

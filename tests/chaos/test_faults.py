@@ -25,20 +25,14 @@ from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
 from kmnode.chaos.runner import RunConfig, record_outcome
 from kmnode.client import ApiError, NodeUnreachable
-from kmnode.config import ClusterConfig
+from kmnode.config import ClusterConfig, config_to_yaml
+from kmnode.datadir import SEALED_STATE
 from kmnode.errors import KmsimError
 from kmnode.host.chaos_api import add_chaos_routes
-from kmnode.host.faults import (
-    Decision,
-    FaultRuleError,
-    FaultRules,
-    LinkRule,
-    RingStall,
-    kill_child,
-    service_pid,
-)
-from kmnode.host.node import SEALED_STATE, KMNode
+from kmnode.host.faults import RingStall, kill_child, service_pid
+from kmnode.host.node import KMNode, NodeStartError
 from kmnode.km.loader import load_km_enclave
+from kmnode.linkfaults import Decision, FaultRuleError, FaultRules, LinkRule, LocalLinkRules
 from kmnode.supervisor import ProcessRecord, pid_path, write_pid_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -206,7 +200,9 @@ def service() -> Any:
 async def api(service: Service) -> AsyncIterator[Api]:
     rules, stall = FaultRules(3), RingStall()
     app = web.Application()
-    add_chaos_routes(app, rules, stall, service_pid(service), lambda: ["km2", "km3"])
+    add_chaos_routes(
+        app, LocalLinkRules(rules), stall, service_pid(service), lambda: ["km2", "km3"]
+    )
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
     try:
@@ -367,9 +363,13 @@ async def test_tampered_sealed_state_fails_to_unseal_and_the_node_refuses_to_sta
     assert done.detail == {"file": str(sealed), "offset": sealed.stat().st_size - 1}
     with pytest.raises(SealedDataCorrupt):
         load_km_enclave(cfg, "km1").restore_sealed_state(sealed.read_bytes())
-    node = KMNode(cfg, tmp_path / "cluster.yaml", "km1")
-    with pytest.raises(SealedDataCorrupt):
-        await node.start()  # fails before anything is started: nothing to stop
+    cfg_path = tmp_path / "cluster.yaml"
+    cfg_path.write_text(config_to_yaml(cfg))
+    node = KMNode(cfg, cfg_path, "km1")
+    # The KM enclave process refuses the blob; the host stops what it started and says why.
+    with pytest.raises(NodeStartError, match=r"SealedDataCorrupt|sealed"):
+        await node.start()
+    assert not node.km.running and not node.service.running
 
 
 def test_disk_faults_refuse_a_running_node_and_missing_files(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from kmnode.cli import cli
 from kmnode.km.enclave import derive_key
 from kmnode.km.loader import load_km_enclave
+from tests import memscan
 
 from .harness import LocalCluster, until
 
@@ -308,3 +309,46 @@ def test_no_plaintext_key_material_on_the_host_side(cluster: LocalCluster) -> No
     assert len(haystacks) > 10 and any(h.startswith("mqtt:") for h, _ in haystacks)
     leaks = [name for name, data in haystacks for needle in needles if needle in data]
     assert leaks == []
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Direct children of ``pid`` and their command lines."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            found[int(proc.name)] = cmdline
+    return found
+
+
+def test_no_key_material_in_the_memory_of_any_host_process(cluster: LocalCluster) -> None:
+    """While the cluster serves releases, search each node's three processes' memory: the
+    host holds no master secret and no released key; the KM enclave process does hold the
+    master secret and the service enclaves the released keys (so the scan does work)."""
+    enclave = load_km_enclave(cluster.config, cluster.names[0])
+    sealed = cluster.config.state_dir / "nodes" / cluster.names[0] / "enclave.sealed"
+    enclave.restore_sealed_state(sealed.read_bytes())
+    master = enclave._master_secret
+    assert master is not None
+    code, reply = cluster.leader_call("POST", "/v1/keys", {"name": "scanned"})
+    assert code == 201, reply
+    code, reply = cluster.leader_call("POST", "/v1/keys/scanned/release", {"node": "all"})
+    assert code == 200 and all(r["status"] == "provisioned" for r in reply["releases"]), reply
+    released = derive_key(master, "scanned", 1)
+    needles = memscan.forms(master) | memscan.forms(released)
+    for name in cluster.names:
+        host = cluster.procs[name].pid
+        children = _children(host)
+        km = [pid for pid, cmd in children.items() if "kmnode.km.process" in cmd]
+        service = [pid for pid, cmd in children.items() if "kmnode.service.process" in cmd]
+        assert len(km) == 1 and len(service) == 1, children
+        assert cluster.status(name)["km_enclave"]["pid"] == km[0]
+        assert memscan.found_in_memory(host, needles) == set(), f"{name}'s host holds a secret"
+        assert master in memscan.found_in_memory(km[0], {master}), f"{name}'s KM enclave"
+        assert released in memscan.found_in_memory(service[0], {released}), f"{name}'s service"

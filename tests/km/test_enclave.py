@@ -177,9 +177,7 @@ def test_km_enclave_with_unknown_measurement_is_refused_by_members() -> None:
     modified = KM_ID.__class__(
         local.new_challenge(), KM_ID.signer, KM_ID.product_id, KM_ID.svn
     )  # any other measurement
-    rogue = KMEnclave(
-        "n-b", PLATFORMS["b"].enclave(modified), a.verifier, bootstrap={"n-a": "a"}
-    )
+    rogue = KMEnclave("n-b", PLATFORMS["b"].enclave(modified), a.verifier, bootstrap={"n-a": "a"})
     rogue.state.policy = a.state.policy
     with pytest.raises(UnknownMeasurement):
         handshake(rogue, a, Purpose.RAFT)

@@ -8,10 +8,10 @@ from typing import Any, cast
 
 import pytest
 
-from kmnode.host.node import KMNode
-from kmnode.host.releases import Releases
-from kmnode.host.service_link import ServiceUnavailable
+from kmnode.km.node import KMNode
+from kmnode.km.releases import Releases
 from kmnode.service.enclave import ServiceEnclave
+from kmnode.service_pipe import ServiceUnavailable
 from tests.km.enclaves import joined_pair, release, service
 
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from attest.errors import AttestationError
 from consensus.types import ConfChange, ConfChangeType, RaftError
-from kmnode.host.peer_transport import Address
-from kmnode.host.peer_wire import (
+from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
+from kmnode.km.peer_transport import Address
+from kmnode.km.peer_wire import (
     CHANNEL,
     JOIN,
     PeerProtocolError,
@@ -27,11 +28,10 @@ from kmnode.host.peer_wire import (
     expect,
     initiate,
 )
-from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
 from kmnode.km.state import encode_command
 
 if TYPE_CHECKING:
-    from kmnode.host.node import KMNode
+    from kmnode.km.node import KMNode
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from attest.policy import Policy
 from attest.quote import QuoteVerifier
 from consensus.codec import message_size
 from consensus.types import Message, MessageType
-from kmnode.host.peer_transport import AttestedTransport
-from kmnode.host.peer_wire import channel_frame_size
 from kmnode.km.enclave import KMEnclave
+from kmnode.km.peer_transport import AttestedTransport
+from kmnode.km.peer_wire import channel_frame_size
 from tests.host import eventually
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ from consensus.types import RaftError
 from kmnode.km.state import encode_command
 
 if TYPE_CHECKING:
-    from kmnode.host.node import KMNode
+    from kmnode.km.node import KMNode
 
 
 async def initialise_ledger(node: KMNode) -> None:

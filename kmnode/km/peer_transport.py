@@ -29,7 +29,8 @@ from attest.errors import AttestationError
 from consensus.codec import message_size
 from consensus.transport import MessageHandler, Transport
 from consensus.types import Message, NodeId
-from kmnode.host.peer_wire import (
+from kmnode.km.enclave import FrameRefused
+from kmnode.km.peer_wire import (
     CHANNEL,
     DEFAULT_MAX_FRAME,
     JOIN,
@@ -44,7 +45,6 @@ from kmnode.host.peer_wire import (
     respond,
     split_frames,
 )
-from kmnode.km.enclave import FrameRefused
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class FaultDecision(Protocol):
 
 
 class LinkFaults(Protocol):
-    """Injected faults on outbound links (chaos testing): see kmnode.host.faults."""
+    """Injected faults on outbound links (chaos testing): see kmnode.linkfaults."""
 
     def decide(self, peer: str) -> FaultDecision: ...
 

@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from consensus.deadlines import Deadlines
 from consensus.types import Entry, RaftError
-from kmnode.host.mqtt import TopicKind
-from kmnode.host.service_link import ServiceUnavailable
 from kmnode.km.enclave import ProvisionResult
 from kmnode.km.state import Release, encode_command
+from kmnode.service_pipe import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from kmnode.host.node import KMNode
+    from kmnode.km.node import KMNode
 
 log = logging.getLogger(__name__)
 #: Marks a release request in a command's canonical JSON (``encode_command``).
@@ -224,6 +223,6 @@ class Releases:
         }
         # One audit record per release: coalesced with its neighbours into one MQTT message
         # under load (a message per record cost the broker as much CPU as a follower's Raft).
-        node.events.publish_record(TopicKind.AUDIT, record)
+        node.publish_audit(record)
         if status == "refused":
             log.warning("%s: release %s refused: %s", node.name, release_id, reason)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consensus.types import Entry, EntryType
-from kmnode.host.forwarding import split_by_size
+from kmnode.km.forwarding import split_by_size
 
 
 def command(size: int) -> Entry:

@@ -1,0 +1,211 @@
+"""The circuit between a node's host process and its KM enclave process: two rings, one each way.
+
+CCF's host and enclave talk through a pair of ring buffers in shared memory; so do ours. The
+host creates both rings (it owns the shared memory and unlinks it), the enclave process
+attaches them by name. Every record is one message of ``kmnode.km_messages`` in one compact
+encoding (msgpack); each side reads the other's ring on its event loop with an
+``AsyncReader`` (a futex sleep on a worker thread: no polling while idle).
+
+Two ways to cross, chosen in cluster.yaml (``enclave.circuit``):
+
+* ``switchless`` (default): the enclave writes into the ring itself, as SGX's switchless calls
+  and CCF do; a crossing costs a write and a futex wake.
+* ``ocall``: every record the enclave sends costs a modelled world switch (EEXIT, the host
+  writes it, ERESUME; ``kmnode.ring.ocall``), so the price of an enclave transition shows end
+  to end in the release benchmark.
+
+Requests carry an id the reply repeats; either side may ask (the host asks for operator work,
+the enclave asks the host to relay to the service enclave) and either side may notify (events).
+A side treats everything it reads as hostile: a record that does not decode to one of the
+circuit's messages is dropped and counted, never raised into the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
+
+from kmnode.km_messages import (
+    CircuitError,
+    Failed,
+    Failure,
+    Message,
+    Notice,
+    Reply,
+    Request,
+    decode,
+    encode,
+)
+from kmnode.ring import AsyncReader, OcallWriter, OnFull, Ring, RingClosed, RingError, Writer
+
+log = logging.getLogger(__name__)
+
+#: Bytes in each direction's ring: far above a burst of replies under load (a reply is ~100 B).
+CIRCUIT_CAPACITY = 4 << 20
+#: How long a writer waits for the reader to make room before the circuit counts as broken.
+WRITE_TIMEOUT = 10.0
+CircuitMode = Literal["switchless", "ocall"]
+R = TypeVar("R", bound=Reply)
+
+RequestHandler = Callable[[Request], Awaitable[Reply]]
+NoticeHandler = Callable[[Notice], None]
+
+
+class CircuitClosed(CircuitError):
+    """The other side is gone (its process exited or the rings were closed)."""
+
+
+def ring_names(node: str, pid: int) -> tuple[str, str]:
+    """Shared-memory names of (host to enclave, enclave to host) for ``node`` run by ``pid``;
+    the pid last, so stale rings of a killed node can be recognised and removed."""
+    return f"/kmsim-{node}-kmin-{pid}", f"/kmsim-{node}-kmout-{pid}"
+
+
+class Circuit:
+    """One side of the circuit: send requests and notices, answer the other side's requests."""
+
+    def __init__(
+        self,
+        inbound: Ring,
+        outbound: Ring,
+        *,
+        on_request: RequestHandler,
+        on_notice: NoticeHandler,
+        mode: CircuitMode = "switchless",
+        name: str = "circuit",
+    ) -> None:
+        self.name = name
+        self._inbound = inbound
+        self._outbound = outbound
+        writer = Writer(outbound, on_full=OnFull.WAIT, timeout=WRITE_TIMEOUT)
+        self._writer: Writer | OcallWriter = OcallWriter.over(writer) if mode == "ocall" else writer
+        self._on_request = on_request
+        self._on_notice = on_notice
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader_task: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        #: Records that did not decode (a hostile or broken other side), and records sent.
+        self.malformed = 0
+        self.sent = 0
+
+    def start(self) -> None:
+        self._reader_task = asyncio.create_task(self._read(), name=f"{self.name}-rx")
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_pending()
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _send(self, message: Message) -> None:
+        if self.closed.is_set():
+            raise CircuitClosed(f"{self.name}: the other side is gone")
+        try:
+            self._writer.write(encode(message))
+        except RingError as exc:
+            raise CircuitClosed(f"{self.name}: {exc}") from None
+        self.sent += 1
+
+    def notify(self, notice: Notice) -> None:
+        """Send a notice; a closed circuit drops it (nobody is left to hear it)."""
+        with contextlib.suppress(CircuitClosed):
+            self._send(notice)
+
+    async def call(self, request: Request, reply_type: type[R], timeout: float = 30.0) -> R:
+        """Send ``request`` and wait for its reply. Raises ``Failed`` with the other side's
+        ``Failure``, ``CircuitClosed`` if it goes away, ``TimeoutError`` after ``timeout``."""
+        request_id = next(self._ids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self._send(request.model_copy(update={"id": request_id}))
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)
+        if isinstance(reply, Failure):
+            raise Failed(reply)
+        if not isinstance(reply, reply_type):
+            raise CircuitError(
+                f"{self.name}: {type(request).__name__} answered by {type(reply).__name__}"
+            )
+        return reply
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        reader = AsyncReader(self._inbound)
+        try:
+            while True:
+                for record in await reader.read_batch():
+                    self._dispatch(record)
+        except (RingClosed, RingError) as exc:
+            log.info("%s: circuit closed: %s", self.name, exc)
+        finally:
+            reader.close()
+            self.closed.set()
+            self._fail_pending()
+
+    def _dispatch(self, record: bytes) -> None:
+        try:
+            message = decode(record)
+        except CircuitError as exc:
+            self.malformed += 1
+            log.warning("%s: dropped a malformed record: %s", self.name, exc)
+            return
+        if isinstance(message, Reply):
+            future = self._pending.get(message.id or 0)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, Request):
+            task = asyncio.create_task(self._answer(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(message, Notice):
+            try:
+                self._on_notice(message)
+            except Exception:  # a handler's bug must not stop the circuit
+                log.exception("%s: notice handler failed", self.name)
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            reply = await self._on_request(request)
+        except Failed as exc:
+            reply = exc.failure
+        except Exception as exc:
+            log.exception("%s: %s failed", self.name, type(request).__name__)
+            reply = Failure(code="internal", message=f"{type(exc).__name__} in the other side")
+        with contextlib.suppress(CircuitClosed):
+            self._send(reply.model_copy(update={"id": request.id}))
+
+    def abandon(self, reason: str) -> None:
+        """The other side is known to be gone (its process exited): fail what waits on it."""
+        log.info("%s: %s", self.name, reason)
+        self.closed.set()
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(CircuitClosed(f"{self.name}: the other side is gone"))
+        self._pending.clear()
+
+
+__all__ = [
+    "CIRCUIT_CAPACITY",
+    "Circuit",
+    "CircuitClosed",
+    "CircuitMode",
+    "ring_names",
+]

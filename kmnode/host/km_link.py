@@ -1,0 +1,189 @@
+"""The host's side of the KM enclave: its child process and the circuit to it.
+
+The host creates the two rings (it owns the shared memory), starts ``kmnode.km.process`` with
+their names, and from then on talks to the enclave only in typed circuit messages: it asks
+(operator requests, status), relays what the enclave asks of the service enclave (challenges,
+boxed keys), and publishes the enclave's events. The enclave's stdin is a pipe the host holds
+open: if the host dies, however it dies, the pipe closes and the enclave stops with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
+from kmnode.config import ClusterConfig
+from kmnode.host.service_link import ServiceLink, remove_stale_rings
+from kmnode.km_messages import (
+    Ack,
+    Failed,
+    Notice,
+    Reply,
+    Request,
+    ServiceChallenge,
+    ServiceKey,
+    ServiceReport,
+    Started,
+    Stopping,
+    StopRequest,
+)
+from kmnode.ring import Ring
+from kmnode.service_pipe import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Reply)
+#: How long the enclave may take to start (unseal, replay the log) before the node gives up.
+START_TIMEOUT = 120.0
+
+
+class EnclaveExited(Exception):
+    """The KM enclave process is gone or refused to start; the message says why."""
+
+
+class KMLink:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        config_path: Path,
+        name: str,
+        service: ServiceLink,
+        on_notice: Callable[[Notice], None],
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.name = name
+        self.service = service
+        self.on_notice = on_notice
+        self.ring_in, self.ring_out = ring_names(name, os.getpid())
+        self._rings: list[Ring] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self.circuit: Circuit | None = None
+        self.mode = ""
+        self._started: asyncio.Future[str] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        #: Set when the enclave stops on its own (refused its state, lost the cluster).
+        self.stopped = asyncio.Event()
+        self.exit_code = 0
+        self.stop_reason = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def start(self) -> str:
+        """Start the enclave process; returns how it started (genesis, join, resume)."""
+        remove_stale_rings(self.name)
+        self._rings = [
+            Ring.create(self.ring_in, CIRCUIT_CAPACITY),
+            Ring.create(self.ring_out, CIRCUIT_CAPACITY),
+        ]
+        self._started = asyncio.get_running_loop().create_future()
+        self.circuit = Circuit(
+            self._rings[1],
+            self._rings[0],
+            on_request=self._on_request,
+            on_notice=self._notice,
+            name=f"{self.name}-host",
+        )
+        self.circuit.start()
+        # Its log lines go where the host's go (the node's log): one story per node.
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kmnode.km.process",
+            "--config",
+            str(self.config_path),
+            "--node",
+            self.name,
+            "--ring-in",
+            self.ring_in,
+            "--ring-out",
+            self.ring_out,
+            "--circuit",
+            self.config.enclave.circuit,
+            stdin=asyncio.subprocess.PIPE,
+        )
+        self._watcher = asyncio.create_task(self._watch(self._proc), name="km-enclave-watch")
+        try:
+            self.mode = await asyncio.wait_for(asyncio.shield(self._started), START_TIMEOUT)
+        except TimeoutError:
+            raise EnclaveExited(f"the KM enclave did not start within {START_TIMEOUT:g}s") from None
+        return self.mode
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        reason = self.stop_reason or f"the KM enclave process exited with code {code}"
+        if self.circuit is not None:
+            self.circuit.abandon(reason)
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(EnclaveExited(reason))
+        if not self.stopped.is_set():
+            self.exit_code = self.exit_code or code or 1
+            self.stop_reason = reason
+            self.stopped.set()
+
+    # --- from the enclave -----------------------------------------------------------------------
+
+    def _notice(self, notice: Notice) -> None:
+        if isinstance(notice, Started):
+            if self._started is not None and not self._started.done():
+                self._started.set_result(notice.mode)
+        elif isinstance(notice, Stopping):
+            self.exit_code, self.stop_reason = notice.exit_code, notice.reason
+            if self._started is not None and not self._started.done():
+                self._started.set_exception(EnclaveExited(notice.reason))
+            self.stopped.set()
+        self.on_notice(notice)
+
+    async def _on_request(self, request: Request) -> Reply:
+        """Relay the enclave's requests to the service enclave (ciphertext and reports)."""
+        try:
+            if isinstance(request, ServiceChallenge):
+                response = await self.service.challenge(request.km_measurement, request.challenge)
+                return ServiceReport(response=response)
+            if isinstance(request, ServiceKey):
+                await self.service.provide_key(request.ciphertext, request.vouch)
+                return Ack()
+        except ServiceUnavailable as exc:
+            raise Failed.of("service_unavailable", str(exc)) from None
+        raise Failed.of("bad_request", f"the host does not serve {type(request).__name__}")
+
+    # --- to the enclave -----------------------------------------------------------------------
+
+    async def call(self, request: Request, reply_type: type[R], timeout: float = 70.0) -> R:
+        """Ask the enclave; ``Failed`` carries its refusal, ``CircuitClosed`` if it is gone."""
+        if self.circuit is None:
+            raise CircuitClosed("the KM enclave has not started")
+        return await self.circuit.call(request, reply_type, timeout)
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None and self.circuit is not None:
+            with contextlib.suppress(Failed, CircuitClosed, TimeoutError):
+                await self.circuit.call(StopRequest(), Ack, timeout=5.0)
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except TimeoutError:
+                log.error("%s: the KM enclave did not stop; killing it", self.name)
+                proc.kill()
+                await proc.wait()
+        if self.circuit is not None:
+            await self.circuit.close()
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        for ring in self._rings:
+            ring.close()  # the creator's close also unlinks the name
+        self._rings = []

@@ -1,0 +1,289 @@
+"""The KM enclave process's node: Raft, the KM state machine and the enclave, and the protocols
+that need them (peer links, joins, releases, ledger signatures).
+
+Everything that holds or derives a secret runs here, in its own OS process; the node's host
+process reaches it only through the circuit (``kmnode.circuit``), with typed requests, and gets
+back public data. What the host still does for this process: it relays to the service enclave
+(``ServicePort``), publishes its events (``notify``) and serves the operator API. Start-up
+decides the node's situation from its data directory:
+
+* sealed enclave state present: resume (unseal, replay the Raft log, rejoin the peers);
+* nothing, and this is the first node of cluster.yaml: genesis (the master secret is created
+  inside the KM enclave, a one-node Raft cluster initialises the ledger), unless the directory
+  holds the join marker (a replaced member: it must join the cluster it belonged to);
+* nothing otherwise: join (attest to a member, get membership committed, receive the master
+  secret over the attested channel, then catch up through Raft).
+
+A Raft log without sealed state is refused: the enclave's state was lost or removed, and
+starting anyway would present a node without its keys as a full member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from consensus.driver import RaftDriver
+from consensus.raft import RaftConfig
+from consensus.storage import DurableLog
+from consensus.types import NotLeader, RaftError
+from kmnode.config import ClusterConfig
+from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
+from kmnode.km import ledger_signer
+from kmnode.km.enclave import KMEnclave
+from kmnode.km.forwarding import Forwarder
+from kmnode.km.join import Joining
+from kmnode.km.loader import load_km_enclave
+from kmnode.km.machine import KMStateMachine
+from kmnode.km.peer_transport import Address, AttestedTransport
+from kmnode.km.releases import EarlyAttestations, Releases
+from kmnode.km_messages import Audit, Event, Notice
+from kmnode.linkfaults import FaultRules
+
+log = logging.getLogger(__name__)
+
+
+class NodeStartError(Exception):
+    """The node cannot start; the message says why and what to do."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_suffix(".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ServicePort(Protocol):
+    """The service enclave as this process reaches it: through the host, which relays."""
+
+    async def challenge(self, km_measurement: bytes, challenge: bytes) -> bytes: ...
+
+    async def provide_key(self, ciphertext: bytes, vouch: bytes) -> object: ...
+
+
+class KMNode:
+    """One node's trusted half: lifecycle, the apply hook, and the views operator requests
+    use. The protocols live in modules of their own: joining (``join``), releases
+    (``releases``), forwarding to the leader (``forwarding``), the ledger's genesis and
+    signatures (``ledger_signer``)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        name: str,
+        service: ServicePort,
+        notify: Callable[[Notice], None],
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.spec = config.node(name)
+        self.data_dir = config.state_dir / "nodes" / name
+        self.enclave: KMEnclave = load_km_enclave(config, name)
+        self.machine = KMStateMachine(self.enclave)
+        self.machine.listeners.append(self._on_apply)
+        self.service = service
+        self.notify = notify
+        self.joining = Joining(self)
+        self.releases = Releases(self)
+        self.transport = AttestedTransport(
+            name,
+            self.enclave,
+            addresses=self.addresses,
+            host=self.spec.host,
+            port=self.spec.peer_port,
+            on_join=self.joining.serve,
+            on_refused=self._on_refused,
+        )
+        self.forwarder = Forwarder(name, self.transport.send)
+        #: Chaos: per-link fault rules (inert until a rule is set) and the ring-consumer switch.
+        seed = os.environ.get("KMSIM_CHAOS_SEED")
+        self.faults = FaultRules(seed=int(seed) if seed and seed.isdigit() else None)
+        self.transport.faults = self.faults
+        self.driver: RaftDriver | None = None
+        #: How this start found the data directory (set by ``start``).
+        self.mode: Literal["genesis", "join", "resume"] = "join"
+        self.joined = asyncio.Event()
+        #: Set when the node should shut down (signal, or a fatal refusal); see ``exit_code``.
+        self.stop_requested = asyncio.Event()
+        self.exit_code = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- views used by the transport and the API ---------------------------------------------
+
+    def addresses(self) -> dict[str, Address]:
+        members = self.enclave.state.members
+        if members:
+            return {m.name: (m.host, m.peer_port) for m in members.values()}
+        return {n.name: (n.host, n.peer_port) for n in self.config.nodes}
+
+    @property
+    def ready(self) -> bool:
+        driver = self.driver
+        return (
+            driver is not None
+            and self.joined.is_set()
+            and bool(driver.leader)
+            and bool(self.enclave.state.cluster)
+        )
+
+    @property
+    def early_attestations(self) -> EarlyAttestations:
+        return self.releases.early_attestations
+
+    def member_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform_id": self.spec.platform.id,
+            "host": self.spec.host,
+            "peer_port": self.spec.peer_port,
+            "api_port": self.spec.api_port,
+        }
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sealed_path = self.data_dir / SEALED_STATE
+        raft_log = DurableLog.open(self.data_dir / RAFT_DIR, fsync=self.config.raft.fsync)
+        persisted = raft_log.initial_state
+        has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
+        mode: Literal["genesis", "join", "resume"]
+        if sealed_path.exists():
+            self.enclave.restore_sealed_state(sealed_path.read_bytes())
+            mode = "resume"
+        elif has_log:
+            raft_log.close()
+            raise NodeStartError(
+                f"{self.data_dir} has a Raft log but no sealed enclave state: the enclave's "
+                "state was lost; remove the node (kmctl members remove) and delete the directory "
+                "to join it afresh"
+            )
+        elif self.name == self.config.nodes[0].name and not self._replaced():
+            self.enclave.genesis()
+            self.store_sealed_state()
+            mode = "genesis"
+        else:
+            mode = "join"
+        raft = self.config.raft
+        self.driver = RaftDriver(
+            RaftConfig(
+                id=self.name,
+                peers=(self.name,) if mode == "genesis" else (),
+                election_tick=raft.election_ticks,
+                heartbeat_tick=raft.heartbeat_ticks,
+            ),
+            raft_log,
+            self.transport,
+            self.machine,
+            tick_interval=raft.tick_ms / 1000,
+            on_append=self.releases.on_append,
+        )
+        if self.enclave.binding_error:  # the snapshot just restored names another cluster
+            raft_log.close()
+            raise NodeStartError(self.enclave.binding_error)
+        await self.driver.start()
+        if mode == "join":
+            self.spawn(self.joining.join_loop())
+        else:
+            self.joined.set()
+            if mode == "genesis":
+                # A one-node cluster has nobody to wait for: lead now, not after a timeout.
+                self.driver.campaign()
+                self.spawn(ledger_signer.initialise_ledger(self))
+        self.spawn(ledger_signer.sign_periodically(self))
+        self.mode = mode
+        log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
+
+    def _replaced(self) -> bool:
+        return (self.data_dir / JOIN_MARKER).exists()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.driver is not None:
+            await self.driver.stop()
+        self.releases.close()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of this node (cancelled by ``stop``)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- applying -----------------------------------------------------------------------------
+
+    def _on_apply(self, index: int, result: dict[str, Any]) -> None:
+        if result.get("ok"):
+            if "cluster" in result:
+                self._check_binding()
+            if "member" in result or "cluster" in result:
+                self.transport.refresh_peers()
+        self.releases.on_apply(result)
+
+    def _check_binding(self) -> None:
+        """Stop if the ledger belongs to another cluster than the sealed state; store the
+        sealed state again once it has learnt the genesis hash it is bound to."""
+        enclave = self.enclave
+        if enclave.binding_error:
+            if not self.stop_requested.is_set():
+                log.error("%s: %s; the node stops", self.name, enclave.binding_error)
+                self.publish_event("node.binding_refused", reason=enclave.binding_error)
+                self.exit_code = 1
+                self.stop_requested.set()
+            return
+        if enclave.sealed_dirty and enclave.has_master_secret:
+            self.store_sealed_state()
+
+    def store_sealed_state(self) -> None:
+        _write_atomic(self.data_dir / SEALED_STATE, self.enclave.sealed_state())
+
+    def release_done(self, release_id: str) -> bool:
+        return self.releases.done(release_id)
+
+    async def wait_release(self, release_id: str, timeout: float) -> bool:
+        return await self.releases.wait(release_id, timeout)
+
+    # --- proposing --------------------------------------------------------------------------
+
+    def raft(self) -> RaftDriver:
+        if self.driver is None:
+            raise RaftError("the node has not started")
+        return self.driver
+
+    async def propose(self, command: bytes, timeout: float = 5.0) -> dict[str, Any]:
+        """Propose on this node, which must be the leader (raises NotLeader otherwise)."""
+        result = await self.raft().propose(command, timeout=timeout)
+        assert isinstance(result, dict)
+        return result
+
+    # --- events -----------------------------------------------------------------------------
+
+    def publish_event(self, kind: str, **fields: Any) -> None:
+        """An event for the host to publish on MQTT (public fields only)."""
+        self.notify(Event(kind=kind, fields={"time": time.time(), **fields}))
+
+    def publish_audit(self, record: dict[str, Any]) -> None:
+        self.notify(Audit(record=record))
+
+    def _on_refused(self, peer: str, reason: str) -> None:
+        self.publish_event("peer.refused", peer=peer, reason=reason)
+
+
+__all__ = ["KMNode", "NodeStartError", "NotLeader", "ServicePort"]

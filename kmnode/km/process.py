@@ -1,0 +1,179 @@
+"""The KM enclave process: ``python -m kmnode.km.process`` (started by the node's host).
+
+It attaches the two rings the host created, builds the node's trusted half (``KMNode``: the
+KM enclave, the state machine, Raft, the peer protocols) and serves the host's requests over
+the circuit until the host asks it to stop, its stdin closes (the host died: a killed node must
+not leave its enclave running), or the node refuses its own state. What it sends the host is
+public: replies, events, and for the service enclave challenges and boxed keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from attest.errors import SealingError
+from consensus.storage import CorruptLogError, StorageError
+from kmnode.circuit import Circuit, CircuitMode
+from kmnode.config import load_config
+from kmnode.imports import loaded_project_modules
+from kmnode.km.node import KMNode, NodeStartError
+from kmnode.km.operator import Operator
+from kmnode.km_messages import (
+    Ack,
+    Failed,
+    ModulesReply,
+    ModulesRequest,
+    Notice,
+    Reply,
+    Request,
+    ServiceChallenge,
+    ServiceKey,
+    ServiceReport,
+    Started,
+    Stopping,
+    StopRequest,
+)
+from kmnode.ring import Ring
+from kmnode.service_pipe import ServiceUnavailable
+
+log = logging.getLogger("kmnode.km")
+
+#: Longest the host may take to relay a request to the service enclave and answer.
+SERVICE_TIMEOUT = 15.0
+
+
+class _ServiceViaHost:
+    """The service enclave, reached by asking the host to relay (``ServicePort``)."""
+
+    def __init__(self) -> None:
+        self.circuit: Circuit | None = None
+
+    async def _call(self, request: Request, reply_type: type[Reply]) -> Reply:
+        if self.circuit is None:
+            raise ServiceUnavailable("the circuit to the host is not up")
+        try:
+            return await self.circuit.call(request, reply_type, timeout=SERVICE_TIMEOUT)
+        except (Failed, TimeoutError) as exc:
+            raise ServiceUnavailable(str(exc) or "no answer from the host") from None
+
+    async def challenge(self, km_measurement: bytes, challenge: bytes) -> bytes:
+        request = ServiceChallenge(km_measurement=km_measurement, challenge=challenge)
+        reply = await self._call(request, ServiceReport)
+        assert isinstance(reply, ServiceReport)
+        return reply.response
+
+    async def provide_key(self, ciphertext: bytes, vouch: bytes) -> object:
+        return await self._call(ServiceKey(ciphertext=ciphertext, vouch=vouch), Ack)
+
+
+async def _stdin_closed() -> None:
+    """Return when the host's end of our stdin closes (the host exited, however it died)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(4096):
+        pass
+
+
+async def serve(config_path: Path, name: str, ring_in: str, ring_out: str, mode: str) -> int:
+    config = load_config(config_path)
+    inbound, outbound = Ring.attach(ring_in), Ring.attach(ring_out)
+    service = _ServiceViaHost()
+    stop = asyncio.Event()
+    pending: list[Notice] = []
+
+    def notify(notice: Notice) -> None:
+        if service.circuit is None:
+            pending.append(notice)
+        else:
+            service.circuit.notify(notice)
+
+    node = KMNode(config, name, service, notify)
+    operator = Operator(node)
+
+    async def on_request(request: Request) -> Reply:
+        if isinstance(request, StopRequest):
+            stop.set()
+            return Ack()
+        if isinstance(request, ModulesRequest):
+            return ModulesReply(modules=loaded_project_modules(), pid=os.getpid())
+        return await operator.handle(request)
+
+    circuit_mode: CircuitMode = "ocall" if mode == "ocall" else "switchless"
+    circuit = Circuit(
+        inbound,
+        outbound,
+        on_request=on_request,
+        on_notice=lambda notice: log.warning("ignored a %s from the host", type(notice).__name__),
+        mode=circuit_mode,
+        name=f"{name}-km",
+    )
+    service.circuit = circuit
+    circuit.start()
+    for notice in pending:
+        circuit.notify(notice)
+    try:
+        await node.start()
+    except (NodeStartError, StorageError, SealingError) as exc:
+        log.error("%s: cannot start: %s", name, exc)
+        if isinstance(exc, CorruptLogError | SealingError):
+            log.error(
+                "%s: its data directory cannot be repaired; the other members go on without "
+                "it. To replace it by a fresh node of the same name: kmctl chaos replace %s",
+                name,
+                name,
+            )
+        circuit.notify(Stopping(exit_code=1, reason=f"cannot start: {type(exc).__name__}: {exc}"))
+        await node.stop()
+        await circuit.close()
+        return 1
+    circuit.notify(Started(mode=node.mode))
+    host_gone = asyncio.create_task(_stdin_closed())
+    waits = [
+        asyncio.create_task(stop.wait()),
+        asyncio.create_task(node.stop_requested.wait()),
+        asyncio.create_task(circuit.closed.wait()),
+        host_gone,
+    ]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    if node.stop_requested.is_set():
+        circuit.notify(Stopping(exit_code=node.exit_code, reason="the node stopped"))
+    await node.stop()
+    with contextlib.suppress(Exception):
+        await circuit.close()
+    return node.exit_code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A node's KM enclave (started by its host).")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--ring-in", required=True)
+    parser.add_argument("--ring-out", required=True)
+    parser.add_argument("--circuit", choices=("switchless", "ocall"), default="switchless")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The host stops us through the circuit; a terminal's ^C reaches the whole group and the
+    # host then asks in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(asyncio.run(serve(args.config, args.node, args.ring_in, args.ring_out, args.circuit)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The messages of the host ↔ KM enclave circuit (``kmnode.circuit``), as typed records.
+
+Inbound to the enclave: operator requests (each KM command its own record, so the host never
+composes a command string), reads of public state, status, chaos link rules. Outbound: the
+replies, requests for the host to relay to the service enclave (challenges and boxed keys:
+ciphertext only), and notices (events for MQTT, audit records, start and stop).
+
+Nothing in any of them is secret: the enclave puts no key, channel key or master secret in a
+message, and the adversarial-host tests search every reply for them. Both sides parse what
+they read into exactly one of these models (strict types, no unknown fields) and refuse
+anything else with ``CircuitError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+#: Timeouts an operator may ask for, in seconds (a NaN or a year is refused at the boundary).
+Timeout = Field(default=10.0, ge=0.0, le=300.0, allow_inf_nan=False)
+
+
+class CircuitError(ValueError):
+    """A record that is not one of the circuit's messages, or a reply of the wrong kind."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: Set by the circuit on requests; a reply repeats it.
+    id: int | None = Field(default=None, ge=0)
+
+
+class Request(Message):
+    """Asks the other side for something; answered by a ``Reply``."""
+
+
+class Reply(Message):
+    """Answers the request with the same id."""
+
+
+class Notice(Message):
+    """Tells the other side something; nobody answers."""
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+class Ack(Reply):
+    op: Literal["ack"] = "ack"
+
+
+class DataReply(Reply):
+    """Public data the enclave renders as JSON (applied state, a command's result)."""
+
+    op: Literal["data"] = "data"
+    data: JsonValue
+
+
+FailureCode = Literal[
+    "not_leader",
+    "not_ready",
+    "refused",
+    "timeout",
+    "unavailable",
+    "not_found",
+    "bad_request",
+    "service_unavailable",
+    "internal",
+]
+
+
+class Failure(Reply):
+    """Why a request failed, as a code the host maps to an HTTP status."""
+
+    op: Literal["failure"] = "failure"
+    code: FailureCode
+    message: str
+    leader: str | None = None
+    leader_api: str | None = None
+    field: str | None = None
+
+
+class Failed(Exception):
+    """A request failed: raised by the side that handles it (and sent as its ``Failure``),
+    raised again on the side that asked."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+    @classmethod
+    def of(
+        cls,
+        code: FailureCode,
+        message: str,
+        *,
+        leader: str | None = None,
+        leader_api: str | None = None,
+        field: str | None = None,
+    ) -> Failed:
+        return cls(
+            Failure(code=code, message=message, leader=leader, leader_api=leader_api, field=field)
+        )
+
+
+class StatusReply(Reply):
+    op: Literal["status.reply"] = "status.reply"
+    node: str
+    cluster: str | None
+    ready: bool
+    raft: dict[str, JsonValue]
+    members: list[str]
+    peers: dict[str, str]
+    has_master_secret: bool
+    early_attestations: dict[str, int]
+    links: dict[str, int]
+
+
+class ServiceReport(Reply):
+    op: Literal["service_report"] = "service_report"
+    response: bytes
+
+
+class ModulesReply(Reply):
+    op: Literal["modules.reply"] = "modules.reply"
+    modules: list[str]
+    pid: int
+
+
+# --- host to enclave: operator requests --------------------------------------------------------
+
+
+class StatusRequest(Request):
+    op: Literal["status"] = "status"
+
+
+class ReadRequest(Request):
+    """A read of the applied public state; ``linearizable`` confirms with the leader first."""
+
+    op: Literal["read"] = "read"
+    what: Literal["keys", "key", "releases", "policy", "members"]
+    name: str | None = None
+    linearizable: bool = False
+
+
+class AttestRequest(Request):
+    """A fresh quote of the KM enclave, verified against the replicated policy."""
+
+    op: Literal["attest"] = "attest"
+
+
+class CreateKey(Request):
+    op: Literal["key.create"] = "key.create"
+    #: Checked by the state machine (which refuses a bad one with its reason).
+    name: JsonValue
+    allowed_service: JsonValue = Field(default_factory=list)
+
+
+class RotateKey(Request):
+    op: Literal["key.rotate"] = "key.rotate"
+    name: str
+
+
+class ReleaseKey(Request):
+    """Release ``key`` to ``node`` (a member, or ``all``) and wait for the outcomes."""
+
+    op: Literal["key.release"] = "key.release"
+    key: str
+    node: JsonValue = "all"
+    generation: JsonValue = None
+    timeout: float = Timeout
+
+
+class PolicyChange(Request):
+    op: Literal["policy.change"] = "policy.change"
+    change: Literal["policy.allow", "policy.disallow"]
+    role: JsonValue
+    measurement: str
+
+
+class RevokePlatform(Request):
+    op: Literal["policy.revoke_platform"] = "policy.revoke_platform"
+    platform_id: JsonValue
+
+
+class RemoveMember(Request):
+    op: Literal["member.remove"] = "member.remove"
+    name: JsonValue
+
+
+class LinkRulesRequest(Request):
+    """Chaos: the link fault rules of the enclave's peer transport, and their counters."""
+
+    op: Literal["links.get"] = "links.get"
+
+
+class UpdateLinkRule(Request):
+    op: Literal["links.set"] = "links.set"
+    peer: str
+    changes: dict[str, JsonValue]
+
+
+class HealLinks(Request):
+    op: Literal["links.heal"] = "links.heal"
+    peer: str | None = None
+
+
+class ModulesRequest(Request):
+    """Which project modules the enclave process has loaded (measurement coverage)."""
+
+    op: Literal["modules"] = "modules"
+
+
+class StopRequest(Request):
+    """Shut down in order: stop Raft, close the log, then exit."""
+
+    op: Literal["stop"] = "stop"
+
+
+# --- enclave to host -------------------------------------------------------------------------
+
+
+class ServiceChallenge(Request):
+    """Relay a local-attestation challenge to the service enclave; reply: its report."""
+
+    op: Literal["service.challenge"] = "service.challenge"
+    km_measurement: bytes
+    challenge: bytes
+
+
+class ServiceKey(Request):
+    """Relay a key boxed to the service enclave, with the KM enclave's vouch."""
+
+    op: Literal["service.key"] = "service.key"
+    ciphertext: bytes
+    vouch: bytes
+
+
+class Event(Notice):
+    """An event for the node's MQTT events topic."""
+
+    op: Literal["event"] = "event"
+    kind: str
+    fields: dict[str, JsonValue]
+
+
+class Audit(Notice):
+    """One release outcome for the audit topic."""
+
+    op: Literal["audit"] = "audit"
+    record: dict[str, JsonValue]
+
+
+class Started(Notice):
+    op: Literal["started"] = "started"
+    mode: Literal["genesis", "join", "resume"]
+
+
+class Stopping(Notice):
+    """The enclave stops (it refused its state, or was asked to); the node exits with it."""
+
+    op: Literal["stopping"] = "stopping"
+    exit_code: int
+    reason: str
+
+
+_ALL: tuple[type[Message], ...] = (
+        Ack, DataReply, Failure, StatusReply, ServiceReport, ModulesReply,
+        StatusRequest, ReadRequest, AttestRequest, CreateKey, RotateKey, ReleaseKey,
+        PolicyChange, RevokePlatform, RemoveMember, LinkRulesRequest, UpdateLinkRule, HealLinks,
+        ModulesRequest, StopRequest, ServiceChallenge, ServiceKey,
+        Event, Audit, Started, Stopping,
+)  # fmt: skip
+_TYPES: dict[str, type[Message]] = {cls.model_fields["op"].default: cls for cls in _ALL}
+assert len(_TYPES) == len(_ALL), "every circuit message needs an op of its own"
+
+
+def encode(message: Message) -> bytes:
+    data: bytes = msgpack.packb(message.model_dump(), use_bin_type=True)
+    return data
+
+
+def decode(record: bytes) -> Message:
+    """The message ``record`` holds; ``CircuitError`` naming what is wrong otherwise."""
+    try:
+        raw: Any = msgpack.unpackb(record, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.StackError) as exc:
+        raise CircuitError(f"not a msgpack record: {type(exc).__name__}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("op"), str):
+        raise CircuitError("a circuit record is a map with a string 'op'")
+    cls = _TYPES.get(raw["op"])
+    if cls is None:
+        raise CircuitError(f"unknown op {raw['op'][:40]!r}")
+    try:
+        return cls.model_validate(raw)
+    except (ValidationError, RecursionError) as exc:
+        raise CircuitError(f"bad {raw['op']!r} record: {str(exc)[:200]}") from None
+
+
+__all__ = [name for name in dir() if not name.startswith("_")]
