@@ -97,9 +97,13 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its direct children (a node's service enclave)."""
+    """User + system CPU seconds of ``pid`` and its descendants: a node is its host process,
+    the KM enclave process (a child) and the service enclave (the KM enclave's child)."""
     total = 0.0
-    for candidate in [pid, *_children(pid)]:
+    family = [pid]
+    for _ in range(3):  # a node is three generations deep at most
+        family += [c for parent in list(family) for c in _children(parent) if c not in family]
+    for candidate in family:
         fields = _stat(candidate)
         if fields is not None:
             total += (int(fields[11]) + int(fields[12])) / CLK_TCK

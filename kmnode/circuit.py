@@ -3,8 +3,17 @@
 CCF's host and enclave talk through a pair of ring buffers in shared memory; so do ours. The
 host creates both rings (it owns the shared memory and unlinks it), the enclave process
 attaches them by name. Every record is one message of ``kmnode.km_messages`` in one compact
-encoding (msgpack); each side reads the other's ring on its event loop with an
-``AsyncReader`` (a futex sleep on a worker thread: no polling while idle).
+encoding (msgpack).
+
+Each direction also has a *doorbell*: a pipe whose read end the receiving side's event loop
+watches. A side writes its records of one loop turn into the ring, then one byte into the
+doorbell; the other side wakes in its selector, drains the doorbell and takes every record in
+the ring. Measured on this machine, a request and its reply cost about 430 µs when each side
+waited for the ring's futex on a worker thread (the ``AsyncReader`` way: two thread hand-offs
+per crossing), against tens of µs with the doorbell (one wake-up per crossing, straight into the
+loop). The doorbell carries no data, only "look now"; the ring stays the data path. It is also
+how a side learns the other died: the doorbell's read end sees end-of-file when its last writer
+is gone.
 
 Two ways to cross, chosen in cluster.yaml (``enclave.circuit``):
 
@@ -26,6 +35,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
@@ -40,7 +50,7 @@ from kmnode.km_messages import (
     decode,
     encode,
 )
-from kmnode.ring import AsyncReader, OcallWriter, OnFull, Ring, RingClosed, RingError, Writer
+from kmnode.ring import OcallWriter, OnFull, Reader, Ring, RingError, Writer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,11 @@ class CircuitClosed(CircuitError):
     """The other side is gone (its process exited or the rings were closed)."""
 
 
+def _expire(future: asyncio.Future[Reply], request: Request) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"no reply to {type(request).__name__}"))
+
+
 def ring_names(node: str, pid: int) -> tuple[str, str]:
     """Shared-memory names of (host to enclave, enclave to host) for ``node`` run by ``pid``;
     the pid last, so stale rings of a killed node can be recognised and removed."""
@@ -73,6 +88,8 @@ class Circuit:
         inbound: Ring,
         outbound: Ring,
         *,
+        bell_in: int,
+        bell_out: int,
         on_request: RequestHandler,
         on_notice: NoticeHandler,
         mode: CircuitMode = "switchless",
@@ -81,6 +98,11 @@ class Circuit:
         self.name = name
         self._inbound = inbound
         self._outbound = outbound
+        self._reader = Reader(inbound)
+        #: Doorbells: the read end of the other side's, and the write end of ours.
+        self._bell_in = bell_in
+        self._bell_out = bell_out
+        self._ring_pending = False
         writer = Writer(outbound, on_full=OnFull.WAIT, timeout=WRITE_TIMEOUT)
         self._writer: Writer | OcallWriter = OcallWriter.over(writer) if mode == "ocall" else writer
         self._on_request = on_request
@@ -88,20 +110,22 @@ class Circuit:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reader_task: asyncio.Task[None] | None = None
+        self._watching = False
         self.closed = asyncio.Event()
         #: Records that did not decode (a hostile or broken other side), and records sent.
         self.malformed = 0
         self.sent = 0
 
     def start(self) -> None:
-        self._reader_task = asyncio.create_task(self._read(), name=f"{self.name}-rx")
+        os.set_blocking(self._bell_in, False)
+        os.set_blocking(self._bell_out, False)
+        asyncio.get_running_loop().add_reader(self._bell_in, self._on_bell)
+        self._watching = True
+        # Records written before we watched (the other side may have started first).
+        self._take()
 
     async def close(self) -> None:
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+        self._unwatch()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -117,6 +141,20 @@ class Circuit:
         except RingError as exc:
             raise CircuitClosed(f"{self.name}: {exc}") from None
         self.sent += 1
+        if not self._ring_pending:
+            # One doorbell per loop turn, after the turn's records: the other side takes them
+            # all in one wake-up.
+            self._ring_pending = True
+            asyncio.get_running_loop().call_soon(self._ring)
+
+    def _ring(self) -> None:
+        self._ring_pending = False
+        try:
+            os.write(self._bell_out, b"\x01")
+        except BlockingIOError:
+            pass  # the doorbell is full of unread rings: the other side will look anyway
+        except OSError as exc:
+            self.abandon(f"the other side's doorbell is gone ({exc.strerror})")
 
     def notify(self, notice: Notice) -> None:
         """Send a notice; a closed circuit drops it (nobody is left to hear it)."""
@@ -127,12 +165,17 @@ class Circuit:
         """Send ``request`` and wait for its reply. Raises ``Failed`` with the other side's
         ``Failure``, ``CircuitClosed`` if it goes away, ``TimeoutError`` after ``timeout``."""
         request_id = next(self._ids)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._pending[request_id] = future
+        # A timer handle, not asyncio.wait_for: that wraps every call in a task of its own,
+        # which cost more than the crossing itself.
+        timer = loop.call_later(timeout, _expire, future, request)
         try:
             self._send(request.model_copy(update={"id": request_id}))
-            reply = await asyncio.wait_for(future, timeout)
+            reply = await future
         finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
         if isinstance(reply, Failure):
             raise Failed(reply)
@@ -144,18 +187,33 @@ class Circuit:
 
     # --- receiving ----------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        reader = AsyncReader(self._inbound)
+    def _on_bell(self) -> None:
         try:
-            while True:
-                for record in await reader.read_batch():
-                    self._dispatch(record)
-        except (RingClosed, RingError) as exc:
-            log.info("%s: circuit closed: %s", self.name, exc)
-        finally:
-            reader.close()
-            self.closed.set()
-            self._fail_pending()
+            rung = os.read(self._bell_in, 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            rung = b""
+            log.info("%s: doorbell failed: %s", self.name, exc.strerror)
+        self._take()
+        if not rung:  # end of file: every writer of the other side's doorbell is gone
+            self.abandon("the other side closed its doorbell")
+
+    def _take(self) -> None:
+        try:
+            records = self._reader.read_batch(4096)
+        except RingError as exc:
+            self.abandon(f"circuit ring failed: {exc}")
+            return
+        for record in records:
+            self._dispatch(record)
+        if len(records) == 4096:  # more than one batch waiting: come back on the next turn
+            asyncio.get_running_loop().call_soon(self._take)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            asyncio.get_running_loop().remove_reader(self._bell_in)
 
     def _dispatch(self, record: bytes) -> None:
         try:
@@ -191,7 +249,9 @@ class Circuit:
 
     def abandon(self, reason: str) -> None:
         """The other side is known to be gone (its process exited): fail what waits on it."""
-        log.info("%s: %s", self.name, reason)
+        if not self.closed.is_set():
+            log.info("%s: %s", self.name, reason)
+        self._unwatch()
         self.closed.set()
         self._fail_pending()
 

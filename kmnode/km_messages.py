@@ -1,9 +1,9 @@
 """The messages of the host ↔ KM enclave circuit (``kmnode.circuit``), as typed records.
 
 Inbound to the enclave: operator requests (each KM command its own record, so the host never
-composes a command string), reads of public state, status, chaos link rules. Outbound: the
-replies, requests for the host to relay to the service enclave (challenges and boxed keys:
-ciphertext only), and notices (events for MQTT, audit records, start and stop).
+composes a command string), reads of public state, status, proofs asked of the service
+enclave, chaos link rules and the service crash. Outbound: the replies and notices (events for
+MQTT, audit records, start and stop).
 
 Nothing in any of them is secret: the enclave puts no key, channel key or master secret in a
 message, and the adversarial-host tests search every reply for them. Both sides parse what
@@ -117,11 +117,8 @@ class StatusReply(Reply):
     has_master_secret: bool
     early_attestations: dict[str, int]
     links: dict[str, int]
-
-
-class ServiceReport(Reply):
-    op: Literal["service_report"] = "service_report"
-    response: bytes
+    #: The service enclave (a child of the KM enclave process): running, measurement, pid.
+    service: dict[str, JsonValue]
 
 
 class ModulesReply(Reply):
@@ -208,6 +205,21 @@ class HealLinks(Request):
     peer: str | None = None
 
 
+class Prove(Request):
+    """The proof workload: the service enclave's MAC of ``challenge`` under a released key."""
+
+    op: Literal["service.prove"] = "service.prove"
+    key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    generation: int = Field(ge=1)
+    challenge: bytes = Field(min_length=1, max_length=1024)
+
+
+class ServiceCrash(Request):
+    """Chaos: SIGKILL the service enclave (reply: ``{"killed": pid}``, pid None if none ran)."""
+
+    op: Literal["service.crash"] = "service.crash"
+
+
 class ModulesRequest(Request):
     """Which project modules the enclave process has loaded (measurement coverage)."""
 
@@ -221,22 +233,6 @@ class StopRequest(Request):
 
 
 # --- enclave to host -------------------------------------------------------------------------
-
-
-class ServiceChallenge(Request):
-    """Relay a local-attestation challenge to the service enclave; reply: its report."""
-
-    op: Literal["service.challenge"] = "service.challenge"
-    km_measurement: bytes
-    challenge: bytes
-
-
-class ServiceKey(Request):
-    """Relay a key boxed to the service enclave, with the KM enclave's vouch."""
-
-    op: Literal["service.key"] = "service.key"
-    ciphertext: bytes
-    vouch: bytes
 
 
 class Event(Notice):
@@ -268,10 +264,10 @@ class Stopping(Notice):
 
 
 _ALL: tuple[type[Message], ...] = (
-        Ack, DataReply, Failure, StatusReply, ServiceReport, ModulesReply,
+        Ack, DataReply, Failure, StatusReply, ModulesReply,
         StatusRequest, ReadRequest, AttestRequest, CreateKey, RotateKey, ReleaseKey,
         PolicyChange, RevokePlatform, RemoveMember, LinkRulesRequest, UpdateLinkRule, HealLinks,
-        ModulesRequest, StopRequest, ServiceChallenge, ServiceKey,
+        ModulesRequest, StopRequest, Prove, ServiceCrash,
         Event, Audit, Started, Stopping,
 )  # fmt: skip
 _TYPES: dict[str, type[Message]] = {cls.model_fields["op"].default: cls for cls in _ALL}

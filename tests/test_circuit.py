@@ -21,10 +21,10 @@ from kmnode.km_messages import (
     Failed,
     ModulesRequest,
     Notice,
+    Prove,
     ReleaseKey,
     Reply,
     Request,
-    ServiceChallenge,
     StatusReply,
     StatusRequest,
     decode,
@@ -45,11 +45,23 @@ class Pair:
             Ring.create(f"/kmsim-test-b-{tag}", 1 << 16),
         ]
         self.notices: list[Notice] = []
+        to_enclave, to_host = os.pipe(), os.pipe()
+        self.fds = [*to_enclave, *to_host]
         self.host = Circuit(
-            self.rings[1], self.rings[0], on_request=self.refuse, on_notice=self.notices.append
+            self.rings[1],
+            self.rings[0],
+            bell_in=to_host[0],
+            bell_out=to_enclave[1],
+            on_request=self.refuse,
+            on_notice=self.notices.append,
         )
         self.enclave = Circuit(
-            self.rings[0], self.rings[1], on_request=self.answer, on_notice=self.notices.append
+            self.rings[0],
+            self.rings[1],
+            bell_in=to_enclave[0],
+            bell_out=to_host[1],
+            on_request=self.answer,
+            on_notice=self.notices.append,
         )
 
     async def answer(self, request: Request) -> Reply:
@@ -57,7 +69,7 @@ class Pair:
             return DataReply(data={"ok": True})
         if isinstance(request, ReleaseKey):
             raise Failed.of("refused", f"no key named {request.key!r}")
-        if isinstance(request, ServiceChallenge):
+        if isinstance(request, Prove):
             return Ack()
         raise RuntimeError("a bug with a secret in its message: 0123456789abcdef")
 
@@ -66,8 +78,9 @@ class Pair:
 
     def inject(self, record: bytes) -> None:
         """Write a raw record into the enclave's inbound ring, as a hostile host would (with
-        the host's own writer: a ring has one writer per side)."""
+        the host's own writer: a ring has one writer per side), then ring the doorbell."""
         self.host._writer.write(record)
+        self.host._ring()
 
 
 @pytest.fixture
@@ -82,6 +95,8 @@ async def pair() -> AsyncIterator[Pair]:
         await p.enclave.close()
         for ring in p.rings:
             ring.close()
+        for fd in p.fds:
+            os.close(fd)
 
 
 async def test_a_request_gets_its_reply(pair: Pair) -> None:
@@ -106,7 +121,7 @@ async def test_a_bug_on_the_other_side_is_an_internal_failure_without_its_messag
 
 async def test_a_reply_of_the_wrong_kind_is_an_error(pair: Pair) -> None:
     with pytest.raises(CircuitError, match="answered by Ack"):
-        await pair.host.call(ServiceChallenge(km_measurement=b"m", challenge=b"c"), StatusReply)
+        await pair.host.call(Prove(key="db", generation=1, challenge=b"c"), StatusReply)
 
 
 async def test_notices_arrive_in_order(pair: Pair) -> None:
@@ -151,12 +166,16 @@ async def test_a_reply_nobody_asked_for_is_ignored(pair: Pair) -> None:
 
 
 async def test_a_side_that_goes_away_fails_what_waits_on_it(pair: Pair) -> None:
+    """The other side's process exits: its end of the doorbell closes, ours reads end-of-file,
+    and every call waiting on it fails at once instead of at its timeout."""
     await pair.enclave.close()  # nobody answers any more
-    waiting = asyncio.create_task(pair.host.call(StatusRequest(), DataReply))
+    waiting = asyncio.create_task(pair.host.call(StatusRequest(), DataReply, timeout=20))
     await asyncio.sleep(0.05)
-    pair.host.abandon("the enclave process exited")
+    os.close(pair.fds[3])  # the enclave's doorbell write end, as its exit would
+    pair.fds.remove(pair.fds[3])
     with pytest.raises(CircuitClosed):
-        await waiting
+        await asyncio.wait_for(waiting, 5)
+    assert pair.host.closed.is_set()
     with pytest.raises(CircuitClosed):
         await pair.host.call(StatusRequest(), DataReply)
 

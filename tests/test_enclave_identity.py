@@ -17,9 +17,10 @@ from attest.identity import EnclaveRole, measure_sources
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.enclave_code import current_identity, enclave_modules, enclave_sources
 from kmnode.host.node import KMNode
-from kmnode.host.service_link import ServiceLink
+from kmnode.host.service_output import ServiceOutput
 from kmnode.imports import import_closure, module_sources
 from kmnode.km.loader import load_km_enclave
+from kmnode.km.service_link import ServiceLink
 from kmnode.km.state import encode_command
 from kmnode.km_messages import (
     CreateKey,
@@ -128,7 +129,9 @@ async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
     ))  # fmt: skip
     state.apply(2, encode_command("key.create", name="db"))
     release = state.apply(3, encode_command("release.request", key="db", node="km1"))
-    link = ServiceLink(path, "km1", lambda _: None, tmp_path / "service.log")
+    output = ServiceOutput("km1", lambda _: None)
+    output.start()
+    link = ServiceLink(path, "km1", output.ring_name, tmp_path / "service.log")
     await link.start()
     try:
         challenge = km.new_challenge()
@@ -144,6 +147,7 @@ async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
         }
     finally:
         await link.stop()
+        await output.stop()
 
 
 @pytest.mark.timeout(60)

@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from kmnode.circuit import CircuitClosed
 from kmnode.host.chaos_api import add_chaos_routes
-from kmnode.host.faults import service_pid
 from kmnode.host.node import KMNode
 from kmnode.km_messages import (
     AttestRequest,
@@ -30,6 +29,7 @@ from kmnode.km_messages import (
     HealLinks,
     LinkRulesRequest,
     PolicyChange,
+    Prove,
     ReadRequest,
     ReleaseKey,
     RemoveMember,
@@ -37,12 +37,12 @@ from kmnode.km_messages import (
     Request,
     RevokePlatform,
     RotateKey,
+    ServiceCrash,
     StatusReply,
     StatusRequest,
     UpdateLinkRule,
 )
 from kmnode.linkfaults import FaultRuleError
-from kmnode.service_pipe import ServiceUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 R = TypeVar("R", bound=Reply)
@@ -131,7 +131,7 @@ class OperatorApi:
             app,
             _RemoteLinkRules(self),
             node.ring_stall,
-            service_pid(node.service),
+            self.crash_service,
             lambda: [n.name for n in node.config.nodes if n.name != node.name],
         )
         return app
@@ -156,7 +156,7 @@ class OperatorApi:
             return _json(body, _STATUS[failure.code])
         except TimeoutError:
             return _json({"error": "the KM enclave did not answer in time", "code": "timeout"}, 504)
-        except (CircuitClosed, ServiceUnavailable) as exc:
+        except CircuitClosed as exc:
             return _json({"error": str(exc), "code": "unavailable"}, 503)
         except web.HTTPException as exc:
             return _json({"error": exc.reason, "code": "bad_request"}, exc.status)
@@ -223,11 +223,11 @@ class OperatorApi:
                 },
                 "has_master_secret": km.has_master_secret,
                 "service": {
-                    "running": node.service.running,
-                    "measurement": node.service.measurement,
+                    **km.service,
                     # Challenged while a release to it was still being committed (the key
                     # itself only ever follows the commit).
                     "early_attestations": km.early_attestations,
+                    "outputs": node.service_output.outputs,
                 },
                 "km_enclave": {"pid": node.km.pid, "circuit": node.config.enclave.circuit},
                 "mqtt": {"published": stats.published, "dropped": stats.dropped},
@@ -296,11 +296,14 @@ class OperatorApi:
             raise ApiError(400, "bad_request", "'key' must be a key name, 'generation' >= 1")
         if not 0 < len(challenge) <= 2 * MAX_CHALLENGE:
             raise ApiError(400, "bad_request", f"'challenge' must be 1..{MAX_CHALLENGE} bytes")
-        try:
-            mac = await self.node.service.prove(key, generation, bytes.fromhex(challenge))
-        except ServiceUnavailable as exc:
-            raise ApiError(409, "refused", f"service enclave cannot prove it: {exc}") from None
+        prove = Prove(key=key, generation=generation, challenge=bytes.fromhex(challenge))
+        mac = (await self.data(prove))["mac"]
         return _json({"node": self.node.name, "key": key, "generation": generation, "mac": mac})
+
+    async def crash_service(self) -> int | None:
+        """Chaos: the KM enclave process kills its service enclave child; its pid or None."""
+        killed = (await self.data(ServiceCrash()))["killed"]
+        return killed if isinstance(killed, int) else None
 
     def policy_change(self, op: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from kmnode.host.faults import RingStall, kill_child
+from kmnode.host.faults import RingStall
 from kmnode.linkfaults import FaultRuleError
 
 
@@ -78,12 +78,12 @@ def add_chaos_routes(
     app: web.Application,
     rules: LinkRules,
     stall: RingStall,
-    service_pid: Callable[[], int | None],
+    crash_service: Callable[[], Awaitable[int | None]],
     peers: Callable[[], list[str]],
 ) -> None:
     """Mount the chaos endpoints on ``app``. ``peers`` lists the names a rule may target
-    (every other node of the cluster); ``service_pid`` gives the running service enclave's
-    pid, or None."""
+    (every other node of the cluster); ``crash_service`` kills the service enclave and gives
+    its pid, or None if none was running."""
 
     def guarded(
         handler: Callable[[dict[str, Any]], Awaitable[web.Response]],
@@ -123,8 +123,8 @@ def add_chaos_routes(
         return web.json_response({"stalled": stall.stalled})
 
     async def service_crash(body: dict[str, Any]) -> web.Response:
-        pid = service_pid()
-        if pid is None or not kill_child(pid):
+        pid = await crash_service()
+        if pid is None:
             return _error(409, "refused", "the service enclave is not running")
         return web.json_response({"killed": pid})
 

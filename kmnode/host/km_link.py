@@ -1,9 +1,9 @@
 """The host's side of the KM enclave: its child process and the circuit to it.
 
 The host creates the two rings (it owns the shared memory), starts ``kmnode.km.process`` with
-their names, and from then on talks to the enclave only in typed circuit messages: it asks
-(operator requests, status), relays what the enclave asks of the service enclave (challenges,
-boxed keys), and publishes the enclave's events. The enclave's stdin is a pipe the host holds
+their names (and the name of the service enclave's output ring, which the host drains), and
+from then on talks to the enclave only in typed circuit messages: it asks (operator requests,
+status, proofs), and publishes the enclave's events. The enclave's stdin is a pipe the host holds
 open: if the host dies, however it dies, the pipe closes and the enclave stops with it.
 """
 
@@ -20,22 +20,18 @@ from typing import TypeVar
 
 from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
 from kmnode.config import ClusterConfig
-from kmnode.host.service_link import ServiceLink, remove_stale_rings
+from kmnode.host.service_output import remove_stale_rings
 from kmnode.km_messages import (
     Ack,
     Failed,
     Notice,
     Reply,
     Request,
-    ServiceChallenge,
-    ServiceKey,
-    ServiceReport,
     Started,
     Stopping,
     StopRequest,
 )
 from kmnode.ring import Ring
-from kmnode.service_pipe import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Reply)
@@ -53,16 +49,17 @@ class KMLink:
         config: ClusterConfig,
         config_path: Path,
         name: str,
-        service: ServiceLink,
+        service_ring: str,
         on_notice: Callable[[Notice], None],
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.name = name
-        self.service = service
+        self.service_ring = service_ring
         self.on_notice = on_notice
         self.ring_in, self.ring_out = ring_names(name, os.getpid())
         self._rings: list[Ring] = []
+        self._bells: list[int] = []
         self._proc: asyncio.subprocess.Process | None = None
         self.circuit: Circuit | None = None
         self.mode = ""
@@ -89,9 +86,14 @@ class KMLink:
             Ring.create(self.ring_out, CIRCUIT_CAPACITY),
         ]
         self._started = asyncio.get_running_loop().create_future()
+        # Doorbells: (read end, write end) of host -> enclave and of enclave -> host.
+        to_enclave, to_host = os.pipe(), os.pipe()
+        self._bells = [to_enclave[1], to_host[0]]
         self.circuit = Circuit(
             self._rings[1],
             self._rings[0],
+            bell_in=to_host[0],
+            bell_out=to_enclave[1],
             on_request=self._on_request,
             on_notice=self._notice,
             name=f"{self.name}-host",
@@ -110,10 +112,20 @@ class KMLink:
             self.ring_in,
             "--ring-out",
             self.ring_out,
+            "--bell-in",
+            str(to_enclave[0]),
+            "--bell-out",
+            str(to_host[1]),
+            "--service-ring",
+            self.service_ring,
             "--circuit",
             self.config.enclave.circuit,
             stdin=asyncio.subprocess.PIPE,
+            pass_fds=(to_enclave[0], to_host[1]),
         )
+        # Only the enclave holds its ends: when it exits, our doorbell sees end-of-file.
+        os.close(to_enclave[0])
+        os.close(to_host[1])
         self._watcher = asyncio.create_task(self._watch(self._proc), name="km-enclave-watch")
         try:
             self.mode = await asyncio.wait_for(asyncio.shield(self._started), START_TIMEOUT)
@@ -147,16 +159,7 @@ class KMLink:
         self.on_notice(notice)
 
     async def _on_request(self, request: Request) -> Reply:
-        """Relay the enclave's requests to the service enclave (ciphertext and reports)."""
-        try:
-            if isinstance(request, ServiceChallenge):
-                response = await self.service.challenge(request.km_measurement, request.challenge)
-                return ServiceReport(response=response)
-            if isinstance(request, ServiceKey):
-                await self.service.provide_key(request.ciphertext, request.vouch)
-                return Ack()
-        except ServiceUnavailable as exc:
-            raise Failed.of("service_unavailable", str(exc)) from None
+        """The enclave asks the host nothing (yet): refuse whatever it sends."""
         raise Failed.of("bad_request", f"the host does not serve {type(request).__name__}")
 
     # --- to the enclave -----------------------------------------------------------------------
@@ -187,3 +190,6 @@ class KMLink:
         for ring in self._rings:
             ring.close()  # the creator's close also unlinks the name
         self._rings = []
+        for fd in self._bells:
+            os.close(fd)
+        self._bells = []

@@ -1,11 +1,11 @@
 """One KM node's host process: the untrusted half around two enclave processes.
 
-The node is three processes. This one, the host, owns the operator API, MQTT and the two
-children: the KM enclave process (``kmnode.km.process``: Raft, the KM state machine, the peer
-links and every secret), reached through the circuit of two shared-memory rings
-(``kmnode.host.km_link``), and the service enclave process, reached through its pipe and ring
-(``kmnode.host.service_link``). The host holds no key, channel key or master secret: it moves
-requests, public replies, challenges, reports and boxed keys.
+The node is three processes. This one, the host, owns the operator API, MQTT, the service
+enclave's output ring and its child, the KM enclave process (``kmnode.km.process``: Raft, the
+KM state machine, the peer links and every secret), reached through the circuit of two
+shared-memory rings (``kmnode.host.km_link``). The service enclave process is the KM enclave
+process's child. The host holds no key, channel key or master secret: it moves requests,
+public replies and the service enclave's public output.
 
 How the node starts (genesis, join or resume) is decided by the KM enclave process from the
 data directory; see ``kmnode.km.node``.
@@ -24,7 +24,7 @@ from kmnode.config import ClusterConfig
 from kmnode.host.faults import RingStall
 from kmnode.host.km_link import EnclaveExited, KMLink
 from kmnode.host.mqtt import EventPublisher, TopicKind
-from kmnode.host.service_link import ServiceLink
+from kmnode.host.service_output import ServiceOutput
 from kmnode.km_messages import Audit, Event, Notice
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,8 @@ class KMNode:
         self.data_dir = config.state_dir / "nodes" / name
         self.events = EventPublisher.from_config(config, name)
         self.ring_stall = RingStall()
-        self.service = ServiceLink(
-            config_path,
-            name,
-            self._on_service_output,
-            self.data_dir / "service.log",
-            stall=self.ring_stall,
-        )
-        self.km = KMLink(config, config_path, name, self.service, self._on_notice)
+        self.service_output = ServiceOutput(name, self._on_service_output, self.ring_stall)
+        self.km = KMLink(config, config_path, name, self.service_output.ring_name, self._on_notice)
         #: Set when the node should shut down (signal, or the enclave stopped); see ``exit_code``.
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
@@ -60,19 +54,15 @@ class KMNode:
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.events.start()
-        # The service enclave (a child process: imports, platform load) starts while the KM
-        # enclave starts (unseal, replay) and joins; requests to it wait until it is up.
-        service_started = asyncio.create_task(self.service.start(), name="service-start")
+        self.service_output.start()
         try:
             mode = await self.km.start()
         except EnclaveExited as exc:
             # Nothing runs half-started: the caller gets the reason and nothing to stop.
-            await asyncio.gather(service_started, return_exceptions=True)
             await self.stop()
             raise NodeStartError(str(exc)) from None
-        await service_started
         self._watch = asyncio.create_task(self._watch_enclave(), name="km-enclave-stopped")
-        self.publish_event("node.started", mode=mode, service=self.service.measurement)
+        self.publish_event("node.started", mode=mode)
         log.info("%s: started (%s), peer port %d", self.name, mode, self.spec.peer_port)
 
     async def _watch_enclave(self) -> None:
@@ -87,7 +77,7 @@ class KMNode:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         await self.km.stop()
-        await self.service.stop()
+        await self.service_output.stop()
         await self.events.stop()
 
     # --- what the enclaves report -------------------------------------------------------------

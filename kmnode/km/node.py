@@ -3,9 +3,9 @@ that need them (peer links, joins, releases, ledger signatures).
 
 Everything that holds or derives a secret runs here, in its own OS process; the node's host
 process reaches it only through the circuit (``kmnode.circuit``), with typed requests, and gets
-back public data. What the host still does for this process: it relays to the service enclave
-(``ServicePort``), publishes its events (``notify``) and serves the operator API. Start-up
-decides the node's situation from its data directory:
+back public data; it publishes this process's events (``notify``) and serves the operator API.
+The service enclave is this process's child (``kmnode.km.service_link``). Start-up decides the
+node's situation from its data directory:
 
 * sealed enclave state present: resume (unseal, replay the Raft log, rejoin the peers);
 * nothing, and this is the first node of cluster.yaml: genesis (the master secret is created
@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
@@ -42,6 +42,7 @@ from kmnode.km.loader import load_km_enclave
 from kmnode.km.machine import KMStateMachine
 from kmnode.km.peer_transport import Address, AttestedTransport
 from kmnode.km.releases import EarlyAttestations, Releases
+from kmnode.km.service_link import ServiceLink
 from kmnode.km_messages import Audit, Event, Notice
 from kmnode.linkfaults import FaultRules
 
@@ -68,14 +69,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-class ServicePort(Protocol):
-    """The service enclave as this process reaches it: through the host, which relays."""
-
-    async def challenge(self, km_measurement: bytes, challenge: bytes) -> bytes: ...
-
-    async def provide_key(self, ciphertext: bytes, vouch: bytes) -> object: ...
-
-
 class KMNode:
     """One node's trusted half: lifecycle, the apply hook, and the views operator requests
     use. The protocols live in modules of their own: joining (``join``), releases
@@ -86,7 +79,7 @@ class KMNode:
         self,
         config: ClusterConfig,
         name: str,
-        service: ServicePort,
+        service: ServiceLink,
         notify: Callable[[Notice], None],
     ) -> None:
         self.config = config
@@ -196,6 +189,9 @@ class KMNode:
         if self.enclave.binding_error:  # the snapshot just restored names another cluster
             raft_log.close()
             raise NodeStartError(self.enclave.binding_error)
+        # The service enclave (a child process: imports, platform load) starts while Raft
+        # starts and the join runs; requests to it wait until it is up.
+        service_started = asyncio.create_task(self.service.start(), name="service-start")
         await self.driver.start()
         if mode == "join":
             self.spawn(self.joining.join_loop())
@@ -206,6 +202,7 @@ class KMNode:
                 self.driver.campaign()
                 self.spawn(ledger_signer.initialise_ledger(self))
         self.spawn(ledger_signer.sign_periodically(self))
+        await service_started
         self.mode = mode
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
 
@@ -218,6 +215,7 @@ class KMNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.driver is not None:
             await self.driver.stop()
+        await self.service.stop()
         self.releases.close()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -286,4 +284,4 @@ class KMNode:
         self.publish_event("peer.refused", peer=peer, reason=reason)
 
 
-__all__ = ["KMNode", "NodeStartError", "NotLeader", "ServicePort"]
+__all__ = ["KMNode", "NodeStartError", "NotLeader"]

@@ -28,6 +28,7 @@ from kmnode.km_messages import (
     HealLinks,
     LinkRulesRequest,
     PolicyChange,
+    Prove,
     ReadRequest,
     ReleaseKey,
     RemoveMember,
@@ -35,11 +36,13 @@ from kmnode.km_messages import (
     Request,
     RevokePlatform,
     RotateKey,
+    ServiceCrash,
     StatusReply,
     StatusRequest,
     UpdateLinkRule,
 )
 from kmnode.linkfaults import FaultRuleError, LocalLinkRules
+from kmnode.service_pipe import ServiceUnavailable
 
 #: Longest wait for release outcomes an operator may ask for, in seconds.
 MAX_RELEASE_WAIT = 60.0
@@ -98,6 +101,15 @@ class Operator:
                     raise Failed.of("bad_request", str(exc), field=exc.field) from None
             case HealLinks(peer=peer):
                 return DataReply(data=list(await self.links.heal(peer)))
+            case Prove(key=key, generation=generation, challenge=challenge):
+                try:
+                    mac = await self.node.service.prove(key, generation, challenge)
+                except ServiceUnavailable as exc:
+                    message = f"service enclave cannot prove it: {exc}"
+                    raise Failed.of("service_unavailable", message) from None
+                return DataReply(data={"mac": mac})
+            case ServiceCrash():
+                return DataReply(data={"killed": self.node.service.crash()})
         raise Failed.of("bad_request", f"{type(request).__name__} is not an operator request")
 
     # --- helpers ----------------------------------------------------------------------------
@@ -155,6 +167,12 @@ class Operator:
             has_master_secret=node.enclave.has_master_secret,
             early_attestations=dataclasses.asdict(node.early_attestations),
             links=dataclasses.asdict(node.transport.stats),
+            service={
+                "running": node.service.running,
+                "measurement": node.service.measurement,
+                "pid": node.service.pid,
+                "restarts": node.service.restarts,
+            },
         )
 
     async def read(self, request: ReadRequest) -> Any:

@@ -4,7 +4,9 @@ It attaches the two rings the host created, builds the node's trusted half (``KM
 KM enclave, the state machine, Raft, the peer protocols) and serves the host's requests over
 the circuit until the host asks it to stop, its stdin closes (the host died: a killed node must
 not leave its enclave running), or the node refuses its own state. What it sends the host is
-public: replies, events, and for the service enclave challenges and boxed keys.
+public: replies and events. The service enclave is this process's child (the node's two
+enclaves talk directly); its output ring belongs to the host. The two
+doorbell pipes (``kmnode.circuit``) are inherited file descriptors named on the command line.
 """
 
 from __future__ import annotations
@@ -25,52 +27,21 @@ from kmnode.config import load_config
 from kmnode.imports import loaded_project_modules
 from kmnode.km.node import KMNode, NodeStartError
 from kmnode.km.operator import Operator
+from kmnode.km.service_link import ServiceLink
 from kmnode.km_messages import (
     Ack,
-    Failed,
     ModulesReply,
     ModulesRequest,
     Notice,
     Reply,
     Request,
-    ServiceChallenge,
-    ServiceKey,
-    ServiceReport,
     Started,
     Stopping,
     StopRequest,
 )
 from kmnode.ring import Ring
-from kmnode.service_pipe import ServiceUnavailable
 
 log = logging.getLogger("kmnode.km")
-
-#: Longest the host may take to relay a request to the service enclave and answer.
-SERVICE_TIMEOUT = 15.0
-
-
-class _ServiceViaHost:
-    """The service enclave, reached by asking the host to relay (``ServicePort``)."""
-
-    def __init__(self) -> None:
-        self.circuit: Circuit | None = None
-
-    async def _call(self, request: Request, reply_type: type[Reply]) -> Reply:
-        if self.circuit is None:
-            raise ServiceUnavailable("the circuit to the host is not up")
-        try:
-            return await self.circuit.call(request, reply_type, timeout=SERVICE_TIMEOUT)
-        except (Failed, TimeoutError) as exc:
-            raise ServiceUnavailable(str(exc) or "no answer from the host") from None
-
-    async def challenge(self, km_measurement: bytes, challenge: bytes) -> bytes:
-        request = ServiceChallenge(km_measurement=km_measurement, challenge=challenge)
-        reply = await self._call(request, ServiceReport)
-        assert isinstance(reply, ServiceReport)
-        return reply.response
-
-    async def provide_key(self, ciphertext: bytes, vouch: bytes) -> object:
-        return await self._call(ServiceKey(ciphertext=ciphertext, vouch=vouch), Ack)
 
 
 async def _stdin_closed() -> None:
@@ -82,18 +53,24 @@ async def _stdin_closed() -> None:
         pass
 
 
-async def serve(config_path: Path, name: str, ring_in: str, ring_out: str, mode: str) -> int:
+async def serve(
+    config_path: Path,
+    name: str,
+    rings: tuple[str, str],
+    bells: tuple[int, int],
+    service_ring: str,
+    mode: str,
+) -> int:
     config = load_config(config_path)
-    inbound, outbound = Ring.attach(ring_in), Ring.attach(ring_out)
-    service = _ServiceViaHost()
+    inbound, outbound = Ring.attach(rings[0]), Ring.attach(rings[1])
+    data_dir = config.state_dir / "nodes" / name
+    service = ServiceLink(config_path, name, service_ring, data_dir / "service.log")
     stop = asyncio.Event()
-    pending: list[Notice] = []
+    circuits: list[Circuit] = []
 
     def notify(notice: Notice) -> None:
-        if service.circuit is None:
-            pending.append(notice)
-        else:
-            service.circuit.notify(notice)
+        for circuit in circuits:
+            circuit.notify(notice)
 
     node = KMNode(config, name, service, notify)
     operator = Operator(node)
@@ -110,15 +87,15 @@ async def serve(config_path: Path, name: str, ring_in: str, ring_out: str, mode:
     circuit = Circuit(
         inbound,
         outbound,
+        bell_in=bells[0],
+        bell_out=bells[1],
         on_request=on_request,
         on_notice=lambda notice: log.warning("ignored a %s from the host", type(notice).__name__),
         mode=circuit_mode,
         name=f"{name}-km",
     )
-    service.circuit = circuit
+    circuits.append(circuit)
     circuit.start()
-    for notice in pending:
-        circuit.notify(notice)
     try:
         await node.start()
     except (NodeStartError, StorageError, SealingError) as exc:
@@ -162,6 +139,9 @@ def main() -> None:
     parser.add_argument("--node", required=True)
     parser.add_argument("--ring-in", required=True)
     parser.add_argument("--ring-out", required=True)
+    parser.add_argument("--bell-in", type=int, required=True, help="fd: the host's doorbell")
+    parser.add_argument("--bell-out", type=int, required=True, help="fd: our doorbell")
+    parser.add_argument("--service-ring", required=True, help="the host's service output ring")
     parser.add_argument("--circuit", choices=("switchless", "ocall"), default="switchless")
     args = parser.parse_args()
     logging.basicConfig(
@@ -172,7 +152,10 @@ def main() -> None:
     # The host stops us through the circuit; a terminal's ^C reaches the whole group and the
     # host then asks in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(asyncio.run(serve(args.config, args.node, args.ring_in, args.ring_out, args.circuit)))
+    rings, bells = (args.ring_in, args.ring_out), (args.bell_in, args.bell_out)
+    sys.exit(
+        asyncio.run(serve(args.config, args.node, rings, bells, args.service_ring, args.circuit))
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ pytestmark = pytest.mark.timeout(60)
 NAMES = ("km1", "km2", "km3")
 
 
+async def no_service() -> int | None:
+    """The stand-in nodes run no service enclave: there is nothing to crash."""
+    return None
+
+
 @dataclass
 class FakeNode:
     rules: FaultRules
@@ -63,7 +68,7 @@ class Nodes:
         node = self.nodes[name]
         app = web.Application()
         peers = [n for n in NAMES if n != name]
-        add_chaos_routes(app, LocalLinkRules(node.rules), node.stall, lambda: None, lambda: peers)
+        add_chaos_routes(app, LocalLinkRules(node.rules), node.stall, no_service, lambda: peers)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.config.node(name).api_port).start()

@@ -29,9 +29,10 @@ from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.datadir import SEALED_STATE
 from kmnode.errors import KmsimError
 from kmnode.host.chaos_api import add_chaos_routes
-from kmnode.host.faults import RingStall, kill_child, service_pid
+from kmnode.host.faults import RingStall
 from kmnode.host.node import KMNode, NodeStartError
 from kmnode.km.loader import load_km_enclave
+from kmnode.km.service_link import crash_child, kill_child
 from kmnode.linkfaults import Decision, FaultRuleError, FaultRules, LinkRule, LocalLinkRules
 from kmnode.supervisor import ProcessRecord, pid_path, write_pid_file
 
@@ -173,6 +174,10 @@ class Service:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    async def crash(self) -> int | None:
+        """As the KM enclave process does for its service enclave child."""
+        return crash_child(self.pid if self.running else None)
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -200,9 +205,7 @@ def service() -> Any:
 async def api(service: Service) -> AsyncIterator[Api]:
     rules, stall = FaultRules(3), RingStall()
     app = web.Application()
-    add_chaos_routes(
-        app, LocalLinkRules(rules), stall, service_pid(service), lambda: ["km2", "km3"]
-    )
+    add_chaos_routes(app, LocalLinkRules(rules), stall, service.crash, lambda: ["km2", "km3"])
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
     try:
@@ -369,7 +372,7 @@ async def test_tampered_sealed_state_fails_to_unseal_and_the_node_refuses_to_sta
     # The KM enclave process refuses the blob; the host stops what it started and says why.
     with pytest.raises(NodeStartError, match=r"SealedDataCorrupt|sealed"):
         await node.start()
-    assert not node.km.running and not node.service.running
+    assert not node.km.running and not any(Path("/dev/shm").glob(f"kmsim-km1-*-{os.getpid()}"))
 
 
 def test_disk_faults_refuse_a_running_node_and_missing_files(tmp_path: Path) -> None:

@@ -20,10 +20,11 @@ import pytest
 from attest.certs import TcbStatus
 from attest.hardware import Platform, VendorRoot
 from attest.identity import EnclaveIdentity, measure_sources, signer_id
-from kmnode.host.service_link import ServiceLink, ServiceUnavailable
+from kmnode.km.service_link import ServiceLink
 from kmnode.ring import Writer
 from kmnode.service.enclave import ServiceEnclave
 from kmnode.service.process import answer, serve
+from kmnode.service_pipe import ServiceUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,7 +135,7 @@ class EchoLink(ServiceLink):
 async def test_requests_of_one_loop_turn_share_a_write_and_get_their_own_replies(
     tmp_path: Path,
 ) -> None:
-    link = EchoLink(tmp_path / "c.yaml", "km1", lambda _: None, tmp_path / "log")
+    link = EchoLink(tmp_path / "c.yaml", "km1", "/kmsim-unused-ring", tmp_path / "log")
     await link.start()
     try:
         replies = await asyncio.gather(*(echo(link, n) for n in range(100)))
@@ -146,7 +147,7 @@ async def test_requests_of_one_loop_turn_share_a_write_and_get_their_own_replies
 
 
 async def test_a_service_that_dies_fails_its_waiters_at_once(tmp_path: Path) -> None:
-    link = EchoLink(tmp_path / "c.yaml", "km1", lambda _: None, tmp_path / "log")
+    link = EchoLink(tmp_path / "c.yaml", "km1", "/kmsim-unused-ring", tmp_path / "log")
     await link.start()
     try:
         waiting = [asyncio.ensure_future(echo(link, n)) for n in range(5)]

@@ -1,9 +1,12 @@
-"""The host's side of the service enclave: its child process, and the ring it writes.
+"""The KM enclave process's side of the service enclave: its child process and pipe.
 
-The host creates the shared-memory ring, starts the service enclave with the ring's name, relays
-requests to it as JSON lines (challenges, reports, ciphertext: nothing secret in clear), and
-drains the ring on its event loop, handing each output record to a callback (MQTT). A crashed
-service enclave is restarted on the next request; it then holds no keys until re-provisioned.
+The KM enclave process starts the service enclave (a child of its own: they are the node's
+two enclaves and talk directly, as local attestation on one platform does) and exchanges typed
+messages with it over the child's stdin and stdout (``kmnode.service_pipe``): challenges,
+reports, boxed keys, proofs; nothing secret in clear. The service enclave writes its output
+into a shared-memory ring that the *host* created and drains (``kmnode.host.service_output``);
+this side only passes its name on. A crashed service enclave is restarted on the next request;
+it then holds no keys until re-provisioned.
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from consensus.deadlines import Deadlines
-from kmnode.host.faults import RingStall
-from kmnode.ring import AsyncReader, RingClosed, RingError
-from kmnode.ring import Ring as SharedRing
 from kmnode.service_pipe import (
     ChallengeReply,
     ChallengeRequest,
@@ -42,7 +42,6 @@ from kmnode.service_pipe import (
 )
 
 log = logging.getLogger(__name__)
-RING_CAPACITY = 1 << 20
 REQUEST_TIMEOUT = 10.0
 R = TypeVar("R", bound=Reply)
 
@@ -51,36 +50,43 @@ def _no_answer() -> TimeoutError:
     return TimeoutError(f"no reply within {REQUEST_TIMEOUT}s")
 
 
-def remove_stale_rings(node: str) -> None:
-    """Unlink rings left by earlier runs of ``node`` that were killed (SIGKILL skips cleanup),
-    so shared memory does not leak across restarts. Every ring of a node is named
-    ``kmsim-{node}-...-{pid of its host}``."""
-    for path in Path("/dev/shm").glob(f"kmsim-{node}-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(OSError):
-                path.unlink()
+def parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` from /proc, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_after_name = text[text.rindex(")") + 2 :].split()
+    return int(fields_after_name[1])
+
+
+def kill_child(pid: int) -> bool:
+    """SIGKILL ``pid`` if it is a child of this process (never anything else); True if sent.
+
+    The parent check is what makes a stale pid harmless: a recycled pid would not be our child.
+    """
+    if parent_of(pid) != os.getpid():
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+        return True
+    return False
+
+
+def crash_child(pid: int | None) -> int | None:
+    """SIGKILL our child ``pid`` (chaos); the pid if it was killed, else None."""
+    return pid if pid is not None and kill_child(pid) else None
 
 
 class ServiceLink:
-    def __init__(
-        self,
-        config_path: Path,
-        node: str,
-        on_output: Callable[[bytes], None],
-        log_path: Path,
-        stall: RingStall | None = None,
-    ) -> None:
+    def __init__(self, config_path: Path, node: str, ring_name: str, log_path: Path) -> None:
         self.config_path = config_path
         self.node = node
-        self.on_output = on_output
+        #: The host's ring the service enclave writes its output into.
+        self.ring_name = ring_name
         self.log_path = log_path
-        self.stall = stall
-        self.ring_name = f"/kmsim-{node}-{os.getpid()}"
-        self._ring: SharedRing | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
-        self._drain_task: asyncio.Task[None] | None = None
         self._reply_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._next_id = 0
@@ -91,7 +97,6 @@ class ServiceLink:
         #: Request timeouts (one timer for all: see ``consensus.deadlines``).
         self._deadlines = Deadlines()
         self.measurement = ""
-        self.outputs = 0
         self.restarts = 0
 
     @property
@@ -102,10 +107,11 @@ class ServiceLink:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def crash(self) -> int | None:
+        """Chaos: SIGKILL the service enclave; its pid, or None if it was not running."""
+        return crash_child(self.pid if self.running else None)
+
     async def start(self) -> None:
-        remove_stale_rings(self.node)
-        self._ring = SharedRing.create(self.ring_name, RING_CAPACITY)
-        self._drain_task = asyncio.create_task(self._drain(self._ring), name="service-drain")
         try:
             await self._spawn()
         finally:
@@ -245,22 +251,6 @@ class ServiceLink:
                 if not future.done():
                     future.set_exception(ServiceUnavailable("service enclave exited"))
 
-    async def _drain(self, ring: SharedRing) -> None:
-        reader = AsyncReader(ring)
-        try:
-            while True:
-                if self.stall is not None:
-                    await self.stall.wait_running()
-                for record in await reader.read_batch():
-                    self.outputs += 1
-                    self.on_output(record)
-        except (RingClosed, asyncio.CancelledError):
-            pass
-        except RingError as exc:
-            log.error("%s: service ring failed: %s", self.node, exc)
-        finally:
-            reader.close()
-
     async def stop(self) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -275,10 +265,4 @@ class ServiceLink:
             self._reply_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reply_task
-        if self._drain_task is not None:
-            self._drain_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain_task
-        if self._ring is not None:
-            self._ring.close()  # the creator's close also unlinks the name
         self._deadlines.close()
