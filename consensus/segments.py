@@ -49,6 +49,15 @@ class CorruptLogError(StorageError):
         self.reason = reason
 
 
+class TamperedLogError(CorruptLogError):
+    """A record of an authenticated log fails its tag or breaks the chain: changed, foreign,
+    removed, inserted or reordered (``consensus.recordauth``). The node must not start."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(path, offset, reason)
+        self.args = (f"log record in {path} at offset {offset} fails authentication: {reason}",)
+
+
 def encode_record(payload: bytes) -> bytes:
     """Frame ``payload`` as one checksummed record."""
     head = HEADER.pack(len(payload), zlib.crc32(payload))

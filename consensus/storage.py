@@ -18,6 +18,12 @@ current hard state, so compaction can delete whole segments whose entries are al
 the newest snapshot without losing the hard state.
 
 Torn tails and corruption follow the rule documented in ``consensus.segments``.
+
+With a ``RecordAuth`` (``consensus.recordauth``), every record carries a MAC chained through the
+whole log and every segment starts with a chain record; a log opened with its key refuses any
+record that fails (``TamperedLogError``), and refuses segments and snapshots written without
+one. A log opened without a key (offline tools) reads an authenticated log, without checking
+it, and cannot append to it.
 """
 
 from __future__ import annotations
@@ -30,10 +36,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consensus.fileio import fsync_dir, write_all
+from consensus.recordauth import (
+    TAG_SIZE,
+    Chain,
+    RecordAuth,
+    chain_payload,
+    is_chain_record,
+    parse_chain,
+)
 from consensus.segments import (
     CorruptLogError,
     Damage,
     StorageError,
+    TamperedLogError,
     encode_record,
     find_intact_record,
     read_records,
@@ -46,6 +61,7 @@ __all__ = [
     "CorruptSnapshotError",
     "DurableLog",
     "StorageError",
+    "TamperedLogError",
 ]
 
 log = logging.getLogger(__name__)
@@ -148,6 +164,39 @@ class _Replay:
         return PersistedState(hard_state=self.hard_state, snapshot=snapshot, entries=tuple(entries))
 
 
+def _authenticated(
+    seg: _Segment, records: list[tuple[int, bytes]], chain: Chain, *, first: bool
+) -> list[tuple[int, bytes]]:
+    """The payloads of one segment's records, each checked against the chain; raises
+    ``TamperedLogError`` naming the first record that is out of place or changed."""
+    if not records:
+        return []
+    offset, framed = records[0]
+    header = parse_chain(framed[:-TAG_SIZE]) if len(framed) > TAG_SIZE else None
+    if header is None:
+        raise TamperedLogError(seg.path, offset, "the segment does not start with a chain record")
+    seq, carried = header
+    if seq != seg.seq:
+        raise TamperedLogError(seg.path, offset, f"the segment's chain record names segment {seq}")
+    if first:
+        chain.restart(carried)  # the oldest segment left: whatever came before was compacted
+    elif carried != chain.last:
+        raise TamperedLogError(
+            seg.path, offset, "the segment does not follow the one before it (segments removed, "
+            "replaced or reordered)"
+        )  # fmt: skip
+    out = []
+    for offset, framed in records:
+        payload = chain.check(framed)
+        if payload is None:
+            raise TamperedLogError(
+                seg.path, offset, "tag does not verify (the record was changed, moved or "
+                "comes from another node's log)"
+            )  # fmt: skip
+        out.append((offset, payload))
+    return out[1:]
+
+
 class DurableLog:
     """A node's Raft log and hard state on disk. Not thread-safe: one caller at a time.
 
@@ -163,12 +212,20 @@ class DurableLog:
         segment_bytes: int,
         segments: list[_Segment],
         state: PersistedState,
+        chain: Chain | None = None,
+        read_only: bool = False,
     ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self._segments = segments
-        self._snapshots = SnapshotStore(directory, fsync=fsync)
+        #: The record chain of an authenticated log (None: records carry no tags).
+        self._chain = chain
+        #: An authenticated log opened without its key: readable, not writable.
+        self.read_only = read_only
+        self._snapshots = SnapshotStore(
+            directory, fsync=fsync, auth=chain.auth if chain is not None else None
+        )
         self.initial_state = state
         self.hard_state = state.hard_state
         self.snapshot_index = state.snapshot.meta.index
@@ -187,15 +244,17 @@ class DurableLog:
         *,
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        auth: RecordAuth | None = None,
     ) -> DurableLog:
         """Open (creating if needed) the log in ``directory`` and replay it.
 
-        Raises ``CorruptLogError`` / ``CorruptSnapshotError`` rather than start on damaged data;
-        a torn tail is truncated and logged at WARNING.
+        Raises ``CorruptLogError`` / ``CorruptSnapshotError`` rather than start on damaged data
+        (with ``auth``: ``TamperedLogError`` for a record that fails authentication); a torn
+        tail is truncated and logged at WARNING.
         """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        snapshot = SnapshotStore(path, fsync=fsync).load_newest()
+        snapshot = SnapshotStore(path, fsync=fsync, auth=auth).load_newest()
         segments = sorted(
             (
                 _Segment(int(m.group(1)), p, p.stat().st_size, 0)
@@ -205,9 +264,16 @@ class DurableLog:
             key=lambda s: s.seq,
         )
         replay = _Replay()
+        chain = Chain(auth) if auth is not None else None
+        keyless_tagged = False
         for i, seg in enumerate(segments):
             content = seg.path.read_bytes()  # one segment in memory at a time
             records, damage = read_records(content)
+            if chain is not None:
+                records = _authenticated(seg, records, chain, first=i == 0)
+            elif records and is_chain_record(records[0][1]):
+                keyless_tagged = True
+                records = [(off, framed[:-TAG_SIZE]) for off, framed in records[1:]]
             for offset, payload in records:
                 replay.apply(seg, offset, payload)
             if damage is not None:
@@ -218,7 +284,15 @@ class DurableLog:
         state = replay.result(snapshot)
         if not segments:
             segments.append(_Segment(1, path / "wal-0000000000000001.log", 0, 0))
-        return cls(path, fsync=fsync, segment_bytes=segment_bytes, segments=segments, state=state)
+        return cls(
+            path,
+            fsync=fsync,
+            segment_bytes=segment_bytes,
+            segments=segments,
+            state=state,
+            chain=chain,
+            read_only=keyless_tagged,
+        )
 
     @staticmethod
     def _recover_tail(
@@ -257,13 +331,26 @@ class DurableLog:
 
     def _open_active(self) -> None:
         active = self._segments[-1]
+        if self.read_only:
+            return
         # An empty active segment (new, or truncated to nothing) must start with the hard state:
-        # older segments holding it may be deleted by compaction.
+        # older segments holding it may be deleted by compaction. In an authenticated log the
+        # chain record comes first: it names the segment and carries the chain on.
         created = not active.path.exists() or active.path.stat().st_size == 0
         self._fd = os.open(active.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if created:
-            self._write([encode_record(_hard_payload(self.hard_state))], active)
+            records = []
+            if self._chain is not None:
+                records.append(self._record(chain_payload(active.seq, self._chain.last)))
+            records.append(self._record(_hard_payload(self.hard_state)))
+            self._write(records, active)
             self._sync(directory=True)
+
+    def _record(self, payload: bytes) -> bytes:
+        """One framed record, with its chained tag in an authenticated log."""
+        if self._chain is not None:
+            payload = self._chain.seal(payload)
+        return encode_record(payload)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -287,6 +374,8 @@ class DurableLog:
         only in its commit index, which Raft may lose in a crash (it is re-learned from the
         leader), so it need not cost an fsync of its own; the next synced append covers it.
         """
+        if self.read_only:
+            raise StorageError("an authenticated log opened without its key is read-only")
         if self._fd < 0:
             raise StorageError("log is closed")
         records: list[bytes] = []
@@ -295,17 +384,17 @@ class DurableLog:
             # The snapshot file is durable before the record that resets the log to it.
             self._snapshots.save(snapshot)
             records.append(
-                encode_record(_SNAP.pack(REC_SNAPSHOT, snapshot.meta.index, snapshot.meta.term))
+                self._record(_SNAP.pack(REC_SNAPSHOT, snapshot.meta.index, snapshot.meta.term))
             )
             self.snapshot_index = snapshot.meta.index
             self.last_index = snapshot.meta.index
         if entries:
-            records.extend([encode_record(_entry_payload(e)) for e in entries])
+            records.extend([self._record(_entry_payload(e)) for e in entries])
             last = entries[-1].index
             active.max_index = max(active.max_index, last)
             self.last_index = last
         if hard_state is not None:
-            records.append(encode_record(_hard_payload(hard_state)))
+            records.append(self._record(_hard_payload(hard_state)))
             self.hard_state = hard_state
         if not records:
             return

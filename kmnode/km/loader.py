@@ -1,26 +1,61 @@
 """Loading a node's KM enclave onto its simulated platform.
 
-This is the one place on the KM side that touches the simulated hardware store: the host asks
-for "the KM enclave of node X" and gets an enclave object, never a platform or a seed.
+This is the one place on the KM side that touches the simulated hardware store: the KM enclave
+process asks for "the KM enclave of node X" (and the key of its stored records) and gets an
+enclave object, never a platform or a seed.
 """
 
 from __future__ import annotations
 
+import hashlib
+
+from attest.hardware import EnclaveContext
 from attest.identity import EnclaveRole
 from attest.quote import QuoteVerifier
+from consensus.recordauth import TAG_SIZE
 from kmnode.config import ClusterConfig
 from kmnode.enclave_code import build_identity, current_measurements
 from kmnode.km.enclave import KMEnclave
 from kmnode.simhw import HardwareStore
 
+#: Label of the key that authenticates this node's Raft log records and snapshots.
+_LOG_KEY_LABEL = b"kmsim raft log records\0"
 
-def load_km_enclave(config: ClusterConfig, name: str) -> KMEnclave:
+
+class LogAuth:
+    """Tags of this node's stored Raft records (``consensus.recordauth.RecordAuth``), under a
+    key derived from the KM enclave's sealing key and the node's name: only this code on this
+    platform, for this node, computes them. The key stays inside the KM enclave process."""
+
+    def __init__(self, seal_key: bytes, node: str) -> None:
+        self._key = hashlib.blake2b(
+            _LOG_KEY_LABEL + node.encode(), key=seal_key, digest_size=32
+        ).digest()
+
+    def tag(self, data: bytes) -> bytes:
+        return hashlib.blake2b(data, key=self._key, digest_size=TAG_SIZE).digest()
+
+    def __repr__(self) -> str:
+        return "LogAuth(<key withheld>)"
+
+
+def _km_context(config: ClusterConfig, name: str) -> EnclaveContext:
     node = config.node(name)
     store = HardwareStore(config.state_dir / "hardware")
     platform = store.platform(node.platform.id, node.platform.tcb)
+    return platform.enclave(build_identity(EnclaveRole.KM))
+
+
+def load_log_auth(config: ClusterConfig, name: str) -> LogAuth:
+    """The authenticator of node ``name``'s Raft log, as its KM enclave derives it."""
+    return LogAuth(_km_context(config, name).seal_key(), name)
+
+
+def load_km_enclave(config: ClusterConfig, name: str) -> KMEnclave:
+    store = HardwareStore(config.state_dir / "hardware")
     enclave = KMEnclave(
         name,
-        platform.enclave(build_identity(EnclaveRole.KM)),
+        _km_context(config, name),
         QuoteVerifier(store.vendor_public_key()),
         # Whom to talk to before the enclave belongs to a cluster (joining): the configured
         # nodes. From the first committed entry on, only the replicated membership counts.

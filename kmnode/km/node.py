@@ -38,7 +38,7 @@ from kmnode.km import ledger_signer
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
-from kmnode.km.loader import load_km_enclave
+from kmnode.km.loader import load_km_enclave, load_log_auth
 from kmnode.km.machine import KMStateMachine
 from kmnode.km.peer_transport import Address, AttestedTransport
 from kmnode.km.releases import EarlyAttestations, Releases
@@ -152,7 +152,13 @@ class KMNode:
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sealed_path = self.data_dir / SEALED_STATE
-        raft_log = DurableLog.open(self.data_dir / RAFT_DIR, fsync=self.config.raft.fsync)
+        # Every record and snapshot carries a tag under a key only this enclave derives: a log
+        # the host changed, reordered, or took from another node is refused at start.
+        raft_log = DurableLog.open(
+            self.data_dir / RAFT_DIR,
+            fsync=self.config.raft.fsync,
+            auth=load_log_auth(self.config, self.name),
+        )
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
         mode: Literal["genesis", "join", "resume"]

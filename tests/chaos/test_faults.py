@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from attest.errors import SealedDataCorrupt
+from consensus.segments import encode_record, read_records
 from consensus.storage import CorruptLogError, DurableLog
 from consensus.types import Entry, EntryType, HardState
 from kmnode.chaos import faults
@@ -479,3 +481,35 @@ def test_run_config_refuses_unknown_faults() -> None:
     with pytest.raises(ValueError, match="unknown fault kinds"):
         RunConfig(seed=1, faults=("partition", "meteor"))
     assert RunConfig(seed=1).faults is None  # every kind the cluster supports
+
+
+def _one_node(tmp_path: Path) -> tuple[ClusterConfig, Path]:
+    cfg = ClusterConfig.default(1)
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = {"peer_port": a.getsockname()[1], "api_port": b.getsockname()[1]}
+    spec = cfg.nodes[0].model_copy(update=ports)
+    cfg = cfg.model_copy(update={"state_dir": tmp_path / "state", "nodes": [spec]})
+    path = tmp_path / "cluster.yaml"
+    path.write_text(config_to_yaml(cfg))
+    return cfg, path
+
+
+@pytest.mark.timeout(120)
+async def test_a_log_record_the_host_changed_stops_the_node_at_start(tmp_path: Path) -> None:
+    """The host edits a committed command in km1's Raft log and fixes the record's checksum;
+    the KM enclave process refuses the log (its tag fails) and the node does not start."""
+    cfg, path = _one_node(tmp_path)
+    node = KMNode(cfg, path, "km1")
+    await node.start()
+    await node.stop()
+    segment = sorted(faults.raft_dir(cfg, "km1").glob("wal-*.log"))[0]
+    records, damage = read_records(segment.read_bytes())
+    assert damage is None and any(b"cluster.init" in p for _, p in records)
+    segment.write_bytes(
+        b"".join(encode_record(p.replace(b'"demo"', b'"evil"')) for _, p in records)
+    )
+    node = KMNode(cfg, path, "km1")
+    with pytest.raises(NodeStartError, match="fails authentication"):
+        await node.start()
