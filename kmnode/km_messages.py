@@ -13,10 +13,17 @@ anything else with ``CircuitError``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+)
 
 #: Timeouts an operator may ask for, in seconds (a NaN or a year is refused at the boundary).
 Timeout = Field(default=10.0, ge=0.0, le=300.0, allow_inf_nan=False)
@@ -235,6 +242,64 @@ class StopRequest(Request):
 # --- enclave to host -------------------------------------------------------------------------
 
 
+# --- the peer network: the host owns the sockets, the enclave the bytes' meaning --------------
+
+#: Most bytes of one connection in one record (a frame larger than this crosses in pieces).
+MAX_NET_CHUNK = 256 * 1024
+Port = Annotated[int, Field(ge=0, le=65535)]
+HostName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+
+
+class Listen(Request):
+    """Enclave to host: accept peer connections on (host, port); reply ``Listening``."""
+
+    op: Literal["net.listen"] = "net.listen"
+    host: HostName
+    port: Port
+
+
+class Listening(Reply):
+    op: Literal["net.listening"] = "net.listening"
+    port: Port
+
+
+class Connect(Request):
+    """Enclave to host: open a connection to a peer; reply ``Connected`` with its number."""
+
+    op: Literal["net.connect"] = "net.connect"
+    host: HostName
+    port: Port
+
+
+class Connected(Reply):
+    op: Literal["net.connected"] = "net.connected"
+    conn: int = Field(ge=1)
+
+
+class Accepted(Notice):
+    """Host to enclave: a peer connected to our port (its address, as the socket says)."""
+
+    op: Literal["net.accepted"] = "net.accepted"
+    conn: int = Field(ge=1)
+    peer_host: str = Field(max_length=253)
+    peer_port: Port
+
+
+class Data(Notice):
+    """Bytes of one connection, either way: ciphertext frames and handshakes, never secrets."""
+
+    op: Literal["net.data"] = "net.data"
+    conn: int = Field(ge=1)
+    data: bytes = Field(min_length=1, max_length=MAX_NET_CHUNK)
+
+
+class Closed(Notice):
+    """One side closed the connection (or the host dropped it)."""
+
+    op: Literal["net.closed"] = "net.closed"
+    conn: int = Field(ge=1)
+
+
 class Event(Notice):
     """An event for the node's MQTT events topic."""
 
@@ -269,6 +334,7 @@ _ALL: tuple[type[Message], ...] = (
         PolicyChange, RevokePlatform, RemoveMember, LinkRulesRequest, UpdateLinkRule, HealLinks,
         ModulesRequest, StopRequest, Prove, ServiceCrash,
         Event, Audit, Started, Stopping,
+        Listen, Listening, Connect, Connected, Accepted, Data, Closed,
 )  # fmt: skip
 _TYPES: dict[str, type[Message]] = {cls.model_fields["op"].default: cls for cls in _ALL}
 assert len(_TYPES) == len(_ALL), "every circuit message needs an op of its own"

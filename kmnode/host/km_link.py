@@ -21,9 +21,12 @@ from typing import TypeVar
 from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
 from kmnode.config import ClusterConfig
 from kmnode.host.service_output import remove_stale_rings
+from kmnode.host.sockets import PeerSockets
 from kmnode.km_messages import (
     Ack,
+    Connect,
     Failed,
+    Listen,
     Notice,
     Reply,
     Request,
@@ -67,6 +70,8 @@ class KMLink:
         self._watcher: asyncio.Task[None] | None = None
         #: Set when the enclave stops on its own (refused its state, lost the cluster).
         self.stopped = asyncio.Event()
+        #: The peer sockets the enclave's connections run on.
+        self.sockets = PeerSockets(name, self._to_enclave)
         self.exit_code = 0
         self.stop_reason = ""
 
@@ -148,6 +153,8 @@ class KMLink:
     # --- from the enclave -----------------------------------------------------------------------
 
     def _notice(self, notice: Notice) -> None:
+        if self.sockets.on_notice(notice):
+            return
         if isinstance(notice, Started):
             if self._started is not None and not self._started.done():
                 self._started.set_result(notice.mode)
@@ -159,8 +166,16 @@ class KMLink:
         self.on_notice(notice)
 
     async def _on_request(self, request: Request) -> Reply:
-        """The enclave asks the host nothing (yet): refuse whatever it sends."""
+        """What the enclave asks of the host: the I/O of its peer connections."""
+        if isinstance(request, Listen):
+            return await self.sockets.listen(request)
+        if isinstance(request, Connect):
+            return await self.sockets.connect(request)
         raise Failed.of("bad_request", f"the host does not serve {type(request).__name__}")
+
+    def _to_enclave(self, notice: Notice) -> None:
+        if self.circuit is not None:
+            self.circuit.notify(notice)
 
     # --- to the enclave -----------------------------------------------------------------------
 
@@ -181,6 +196,7 @@ class KMLink:
                 log.error("%s: the KM enclave did not stop; killing it", self.name)
                 proc.kill()
                 await proc.wait()
+        await self.sockets.stop()
         if self.circuit is not None:
             await self.circuit.close()
         if proc is not None and proc.stdin is not None:

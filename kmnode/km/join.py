@@ -29,6 +29,7 @@ from kmnode.km.peer_wire import (
     initiate,
 )
 from kmnode.km.state import encode_command
+from kmnode.km.vnet import StreamWriter
 
 if TYPE_CHECKING:
     from kmnode.km.node import KMNode
@@ -103,7 +104,7 @@ class Joining:
     async def join_via(self, peer: str, address: Address) -> str | None:
         """One join attempt; returns None when admitted, else the leader hint to retry with."""
         enclave, spec = self.node.enclave, self.node.spec
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 2.0)
+        reader, writer = await asyncio.wait_for(self.node.net.open_connection(*address), 2.0)
         try:
             session = await initiate(enclave, reader, writer, JOIN, peer)
             try:
@@ -122,9 +123,7 @@ class Joining:
         finally:
             writer.close()
 
-    async def serve(
-        self, session: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def serve(self, session: int, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
         """Member side of a join: the joiner's quote already passed the replicated policy."""
         enclave = self.node.enclave
         try:

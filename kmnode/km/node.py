@@ -43,6 +43,7 @@ from kmnode.km.machine import KMStateMachine
 from kmnode.km.peer_transport import Address, AttestedTransport
 from kmnode.km.releases import EarlyAttestations, Releases
 from kmnode.km.service_link import ServiceLink
+from kmnode.km.vnet import Net
 from kmnode.km_messages import Audit, Event, Notice
 from kmnode.linkfaults import FaultRules
 
@@ -81,9 +82,12 @@ class KMNode:
         name: str,
         service: ServiceLink,
         notify: Callable[[Notice], None],
+        net: Net,
     ) -> None:
         self.config = config
         self.name = name
+        #: Peer connections: sockets the host holds, their bytes over the circuit.
+        self.net = net
         self.spec = config.node(name)
         self.data_dir = config.state_dir / "nodes" / name
         self.enclave: KMEnclave = load_km_enclave(config, name)
@@ -101,6 +105,7 @@ class KMNode:
             port=self.spec.peer_port,
             on_join=self.joining.serve,
             on_refused=self._on_refused,
+            net=net,
         )
         self.forwarder = Forwarder(name, self.transport.send)
         #: Chaos: per-link fault rules (inert until a rule is set) and the ring-consumer switch.

@@ -19,7 +19,6 @@ would cost a system call per message under load (forwarded proposals come many p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,12 +44,13 @@ from kmnode.km.peer_wire import (
     respond,
     split_frames,
 )
+from kmnode.km.vnet import AsyncioNet, Net, StreamWriter
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 #: Called for a verified join connection: (session, reader, writer). It owns the connection.
-JoinHandler = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+JoinHandler = Callable[[int, asyncio.StreamReader, StreamWriter], Awaitable[None]]
 #: Called when a peer is refused: (claimed name or address, reason).
 RefusalHandler = Callable[[str, str], None]
 
@@ -87,7 +87,7 @@ class _Peer:
     def __init__(self, node: NodeId) -> None:
         self.node = node
         self.session: int | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.writer: StreamWriter | None = None
         #: Sealed frames of this turn, written by ``flush``, and their size.
         self.unflushed: list[bytes] = []
         self.unflushed_bytes = 0
@@ -109,8 +109,12 @@ class AttestedTransport(Transport):
         max_frame: int = DEFAULT_MAX_FRAME,
         max_buffer_bytes: int = 16 * 1024 * 1024,
         reconnect_max: float = 0.5,
+        net: Net | None = None,
     ) -> None:
         self.node_id = node_id
+        #: Where connections come from: the host's sockets through the circuit in a node,
+        #: asyncio's own in tests of this module.
+        self.net: Net = net if net is not None else AsyncioNet()
         self.enclave = enclave
         self.addresses = addresses
         self.host = host
@@ -125,7 +129,7 @@ class AttestedTransport(Transport):
         self.faults: LinkFaults | None = None
         self._peers: dict[NodeId, _Peer] = {}
         self._handler: MessageHandler | None = None
-        self._server: asyncio.Server | None = None
+        self._listening = False
         self._inbound: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._stopping = False
@@ -134,9 +138,9 @@ class AttestedTransport(Transport):
 
     async def listen(self) -> None:
         """Open the peer port (before Raft starts, so joins can be served)."""
-        if self._server is None:
-            self._server = await asyncio.start_server(self._accept, self.host, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
+        if not self._listening:
+            self.port = await self.net.start_server(self._accept, self.host, self.port)
+            self._listening = True
 
     async def start(self, handler: MessageHandler) -> None:
         self._handler = handler
@@ -164,8 +168,8 @@ class AttestedTransport(Transport):
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._listening:
+            await self.net.stop_server()
         tasks = [p.task for p in self._peers.values() if p.task is not None]
         tasks += list(self._inbound)
         for task in tasks:
@@ -174,9 +178,6 @@ class AttestedTransport(Transport):
         for peer in self._peers.values():
             if peer.writer is not None:
                 peer.writer.close()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class AttestedTransport(Transport):
             if address is None:
                 return
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 1.0)
+                reader, writer = await asyncio.wait_for(self.net.open_connection(*address), 1.0)
             except (OSError, TimeoutError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max)
@@ -270,7 +271,7 @@ class AttestedTransport(Transport):
         peer: _Peer,
         session: int,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        writer: StreamWriter,
     ) -> None:
         """Offer the link to ``send`` until the connection fails (the responder never sends
         after its part of the handshake, so any read completing means the link is gone)."""
@@ -284,7 +285,7 @@ class AttestedTransport(Transport):
 
     # --- receiving --------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._inbound.add(task)

@@ -24,6 +24,7 @@ from attest.channel import FRAME_OVERHEAD
 from attest.errors import AttestationError
 from consensus.types import Message
 from kmnode.km.enclave import Purpose
+from kmnode.km.vnet import StreamWriter
 
 RAFT = b"R"
 JOIN = b"J"
@@ -128,7 +129,7 @@ async def expect(reader: asyncio.StreamReader, kind: bytes, max_frame: int) -> b
 async def initiate(
     enclave: EnclaveSessions,
     reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    writer: StreamWriter,
     purpose: bytes,
     peer: str,
     max_frame: int = DEFAULT_MAX_FRAME,
@@ -152,7 +153,7 @@ async def initiate(
 async def respond(
     enclave: EnclaveSessions,
     reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    writer: StreamWriter,
     hello: bytes,
     purpose: bytes,
     max_frame: int = DEFAULT_MAX_FRAME,

@@ -1,7 +1,8 @@
 """The KM enclave process: ``python -m kmnode.km.process`` (started by the node's host).
 
 It attaches the two rings the host created, builds the node's trusted half (``KMNode``: the
-KM enclave, the state machine, Raft, the peer protocols) and serves the host's requests over
+KM enclave, the state machine, Raft, the peer protocols over connections whose sockets the
+host holds: ``kmnode.km.vnet``) and serves the host's requests over
 the circuit until the host asks it to stop, its stdin closes (the host died: a killed node must
 not leave its enclave running), or the node refuses its own state. What it sends the host is
 public: replies and events. The service enclave is this process's child (the node's two
@@ -28,6 +29,7 @@ from kmnode.imports import loaded_project_modules
 from kmnode.km.node import KMNode, NodeStartError
 from kmnode.km.operator import Operator
 from kmnode.km.service_link import ServiceLink
+from kmnode.km.vnet import VirtualNet
 from kmnode.km_messages import (
     Ack,
     ModulesReply,
@@ -72,7 +74,8 @@ async def serve(
         for circuit in circuits:
             circuit.notify(notice)
 
-    node = KMNode(config, name, service, notify)
+    net = VirtualNet()
+    node = KMNode(config, name, service, notify, net)
     operator = Operator(node)
 
     async def on_request(request: Request) -> Reply:
@@ -83,6 +86,10 @@ async def serve(
             return ModulesReply(modules=loaded_project_modules(), pid=os.getpid())
         return await operator.handle(request)
 
+    def on_notice(notice: Notice) -> None:
+        if not net.on_notice(notice):
+            log.warning("ignored a %s from the host", type(notice).__name__)
+
     circuit_mode: CircuitMode = "ocall" if mode == "ocall" else "switchless"
     circuit = Circuit(
         inbound,
@@ -90,11 +97,12 @@ async def serve(
         bell_in=bells[0],
         bell_out=bells[1],
         on_request=on_request,
-        on_notice=lambda notice: log.warning("ignored a %s from the host", type(notice).__name__),
+        on_notice=on_notice,
         mode=circuit_mode,
         name=f"{name}-km",
     )
     circuits.append(circuit)
+    net.circuit = circuit
     circuit.start()
     try:
         await node.start()
@@ -128,6 +136,7 @@ async def serve(
     if node.stop_requested.is_set():
         circuit.notify(Stopping(exit_code=node.exit_code, reason="the node stopped"))
     await node.stop()
+    await net.stop()
     with contextlib.suppress(Exception):
         await circuit.close()
     return node.exit_code

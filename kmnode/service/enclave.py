@@ -25,6 +25,10 @@ class ProvisioningError(Exception):
     """A provisioned key could not be accepted (wrong recipient, corrupt, malformed)."""
 
 
+#: What every proof-of-possession MAC starts with (domain separation: see ``prove``).
+PROOF_LABEL = b"kmsim proof of possession\0"
+
+
 class ServiceEnclave:
     """``trusted_km``: the KM measurements whose boxes this enclave opens (its own build's)."""
 
@@ -64,11 +68,17 @@ class ServiceEnclave:
         return (name, generation) in self._keys
 
     def prove(self, name: str, generation: int, challenge: bytes) -> str:
-        """HMAC-BLAKE2b of ``challenge`` under the key: equal across enclaves iff keys are."""
+        """HMAC-BLAKE2b of ``challenge`` under the key, equal across enclaves iff keys are.
+
+        The MAC covers a fixed label before the challenge, so whoever can ask for proofs (the
+        host, the operator API) gets MACs of "proof of possession" messages only, never the
+        MAC of bytes of its choosing under the operational key: the proof is not an oracle for
+        any other use of the key.
+        """
         key = self._keys.get((name, generation))
         if key is None:
             raise ProvisioningError(f"no key {name!r} generation {generation} provisioned")
-        return hmac.new(key, challenge, hashlib.blake2b).hexdigest()
+        return hmac.new(key, PROOF_LABEL + challenge, hashlib.blake2b).hexdigest()
 
     def __repr__(self) -> str:
         return f"ServiceEnclave(platform={self.context.platform_id!r}, keys={len(self._keys)})"

@@ -327,6 +327,34 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
+def _tcp_sockets(pid: int) -> int:
+    """How many TCP sockets (listening or connected) process ``pid`` holds."""
+    tcp = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            tcp.add(line.split()[9])
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in tcp:
+            held += 1
+    return held
+
+
+def test_the_host_holds_the_sockets_and_the_enclave_none(cluster: LocalCluster) -> None:
+    """The KM enclave process speaks to its peers only through its host: it holds no TCP
+    socket at all, while the host holds the peer port and the peer connections."""
+    for name in cluster.names:
+        status = cluster.status(name)
+        assert status is not None
+        km = status["km_enclave"]["pid"]
+        assert _tcp_sockets(km) == 0
+        assert _tcp_sockets(cluster.procs[name].pid) >= 3  # API, peer port, peer links
+
+
 def test_no_key_material_in_the_memory_of_any_host_process(cluster: LocalCluster) -> None:
     """While the cluster serves releases, search each node's three processes' memory: the
     host holds no master secret and no released key; the KM enclave process does hold the

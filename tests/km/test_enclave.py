@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -17,8 +19,9 @@ from kmnode.km.enclave import (
     ProvisionResult,
     Purpose,
     SessionRefused,
+    derive_key,
 )
-from kmnode.service.enclave import ProvisioningError, ServiceEnclave
+from kmnode.service.enclave import PROOF_LABEL, ProvisioningError, ServiceEnclave
 from tests.km.enclaves import (
     KM_ID,
     PLATFORMS,
@@ -244,6 +247,20 @@ def test_a_joiner_accepts_the_members_of_its_admission_until_it_has_caught_up() 
             break
         commit(joiner, "key.create", name=f"k{n}")
     assert joiner.directory() == {"n-x": "x"}  # caught up: its own committed membership
+
+
+def test_a_proof_is_never_the_mac_of_the_challenge_alone() -> None:
+    """Whoever asks for proofs chooses the challenge; the MAC covers a fixed label first, so
+    no challenge makes the proof equal the key's MAC of bytes of the asker's choosing."""
+    a, _ = joined_pair()
+    svc = service("a")
+    result = provision(a, svc)
+    assert svc.accept_key(result.ciphertext, result.vouch) == ("db", 1)
+    key = derive_key(a._master_secret or b"", "db", 1)
+    for challenge in (b"c", b"transfer 100 to mallory", PROOF_LABEL):
+        proof = svc.prove("db", 1, challenge)
+        assert proof != hmac.new(key, challenge, hashlib.blake2b).hexdigest()
+        assert proof == hmac.new(key, PROOF_LABEL + challenge, hashlib.blake2b).hexdigest()
 
 
 def test_a_service_takes_keys_only_from_a_km_enclave_that_vouched_for_the_box() -> None:
