@@ -168,6 +168,8 @@ def free_ports(count: int) -> list[int]:
 #: How each node's host talks to its KM enclave process (``--circuit``; cluster.yaml
 #: ``enclave.circuit``): switchless (the default) or ocall, which models a world switch per record.
 CIRCUIT = "switchless"
+#: Who holds the peer sockets (``--peer-sockets``; cluster.yaml ``enclave.peer_sockets``).
+PEER_SOCKETS = "host"
 
 
 def make_config(state_dir: Path, nodes: int, fsync: bool) -> ClusterConfig:
@@ -184,7 +186,9 @@ def make_config(state_dir: Path, nodes: int, fsync: bool) -> ClusterConfig:
             "state_dir": state_dir,
             "raft": base.raft.model_copy(update={"fsync": fsync}),
             "mqtt": base.mqtt.model_copy(update={"embedded_port": ports[-1]}),
-            "enclave": base.enclave.model_copy(update={"circuit": CIRCUIT}),
+            "enclave": base.enclave.model_copy(
+                update={"circuit": CIRCUIT, "peer_sockets": PEER_SOCKETS}
+            ),
         }
     )
 
@@ -736,10 +740,16 @@ def main() -> None:
         help="host <-> KM enclave circuit: switchless (default) or ocall (a modelled world "
         "switch per record the enclave sends)",
     )
+    parser.add_argument(
+        "--peer-sockets",
+        choices=["host", "enclave"],
+        default="host",
+        help="who holds the peer sockets: the host (default), or the KM enclave process",
+    )
     parser.add_argument("--json", action="store_true", help="also print results as JSON")
     args = parser.parse_args()
-    global CIRCUIT
-    CIRCUIT = args.circuit
+    global CIRCUIT, PEER_SOCKETS
+    CIRCUIT, PEER_SOCKETS = args.circuit, args.peer_sockets
     settings = Settings(
         latency_count=100 if args.quick else max(1, args.releases),
         concurrencies=[64] if args.quick else [max(1, c) for c in args.concurrency],

@@ -103,6 +103,7 @@ class Circuit:
         self._bell_in = bell_in
         self._bell_out = bell_out
         self._ring_pending = False
+        self._unrung = False
         writer = Writer(outbound, on_full=OnFull.WAIT, timeout=WRITE_TIMEOUT)
         self._writer: Writer | OcallWriter = OcallWriter.over(writer) if mode == "ocall" else writer
         self._on_request = on_request
@@ -142,13 +143,22 @@ class Circuit:
             raise CircuitClosed(f"{self.name}: {exc}") from None
         self.sent += 1
         if not self._ring_pending:
-            # One doorbell per loop turn, after the turn's records: the other side takes them
-            # all in one wake-up.
+            # The first record of a loop turn rings at once, so the other side starts on it
+            # while this turn goes on (a leader's append must not wait for its own fsync);
+            # records written after it in the same turn ring once more when the turn ends.
             self._ring_pending = True
-            asyncio.get_running_loop().call_soon(self._ring)
+            self._ring()
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        else:
+            self._unrung = True
+
+    def _end_turn(self) -> None:
+        self._ring_pending = False
+        if self._unrung:
+            self._unrung = False
+            self._ring()
 
     def _ring(self) -> None:
-        self._ring_pending = False
         try:
             os.write(self._bell_out, b"\x01")
         except BlockingIOError:

@@ -181,12 +181,17 @@ async def test_a_service_enclave_built_with_a_changed_keybox_gets_no_key(
     assert seen["outcome"].reason.startswith("UnknownMeasurement")
 
 
-async def _run_a_release_on_one_node(tmp_path: Path) -> tuple[ModulesReply, KMNode]:
+async def _run_a_release_on_one_node(
+    tmp_path: Path, peer_sockets: str = "host"
+) -> tuple[ModulesReply, KMNode]:
     """A one-node cluster through its real host: genesis, a key, a release to the node's
     service enclave; then the KM enclave process says which project modules it loaded."""
     cfg = ClusterConfig.default(1)
     spec = cfg.nodes[0].model_copy(update={"peer_port": free_port(), "api_port": free_port()})
-    cfg = cfg.model_copy(update={"state_dir": tmp_path / "state", "nodes": [spec]})
+    enclave = cfg.enclave.model_copy(update={"peer_sockets": peer_sockets})
+    cfg = cfg.model_copy(
+        update={"state_dir": tmp_path / "state", "nodes": [spec], "enclave": enclave}
+    )
     path = tmp_path / "cluster.yaml"
     path.write_text(config_to_yaml(cfg))
     node = KMNode(cfg, path, "km1")
@@ -206,11 +211,14 @@ async def _run_a_release_on_one_node(tmp_path: Path) -> tuple[ModulesReply, KMNo
 
 
 @pytest.mark.timeout(120)
-async def test_the_km_enclave_process_loads_exactly_the_measured_modules(tmp_path: Path) -> None:
+@pytest.mark.parametrize("peer_sockets", ["host", "enclave"])
+async def test_the_km_enclave_process_loads_exactly_the_measured_modules(
+    tmp_path: Path, peer_sockets: str
+) -> None:
     """The KM enclave runs in a process of its own; after a genesis, a join-free start, a key
     and a release, the project modules that process loaded are exactly the measured set, and
-    it is another process than the host's."""
-    modules, node = await _run_a_release_on_one_node(tmp_path)
+    it is another process than the host's (whoever holds the peer sockets)."""
+    modules, node = await _run_a_release_on_one_node(tmp_path, peer_sockets)
     assert modules.pid != os.getpid()
     assert set(modules.modules) == set(enclave_modules(EnclaveRole.KM))
     assert not node.km.running

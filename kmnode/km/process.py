@@ -29,7 +29,7 @@ from kmnode.imports import loaded_project_modules
 from kmnode.km.node import KMNode, NodeStartError
 from kmnode.km.operator import Operator
 from kmnode.km.service_link import ServiceLink
-from kmnode.km.vnet import VirtualNet
+from kmnode.km.vnet import AsyncioNet, Net, VirtualNet
 from kmnode.km_messages import (
     Ack,
     ModulesReply,
@@ -74,7 +74,8 @@ async def serve(
         for circuit in circuits:
             circuit.notify(notice)
 
-    net = VirtualNet()
+    virtual = VirtualNet() if config.enclave.peer_sockets == "host" else None
+    net: Net = virtual if virtual is not None else AsyncioNet()
     node = KMNode(config, name, service, notify, net)
     operator = Operator(node)
 
@@ -87,7 +88,7 @@ async def serve(
         return await operator.handle(request)
 
     def on_notice(notice: Notice) -> None:
-        if not net.on_notice(notice):
+        if virtual is None or not virtual.on_notice(notice):
             log.warning("ignored a %s from the host", type(notice).__name__)
 
     circuit_mode: CircuitMode = "ocall" if mode == "ocall" else "switchless"
@@ -102,7 +103,8 @@ async def serve(
         name=f"{name}-km",
     )
     circuits.append(circuit)
-    net.circuit = circuit
+    if virtual is not None:
+        virtual.circuit = circuit
     circuit.start()
     try:
         await node.start()
@@ -136,7 +138,8 @@ async def serve(
     if node.stop_requested.is_set():
         circuit.notify(Stopping(exit_code=node.exit_code, reason="the node stopped"))
     await node.stop()
-    await net.stop()
+    if virtual is not None:
+        await virtual.stop()
     with contextlib.suppress(Exception):
         await circuit.close()
     return node.exit_code
