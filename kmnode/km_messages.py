@@ -360,6 +360,3 @@ def decode(record: bytes) -> Message:
         return cls.model_validate(raw)
     except (ValidationError, RecursionError) as exc:
         raise CircuitError(f"bad {raw['op']!r} record: {str(exc)[:200]}") from None
-
-
-__all__ = [name for name in dir() if not name.startswith("_")]

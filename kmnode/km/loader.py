@@ -46,16 +46,22 @@ def _km_context(config: ClusterConfig, name: str) -> EnclaveContext:
     return platform.enclave(build_identity(EnclaveRole.KM))
 
 
-def load_log_auth(config: ClusterConfig, name: str) -> LogAuth:
-    """The authenticator of node ``name``'s Raft log, as its KM enclave derives it."""
-    return LogAuth(_km_context(config, name).seal_key(), name)
+def load_km(config: ClusterConfig, name: str) -> tuple[KMEnclave, LogAuth]:
+    """Node ``name``'s KM enclave and the authenticator of its Raft log, from one load of
+    its platform (what the KM enclave process starts with)."""
+    context = _km_context(config, name)
+    return _km_enclave(config, name, context), LogAuth(context.seal_key(), name)
 
 
 def load_km_enclave(config: ClusterConfig, name: str) -> KMEnclave:
+    return _km_enclave(config, name, _km_context(config, name))
+
+
+def _km_enclave(config: ClusterConfig, name: str, context: EnclaveContext) -> KMEnclave:
     store = HardwareStore(config.state_dir / "hardware")
     enclave = KMEnclave(
         name,
-        _km_context(config, name),
+        context,
         QuoteVerifier(store.vendor_public_key()),
         # Whom to talk to before the enclave belongs to a cluster (joining): the configured
         # nodes. From the first committed entry on, only the replicated membership counts.

@@ -38,7 +38,7 @@ from kmnode.km import ledger_signer
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
-from kmnode.km.loader import load_km_enclave, load_log_auth
+from kmnode.km.loader import load_km
 from kmnode.km.machine import KMStateMachine
 from kmnode.km.peer_transport import Address, AttestedTransport
 from kmnode.km.releases import EarlyAttestations, Releases
@@ -90,7 +90,8 @@ class KMNode:
         self.net = net
         self.spec = config.node(name)
         self.data_dir = config.state_dir / "nodes" / name
-        self.enclave: KMEnclave = load_km_enclave(config, name)
+        self.enclave: KMEnclave
+        self.enclave, self._log_auth = load_km(config, name)
         self.machine = KMStateMachine(self.enclave)
         self.machine.listeners.append(self._on_apply)
         self.service = service
@@ -162,7 +163,7 @@ class KMNode:
         raft_log = DurableLog.open(
             self.data_dir / RAFT_DIR,
             fsync=self.config.raft.fsync,
-            auth=load_log_auth(self.config, self.name),
+            auth=self._log_auth,
         )
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
