@@ -20,6 +20,10 @@ is idle, a batch of inbound messages runs a pass directly from the transport's c
 saves an event-loop turn per network hop on the commit path. A hard state that differs from
 the durable one only in its commit index is written without an fsync (etcd's ``MustSync``).
 
+On a deferred disk (``consensus.disk``: the KM enclave's files, which its host holds) step 2
+queues the writes and their fsync, in order, and the loop task awaits the disk's word that they
+are done (the host's "persisted up to") before step 3: the same rule, with the fsync elsewhere.
+
 Snapshots are taken in the background: the state machine's image is captured between two
 applies (``snapshot_capture``, when the state machine has it: cheap, consistent), serialised and
 written to its own file by a worker thread while the node keeps committing and applying, and
@@ -170,7 +174,16 @@ class RaftDriver:
         self._closed = False
         self._idle = False
         self._parked: tuple[Ready, bool] | None = None
-        self._persist_in_thread = log.fsync if persist_in_thread is None else persist_in_thread
+        self._persist_started = 0.0
+        #: A host's disk (``consensus.disk``): writes are queued, the loop awaits ``durable``.
+        self._deferred = log.disk.deferred
+        self._persist_in_thread = (
+            False
+            if self._deferred
+            else log.fsync
+            if persist_in_thread is None
+            else persist_in_thread
+        )
         self._on_append = on_append
         #: Moving average of the time a synced persist took; starts pessimistic (the thread),
         #: and persists in the thread keep measuring, so a disk that speeds up is noticed.
@@ -391,7 +404,10 @@ class RaftDriver:
                 if self._parked is not None:
                     rd, leading = self._parked
                     self._parked = None
-                    await loop.run_in_executor(self._executor, self._timed_persist, rd)
+                    if self._deferred:
+                        await self._durable()
+                    else:
+                        await loop.run_in_executor(self._executor, self._timed_persist, rd)
                     if not self._stopping:
                         self._finish(rd, leading)
                     continue
@@ -441,6 +457,13 @@ class RaftDriver:
             if rd.must_sync:
                 self.stats.fsync_batches += 1
                 self.stats.entries_persisted += len(rd.entries)
+                if self._deferred:
+                    # Queued in order behind everything before it; the loop task awaits the
+                    # disk's word that it is done (the host's fsync) before sending.
+                    self._persist_started = time.perf_counter()
+                    self.log.persist(rd)
+                    self._parked = (rd, leading)
+                    return
                 if self._executor is not None and not self._persist_inline():
                     self._parked = (rd, leading)
                     return
@@ -458,6 +481,12 @@ class RaftDriver:
         start = time.perf_counter()
         self.log.persist(rd)
         self.fsync_avg_s += (time.perf_counter() - start - self.fsync_avg_s) * 0.2
+
+    async def _durable(self) -> None:
+        """Wait for a deferred disk, folding the wait into ``fsync_avg_s``."""
+        await self.log.durable()
+        elapsed = time.perf_counter() - self._persist_started
+        self.fsync_avg_s += (elapsed - self.fsync_avg_s) * 0.2
 
     def _finish(self, rd: Ready, leading: bool) -> None:
         """Everything after a Ready is durable: send (unless sent already), apply, advance."""
@@ -574,6 +603,7 @@ class RaftDriver:
         loop = asyncio.get_running_loop()
         try:
             snap = await loop.run_in_executor(self._snapshot_executor, write)
+            await self.log.durable()  # a host's disk: the file is written before compaction
         except Exception as exc:
             self._crash(exc)
             return

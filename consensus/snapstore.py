@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgpack
 
-from consensus.fileio import atomic_write, fsync_dir
+from consensus.disk import Disk
 from consensus.recordauth import TAG_SIZE, RecordAuth
 from consensus.segments import StorageError
 from consensus.types import ConfState, Snapshot, SnapshotMeta
@@ -34,6 +34,7 @@ MAGIC_AUTH = b"KMSNAP02"
 _TAG_DOMAIN = b"kmsim snapshot file\0"
 _HEAD = struct.Struct("<IQ")
 _NAME = re.compile(r"^snap-(\d{20})-(\d{20})\.snap$")
+_TEMP = re.compile(r"^snap-.*\.snap\.tmp$")
 
 
 class CorruptSnapshotError(StorageError):
@@ -105,32 +106,28 @@ def decode_snapshot(path: Path, raw: bytes, auth: RecordAuth | None = None) -> S
 class SnapshotStore:
     """The snapshot files of one data directory; only the newest is kept once it is durable."""
 
-    def __init__(
-        self, directory: Path, *, fsync: bool = True, auth: RecordAuth | None = None
-    ) -> None:
-        self.directory = directory
+    def __init__(self, disk: Disk, *, fsync: bool = True, auth: RecordAuth | None = None) -> None:
+        self.disk = disk
         self.fsync = fsync
         self.auth = auth
 
-    def _files(self) -> list[tuple[int, Path]]:
-        found: list[tuple[int, Path]] = []
-        for path in self.directory.iterdir():
-            m = _NAME.match(path.name)
-            if m:
-                found.append((int(m.group(1)), path))
-        found.sort()
-        return found
+    def _files(self, listing: dict[str, int] | None = None) -> list[tuple[int, str]]:
+        names = self.disk.listing() if listing is None else listing
+        return sorted((int(m.group(1)), name) for name in names if (m := _NAME.match(name)))
 
-    def load_newest(self) -> Snapshot:
-        """Return the newest snapshot, or an empty one; leftover temp files are removed."""
-        for path in self.directory.glob("snap-*.snap.tmp"):
-            log.info("removing unfinished snapshot %s", path)
-            path.unlink()
-        files = self._files()
+    def load_newest(self, listing: dict[str, int] | None = None) -> Snapshot:
+        """Return the newest snapshot, or an empty one; leftover temp files are removed.
+        ``listing``: the directory's, if the caller has just taken it."""
+        names = self.disk.listing() if listing is None else listing
+        for name in names:
+            if _TEMP.match(name):
+                log.info("removing unfinished snapshot %s", self.disk.path / name)
+                self.disk.delete(name)
+        files = self._files(names)
         if not files:
             return Snapshot()
-        _, path = files[-1]
-        return decode_snapshot(path, path.read_bytes(), self.auth)
+        _, name = files[-1]
+        return decode_snapshot(self.disk.path / name, self.disk.read(name), self.auth)
 
     def save(self, snap: Snapshot) -> None:
         """Write ``snap`` atomically, then delete older snapshot files.
@@ -138,12 +135,12 @@ class SnapshotStore:
         Two saves may overlap (the driver writes its own snapshots in a thread while a snapshot
         from the leader may be installed), so an older file may already be gone.
         """
-        path = self.directory / snapshot_name(snap.meta)
-        atomic_write(path, encode_snapshot(snap, self.auth), fsync=self.fsync)
+        disk = self.disk
+        disk.replace(snapshot_name(snap.meta), encode_snapshot(snap, self.auth), sync=self.fsync)
         removed = False
         for index, old in self._files():
             if index < snap.meta.index:
-                old.unlink(missing_ok=True)
+                disk.delete(old)
                 removed = True
         if removed and self.fsync:
-            fsync_dir(self.directory)
+            disk.sync_dir()

@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from consensus.fileio import fsync_dir, write_all
+from consensus.disk import Disk, LocalDisk
 from consensus.recordauth import (
     TAG_SIZE,
     Chain,
@@ -89,11 +89,16 @@ def _hard_payload(hs: HardState) -> bytes:
 @dataclass(slots=True)
 class _Segment:
     seq: int
+    #: Where it is (for messages); the disk knows it by ``name``.
     path: Path
     size: int
     #: Highest entry index ever written to this segment (stale entries included), so a segment
     #: is deletable once the snapshot covers it.
     max_index: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
 
 class _Replay:
@@ -206,7 +211,7 @@ class DurableLog:
 
     def __init__(
         self,
-        directory: Path,
+        disk: Disk,
         *,
         fsync: bool,
         segment_bytes: int,
@@ -215,7 +220,9 @@ class DurableLog:
         chain: Chain | None = None,
         read_only: bool = False,
     ) -> None:
-        self.directory = directory
+        #: Where the files are; a deferred disk (a host's) is awaited with ``durable``.
+        self.disk = disk
+        self.directory = disk.path
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self._segments = segments
@@ -224,7 +231,7 @@ class DurableLog:
         #: An authenticated log opened without its key: readable, not writable.
         self.read_only = read_only
         self._snapshots = SnapshotStore(
-            directory, fsync=fsync, auth=chain.auth if chain is not None else None
+            disk, fsync=fsync, auth=chain.auth if chain is not None else None
         )
         self.initial_state = state
         self.hard_state = state.hard_state
@@ -232,7 +239,7 @@ class DurableLog:
         self.last_index = state.entries[-1].index if state.entries else self.snapshot_index
         self.fsyncs = 0
         self.bytes_written = 0
-        self._fd = -1
+        self._closed = False
         self._open_active()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -240,26 +247,28 @@ class DurableLog:
     @classmethod
     def open(
         cls,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Disk,
         *,
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         auth: RecordAuth | None = None,
     ) -> DurableLog:
-        """Open (creating if needed) the log in ``directory`` and replay it.
+        """Open (creating if needed) the log in ``directory`` (a path, or a ``Disk``: a deferred
+        one blocks this thread on each read, so open it off the event loop) and replay it.
 
         Raises ``CorruptLogError`` / ``CorruptSnapshotError`` rather than start on damaged data
         (with ``auth``: ``TamperedLogError`` for a record that fails authentication); a torn
         tail is truncated and logged at WARNING.
         """
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        snapshot = SnapshotStore(path, fsync=fsync, auth=auth).load_newest()
+        disk = LocalDisk(directory) if isinstance(directory, str | os.PathLike) else directory
+        path = disk.path
+        listing = disk.listing()
+        snapshot = SnapshotStore(disk, fsync=fsync, auth=auth).load_newest(listing)
         segments = sorted(
             (
-                _Segment(int(m.group(1)), p, p.stat().st_size, 0)
-                for p in path.iterdir()
-                if (m := _SEGMENT_NAME.match(p.name))
+                _Segment(int(m.group(1)), path / name, size, 0)
+                for name, size in listing.items()
+                if (m := _SEGMENT_NAME.match(name))
             ),
             key=lambda s: s.seq,
         )
@@ -267,7 +276,7 @@ class DurableLog:
         chain = Chain(auth) if auth is not None else None
         keyless_tagged = False
         for i, seg in enumerate(segments):
-            content = seg.path.read_bytes()  # one segment in memory at a time
+            content = disk.read(seg.name)  # one segment in memory at a time
             records, damage = read_records(content)
             if chain is not None:
                 records = _authenticated(seg, records, chain, first=i == 0)
@@ -277,7 +286,7 @@ class DurableLog:
             for offset, payload in records:
                 replay.apply(seg, offset, payload)
             if damage is not None:
-                cls._recover_tail(segments, content, i, damage, fsync)
+                cls._recover_tail(disk, segments, content, i, damage, fsync)
                 del segments[i + 1 :]
                 break
             del content, records
@@ -285,7 +294,7 @@ class DurableLog:
         if not segments:
             segments.append(_Segment(1, path / "wal-0000000000000001.log", 0, 0))
         return cls(
-            path,
+            disk,
             fsync=fsync,
             segment_bytes=segment_bytes,
             segments=segments,
@@ -296,14 +305,14 @@ class DurableLog:
 
     @staticmethod
     def _recover_tail(
-        segments: list[_Segment], content: bytes, i: int, damage: Damage, fsync: bool
+        disk: Disk, segments: list[_Segment], content: bytes, i: int, damage: Damage, fsync: bool
     ) -> None:
         """Truncate a torn tail, or raise ``CorruptLogError`` if an intact record follows."""
         seg = segments[i]
         after = find_intact_record(content, damage.offset + 1)
         if after is None:
             for later in segments[i + 1 :]:
-                if find_intact_record(later.path.read_bytes(), 0) is not None:
+                if find_intact_record(disk.read(later.name), 0) is not None:
                     after = 0
                     break
         if after is not None:
@@ -318,16 +327,15 @@ class DurableLog:
             damage.reason,
             dropped,
         )
-        with open(seg.path, "r+b") as f:
-            f.truncate(damage.offset)
-            if fsync:
-                os.fsync(f.fileno())
+        disk.truncate(seg.name, damage.offset)
+        if fsync:
+            disk.sync(seg.name)
         seg.size = damage.offset
         for later in segments[i + 1 :]:
             log.warning("removing segment %s after the torn tail (no intact records)", later.path)
-            later.path.unlink()
+            disk.delete(later.name)
         if fsync:
-            fsync_dir(seg.path.parent)
+            disk.sync_dir()
 
     def _open_active(self) -> None:
         active = self._segments[-1]
@@ -336,9 +344,7 @@ class DurableLog:
         # An empty active segment (new, or truncated to nothing) must start with the hard state:
         # older segments holding it may be deleted by compaction. In an authenticated log the
         # chain record comes first: it names the segment and carries the chain on.
-        created = not active.path.exists() or active.path.stat().st_size == 0
-        self._fd = os.open(active.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        if created:
+        if active.size == 0:
             records = []
             if self._chain is not None:
                 records.append(self._record(chain_payload(active.seq, self._chain.last)))
@@ -376,7 +382,7 @@ class DurableLog:
         """
         if self.read_only:
             raise StorageError("an authenticated log opened without its key is read-only")
-        if self._fd < 0:
+        if self._closed:
             raise StorageError("log is closed")
         records: list[bytes] = []
         active = self._segments[-1]
@@ -438,22 +444,25 @@ class DurableLog:
 
     def _write(self, records: list[bytes], seg: _Segment) -> None:
         data = b"".join(records)
-        write_all(self._fd, data)
+        self.disk.append(seg.name, data)
         seg.size += len(data)
         self.bytes_written += len(data)
 
     def _sync(self, *, directory: bool = False) -> None:
         if not self.fsync:
             return
-        os.fdatasync(self._fd)
+        self.disk.sync(self._segments[-1].name)
         self.fsyncs += 1
         if directory:
-            fsync_dir(self.directory)
+            self.disk.sync_dir()
+
+    async def durable(self) -> None:
+        """Return once everything written so far is done (at once on a local disk; a host's
+        disk is waited for: see ``consensus.disk``)."""
+        await self.disk.durable()
 
     def _rotate(self) -> None:
         """Start a new segment that begins with the current hard state."""
-        os.close(self._fd)
-        self._fd = -1
         seq = self._segments[-1].seq + 1
         self._segments.append(_Segment(seq, self.directory / f"wal-{seq:016d}.log", 0, 0))
         self._open_active()
@@ -463,10 +472,10 @@ class DurableLog:
         while len(self._segments) > 1 and self._segments[0].max_index <= self.snapshot_index:
             seg = self._segments.pop(0)
             log.info("compaction removes %s (entries up to %d)", seg.path, seg.max_index)
-            seg.path.unlink()
+            self.disk.delete(seg.name)
             removed = True
         if removed and self.fsync:
-            fsync_dir(self.directory)
+            self.disk.sync_dir()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -475,9 +484,9 @@ class DurableLog:
         return [s.path for s in self._segments]
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if not self._closed:
+            self._closed = True
+            self.disk.close()
 
     def __enter__(self) -> DurableLog:
         return self

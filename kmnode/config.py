@@ -126,6 +126,11 @@ class EnclaveSpec(_Strict):
     #: enclave process opens them itself, which saves two circuit crossings per Raft message
     #: (bench/RESULTS.md has the price of each).
     peer_sockets: Literal["host", "enclave"] = "host"
+    #: Who holds the node's files (Raft log, snapshots, sealed state). ``host`` (the default,
+    #: what a TEE must do): the enclave sends tagged records and sealed blobs over the circuit
+    #: and waits for the host's word that they are fsynced. ``enclave``: the KM enclave process
+    #: writes them itself (bench/RESULTS.md has the price of each).
+    storage: Literal["host", "enclave"] = "host"
 
 
 class MqttSpec(_Strict):

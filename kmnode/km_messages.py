@@ -300,6 +300,70 @@ class Closed(Notice):
     conn: int = Field(ge=1)
 
 
+# --- storage: the host holds the files, the enclave decides what they hold --------------------
+
+#: The node's two directories the enclave stores in: its Raft log and snapshots, and the node
+#: directory (sealed state, the join marker).
+DiskArea = Literal["raft", "node"]
+FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")]
+DiskOpKind = Literal["append", "truncate", "stage", "replace", "delete", "sync", "sync_dir"]
+#: Most bytes of a file in one record (a larger write or read crosses in pieces).
+MAX_DISK_CHUNK = 256 * 1024
+
+
+class DiskOp(Notice):
+    """Enclave to host: one file operation, done in order after every one before it.
+
+    ``stage`` collects a large file's leading pieces on the host; the ``replace`` that follows
+    writes them and its own ``data`` as the file. What crosses is what the files hold on disk:
+    records tagged by the enclave, sealed blobs; never a key.
+    """
+
+    op: Literal["disk.op"] = "disk.op"
+    area: DiskArea
+    kind: DiskOpKind
+    name: FileName
+    data: bytes = Field(default=b"", max_length=MAX_DISK_CHUNK)
+    #: ``truncate``: the new size.
+    size: int = Field(default=0, ge=0, le=2**62)
+    #: ``replace``: fsync the file before the rename and the directory after it.
+    sync: bool = False
+
+
+class DiskBarrier(Request):
+    """Enclave to host: ``Ack`` once every ``DiskOp`` sent before it is done (with its fsync),
+    ``Failure`` naming the first that failed."""
+
+    op: Literal["disk.barrier"] = "disk.barrier"
+
+
+class DiskList(Request):
+    op: Literal["disk.list"] = "disk.list"
+    area: DiskArea
+
+
+class DiskListing(Reply):
+    op: Literal["disk.listing"] = "disk.listing"
+    files: dict[FileName, Annotated[int, Field(ge=0)]]
+
+
+class DiskRead(Request):
+    """Enclave to host: up to ``length`` bytes of a file from ``offset``."""
+
+    op: Literal["disk.read"] = "disk.read"
+    area: DiskArea
+    name: FileName
+    offset: int = Field(ge=0, le=2**62)
+    length: int = Field(ge=1, le=MAX_DISK_CHUNK)
+
+
+class DiskData(Reply):
+    """Bytes read (fewer than asked at the end of the file)."""
+
+    op: Literal["disk.data"] = "disk.data"
+    data: bytes = Field(max_length=MAX_DISK_CHUNK)
+
+
 class Event(Notice):
     """An event for the node's MQTT events topic."""
 
@@ -335,6 +399,7 @@ _ALL: tuple[type[Message], ...] = (
         ModulesRequest, StopRequest, Prove, ServiceCrash,
         Event, Audit, Started, Stopping,
         Listen, Listening, Connect, Connected, Accepted, Data, Closed,
+        DiskOp, DiskBarrier, DiskList, DiskListing, DiskRead, DiskData,
 )  # fmt: skip
 _TYPES: dict[str, type[Message]] = {cls.model_fields["op"].default: cls for cls in _ALL}
 assert len(_TYPES) == len(_ALL), "every circuit message needs an op of its own"

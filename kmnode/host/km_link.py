@@ -20,11 +20,17 @@ from typing import TypeVar
 
 from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
 from kmnode.config import ClusterConfig
+from kmnode.datadir import RAFT_DIR
+from kmnode.host.disks import HostDisks
 from kmnode.host.service_output import remove_stale_rings
 from kmnode.host.sockets import PeerSockets
 from kmnode.km_messages import (
     Ack,
     Connect,
+    DiskBarrier,
+    DiskList,
+    DiskOp,
+    DiskRead,
     Failed,
     Listen,
     Notice,
@@ -72,6 +78,11 @@ class KMLink:
         self.stopped = asyncio.Event()
         #: The peer sockets the enclave's connections run on.
         self.sockets = PeerSockets(name, self._to_enclave)
+        #: The enclave's files, when the host holds them (``enclave.storage: host``).
+        self.disks: HostDisks | None = None
+        if config.enclave.storage == "host":
+            node_dir = config.state_dir / "nodes" / name
+            self.disks = HostDisks(node_dir, node_dir / RAFT_DIR)
         self.exit_code = 0
         self.stop_reason = ""
 
@@ -155,6 +166,10 @@ class KMLink:
     def _notice(self, notice: Notice) -> None:
         if self.sockets.on_notice(notice):
             return
+        if isinstance(notice, DiskOp):
+            if self.disks is not None:
+                self.disks.on_notice(notice)
+            return
         if isinstance(notice, Started):
             if self._started is not None and not self._started.done():
                 self._started.set_result(notice.mode)
@@ -166,7 +181,9 @@ class KMLink:
         self.on_notice(notice)
 
     async def _on_request(self, request: Request) -> Reply:
-        """What the enclave asks of the host: the I/O of its peer connections."""
+        """What the enclave asks of the host: the I/O of its peer connections and files."""
+        if isinstance(request, DiskBarrier | DiskList | DiskRead) and self.disks is not None:
+            return await self.disks.serve(request)
         if isinstance(request, Listen):
             return await self.sockets.listen(request)
         if isinstance(request, Connect):
@@ -197,6 +214,8 @@ class KMLink:
                 proc.kill()
                 await proc.wait()
         await self.sockets.stop()
+        if self.disks is not None:
+            await self.disks.close()
         if self.circuit is not None:
             await self.circuit.close()
         if proc is not None and proc.stdin is not None:

@@ -25,15 +25,15 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
+from consensus.disk import Disk
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
 from consensus.types import NotLeader, RaftError
 from kmnode.config import ClusterConfig
-from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
+from kmnode.datadir import JOIN_MARKER, SEALED_STATE
 from kmnode.km import ledger_signer
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
@@ -54,22 +54,6 @@ class NodeStartError(Exception):
     """The node cannot start; the message says why and what to do."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_suffix(".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class KMNode:
     """One node's trusted half: lifecycle, the apply hook, and the views operator requests
     use. The protocols live in modules of their own: joining (``join``), releases
@@ -83,6 +67,7 @@ class KMNode:
         service: ServiceLink,
         notify: Callable[[Notice], None],
         net: Net,
+        disks: tuple[Disk, Disk],
     ) -> None:
         self.config = config
         self.name = name
@@ -90,6 +75,9 @@ class KMNode:
         self.net = net
         self.spec = config.node(name)
         self.data_dir = config.state_dir / "nodes" / name
+        #: The node directory (sealed state, join marker) and the Raft directory; the host's
+        #: (``kmnode.km.host_disk``) unless ``enclave.storage: enclave``.
+        self.node_disk, self.raft_disk = disks
         self.enclave: KMEnclave
         self.enclave, self._log_auth = load_km(config, name)
         self.machine = KMStateMachine(self.enclave)
@@ -156,20 +144,20 @@ class KMNode:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sealed_path = self.data_dir / SEALED_STATE
         # Every record and snapshot carries a tag under a key only this enclave derives: a log
-        # the host changed, reordered, or took from another node is refused at start.
-        raft_log = DurableLog.open(
-            self.data_dir / RAFT_DIR,
-            fsync=self.config.raft.fsync,
-            auth=self._log_auth,
+        # the host changed, reordered, or took from another node is refused at start. Opened in
+        # a worker thread: a host's disk answers reads over this loop's circuit.
+        raft_log = await asyncio.to_thread(
+            DurableLog.open, self.raft_disk, fsync=self.config.raft.fsync, auth=self._log_auth
         )
+        await raft_log.durable()  # a torn tail it cut off, a first segment it began
+        node_files = await asyncio.to_thread(self.node_disk.listing)
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
         mode: Literal["genesis", "join", "resume"]
-        if sealed_path.exists():
-            self.enclave.restore_sealed_state(sealed_path.read_bytes())
+        if SEALED_STATE in node_files:
+            sealed = await asyncio.to_thread(self.node_disk.read, SEALED_STATE)
+            self.enclave.restore_sealed_state(sealed)
             mode = "resume"
         elif has_log:
             raft_log.close()
@@ -178,7 +166,7 @@ class KMNode:
                 "state was lost; remove the node (kmctl members remove) and delete the directory "
                 "to join it afresh"
             )
-        elif self.name == self.config.nodes[0].name and not self._replaced():
+        elif self.name == self.config.nodes[0].name and JOIN_MARKER not in node_files:
             self.enclave.genesis()
             self.store_sealed_state()
             mode = "genesis"
@@ -217,9 +205,6 @@ class KMNode:
         await service_started
         self.mode = mode
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
-
-    def _replaced(self) -> bool:
-        return (self.data_dir / JOIN_MARKER).exists()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -262,7 +247,9 @@ class KMNode:
             self.store_sealed_state()
 
     def store_sealed_state(self) -> None:
-        _write_atomic(self.data_dir / SEALED_STATE, self.enclave.sealed_state())
+        """Replace the sealed blob; on a host's disk it is durable by the next Raft write's
+        barrier (one queue serves both directories), so before anything it enabled is."""
+        self.node_disk.replace(SEALED_STATE, self.enclave.sealed_state(), sync=True)
 
     def release_done(self, release_id: str) -> bool:
         return self.releases.done(release_id)

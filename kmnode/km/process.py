@@ -22,10 +22,13 @@ import sys
 from pathlib import Path
 
 from attest.errors import SealingError
+from consensus.disk import Disk, DiskError, LocalDisk
 from consensus.storage import CorruptLogError, StorageError
 from kmnode.circuit import Circuit, CircuitMode
 from kmnode.config import load_config
+from kmnode.datadir import RAFT_DIR
 from kmnode.imports import loaded_project_modules
+from kmnode.km.host_disk import HostDisk
 from kmnode.km.node import KMNode, NodeStartError
 from kmnode.km.operator import Operator
 from kmnode.km.service_link import ServiceLink
@@ -76,8 +79,6 @@ async def serve(
 
     virtual = VirtualNet() if config.enclave.peer_sockets == "host" else None
     net: Net = virtual if virtual is not None else AsyncioNet()
-    node = KMNode(config, name, service, notify, net)
-    operator = Operator(node)
 
     async def on_request(request: Request) -> Reply:
         if isinstance(request, StopRequest):
@@ -103,12 +104,24 @@ async def serve(
         name=f"{name}-km",
     )
     circuits.append(circuit)
+    raft_dir = data_dir / RAFT_DIR
+    disks: tuple[Disk, Disk]
+    if config.enclave.storage == "host":
+        loop = asyncio.get_running_loop()
+        disks = (
+            HostDisk(circuit, "node", data_dir, loop),
+            HostDisk(circuit, "raft", raft_dir, loop),
+        )
+    else:
+        disks = (LocalDisk(data_dir), LocalDisk(raft_dir))
+    node = KMNode(config, name, service, notify, net, disks)
+    operator = Operator(node)
     if virtual is not None:
         virtual.circuit = circuit
     circuit.start()
     try:
         await node.start()
-    except (NodeStartError, StorageError, SealingError) as exc:
+    except (NodeStartError, StorageError, SealingError, DiskError) as exc:
         log.error("%s: cannot start: %s", name, exc)
         if isinstance(exc, CorruptLogError | SealingError):
             log.error(

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consensus.disk import LocalDisk
 from consensus.recordauth import TAG_SIZE
 from consensus.segments import encode_record, read_records
 from consensus.snapstore import CorruptSnapshotError, SnapshotStore
@@ -134,22 +135,22 @@ def snapshot(index: int = 5) -> Snapshot:
 
 
 def test_snapshots_are_authenticated(tmp_path: Path) -> None:
-    SnapshotStore(tmp_path, fsync=False, auth=MINE).save(snapshot())
-    assert SnapshotStore(tmp_path, fsync=False, auth=MINE).load_newest().data == b"state"
-    assert SnapshotStore(tmp_path, fsync=False).load_newest().data == b"state"  # offline
+    SnapshotStore(LocalDisk(tmp_path), fsync=False, auth=MINE).save(snapshot())
+    assert SnapshotStore(LocalDisk(tmp_path), fsync=False, auth=MINE).load_newest().data == b"state"
+    assert SnapshotStore(LocalDisk(tmp_path), fsync=False).load_newest().data == b"state"  # offline
     with pytest.raises(CorruptSnapshotError, match="tag does not verify"):
-        SnapshotStore(tmp_path, fsync=False, auth=THEIRS).load_newest()
+        SnapshotStore(LocalDisk(tmp_path), fsync=False, auth=THEIRS).load_newest()
     # A snapshot of the host's own making (the plain format, or the tagged one with a guess).
     fabricated = tmp_path / "fake"
     fabricated.mkdir()
-    SnapshotStore(fabricated, fsync=False).save(snapshot(9))
+    SnapshotStore(LocalDisk(fabricated), fsync=False).save(snapshot(9))
     with pytest.raises(CorruptSnapshotError, match="not authenticated"):
-        SnapshotStore(fabricated, fsync=False, auth=MINE).load_newest()
+        SnapshotStore(LocalDisk(fabricated), fsync=False, auth=MINE).load_newest()
     path = next(tmp_path.glob("snap-*.snap"))
     raw = path.read_bytes()
     path.write_bytes(raw[:-TAG_SIZE] + bytes(TAG_SIZE))
     with pytest.raises(CorruptSnapshotError, match="tag does not verify"):
-        SnapshotStore(tmp_path, fsync=False, auth=MINE).load_newest()
+        SnapshotStore(LocalDisk(tmp_path), fsync=False, auth=MINE).load_newest()
 
 
 @settings(

@@ -355,6 +355,35 @@ def test_the_host_holds_the_sockets_and_the_enclave_none(cluster: LocalCluster) 
         assert _tcp_sockets(cluster.procs[name].pid) >= 3  # API, peer port, peer links
 
 
+def _open_files_under(pid: int, root: Path) -> set[str]:
+    """The files under ``root`` that process ``pid`` holds open."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(root) + "/"):
+            held.add(target)
+    return held
+
+
+def test_the_host_holds_the_files_and_the_enclave_none(cluster: LocalCluster) -> None:
+    """The KM enclave process stores through its host: while keys commit it has no file of the
+    node's directory open, and the host holds the Raft segment it appends to. What the host
+    writes is what the enclave tagged: the log opens with the enclave's key."""
+    code, reply = cluster.leader_call("POST", "/v1/keys", {"name": "stored-by-host"})
+    assert code == 201, reply
+    for name in cluster.names:
+        node_dir = cluster.config.state_dir / "nodes" / name
+        status = cluster.status(name)
+        assert status is not None
+        km = status["km_enclave"]["pid"]
+        assert _open_files_under(km, node_dir) == set()
+        host_files = _open_files_under(cluster.procs[name].pid, node_dir)
+        assert any(Path(f).parent.name == "raft" and f.endswith(".log") for f in host_files)
+
+
 def test_no_key_material_in_the_memory_of_any_host_process(cluster: LocalCluster) -> None:
     """While the cluster serves releases, search each node's three processes' memory: the
     host holds no master secret and no released key; the KM enclave process does hold the
