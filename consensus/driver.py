@@ -57,6 +57,7 @@ from consensus.deadlines import Deadlines
 from consensus.raft import RaftConfig, RaftCore, Status
 from consensus.statemachine import StateMachine
 from consensus.storage import DurableLog
+from consensus.ticker import Ticker
 from consensus.transport import Transport
 from consensus.types import (
     ConfChange,
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 #: which keeps fail-over under half a second while heartbeats (every tick) still leave a wide
 #: margin over loopback latency and fsync stalls.
 DEFAULT_TICK_INTERVAL = 0.025
+#: Most ticks from ``tick`` that wait for one pass of the core (see ``tick``).
+MAX_FED_TICKS = 2
 #: Persist inline while the recent fsync time (a moving average) is below this; a thread above.
 #: 0.1-0.2 ms is a good SSD or a VM's virtual disk on a good day, where the thread hand-off costs
 #: as much again; 1-4 ms (the same VM's disk on a bad day) would stall the loop for that long.
@@ -130,6 +133,7 @@ class RaftDriver:
         max_inbox: int = 100_000,
         persist_in_thread: bool | None = None,
         on_append: Callable[[tuple[Entry, ...]], None] | None = None,
+        fed_ticks: bool = False,
     ) -> None:
         state = log.initial_state
         snap = state.snapshot
@@ -168,7 +172,7 @@ class RaftDriver:
         self._deadlines = Deadlines()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
+        self._ticker = Ticker(tick_interval, self._on_tick)
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._closed = False
@@ -185,6 +189,8 @@ class RaftDriver:
             else persist_in_thread
         )
         self._on_append = on_append
+        #: Ticks come from ``tick`` (a host's timer: an enclave has no clock of its own).
+        self.fed_ticks = fed_ticks
         #: Moving average of the time a synced persist took; starts pessimistic (the thread),
         #: and persists in the thread keep measuring, so a disk that speeds up is noticed.
         self.fsync_avg_s = 0.01
@@ -193,13 +199,12 @@ class RaftDriver:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         if self._persist_in_thread:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"raft-log-{self.id}")
         await self.transport.start(self._on_messages)
-        self._next_tick = loop.time() + self.tick_interval
-        self._tick_handle = loop.call_at(self._next_tick, self._on_tick)
+        if not self.fed_ticks:
+            self._ticker.start()
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.id}")
 
     async def stop(self) -> None:
@@ -211,8 +216,7 @@ class RaftDriver:
             return
         self._closed = True
         self._stopping = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+        self._ticker.stop()
         if self._wake is not None:
             self._wake.set()
         if self._task is not None:
@@ -334,15 +338,18 @@ class RaftDriver:
         self._inbox.extend(msgs)
         self._poke()
 
+    def tick(self) -> None:
+        """One tick from outside (``fed_ticks``). Ticks that pile up while nothing consumed
+        them (this loop or the one feeding it stalled) count as at most ``MAX_FED_TICKS``: a
+        stall must not look like an election timeout, as with the driver's own clock."""
+        if self._stopping:
+            return
+        self._ticks = min(self._ticks + 1, MAX_FED_TICKS)
+        self._kick()
+
     def _on_tick(self) -> None:
         self._ticks += 1
         self._kick()
-        loop = asyncio.get_running_loop()
-        self._next_tick += self.tick_interval
-        now = loop.time()
-        if self._next_tick < now:  # the loop was stalled: do not replay a burst of ticks
-            self._next_tick = now + self.tick_interval
-        self._tick_handle = loop.call_at(self._next_tick, self._on_tick)
 
     def _feed(self) -> None:
         """Hand every queued input to the core."""
@@ -385,8 +392,7 @@ class RaftDriver:
         # owner restart the node (the log is replayed from what is durable).
         log.error("%s: raft loop failed; the driver stops", self.id, exc_info=exc)
         self._stopping = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+        self._ticker.stop()
         self._fail_all(DriverStopped(f"raft driver {self.id} failed: {exc!r}"))
 
     async def _loop(self) -> None:

@@ -379,6 +379,17 @@ class Audit(Notice):
     record: dict[str, JsonValue]
 
 
+class Tick(Notice):
+    """Host to enclave: one Raft tick (``raft.tick_ms``) of the host's timer.
+
+    An enclave has no trusted clock; time is the host's to give. A host that withholds ticks or
+    floods them sways only liveness (elections, heartbeats), never what commits: pre-vote and
+    check-quorum keep one node's hurried clock from unseating a healthy leader elsewhere.
+    """
+
+    op: Literal["tick"] = "tick"
+
+
 class Started(Notice):
     op: Literal["started"] = "started"
     mode: Literal["genesis", "join", "resume"]
@@ -397,7 +408,7 @@ _ALL: tuple[type[Message], ...] = (
         StatusRequest, ReadRequest, AttestRequest, CreateKey, RotateKey, ReleaseKey,
         PolicyChange, RevokePlatform, RemoveMember, LinkRulesRequest, UpdateLinkRule, HealLinks,
         ModulesRequest, StopRequest, Prove, ServiceCrash,
-        Event, Audit, Started, Stopping,
+        Event, Audit, Started, Stopping, Tick,
         Listen, Listening, Connect, Connected, Accepted, Data, Closed,
         DiskOp, DiskBarrier, DiskList, DiskListing, DiskRead, DiskData,
 )  # fmt: skip

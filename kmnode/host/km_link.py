@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from consensus.ticker import Ticker
 from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
 from kmnode.config import ClusterConfig
 from kmnode.datadir import RAFT_DIR
@@ -39,6 +40,7 @@ from kmnode.km_messages import (
     Started,
     Stopping,
     StopRequest,
+    Tick,
 )
 from kmnode.ring import Ring
 
@@ -74,6 +76,7 @@ class KMLink:
         self.mode = ""
         self._started: asyncio.Future[str] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._ticker: Ticker | None = None
         #: Set when the enclave stops on its own (refused its state, lost the cluster).
         self.stopped = asyncio.Event()
         #: The peer sockets the enclave's connections run on.
@@ -115,6 +118,9 @@ class KMLink:
             name=f"{self.name}-host",
         )
         self.circuit.start()
+        # Raft's clock: the enclave has none of its own (``Tick``).
+        self._ticker = Ticker(self.config.raft.tick_ms / 1000, self._tick)
+        self._ticker.start()
         # Its log lines go where the host's go (the node's log): one story per node.
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -190,6 +196,10 @@ class KMLink:
             return await self.sockets.connect(request)
         raise Failed.of("bad_request", f"the host does not serve {type(request).__name__}")
 
+    def _tick(self) -> None:
+        if self.circuit is not None and not self.circuit.closed.is_set():
+            self.circuit.notify(Tick())
+
     def _to_enclave(self, notice: Notice) -> None:
         if self.circuit is not None:
             self.circuit.notify(notice)
@@ -203,6 +213,8 @@ class KMLink:
         return await self.circuit.call(request, reply_type, timeout)
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
         proc = self._proc
         if proc is not None and proc.returncode is None and self.circuit is not None:
             with contextlib.suppress(Failed, CircuitClosed, TimeoutError):

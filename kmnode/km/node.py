@@ -185,6 +185,7 @@ class KMNode:
             self.machine,
             tick_interval=raft.tick_ms / 1000,
             on_append=self.releases.on_append,
+            fed_ticks=True,
         )
         if self.enclave.binding_error:  # the snapshot just restored names another cluster
             raft_log.close()
@@ -221,6 +222,11 @@ class KMNode:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def tick(self) -> None:
+        """A tick of the host's timer (``Tick``): Raft's only sense of time here."""
+        if self.driver is not None:
+            self.driver.tick()
 
     # --- applying -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from kmnode.km_messages import (
     Started,
     Stopping,
     StopRequest,
+    Tick,
 )
 from kmnode.ring import Ring
 
@@ -89,6 +90,9 @@ async def serve(
         return await operator.handle(request)
 
     def on_notice(notice: Notice) -> None:
+        if isinstance(notice, Tick):
+            node.tick()
+            return
         if virtual is None or not virtual.on_notice(notice):
             log.warning("ignored a %s from the host", type(notice).__name__)
 
