@@ -170,6 +170,8 @@ def free_ports(count: int) -> list[int]:
 CIRCUIT = "switchless"
 #: Who holds the peer sockets (``--peer-sockets``; cluster.yaml ``enclave.peer_sockets``).
 PEER_SOCKETS = "host"
+#: Who holds the node's files (``--storage``; cluster.yaml ``enclave.storage``).
+STORAGE = "host"
 
 
 def make_config(state_dir: Path, nodes: int, fsync: bool) -> ClusterConfig:
@@ -187,7 +189,7 @@ def make_config(state_dir: Path, nodes: int, fsync: bool) -> ClusterConfig:
             "raft": base.raft.model_copy(update={"fsync": fsync}),
             "mqtt": base.mqtt.model_copy(update={"embedded_port": ports[-1]}),
             "enclave": base.enclave.model_copy(
-                update={"circuit": CIRCUIT, "peer_sockets": PEER_SOCKETS}
+                update={"circuit": CIRCUIT, "peer_sockets": PEER_SOCKETS, "storage": STORAGE}
             ),
         }
     )
@@ -746,10 +748,17 @@ def main() -> None:
         default="host",
         help="who holds the peer sockets: the host (default), or the KM enclave process",
     )
+    parser.add_argument(
+        "--storage",
+        choices=["host", "enclave"],
+        default="host",
+        help="who writes the Raft log and sealed state: the host (default), or the KM enclave "
+        "process",
+    )
     parser.add_argument("--json", action="store_true", help="also print results as JSON")
     args = parser.parse_args()
-    global CIRCUIT, PEER_SOCKETS
-    CIRCUIT, PEER_SOCKETS = args.circuit, args.peer_sockets
+    global CIRCUIT, PEER_SOCKETS, STORAGE
+    CIRCUIT, PEER_SOCKETS, STORAGE = args.circuit, args.peer_sockets, args.storage
     settings = Settings(
         latency_count=100 if args.quick else max(1, args.releases),
         concurrencies=[64] if args.quick else [max(1, c) for c in args.concurrency],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Protocol
 
@@ -72,8 +73,9 @@ class Disk(Protocol):
         """Make creations, renames and deletions in the directory durable."""
         ...
 
-    async def durable(self) -> None:
-        """Return once every operation made so far has been done."""
+    def durable(self) -> Awaitable[None]:
+        """What to await for every operation made so far to be done. A deferred disk asks
+        for that in this call (not when awaited), so the question leaves with the writes."""
         ...
 
     def close(self) -> None: ...

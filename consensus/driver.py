@@ -49,7 +49,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -134,6 +134,7 @@ class RaftDriver:
         persist_in_thread: bool | None = None,
         on_append: Callable[[tuple[Entry, ...]], None] | None = None,
         fed_ticks: bool = False,
+        ordered_io: bool = False,
     ) -> None:
         state = log.initial_state
         snap = state.snapshot
@@ -179,6 +180,7 @@ class RaftDriver:
         self._idle = False
         self._parked: tuple[Ready, bool] | None = None
         self._persist_started = 0.0
+        self._durable_wait: Awaitable[None] | None = None
         #: A host's disk (``consensus.disk``): writes are queued, the loop awaits ``durable``.
         self._deferred = log.disk.deferred
         self._persist_in_thread = (
@@ -191,6 +193,10 @@ class RaftDriver:
         self._on_append = on_append
         #: Ticks come from ``tick`` (a host's timer: an enclave has no clock of its own).
         self.fed_ticks = fed_ticks
+        #: The deferred disk and the transport share one ordered channel to an I/O host that
+        #: does each write before any send queued after it (a KM enclave's host holding both
+        #: its files and its sockets): a Ready's messages may leave right behind its writes.
+        self._ordered_io = ordered_io and self._deferred
         #: Moving average of the time a synced persist took; starts pessimistic (the thread),
         #: and persists in the thread keep measuring, so a disk that speeds up is noticed.
         self.fsync_avg_s = 0.01
@@ -468,6 +474,12 @@ class RaftDriver:
                     # disk's word that it is done (the host's fsync) before sending.
                     self._persist_started = time.perf_counter()
                     self.log.persist(rd)
+                    self._durable_wait = self.log.durable()  # asked now, with the writes
+                    if self._ordered_io and not leading:
+                        # The host sends them once the writes before them are done: a
+                        # follower acknowledges without a round trip for the barrier's answer.
+                        self._send(rd)
+                        leading = True
                     self._parked = (rd, leading)
                     return
                 if self._executor is not None and not self._persist_inline():
@@ -490,7 +502,9 @@ class RaftDriver:
 
     async def _durable(self) -> None:
         """Wait for a deferred disk, folding the wait into ``fsync_avg_s``."""
-        await self.log.durable()
+        wait, self._durable_wait = self._durable_wait, None
+        assert wait is not None
+        await wait
         elapsed = time.perf_counter() - self._persist_started
         self.fsync_avg_s += (elapsed - self.fsync_avg_s) * 0.2
 

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -456,10 +457,10 @@ class DurableLog:
         if directory:
             self.disk.sync_dir()
 
-    async def durable(self) -> None:
-        """Return once everything written so far is done (at once on a local disk; a host's
-        disk is waited for: see ``consensus.disk``)."""
-        await self.disk.durable()
+    def durable(self) -> Awaitable[None]:
+        """What to await for everything written so far to be done (at once on a local disk;
+        a host's disk is asked now and waited for: see ``consensus.disk``)."""
+        return self.disk.durable()
 
     def _rotate(self) -> None:
         """Start a new segment that begins with the current hard state."""

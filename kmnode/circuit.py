@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Literal, TypeVar
 
 from kmnode.km_messages import (
@@ -171,22 +172,30 @@ class Circuit:
         with contextlib.suppress(CircuitClosed):
             self._send(notice)
 
-    async def call(self, request: Request, reply_type: type[R], timeout: float = 30.0) -> R:
-        """Send ``request`` and wait for its reply. Raises ``Failed`` with the other side's
-        ``Failure``, ``CircuitClosed`` if it goes away, ``TimeoutError`` after ``timeout``."""
+    def request(self, request: Request, timeout: float = 30.0) -> asyncio.Future[Reply]:
+        """Send ``request`` now (not when awaited: it leaves in this loop turn) and return the
+        future of its reply, which may be a ``Failure``; it fails with ``CircuitClosed`` if the
+        other side goes away and ``TimeoutError`` after ``timeout``. Raises ``CircuitClosed``
+        at once if the circuit is closed already."""
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        self._pending[request_id] = future
+        self._send(request.model_copy(update={"id": request_id}))
         # A timer handle, not asyncio.wait_for: that wraps every call in a task of its own,
         # which cost more than the crossing itself.
         timer = loop.call_later(timeout, _expire, future, request)
-        try:
-            self._send(request.model_copy(update={"id": request_id}))
-            reply = await future
-        finally:
-            timer.cancel()
-            self._pending.pop(request_id, None)
+        self._pending[request_id] = future
+        future.add_done_callback(partial(self._settled, request_id, timer))
+        return future
+
+    def _settled(self, request_id: int, timer: asyncio.TimerHandle, _: object) -> None:
+        timer.cancel()
+        self._pending.pop(request_id, None)
+
+    async def call(self, request: Request, reply_type: type[R], timeout: float = 30.0) -> R:
+        """Send ``request`` and wait for its reply. Raises ``Failed`` with the other side's
+        ``Failure``, ``CircuitClosed`` if it goes away, ``TimeoutError`` after ``timeout``."""
+        reply = await self.request(request, timeout)
         if isinstance(reply, Failure):
             raise Failed(reply)
         if not isinstance(reply, reply_type):

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,7 +28,9 @@ from kmnode.host.service_output import remove_stale_rings
 from kmnode.host.sockets import PeerSockets
 from kmnode.km_messages import (
     Ack,
+    Closed,
     Connect,
+    Data,
     DiskBarrier,
     DiskList,
     DiskOp,
@@ -175,6 +178,10 @@ class KMLink:
         if isinstance(notice, DiskOp):
             if self.disks is not None:
                 self.disks.on_notice(notice)
+            return
+        if self.disks is not None and self.disks.busy and isinstance(notice, Data | Closed):
+            # The enclave sent it after a write it depends on: it leaves after that write.
+            self.disks.after_writes(partial(self.sockets.on_notice, notice))
             return
         if isinstance(notice, Started):
             if self._started is not None and not self._started.done():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,7 +26,6 @@ from consensus.disk import DiskError, check_name
 from kmnode.circuit import Circuit, CircuitClosed
 from kmnode.km_messages import (
     MAX_DISK_CHUNK,
-    Ack,
     DiskArea,
     DiskBarrier,
     DiskData,
@@ -35,6 +35,7 @@ from kmnode.km_messages import (
     DiskOpKind,
     DiskRead,
     Failed,
+    Failure,
     Reply,
 )
 
@@ -99,13 +100,17 @@ class HostDisk:
     def sync_dir(self) -> None:
         self._op("sync_dir", "dir")  # the name is unused
 
-    async def durable(self) -> None:
+    def durable(self) -> asyncio.Future[None]:
+        """The barrier leaves now, in the loop turn of the writes it follows (one doorbell for
+        both); the future is settled from the host's answer."""
+        done: asyncio.Future[None] = self._loop.create_future()
         try:
-            await self._circuit.call(DiskBarrier(), Ack, DISK_TIMEOUT)
-        except Failed as exc:
-            raise DiskError(f"the host could not store the enclave's files: {exc}") from None
-        except (CircuitClosed, TimeoutError) as exc:
-            raise DiskError(f"the host did not confirm a write: {exc!r}") from None
+            reply = self._circuit.request(DiskBarrier(), DISK_TIMEOUT)
+        except CircuitClosed as exc:
+            done.set_exception(DiskError(f"the host did not confirm a write: {exc!r}"))
+            return done
+        reply.add_done_callback(partial(_settle, done))
+        return done
 
     # --- reads: block this (worker) thread ---------------------------------------------------
 
@@ -140,3 +145,20 @@ class HostDisk:
 
     def close(self) -> None:
         return None
+
+
+def _settle(done: asyncio.Future[None], reply: asyncio.Future[Reply]) -> None:
+    if done.done():
+        return
+    if reply.cancelled():
+        done.cancel()
+        return
+    exc = reply.exception()
+    if exc is not None:
+        done.set_exception(DiskError(f"the host did not confirm a write: {exc!r}"))
+    elif isinstance(answer := reply.result(), Failure):
+        done.set_exception(
+            DiskError(f"the host could not store the enclave's files: {Failed(answer)}")
+        )
+    else:
+        done.set_result(None)

@@ -186,6 +186,9 @@ class KMNode:
             tick_interval=raft.tick_ms / 1000,
             on_append=self.releases.on_append,
             fed_ticks=True,
+            # The host holds both files and sockets and does them in the order asked.
+            ordered_io=self.config.enclave.storage == "host"
+            and self.config.enclave.peer_sockets == "host",
         )
         if self.enclave.binding_error:  # the snapshot just restored names another cluster
             raft_log.close()

@@ -323,3 +323,48 @@ class Failing(HostDisks):
             self._failed = f"{op.kind} {op.area}/{op.name}: [Errno 5] Input/output error"
             return
         super()._apply(op)
+
+
+class Slow(HostDisks):
+    """A host whose writes take their time in the thread, recording when each is done."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, root / "raft")
+        self.events: list[str] = []
+
+    def _apply(self, op: DiskOp) -> None:
+        if op.kind == "sync":
+            import time
+
+            time.sleep(0.05)  # a slow fsync, in the worker thread
+        super()._apply(op)
+        self.events.append(f"{op.kind} {op.name}")
+
+
+async def test_a_send_queued_after_a_slow_write_leaves_only_once_it_is_done(
+    tmp_path: Path,
+) -> None:
+    """A follower's acknowledgement leaves right behind its write, so the host must not send it
+    before that write is done: with the disk slow (the thread), it waits; with it fast, the
+    write is done on the spot and the send follows at once."""
+    disks = Slow(tmp_path)
+    try:
+        assert disks.fsync_avg_s >= 0.002  # starts pessimistic: operations go to the thread
+        disks.on_notice(DiskOp(area="raft", kind="append", name="wal", data=b"entry"))
+        disks.on_notice(DiskOp(area="raft", kind="sync", name="wal"))
+        disks.after_writes(lambda: disks.events.append("send ack"))
+        disks.after_writes(lambda: disks.events.append("send next"))
+        assert disks.events == []  # nothing sent while the write is in the thread
+        for _ in range(200):
+            if len(disks.events) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert disks.events == ["append wal", "sync wal", "send ack", "send next"]
+        assert (tmp_path / "raft" / "wal").read_bytes() == b"entry"
+        disks.fsync_avg_s = 0.0001  # a fast disk: done on the loop, in order, at once
+        disks.events.clear()
+        disks.on_notice(DiskOp(area="raft", kind="append", name="wal", data=b"more"))
+        disks.after_writes(lambda: disks.events.append("send ack"))
+        assert disks.events == ["append wal", "send ack"]
+    finally:
+        await disks.close()
