@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from attest.errors import AttestationError
 from consensus.types import ConfChange, ConfChangeType, RaftError
+from kmnode.km.commands import MemberAdd, MemberRecord
 from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
 from kmnode.km.peer_transport import Address
 from kmnode.km.peer_wire import (
@@ -28,7 +29,6 @@ from kmnode.km.peer_wire import (
     expect,
     initiate,
 )
-from kmnode.km.state import encode_command
 from kmnode.km.vnet import StreamWriter
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class Joining:
         peer_name, platform_id = request.name, request.platform_id
         existing = node.enclave.state.members.get(peer_name)
         if existing is None:
-            result = await node.propose(encode_command("member.add", member=request.record()))
+            result = await node.propose(MemberAdd(member=MemberRecord(**request.record())).encode())
             if not result.get("ok"):
                 return JoinReply("refused", reason=str(result.get("error", "refused")))
         elif existing.platform_id != platform_id:

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from consensus.types import RaftError
-from kmnode.km.state import encode_command
+from kmnode.km.commands import ClusterInit, LedgerSign, MemberRecord
 
 if TYPE_CHECKING:
     from kmnode.km.node import KMNode
@@ -27,13 +27,12 @@ async def initialise_ledger(node: KMNode) -> None:
         if node.enclave.state.cluster:
             return
         if driver.is_leader:
-            command = encode_command(
-                "cluster.init",
+            command = ClusterInit(
                 cluster=node.config.cluster,
                 cluster_id=node.enclave.cluster_id,
                 policy=node.enclave.state.policy.to_dict(),
-                member=node.member_record(),
-            )
+                member=MemberRecord(**node.member_record()),
+            ).encode()
             with contextlib.suppress(RaftError):
                 await driver.propose(command)
                 node.publish_event("cluster.genesis", cluster=node.config.cluster)
@@ -56,6 +55,6 @@ async def sign_periodically(node: KMNode) -> None:
         if not driver.is_leader or not state.cluster or not due:
             continue
         last_attempt = time.monotonic()
-        command = encode_command("ledger.sign", **node.enclave.ledger_signature(time.time()))
+        command = LedgerSign(**node.enclave.ledger_signature(time.time())).encode()
         with contextlib.suppress(RaftError):
             await driver.propose(command)

@@ -14,12 +14,24 @@ import dataclasses
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.quote import CheckLog
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
+from kmnode.km.commands import (
+    CommandModel,
+    KeyCreate,
+    KeyRotate,
+    MemberRemove,
+    PolicyAllow,
+    PolicyDisallow,
+    PolicyRevokePlatform,
+    ReleaseRequest,
+    explain,
+)
 from kmnode.km.node import KMNode
-from kmnode.km.state import encode_command
 from kmnode.km_messages import (
     AttestRequest,
     CreateKey,
@@ -75,20 +87,19 @@ class Operator:
             case AttestRequest():
                 return DataReply(data=self.attest())
             case CreateKey(name=name, allowed_service=allowed):
-                result = await self._commit("key.create", name=name, allowed_service=allowed)
+                result = await self._commit(KeyCreate, name=name, allowed_service=allowed)
                 return DataReply(data={"key": result["key"], "generation": result["generation"]})
             case RotateKey(name=name):
-                result = await self._commit("key.rotate", key=name)
+                result = await self._commit(KeyRotate, key=name)
                 return DataReply(data={"key": result["key"], "generation": result["generation"]})
             case ReleaseKey():
                 return DataReply(data=await self.release(request))
             case PolicyChange(change=change, role=role, measurement=measurement):
-                return DataReply(
-                    data=await self._commit(change, role=role, measurement=measurement)
-                )
+                kind = PolicyAllow if change == "policy.allow" else PolicyDisallow
+                return DataReply(data=await self._commit(kind, role=role, measurement=measurement))
             case RevokePlatform(platform_id=platform_id):
                 return DataReply(
-                    data=await self._commit("policy.revoke_platform", platform_id=platform_id)
+                    data=await self._commit(PolicyRevokePlatform, platform_id=platform_id)
                 )
             case RemoveMember(name=name):
                 return DataReply(data=await self.remove_member(name))
@@ -131,9 +142,17 @@ class Operator:
         if driver is None or not driver.is_leader:
             raise NotLeader(driver.leader if driver else "")
 
-    async def _commit(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    async def _commit(
+        self, kind: type[CommandModel], timeout: float = 5.0, **fields: Any
+    ) -> dict[str, Any]:
+        """Build a ``kind`` command from the request's fields (refused here, before anything
+        is proposed, if a field is malformed) and commit it on this leader."""
         self._require_leader()
-        result = await self.node.propose(encode_command(op, **fields), timeout)
+        try:
+            command = kind(**fields)
+        except ValidationError as exc:
+            raise Failed.of("refused", explain(exc)) from None
+        result = await self.node.propose(command.encode(), timeout)
         if not result.get("ok"):
             raise Failed.of("refused", str(result.get("error", "refused")))
         return result
@@ -246,12 +265,11 @@ class Operator:
         node = self.node
         state = node.enclave.state
         targets = sorted(state.members) if request.node == "all" else [request.node]
-        fields: dict[str, Any] = {}
-        if request.generation is not None:
-            fields["generation"] = request.generation
         release_ids = []
         for target in targets:
-            result = await self._commit("release.request", key=request.key, node=target, **fields)
+            result = await self._commit(
+                ReleaseRequest, key=request.key, node=target, generation=request.generation
+            )
             release_ids.append(str(result["release"]))
         deadline = time.monotonic() + min(max(request.timeout, 0.1), MAX_RELEASE_WAIT)
         for release_id in release_ids:
@@ -280,7 +298,7 @@ class Operator:
             self._require_leader()
             result: dict[str, Any] = {"ok": True, "member": name}
         else:
-            result = await self._commit("member.remove", name=name)
+            result = await self._commit(MemberRemove, name=name)
         if voter and isinstance(name, str) and driver is not None:
             # A RaftError here (another change in flight) is a 503: the caller retries.
             await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))

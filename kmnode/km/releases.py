@@ -14,19 +14,20 @@ import dataclasses
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.deadlines import Deadlines
 from consensus.types import Entry, RaftError
+from kmnode.km.commands import ReleaseOutcome
 from kmnode.km.enclave import ProvisionResult
-from kmnode.km.state import Release, encode_command
+from kmnode.km.state import Release
 from kmnode.service_pipe import ServiceUnavailable
 
 if TYPE_CHECKING:
     from kmnode.km.node import KMNode
 
 log = logging.getLogger(__name__)
-#: Marks a release request in a command's canonical JSON (``encode_command``).
+#: Marks a release request in a command's canonical JSON (``commands.CommandModel.encode``).
 _RELEASE_REQUEST = b'"op":"release.request"'
 #: Early local attestations kept for releases that have not committed (see ``on_append``).
 MAX_EARLY_ATTESTATIONS = 1024
@@ -198,20 +199,20 @@ class Releases:
         release = node.enclave.state.releases.get(release_id)
         if release is None or release.status != "requested":
             return
+        status: Literal["provisioned", "refused"]
         try:
             outcome = await self._provision_to_service(release)
             status, reason = ("provisioned", "") if outcome.ok else ("refused", outcome.reason)
             measurement = outcome.service_measurement
         except ServiceUnavailable as exc:
             status, reason, measurement = "refused", f"service enclave unavailable: {exc}", ""
-        command = encode_command(
-            "release.outcome",
+        command = ReleaseOutcome(
             release=release_id,
             node=node.name,
             status=status,
             reason=reason,
             service_measurement=measurement,
-        )
+        ).encode()
         committed = await self.commit_outcome(command, release_id)
         record = {
             "release": release_id,

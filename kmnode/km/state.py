@@ -17,31 +17,42 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from attest.identity import EnclaveRole
 from attest.policy import Policy
+from kmnode.km.commands import (
+    ClusterInit,
+    Command,
+    CommandRefused,
+    KeyCreate,
+    KeyRotate,
+    LedgerSign,
+    MemberAdd,
+    MemberRecord,
+    MemberRemove,
+    PolicyAllow,
+    PolicyDisallow,
+    PolicyRevokePlatform,
+    PolicySet,
+    ReleaseOutcome,
+    ReleaseRequest,
+    canonical,
+    parse,
+)
 
-MAX_COMMAND_BYTES = 64 * 1024
 #: Releases per ``json.dumps`` call when a snapshot is serialised: each call holds the GIL, so
 #: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
 SNAPSHOT_CHUNK = 1000
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX32 = re.compile(r"^[0-9a-f]{64}$")
-_HEX16 = re.compile(r"^[0-9a-f]{32}$")
 GENESIS_HASH = bytes(32)
 
 
-class CommandRefused(Exception):
-    """A command is well-formed JSON but not acceptable in the current state (or malformed)."""
-
-
 def encode_command(op: str, **fields: Any) -> bytes:
-    """Canonical bytes for a command: the same command always encodes identically."""
-    return json.dumps({"op": op, **fields}, sort_keys=True, separators=(",", ":")).encode()
+    """Canonical bytes for any command-shaped object, checked or not: what tests and tools use
+    to write what a faulty or malicious member could commit. Nodes build ``commands`` models."""
+    return canonical({"op": op, **fields}, allow_nan=True)
 
 
 def chain_step(previous: bytes, index: int, data: bytes) -> bytes:
@@ -110,67 +121,43 @@ class KMState:
         self.applied_index = index
         self.chain_hash = chain_step(self.chain_hash, index, data)
         try:
-            command = self._parse(data)
-            handler = _HANDLERS.get(command["op"])
-            if handler is None:
-                raise CommandRefused(f"unknown operation {command['op']!r}")
-            result = handler(self, index, command)
+            command = parse(data)
+            result = _HANDLERS[type(command)](self, index, command)
         except CommandRefused as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a committed entry must never stop the log
-            # A field shape no check foresaw. Every node runs the same code on the same bytes,
-            # so every node refuses it alike; raising would stop the Raft driver on every node,
+            # A case no check foresaw. Every node runs the same code on the same bytes, so
+            # every node refuses it alike; raising would stop the Raft driver on every node,
             # and again after every restart, since the entry replays.
             return {"ok": False, "error": f"command could not be applied ({type(exc).__name__})"}
         return {"ok": True, **result}
 
-    @staticmethod
-    def _parse(data: bytes) -> dict[str, Any]:
-        if len(data) > MAX_COMMAND_BYTES:
-            raise CommandRefused(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
-        try:
-            command = json.loads(data, parse_constant=_no_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CommandRefused(f"command is not JSON: {exc}") from None
-        except RecursionError:
-            raise CommandRefused("command is nested too deeply") from None
-        if not isinstance(command, dict) or not isinstance(command.get("op"), str):
-            raise CommandRefused("command must be an object with a string 'op'")
-        return command
-
     # --- handlers ---------------------------------------------------------------------------
 
-    def _init(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    def _init(self, index: int, cmd: ClusterInit) -> dict[str, Any]:
         if self.cluster:
             raise CommandRefused(f"cluster {self.cluster!r} is already initialised")
-        cluster = _str(cmd, "cluster")
-        cluster_id = cmd.get("cluster_id", "")
-        if not isinstance(cluster_id, str) or (cluster_id and not _HEX16.match(cluster_id)):
-            raise CommandRefused("cluster_id must be 32 hex digits")
-        policy = _policy(cmd.get("policy"))
+        policy = _policy(cmd.policy)
         previous, self.policy = self.policy, policy
         try:
-            self._add_member(index, cmd.get("member"))  # judged under the cluster's policy
+            self._add_member(index, cmd.member)  # judged under the cluster's policy
         except CommandRefused:
             self.policy = previous  # a refused command changes nothing
             raise
-        self.cluster = cluster
-        self.cluster_id = cluster_id
+        self.cluster = cmd.cluster
+        self.cluster_id = cmd.cluster_id
         self.genesis_hash = self.chain_hash
-        return {"cluster": cluster}
+        return {"cluster": cmd.cluster}
 
-    def _member_add(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    def _member_add(self, index: int, cmd: MemberAdd) -> dict[str, Any]:
         self._require_init()
-        member = self._add_member(index, cmd.get("member"))
+        member = self._add_member(index, cmd.member)
         return {"member": member.name}
 
-    def _add_member(self, index: int, raw: Any) -> Member:
-        if not isinstance(raw, dict):
-            raise CommandRefused("member must be an object")
-        name = _name(raw, "name")
+    def _add_member(self, index: int, record: MemberRecord) -> Member:
+        name, platform_id = record.name, record.platform_id
         if name in self.members:
             raise CommandRefused(f"{name!r} is already a member")
-        platform_id = _name(raw, "platform_id")
         if platform_id in self.policy.revoked_platforms:
             raise CommandRefused(f"platform {platform_id!r} is revoked")
         if any(m.platform_id == platform_id for m in self.members.values()):
@@ -178,120 +165,104 @@ class KMState:
         member = Member(
             name=name,
             platform_id=platform_id,
-            host=_str(raw, "host"),
-            peer_port=_port(raw, "peer_port"),
-            api_port=_port(raw, "api_port"),
+            host=record.host,
+            peer_port=record.peer_port,
+            api_port=record.api_port,
             joined_index=index,
         )
         self.members[name] = member
         return member
 
-    def _member_remove(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    def _member_remove(self, index: int, cmd: MemberRemove) -> dict[str, Any]:
         self._require_init()
-        name = _name(cmd, "name")
-        if name not in self.members:
-            raise CommandRefused(f"{name!r} is not a member")
+        if cmd.name not in self.members:
+            raise CommandRefused(f"{cmd.name!r} is not a member")
         if len(self.members) == 1:
             raise CommandRefused("cannot remove the last member")
-        del self.members[name]
-        return {"member": name}
+        del self.members[cmd.name]
+        return {"member": cmd.name}
 
-    def _key_create(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    def _key_create(self, index: int, cmd: KeyCreate) -> dict[str, Any]:
         self._require_init()
-        name = _name(cmd, "name")
-        if name in self.keys:
-            raise CommandRefused(f"key {name!r} already exists")
-        allowed = _measurements(cmd.get("allowed_service", []))
-        self.keys[name] = KeyRecord(name, 1, allowed, index, index)
-        return {"key": name, "generation": 1}
+        if cmd.name in self.keys:
+            raise CommandRefused(f"key {cmd.name!r} already exists")
+        allowed = sorted(set(cmd.allowed_service))
+        self.keys[cmd.name] = KeyRecord(cmd.name, 1, allowed, index, index)
+        return {"key": cmd.name, "generation": 1}
 
-    def _key_rotate(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        record = self._key(cmd)
+    def _key_rotate(self, index: int, cmd: KeyRotate) -> dict[str, Any]:
+        record = self._key(cmd.key)
         record.generation += 1
         record.rotated_index = index
         return {"key": record.name, "generation": record.generation}
 
-    def _release_request(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        record = self._key(cmd)
-        node = _name(cmd, "node")
-        if node not in self.members:
-            raise CommandRefused(f"{node!r} is not a member")
-        generation = cmd.get("generation", record.generation)
-        if (
-            not isinstance(generation, int)
-            or isinstance(generation, bool)
-            or not 1 <= generation <= record.generation
-        ):
+    def _release_request(self, index: int, cmd: ReleaseRequest) -> dict[str, Any]:
+        record = self._key(cmd.key)
+        if cmd.node not in self.members:
+            raise CommandRefused(f"{cmd.node!r} is not a member")
+        generation = record.generation if cmd.generation is None else cmd.generation
+        if not 1 <= generation <= record.generation:
             raise CommandRefused(
                 f"key {record.name!r} has generations 1..{record.generation}, not {generation!r}"
             )
-        release = Release(f"r{index}", record.name, generation, node, index)
+        release = Release(f"r{index}", record.name, generation, cmd.node, index)
         self.releases[release.id] = release
-        return {"release": release.id, "key": record.name, "generation": generation, "node": node}
+        return {
+            "release": release.id,
+            "key": record.name,
+            "generation": generation,
+            "node": cmd.node,
+        }
 
-    def _release_outcome(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        release_id = _str(cmd, "release")
-        release = self.releases.get(release_id)
+    def _release_outcome(self, index: int, cmd: ReleaseOutcome) -> dict[str, Any]:
+        release = self.releases.get(cmd.release)
         if release is None:
-            raise CommandRefused(f"no release {release_id!r}")
+            raise CommandRefused(f"no release {cmd.release!r}")
         if release.status != "requested":
-            raise CommandRefused(f"release {release_id} is already {release.status}")
-        if _name(cmd, "node") != release.node:
-            raise CommandRefused(f"release {release_id} targets {release.node!r}")
-        status = _str(cmd, "status")
-        if status not in ("provisioned", "refused"):
-            raise CommandRefused(f"outcome status must be provisioned or refused, not {status!r}")
-        measurement = cmd.get("service_measurement", "")
-        if measurement and not (isinstance(measurement, str) and _HEX32.match(measurement)):
-            raise CommandRefused("service_measurement must be 64 hex digits")
-        if status == "provisioned" and not self.service_allowed(release.key, measurement):
+            raise CommandRefused(f"release {cmd.release} is already {release.status}")
+        if cmd.node != release.node:
+            raise CommandRefused(f"release {cmd.release} targets {release.node!r}")
+        measurement = cmd.service_measurement
+        if cmd.status == "provisioned" and not self.service_allowed(release.key, measurement):
             raise CommandRefused(
                 f"measurement {measurement[:16]}… is not allowed to receive {release.key!r}"
             )
-        self.releases[release_id] = replace(
+        self.releases[cmd.release] = replace(
             release,
-            status=status,
-            reason=str(cmd.get("reason", ""))[:500],
+            status=cmd.status,
+            reason=cmd.reason[:500],
             service_measurement=measurement,
             completed_index=index,
         )
-        return {"release": release_id, "status": status}
+        return {"release": cmd.release, "status": cmd.status}
 
-    def _policy_set(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    def _policy_set(self, index: int, cmd: PolicySet) -> dict[str, Any]:
         self._require_init()
-        self.policy = _policy(cmd.get("policy"))
+        self.policy = _policy(cmd.policy)
         return {"policy": self.policy.to_dict()}
 
-    def _policy_allow(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        role, measurement = _role_measurement(cmd)
-        self.policy = self.policy.allow(role, measurement)
-        return {"role": role.value, "measurement": measurement.hex()}
+    def _policy_allow(self, index: int, cmd: PolicyAllow) -> dict[str, Any]:
+        role = EnclaveRole(cmd.role)
+        self.policy = self.policy.allow(role, bytes.fromhex(cmd.measurement))
+        return {"role": role.value, "measurement": cmd.measurement}
 
-    def _policy_disallow(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        role, measurement = _role_measurement(cmd)
-        self.policy = self.policy.disallow(role, measurement)
-        return {"role": role.value, "measurement": measurement.hex()}
+    def _policy_disallow(self, index: int, cmd: PolicyDisallow) -> dict[str, Any]:
+        role = EnclaveRole(cmd.role)
+        self.policy = self.policy.disallow(role, bytes.fromhex(cmd.measurement))
+        return {"role": role.value, "measurement": cmd.measurement}
 
-    def _policy_revoke_platform(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        platform_id = _name(cmd, "platform_id")
-        self.policy = self.policy.revoke_platform(platform_id)
-        return {"revoked": platform_id}
+    def _policy_revoke_platform(self, index: int, cmd: PolicyRevokePlatform) -> dict[str, Any]:
+        self.policy = self.policy.revoke_platform(cmd.platform_id)
+        return {"revoked": cmd.platform_id}
 
-    def _ledger_sign(self, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
-        signed_index = cmd.get("index")
-        if not isinstance(signed_index, int) or not 0 < signed_index < index:
+    def _ledger_sign(self, index: int, cmd: LedgerSign) -> dict[str, Any]:
+        if not cmd.index < index:
             raise CommandRefused("ledger signature must cover an earlier index")
-        chain = _str(cmd, "chain_hash")
-        signer = _str(cmd, "public_key")
-        if not (_HEX32.match(chain) and _HEX32.match(signer)):
-            raise CommandRefused("chain_hash and public_key must be 64 hex digits")
-        _str(cmd, "quote", 8192)
-        _str(cmd, "signature")
-        if signed_index <= self.last_signed_index:
-            raise CommandRefused(f"index {signed_index} is already covered by a signature")
-        self.last_signed_index = signed_index
+        if cmd.index <= self.last_signed_index:
+            raise CommandRefused(f"index {cmd.index} is already covered by a signature")
+        self.last_signed_index = cmd.index
         self.last_signature_entry = index
-        return {"signed_index": signed_index}
+        return {"signed_index": cmd.index}
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -306,9 +277,8 @@ class KMState:
             EnclaveRole.SERVICE
         )
 
-    def _key(self, cmd: dict[str, Any]) -> KeyRecord:
+    def _key(self, name: str) -> KeyRecord:
         self._require_init()
-        name = _name(cmd, "key" if "key" in cmd else "name")
         record = self.keys.get(name)
         if record is None:
             raise CommandRefused(f"no key named {name!r}")
@@ -387,69 +357,23 @@ class KMState:
         )
 
 
-_HANDLERS = {
-    "cluster.init": KMState._init,
-    "member.add": KMState._member_add,
-    "member.remove": KMState._member_remove,
-    "key.create": KMState._key_create,
-    "key.rotate": KMState._key_rotate,
-    "release.request": KMState._release_request,
-    "release.outcome": KMState._release_outcome,
-    "policy.set": KMState._policy_set,
-    "policy.allow": KMState._policy_allow,
-    "policy.disallow": KMState._policy_disallow,
-    "policy.revoke_platform": KMState._policy_revoke_platform,
-    "ledger.sign": KMState._ledger_sign,
+_HANDLERS: dict[type[Command], Callable[[KMState, int, Any], dict[str, Any]]] = {
+    ClusterInit: KMState._init,
+    MemberAdd: KMState._member_add,
+    MemberRemove: KMState._member_remove,
+    KeyCreate: KMState._key_create,
+    KeyRotate: KMState._key_rotate,
+    ReleaseRequest: KMState._release_request,
+    ReleaseOutcome: KMState._release_outcome,
+    PolicySet: KMState._policy_set,
+    PolicyAllow: KMState._policy_allow,
+    PolicyDisallow: KMState._policy_disallow,
+    PolicyRevokePlatform: KMState._policy_revoke_platform,
+    LedgerSign: KMState._ledger_sign,
 }
 
 
-# --- field validation (every refusal says which field and why) -------------------------------
-
-
-def _no_constant(name: str) -> Any:
-    raise CommandRefused(f"{name} is not a number a command may hold")
-
-
-def _str(cmd: dict[str, Any], key: str, max_len: int = 256) -> str:
-    value = cmd.get(key)
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise CommandRefused(f"{key!r} must be a non-empty string of at most {max_len} chars")
-    return value
-
-
-def _name(cmd: dict[str, Any], key: str) -> str:
-    value = _str(cmd, key)
-    if not _NAME.match(value):
-        raise CommandRefused(f"{key!r} must match {_NAME.pattern}, got {value!r}")
-    return value
-
-
-def _port(cmd: dict[str, Any], key: str) -> int:
-    value = cmd.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        raise CommandRefused(f"{key!r} must be a port number")
-    return value
-
-
-def _measurements(raw: Any) -> list[str]:
-    if not isinstance(raw, list) or not all(isinstance(m, str) and _HEX32.match(m) for m in raw):
-        raise CommandRefused("allowed_service must be a list of 64-hex-digit measurements")
-    return sorted(set(raw))
-
-
-def _role_measurement(cmd: dict[str, Any]) -> tuple[EnclaveRole, bytes]:
-    role = cmd.get("role")
-    if role not in [r.value for r in EnclaveRole]:
-        raise CommandRefused(f"role must be km or service, not {role!r}")
-    measurement = _str(cmd, "measurement")
-    if not _HEX32.match(measurement):
-        raise CommandRefused("measurement must be 64 hex digits")
-    return EnclaveRole(role), bytes.fromhex(measurement)
-
-
-def _policy(raw: Any) -> Policy:
-    if not isinstance(raw, dict):
-        raise CommandRefused("policy must be an object")
+def _policy(raw: dict[str, Any]) -> Policy:
     try:
         return Policy.from_dict(raw)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

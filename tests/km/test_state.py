@@ -119,7 +119,9 @@ def test_bad_commands_are_refused_specifically_and_change_nothing_but_the_chain(
         b"not json": "not JSON",
         b"[1,2]": "object with a string 'op'",
         encode_command("key.explode"): "unknown operation",
-        encode_command("key.create", name="bad name!"): "'name' must match",
+        encode_command("key.create", name="bad name!"): "'name': String should match pattern",
+        encode_command("key.create", name="db", owner="me"): "'owner': Extra inputs",
+        encode_command("release.request", key="db", node="km1", generation=True): "'generation'",
         encode_command("key.rotate", key="missing"): "no key named 'missing'",
         encode_command("release.request", key="missing", node="km1"): "no key",
         encode_command("member.add", member=member("km1", 7109)): "already a member",
@@ -127,7 +129,7 @@ def test_bad_commands_are_refused_specifically_and_change_nothing_but_the_chain(
         encode_command(
             "cluster.init", cluster="again", policy=POLICY, member=member("x", 1)
         ): "already initialised",
-        encode_command("policy.allow", role="root", measurement=SERVICE_OK): "role must be",
+        encode_command("policy.allow", role="root", measurement=SERVICE_OK): "'role': Input should",
         b"x" * 70000: "exceeds",
     }
     for command, expected in cases.items():

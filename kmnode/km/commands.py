@@ -1,0 +1,224 @@
+"""The KM state machine's commands, as typed records.
+
+A command in the Raft log is one of these models, as canonical JSON (sorted keys, no spaces, no
+unset optional fields), so the same command always has the same bytes and the ledger's hash
+chain can cover them. ``parse`` turns committed bytes into exactly one model, or raises
+``CommandRefused`` naming the field and what is wrong with it; the state machine never reads a
+dict. Validation is strict (a ``true`` is not a generation, a ``NaN`` is no number, unknown
+fields are refused): a committed command that every node refuses alike is harmless, one that
+some code path accepts half-way is not. What depends on the state (does the key exist, is the
+node a member) is the state machine's to check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+
+#: The largest command the state machine applies (larger ones are refused, not parsed).
+MAX_COMMAND_BYTES = 64 * 1024
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _finite(value: JsonValue) -> JsonValue:
+    """Refuse NaN and infinities anywhere in a JSON value (a NaN freshness bound would switch
+    the check off: every comparison with it is false)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a number a command may hold")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+#: A policy as JSON: checked by ``attest.policy.Policy.from_dict`` (its rules, its messages).
+PolicyJson = Annotated[dict[str, JsonValue], AfterValidator(_finite)]
+
+
+class CommandRefused(Exception):
+    """A command is malformed, or not acceptable in the current state."""
+
+
+class CommandModel(BaseModel):
+    """Every command: strict, frozen, no unknown fields, one canonical encoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def encode(self) -> bytes:
+        """The canonical bytes of this command (what is proposed and hashed)."""
+        return canonical(self.model_dump(mode="json", exclude_none=True))
+
+
+class MemberRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: Name
+    platform_id: Name
+    host: Text
+    peer_port: Port
+    api_port: Port
+
+
+class ClusterInit(CommandModel):
+    op: Literal["cluster.init"] = "cluster.init"
+    cluster: Text
+    #: Random id the genesis enclave chose (32 hex digits), or empty in old ledgers.
+    cluster_id: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
+    policy: PolicyJson
+    member: MemberRecord
+
+
+class MemberAdd(CommandModel):
+    op: Literal["member.add"] = "member.add"
+    member: MemberRecord
+
+
+class MemberRemove(CommandModel):
+    op: Literal["member.remove"] = "member.remove"
+    name: Name
+
+
+class KeyCreate(CommandModel):
+    op: Literal["key.create"] = "key.create"
+    name: Name
+    #: Service measurements allowed to receive this key; empty means "the policy's".
+    allowed_service: list[Hex32] = Field(default_factory=list, max_length=64)
+
+
+class KeyRotate(CommandModel):
+    op: Literal["key.rotate"] = "key.rotate"
+    key: Name
+
+
+class ReleaseRequest(CommandModel):
+    op: Literal["release.request"] = "release.request"
+    key: Name
+    node: Name
+    #: Which generation to release; unset means the key's current one.
+    generation: Annotated[int, Field(ge=1)] | None = None
+
+
+class ReleaseOutcome(CommandModel):
+    op: Literal["release.outcome"] = "release.outcome"
+    release: Text
+    node: Name
+    status: Literal["provisioned", "refused"]
+    #: Why it was refused (the state keeps the first 500 characters).
+    reason: str = ""
+    service_measurement: Hex32 | Literal[""] = ""
+
+
+class PolicySet(CommandModel):
+    op: Literal["policy.set"] = "policy.set"
+    policy: PolicyJson
+
+
+class PolicyAllow(CommandModel):
+    op: Literal["policy.allow"] = "policy.allow"
+    role: Literal["km", "service"]
+    measurement: Hex32
+
+
+class PolicyDisallow(CommandModel):
+    op: Literal["policy.disallow"] = "policy.disallow"
+    role: Literal["km", "service"]
+    measurement: Hex32
+
+
+class PolicyRevokePlatform(CommandModel):
+    op: Literal["policy.revoke_platform"] = "policy.revoke_platform"
+    platform_id: Name
+
+
+class LedgerSign(CommandModel):
+    op: Literal["ledger.sign"] = "ledger.sign"
+    index: Annotated[int, Field(ge=1)]
+    chain_hash: Hex32
+    public_key: Hex32
+    quote: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    signature: Text
+
+
+Command = Annotated[
+    ClusterInit | MemberAdd | MemberRemove | KeyCreate | KeyRotate | ReleaseRequest
+    | ReleaseOutcome | PolicySet | PolicyAllow | PolicyDisallow | PolicyRevokePlatform
+    | LedgerSign,
+    Field(discriminator="op"),
+]  # fmt: skip
+_COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+def canonical(value: Any, *, allow_nan: bool = False) -> bytes:
+    """Canonical JSON: the same value always encodes to the same bytes. ``allow_nan`` writes
+    NaN and infinities (which a node never proposes, but a faulty member could commit)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=allow_nan).encode()
+
+
+def parse(data: bytes) -> Command:
+    """The command ``data`` holds; ``CommandRefused`` saying what is wrong otherwise."""
+    if len(data) > MAX_COMMAND_BYTES:
+        raise CommandRefused(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
+    try:
+        return _COMMAND.validate_json(data)
+    except ValidationError as exc:
+        raise CommandRefused(explain(exc)) from None
+
+
+def explain(exc: ValidationError) -> str:
+    """One line naming the first problem: the field (dotted) and what it must be."""
+    error = exc.errors(include_url=False)[0]
+    kind, loc = error["type"], error["loc"]
+    if kind == "json_invalid":
+        return f"command is not JSON: {error['msg']}"
+    if kind == "union_tag_invalid":
+        return f"unknown operation {error['ctx']['tag'][:64]!r}"
+    if kind in ("union_tag_not_found", "model_attributes_type", "model_type") and not loc:
+        return "command must be an object with a string 'op'"
+    if not loc:
+        return f"command must be an object with a string 'op' ({error['msg']})"
+    field = ".".join(str(part) for part in loc[1:]) or str(loc[0])
+    return f"{field!r}: {error['msg']}"
+
+
+__all__ = [
+    "MAX_COMMAND_BYTES",
+    "ClusterInit",
+    "Command",
+    "CommandModel",
+    "CommandRefused",
+    "KeyCreate",
+    "KeyRotate",
+    "LedgerSign",
+    "MemberAdd",
+    "MemberRecord",
+    "MemberRemove",
+    "PolicyAllow",
+    "PolicyDisallow",
+    "PolicyRevokePlatform",
+    "PolicySet",
+    "ReleaseOutcome",
+    "ReleaseRequest",
+    "canonical",
+    "explain",
+    "parse",
+]
