@@ -15,9 +15,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from pydantic import ValidationError
+
 from attest.errors import AttestationError
 from consensus.types import ConfChange, ConfChangeType, RaftError
-from kmnode.km.commands import MemberAdd, MemberRecord
+from kmnode.km.commands import MemberAdd, MemberRecord, explain
 from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
 from kmnode.km.peer_transport import Address
 from kmnode.km.peer_wire import (
@@ -156,7 +158,11 @@ class Joining:
         peer_name, platform_id = request.name, request.platform_id
         existing = node.enclave.state.members.get(peer_name)
         if existing is None:
-            result = await node.propose(MemberAdd(member=MemberRecord(**request.record())).encode())
+            try:
+                command = MemberAdd(member=MemberRecord(**request.record()))
+            except ValidationError as exc:
+                return JoinReply("refused", reason=explain(exc))
+            result = await node.propose(command.encode())
             if not result.get("ok"):
                 return JoinReply("refused", reason=str(result.get("error", "refused")))
         elif existing.platform_id != platform_id:
