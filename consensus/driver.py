@@ -5,8 +5,10 @@ the core is only ever run by one pass of ``_pump`` at a time, so it is never ste
 ``ready()`` and ``advance()`` and needs no locks. A pass:
 
 1. feeds queued messages, ticks, proposals and reads to the core;
-2. takes a ``Ready`` and persists it: one write and one fsync for every proposal and message
-   fed in step 1 (group commit). On a slow disk the fsync runs in a worker thread so the event
+2. takes a ``Ready`` (through ``consensus.readyloop``, the Ready loop the simulator and the
+   test harness share, which also decides when its messages may leave) and persists it: one
+   write and one fsync for every proposal and message fed in step 1 (group commit). On a slow
+   disk the fsync runs in a worker thread so the event
    loop keeps receiving meanwhile; the Ready is "parked" and the loop task awaits the thread.
    On a fast disk (recent fsyncs under ``INLINE_FSYNC_S``) it runs inline: the hand-off to the
    thread and back (a submit, a wake-up, a self-pipe write, an extra loop turn) costs more
@@ -55,6 +57,7 @@ from dataclasses import dataclass, replace
 
 from consensus.deadlines import Deadlines
 from consensus.raft import RaftConfig, RaftCore, Status
+from consensus.readyloop import ReadyLoop, SendAt, Step
 from consensus.statemachine import StateMachine
 from consensus.storage import DurableLog
 from consensus.ticker import Ticker
@@ -178,7 +181,6 @@ class RaftDriver:
         self._stopping = False
         self._closed = False
         self._idle = False
-        self._parked: tuple[Ready, bool] | None = None
         self._persist_started = 0.0
         self._durable_wait: Awaitable[None] | None = None
         #: A host's disk (``consensus.disk``): writes are queued, the loop awaits ``durable``.
@@ -196,7 +198,7 @@ class RaftDriver:
         #: The deferred disk and the transport share one ordered channel to an I/O host that
         #: does each write before any send queued after it (a KM enclave's host holding both
         #: its files and its sockets): a Ready's messages may leave right behind its writes.
-        self._ordered_io = ordered_io and self._deferred
+        self._ready_loop = ReadyLoop(self.core, ordered_io=ordered_io and self._deferred)
         #: Moving average of the time a synced persist took; starts pessimistic (the thread),
         #: and persists in the thread keep measuring, so a disk that speeds up is noticed.
         self.fsync_avg_s = 0.01
@@ -411,17 +413,16 @@ class RaftDriver:
             self._idle = False
             wake.clear()
             while not self._stopping:
-                if self._parked is None:
+                if self._ready_loop.inflight is None:
                     self._pump()
-                if self._parked is not None:
-                    rd, leading = self._parked
-                    self._parked = None
+                step = self._ready_loop.inflight
+                if step is not None:  # parked by the pass: the write is this task's to wait for
                     if self._deferred:
                         await self._durable()
                     else:
-                        await loop.run_in_executor(self._executor, self._timed_persist, rd)
+                        await loop.run_in_executor(self._executor, self._timed_persist, step.ready)
                     if not self._stopping:
-                        self._finish(rd, leading)
+                        self._finish(step)
                     continue
                 if self._snapshot_written is not None:
                     self._compact()
@@ -436,7 +437,7 @@ class RaftDriver:
         A Ready that needs a threaded fsync is parked for the loop task, which owns all
         awaiting; until it has been handled every input just queues.
         """
-        if not self._idle or self._parked is not None or self._stopping:
+        if not self._idle or self._ready_loop.inflight is not None or self._stopping:
             self._kick()
             return
         self._idle = False
@@ -447,21 +448,26 @@ class RaftDriver:
             return
         finally:
             self._idle = True
-        if self._parked is not None or self._snapshot_due() or self._snapshot_written is not None:
+        if (
+            self._ready_loop.inflight is not None
+            or self._snapshot_due()
+            or self._snapshot_written is not None
+        ):
             self._kick()
 
     def _pump(self) -> None:
         """Feed inputs and handle Readies until the core is quiet or a Ready must be parked."""
         core = self.core
+        ready_loop = self._ready_loop
         while not self._stopping:
             self._feed()
-            if not core.has_ready():
+            step = ready_loop.next()
+            if step is None:
                 return
-            rd = core.ready()
+            rd = step.ready
             self.stats.readies += 1
-            leading = rd.send_first
-            if leading:
-                self._send(rd)
+            if step.send_at is SendAt.BEFORE_WRITE:
+                self._send(step)
             if self._on_append is not None and rd.entries:
                 commit = core.log.commit
                 if rd.entries[-1].index > commit:  # a follower catching up has none of these
@@ -475,20 +481,17 @@ class RaftDriver:
                     self._persist_started = time.perf_counter()
                     self.log.persist(rd)
                     self._durable_wait = self.log.durable()  # asked now, with the writes
-                    if self._ordered_io and not leading:
+                    if step.send_at is SendAt.AFTER_WRITE:
                         # The host sends them once the writes before them are done: a
                         # follower acknowledges without a round trip for the barrier's answer.
-                        self._send(rd)
-                        leading = True
-                    self._parked = (rd, leading)
-                    return
+                        self._send(step)
+                    return  # parked: the loop task awaits the disk
                 if self._executor is not None and not self._persist_inline():
-                    self._parked = (rd, leading)
-                    return
+                    return  # parked: the loop task persists in the thread
                 self._timed_persist(rd)
             elif rd.has_writes:
                 self.log.persist(rd, sync=False)  # the commit index alone: see Ready.must_sync
-            self._finish(rd, leading)
+            self._finish(step)
 
     def _persist_inline(self) -> bool:
         """Whether a synced persist runs inline (fast disk) rather than in the thread."""
@@ -508,14 +511,17 @@ class RaftDriver:
         elapsed = time.perf_counter() - self._persist_started
         self.fsync_avg_s += (elapsed - self.fsync_avg_s) * 0.2
 
-    def _finish(self, rd: Ready, leading: bool) -> None:
+    def _finish(self, step: Step) -> None:
         """Everything after a Ready is durable: send (unless sent already), apply, advance."""
-        if not leading:
-            self._send(rd)
-        self._apply(rd)
-        self.core.advance(rd)
+        self._send(step)
+        self._apply(step.ready)
+        self._ready_loop.advance(step)
 
-    def _send(self, rd: Ready) -> None:
+    def _send(self, step: Step) -> None:
+        if step.sent:
+            return
+        step.sent = True
+        rd = step.ready
         if not rd.messages:
             return
         send = self.transport.send

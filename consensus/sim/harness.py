@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Iterable
 
 from consensus.raft import RaftConfig, RaftCore
+from consensus.readyloop import ReadyLoop
 from consensus.sim.memstore import MemStore
 from consensus.types import (
     Entry,
@@ -140,12 +141,13 @@ class Harness:
 
     def process(self, node: NodeId) -> None:
         """Run the node's Ready loop: persist, queue messages, apply, advance (bounded)."""
-        core = self.nodes[node]
+        loop = ReadyLoop(self.nodes[node])  # synchronous: written, then queued, in one go
         store = self.stores[node]
         for _ in range(100):
-            if not core.has_ready():
+            step = loop.next()
+            if step is None:
                 return
-            rd = core.ready()
+            rd = step.ready
             store.write(rd)
             if rd.snapshot is not None:
                 self.snapshots_applied[node].append(rd.snapshot)
@@ -153,7 +155,7 @@ class Harness:
             self.queue.extend(rd.messages)
             self.applied[node].extend(rd.committed_entries)
             self.read_states[node].extend(rd.read_states)
-            core.advance(rd)
+            loop.advance(step)
         raise AssertionError(f"{node} kept producing Readys")
 
     def process_all(self) -> None:

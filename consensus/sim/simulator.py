@@ -26,6 +26,7 @@ from typing import Any
 
 from consensus.confchange import decode_conf_change
 from consensus.raft import ConfChangeRejected, RaftConfig, RaftCore
+from consensus.readyloop import ReadyLoop, SendAt, Step
 from consensus.sim.appstate import GENESIS, decode_snapshot, encode_snapshot
 from consensus.sim.checker import Checker
 from consensus.sim.memstore import MemStore
@@ -38,7 +39,6 @@ from consensus.types import (
     Message,
     NodeId,
     NotLeader,
-    Ready,
     Role,
     Snapshot,
 )
@@ -112,26 +112,28 @@ class SimNode:
         "crash_mid_write",
         "id",
         "incarnation",
-        "inflight",
         "inflight_leader_term",
-        "inflight_sent",
         "leader_term_seen",
+        "loop",
         "peers",
         "retired",
         "store",
     )
 
-    def __init__(self, node_id: NodeId, peers: tuple[NodeId, ...], core: RaftCore) -> None:
+    def __init__(
+        self, node_id: NodeId, peers: tuple[NodeId, ...], core: RaftCore, pipeline: bool
+    ) -> None:
         self.id = node_id
         self.peers = peers
         self.core = core
+        #: The Ready loop every driver shares (``consensus.readyloop``); its Ready in flight
+        #: is the one waiting for its simulated fsync.
+        self.loop = ReadyLoop(core, pipeline=pipeline)
         self.store = MemStore()
         self.alive = True
         self.retired = False
         self.incarnation = 0
-        self.inflight: Ready | None = None
         self.inflight_leader_term = 0
-        self.inflight_sent = False
         #: when non-zero: crash during the next durable write, then stay down this long (µs)
         self.crash_mid_write = 0
         self.leader_term_seen = 0
@@ -201,7 +203,9 @@ class Simulation:
         return RaftCore(cfg, rng, state)
 
     def _add_node(self, node_id: NodeId, peers: tuple[NodeId, ...]) -> SimNode:
-        node = SimNode(node_id, peers, self._make_core(None, node_id, peers, 0))
+        node = SimNode(
+            node_id, peers, self._make_core(None, node_id, peers, 0), self._leader_sends_early
+        )
         self.nodes[node_id] = node
         self._at(self.now + self.rng.randint(1, self.cfg.tick_us), self._tick, (node, 0))
         return node
@@ -226,21 +230,20 @@ class Simulation:
     def _pump(self, node: SimNode) -> None:
         core = node.core
         for _ in range(64):
-            if node.inflight is not None or not core.has_ready():
+            step = node.loop.next()
+            if step is None:
                 return
-            rd = core.ready()
+            rd = step.ready
             is_leader = core.role == Role.LEADER
             leader_term = core.term if is_leader else 0
             if rd.entries:
                 self.checker.on_persist(node.id, rd.entries, core.log)
-            sent = self._leader_sends_early and rd.send_first
-            if sent:
+            if step.send_at is SendAt.BEFORE_WRITE:
                 for m in rd.messages:
                     self._send(m)
+                step.sent = True
             if rd.must_sync:
-                node.inflight = rd
                 node.inflight_leader_term = leader_term
-                node.inflight_sent = sent
                 delay = self.rng.randint(self.cfg.fsync_min_us, self.cfg.fsync_max_us)
                 self._at(self.now + delay, self._fsync_done, (node, node.incarnation))
                 if node.crash_mid_write:
@@ -248,23 +251,24 @@ class Simulation:
                     when = self.now + self.rng.randint(0, delay - 1)
                     self._at(when, self._crash_for, (node, node.incarnation, downtime))
                 return
-            self._complete(node, rd, leader_term, sent)
+            self._complete(node, step, leader_term)
 
     def _fsync_done(self, arg: tuple[SimNode, int]) -> None:
         node, inc = arg
-        if not node.alive or node.incarnation != inc or node.inflight is None:
+        step = node.loop.inflight
+        if not node.alive or node.incarnation != inc or step is None:
             return
-        rd = node.inflight
-        node.inflight = None
-        self._complete(node, rd, node.inflight_leader_term, node.inflight_sent)
+        self._complete(node, step, node.inflight_leader_term)
         self._pump(node)
 
-    def _complete(self, node: SimNode, rd: Ready, leader_term: int, sent: bool) -> None:
+    def _complete(self, node: SimNode, step: Step, leader_term: int) -> None:
         """Persist, send (unless already sent), apply and acknowledge one Ready."""
+        rd = step.ready
         node.store.write(rd)
-        if not sent:
+        if not step.sent:
             for m in rd.messages:
                 self._send(m)
+            step.sent = True
         checker = self.checker
         if rd.snapshot is not None:
             index, digest = decode_snapshot(rd.snapshot.data)
@@ -290,7 +294,7 @@ class Simulation:
             floor = self._read_floor.pop(rs.request_ctx, None)
             if floor is not None:
                 checker.on_read(node.id, rs.request_ctx, rs.index, floor)
-        node.core.advance(rd)
+        node.loop.advance(step)
 
     def _send(self, m: Message) -> None:
         for delay in self.net.deliveries(m.frm, m.to):
@@ -314,13 +318,14 @@ class Simulation:
         if not node.alive:
             return
         kept = "-"
-        if node.inflight is not None and self.cfg.torn_writes:
-            total = MemStore.record_count(node.inflight)
+        inflight = node.loop.inflight
+        if inflight is not None and self.cfg.torn_writes:
+            total = MemStore.record_count(inflight.ready)
             keep = self.rng.randint(0, total)
-            node.store.write(node.inflight, keep=keep)
+            node.store.write(inflight.ready, keep=keep)
             kept = f"{keep}/{total}"
         node.alive = False
-        node.inflight = None
+        node.loop.drop()
         node.crash_mid_write = 0
         node.incarnation += 1
         self._log(f"{node.id} crashes (unsynced records kept: {kept})")
@@ -338,6 +343,7 @@ class Simulation:
             return
         node.incarnation += 1
         node.core = self._make_core(node, node.id, node.peers, node.incarnation)
+        node.loop = ReadyLoop(node.core, pipeline=self._leader_sends_early)
         node.alive = True
         node.leader_term_seen = 0
         snap = node.store.snapshot
@@ -539,7 +545,7 @@ class Simulation:
             self._after_input(leader)
 
     def _fault_compact(self) -> None:
-        candidates = [n for n in self._alive() if n.inflight is None]
+        candidates = [n for n in self._alive() if n.loop.inflight is None]
         if not candidates:
             return
         node = self.rng.choice(candidates)

@@ -229,7 +229,20 @@ class OperatorApi:
                     "early_attestations": km.early_attestations,
                     "outputs": node.service_output.outputs,
                 },
-                "km_enclave": {"pid": node.km.pid, "circuit": node.config.enclave.circuit},
+                "km_enclave": {
+                    "pid": node.km.pid,
+                    "circuit": node.config.enclave.circuit,
+                    # What the host does for it: peer sockets and files (cluster.yaml
+                    # ``enclave``); a peer that stopped reading is dropped, and counted.
+                    "peer_sockets": node.config.enclave.peer_sockets,
+                    "storage": node.config.enclave.storage,
+                    "peer_connections_dropped_slow": node.km.sockets.dropped_slow,
+                    "fsync_avg_ms": (
+                        round(node.km.disks.fsync_avg_s * 1000, 3)
+                        if node.km.disks is not None
+                        else None
+                    ),
+                },
                 "mqtt": {"published": stats.published, "dropped": stats.dropped},
                 # Peer-link counters since start: drops, refusals and reconnects explain a
                 # node that falls behind during a chaos run.

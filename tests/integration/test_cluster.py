@@ -380,6 +380,9 @@ def test_the_host_holds_the_files_and_the_enclave_none(cluster: LocalCluster) ->
         assert status is not None
         km = status["km_enclave"]["pid"]
         assert _open_files_under(km, node_dir) == set()
+        io = status["km_enclave"]
+        assert io["storage"] == "host" and io["peer_sockets"] == "host"
+        assert io["peer_connections_dropped_slow"] == 0 and io["fsync_avg_ms"] >= 0
         host_files = _open_files_under(cluster.procs[name].pid, node_dir)
         assert any(Path(f).parent.name == "raft" and f.endswith(".log") for f in host_files)
 
