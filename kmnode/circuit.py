@@ -27,11 +27,19 @@ Requests carry an id the reply repeats; either side may ask (the host asks for o
 the enclave asks the host to relay to the service enclave) and either side may notify (events).
 A side treats everything it reads as hostile: a record that does not decode to one of the
 circuit's messages is dropped and counted, never raised into the loop.
+
+A side never blocks on a full ring: what does not fit waits in a backlog, in order, and is
+written as the other side reads. Both sides write in bursts (a snapshot going to the host's
+disk while the host relays a catch-up to the enclave), and a writer that slept on a full ring
+would stop reading its own, so two full rings would stop both processes until a timeout broke
+the circuit. A backlog that makes no progress for ``WRITE_TIMEOUT``, or outgrows
+``MAX_BACKLOG``, means the other side stopped reading: the circuit is abandoned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -51,14 +59,18 @@ from kmnode.km_messages import (
     decode,
     encode,
 )
-from kmnode.ring import OcallWriter, OnFull, Reader, Ring, RingError, Writer
+from kmnode.ring import OcallWriter, OnFull, Reader, Ring, RingError, RingFull, Writer
 
 log = logging.getLogger(__name__)
 
 #: Bytes in each direction's ring: far above a burst of replies under load (a reply is ~100 B).
 CIRCUIT_CAPACITY = 4 << 20
-#: How long a writer waits for the reader to make room before the circuit counts as broken.
+#: How long a backlog may wait for the reader to make room before the circuit counts as broken.
 WRITE_TIMEOUT = 10.0
+#: Most bytes waiting for room in the ring before the circuit counts as broken.
+MAX_BACKLOG = 64 << 20
+#: How often a side with a backlog looks for room (the reader does not signal it).
+BACKLOG_RETRY_S = 0.001
 CircuitMode = Literal["switchless", "ocall"]
 R = TypeVar("R", bound=Reply)
 
@@ -105,8 +117,15 @@ class Circuit:
         self._bell_out = bell_out
         self._ring_pending = False
         self._unrung = False
-        writer = Writer(outbound, on_full=OnFull.WAIT, timeout=WRITE_TIMEOUT)
-        self._writer: Writer | OcallWriter = OcallWriter.over(writer) if mode == "ocall" else writer
+        writer = Writer(outbound, on_full=OnFull.FAIL)
+        self._writer: Writer | OcallWriter = (
+            OcallWriter.over(writer, on_full=OnFull.FAIL) if mode == "ocall" else writer
+        )
+        #: Records waiting for room in the ring, in order (see the module docstring).
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog_bytes = 0
+        self._backlog_since = 0.0
+        self._backlog_timer: asyncio.TimerHandle | None = None
         self._on_request = on_request
         self._on_notice = on_notice
         self._ids = itertools.count(1)
@@ -128,6 +147,9 @@ class Circuit:
 
     async def close(self) -> None:
         self._unwatch()
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
+            self._backlog_timer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -138,11 +160,66 @@ class Circuit:
     def _send(self, message: Message) -> None:
         if self.closed.is_set():
             raise CircuitClosed(f"{self.name}: the other side is gone")
+        record = encode(message)
+        self.sent += 1
+        if self._backlog or not self._write(record):
+            self._defer(record)
+            return
+        self._ring_for_turn()
+
+    def _write(self, record: bytes) -> bool:
+        """Write into the ring now; False if it is full."""
         try:
-            self._writer.write(encode(message))
+            self._writer.write(record)
+        except RingFull:
+            return False
         except RingError as exc:
             raise CircuitClosed(f"{self.name}: {exc}") from None
-        self.sent += 1
+        return True
+
+    def _defer(self, record: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._backlog:
+            self._backlog_since = loop.time()
+        self._backlog.append(record)
+        self._backlog_bytes += len(record)
+        if self._backlog_bytes > MAX_BACKLOG:
+            self.abandon(
+                f"{self._backlog_bytes} bytes wait for room: the other side stopped reading"
+            )
+            raise CircuitClosed(f"{self.name}: the other side stopped reading")
+        if self._backlog_timer is None:
+            self._backlog_timer = loop.call_later(BACKLOG_RETRY_S, self._drain_backlog)
+
+    def _drain_backlog(self) -> None:
+        """Write what waited, in order, as far as the ring has room."""
+        self._backlog_timer = None
+        if self.closed.is_set():
+            self._backlog.clear()
+            return
+        loop = asyncio.get_running_loop()
+        wrote = False
+        try:
+            while self._backlog:
+                record = self._backlog[0]
+                if not self._write(record):
+                    break
+                self._backlog.popleft()
+                self._backlog_bytes -= len(record)
+                wrote = True
+        except CircuitClosed as exc:
+            self.abandon(str(exc))
+            return
+        if wrote:
+            self._backlog_since = loop.time()
+            self._ring()
+        if self._backlog:
+            if loop.time() - self._backlog_since > WRITE_TIMEOUT:
+                self.abandon(f"no room in the ring for {WRITE_TIMEOUT:g}s: the other side is stuck")
+                return
+            self._backlog_timer = loop.call_later(BACKLOG_RETRY_S, self._drain_backlog)
+
+    def _ring_for_turn(self) -> None:
         if not self._ring_pending:
             # The first record of a loop turn rings at once, so the other side starts on it
             # while this turn goes on (a leader's append must not wait for its own fsync);
@@ -272,6 +349,10 @@ class Circuit:
             log.info("%s: %s", self.name, reason)
         self._unwatch()
         self.closed.set()
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
+            self._backlog_timer = None
+        self._backlog.clear()
         self._fail_pending()
 
     def _fail_pending(self) -> None:

@@ -16,6 +16,7 @@ from kmnode.circuit import Circuit, CircuitClosed
 from kmnode.km_messages import (
     Ack,
     CircuitError,
+    Data,
     DataReply,
     Event,
     Failed,
@@ -194,3 +195,46 @@ def test_operator_timeouts_are_bounded_at_the_boundary() -> None:
         with pytest.raises(ValueError):
             ReleaseKey(key="db", timeout=bad)
     assert ReleaseKey(key="db", timeout=3.0).timeout == 3.0
+
+
+async def test_both_sides_bursting_past_full_rings_deliver_everything_in_order(
+    pair: Pair,
+) -> None:
+    """A snapshot going to the host while the host relays a catch-up to the enclave: each side
+    writes far more than a ring holds, at once. Neither blocks on the full ring (a side that
+    slept there would stop reading its own, and two full rings would stop both); what does not
+    fit waits, in order, and everything arrives."""
+    pair.notices.clear()
+    chunk = 8 * 1024  # a record may take a quarter of a ring
+    count = 256  # 2 MiB each way, through 64 KiB rings
+    for i in range(count):
+        pair.host.notify(Data(conn=1, data=i.to_bytes(4, "big") * (chunk // 4)))
+        pair.enclave.notify(Data(conn=2, data=i.to_bytes(4, "big") * (chunk // 4)))
+    assert pair.host._backlog and pair.enclave._backlog  # both rings full, nobody blocked
+    for _ in range(1000):
+        if len(pair.notices) == 2 * count:
+            break
+        await asyncio.sleep(0.005)
+    for conn in (1, 2):
+        got = [n.data[:4] for n in pair.notices if isinstance(n, Data) and n.conn == conn]
+        assert got == [i.to_bytes(4, "big") for i in range(count)]
+    assert not pair.host.closed.is_set() and not pair.enclave.closed.is_set()
+
+
+async def test_a_side_that_stops_reading_is_given_up_on(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmnode.circuit as circuit
+
+    monkeypatch.setattr(circuit, "WRITE_TIMEOUT", 0.2)
+    pair.enclave._unwatch()  # the enclave stops reading (stuck, or paused for good)
+    for _ in range(16):
+        pair.host.notify(Data(conn=1, data=bytes(8 * 1024)))
+    assert pair.host._backlog
+    for _ in range(200):
+        if pair.host.closed.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert pair.host.closed.is_set()
+    with pytest.raises(CircuitClosed):
+        await pair.host.call(StatusRequest(), DataReply)
