@@ -19,6 +19,7 @@ from kmnode.enclave_code import current_identity, enclave_modules, enclave_sourc
 from kmnode.host.node import KMNode
 from kmnode.host.service_output import ServiceOutput
 from kmnode.imports import import_closure, module_sources
+from kmnode.km.commands import ReleaseRequested
 from kmnode.km.loader import load_km_enclave
 from kmnode.km.service_link import ServiceLink
 from kmnode.km.state import encode_command
@@ -136,7 +137,8 @@ async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
     try:
         challenge = km.new_challenge()
         response = await link.challenge(km.identity.measurement, challenge)
-        outcome = km.provision(release["release"], challenge, response)
+        assert isinstance(release, ReleaseRequested)
+        outcome = km.provision(release.release, challenge, response)
         if outcome.ok:
             assert await link.provide_key(outcome.ciphertext, outcome.vouch) == ("db", 1)
             await link.prove("db", 1, b"\x00")

@@ -1,4 +1,4 @@
-"""The KM state machine's commands, as typed records.
+"""The KM state machine's commands and their results, as typed records.
 
 A command in the Raft log is one of these models, as canonical JSON (sorted keys, no spaces, no
 unset optional fields), so the same command always has the same bytes and the ledger's hash
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -168,6 +169,88 @@ Command = Annotated[
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
 
 
+# --- results: what applying a command did (the same on every node) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A command's result. ``public`` is what the operator API shows of it."""
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    def public(self) -> dict[str, JsonValue]:
+        return {"ok": self.ok, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+@dataclass(frozen=True, slots=True)
+class Refused(Applied):
+    """The command was refused (malformed, or not acceptable in the state it met): nothing
+    changed but the chain."""
+
+    error: str
+
+    @property
+    def ok(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInitialised(Applied):
+    cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChanged(Applied):
+    """A member was added or removed."""
+
+    member: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGeneration(Applied):
+    """A key was created or rotated: its current generation."""
+
+    key: str
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequested(Applied):
+    release: str
+    key: str
+    generation: int
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseCompleted(Applied):
+    release: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyReplaced(Applied):
+    policy: dict[str, JsonValue]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChanged(Applied):
+    role: str
+    measurement: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformRevoked(Applied):
+    revoked: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSigned(Applied):
+    signed_index: int
+
+
 def canonical(value: Any, *, allow_nan: bool = False) -> bytes:
     """Canonical JSON: the same value always encodes to the same bytes. ``allow_nan`` writes
     NaN and infinities (which a node never proposes, but a faulty member could commit)."""
@@ -202,22 +285,33 @@ def explain(exc: ValidationError) -> str:
 
 __all__ = [
     "MAX_COMMAND_BYTES",
+    "Applied",
     "ClusterInit",
+    "ClusterInitialised",
     "Command",
     "CommandModel",
     "CommandRefused",
     "KeyCreate",
+    "KeyGeneration",
     "KeyRotate",
     "LedgerSign",
+    "LedgerSigned",
     "MemberAdd",
+    "MemberChanged",
     "MemberRecord",
     "MemberRemove",
+    "PlatformRevoked",
     "PolicyAllow",
+    "PolicyChanged",
     "PolicyDisallow",
+    "PolicyReplaced",
     "PolicyRevokePlatform",
     "PolicySet",
+    "Refused",
+    "ReleaseCompleted",
     "ReleaseOutcome",
     "ReleaseRequest",
+    "ReleaseRequested",
     "canonical",
     "explain",
     "parse",

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from attest.errors import AttestationError
 from consensus.types import ConfChange, ConfChangeType, RaftError
-from kmnode.km.commands import MemberAdd, MemberRecord, explain
+from kmnode.km.commands import MemberAdd, MemberRecord, Refused, explain
 from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
 from kmnode.km.peer_transport import Address
 from kmnode.km.peer_wire import (
@@ -163,8 +163,8 @@ class Joining:
             except ValidationError as exc:
                 return JoinReply("refused", reason=explain(exc))
             result = await node.propose(command.encode())
-            if not result.get("ok"):
-                return JoinReply("refused", reason=str(result.get("error", "refused")))
+            if isinstance(result, Refused):
+                return JoinReply("refused", reason=result.error)
         elif existing.platform_id != platform_id:
             return JoinReply("refused", reason=f"{peer_name} is a member on another platform")
         if peer_name not in driver.status.conf.voters:

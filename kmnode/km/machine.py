@@ -7,13 +7,13 @@ enclave, waking API requests) happen in listeners the node registers, after the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from consensus.types import Entry
+from kmnode.km.commands import Applied, ClusterInitialised
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.state import KMState
 
-ApplyListener = Callable[[int, dict[str, Any]], None]
+ApplyListener = Callable[[int, Applied], None]
 
 
 class KMStateMachine:
@@ -23,7 +23,7 @@ class KMStateMachine:
 
     def apply(self, entry: Entry) -> object:
         result = self._enclave.state.apply(entry.index, entry.data)
-        if "cluster" in result:
+        if isinstance(result, ClusterInitialised):
             # The ledger now names its cluster: it must be the one the sealed state is bound to.
             self._enclave.check_binding()
         for listener in self.listeners:

@@ -35,6 +35,7 @@ from consensus.types import NotLeader, RaftError
 from kmnode.config import ClusterConfig
 from kmnode.datadir import JOIN_MARKER, SEALED_STATE
 from kmnode.km import ledger_signer
+from kmnode.km.commands import Applied, ClusterInitialised, MemberChanged
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
@@ -233,12 +234,11 @@ class KMNode:
 
     # --- applying -----------------------------------------------------------------------------
 
-    def _on_apply(self, index: int, result: dict[str, Any]) -> None:
-        if result.get("ok"):
-            if "cluster" in result:
-                self._check_binding()
-            if "member" in result or "cluster" in result:
-                self.transport.refresh_peers()
+    def _on_apply(self, index: int, result: Applied) -> None:
+        if isinstance(result, ClusterInitialised):
+            self._check_binding()
+        if isinstance(result, ClusterInitialised | MemberChanged):
+            self.transport.refresh_peers()
         self.releases.on_apply(result)
 
     def _check_binding(self) -> None:
@@ -273,10 +273,11 @@ class KMNode:
             raise RaftError("the node has not started")
         return self.driver
 
-    async def propose(self, command: bytes, timeout: float = 5.0) -> dict[str, Any]:
-        """Propose on this node, which must be the leader (raises NotLeader otherwise)."""
+    async def propose(self, command: bytes, timeout: float = 5.0) -> Applied:
+        """Propose on this node, which must be the leader (raises NotLeader otherwise); the
+        command's result once it is applied here."""
         result = await self.raft().propose(command, timeout=timeout)
-        assert isinstance(result, dict)
+        assert isinstance(result, Applied)
         return result
 
     # --- events -----------------------------------------------------------------------------

@@ -14,21 +14,26 @@ import dataclasses
 import time
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.quote import CheckLog
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
 from kmnode.km.commands import (
+    Applied,
     CommandModel,
     KeyCreate,
+    KeyGeneration,
     KeyRotate,
+    MemberChanged,
     MemberRemove,
     PolicyAllow,
     PolicyDisallow,
     PolicyRevokePlatform,
+    Refused,
     ReleaseRequest,
+    ReleaseRequested,
     explain,
 )
 from kmnode.km.node import KMNode
@@ -87,19 +92,22 @@ class Operator:
             case AttestRequest():
                 return DataReply(data=self.attest())
             case CreateKey(name=name, allowed_service=allowed):
-                result = await self._commit(KeyCreate, name=name, allowed_service=allowed)
-                return DataReply(data={"key": result["key"], "generation": result["generation"]})
+                created = await self._commit(KeyCreate, name=name, allowed_service=allowed)
+                return DataReply(data=_key_view(created))
             case RotateKey(name=name):
-                result = await self._commit(KeyRotate, key=name)
-                return DataReply(data={"key": result["key"], "generation": result["generation"]})
+                rotated = await self._commit(KeyRotate, key=name)
+                return DataReply(data=_key_view(rotated))
             case ReleaseKey():
                 return DataReply(data=await self.release(request))
             case PolicyChange(change=change, role=role, measurement=measurement):
                 kind = PolicyAllow if change == "policy.allow" else PolicyDisallow
-                return DataReply(data=await self._commit(kind, role=role, measurement=measurement))
+                changed = await self._commit(kind, role=role, measurement=measurement)
+                return DataReply(data=changed.public())
             case RevokePlatform(platform_id=platform_id):
                 return DataReply(
-                    data=await self._commit(PolicyRevokePlatform, platform_id=platform_id)
+                    data=(
+                        await self._commit(PolicyRevokePlatform, platform_id=platform_id)
+                    ).public()
                 )
             case RemoveMember(name=name):
                 return DataReply(data=await self.remove_member(name))
@@ -144,7 +152,7 @@ class Operator:
 
     async def _commit(
         self, kind: type[CommandModel], timeout: float = 5.0, **fields: Any
-    ) -> dict[str, Any]:
+    ) -> Applied:
         """Build a ``kind`` command from the request's fields (refused here, before anything
         is proposed, if a field is malformed) and commit it on this leader."""
         self._require_leader()
@@ -153,8 +161,8 @@ class Operator:
         except ValidationError as exc:
             raise Failed.of("refused", explain(exc)) from None
         result = await self.node.propose(command.encode(), timeout)
-        if not result.get("ok"):
-            raise Failed.of("refused", str(result.get("error", "refused")))
+        if isinstance(result, Refused):
+            raise Failed.of("refused", result.error)
         return result
 
     # --- reads ------------------------------------------------------------------------------
@@ -270,7 +278,8 @@ class Operator:
             result = await self._commit(
                 ReleaseRequest, key=request.key, node=target, generation=request.generation
             )
-            release_ids.append(str(result["release"]))
+            assert isinstance(result, ReleaseRequested)
+            release_ids.append(result.release)
         deadline = time.monotonic() + min(max(request.timeout, 0.1), MAX_RELEASE_WAIT)
         for release_id in release_ids:
             await node.wait_release(release_id, max(deadline - time.monotonic(), 0.0))
@@ -289,17 +298,23 @@ class Operator:
             )
         return {"releases": releases}
 
-    async def remove_member(self, name: Any) -> dict[str, Any]:
+    async def remove_member(self, name: Any) -> dict[str, JsonValue]:
         """Two commits: the member record, then the Raft voter. Safe to retry: a retry after
         the first succeeded (and the conf change was busy or timed out) finishes the second."""
         driver = self.node.driver
         voter = driver is not None and isinstance(name, str) and name in driver.status.conf.voters
         if voter and name not in self.node.enclave.state.members:
             self._require_leader()
-            result: dict[str, Any] = {"ok": True, "member": name}
+            result: Applied = MemberChanged(name)
         else:
             result = await self._commit(MemberRemove, name=name)
         if voter and isinstance(name, str) and driver is not None:
             # A RaftError here (another change in flight) is a 503: the caller retries.
             await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))
-        return result
+        return result.public()
+
+
+def _key_view(result: Applied) -> dict[str, JsonValue]:
+    """What a key's creation or rotation answers: the key and its current generation."""
+    assert isinstance(result, KeyGeneration)
+    return {"key": result.key, "generation": result.generation}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.deadlines import Deadlines
 from consensus.types import Entry, RaftError
-from kmnode.km.commands import ReleaseOutcome
+from kmnode.km.commands import Applied, ReleaseCompleted, ReleaseOutcome, ReleaseRequested
 from kmnode.km.enclave import ProvisionResult
 from kmnode.km.state import Release
 from kmnode.service_pipe import ServiceUnavailable
@@ -70,15 +70,13 @@ class Releases:
 
     # --- applied outcomes and waiting ---------------------------------------------------------
 
-    def on_apply(self, result: dict[str, Any]) -> None:
+    def on_apply(self, result: Applied) -> None:
         """A committed command was applied: provision a release to this node, wake waiters."""
-        if not result.get("ok") or "release" not in result:
-            return
-        release_id = str(result["release"])
-        if result.get("node") == self.node.name and "generation" in result:
-            self.node.spawn(self.provision(release_id))
-        if "status" in result:
-            for future in self._waiters.pop(release_id, []):
+        if isinstance(result, ReleaseRequested):
+            if result.node == self.node.name:
+                self.node.spawn(self.provision(result.release))
+        elif isinstance(result, ReleaseCompleted):
+            for future in self._waiters.pop(result.release, []):
                 if not future.done():
                     future.set_result(None)
 

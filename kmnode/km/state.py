@@ -24,21 +24,32 @@ from typing import Any
 from attest.identity import EnclaveRole
 from attest.policy import Policy
 from kmnode.km.commands import (
+    Applied,
     ClusterInit,
+    ClusterInitialised,
     Command,
     CommandRefused,
     KeyCreate,
+    KeyGeneration,
     KeyRotate,
     LedgerSign,
+    LedgerSigned,
     MemberAdd,
+    MemberChanged,
     MemberRecord,
     MemberRemove,
+    PlatformRevoked,
     PolicyAllow,
+    PolicyChanged,
     PolicyDisallow,
+    PolicyReplaced,
     PolicyRevokePlatform,
     PolicySet,
+    Refused,
+    ReleaseCompleted,
     ReleaseOutcome,
     ReleaseRequest,
+    ReleaseRequested,
     canonical,
     parse,
 )
@@ -114,27 +125,26 @@ class KMState:
 
     # --- applying ---------------------------------------------------------------------------
 
-    def apply(self, index: int, data: bytes) -> dict[str, Any]:
-        """Apply the committed command at ``index``; returns ``{"ok": ..., ...}``."""
+    def apply(self, index: int, data: bytes) -> Applied:
+        """Apply the committed command at ``index``; its result (``Refused`` if refused)."""
         if index <= self.applied_index:
             raise ValueError(f"apply out of order: got {index}, applied {self.applied_index}")
         self.applied_index = index
         self.chain_hash = chain_step(self.chain_hash, index, data)
         try:
             command = parse(data)
-            result = _HANDLERS[type(command)](self, index, command)
+            return _HANDLERS[type(command)](self, index, command)
         except CommandRefused as exc:
-            return {"ok": False, "error": str(exc)}
+            return Refused(str(exc))
         except Exception as exc:  # a committed entry must never stop the log
             # A case no check foresaw. Every node runs the same code on the same bytes, so
             # every node refuses it alike; raising would stop the Raft driver on every node,
             # and again after every restart, since the entry replays.
-            return {"ok": False, "error": f"command could not be applied ({type(exc).__name__})"}
-        return {"ok": True, **result}
+            return Refused(f"command could not be applied ({type(exc).__name__})")
 
     # --- handlers ---------------------------------------------------------------------------
 
-    def _init(self, index: int, cmd: ClusterInit) -> dict[str, Any]:
+    def _init(self, index: int, cmd: ClusterInit) -> Applied:
         if self.cluster:
             raise CommandRefused(f"cluster {self.cluster!r} is already initialised")
         policy = _policy(cmd.policy)
@@ -147,12 +157,12 @@ class KMState:
         self.cluster = cmd.cluster
         self.cluster_id = cmd.cluster_id
         self.genesis_hash = self.chain_hash
-        return {"cluster": cmd.cluster}
+        return ClusterInitialised(cmd.cluster)
 
-    def _member_add(self, index: int, cmd: MemberAdd) -> dict[str, Any]:
+    def _member_add(self, index: int, cmd: MemberAdd) -> Applied:
         self._require_init()
         member = self._add_member(index, cmd.member)
-        return {"member": member.name}
+        return MemberChanged(member.name)
 
     def _add_member(self, index: int, record: MemberRecord) -> Member:
         name, platform_id = record.name, record.platform_id
@@ -173,30 +183,30 @@ class KMState:
         self.members[name] = member
         return member
 
-    def _member_remove(self, index: int, cmd: MemberRemove) -> dict[str, Any]:
+    def _member_remove(self, index: int, cmd: MemberRemove) -> Applied:
         self._require_init()
         if cmd.name not in self.members:
             raise CommandRefused(f"{cmd.name!r} is not a member")
         if len(self.members) == 1:
             raise CommandRefused("cannot remove the last member")
         del self.members[cmd.name]
-        return {"member": cmd.name}
+        return MemberChanged(cmd.name)
 
-    def _key_create(self, index: int, cmd: KeyCreate) -> dict[str, Any]:
+    def _key_create(self, index: int, cmd: KeyCreate) -> Applied:
         self._require_init()
         if cmd.name in self.keys:
             raise CommandRefused(f"key {cmd.name!r} already exists")
         allowed = sorted(set(cmd.allowed_service))
         self.keys[cmd.name] = KeyRecord(cmd.name, 1, allowed, index, index)
-        return {"key": cmd.name, "generation": 1}
+        return KeyGeneration(cmd.name, 1)
 
-    def _key_rotate(self, index: int, cmd: KeyRotate) -> dict[str, Any]:
+    def _key_rotate(self, index: int, cmd: KeyRotate) -> Applied:
         record = self._key(cmd.key)
         record.generation += 1
         record.rotated_index = index
-        return {"key": record.name, "generation": record.generation}
+        return KeyGeneration(record.name, record.generation)
 
-    def _release_request(self, index: int, cmd: ReleaseRequest) -> dict[str, Any]:
+    def _release_request(self, index: int, cmd: ReleaseRequest) -> Applied:
         record = self._key(cmd.key)
         if cmd.node not in self.members:
             raise CommandRefused(f"{cmd.node!r} is not a member")
@@ -207,14 +217,9 @@ class KMState:
             )
         release = Release(f"r{index}", record.name, generation, cmd.node, index)
         self.releases[release.id] = release
-        return {
-            "release": release.id,
-            "key": record.name,
-            "generation": generation,
-            "node": cmd.node,
-        }
+        return ReleaseRequested(release.id, record.name, generation, cmd.node)
 
-    def _release_outcome(self, index: int, cmd: ReleaseOutcome) -> dict[str, Any]:
+    def _release_outcome(self, index: int, cmd: ReleaseOutcome) -> Applied:
         release = self.releases.get(cmd.release)
         if release is None:
             raise CommandRefused(f"no release {cmd.release!r}")
@@ -234,35 +239,35 @@ class KMState:
             service_measurement=measurement,
             completed_index=index,
         )
-        return {"release": cmd.release, "status": cmd.status}
+        return ReleaseCompleted(cmd.release, cmd.status)
 
-    def _policy_set(self, index: int, cmd: PolicySet) -> dict[str, Any]:
+    def _policy_set(self, index: int, cmd: PolicySet) -> Applied:
         self._require_init()
         self.policy = _policy(cmd.policy)
-        return {"policy": self.policy.to_dict()}
+        return PolicyReplaced(self.policy.to_dict())
 
-    def _policy_allow(self, index: int, cmd: PolicyAllow) -> dict[str, Any]:
+    def _policy_allow(self, index: int, cmd: PolicyAllow) -> Applied:
         role = EnclaveRole(cmd.role)
         self.policy = self.policy.allow(role, bytes.fromhex(cmd.measurement))
-        return {"role": role.value, "measurement": cmd.measurement}
+        return PolicyChanged(role.value, cmd.measurement)
 
-    def _policy_disallow(self, index: int, cmd: PolicyDisallow) -> dict[str, Any]:
+    def _policy_disallow(self, index: int, cmd: PolicyDisallow) -> Applied:
         role = EnclaveRole(cmd.role)
         self.policy = self.policy.disallow(role, bytes.fromhex(cmd.measurement))
-        return {"role": role.value, "measurement": cmd.measurement}
+        return PolicyChanged(role.value, cmd.measurement)
 
-    def _policy_revoke_platform(self, index: int, cmd: PolicyRevokePlatform) -> dict[str, Any]:
+    def _policy_revoke_platform(self, index: int, cmd: PolicyRevokePlatform) -> Applied:
         self.policy = self.policy.revoke_platform(cmd.platform_id)
-        return {"revoked": cmd.platform_id}
+        return PlatformRevoked(cmd.platform_id)
 
-    def _ledger_sign(self, index: int, cmd: LedgerSign) -> dict[str, Any]:
+    def _ledger_sign(self, index: int, cmd: LedgerSign) -> Applied:
         if not cmd.index < index:
             raise CommandRefused("ledger signature must cover an earlier index")
         if cmd.index <= self.last_signed_index:
             raise CommandRefused(f"index {cmd.index} is already covered by a signature")
         self.last_signed_index = cmd.index
         self.last_signature_entry = index
-        return {"signed_index": cmd.index}
+        return LedgerSigned(cmd.index)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -357,7 +362,7 @@ class KMState:
         )
 
 
-_HANDLERS: dict[type[Command], Callable[[KMState, int, Any], dict[str, Any]]] = {
+_HANDLERS: dict[type[Command], Callable[[KMState, int, Any], Applied]] = {
     ClusterInit: KMState._init,
     MemberAdd: KMState._member_add,
     MemberRemove: KMState._member_remove,

@@ -9,6 +9,7 @@ from attest.hardware import Platform, VendorRoot
 from attest.identity import EnclaveIdentity, measure_sources, signer_id
 from attest.policy import Policy
 from attest.quote import QuoteVerifier
+from kmnode.km.commands import ReleaseRequested
 from kmnode.km.enclave import JoinReply, KMEnclave, Purpose
 from kmnode.km.state import encode_command
 from kmnode.service.enclave import ServiceEnclave
@@ -73,8 +74,8 @@ def release(km: KMEnclave, key: str = "db", node: str = "", generation: int | No
     if generation is not None:
         fields["generation"] = generation
     result = commit(km, "release.request", **fields)
-    assert result["ok"], result
-    return str(result["release"])
+    assert isinstance(result, ReleaseRequested), result
+    return result.release
 
 
 def handshake(dialler: KMEnclave, listener: KMEnclave, purpose: Purpose) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attest.policy import Policy
+from kmnode.km.commands import ClusterInitialised, KeyGeneration, Refused, ReleaseCompleted
 from kmnode.km.state import KMState, encode_command
 
 SERVICE_OK = "aa" * 32
@@ -36,7 +37,7 @@ def initialised() -> KMState:
         state,
         encode_command("cluster.init", cluster="demo", policy=POLICY, member=member("km1", 7101)),
     )
-    assert result == {"ok": True, "cluster": "demo"}
+    assert result == ClusterInitialised("demo")
     return state
 
 
@@ -50,11 +51,11 @@ def test_key_lifecycle_and_release_flow() -> None:
         encode_command("release.request", key="db", node="km2"),
         encode_command("release.request", key="db", node="km1", generation=1),
     )
-    assert [r["ok"] for r in results] == [True] * 5
-    assert results[2]["generation"] == 2
-    release_id = results[3]["release"]
+    assert [r.ok for r in results] == [True] * 5
+    assert results[2] == KeyGeneration("db", 2)
+    release_id = results[3].release
     assert state.releases[release_id].generation == 2
-    assert state.releases[results[4]["release"]].generation == 1
+    assert state.releases[results[4].release].generation == 1
     outcome = run(
         state,
         encode_command(
@@ -65,11 +66,12 @@ def test_key_lifecycle_and_release_flow() -> None:
             service_measurement=SERVICE_OK,
         ),
     )
-    assert outcome == [{"ok": True, "release": release_id, "status": "provisioned"}]
+    assert outcome == [ReleaseCompleted(release_id, "provisioned")]
+    assert outcome[0].public() == {"ok": True, "release": release_id, "status": "provisioned"}
     again = run(
         state, encode_command("release.outcome", release=release_id, node="km2", status="refused")
     )
-    assert again[0]["ok"] is False and "already provisioned" in again[0]["error"]
+    assert again[0] == Refused(f"release {release_id} is already provisioned")
 
 
 def test_provisioning_to_a_disallowed_measurement_cannot_be_recorded() -> None:
@@ -80,26 +82,26 @@ def test_provisioning_to_a_disallowed_measurement_cannot_be_recorded() -> None:
         state,
         encode_command(
             "release.outcome",
-            release=req["release"],
+            release=req.release,
             node="km1",
             status="provisioned",
             service_measurement=SERVICE_BAD,
         ),
     )
-    assert bad["ok"] is False and "not allowed" in bad["error"]
+    assert isinstance(bad, Refused) and "not allowed" in bad.error
     (refused,) = run(
         state,
         encode_command(
             "release.outcome",
-            release=req["release"],
+            release=req.release,
             node="km1",
             status="refused",
             reason="UnknownMeasurement",
             service_measurement=SERVICE_BAD,
         ),
     )
-    assert refused["ok"] is True
-    assert state.releases[req["release"]].status == "refused"
+    assert refused.ok is True
+    assert state.releases[req.release].status == "refused"
 
 
 def test_per_key_allowed_measurements_override_policy() -> None:
@@ -134,7 +136,7 @@ def test_bad_commands_are_refused_specifically_and_change_nothing_but_the_chain(
     }
     for command, expected in cases.items():
         (result,) = run(state, command)
-        assert result["ok"] is False and expected in result["error"], (command[:40], result)
+        assert isinstance(result, Refused) and expected in result.error, (command[:40], result)
     after = json.loads(state.snapshot())
     for changing in ("applied_index", "chain_hash"):
         before.pop(changing), after.pop(changing)
@@ -146,20 +148,21 @@ def test_release_of_unknown_generation_and_non_member_refused() -> None:
     run(state, encode_command("key.create", name="db"))
     (r1,) = run(state, encode_command("release.request", key="db", node="km1", generation=2))
     (r2,) = run(state, encode_command("release.request", key="db", node="km7"))
-    assert "generations 1..1" in r1["error"] and "not a member" in r2["error"]
+    assert isinstance(r1, Refused) and isinstance(r2, Refused)
+    assert "generations 1..1" in r1.error and "not a member" in r2.error
 
 
 def test_commands_before_init_are_refused() -> None:
     state = KMState()
     (result,) = run(state, encode_command("key.create", name="db"))
-    assert result == {"ok": False, "error": "the cluster is not initialised yet"}
+    assert result == Refused("the cluster is not initialised yet")
 
 
 def test_revoked_platform_cannot_join() -> None:
     state = initialised()
     run(state, encode_command("policy.revoke_platform", platform_id="p-km2"))
     (result,) = run(state, encode_command("member.add", member=member("km2", 7102)))
-    assert "revoked" in result["error"]
+    assert isinstance(result, Refused) and "revoked" in result.error
 
 
 COMMANDS = st.one_of(

@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmnode.km.commands import Applied, Refused
 from kmnode.km.state import _HANDLERS, KMState, encode_command
 from tests.km.test_state import initialised, member, run
 
@@ -55,8 +56,8 @@ def test_any_fields_are_applied_or_refused_and_a_refusal_changes_nothing(
     state = ready_state()
     before = image(state)
     result = state.apply(state.applied_index + 1, encode_command(op, **fields))
-    assert isinstance(result, dict) and isinstance(result["ok"], bool)
-    if not result["ok"]:
+    assert isinstance(result, Applied)
+    if not result.ok:
         assert image(state) == before, result
 
 
@@ -72,5 +73,5 @@ def test_poison_pills_from_the_hardening_issue_are_refused() -> None:
     for pill in pills:
         before = image(state)
         result = state.apply(state.applied_index + 1, pill)
-        assert result["ok"] is False, (pill[:60], result)
+        assert isinstance(result, Refused), (pill[:60], result)
         assert image(state) == before

@@ -25,7 +25,7 @@ def with_releases(count: int) -> KMState:
                 state,
                 encode_command(
                     "release.outcome",
-                    release=request["release"],
+                    release=request.release,
                     node="km2",
                     status=status,
                     reason="" if i % 2 else 'no \u00e9nclave "here"',
