@@ -70,7 +70,7 @@ async def serve(
     config = load_config(config_path)
     inbound, outbound = Ring.attach(rings[0]), Ring.attach(rings[1])
     data_dir = config.state_dir / "nodes" / name
-    service = ServiceLink(config_path, name, service_ring, data_dir / "service.log")
+    service = ServiceLink(config_path, name, service_ring)
     stop = asyncio.Event()
     circuits: list[Circuit] = []
 

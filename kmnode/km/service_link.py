@@ -79,7 +79,9 @@ def crash_child(pid: int | None) -> int | None:
 
 
 class ServiceLink:
-    def __init__(self, config_path: Path, node: str, ring_name: str, log_path: Path) -> None:
+    def __init__(
+        self, config_path: Path, node: str, ring_name: str, log_path: Path | None = None
+    ) -> None:
         self.config_path = config_path
         self.node = node
         #: The host's ring the service enclave writes its output into.
@@ -118,8 +120,13 @@ class ServiceLink:
             self._started.set()
 
     async def _spawn(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as stderr:
+        """Start the child. Its log lines go to ``log_path``, or (None: in a node) where this
+        process's go, the node's log, which the host holds: the KM enclave opens no file."""
+        with contextlib.ExitStack() as files:
+            stderr = None
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                stderr = files.enter_context(open(self.log_path, "ab"))
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
