@@ -105,6 +105,9 @@ class JoinRequest:
     host: str
     peer_port: int
     api_port: int
+    #: A member asking again only to learn the committed membership (it restarted behind the
+    #: cluster): it must not be added if it is not a member any more.
+    refresh: bool = False
 
     def record(self) -> dict[str, Any]:
         return {
@@ -450,15 +453,24 @@ class KMEnclave:
 
     # --- joining ----------------------------------------------------------------------------
 
-    def join_request(self, session: int, host: str, peer_port: int, api_port: int) -> bytes:
+    def join_request(
+        self, session: int, host: str, peer_port: int, api_port: int, *, refresh: bool = False
+    ) -> bytes:
         """The join request of this node (its addresses; its name and platform are the
-        enclave's own) as a frame on a join session this enclave dialled."""
+        enclave's own) as a frame on a join session this enclave dialled. ``refresh``: this
+        node is a member asking only for the committed membership (see ``JoinRequest``)."""
         record = self._session(session, Purpose.JOIN, initiator=True)
         if record.join_requested:
             raise SessionRefused(f"session {session} has already carried a join request")
         record.join_requested = True
         assert record.party.result is not None
-        body = {"name": self.name, "host": host, "peer_port": peer_port, "api_port": api_port}
+        body = {
+            "name": self.name,
+            "host": host,
+            "peer_port": peer_port,
+            "api_port": api_port,
+            "refresh": refresh,
+        }
         return record.party.result.channel.seal(json.dumps(body).encode())
 
     def open_join_request(self, session: int, frame: bytes) -> JoinRequest:
@@ -477,7 +489,12 @@ class KMEnclave:
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
                 raise FrameRefused("join request: ports must be numbers in 1..65535")
         assert isinstance(peer_port, int) and isinstance(api_port, int)
-        return JoinRequest(result.peer_name, result.peer.platform_id, host, peer_port, api_port)
+        refresh = body.get("refresh", False)
+        if not isinstance(refresh, bool):
+            raise FrameRefused("join request: refresh must be true or false")
+        return JoinRequest(
+            result.peer_name, result.peer.platform_id, host, peer_port, api_port, refresh
+        )
 
     def join_reply(self, session: int, reply: JoinReply) -> bytes:
         """A member's answer on a join session it accepted. An ``admitted`` answer carries the

@@ -103,14 +103,16 @@ class Joining:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
-    async def join_via(self, peer: str, address: Address) -> str | None:
+    async def join_via(self, peer: str, address: Address, *, refresh: bool = False) -> str | None:
         """One join attempt; returns None when admitted, else the leader hint to retry with."""
         enclave, spec = self.node.enclave, self.node.spec
         reader, writer = await asyncio.wait_for(self.node.net.open_connection(*address), 2.0)
         try:
             session = await initiate(enclave, reader, writer, JOIN, peer)
             try:
-                request = enclave.join_request(session, spec.host, spec.peer_port, spec.api_port)
+                request = enclave.join_request(
+                    session, spec.host, spec.peer_port, spec.api_port, refresh=refresh
+                )
                 writer.write(encode_frame(CHANNEL, request))
                 async with asyncio.timeout(JOIN_TIMEOUT):
                     frame = await expect(reader, CHANNEL, MAX_JOIN_FRAME)
@@ -124,6 +126,34 @@ class Joining:
                 enclave.close_session(session)
         finally:
             writer.close()
+
+    async def refresh_membership(self) -> bool:
+        """Learn the committed membership from another member: after a restart behind the
+        cluster, this node's own state may not yet name members that joined meanwhile (a new
+        leader among them), and it would refuse their links, so it could not catch up while
+        one of them leads. The member's answer (sealed on the attested channel, from its
+        committed state) is accepted until this node's own state reaches the index it was
+        taken at, as a joiner's admission is. True if a member answered."""
+        node = self.node
+        addresses = node.addresses()
+        for name in sorted(node.enclave.directory()):
+            address = addresses.get(name)
+            if address is None:
+                continue
+            try:
+                if await self.join_via(name, address, refresh=True) is None:
+                    return True
+            except (
+                OSError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+                PeerProtocolError,
+                PeerRefused,
+                JoinRefused,
+                AttestationError,
+            ) as exc:
+                log.info("%s: %s did not refresh the membership: %s", node.name, name, exc)
+        return False
 
     async def serve(self, session: int, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
         """Member side of a join: the joiner's quote already passed the replicated policy."""
@@ -141,7 +171,7 @@ class Joining:
                     sealed = enclave.join_reply(session, JoinReply("busy", reason=str(exc)))
                     reply = JoinReply("busy")
                 writer.write(encode_frame(CHANNEL, sealed))
-                if reply.status == "admitted":
+                if reply.status == "admitted" and not request.refresh:
                     self.node.publish_event(
                         "member.admitted", member=request.name, platform=request.platform_id
                     )
@@ -150,13 +180,23 @@ class Joining:
             enclave.close_session(session)
 
     async def admit(self, request: JoinRequest) -> JoinReply:
-        """The leader commits the joiner as a member, then as a voter (one change at a time)."""
+        """The leader commits the joiner as a member, then as a voter (one change at a time).
+
+        A voter on its own platform asking again is admitted by any member, leader or not:
+        it only learns the committed membership (it holds the secret already). A refresh from
+        a node that is not such a voter is refused, never turned into a new member.
+        """
         node = self.node
         driver = node.raft()
-        if not driver.is_leader:
-            return JoinReply("redirect", leader=driver.leader)
         peer_name, platform_id = request.name, request.platform_id
         existing = node.enclave.state.members.get(peer_name)
+        voter = peer_name in driver.status.conf.voters
+        if existing is not None and existing.platform_id == platform_id and voter:
+            return JoinReply("admitted")
+        if request.refresh:
+            return JoinReply("refused", reason=f"{peer_name} is not a voter on that platform")
+        if not driver.is_leader:
+            return JoinReply("redirect", leader=driver.leader)
         if existing is None:
             try:
                 command = MemberAdd(member=MemberRecord(**request.record()))

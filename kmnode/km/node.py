@@ -51,6 +51,10 @@ from kmnode.linkfaults import FaultRules
 log = logging.getLogger(__name__)
 
 
+#: Least time between two membership refreshes (see ``_on_refused``).
+REFRESH_INTERVAL_S = 2.0
+
+
 class NodeStartError(Exception):
     """The node cannot start; the message says why and what to do."""
 
@@ -110,14 +114,26 @@ class KMNode:
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The membership refresh running after a refused link, and when the last began.
+        self._refreshing: asyncio.Task[Any] | None = None
+        self._refreshed_at = -REFRESH_INTERVAL_S
 
     # --- views used by the transport and the API ---------------------------------------------
 
     def addresses(self) -> dict[str, Address]:
+        """Where the peers are: committed members' records; before this node's state names a
+        cluster, or for a peer its enclave accepts before its own state names it (a member
+        that joined while this node was down), cluster.yaml's. An address is only where to
+        dial: who answers is proved by the handshake."""
+        configured = {n.name: (n.host, n.peer_port) for n in self.config.nodes}
         members = self.enclave.state.members
-        if members:
-            return {m.name: (m.host, m.peer_port) for m in members.values()}
-        return {n.name: (n.host, n.peer_port) for n in self.config.nodes}
+        if not members:
+            return configured
+        found = {m.name: (m.host, m.peer_port) for m in members.values()}
+        for name in self.enclave.directory().keys() - found.keys():
+            if name in configured:
+                found[name] = configured[name]
+        return found
 
     @property
     def ready(self) -> bool:
@@ -291,6 +307,23 @@ class KMNode:
 
     def _on_refused(self, peer: str, reason: str) -> None:
         self.publish_event("peer.refused", peer=peer, reason=reason)
+        # Perhaps a member this node has not read about yet (it joined while this node was
+        # down): learn the committed membership from another member. At most one refresh at
+        # a time and one per REFRESH_INTERVAL_S, so refused connections cannot make work.
+        now = time.monotonic()
+        if (
+            self.joined.is_set()
+            and self._refreshing is None
+            and now - self._refreshed_at >= REFRESH_INTERVAL_S
+        ):
+            self._refreshed_at = now
+            self._refreshing = self.spawn(self.joining.refresh_membership())
+            self._refreshing.add_done_callback(self._refresh_done)
+
+    def _refresh_done(self, task: asyncio.Task[Any]) -> None:
+        self._refreshing = None
+        if not task.cancelled() and task.exception() is None and task.result():
+            self.transport.refresh_peers()
 
 
 __all__ = ["KMNode", "NodeStartError", "NotLeader"]

@@ -9,7 +9,7 @@ from attest.hardware import Platform, VendorRoot
 from attest.identity import EnclaveIdentity, measure_sources, signer_id
 from attest.policy import Policy
 from attest.quote import QuoteVerifier
-from kmnode.km.commands import ReleaseRequested
+from kmnode.km.commands import Applied, ReleaseRequested
 from kmnode.km.enclave import JoinReply, KMEnclave, Purpose
 from kmnode.km.state import encode_command
 from kmnode.service.enclave import ServiceEnclave
@@ -63,7 +63,7 @@ def km_node(name: str, platform: str, cluster_id: str = "", genesis: bool = Fals
     return enclave
 
 
-def commit(km: KMEnclave, op: str, **fields: object) -> dict[str, object]:
+def commit(km: KMEnclave, op: str, **fields: object) -> Applied:
     """Apply a command at the next index, as a committed entry would be."""
     return km.state.apply(km.state.applied_index + 1, encode_command(op, **fields))
 
