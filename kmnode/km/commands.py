@@ -134,16 +134,19 @@ class PolicySet(CommandModel):
     policy: PolicyJson
 
 
-class PolicyAllow(CommandModel):
+class _RoleMeasurement(CommandModel):
+    """A measurement allowed or disallowed for an enclave role."""
+
+    role: Literal["km", "service"]
+    measurement: Hex32
+
+
+class PolicyAllow(_RoleMeasurement):
     op: Literal["policy.allow"] = "policy.allow"
-    role: Literal["km", "service"]
-    measurement: Hex32
 
 
-class PolicyDisallow(CommandModel):
+class PolicyDisallow(_RoleMeasurement):
     op: Literal["policy.disallow"] = "policy.disallow"
-    role: Literal["km", "service"]
-    measurement: Hex32
 
 
 class PolicyRevokePlatform(CommandModel):

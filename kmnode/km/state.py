@@ -246,14 +246,10 @@ class KMState:
         self.policy = _policy(cmd.policy)
         return PolicyReplaced(self.policy.to_dict())
 
-    def _policy_allow(self, index: int, cmd: PolicyAllow) -> Applied:
-        role = EnclaveRole(cmd.role)
-        self.policy = self.policy.allow(role, bytes.fromhex(cmd.measurement))
-        return PolicyChanged(role.value, cmd.measurement)
-
-    def _policy_disallow(self, index: int, cmd: PolicyDisallow) -> Applied:
-        role = EnclaveRole(cmd.role)
-        self.policy = self.policy.disallow(role, bytes.fromhex(cmd.measurement))
+    def _policy_change(self, index: int, cmd: PolicyAllow | PolicyDisallow) -> Applied:
+        role, measurement = EnclaveRole(cmd.role), bytes.fromhex(cmd.measurement)
+        change = self.policy.allow if isinstance(cmd, PolicyAllow) else self.policy.disallow
+        self.policy = change(role, measurement)
         return PolicyChanged(role.value, cmd.measurement)
 
     def _policy_revoke_platform(self, index: int, cmd: PolicyRevokePlatform) -> Applied:
@@ -371,8 +367,8 @@ _HANDLERS: dict[type[Command], Callable[[KMState, int, Any], Applied]] = {
     ReleaseRequest: KMState._release_request,
     ReleaseOutcome: KMState._release_outcome,
     PolicySet: KMState._policy_set,
-    PolicyAllow: KMState._policy_allow,
-    PolicyDisallow: KMState._policy_disallow,
+    PolicyAllow: KMState._policy_change,
+    PolicyDisallow: KMState._policy_change,
     PolicyRevokePlatform: KMState._policy_revoke_platform,
     LedgerSign: KMState._ledger_sign,
 }

@@ -17,7 +17,7 @@ import pytest
 from consensus.driver import DriverStopped, RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
-from consensus.transport import TcpTransport
+from consensus.transport import MessageHandler, TcpTransport, Transport
 from consensus.types import (
     ConfChange,
     ConfChangeType,
@@ -48,6 +48,19 @@ class ListMachine:
 
     def restore(self, data: bytes) -> None:
         self.items = list(msgpack.unpackb(data))
+
+
+class Alone(Transport):
+    """The transport of a one-node cluster, which has nobody to send to."""
+
+    async def start(self, handler: MessageHandler) -> None:
+        return None
+
+    def send(self, msg: Message) -> None:
+        raise AssertionError(f"a one-node cluster sent {msg}")
+
+    async def stop(self) -> None:
+        return None
 
 
 async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

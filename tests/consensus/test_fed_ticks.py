@@ -14,43 +14,22 @@ import pytest
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
-from consensus.transport import MessageHandler, Transport
-from consensus.types import Entry, Message
+from tests.consensus.test_driver import Alone, ListMachine
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class Alone(Transport):
-    async def start(self, handler: MessageHandler) -> None:
-        return None
-
-    def send(self, msg: Message) -> None:
-        raise AssertionError(f"a one-node cluster sent {msg}")
-
-    async def stop(self) -> None:
-        return None
-
-
-class Items:
-    def __init__(self) -> None:
-        self.items: list[bytes] = []
-
-    def apply(self, entry: Entry) -> object:
-        self.items.append(entry.data)
-        return len(self.items)
-
-    def snapshot(self) -> bytes:
-        return b""
-
-    def restore(self, data: bytes) -> None:
-        self.items = []
 
 
 async def test_only_fed_ticks_move_raft_time_and_a_burst_counts_as_two(tmp_path: Path) -> None:
     config = RaftConfig(id="a", peers=("a",), election_tick=10)
     log = DurableLog.open(tmp_path, fsync=False)
     driver = RaftDriver(
-        config, log, Alone(), Items(), tick_interval=0.001, rng=random.Random(7), fed_ticks=True
+        config,
+        log,
+        Alone(),
+        ListMachine(),
+        tick_interval=0.001,
+        rng=random.Random(7),
+        fed_ticks=True,
     )
     await driver.start()
     try:

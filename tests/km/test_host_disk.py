@@ -23,8 +23,7 @@ from consensus.driver import DriverStopped, RaftDriver
 from consensus.raft import RaftConfig
 from consensus.segments import encode_record, read_records
 from consensus.storage import DurableLog, TamperedLogError
-from consensus.transport import MessageHandler, Transport
-from consensus.types import Entry, EntryType, HardState, Message
+from consensus.types import Entry, EntryType, HardState
 from kmnode.circuit import Circuit
 from kmnode.host.disks import HostDisks
 from kmnode.km.host_disk import HostDisk
@@ -42,6 +41,7 @@ from kmnode.km_messages import (
     encode,
 )
 from kmnode.ring import Ring
+from tests.consensus.test_driver import Alone, ListMachine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -193,7 +193,7 @@ async def test_a_record_the_host_changed_or_a_log_it_swapped_in_is_refused(
 async def test_raft_acknowledges_an_entry_only_after_the_host_confirms_it(pair: Pair) -> None:
     log = await open_log(pair.raft)
     driver = RaftDriver(
-        RaftConfig(id="a", peers=("a",)), log, Alone(), Items(), tick_interval=0.01,
+        RaftConfig(id="a", peers=("a",)), log, Alone(), ListMachine(), tick_interval=0.01,
         rng=random.Random(1),
     )  # fmt: skip
     await driver.start()
@@ -226,7 +226,7 @@ async def test_a_write_the_host_fails_stops_raft_and_nothing_after_it_is_written
         with pytest.raises(DiskError, match="sync raft/wal"):
             await log.durable()
         assert segment.stat().st_size == size  # nothing after the failed fsync was written
-        driver = RaftDriver(RaftConfig(id="a", peers=("a",)), log, Alone(), Items())
+        driver = RaftDriver(RaftConfig(id="a", peers=("a",)), log, Alone(), ListMachine())
         await driver.start()
         driver.campaign()
         with pytest.raises(DriverStopped):
@@ -281,34 +281,6 @@ async def test_sealed_state_is_replaced_whole_and_a_barrier_covers_both_director
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-class Alone(Transport):
-    """A one-node cluster sends nothing."""
-
-    async def start(self, handler: MessageHandler) -> None:
-        return None
-
-    def send(self, msg: Message) -> None:
-        raise AssertionError(f"a one-node cluster sent {msg}")
-
-    async def stop(self) -> None:
-        return None
-
-
-class Items:
-    def __init__(self) -> None:
-        self.items: list[bytes] = []
-
-    def apply(self, entry: Entry) -> object:
-        self.items.append(entry.data)
-        return len(self.items)
-
-    def snapshot(self) -> bytes:
-        return b""
-
-    def restore(self, data: bytes) -> None:
-        self.items = []
 
 
 class Failing(HostDisks):
