@@ -90,3 +90,22 @@ def _join(holder: Any, target: Any) -> None:
     dialled, accepted = handshake(target, holder, Purpose.JOIN)
     holder.open_join_request(accepted, target.join_request(dialled, "127.0.0.1", 3, 4))
     target.open_join_reply(dialled, holder.join_reply(accepted, _admitted()))
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None, [True]])
+def test_a_refresh_flag_that_is_not_a_boolean_is_refused(flag: object) -> None:
+    """What a tampered or buggy joiner could seal: the member refuses the request outright (it
+    is neither a join nor a refresh) and its state is unchanged."""
+    import json
+
+    from kmnode.km.enclave import FrameRefused
+
+    a = km_node("n-a", "a", genesis=True)
+    joiner = km_node("n-b", "b", cluster_id=a.cluster_id)
+    dialled, accepted = handshake(joiner, a, Purpose.JOIN)
+    body = {"name": "n-b", "host": "127.0.0.1", "peer_port": 3, "api_port": 4, "refresh": flag}
+    channel = joiner._sessions[dialled].party.result.channel  # as its own enclave would seal
+    before = (dict(a.state.members), a.state.applied_index, a.directory())
+    with pytest.raises(FrameRefused, match="refresh must be true or false"):
+        a.open_join_request(accepted, channel.seal(json.dumps(body).encode()))
+    assert (dict(a.state.members), a.state.applied_index, a.directory()) == before
