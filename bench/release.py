@@ -40,7 +40,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from typing import Any
 import aiohttp
 
 from bench.machine import cpu_model, cpu_probe_ms
+from bench.ports import free_ports
 from kmnode import supervisor
 from kmnode.config import ClusterConfig, NodeSpec
 
@@ -149,17 +149,6 @@ def _children(pid: int) -> list[int]:
             if fields is not None and int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all held open together while chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
 
 
 # --- the cluster -------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kmnode.host.broker import answers_mqtt
-from tests.host import BrokerUnderTest, free_port
+from tests.host import BrokerUnderTest
+from tests.ports import free_port
 
 
 def find_mosquitto() -> str:

@@ -20,7 +20,8 @@ from kmnode.cli import cli
 from kmnode.cli.events_cmds import events
 from kmnode.config import ClusterConfig, MqttSpec
 from kmnode.host.mqtt import EventPublisher, TopicKind
-from tests.host import BrokerUnderTest, free_port
+from tests.host import BrokerUnderTest
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

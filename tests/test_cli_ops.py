@@ -32,6 +32,7 @@ from kmnode.cli.output import CliError
 from kmnode.client import ApiError, ClusterClient, NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, MqttSpec, NodeSpec, PlatformSpec
 from kmnode.errors import KmsimError
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -251,13 +252,6 @@ def make_app(name: str, state: FakeState) -> web.Application:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class FakeCluster:
     """Fake nodes served from one event loop in a background thread."""
 
@@ -268,19 +262,20 @@ class FakeCluster:
         self.runners: list[web.AppRunner] = []
         specs = []
         sockets: dict[str, socket.socket] = {}
+        for name in up:  # bound (and held) first, so none of the spare ports repeats them
+            sockets[name] = socket.socket()
+            sockets[name].bind(("127.0.0.1", 0))
+        spare = iter(free_ports(2 * len(up + down)))
         for i, name in enumerate(sorted(up + down), start=1):
             if name in up:
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", 0))
-                sockets[name] = sock
-                port = sock.getsockname()[1]
+                port = sockets[name].getsockname()[1]
                 self.state.api[name] = f"http://127.0.0.1:{port}"
             else:
-                port = free_port()  # nothing listens: connection refused
+                port = next(spare)  # nothing listens: connection refused
             specs.append(
                 NodeSpec(
                     name=name,
-                    peer_port=free_port(),
+                    peer_port=next(spare),
                     api_port=port,
                     platform=PlatformSpec(id=f"platform-{i}"),
                 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,9 @@ from kmnode.km_messages import (
     StatusRequest,
 )
 from kmnode.simhw import HardwareStore, HardwareStoreError
+from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_changing_any_byte_or_name_of_enclave_code_changes_the_measurement() -> None:
@@ -189,7 +183,9 @@ async def _run_a_release_on_one_node(
     """A one-node cluster through its real host: genesis, a key, a release to the node's
     service enclave; then the KM enclave process says which project modules it loaded."""
     cfg = ClusterConfig.default(1)
-    spec = cfg.nodes[0].model_copy(update={"peer_port": free_port(), "api_port": free_port()})
+    spec = cfg.nodes[0].model_copy(
+        update=dict(zip(("peer_port", "api_port"), free_ports(2), strict=True))
+    )
     enclave = cfg.enclave.model_copy(update={"peer_sockets": peer_sockets})
     cfg = cfg.model_copy(
         update={"state_dir": tmp_path / "state", "nodes": [spec], "enclave": enclave}

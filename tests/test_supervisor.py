@@ -33,6 +33,7 @@ from kmnode.config import (
     load_config,
 )
 from kmnode.supervisor import ProcessRecord, SupervisorError
+from tests.ports import free_port, free_ports
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,13 +93,6 @@ FAKE_NODE = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -118,11 +112,12 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Iterator[ClusterConfig]:
+    ports = iter(free_ports(6))  # a peer and an API port per node
     nodes = [
         NodeSpec(
             name=f"km{i}",
-            peer_port=free_port(),
-            api_port=free_port(),
+            peer_port=next(ports),
+            api_port=next(ports),
             platform=PlatformSpec(id=f"platform-{i}"),
         )
         for i in (1, 2, 3)

@@ -30,7 +30,7 @@ from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.faults import RingStall
 from kmnode.linkfaults import FaultRules, LinkRule, LocalLinkRules
 from kmnode.supervisor import ProcessRecord, pid_path, write_pid_file
-from tests.host import free_port
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,8 +53,9 @@ class Nodes:
 
     def __init__(self, root: Path, running: tuple[str, ...]) -> None:
         data = ClusterConfig.default(3).model_dump(mode="json")
+        ports = iter(free_ports(2 * len(data["nodes"])))
         for node in data["nodes"]:
-            node["api_port"], node["peer_port"] = free_port(), free_port()
+            node["api_port"], node["peer_port"] = next(ports), next(ports)
         data["state_dir"] = str(root / "state")
         self.config = ClusterConfig.model_validate(data)
         self.config_path = root / "cluster.yaml"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from consensus.types import (
     ProposalTimeout,
     Ready,
 )
+from tests.ports import free_port
 
 NAMES = ("a", "b", "c")
 
@@ -297,9 +297,7 @@ async def test_snapshot_catch_up_after_compaction(tmp_path: Path) -> None:
 
 def refused_address() -> tuple[str, int]:
     """A loopback port nobody listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return ("127.0.0.1", s.getsockname()[1])
+    return ("127.0.0.1", free_port())
 
 
 async def test_partitioned_leader_proposals_are_dropped(cluster: Cluster) -> None:

@@ -7,7 +7,6 @@ instead of hanging it.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +15,6 @@ from types import TracebackType
 import aiomqtt
 
 from kmnode.host.broker import start_embedded_broker, stop_broker
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:

@@ -20,7 +20,7 @@ from kmnode.host.broker import (
     start_embedded_broker,
     stop_broker,
 )
-from tests.host import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

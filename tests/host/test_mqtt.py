@@ -21,7 +21,8 @@ from kmnode.host.mqtt import (
     topic_filter,
     topic_for,
 )
-from tests.host import BrokerUnderTest, Subscriber, eventually, free_port
+from tests.host import BrokerUnderTest, Subscriber, eventually
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

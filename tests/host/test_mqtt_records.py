@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kmnode.host.mqtt import BATCH_FIELD, EventPublisher, TopicKind, unpack_records
-from tests.host import BrokerUnderTest, Subscriber, eventually, free_port
+from tests.host import BrokerUnderTest, Subscriber, eventually
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

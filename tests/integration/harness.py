@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,14 +29,9 @@ from kmnode.host.broker import (
     stop_broker,
 )
 from kmnode.host.mqtt import unpack_records
+from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -71,10 +65,11 @@ def write_config(root: Path, nodes: int = 3, mqtt_url: str | None = None) -> Pat
     """``root/cluster.yaml``: the embedded defaults with free ports on 127.0.0.1, state under
     ``root/state`` and a fast Raft tick, for a cluster of its own."""
     data = ClusterConfig.default(nodes).model_dump(mode="json")
+    ports = iter(free_ports(2 * len(data["nodes"]) + 1))
     for node in data["nodes"]:
-        node["peer_port"], node["api_port"] = free_port(), free_port()
+        node["peer_port"], node["api_port"] = next(ports), next(ports)
     data["state_dir"] = str(root / "state")
-    data["mqtt"]["embedded_port"] = free_port()
+    data["mqtt"]["embedded_port"] = next(ports)
     data["mqtt"]["url"] = mqtt_url
     data["raft"]["tick_ms"] = 25
     path = root / "cluster.yaml"
