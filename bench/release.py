@@ -60,7 +60,9 @@ import aiohttp
 from bench.machine import cpu_model, cpu_probe_ms
 from bench.ports import free_ports
 from kmnode import supervisor
+from kmnode.client import default_signer
 from kmnode.config import ClusterConfig, NodeSpec
+from kmnode.identity import IdentityKeys, sign_request, verify_request
 
 GOAL_P50_MS = 5.0
 GOAL_P99_MS = 25.0
@@ -319,8 +321,44 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
+#: Whose key signs the bench's requests: the development profile's admin of the cluster
+#: under test (set once it is up; None for a build without signed requests).
+SIGNER: IdentityKeys | None = None
+
+
+def signed(method: str, path: str, body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The body's bytes and the headers of a request as `kmctl` sends it: JSON, and signed
+    (``kmnode.identity``) when the cluster has identities."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if SIGNER is not None:
+        headers.update(sign_request(SIGNER, method, path, data))
+    return data, headers
+
+
+def signing_cost_us(count: int = 500) -> tuple[float, float]:
+    """Median µs to sign one release request (the client's cost) and to verify it (what the
+    leader's KM enclave does for each), on this machine."""
+    if SIGNER is None:
+        return 0.0, 0.0
+    path, data = f"/v1/keys/{KEY}/release", b'{"node": "km2"}'
+    public = SIGNER.public(["operator"])
+    signs, verifies = [], []
+    for _ in range(count):
+        start = time.perf_counter()
+        headers = sign_request(SIGNER, "POST", path, data)
+        signs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        verify_request(
+            "POST", path, {k.lower(): v for k, v in headers.items()}, data, lambda _: public
+        )
+        verifies.append(time.perf_counter() - start)
+    return statistics.median(signs) * 1e6, statistics.median(verifies) * 1e6
+
+
 async def create_key(session: aiohttp.ClientSession, leader: NodeSpec) -> None:
-    async with session.post(f"{api_url(leader)}/v1/keys", json={"name": KEY}) as response:
+    data, headers = signed("POST", "/v1/keys", {"name": KEY})
+    async with session.post(f"{api_url(leader)}/v1/keys", data=data, headers=headers) as response:
         if response.status not in (201, 409):
             raise RuntimeError(f"key create: {response.status} {await response.text()}")
 
@@ -330,9 +368,9 @@ async def release_once(
 ) -> tuple[float, str]:
     """One release; returns (seconds, outcome) where outcome is "provisioned" or an error."""
     start = time.perf_counter()
-    async with session.post(
-        f"{api_url(leader)}/v1/keys/{KEY}/release", json={"node": target}
-    ) as response:
+    path = f"/v1/keys/{KEY}/release"
+    data, headers = signed("POST", path, {"node": target})
+    async with session.post(f"{api_url(leader)}{path}", data=data, headers=headers) as response:
         body = await response.json(content_type=None)
     elapsed = time.perf_counter() - start
     if response.status != 200:
@@ -364,11 +402,11 @@ class RawConnection:
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         assert self.reader is not None and self.writer is not None
-        data = json.dumps(body).encode()
+        data, headers = signed("POST", path, body)
+        lines = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
         self.writer.write(
-            b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s"
-            % (path.encode(), self.node.host.encode(), self.node.api_port, len(data), data)
+            b"POST %s HTTP/1.1\r\nHost: %s:%d\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), self.node.host.encode(), self.node.api_port, lines, len(data), data)
         )
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -597,8 +635,17 @@ class Settings:
 def run_release_phase(
     root: Path, fsync: bool, settings: Settings, command: supervisor.NodeCommand | None
 ) -> dict[str, Any]:
+    global SIGNER
     with running_cluster(root, 3, fsync, command, settings.keep) as (cfg, _timing):
         leader = find_leader(cfg)
+        SIGNER = default_signer(cfg)  # the development profile's admin `up` made
+        sign_us, verify_us = signing_cost_us()
+        if SIGNER is not None:
+            print(
+                f"  signed requests ({SIGNER.name}): signing {sign_us:.0f} µs per request "
+                f"(client), verifying {verify_us:.0f} µs (the leader's KM enclave), medians",
+                flush=True,
+            )
         # The VM's disk latency drifts (0.1 to 4 ms seen): probe it right before and after.
         disk_before, cpu_before = fsync_floor_ms(cfg.state_dir), cpu_probe_ms()
         latency = asyncio.run(measure_latency(cfg, leader, settings.latency_count))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -22,12 +23,26 @@ from typing import Any
 
 from kmnode.config import ClusterConfig, NodeSpec
 from kmnode.errors import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, KmsimError
+from kmnode.identity import (
+    DEV_IDENTITY,
+    IdentityError,
+    IdentityKeys,
+    dev_key_path,
+    find_key,
+    sign_request,
+)
 
 DEFAULT_TIMEOUT = 10.0
 #: How long to wait before the single retry when a follower does not know the leader yet.
 NO_LEADER_PAUSE = 0.5
 
-_EXIT_BY_STATUS = {400: EXIT_USAGE, 404: EXIT_USAGE, 409: EXIT_REFUSED}
+_EXIT_BY_STATUS = {
+    400: EXIT_USAGE,
+    401: EXIT_REFUSED,
+    403: EXIT_REFUSED,
+    404: EXIT_USAGE,
+    409: EXIT_REFUSED,
+}
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -49,7 +64,8 @@ class ApiError(KmsimError):
     def __init__(self, node: str, status: int, code: str, message: str) -> None:
         exit_code = _EXIT_BY_STATUS.get(status, EXIT_FAILURE)
         prefix = "refused: " if status == 409 else ""
-        super().__init__(f"{prefix}{message} (HTTP {status} {code} from {node})", exit_code)
+        hint = " (sign as an identity: --as NAME, or KMSIM_IDENTITY)" if code == "unsigned" else ""
+        super().__init__(f"{prefix}{message}{hint} (HTTP {status} {code} from {node})", exit_code)
         self.node = node
         self.status = status
         self.code = code
@@ -65,17 +81,48 @@ class _Answer:
     body: Any
 
 
+def default_signer(config: ClusterConfig) -> IdentityKeys | None:
+    """Whose key signs requests when a command names none: ``$KMSIM_IDENTITY`` (a name or a
+    key file), else the development profile's admin key in the cluster's state directory if
+    `kmctl up` made one, else nobody (the nodes then answer 401 ``unsigned``)."""
+    named = os.environ.get("KMSIM_IDENTITY")
+    return load_signer(config, named) if named else _dev_signer(config)
+
+
+def load_signer(config: ClusterConfig, name_or_path: str) -> IdentityKeys:
+    """The key file ``name_or_path`` names (``kmnode.identity.find_key``), loaded."""
+    try:
+        return IdentityKeys.load(find_key(name_or_path, config.state_dir))
+    except IdentityError as exc:
+        raise KmsimError(str(exc), EXIT_USAGE) from None
+
+
+def _dev_signer(config: ClusterConfig) -> IdentityKeys | None:
+    path = dev_key_path(config.state_dir)
+    dev_listed = any(i.name == DEV_IDENTITY for i in config.identities)
+    if (config.identities and not dev_listed) or not path.is_file():
+        return None
+    try:
+        return IdentityKeys.load(path)
+    except IdentityError as exc:
+        raise KmsimError(str(exc), EXIT_USAGE) from None
+
+
 @dataclass
 class NodeClient:
-    """Requests to one node's API, following a 421 to the leader once."""
+    """Requests to one node's API, following a 421 to the leader once; each request signed by
+    ``signer`` when there is one."""
 
     name: str
     url: str
     timeout: float = DEFAULT_TIMEOUT
+    signer: IdentityKeys | None = None
 
     @classmethod
-    def for_node(cls, node: NodeSpec, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
-        return cls(node.name, base_url(node), timeout)
+    def for_node(
+        cls, node: NodeSpec, timeout: float = DEFAULT_TIMEOUT, signer: IdentityKeys | None = None
+    ) -> NodeClient:
+        return cls(node.name, base_url(node), timeout, signer)
 
     @property
     def address(self) -> str:
@@ -97,7 +144,7 @@ class NodeClient:
     ) -> Any:
         """The decoded JSON body of a 2xx answer; anything else raises a KmsimError."""
         wait = self.timeout if timeout is None else timeout
-        answer = _send(self.name, self.url, method, path, body, query, wait)
+        answer = _send(self.name, self.url, method, path, body, query, wait, self.signer)
         if answer.status != 421:
             return _result(self.name, answer)
         leader = answer.body if isinstance(answer.body, dict) else {}
@@ -108,7 +155,7 @@ class NodeClient:
             time.sleep(NO_LEADER_PAUSE)
             target, url = self.name, self.url
         try:
-            retried = _send(target, url, method, path, body, query, wait)
+            retried = _send(target, url, method, path, body, query, wait, self.signer)
         except NodeUnreachable as exc:
             # Not NodeUnreachable: this node did answer, so trying others would mislead.
             raise KmsimError(
@@ -131,12 +178,16 @@ def _send(
     body: Mapping[str, Any] | None,
     query: Mapping[str, str] | None,
     timeout: float,
+    signer: IdentityKeys | None = None,
 ) -> _Answer:
-    full = url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    target = path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    full = url + target
     data = None if body is None else json.dumps(body).encode()
     headers = {"Accept": "application/json"}
     if data is not None:
         headers["Content-Type"] = "application/json"
+    if signer is not None:
+        headers.update(sign_request(signer, method, target, data or b""))
     request = urllib.request.Request(full, data=data, method=method, headers=headers)
     address = urllib.parse.urlsplit(url).netloc
     try:
@@ -193,21 +244,25 @@ class ClusterClient:
     config: ClusterConfig
     node: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    #: Whose key signs the requests; unset: ``default_signer(config)``.
+    signer: IdentityKeys | None = None
     _chosen: NodeClient | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.signer is None:
+            self.signer = default_signer(self.config)
         if self.node is not None:
             try:
                 spec = self.config.node(self.node)
             except KeyError as exc:
                 raise KmsimError(str(exc.args[0]), EXIT_USAGE) from None
-            self._chosen = NodeClient.for_node(spec, self.timeout)
+            self._chosen = NodeClient.for_node(spec, self.timeout, self.signer)
 
     @property
     def candidates(self) -> Sequence[NodeClient]:
         if self._chosen is not None:
             return [self._chosen]
-        return [NodeClient.for_node(n, self.timeout) for n in self.config.nodes]
+        return [NodeClient.for_node(n, self.timeout, self.signer) for n in self.config.nodes]
 
     def request(
         self,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from attest.certs import TcbStatus
 from attest.identity import EnclaveRole
 from attest.policy import Policy
+from kmnode.identity import PublicIdentity
 
 #: In a policy's measurement list, stands for "the enclave code of this installation".
 CURRENT_MEASUREMENT = "@current"
@@ -176,6 +177,10 @@ class ClusterConfig(_Strict):
     ledger: LedgerSpec = LedgerSpec()
     enclave: EnclaveSpec = EnclaveSpec()
     mqtt: MqttSpec = MqttSpec()
+    #: The genesis operator identities and their roles (``kmctl identity keygen`` prints an
+    #: entry); later changes are governance. None listed: `kmctl up` runs the development
+    #: profile, with an admin key of its own in the state directory.
+    identities: Annotated[list[PublicIdentity], Field(max_length=256)] = []
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -231,6 +236,21 @@ def _cross_field_problems(config: ClusterConfig) -> list[str]:
         )
     if not config.policy.accepted_tcb:
         problems.append("policy.accepted_tcb: empty list would refuse every platform")
+    problems += _identity_problems(config)
+    return problems
+
+
+def _identity_problems(config: ClusterConfig) -> list[str]:
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, identity in enumerate(config.identities):
+        if identity.name in seen:
+            problems.append(
+                f"identities[{i}].name: {identity.name!r} is also identities[{seen[identity.name]}]"
+            )
+        seen.setdefault(identity.name, i)
+    if config.identities and not any("admin" in i.roles for i in config.identities):
+        problems.append("identities: no identity has the admin role: nobody could govern")
     return problems
 
 

@@ -1,9 +1,9 @@
 """The messages of the host ↔ KM enclave circuit (``kmnode.circuit``), as typed records.
 
-Inbound to the enclave: operator requests (each KM command its own record, so the host never
-composes a command string), reads of public state, status, proofs asked of the service
-enclave, chaos link rules and the service crash. Outbound: the replies and notices (events for
-MQTT, audit records, start and stop).
+Inbound to the enclave: operator API requests exactly as their client signed them
+(``ApiCall``: the enclave verifies and parses them, so the host never composes a command nor
+an operator request), status, chaos link rules and the service crash. Outbound: the replies
+and notices (events for MQTT, audit records, start and stop).
 
 Nothing in any of them is secret: the enclave puts no key, channel key or master secret in a
 message, and the adversarial-host tests search every reply for them. Both sides parse what
@@ -76,6 +76,15 @@ FailureCode = Literal[
     "bad_request",
     "service_unavailable",
     "internal",
+    # The request's signature (``kmnode.identity``): 401, with what is wrong with it.
+    "unsigned",
+    "bad_signature",
+    "unknown_identity",
+    "expired",
+    # The signer's roles do not allow the request: 403.
+    "forbidden",
+    # The request was made before (its id committed): 409.
+    "replay",
 ]
 
 
@@ -193,6 +202,20 @@ class RevokePlatform(Request):
 class RemoveMember(Request):
     op: Literal["member.remove"] = "member.remove"
     name: JsonValue
+
+
+class ApiCall(Request):
+    """An operator API request as the client signed it: the KM enclave verifies the signature
+    against its own replicated identities, then parses the request itself
+    (``kmnode.api_routes``), so the host can neither mint a request nor change one."""
+
+    op: Literal["api.call"] = "api.call"
+    method: Literal["GET", "POST"]
+    #: The path with its query string, as received.
+    target: str = Field(max_length=4096)
+    #: The signature headers (``kmnode.identity.SIGNATURE_HEADERS``), lower-case names.
+    headers: dict[str, Annotated[str, StringConstraints(max_length=4096)]] = Field(max_length=3)
+    body: bytes = Field(default=b"", max_length=64 * 1024)
 
 
 class LinkRulesRequest(Request):
@@ -405,13 +428,14 @@ class Stopping(Notice):
 
 _ALL: tuple[type[Message], ...] = (
         Ack, DataReply, Failure, StatusReply, ModulesReply,
-        StatusRequest, ReadRequest, AttestRequest, CreateKey, RotateKey, ReleaseKey,
-        PolicyChange, RevokePlatform, RemoveMember, LinkRulesRequest, UpdateLinkRule, HealLinks,
-        ModulesRequest, StopRequest, Prove, ServiceCrash,
+        StatusRequest, ApiCall, LinkRulesRequest, UpdateLinkRule, HealLinks,
+        ModulesRequest, StopRequest, ServiceCrash,
         Event, Audit, Started, Stopping, Tick,
         Listen, Listening, Connect, Connected, Accepted, Data, Closed,
         DiskOp, DiskBarrier, DiskList, DiskListing, DiskRead, DiskData,
 )  # fmt: skip
+#: Operator requests (``ReadRequest`` .. ``Prove``) are not in ``_ALL``: they never cross the
+#: circuit. The enclave builds them from a verified ``ApiCall``, so a host cannot send one.
 _TYPES: dict[str, type[Message]] = {cls.model_fields["op"].default: cls for cls in _ALL}
 assert len(_TYPES) == len(_ALL), "every circuit message needs an op of its own"
 

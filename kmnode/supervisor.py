@@ -38,6 +38,7 @@ from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
 from kmnode.errors import EXIT_FAILURE, KmsimError
 from kmnode.host.broker import BrokerStartError, start_embedded_broker, stop_broker
+from kmnode.identity import dev_key_path, ensure_dev_identity
 
 BROKER = "broker"
 DEFAULT_READY_TIMEOUT = 30.0
@@ -405,11 +406,27 @@ def up(
         return _up(cfg, timeout, progress, command or node_command)
 
 
+def with_identities(cfg: ClusterConfig, progress: Progress = _ignore) -> ClusterConfig:
+    """``cfg`` itself when it lists identities; else the development profile: an admin key
+    made in the state directory (once) is the cluster's only identity, and kmctl signs with it
+    by default (``kmnode.client.default_signer``)."""
+    if cfg.identities:
+        return cfg
+    dev = ensure_dev_identity(cfg.state_dir)
+    progress(
+        "identity",
+        f"development profile: no identities in the config, so {dev.name} "
+        f"({', '.join(dev.roles)}) signs with {dev_key_path(cfg.state_dir)}",
+    )
+    return cfg.model_copy(update={"identities": [dev]})
+
+
 def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCommand) -> UpResult:
     alive = running(cfg)
     if all(n.name in alive for n in cfg.nodes) and (cfg.mqtt.url or BROKER in alive):
         return UpResult(effective_config_path(cfg), [])
     _check_ports([n for n in cfg.nodes if n.name not in alive], progress)
+    cfg = with_identities(cfg, progress)
     config_file = write_effective_config(cfg)
     started: dict[str, ProcessRecord] = {}
     broker: subprocess.Popen[bytes] | None = None

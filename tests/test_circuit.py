@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kmnode.circuit import Circuit, CircuitClosed
 from kmnode.km_messages import (
     Ack,
+    ApiCall,
     CircuitError,
     Data,
     DataReply,
@@ -22,7 +23,6 @@ from kmnode.km_messages import (
     Failed,
     ModulesRequest,
     Notice,
-    Prove,
     ReleaseKey,
     Reply,
     Request,
@@ -32,6 +32,7 @@ from kmnode.km_messages import (
     encode,
 )
 from kmnode.ring import Ring
+from tests.operators import api_call
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,9 +69,9 @@ class Pair:
     async def answer(self, request: Request) -> Reply:
         if isinstance(request, StatusRequest):
             return DataReply(data={"ok": True})
-        if isinstance(request, ReleaseKey):
-            raise Failed.of("refused", f"no key named {request.key!r}")
-        if isinstance(request, Prove):
+        if isinstance(request, ApiCall):
+            if request.method == "POST":
+                raise Failed.of("refused", f"no key named {request.target.split('/')[3]!r}")
             return Ack()
         raise RuntimeError("a bug with a secret in its message: 0123456789abcdef")
 
@@ -107,7 +108,7 @@ async def test_a_request_gets_its_reply(pair: Pair) -> None:
 
 async def test_a_refusal_arrives_as_failed_with_its_code(pair: Pair) -> None:
     with pytest.raises(Failed) as caught:
-        await pair.host.call(ReleaseKey(key="db"), DataReply)
+        await pair.host.call(api_call("POST", "/v1/keys/db/release"), DataReply)
     assert caught.value.failure.code == "refused" and "db" in caught.value.failure.message
 
 
@@ -122,7 +123,7 @@ async def test_a_bug_on_the_other_side_is_an_internal_failure_without_its_messag
 
 async def test_a_reply_of_the_wrong_kind_is_an_error(pair: Pair) -> None:
     with pytest.raises(CircuitError, match="answered by Ack"):
-        await pair.host.call(Prove(key="db", generation=1, challenge=b"c"), StatusReply)
+        await pair.host.call(api_call("GET", "/v1/keys"), StatusReply)
 
 
 async def test_notices_arrive_in_order(pair: Pair) -> None:

@@ -23,15 +23,14 @@ from kmnode.km.loader import load_km_enclave
 from kmnode.km.service_link import ServiceLink
 from kmnode.km.state import encode_command
 from kmnode.km_messages import (
-    CreateKey,
     DataReply,
     ModulesReply,
     ModulesRequest,
-    ReleaseKey,
     StatusReply,
     StatusRequest,
 )
 from kmnode.simhw import HardwareStore, HardwareStoreError
+from tests.operators import api_call, with_admin
 from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +186,7 @@ async def _run_a_release_on_one_node(
         update=dict(zip(("peer_port", "api_port"), free_ports(2), strict=True))
     )
     enclave = cfg.enclave.model_copy(update={"peer_sockets": peer_sockets})
-    cfg = cfg.model_copy(
+    cfg = with_admin(cfg).model_copy(
         update={"state_dir": tmp_path / "state", "nodes": [spec], "enclave": enclave}
     )
     path = tmp_path / "cluster.yaml"
@@ -199,8 +198,9 @@ async def _run_a_release_on_one_node(
             if (await node.km.call(StatusRequest(), StatusReply)).ready:
                 break
             await asyncio.sleep(0.05)
-        await node.km.call(CreateKey(name="db"), DataReply)
-        done = await node.km.call(ReleaseKey(key="db", node="km1"), DataReply)
+        await node.km.call(api_call("POST", "/v1/keys", {"name": "db"}), DataReply)
+        release = api_call("POST", "/v1/keys/db/release", {"node": "km1"})
+        done = await node.km.call(release, DataReply)
         assert isinstance(done.data, dict)
         assert [r["status"] for r in done.data["releases"]] == ["provisioned"], done.data
         return await node.km.call(ModulesRequest(), ModulesReply), node

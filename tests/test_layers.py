@@ -49,14 +49,14 @@ _BELOW_CHAOS = (
 )  # fmt: skip
 _BELOW_ORCHESTRATION = (
     "attest", "consensus", "kmnode.host", "kmnode.km", "kmnode.service", "kmnode.config",
-    "kmnode.ring", "kmnode.simhw",
+    "kmnode.ring", "kmnode.simhw", "kmnode.identity", "kmnode.api_routes",
 )  # fmt: skip
 _ORCHESTRATION = ("kmnode.supervisor", "kmnode.client", "kmnode.netns")
 #: What both halves of a node share: configuration, the rings and the messages over them.
 _SHARED = (
     "kmnode.config", "kmnode.ring", "kmnode.simhw", "kmnode.enclave_code", "kmnode.imports",
     "kmnode.errors", "kmnode.circuit", "kmnode.km_messages", "kmnode.service_pipe",
-    "kmnode.linkfaults", "kmnode.datadir",
+    "kmnode.linkfaults", "kmnode.datadir", "kmnode.identity", "kmnode.api_routes",
 )  # fmt: skip
 
 #: (importers, what they must not import): each rule is one boundary of the layering.

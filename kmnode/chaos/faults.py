@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.segments import HEADER_SIZE, read_records
 from kmnode import supervisor
-from kmnode.client import ApiError, NodeClient, NodeUnreachable
+from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
 from kmnode.errors import KmsimError
@@ -377,10 +377,11 @@ def _remove_member(cfg: ClusterConfig, node: str, timeout: float) -> None:
         raise FaultError(f"{node} is the only node: there is no cluster to remove it from")
     deadline = time.monotonic() + timeout
     last = "no member answered"
+    signer = default_signer(cfg)
     for attempt in range(int(timeout / 0.2) + 1):
         spec = others[attempt % len(others)]
         try:
-            NodeClient.for_node(spec, 5.0).post("/v1/members/remove", {"name": node})
+            NodeClient.for_node(spec, 5.0, signer).post("/v1/members/remove", {"name": node})
             return
         except ApiError as exc:
             if exc.status == 409 and "is not a member" in exc.message:

@@ -35,7 +35,7 @@ from kmnode.chaos.checker import CheckOutcome, CheckResult, NodeState, check, ch
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder, OpHandle
 from kmnode.chaos.nemesis import FAULT_KINDS, Nemesis, resolve_kinds
-from kmnode.client import ApiError, NodeClient, NodeUnreachable
+from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.errors import KmsimError
 
@@ -148,7 +148,7 @@ class _Client(threading.Thread):
     def one_op(self) -> None:
         run, rng = self.run_, self.rng
         node = rng.choice(run.names)
-        client = NodeClient.for_node(run.cfg.node(node), _CLIENT_TIMEOUT)
+        client = NodeClient.for_node(run.cfg.node(node), _CLIENT_TIMEOUT, run.signer)
         key = f"{run.key_prefix}{rng.randrange(run.config.keys)}"
         path = f"/v1/keys/{urllib.parse.quote(key, safe='')}"
         kind = rng.choices(["key.create", "key.rotate", "release", "read", "prove"],
@@ -193,6 +193,9 @@ def _read_key(client: NodeClient, path: str) -> dict[str, Any]:
 class _Run:
     def __init__(self, cfg: ClusterConfig, config: RunConfig, log: Callable[[str], None]) -> None:
         self.cfg, self.config, self.log = cfg, config, log
+        #: The workload signs as the cluster's default identity (``KMSIM_IDENTITY``, or the
+        #: development profile's admin).
+        self.signer = default_signer(cfg)
         self.names = [n.name for n in cfg.nodes]
         self.recorder = HistoryRecorder()
         self.stop = threading.Event()
@@ -250,7 +253,7 @@ class _Run:
         states = {}
         lin = {"linearizable": "1"}
         for name in self.names:
-            client = NodeClient.for_node(self.cfg.node(name), _CLIENT_TIMEOUT)
+            client = NodeClient.for_node(self.cfg.node(name), _CLIENT_TIMEOUT, self.signer)
             keys = client.get("/v1/keys", lin)["keys"]
             fingerprints = {
                 k["name"]: client.get(f"/v1/keys/{urllib.parse.quote(k['name'], safe='')}", lin)[

@@ -12,6 +12,7 @@ from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
 from kmnode.cli.events_cmds import events
+from kmnode.cli.identity_cmds import identity as identity_group
 from kmnode.cli.ledger_cmds import ledger
 from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
 from kmnode.cli.output import KmctlGroup
@@ -29,9 +30,18 @@ from kmnode.cli.output import KmctlGroup
     envvar="KMSIM_CONFIG",
     help="Cluster file. Default: ./cluster.yaml if present, else the embedded 3-node defaults.",
 )
+@click.option(
+    "--as",
+    "identity",
+    metavar="NAME|FILE",
+    envvar="KMSIM_IDENTITY",
+    help="Identity whose key signs API requests: a key file, or NAME.key in $KMSIM_IDENTITY_DIR "
+    "(default ~/.kmsim/identities) or the state directory. Default: the development profile's "
+    "admin key, if `kmctl up` made one. [env: KMSIM_IDENTITY]",
+)
 @click.version_option(package_name="kmsim")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None) -> None:
+def cli(ctx: click.Context, config_path: Path | None, identity: str | None) -> None:
     """Operate a key-management cluster of (simulated) TEE nodes.
 
     KM enclaves attest each other with signed quotes, agree through Raft, and release keys only
@@ -40,10 +50,12 @@ def cli(ctx: click.Context, config_path: Path | None) -> None:
     Exit codes: 0 ok, 1 refused by a check or the cluster, 2 bad usage or configuration,
     3 internal or environment failure.
     """
-    ctx.obj = CliContext(config_path)
+    ctx.obj = CliContext(config_path, identity)
 
 
-for command in (up, down, status, node, keys, releases, prove, policy, members, attest, ledger):
+for command in (
+    up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group
+):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)
 cli.add_command(chaos)

@@ -30,7 +30,7 @@ _STATUS_TIMEOUT = 2.0
 _READY_TIMEOUT = 30.0
 _STOP_GRACE = 5.0
 #: Phases worth a line of their own; the others only update the spinner.
-_MILESTONES = ("started", "joined", "running", "already running", "resuming")
+_MILESTONES = ("started", "joined", "running", "already running", "resuming", "development profile")
 
 
 def select_nodes(ctx: CliContext, count: int | None) -> ClusterConfig:

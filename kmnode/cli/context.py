@@ -8,12 +8,23 @@ from pathlib import Path
 import click
 
 from kmnode.cli.output import EXIT_USAGE, CliError
+from kmnode.client import default_signer, load_signer
 from kmnode.config import ClusterConfig, ConfigError, find_config
+from kmnode.identity import IdentityKeys
 
 
 @dataclass
 class CliContext:
     config_path: Path | None
+    #: ``--as``: the identity (a name or a key file) whose key signs API requests.
+    identity: str | None = None
+
+    def signer(self, config: ClusterConfig) -> IdentityKeys | None:
+        """The key that signs this invocation's requests (``kmnode.client.default_signer``
+        when ``--as`` is not given)."""
+        if self.identity:
+            return load_signer(config, self.identity)
+        return default_signer(config)
 
     def config(self) -> ClusterConfig:
         try:

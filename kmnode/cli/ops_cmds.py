@@ -58,7 +58,8 @@ def _linearizable(f: F) -> F:
 
 
 def _client(ctx: CliContext, node: str | None) -> ClusterClient:
-    return ClusterClient(supervisor.effective_config(ctx.config()), node)
+    cfg = supervisor.effective_config(ctx.config())
+    return ClusterClient(cfg, node, signer=ctx.signer(cfg))
 
 
 def _read_query(linearizable: bool, **extra: str | None) -> dict[str, str]:
@@ -507,11 +508,13 @@ def prove(
         _write_result(as_json, answer, f"{answer.get('node')}: mac {answer.get('mac')}")
         return
     cfg = supervisor.effective_config(ctx.config())
+    signer = ctx.signer(cfg)
     results: list[dict[str, Any]] = []
     failure: KmsimError | None = None
     for spec in cfg.nodes:
         try:
-            answer = ClusterClient(cfg, spec.name, DEFAULT_TIMEOUT).post("/v1/service/prove", body)
+            client = ClusterClient(cfg, spec.name, DEFAULT_TIMEOUT, signer)
+            answer = client.post("/v1/service/prove", body)
             results.append({"node": spec.name, "mac": answer.get("mac"), "error": None})
         except KmsimError as exc:
             failure = failure or exc

@@ -1,42 +1,37 @@
 """The operator API (docs/operator-api.md): JSON over HTTP, served by every node's host.
 
-Handlers are thin: validate the request, turn it into one typed request to the KM enclave
-process (``kmnode.km_messages``), and map its answer to a status code an operator can act on
-(421 with the leader's address, 409 with the state machine's reason, 504 when the outcome is
-unknown). The host composes no KM command and reads no state itself: the enclave decides, from
-its own Raft and state. Nothing returned here contains key material: keys are shown by
-fingerprint (a MAC), never by value.
+Handlers are thin. Every route but ``/v1/status`` (open, for probes) and the chaos routes is
+relayed to the KM enclave process as the client signed it (``ApiCall``: method, path and query,
+the signature headers, the body's bytes); the enclave verifies the signature against its own
+replicated identities, parses the request (``kmnode.api_routes``) and decides, and the host maps
+its answer to a status code an operator can act on (401 unsigned or a bad signature, 403 a role
+that may not, 409 refused or a replay, 421 with the leader's address, 504 when the outcome is
+unknown). The host composes no KM command and reads no state itself. Nothing returned here
+contains key material: keys are shown by fingerprint (a MAC), never by value.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from kmnode.api_routes import ROUTES, Route
 from kmnode.circuit import CircuitClosed
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.node import KMNode
+from kmnode.identity import SIGNATURE_HEADERS
 from kmnode.km_messages import (
-    AttestRequest,
-    CreateKey,
+    ApiCall,
     DataReply,
     Failed,
     FailureCode,
     HealLinks,
     LinkRulesRequest,
-    PolicyChange,
-    Prove,
-    ReadRequest,
-    ReleaseKey,
-    RemoveMember,
     Reply,
     Request,
-    RevokePlatform,
-    RotateKey,
     ServiceCrash,
     StatusReply,
     StatusRequest,
@@ -47,10 +42,6 @@ from kmnode.linkfaults import FaultRuleError
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 R = TypeVar("R", bound=Reply)
 MAX_BODY = 64 * 1024
-_HEX = re.compile(r"^[0-9a-f]*$")
-_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: Longest challenge the proof workload takes, in bytes (``kmnode.service_pipe``).
-MAX_CHALLENGE = 1024
 #: HTTP status of each way the enclave can refuse a request.
 _STATUS: dict[FailureCode, int] = {
     "not_leader": 421,
@@ -62,6 +53,12 @@ _STATUS: dict[FailureCode, int] = {
     "bad_request": 400,
     "service_unavailable": 409,
     "internal": 500,
+    "unsigned": 401,
+    "bad_signature": 401,
+    "unknown_identity": 401,
+    "expired": 401,
+    "forbidden": 403,
+    "replay": 409,
 }
 
 
@@ -110,22 +107,9 @@ class OperatorApi:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
-        get, post = app.router.add_get, app.router.add_post
-        get("/v1/status", self.status)
-        get("/v1/keys", self.reader("keys"))
-        post("/v1/keys", self.create_key)
-        get("/v1/keys/{name}", self.show_key)
-        post("/v1/keys/{name}/rotate", self.rotate_key)
-        post("/v1/keys/{name}/release", self.release_key)
-        get("/v1/releases", self.list_releases)
-        post("/v1/service/prove", self.prove)
-        get("/v1/policy", self.reader("policy"))
-        post("/v1/policy/allow", self.policy_change("policy.allow"))
-        post("/v1/policy/disallow", self.policy_change("policy.disallow"))
-        post("/v1/policy/revoke-platform", self.revoke_platform)
-        get("/v1/members", self.reader("members"))
-        post("/v1/members/remove", self.remove_member)
-        get("/v1/attest", self.attest)
+        app.router.add_get("/v1/status", self.status)
+        for route in ROUTES:
+            app.router.add_route(route.method, route.path, self.relay(route))
         node = self.node
         add_chaos_routes(
             app,
@@ -163,46 +147,11 @@ class OperatorApi:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError):
-            raise ApiError(400, "bad_request", "body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "bad_request", "body must be a JSON object")
-        return body
-
-    @staticmethod
-    def _request(build: Callable[[], Request]) -> Request:
-        """Build a typed request from a body's fields; a field of the wrong type is a 400."""
-        try:
-            return build()
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(part) for part in error["loc"])
-            raise ApiError(400, "bad_request", f"{field!r}: {error['msg']}", field=field) from None
-
     async def ask(self, request: Request, reply_type: type[R]) -> R:
         return await self.node.km.call(request, reply_type)
 
     async def data(self, request: Request) -> Any:
         return (await self.ask(request, DataReply)).data
-
-    @staticmethod
-    def _linearizable(request: web.Request) -> bool:
-        return request.query.get("linearizable") not in (None, "", "0", "false")
-
-    @staticmethod
-    def _hex(body: dict[str, Any], field: str, size: int | None = None) -> str:
-        value = body.get(field)
-        if not isinstance(value, str) or not _HEX.match(value) or len(value) % 2:
-            raise ApiError(400, "bad_request", f"{field!r} must be a lowercase hex string")
-        if size is not None and len(value) != size * 2:
-            raise ApiError(400, "bad_request", f"{field!r} must be {size} bytes")
-        return value
 
     # --- status and reads -------------------------------------------------------------------
 
@@ -250,92 +199,38 @@ class OperatorApi:
             }
         )
 
-    def reader(self, what: str) -> Handler:
+    # --- the enclave's routes ---------------------------------------------------------------
+
+    def relay(self, route: Route) -> Handler:
+        """Relay a request on ``route`` to the KM enclave exactly as its client signed it: the
+        enclave verifies the signature, parses the request and decides (``ApiCall``)."""
+
         async def handler(request: web.Request) -> web.Response:
-            read = self._request(
-                lambda: ReadRequest.model_validate(
-                    {"what": what, "linearizable": self._linearizable(request)}
+            if request.method == "POST" and request.content_type != "application/json":
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"a POST body must be application/json, not {request.content_type!r}",
                 )
-            )
-            return _json(await self.data(read))
+            body = await request.read()
+            headers = {k: request.headers[k] for k in SIGNATURE_HEADERS if k in request.headers}
+            try:
+                call = ApiCall.model_validate(
+                    {
+                        "method": request.method,
+                        "target": request.raw_path,
+                        "headers": headers,
+                        "body": body,
+                    }
+                )
+            except ValidationError as exc:
+                message = f"request too large: {exc.errors()[0]['msg']}"
+                raise ApiError(400, "bad_request", message) from None
+            return _json(await self.data(call), route.status)
 
         return handler
-
-    async def show_key(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        read = ReadRequest(what="key", name=name, linearizable=self._linearizable(request))
-        return _json(await self.data(read))
-
-    async def list_releases(self, request: web.Request) -> web.Response:
-        key = request.query.get("key")
-        read = ReadRequest(what="releases", name=key, linearizable=self._linearizable(request))
-        return _json(await self.data(read))
-
-    async def attest(self, request: web.Request) -> web.Response:
-        """A fresh quote of this node's KM enclave, verified against the replicated policy."""
-        return _json(await self.data(AttestRequest()))
-
-    # --- writes -----------------------------------------------------------------------------
-
-    async def create_key(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        create = self._request(
-            lambda: CreateKey(
-                name=body.get("name"), allowed_service=body.get("allowed_service", [])
-            )
-        )
-        return _json(await self.data(create), 201)
-
-    async def rotate_key(self, request: web.Request) -> web.Response:
-        return _json(await self.data(RotateKey(name=request.match_info["name"])))
-
-    async def release_key(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        fields = {k: body[k] for k in ("node", "generation", "timeout") if k in body}
-        if isinstance(fields.get("timeout"), int) and not isinstance(fields["timeout"], bool):
-            fields["timeout"] = float(fields["timeout"])
-        release = self._request(
-            lambda: ReleaseKey.model_validate({"key": request.match_info["name"], **fields})
-        )
-        return _json(await self.data(release))
-
-    async def prove(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        challenge = self._hex(body, "challenge")
-        key, generation = body.get("key"), body.get("generation")
-        if not isinstance(key, str) or not isinstance(generation, int):
-            raise ApiError(400, "bad_request", "'key' (string) and 'generation' (int) are required")
-        if not _KEY_NAME.match(key) or generation < 1:
-            raise ApiError(400, "bad_request", "'key' must be a key name, 'generation' >= 1")
-        if not 0 < len(challenge) <= 2 * MAX_CHALLENGE:
-            raise ApiError(400, "bad_request", f"'challenge' must be 1..{MAX_CHALLENGE} bytes")
-        prove = Prove(key=key, generation=generation, challenge=bytes.fromhex(challenge))
-        mac = (await self.data(prove))["mac"]
-        return _json({"node": self.node.name, "key": key, "generation": generation, "mac": mac})
 
     async def crash_service(self) -> int | None:
         """Chaos: the KM enclave process kills its service enclave child; its pid or None."""
         killed = (await self.data(ServiceCrash()))["killed"]
         return killed if isinstance(killed, int) else None
-
-    def policy_change(self, op: str) -> Handler:
-        async def handler(request: web.Request) -> web.Response:
-            body = await self._body(request)
-            measurement = self._hex(body, "measurement", 32)
-            change = self._request(
-                lambda: PolicyChange.model_validate(
-                    {"change": op, "role": body.get("role"), "measurement": measurement}
-                )
-            )
-            return _json(await self.data(change))
-
-        return handler
-
-    async def revoke_platform(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        return _json(await self.data(RevokePlatform(platform_id=body.get("platform_id"))))
-
-    async def remove_member(self, request: web.Request) -> web.Response:
-        """The member record, then the Raft voter (the enclave does both; safe to retry)."""
-        body = await self._body(request)
-        return _json(await self.data(RemoveMember(name=body.get("name"))))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,6 +27,8 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+
+from kmnode.identity import IdentityName, PublicIdentity, Role
 
 #: The largest command the state machine applies (larger ones are refused, not parsed).
 MAX_COMMAND_BYTES = 64 * 1024
@@ -57,13 +59,40 @@ PolicyJson = Annotated[dict[str, JsonValue], AfterValidator(_finite)]
 
 
 class CommandRefused(Exception):
-    """A command is malformed, or not acceptable in the current state."""
+    """A command is malformed, or not acceptable in the current state. ``code`` is what the
+    operator API reports (``replay`` for a request id that committed before)."""
+
+    def __init__(self, message: str, code: RefusalCode = "refused") -> None:
+        super().__init__(message)
+        self.code: RefusalCode = code
+
+
+RefusalCode = Literal["refused", "replay", "forbidden", "unknown_identity"]
+
+
+class AuthStamp(BaseModel):
+    """Who asked for a command: the identity whose signed request the leader's enclave
+    verified, the request's id (``identity:nonce``, with ``/n`` when one request commits
+    several commands) and when it was signed (Unix seconds). The state machine commits each id
+    once, and checks the identity's roles again against the identities of that moment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    by: IdentityName
+    request: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    created: Annotated[int, Field(ge=0, lt=2**40)]
 
 
 class CommandModel(BaseModel):
     """Every command: strict, frozen, no unknown fields, one canonical encoding."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: The role an operator needs to ask for this command; None: only nodes propose it.
+    ROLE: ClassVar[Role | None] = None
+
+    #: The signed request this command comes from; unset for what nodes propose themselves.
+    auth: AuthStamp | None = None
 
     def encode(self) -> bytes:
         """The canonical bytes of this command (what is proposed and hashed)."""
@@ -87,6 +116,8 @@ class ClusterInit(CommandModel):
     cluster_id: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
     policy: PolicyJson
     member: MemberRecord
+    #: The genesis identities and their roles (cluster.yaml); later changes are governance.
+    identities: list[PublicIdentity] = Field(default_factory=list, max_length=256)
 
 
 class MemberAdd(CommandModel):
@@ -96,11 +127,13 @@ class MemberAdd(CommandModel):
 
 class MemberRemove(CommandModel):
     op: Literal["member.remove"] = "member.remove"
+    ROLE = "admin"
     name: Name
 
 
 class KeyCreate(CommandModel):
     op: Literal["key.create"] = "key.create"
+    ROLE = "operator"
     name: Name
     #: Service measurements allowed to receive this key; empty means "the policy's".
     allowed_service: list[Hex32] = Field(default_factory=list, max_length=64)
@@ -108,11 +141,13 @@ class KeyCreate(CommandModel):
 
 class KeyRotate(CommandModel):
     op: Literal["key.rotate"] = "key.rotate"
+    ROLE = "operator"
     key: Name
 
 
 class ReleaseRequest(CommandModel):
     op: Literal["release.request"] = "release.request"
+    ROLE = "operator"
     key: Name
     node: Name
     #: Which generation to release; unset means the key's current one.
@@ -131,11 +166,14 @@ class ReleaseOutcome(CommandModel):
 
 class PolicySet(CommandModel):
     op: Literal["policy.set"] = "policy.set"
+    ROLE = "admin"
     policy: PolicyJson
 
 
 class _RoleMeasurement(CommandModel):
     """A measurement allowed or disallowed for an enclave role."""
+
+    ROLE = "admin"
 
     role: Literal["km", "service"]
     measurement: Hex32
@@ -151,6 +189,7 @@ class PolicyDisallow(_RoleMeasurement):
 
 class PolicyRevokePlatform(CommandModel):
     op: Literal["policy.revoke_platform"] = "policy.revoke_platform"
+    ROLE = "admin"
     platform_id: Name
 
 
@@ -193,6 +232,7 @@ class Refused(Applied):
     changed but the chain."""
 
     error: str
+    code: RefusalCode = "refused"
 
     @property
     def ok(self) -> bool:
@@ -289,6 +329,7 @@ def explain(exc: ValidationError) -> str:
 __all__ = [
     "MAX_COMMAND_BYTES",
     "Applied",
+    "AuthStamp",
     "ClusterInit",
     "ClusterInitialised",
     "Command",
@@ -310,6 +351,7 @@ __all__ = [
     "PolicyReplaced",
     "PolicyRevokePlatform",
     "PolicySet",
+    "RefusalCode",
     "Refused",
     "ReleaseCompleted",
     "ReleaseOutcome",

@@ -32,6 +32,7 @@ async def initialise_ledger(node: KMNode) -> None:
                 cluster_id=node.enclave.cluster_id,
                 policy=node.enclave.state.policy.to_dict(),
                 member=MemberRecord(**node.member_record()),
+                identities=list(node.config.identities),
             ).encode()
             with contextlib.suppress(RaftError):
                 await driver.propose(command)

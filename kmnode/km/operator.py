@@ -1,11 +1,13 @@
 """Operator requests, answered inside the KM enclave process.
 
-The host's API turns an HTTP request into one typed circuit request (``kmnode.km_messages``);
-this module turns that into a KM command or a read of the applied state, decided by this
-process's own Raft and state, and answers with public data or a ``Failure`` whose code the host
-maps to an HTTP status (not the leader, refused by the state machine, outcome unknown, ...).
-The host never composes a command: a request is a record of typed fields, and the command
-string is built here.
+The host relays each API request as its client signed it (``ApiCall``). Here the signature is
+checked against this enclave's own replicated identities (``kmnode.identity``), the signed
+method, path and body are parsed into one typed request (``kmnode.api_routes``), the signer's
+role is checked, and the request becomes a KM command (stamped with who asked and the request
+id, which commits once) or a read of the applied state, decided by this process's own Raft and
+state. The answer is public data or a ``Failure`` whose code the host maps to an HTTP status
+(unsigned, forbidden, a replay, not the leader, refused by the state machine, ...). The host
+never composes a command nor an operator request.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.quote import CheckLog
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
+from kmnode.api_routes import BadCall, parse_call
+from kmnode.identity import AuthError, Verified, verify_request
 from kmnode.km.commands import (
     Applied,
+    AuthStamp,
     CommandModel,
     KeyCreate,
     KeyGeneration,
@@ -38,10 +43,12 @@ from kmnode.km.commands import (
 )
 from kmnode.km.node import KMNode
 from kmnode.km_messages import (
+    ApiCall,
     AttestRequest,
     CreateKey,
     DataReply,
     Failed,
+    FailureCode,
     HealLinks,
     LinkRulesRequest,
     PolicyChange,
@@ -87,30 +94,8 @@ class Operator:
         match request:
             case StatusRequest():
                 return self.status()
-            case ReadRequest():
-                return DataReply(data=await self.read(request))
-            case AttestRequest():
-                return DataReply(data=self.attest())
-            case CreateKey(name=name, allowed_service=allowed):
-                created = await self._commit(KeyCreate, name=name, allowed_service=allowed)
-                return DataReply(data=_key_view(created))
-            case RotateKey(name=name):
-                rotated = await self._commit(KeyRotate, key=name)
-                return DataReply(data=_key_view(rotated))
-            case ReleaseKey():
-                return DataReply(data=await self.release(request))
-            case PolicyChange(change=change, role=role, measurement=measurement):
-                kind = PolicyAllow if change == "policy.allow" else PolicyDisallow
-                changed = await self._commit(kind, role=role, measurement=measurement)
-                return DataReply(data=changed.public())
-            case RevokePlatform(platform_id=platform_id):
-                return DataReply(
-                    data=(
-                        await self._commit(PolicyRevokePlatform, platform_id=platform_id)
-                    ).public()
-                )
-            case RemoveMember(name=name):
-                return DataReply(data=await self.remove_member(name))
+            case ApiCall():
+                return await self.call(request)
             case LinkRulesRequest():
                 return DataReply(data=await self.links.view())
             case UpdateLinkRule(peer=peer, changes=changes):
@@ -120,15 +105,70 @@ class Operator:
                     raise Failed.of("bad_request", str(exc), field=exc.field) from None
             case HealLinks(peer=peer):
                 return DataReply(data=list(await self.links.heal(peer)))
+            case ServiceCrash():
+                return DataReply(data={"killed": self.node.service.crash()})
+        raise Failed.of("bad_request", f"{type(request).__name__} is not an operator request")
+
+    async def call(self, call: ApiCall) -> Reply:
+        """An operator API request as its client signed it: verify the signature against our
+        own replicated identities, parse what was signed, check the signer's role, serve."""
+        identities = self.node.enclave.state.identities
+        try:
+            verified = verify_request(
+                call.method, call.target, call.headers, call.body, identities.get
+            )
+        except AuthError as exc:
+            raise Failed.of(exc.code, str(exc)) from None
+        try:
+            route, request = parse_call(call.method, call.target, call.body)
+        except BadCall as exc:
+            code: FailureCode = "not_found" if exc.status == 404 else "bad_request"
+            raise Failed.of(code, str(exc), field=exc.field) from None
+        identity = verified.identity
+        if not identity.may(route.role):
+            raise Failed.of(
+                "forbidden",
+                f"{identity.name!r} ({', '.join(identity.roles)}) may not "
+                f"{route.method} {route.path}: it needs the {route.role} role",
+            )
+        return DataReply(data=await self._serve(request, verified))
+
+    async def _serve(self, request: Request, by: Verified) -> JsonValue:
+        match request:
+            case ReadRequest():
+                return await self.read(request)  # type: ignore[no-any-return]
+            case AttestRequest():
+                return self.attest()
+            case CreateKey(name=name, allowed_service=allowed):
+                stamp = _stamp(by)
+                created = await self._commit(
+                    KeyCreate, auth=stamp, name=name, allowed_service=allowed
+                )
+                return _key_view(created)
+            case RotateKey(name=name):
+                return _key_view(await self._commit(KeyRotate, auth=_stamp(by), key=name))
+            case ReleaseKey():
+                return await self.release(request, by)
+            case PolicyChange(change=change, role=role, measurement=measurement):
+                kind = PolicyAllow if change == "policy.allow" else PolicyDisallow
+                changed = await self._commit(
+                    kind, auth=_stamp(by), role=role, measurement=measurement
+                )
+                return changed.public()
+            case RevokePlatform(platform_id=platform_id):
+                revoked = await self._commit(
+                    PolicyRevokePlatform, auth=_stamp(by), platform_id=platform_id
+                )
+                return revoked.public()
+            case RemoveMember(name=name):
+                return await self.remove_member(name, by)
             case Prove(key=key, generation=generation, challenge=challenge):
                 try:
                     mac = await self.node.service.prove(key, generation, challenge)
                 except ServiceUnavailable as exc:
                     message = f"service enclave cannot prove it: {exc}"
                     raise Failed.of("service_unavailable", message) from None
-                return DataReply(data={"mac": mac})
-            case ServiceCrash():
-                return DataReply(data={"killed": self.node.service.crash()})
+                return {"node": self.node.name, "key": key, "generation": generation, "mac": mac}
         raise Failed.of("bad_request", f"{type(request).__name__} is not an operator request")
 
     # --- helpers ----------------------------------------------------------------------------
@@ -151,18 +191,22 @@ class Operator:
             raise NotLeader(driver.leader if driver else "")
 
     async def _commit(
-        self, kind: type[CommandModel], timeout: float = 5.0, **fields: Any
+        self, kind: type[CommandModel], *, auth: AuthStamp, timeout: float = 5.0, **fields: Any
     ) -> Applied:
         """Build a ``kind`` command from the request's fields (refused here, before anything
-        is proposed, if a field is malformed) and commit it on this leader."""
+        is proposed, if a field is malformed or the request was made before) and commit it on
+        this leader. The state machine checks the request id and role again when it applies
+        the command: two copies proposed at once commit once."""
         self._require_leader()
+        if auth.request in self.node.enclave.state.requests:
+            raise Failed.of("replay", f"request {auth.request} was made before")
         try:
-            command = kind(**fields)
+            command = kind(auth=auth, **fields)
         except ValidationError as exc:
             raise Failed.of("refused", explain(exc)) from None
         result = await self.node.propose(command.encode(), timeout)
         if isinstance(result, Refused):
-            raise Failed.of("refused", result.error)
+            raise Failed.of(result.code, result.error)
         return result
 
     # --- reads ------------------------------------------------------------------------------
@@ -268,15 +312,19 @@ class Operator:
 
     # --- writes -----------------------------------------------------------------------------
 
-    async def release(self, request: ReleaseKey) -> dict[str, Any]:
+    async def release(self, request: ReleaseKey, by: Verified) -> dict[str, Any]:
         """Commit one release request per target node, then wait for their outcomes."""
         node = self.node
         state = node.enclave.state
         targets = sorted(state.members) if request.node == "all" else [request.node]
         release_ids = []
-        for target in targets:
+        for part, target in enumerate(targets):
             result = await self._commit(
-                ReleaseRequest, key=request.key, node=target, generation=request.generation
+                ReleaseRequest,
+                auth=_stamp(by, part if len(targets) > 1 else None),
+                key=request.key,
+                node=target,
+                generation=request.generation,
             )
             assert isinstance(result, ReleaseRequested)
             release_ids.append(result.release)
@@ -298,7 +346,7 @@ class Operator:
             )
         return {"releases": releases}
 
-    async def remove_member(self, name: Any) -> dict[str, JsonValue]:
+    async def remove_member(self, name: Any, by: Verified) -> dict[str, JsonValue]:
         """Two commits: the member record, then the Raft voter. Safe to retry: a retry after
         the first succeeded (and the conf change was busy or timed out) finishes the second."""
         driver = self.node.driver
@@ -307,11 +355,18 @@ class Operator:
             self._require_leader()
             result: Applied = MemberChanged(name)
         else:
-            result = await self._commit(MemberRemove, name=name)
+            result = await self._commit(MemberRemove, auth=_stamp(by), name=name)
         if voter and isinstance(name, str) and driver is not None:
             # A RaftError here (another change in flight) is a 503: the caller retries.
             await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))
         return result.public()
+
+
+def _stamp(by: Verified, part: int | None = None) -> AuthStamp:
+    """The command's record of the signed request it comes from (``part`` numbers the
+    commands of a request that commits several)."""
+    request = by.request_id if part is None else f"{by.request_id}/{part}"
+    return AuthStamp(by=by.identity.name, request=request, created=by.created)
 
 
 def _key_view(result: Applied) -> dict[str, JsonValue]:

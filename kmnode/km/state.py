@@ -23,8 +23,10 @@ from typing import Any
 
 from attest.identity import EnclaveRole
 from attest.policy import Policy
+from kmnode.identity import PublicIdentity
 from kmnode.km.commands import (
     Applied,
+    AuthStamp,
     ClusterInit,
     ClusterInitialised,
     Command,
@@ -58,6 +60,10 @@ from kmnode.km.commands import (
 #: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
 SNAPSHOT_CHUNK = 1000
 GENESIS_HASH = bytes(32)
+#: How long a committed request id is kept (seconds of creation time before the newest one):
+#: longer than a signature is accepted (``kmnode.identity.MAX_AGE_S`` plus the clock skew),
+#: so a replay is refused as a replay, or as too old, never applied.
+REQUEST_RETAIN_S = 180
 
 
 def encode_command(op: str, **fields: Any) -> bytes:
@@ -122,6 +128,12 @@ class KMState:
     #: Index the newest ledger signature covers, and the index of that ``ledger.sign`` entry.
     last_signed_index: int = 0
     last_signature_entry: int = 0
+    #: Operator identities and their roles (genesis from cluster.yaml, then governance).
+    identities: dict[str, PublicIdentity] = field(default_factory=dict)
+    #: Ids of the signed requests committed in the last ``REQUEST_RETAIN_S`` (id -> created),
+    #: in commit order, and the newest creation time seen (see ``_check_auth``).
+    requests: dict[str, int] = field(default_factory=dict)
+    newest_request: int = 0
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -133,14 +145,59 @@ class KMState:
         self.chain_hash = chain_step(self.chain_hash, index, data)
         try:
             command = parse(data)
+            self._check_auth(command)
+            if command.auth is not None:
+                # Spent even if the command is refused below: a request refused now must not
+                # apply later, replayed into a state that would accept it.
+                self._remember(command.auth)
             return _HANDLERS[type(command)](self, index, command)
         except CommandRefused as exc:
-            return Refused(str(exc))
+            return Refused(str(exc), exc.code)
         except Exception as exc:  # a committed entry must never stop the log
             # A case no check foresaw. Every node runs the same code on the same bytes, so
             # every node refuses it alike; raising would stop the Raft driver on every node,
             # and again after every restart, since the entry replays.
             return Refused(f"command could not be applied ({type(exc).__name__})")
+
+    # --- who may ask ------------------------------------------------------------------------
+
+    def _check_auth(self, command: Command) -> None:
+        """An operator's command must come from a signed request of an identity that holds
+        its role now, made at most ``REQUEST_RETAIN_S`` before the newest one committed, whose
+        id has not committed before. A cluster without identities (a ledger from before
+        they existed) applies its commands as it always did."""
+        role, auth = command.ROLE, command.auth
+        if role is None or not self.identities:
+            return
+        if auth is None:
+            raise CommandRefused(f"{command.op} needs a signed request", "forbidden")
+        identity = self.identities.get(auth.by)
+        if identity is None:
+            raise CommandRefused(f"no identity named {auth.by!r}", "unknown_identity")
+        if not identity.may(role):
+            raise CommandRefused(
+                f"{auth.by!r} ({', '.join(identity.roles)}) may not {command.op}: "
+                f"it needs the {role} role",
+                "forbidden",
+            )
+        if auth.request in self.requests:
+            raise CommandRefused(f"request {auth.request} was made before", "replay")
+        if auth.created < self.newest_request - REQUEST_RETAIN_S:
+            raise CommandRefused(
+                f"request {auth.request} is older than {REQUEST_RETAIN_S} s", "replay"
+            )
+
+    def _remember(self, auth: AuthStamp) -> None:
+        """Commit a request id; forget those older than the window (the oldest were committed
+        first, so pruning stops at the first that is still young enough)."""
+        self.requests[auth.request] = auth.created
+        self.newest_request = max(self.newest_request, auth.created)
+        horizon = self.newest_request - REQUEST_RETAIN_S
+        while self.requests:
+            oldest = next(iter(self.requests))
+            if self.requests[oldest] >= horizon:
+                break
+            del self.requests[oldest]
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -156,6 +213,7 @@ class KMState:
             raise
         self.cluster = cmd.cluster
         self.cluster_id = cmd.cluster_id
+        self.identities = {i.name: i for i in cmd.identities}
         self.genesis_hash = self.chain_hash
         return ClusterInitialised(cmd.cluster)
 
@@ -315,6 +373,9 @@ class KMState:
             "chain_hash": self.chain_hash.hex(),
             "last_signed_index": self.last_signed_index,
             "last_signature_entry": self.last_signature_entry,
+            "identities": [i.model_dump(mode="json") for i in self.identities.values()],
+            "requests": dict(self.requests),
+            "newest_request": self.newest_request,
         }
         releases = list(self.releases.values())
 
@@ -355,6 +416,11 @@ class KMState:
             chain_hash=bytes.fromhex(data["chain_hash"]),
             last_signed_index=data["last_signed_index"],
             last_signature_entry=data["last_signature_entry"],
+            identities={
+                i["name"]: PublicIdentity.model_validate(i) for i in data.get("identities", [])
+            },
+            requests=dict(data.get("requests", {})),
+            newest_request=data.get("newest_request", 0),
         )
 
 

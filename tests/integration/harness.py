@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -29,6 +29,14 @@ from kmnode.host.broker import (
     stop_broker,
 )
 from kmnode.host.mqtt import unpack_records
+from kmnode.identity import (
+    DEV_IDENTITY,
+    IdentityKeys,
+    PublicIdentity,
+    Role,
+    dev_key_path,
+    sign_request,
+)
 from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,9 +69,29 @@ class MqttCapture(ChaosCapture):
         ]
 
 
-def write_config(root: Path, nodes: int = 3, mqtt_url: str | None = None) -> Path:
+#: The roles of the cluster's test operator: it may do anything the API offers.
+ADMIN_ROLES: list[Role] = ["admin", "operator", "auditor"]
+
+
+def cluster_admin(root: Path) -> IdentityKeys:
+    """The test operator of the cluster in ``root``: made on first use where `kmctl up` keeps
+    the development profile's admin, so kmctl signs as it by default on this cluster too."""
+    path = dev_key_path(root / "state")
+    if not path.exists():
+        IdentityKeys.generate(DEV_IDENTITY).save(path)
+    return IdentityKeys.load(path)
+
+
+def write_config(
+    root: Path,
+    nodes: int = 3,
+    mqtt_url: str | None = None,
+    admin: bool = False,
+    more: list[PublicIdentity] | None = None,
+) -> Path:
     """``root/cluster.yaml``: the embedded defaults with free ports on 127.0.0.1, state under
-    ``root/state`` and a fast Raft tick, for a cluster of its own."""
+    ``root/state`` and a fast Raft tick, for a cluster of its own. No identities (`kmctl up`
+    then runs the development profile) unless ``admin``: then ``cluster_admin(root)``."""
     data = ClusterConfig.default(nodes).model_dump(mode="json")
     ports = iter(free_ports(2 * len(data["nodes"]) + 1))
     for node in data["nodes"]:
@@ -72,15 +100,25 @@ def write_config(root: Path, nodes: int = 3, mqtt_url: str | None = None) -> Pat
     data["mqtt"]["embedded_port"] = next(ports)
     data["mqtt"]["url"] = mqtt_url
     data["raft"]["tick_ms"] = 25
+    if admin:
+        listed = [cluster_admin(root).public(ADMIN_ROLES), *(more or [])]
+        data["identities"] = [i.model_dump(mode="json") for i in listed]
     path = root / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 class LocalCluster:
-    def __init__(self, root: Path, nodes: int = 3, mqtt_url: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        nodes: int = 3,
+        mqtt_url: str | None = None,
+        identities: list[PublicIdentity] | None = None,
+    ) -> None:
         self.root = root
-        self.config_path = write_config(root, nodes, mqtt_url)
+        # Started node by node, not by `kmctl up`: the cluster names its admin itself.
+        self.config_path = write_config(root, nodes, mqtt_url, admin=True, more=identities)
         self.config = load_config(self.config_path)
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -118,11 +156,32 @@ class LocalCluster:
             self.start(name)
             self.wait_ready(name, timeout)
 
-    def api(self, name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        node = self.config.node(name)
+    def api(
+        self,
+        name: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        signer: IdentityKeys | Literal["admin"] | None = "admin",
+    ) -> tuple[int, Any]:
+        """One request to ``name``'s API, signed as the test admin (or ``signer``; None:
+        unsigned), as kmctl sends it."""
+        if body is None and method == "POST":
+            body = {}  # a POST is JSON, even an empty one (the API refuses anything else)
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        keys = cluster_admin(self.root) if signer == "admin" else signer
+        if keys is not None:
+            headers.update(sign_request(keys, method, path, data or b""))
+        return self.send(name, method, path, data, headers)
+
+    def send(
+        self, name: str, method: str, path: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        """A request exactly as given (to replay or tamper with a signed one)."""
+        node = self.config.node(name)
         request = urllib.request.Request(
-            f"http://{node.host}:{node.api_port}{path}", data=data, method=method
+            f"http://{node.host}:{node.api_port}{path}", data=data, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:

@@ -37,7 +37,7 @@ def with_releases(count: int) -> KMState:
 
 def reference_snapshot(state: KMState) -> bytes:
     """The snapshot encoding as one ``json.dumps`` (before snapshots were captured and chunked;
-    restore reads it)."""
+    restore reads it; a snapshot from before identities, without their three fields, too)."""
     data = {
         "cluster": state.cluster,
         "cluster_id": state.cluster_id,
@@ -50,6 +50,9 @@ def reference_snapshot(state: KMState) -> bytes:
         "chain_hash": state.chain_hash.hex(),
         "last_signed_index": state.last_signed_index,
         "last_signature_entry": state.last_signature_entry,
+        "identities": [i.model_dump(mode="json") for i in state.identities.values()],
+        "requests": state.requests,
+        "newest_request": state.newest_request,
     }
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 

@@ -1,0 +1,209 @@
+"""The operator API's routes that the KM enclave serves: what each needs, and how a request
+becomes one typed operator request.
+
+One table serves both halves of a node: the host mounts these routes and relays each request
+as it was signed (``ApiCall``); the KM enclave verifies the signature and then parses the
+request here, from the signed method, path, query and body, so what it acts on is what the
+client signed. A malformed request is refused with the field and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kmnode.identity import Role
+from kmnode.km_messages import (
+    AttestRequest,
+    CreateKey,
+    PolicyChange,
+    Prove,
+    ReadRequest,
+    ReleaseKey,
+    RemoveMember,
+    Request,
+    RevokePlatform,
+    RotateKey,
+)
+
+_HEX = re.compile(r"^[0-9a-f]*$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Longest challenge the proof workload takes, in bytes (``kmnode.service_pipe``).
+MAX_CHALLENGE = 1024
+#: Deepest JSON nesting a body may have (deeper is refused, not parsed into a RecursionError).
+MAX_DEPTH = 32
+
+
+class BadCall(Exception):
+    """The request cannot be served as sent: ``status`` 400 (with the field) or 404."""
+
+    def __init__(self, message: str, *, status: int = 400, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+Params = Mapping[str, str]
+Body = dict[str, Any]
+Build = Callable[[Params, Params, Body], Request]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    #: aiohttp's form: ``/v1/keys/{name}/rotate``.
+    path: str
+    #: The role a signer needs (``kmnode.identity.PublicIdentity.may``).
+    role: Role
+    build: Build
+    #: The HTTP status of a success.
+    status: int = 200
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _pattern(self.path)
+
+
+def _pattern(path: str) -> re.Pattern[str]:
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+
+
+def _flag(query: Params, name: str) -> bool:
+    return query.get(name) not in (None, "", "0", "false")
+
+
+def _hex(body: Body, field: str, size: int | None = None) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not _HEX.match(value) or len(value) % 2:
+        raise BadCall(f"{field!r} must be a lowercase hex string", field=field)
+    if size is not None and len(value) != size * 2:
+        raise BadCall(f"{field!r} must be {size} bytes", field=field)
+    return value
+
+
+def _read(what: str, name_from: str | None = None, query_name: str | None = None) -> Build:
+    def build(params: Params, query: Params, body: Body) -> Request:
+        name = params.get(name_from) if name_from else query.get(query_name or "")
+        return ReadRequest.model_validate(
+            {"what": what, "name": name, "linearizable": _flag(query, "linearizable")}
+        )
+
+    return build
+
+
+def _create_key(params: Params, query: Params, body: Body) -> Request:
+    return CreateKey(name=body.get("name"), allowed_service=body.get("allowed_service", []))
+
+
+def _rotate_key(params: Params, query: Params, body: Body) -> Request:
+    return RotateKey(name=params["name"])
+
+
+def _release_key(params: Params, query: Params, body: Body) -> Request:
+    fields = {k: body[k] for k in ("node", "generation", "timeout") if k in body}
+    if isinstance(fields.get("timeout"), int) and not isinstance(fields["timeout"], bool):
+        fields["timeout"] = float(fields["timeout"])
+    return ReleaseKey.model_validate({"key": params["name"], **fields})
+
+
+def _prove(params: Params, query: Params, body: Body) -> Request:
+    challenge = _hex(body, "challenge")
+    key, generation = body.get("key"), body.get("generation")
+    if not isinstance(key, str) or not isinstance(generation, int) or isinstance(generation, bool):
+        raise BadCall("'key' (string) and 'generation' (int) are required")
+    if not _KEY_NAME.match(key) or generation < 1:
+        raise BadCall("'key' must be a key name, 'generation' >= 1")
+    if not 0 < len(challenge) <= 2 * MAX_CHALLENGE:
+        raise BadCall(f"'challenge' must be 1..{MAX_CHALLENGE} bytes", field="challenge")
+    return Prove(key=key, generation=generation, challenge=bytes.fromhex(challenge))
+
+
+def _policy_change(change: str) -> Build:
+    def build(params: Params, query: Params, body: Body) -> Request:
+        measurement = _hex(body, "measurement", 32)
+        return PolicyChange.model_validate(
+            {"change": change, "role": body.get("role"), "measurement": measurement}
+        )
+
+    return build
+
+
+def _revoke_platform(params: Params, query: Params, body: Body) -> Request:
+    return RevokePlatform(platform_id=body.get("platform_id"))
+
+
+def _remove_member(params: Params, query: Params, body: Body) -> Request:
+    return RemoveMember(name=body.get("name"))
+
+
+def _attest(params: Params, query: Params, body: Body) -> Request:
+    return AttestRequest()
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/keys", "auditor", _read("keys")),
+    Route("POST", "/v1/keys", "operator", _create_key, status=201),
+    Route("GET", "/v1/keys/{name}", "auditor", _read("key", name_from="name")),
+    Route("POST", "/v1/keys/{name}/rotate", "operator", _rotate_key),
+    Route("POST", "/v1/keys/{name}/release", "operator", _release_key),
+    Route("GET", "/v1/releases", "auditor", _read("releases", query_name="key")),
+    Route("POST", "/v1/service/prove", "operator", _prove),
+    Route("GET", "/v1/policy", "auditor", _read("policy")),
+    Route("POST", "/v1/policy/allow", "admin", _policy_change("policy.allow")),
+    Route("POST", "/v1/policy/disallow", "admin", _policy_change("policy.disallow")),
+    Route("POST", "/v1/policy/revoke-platform", "admin", _revoke_platform),
+    Route("GET", "/v1/members", "auditor", _read("members")),
+    Route("POST", "/v1/members/remove", "admin", _remove_member),
+    Route("GET", "/v1/attest", "auditor", _attest),
+)
+_COMPILED = tuple((route, route.pattern) for route in ROUTES)
+
+
+def parse_body(raw: bytes) -> Body:
+    """A request body: empty, or a JSON object (not nested deeper than ``MAX_DEPTH``)."""
+    if not raw:
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadCall("body is not UTF-8") from None
+    depth = 0
+    for char in text:  # a cheap upper bound on nesting (brackets inside strings count too)
+        if char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise BadCall(f"body is nested deeper than {MAX_DEPTH}")
+        elif char in "]}":
+            depth -= 1
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise BadCall("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadCall("body must be a JSON object")
+    return body
+
+
+def parse_call(method: str, target: str, raw_body: bytes) -> tuple[Route, Request]:
+    """The route ``method target`` names and the typed request it asks for."""
+    split = urllib.parse.urlsplit(target)
+    path = urllib.parse.unquote(split.path)
+    query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+    for route, pattern in _COMPILED:
+        match = pattern.match(path)
+        if match is None or route.method != method:
+            continue
+        body = parse_body(raw_body) if method == "POST" else {}
+        try:
+            return route, route.build(match.groupdict(), query, body)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise BadCall(f"{field!r}: {error['msg']}", field=field) from None
+    raise BadCall(f"no route {method} {path}", status=404)

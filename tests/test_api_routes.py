@@ -1,0 +1,79 @@
+"""What the KM enclave makes of a request it verified: one typed request per route, or a
+specific 400/404 (never an exception out of the parser)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kmnode.api_routes import ROUTES, BadCall, parse_call
+from kmnode.km_messages import CreateKey, PolicyChange, Prove, ReadRequest, ReleaseKey
+
+PROVE = b'{"key": "db", "generation": true, "challenge": %s}'
+
+
+def test_each_route_builds_its_request() -> None:
+    route, request = parse_call("POST", "/v1/keys", b'{"name": "db"}')
+    assert (route.role, route.status, request) == ("operator", 201, CreateKey(name="db"))
+    route, request = parse_call("GET", "/v1/keys/db?linearizable=1", b"")
+    assert request == ReadRequest(what="key", name="db", linearizable=True)
+    _, request = parse_call("POST", "/v1/keys/db/release", b'{"node": "km2", "timeout": 3}')
+    assert request == ReleaseKey(key="db", node="km2", timeout=3.0)
+    route, request = parse_call(
+        "POST", "/v1/policy/allow", b'{"role": "service", "measurement": "' + b"ab" * 32 + b'"}'
+    )
+    assert route.role == "admin" and isinstance(request, PolicyChange)
+    _, request = parse_call(
+        "POST", "/v1/service/prove", b'{"key": "db", "generation": 1, "challenge": "00ff"}'
+    )
+    assert request == Prove(key="db", generation=1, challenge=b"\x00\xff")
+
+
+def test_every_route_has_a_role_and_reads_need_no_more_than_auditor() -> None:
+    for route in ROUTES:
+        assert route.role in ("admin", "operator", "auditor")
+        if route.method == "GET":
+            assert route.role == "auditor"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "status", "text"),
+    [
+        ("POST", "/v1/keys", b"[1]", 400, "JSON object"),
+        ("POST", "/v1/keys", b"{nope", 400, "not valid JSON"),
+        ("POST", "/v1/keys", b"\xff\xfe", 400, "UTF-8"),
+        ("POST", "/v1/keys", b'{"a":' * 100 + b"1" + b"}" * 100, 400, "nested deeper"),
+        ("POST", "/v1/policy/allow", b'{"role": "service", "measurement": "xyz"}', 400, "hex"),
+        ("POST", "/v1/service/prove", PROVE % b'"0"', 400, "hex"),
+        ("POST", "/v1/service/prove", PROVE % b'"00"', 400, "int"),
+        ("POST", "/v1/keys/db/release", b'{"timeout": "soon"}', 400, "timeout"),
+        ("POST", "/v1/keys/db/release", b'{"timeout": NaN}', 400, "timeout"),
+        ("POST", "/v1/keys/db/release", b'{"timeout": Infinity}', 400, "timeout"),
+        ("POST", "/v1/keys/db/release", b'{"timeout": 1e9}', 400, "timeout"),
+        ("POST", "/v1/keys/db/release", b'{"timeout": true}', 400, "timeout"),
+        ("GET", "/v1/nowhere", b"", 404, "no route"),
+        ("POST", "/v1/keys/db", b"{}", 404, "no route"),
+    ],
+)  # fmt: skip
+def test_malformed_requests_are_refused_specifically(
+    method: str, target: str, body: bytes, status: int, text: str
+) -> None:
+    with pytest.raises(BadCall, match=text) as caught:
+        parse_call(method, target, body)
+    assert caught.value.status == status
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST"]),
+    target=st.text(max_size=80).map(lambda t: "/v1/" + t),
+    body=st.binary(max_size=200),
+)
+def test_garbage_gets_a_bad_call_or_a_request_never_another_exception(
+    method: str, target: str, body: bytes
+) -> None:
+    try:
+        parse_call(method, target, body)
+    except BadCall as exc:
+        assert exc.status in (400, 404)
