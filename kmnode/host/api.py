@@ -12,6 +12,8 @@ contains key material: keys are shown by fingerprint (a MAC), never by value.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -106,7 +108,9 @@ class OperatorApi:
         self.node = node
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[self._errors, self._same_origin]
+        )
         app.router.add_get("/v1/status", self.status)
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self.relay(route))
@@ -144,6 +148,32 @@ class OperatorApi:
             return _json({"error": str(exc), "code": "unavailable"}, 503)
         except web.HTTPException as exc:
             return _json({"error": exc.reason, "code": "bad_request"}, exc.status)
+
+    @web.middleware
+    async def _same_origin(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """A request must name this node as its ``Host`` (a page whose name an attacker
+        re-pointed at 127.0.0.1, DNS rebinding, does not) and, if it comes from a browser, from
+        a page of this node (``Origin``): no other site's page can drive the API."""
+        allowed = self._hosts()
+        host = request.headers.get("Host", "")
+        if host.lower() not in allowed:
+            raise ApiError(403, "bad_host", f"Host {host[:100]!r} is not this node's address")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.lower() not in {f"http://{h}" for h in allowed}:
+            raise ApiError(403, "bad_origin", f"requests from {origin[:100]!r} are not accepted")
+        return await handler(request)
+
+    def _hosts(self) -> frozenset[str]:
+        """The ``host:port`` names of this node's API (its configured address; ``localhost``
+        too when that is a loopback address)."""
+        spec = self.node.config.node(self.node.name)
+        names = {spec.host}
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(spec.host).is_loopback:
+                names |= {"localhost", "127.0.0.1"}
+        return frozenset(f"{name}:{spec.api_port}".lower() for name in names)
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from kmnode.config import ClusterConfig
 from kmnode.host.api import OperatorApi
 from kmnode.host.faults import RingStall
 from kmnode.km_messages import ApiCall, DataReply, Failed, Reply, Request
+from tests.ports import free_port
 
 
 class FakeKM:
@@ -35,11 +36,17 @@ class FakeKM:
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[TestClient[Any, Any], FakeKM]]:
     km = FakeKM()
+    port = free_port()
+    config = ClusterConfig.default(3)
+    nodes = [config.nodes[0].model_copy(update={"api_port": port}), *config.nodes[1:]]
     node = SimpleNamespace(
-        name="km1", config=ClusterConfig.default(3), km=km, ring_stall=RingStall()
+        name="km1",
+        config=config.model_copy(update={"nodes": nodes}),
+        km=km,
+        ring_stall=RingStall(),
     )
     client: TestClient[Any, Any] = TestClient(
-        TestServer(OperatorApi(node).app(), host="127.0.0.1", port=0)  # type: ignore[arg-type]
+        TestServer(OperatorApi(node).app(), host="127.0.0.1", port=port)  # type: ignore[arg-type]
     )
     await client.start_server()
     try:
@@ -115,3 +122,36 @@ async def test_the_enclaves_refusals_map_to_their_status(
     assert response.status == status and answer["code"] == code
     if code == "not_leader":
         assert answer["leader"] == "km2" and answer["leader_api"] == "http://127.0.0.1:7202"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"Host": "attacker.example:80"}, "bad_host"),  # DNS rebinding: a foreign name
+        ({"Origin": "http://attacker.example"}, "bad_origin"),  # another site's page
+        ({"Origin": "null"}, "bad_origin"),
+    ],
+    ids=["host", "origin", "null-origin"],
+)
+async def test_a_foreign_host_or_origin_is_refused_and_reaches_nothing(
+    api: tuple[TestClient[Any, Any], FakeKM], headers: dict[str, str], code: str
+) -> None:
+    client, km = api
+    for method, path in (("POST", "/v1/keys"), ("GET", "/v1/keys"), ("GET", "/v1/status")):
+        response = await client.request(
+            method, path, json={} if method == "POST" else None, headers=headers
+        )
+        answer = await response.json()
+        assert (response.status, answer["code"]) == (403, code), answer
+    assert km.seen == []
+
+
+async def test_this_nodes_own_origin_and_localhost_are_accepted(
+    api: tuple[TestClient[Any, Any], FakeKM],
+) -> None:
+    client, km = api
+    port = client.port
+    for headers in ({"Origin": f"http://127.0.0.1:{port}"}, {"Host": f"localhost:{port}"}):
+        response = await client.post("/v1/keys", json={"name": "db"}, headers=headers)
+        assert response.status == 201, await response.text()
+    assert len(km.seen) == 2
