@@ -21,8 +21,10 @@ from pydantic import ValidationError
 from kmnode.identity import Role
 from kmnode.km_messages import (
     AttestRequest,
+    ChaosCheck,
     CreateKey,
     PolicyChange,
+    Propose,
     Prove,
     ReadRequest,
     ReleaseKey,
@@ -30,6 +32,8 @@ from kmnode.km_messages import (
     Request,
     RevokePlatform,
     RotateKey,
+    Vote,
+    Withdraw,
 )
 
 _HEX = re.compile(r"^[0-9a-f]*$")
@@ -146,6 +150,22 @@ def _attest(params: Params, query: Params, body: Body) -> Request:
     return AttestRequest()
 
 
+def _chaos_check(params: Params, query: Params, body: Body) -> Request:
+    return ChaosCheck()
+
+
+def _propose(params: Params, query: Params, body: Body) -> Request:
+    return Propose.model_validate({"actions": body.get("actions")})
+
+
+def _vote(params: Params, query: Params, body: Body) -> Request:
+    return Vote(proposal=params["id"], ballot=body.get("ballot"))
+
+
+def _withdraw(params: Params, query: Params, body: Body) -> Request:
+    return Withdraw(proposal=params["id"])
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/keys", "auditor", _read("keys")),
     Route("POST", "/v1/keys", "operator", _create_key, status=201),
@@ -161,8 +181,24 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/members", "auditor", _read("members")),
     Route("POST", "/v1/members/remove", "admin", _remove_member),
     Route("GET", "/v1/attest", "auditor", _attest),
+    Route("GET", "/v1/proposals", "auditor", _read("proposals")),
+    Route("POST", "/v1/proposals", "admin", _propose, status=201),
+    Route("GET", "/v1/proposals/{id}", "auditor", _read("proposal", name_from="id")),
+    Route("POST", "/v1/proposals/{id}/vote", "admin", _vote),
+    Route("POST", "/v1/proposals/{id}/withdraw", "admin", _withdraw),
+    Route("GET", "/v1/identities", "auditor", _read("identities")),
 )
-_COMPILED = tuple((route, route.pattern) for route in ROUTES)
+#: The chaos routes (``kmnode.host.chaos_api``): the host serves them, once the KM enclave has
+#: checked the request like any other (``ChaosCheck``: admin to inject, auditor to look, and
+#: only while governance has chaos enabled).
+CHAOS_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/chaos/rules", "auditor", _chaos_check),
+    *(
+        Route("POST", f"/v1/chaos/{name}", "admin", _chaos_check)
+        for name in ("rules", "heal", "ring-stall", "service-crash")
+    ),
+)
+_COMPILED = tuple((route, route.pattern) for route in (*ROUTES, *CHAOS_ROUTES))
 
 
 def parse_body(raw: bytes) -> Body:

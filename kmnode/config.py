@@ -134,6 +134,14 @@ class EnclaveSpec(_Strict):
     storage: Literal["host", "enclave"] = "host"
 
 
+class GovernanceSpec(_Strict):
+    """What the cluster's governance starts with; later changes are voted proposals."""
+
+    #: Whether the chaos (fault injection) routes are open to admins from genesis. The
+    #: development profile of `kmctl up` opens them; otherwise a proposal (chaos.set) does.
+    chaos: bool = False
+
+
 class MqttSpec(_Strict):
     #: ``mqtt://host:port`` of an external broker; unset means the embedded amqtt broker.
     url: Annotated[str, Field(pattern=r"^mqtts?://[^/:]+(:\d{1,5})?/?$")] | None = None
@@ -181,6 +189,7 @@ class ClusterConfig(_Strict):
     #: entry); later changes are governance. None listed: `kmctl up` runs the development
     #: profile, with an admin key of its own in the state directory.
     identities: Annotated[list[PublicIdentity], Field(max_length=256)] = []
+    governance: GovernanceSpec = GovernanceSpec()
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:

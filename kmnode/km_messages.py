@@ -154,7 +154,9 @@ class ReadRequest(Request):
     """A read of the applied public state; ``linearizable`` confirms with the leader first."""
 
     op: Literal["read"] = "read"
-    what: Literal["keys", "key", "releases", "policy", "members"]
+    what: Literal[
+        "keys", "key", "releases", "policy", "members", "proposals", "proposal", "identities"
+    ]
     name: str | None = None
     linearizable: bool = False
 
@@ -216,6 +218,30 @@ class ApiCall(Request):
     #: The signature headers (``kmnode.identity.SIGNATURE_HEADERS``), lower-case names.
     headers: dict[str, Annotated[str, StringConstraints(max_length=4096)]] = Field(max_length=3)
     body: bytes = Field(default=b"", max_length=64 * 1024)
+
+
+class ChaosCheck(Request):
+    """May this (verified) chaos request be served? Only while governance enabled chaos."""
+
+    op: Literal["chaos.check"] = "chaos.check"
+
+
+class Propose(Request):
+    """Propose governance actions (checked by the state machine's models)."""
+
+    op: Literal["proposal.create"] = "proposal.create"
+    actions: list[JsonValue] = Field(min_length=1, max_length=16)
+
+
+class Vote(Request):
+    op: Literal["proposal.vote"] = "proposal.vote"
+    proposal: str
+    ballot: JsonValue
+
+
+class Withdraw(Request):
+    op: Literal["proposal.withdraw"] = "proposal.withdraw"
+    proposal: str
 
 
 class LinkRulesRequest(Request):

@@ -408,17 +408,18 @@ def up(
 
 def with_identities(cfg: ClusterConfig, progress: Progress = _ignore) -> ClusterConfig:
     """``cfg`` itself when it lists identities; else the development profile: an admin key
-    made in the state directory (once) is the cluster's only identity, and kmctl signs with it
-    by default (``kmnode.client.default_signer``)."""
+    made in the state directory (once) is the cluster's only identity, kmctl signs with it by
+    default (``kmnode.client.default_signer``), and chaos is enabled from genesis."""
     if cfg.identities:
         return cfg
     dev = ensure_dev_identity(cfg.state_dir)
     progress(
         "identity",
         f"development profile: no identities in the config, so {dev.name} "
-        f"({', '.join(dev.roles)}) signs with {dev_key_path(cfg.state_dir)}",
+        f"({', '.join(dev.roles)}) signs with {dev_key_path(cfg.state_dir)}; chaos is enabled",
     )
-    return cfg.model_copy(update={"identities": [dev]})
+    governance = cfg.governance.model_copy(update={"chaos": True})
+    return cfg.model_copy(update={"identities": [dev], "governance": governance})
 
 
 def _up(cfg: ClusterConfig, timeout: float, progress: Progress, command: NodeCommand) -> UpResult:

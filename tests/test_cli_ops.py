@@ -202,12 +202,12 @@ def make_app(name: str, state: FakeState) -> web.Application:
     async def policy_allow(request: web.Request) -> web.Response:
         body = await request.json()
         state.policy["measurements"][body["role"]].append(body["measurement"])
-        return web.json_response(state.policy)
+        return web.json_response(PASSED)
 
     @routes.post("/v1/members/remove")
     async def members_remove(request: web.Request) -> web.Response:
         state.members.remove((await request.json())["name"])
-        return web.json_response({"removed": (await request.json())["name"]})
+        return web.json_response(PASSED)
 
     @routes.get("/v1/members")
     async def members_list(request: web.Request) -> web.Response:
@@ -250,6 +250,18 @@ def make_app(name: str, state: FakeState) -> web.Application:
     app = web.Application(middlewares=[record])
     app.add_routes(routes)
     return app
+
+
+#: What the API answers a governed change that one admin's proposal passed.
+PASSED = {
+    "ok": True,
+    "proposal": "p9",
+    "state": "accepted",
+    "votes_for": ["dev-admin"],
+    "votes_against": [],
+    "needed": 1,
+    "error": "",
+}
 
 
 class FakeCluster:
@@ -542,7 +554,9 @@ def test_policy_get_and_allow(cluster: FakeCluster) -> None:
     assert table.code == 0 and "measurements.service" in table.out
     new = "CD" * 32
     res = kmctl(cluster, "policy", "allow", "--role", "service", new, "--node", "km2")
-    assert res.code == 0 and res.out.strip() == f"allowed service {new.lower()}"
+    assert res.code == 0 and res.out.strip() == (
+        f"allowed service {new.lower()} (proposal p9 passed with 1 of 1 admin votes)"
+    )
     assert cluster.requests("/v1/policy/allow")[-1].body == {
         "role": "service",
         "measurement": new.lower(),

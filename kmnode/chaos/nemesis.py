@@ -28,7 +28,7 @@ from kmnode.chaos import faults
 from kmnode.chaos.checker import CheckOutcome, Violation
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
-from kmnode.client import ApiError, NodeClient
+from kmnode.client import ApiError, NodeClient, default_signer
 from kmnode.config import ClusterConfig
 
 LINK_KINDS = ("partition", "partition-one-way", "loss", "duplicate")
@@ -86,6 +86,8 @@ class Nemesis:
         #: Damaged nodes that started anyway (the log or the sealing failed to notice).
         self.undetected: list[Violation] = []
         self.refused: list[str] = []
+        #: Chaos requests are an admin's (``KMSIM_IDENTITY``, or the development profile's).
+        self.signer = default_signer(cfg)
 
     def schedule(self) -> Iterator[str]:
         """The kinds in a seeded shuffle, reshuffled after each full round (never ends)."""
@@ -201,7 +203,7 @@ class Nemesis:
         self._api(sender, "/v1/chaos/rules", {"peer": peer, **rule})
 
     def _api(self, node: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return NodeClient.for_node(self.cfg.node(node), 5.0).post(path, body or {})
+        return NodeClient.for_node(self.cfg.node(node), 5.0, self.signer).post(path, body or {})
 
     # --- the verdict on disk damage -----------------------------------------------------------
 

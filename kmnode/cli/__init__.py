@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
 from kmnode.cli.events_cmds import events
+from kmnode.cli.governance_cmds import proposals
 from kmnode.cli.identity_cmds import identity as identity_group
 from kmnode.cli.ledger_cmds import ledger
 from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
@@ -50,11 +52,25 @@ def cli(ctx: click.Context, config_path: Path | None, identity: str | None) -> N
     Exit codes: 0 ok, 1 refused by a check or the cluster, 2 bad usage or configuration,
     3 internal or environment failure.
     """
+    if identity:
+        # Library code below the CLI (chaos runs, faults) signs as KMSIM_IDENTITY: the same
+        # identity for this command, and only for it.
+        previous = os.environ.get("KMSIM_IDENTITY")
+        os.environ["KMSIM_IDENTITY"] = identity
+        ctx.call_on_close(lambda: _restore("KMSIM_IDENTITY", previous))
     ctx.obj = CliContext(config_path, identity)
 
 
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 for command in (
-    up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group
+    up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
+    proposals,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)

@@ -28,7 +28,7 @@ from kmnode.cli.output import (
     KmctlGroup,
     print_json,
 )
-from kmnode.client import NodeClient, NodeUnreachable
+from kmnode.client import NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.errors import KmsimError
 
@@ -63,7 +63,9 @@ def _check_node(cfg: ClusterConfig, name: str) -> str:
 
 
 def _client(cfg: ClusterConfig, name: str) -> NodeClient:
-    return NodeClient.for_node(cfg.node(_check_node(cfg, name)), _API_TIMEOUT)
+    """A client of node ``name``'s chaos routes, signed as this invocation's identity (an
+    admin's: governance must also have chaos enabled)."""
+    return NodeClient.for_node(cfg.node(_check_node(cfg, name)), _API_TIMEOUT, default_signer(cfg))
 
 
 def _emit(as_json: bool, data: Any, line: str) -> None:

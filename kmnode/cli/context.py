@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
+from kmnode import supervisor
 from kmnode.cli.output import EXIT_USAGE, CliError
-from kmnode.client import default_signer, load_signer
+from kmnode.client import ClusterClient, default_signer, load_signer
 from kmnode.config import ClusterConfig, ConfigError, find_config
 from kmnode.identity import IdentityKeys
 
@@ -25,6 +26,12 @@ class CliContext:
         if self.identity:
             return load_signer(config, self.identity)
         return default_signer(config)
+
+    def client(self, node: str | None = None) -> ClusterClient:
+        """The API client of this invocation: the running cluster's config, signed as
+        ``signer``, talking to ``node`` (default: the first reachable)."""
+        cfg = supervisor.effective_config(self.config())
+        return ClusterClient(cfg, node, signer=self.signer(cfg))
 
     def config(self) -> ClusterConfig:
         try:

@@ -17,6 +17,7 @@ import click
 from kmnode import supervisor
 from kmnode.cli.attest_cmds import attest
 from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.governance_cmds import governed
 from kmnode.cli.output import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -58,8 +59,7 @@ def _linearizable(f: F) -> F:
 
 
 def _client(ctx: CliContext, node: str | None) -> ClusterClient:
-    cfg = supervisor.effective_config(ctx.config())
-    return ClusterClient(cfg, node, signer=ctx.signer(cfg))
+    return ctx.client(node)
 
 
 def _read_query(linearizable: bool, **extra: str | None) -> dict[str, str]:
@@ -317,8 +317,7 @@ def _listing(value: Any) -> str:
 def _policy_change(
     ctx: CliContext, api_node: str | None, as_json: bool, path: str, body: dict[str, Any], line: str
 ) -> None:
-    answer = _client(ctx, api_node).post(path, body)
-    _write_result(as_json, answer, line)
+    governed(ctx, api_node, path, body, line, as_json)
 
 
 @policy.command("allow")
@@ -410,8 +409,7 @@ def members_list(ctx: CliContext, api_node: str | None, linearizable: bool, as_j
 @pass_context
 def members_remove(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
     """Remove node NAME from the cluster (a committed membership change)."""
-    answer = _client(ctx, api_node).post("/v1/members/remove", {"name": name})
-    _write_result(as_json, answer, f"removed member {name}")
+    governed(ctx, api_node, "/v1/members/remove", {"name": name}, f"removed member {name}", as_json)
 
 
 # --- attest show and prove ------------------------------------------------------------------

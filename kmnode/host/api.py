@@ -121,6 +121,7 @@ class OperatorApi:
             node.ring_stall,
             self.crash_service,
             lambda: [n.name for n in node.config.nodes if n.name != node.name],
+            self.authorize,
         )
         return app
 
@@ -236,29 +237,39 @@ class OperatorApi:
         enclave verifies the signature, parses the request and decides (``ApiCall``)."""
 
         async def handler(request: web.Request) -> web.Response:
-            if request.method == "POST" and request.content_type != "application/json":
-                raise ApiError(
-                    415,
-                    "unsupported_media_type",
-                    f"a POST body must be application/json, not {request.content_type!r}",
-                )
-            body = await request.read()
-            headers = {k: request.headers[k] for k in SIGNATURE_HEADERS if k in request.headers}
-            try:
-                call = ApiCall.model_validate(
-                    {
-                        "method": request.method,
-                        "target": request.raw_path,
-                        "headers": headers,
-                        "body": body,
-                    }
-                )
-            except ValidationError as exc:
-                message = f"request too large: {exc.errors()[0]['msg']}"
-                raise ApiError(400, "bad_request", message) from None
+            call = self._call(request, await request.read())
             return _json(await self.data(call), route.status)
 
         return handler
+
+    async def authorize(self, request: web.Request, body: bytes) -> None:
+        """A chaos request, checked by the KM enclave like any other (signature, role) and
+        served only while the cluster's governance has chaos enabled: raises if refused."""
+        await self.data(self._call(request, body))
+
+    @staticmethod
+    def _call(request: web.Request, body: bytes) -> ApiCall:
+        """The request as its client signed it, for the KM enclave. A POST must be JSON: what
+        a web page may send to another site without asking (a form, text) is refused."""
+        if request.method == "POST" and request.content_type != "application/json":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"a POST body must be application/json, not {request.content_type!r}",
+            )
+        headers = {k: request.headers[k] for k in SIGNATURE_HEADERS if k in request.headers}
+        try:
+            return ApiCall.model_validate(
+                {
+                    "method": request.method,
+                    "target": request.raw_path,
+                    "headers": headers,
+                    "body": body,
+                }
+            )
+        except ValidationError as exc:
+            message = f"request too large: {exc.errors()[0]['msg']}"
+            raise ApiError(400, "bad_request", message) from None
 
     async def crash_service(self) -> int | None:
         """Chaos: the KM enclave process kills its service enclave child; its pid or None."""

@@ -18,6 +18,7 @@ offending body field.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -40,12 +41,12 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> we
     return web.json_response(body, status=status)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
+def _body(raw: bytes) -> dict[str, Any]:
+    if not raw:
         return {}
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         raise _BadRequest(None, "body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _BadRequest(None, "body must be a JSON object")
@@ -80,23 +81,35 @@ def add_chaos_routes(
     stall: RingStall,
     crash_service: Callable[[], Awaitable[int | None]],
     peers: Callable[[], list[str]],
+    authorize: Callable[[web.Request, bytes], Awaitable[None]] | None = None,
 ) -> None:
     """Mount the chaos endpoints on ``app``. ``peers`` lists the names a rule may target
     (every other node of the cluster); ``crash_service`` kills the service enclave and gives
-    its pid, or None if none was running."""
+    its pid, or None if none was running. ``authorize`` is asked first with the request and
+    its body's bytes, and raises to refuse it (a node's API: the KM enclave checks the signature,
+    the role and that governance enabled chaos)."""
+
+    async def authorized(request: web.Request) -> bytes:
+        """The request's body, once ``authorize`` (if any) let it through."""
+        raw = await request.read()
+        if authorize is not None:
+            await authorize(request, raw)
+        return raw
 
     def guarded(
         handler: Callable[[dict[str, Any]], Awaitable[web.Response]],
     ) -> Callable[[web.Request], Any]:
         async def route(request: web.Request) -> web.Response:
+            raw = await authorized(request)
             try:
-                return await handler(await _body(request))
+                return await handler(_body(raw))
             except _BadRequest as exc:
                 return _error(400, "bad_request", str(exc), exc.field)
 
         return route
 
     async def get_rules(request: web.Request) -> web.Response:
+        await authorized(request)
         return web.json_response({**await rules.view(), "ring_stalled": stall.stalled})
 
     async def set_rule(body: dict[str, Any]) -> web.Response:

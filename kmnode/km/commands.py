@@ -118,6 +118,8 @@ class ClusterInit(CommandModel):
     member: MemberRecord
     #: The genesis identities and their roles (cluster.yaml); later changes are governance.
     identities: list[PublicIdentity] = Field(default_factory=list, max_length=256)
+    #: Whether the chaos routes are open from genesis (cluster.yaml ``governance.chaos``).
+    chaos_enabled: bool | None = None
 
 
 class MemberAdd(CommandModel):
@@ -202,10 +204,72 @@ class LedgerSign(CommandModel):
     signature: Text
 
 
+# --- governance: proposals, and the actions they carry ----------------------------------------
+
+
+class IdentitySet(CommandModel):
+    """Add an identity, or replace its keys and roles."""
+
+    op: Literal["identity.set"] = "identity.set"
+    identity: PublicIdentity
+
+
+class IdentityRemove(CommandModel):
+    op: Literal["identity.remove"] = "identity.remove"
+    name: IdentityName
+
+
+class ConstitutionSet(CommandModel):
+    """How many admins' votes pass a proposal; 0 means a majority of the admins."""
+
+    op: Literal["constitution.set"] = "constitution.set"
+    threshold: Annotated[int, Field(ge=0, le=256)]
+
+
+class ChaosSet(CommandModel):
+    """Whether the chaos (fault injection) routes are open, to admins."""
+
+    op: Literal["chaos.set"] = "chaos.set"
+    enabled: bool
+
+
+#: What a proposal may do once enough admins voted for it (each applied as its own command
+#: would be, all or none).
+Action = Annotated[
+    PolicyAllow | PolicyDisallow | PolicyRevokePlatform | MemberRemove | IdentitySet
+    | IdentityRemove | ConstitutionSet | ChaosSet,
+    Field(discriminator="op"),
+]  # fmt: skip
+ProposalId = Annotated[str, StringConstraints(pattern=r"^p[0-9]{1,19}$")]
+
+
+class ProposalCreate(CommandModel):
+    """Propose ``actions``; the proposer's own ballot is for them."""
+
+    op: Literal["proposal.create"] = "proposal.create"
+    ROLE = "admin"
+    actions: Annotated[list[Action], Field(min_length=1, max_length=16)]
+
+
+class ProposalVote(CommandModel):
+    op: Literal["proposal.vote"] = "proposal.vote"
+    ROLE = "admin"
+    proposal: ProposalId
+    ballot: Literal["for", "against"]
+
+
+class ProposalWithdraw(CommandModel):
+    """Only the proposer may withdraw an open proposal."""
+
+    op: Literal["proposal.withdraw"] = "proposal.withdraw"
+    ROLE = "admin"
+    proposal: ProposalId
+
+
 Command = Annotated[
     ClusterInit | MemberAdd | MemberRemove | KeyCreate | KeyRotate | ReleaseRequest
     | ReleaseOutcome | PolicySet | PolicyAllow | PolicyDisallow | PolicyRevokePlatform
-    | LedgerSign,
+    | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw,
     Field(discriminator="op"),
 ]  # fmt: skip
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
@@ -290,6 +354,35 @@ class PlatformRevoked(Applied):
 
 
 @dataclass(frozen=True, slots=True)
+class ProposalChanged(Applied):
+    """A proposal was made, voted on or withdrawn: its state after that, the admins' ballots
+    for and against it, and how many votes it needs. ``error`` says why an accepted
+    proposal's actions were not applied (state ``failed``)."""
+
+    proposal: str
+    state: str
+    votes_for: list[str]
+    votes_against: list[str]
+    needed: int
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChanged(Applied):
+    identity: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConstitutionChanged(Applied):
+    threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosChanged(Applied):
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerSigned(Applied):
     signed_index: int
 
@@ -328,13 +421,21 @@ def explain(exc: ValidationError) -> str:
 
 __all__ = [
     "MAX_COMMAND_BYTES",
+    "Action",
     "Applied",
     "AuthStamp",
+    "ChaosChanged",
+    "ChaosSet",
     "ClusterInit",
     "ClusterInitialised",
     "Command",
     "CommandModel",
     "CommandRefused",
+    "ConstitutionChanged",
+    "ConstitutionSet",
+    "IdentityChanged",
+    "IdentityRemove",
+    "IdentitySet",
     "KeyCreate",
     "KeyGeneration",
     "KeyRotate",
@@ -351,6 +452,10 @@ __all__ = [
     "PolicyReplaced",
     "PolicyRevokePlatform",
     "PolicySet",
+    "ProposalChanged",
+    "ProposalCreate",
+    "ProposalVote",
+    "ProposalWithdraw",
     "RefusalCode",
     "Refused",
     "ReleaseCompleted",

@@ -33,6 +33,7 @@ async def initialise_ledger(node: KMNode) -> None:
                 policy=node.enclave.state.policy.to_dict(),
                 member=MemberRecord(**node.member_record()),
                 identities=list(node.config.identities),
+                chaos_enabled=node.config.governance.chaos or None,
             ).encode()
             with contextlib.suppress(RaftError):
                 await driver.propose(command)

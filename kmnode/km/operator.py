@@ -32,19 +32,21 @@ from kmnode.km.commands import (
     KeyGeneration,
     KeyRotate,
     MemberChanged,
-    MemberRemove,
-    PolicyAllow,
-    PolicyDisallow,
-    PolicyRevokePlatform,
+    ProposalChanged,
+    ProposalCreate,
+    ProposalVote,
+    ProposalWithdraw,
     Refused,
     ReleaseRequest,
     ReleaseRequested,
     explain,
 )
 from kmnode.km.node import KMNode
+from kmnode.km.state import Proposal
 from kmnode.km_messages import (
     ApiCall,
     AttestRequest,
+    ChaosCheck,
     CreateKey,
     DataReply,
     Failed,
@@ -52,6 +54,7 @@ from kmnode.km_messages import (
     HealLinks,
     LinkRulesRequest,
     PolicyChange,
+    Propose,
     Prove,
     ReadRequest,
     ReleaseKey,
@@ -64,6 +67,8 @@ from kmnode.km_messages import (
     StatusReply,
     StatusRequest,
     UpdateLinkRule,
+    Vote,
+    Withdraw,
 )
 from kmnode.linkfaults import FaultRuleError, LocalLinkRules
 from kmnode.service_pipe import ServiceUnavailable
@@ -150,18 +155,32 @@ class Operator:
             case ReleaseKey():
                 return await self.release(request, by)
             case PolicyChange(change=change, role=role, measurement=measurement):
-                kind = PolicyAllow if change == "policy.allow" else PolicyDisallow
-                changed = await self._commit(
-                    kind, auth=_stamp(by), role=role, measurement=measurement
-                )
-                return changed.public()
+                action = {"op": change, "role": role, "measurement": measurement}
+                return (await self.propose([action], by)).public()
             case RevokePlatform(platform_id=platform_id):
-                revoked = await self._commit(
-                    PolicyRevokePlatform, auth=_stamp(by), platform_id=platform_id
-                )
-                return revoked.public()
+                action = {"op": "policy.revoke_platform", "platform_id": platform_id}
+                return (await self.propose([action], by)).public()
             case RemoveMember(name=name):
                 return await self.remove_member(name, by)
+            case ChaosCheck():
+                if not self.node.enclave.state.chaos_enabled:
+                    raise Failed.of(
+                        "not_found",
+                        "chaos is not enabled on this cluster (an admin proposal enables it: "
+                        '{"op": "chaos.set", "enabled": true})',
+                    )
+                return {"authorized": True}
+            case Propose(actions=actions):
+                return (await self.propose(actions, by)).public()
+            case Vote(proposal=proposal, ballot=ballot):
+                voted = await self._commit(
+                    ProposalVote, auth=_stamp(by), proposal=proposal, ballot=ballot
+                )
+                await self._after_governance(voted)
+                return voted.public()
+            case Withdraw(proposal=proposal):
+                withdrawn = await self._commit(ProposalWithdraw, auth=_stamp(by), proposal=proposal)
+                return withdrawn.public()
             case Prove(key=key, generation=generation, challenge=challenge):
                 try:
                     mac = await self.node.service.prove(key, generation, challenge)
@@ -278,6 +297,26 @@ class Operator:
                 members = [dataclasses.asdict(m) for m in state.members.values()]
                 voters = list(node.driver.status.conf.voters) if node.driver else []
                 return {"members": members, "voters": voters}
+            case "proposals":
+                return {"proposals": [self._proposal_view(p) for p in state.proposals.values()]}
+            case "proposal":
+                proposal = state.proposals.get(request.name or "")
+                if proposal is None:
+                    raise Failed.of("not_found", f"no proposal {request.name!r}")
+                return self._proposal_view(proposal)
+            case "identities":
+                return {
+                    "identities": [i.model_dump(mode="json") for i in state.identities.values()],
+                    "admins": state.admins(),
+                    "votes_needed": state.votes_needed(),
+                    "threshold": state.threshold,
+                    "chaos_enabled": state.chaos_enabled,
+                }
+
+    def _proposal_view(self, proposal: Proposal) -> dict[str, Any]:
+        """A proposal as the API shows it: its record and, while open, the votes it needs."""
+        state = self.node.enclave.state
+        return {**dataclasses.asdict(proposal), "needed": state.votes_needed()}
 
     def attest(self) -> dict[str, Any]:
         """A fresh quote of this enclave, verified against the replicated policy."""
@@ -346,20 +385,42 @@ class Operator:
             )
         return {"releases": releases}
 
+    async def propose(self, actions: list[Any], by: Verified) -> Applied:
+        """Commit a proposal of ``actions`` with the proposer's vote for it; if that passed it
+        (one admin, or a threshold of one), what the actions need besides the state follows."""
+        proposed = await self._commit(ProposalCreate, auth=_stamp(by), actions=actions)
+        await self._after_governance(proposed)
+        return proposed
+
+    async def _after_governance(self, result: Applied) -> None:
+        """A proposal that removed members passed: take them out of Raft's voters too (the
+        leader that committed it does; a retry of `members remove` finishes it otherwise)."""
+        if not isinstance(result, ProposalChanged) or result.state != "accepted":
+            return
+        proposal = self.node.enclave.state.proposals[result.proposal]
+        driver = self.node.driver
+        for action in proposal.actions:
+            if (
+                action["op"] == "member.remove"
+                and driver is not None
+                and action["name"] in driver.status.conf.voters
+            ):
+                await driver.propose_conf_change(
+                    ConfChange(ConfChangeType.REMOVE_NODE, action["name"])
+                )
+
     async def remove_member(self, name: Any, by: Verified) -> dict[str, JsonValue]:
-        """Two commits: the member record, then the Raft voter. Safe to retry: a retry after
-        the first succeeded (and the conf change was busy or timed out) finishes the second."""
+        """A proposal to remove the member, then the Raft voter once it passed. A retry after
+        the proposal passed (and the conf change was busy or timed out) finishes the second."""
         driver = self.node.driver
         voter = driver is not None and isinstance(name, str) and name in driver.status.conf.voters
         if voter and name not in self.node.enclave.state.members:
             self._require_leader()
-            result: Applied = MemberChanged(name)
-        else:
-            result = await self._commit(MemberRemove, auth=_stamp(by), name=name)
-        if voter and isinstance(name, str) and driver is not None:
+            assert driver is not None
             # A RaftError here (another change in flight) is a 503: the caller retries.
             await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))
-        return result.public()
+            return MemberChanged(name).public()
+        return (await self.propose([{"op": "member.remove", "name": name}], by)).public()
 
 
 def _stamp(by: Verified, part: int | None = None) -> AuthStamp:

@@ -21,16 +21,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from attest.identity import EnclaveRole
 from attest.policy import Policy
 from kmnode.identity import PublicIdentity
 from kmnode.km.commands import (
+    Action,
     Applied,
     AuthStamp,
+    ChaosChanged,
+    ChaosSet,
     ClusterInit,
     ClusterInitialised,
     Command,
+    CommandModel,
     CommandRefused,
+    ConstitutionChanged,
+    ConstitutionSet,
+    IdentityChanged,
+    IdentityRemove,
+    IdentitySet,
     KeyCreate,
     KeyGeneration,
     KeyRotate,
@@ -47,6 +58,10 @@ from kmnode.km.commands import (
     PolicyReplaced,
     PolicyRevokePlatform,
     PolicySet,
+    ProposalChanged,
+    ProposalCreate,
+    ProposalVote,
+    ProposalWithdraw,
     Refused,
     ReleaseCompleted,
     ReleaseOutcome,
@@ -113,6 +128,22 @@ class Release:
 
 
 @dataclass
+class Proposal:
+    """A governance proposal: its actions (as their canonical JSON), who made it, the admins'
+    ballots, and its state (``open``, then ``accepted``, ``failed``, ``rejected`` or
+    ``withdrawn``)."""
+
+    id: str
+    proposer: str
+    actions: list[dict[str, Any]]
+    created_index: int
+    state: str = "open"
+    ballots: dict[str, str] = field(default_factory=dict)
+    closed_index: int = 0
+    error: str = ""
+
+
+@dataclass
 class KMState:
     cluster: str = ""
     #: Random id the genesis enclave chose (hex), and the chain hash right after the
@@ -134,6 +165,11 @@ class KMState:
     #: in commit order, and the newest creation time seen (see ``_check_auth``).
     requests: dict[str, int] = field(default_factory=dict)
     newest_request: int = 0
+    #: Governance: proposals by id, admins' votes a proposal needs (0: a majority of the
+    #: admins), and whether the chaos routes are open.
+    proposals: dict[str, Proposal] = field(default_factory=dict)
+    threshold: int = 0
+    chaos_enabled: bool = False
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -214,6 +250,7 @@ class KMState:
         self.cluster = cmd.cluster
         self.cluster_id = cmd.cluster_id
         self.identities = {i.name: i for i in cmd.identities}
+        self.chaos_enabled = bool(cmd.chaos_enabled)
         self.genesis_hash = self.chain_hash
         return ClusterInitialised(cmd.cluster)
 
@@ -314,6 +351,129 @@ class KMState:
         self.policy = self.policy.revoke_platform(cmd.platform_id)
         return PlatformRevoked(cmd.platform_id)
 
+    # --- governance ---------------------------------------------------------------------------
+
+    def admins(self) -> list[str]:
+        return sorted(n for n, i in self.identities.items() if "admin" in i.roles)
+
+    def votes_needed(self) -> int:
+        """Votes that pass a proposal: the constitution's threshold, else a majority."""
+        return self.threshold or len(self.admins()) // 2 + 1
+
+    def _proposal_create(self, index: int, cmd: ProposalCreate) -> Applied:
+        self._require_init()
+        assert cmd.auth is not None  # _check_auth: a proposal comes from a signed request
+        proposal = Proposal(
+            id=f"p{index}",
+            proposer=cmd.auth.by,
+            actions=[a.model_dump(mode="json", exclude_none=True) for a in cmd.actions],
+            created_index=index,
+            ballots={cmd.auth.by: "for"},
+        )
+        self.proposals[proposal.id] = proposal
+        return self._tally(index, proposal, cmd.actions)
+
+    def _proposal_vote(self, index: int, cmd: ProposalVote) -> Applied:
+        assert cmd.auth is not None
+        proposal = self._open_proposal(cmd.proposal)
+        proposal.ballots[cmd.auth.by] = cmd.ballot
+        actions = [_ACTION.validate_python(a) for a in proposal.actions]
+        return self._tally(index, proposal, actions)
+
+    def _proposal_withdraw(self, index: int, cmd: ProposalWithdraw) -> Applied:
+        assert cmd.auth is not None
+        proposal = self._open_proposal(cmd.proposal)
+        if proposal.proposer != cmd.auth.by:
+            raise CommandRefused(
+                f"only {proposal.proposer!r}, who made {proposal.id}, may withdraw it", "forbidden"
+            )
+        proposal.state, proposal.closed_index = "withdrawn", index
+        return self._view(proposal)
+
+    def _open_proposal(self, proposal_id: str) -> Proposal:
+        self._require_init()
+        proposal = self.proposals.get(proposal_id)
+        if proposal is None:
+            raise CommandRefused(f"no proposal {proposal_id!r}")
+        if proposal.state != "open":
+            raise CommandRefused(f"proposal {proposal_id} is {proposal.state}")
+        return proposal
+
+    def _tally(self, index: int, proposal: Proposal, actions: list[Action]) -> Applied:
+        """Count the ballots of today's admins; apply the actions, all or none, once enough
+        are for it; reject it once too many are against it to ever pass."""
+        admins = set(self.admins())
+        needed = self.votes_needed()
+        votes_for = [n for n, b in proposal.ballots.items() if b == "for" and n in admins]
+        against = [n for n, b in proposal.ballots.items() if b == "against" and n in admins]
+        if len(votes_for) >= needed:
+            proposal.state, proposal.closed_index = "accepted", index
+            error = self._apply_actions(index, actions)
+            if error:
+                proposal.state, proposal.error = "failed", error
+        elif len(against) > len(admins) - needed:
+            proposal.state, proposal.closed_index = "rejected", index
+        return self._view(proposal)
+
+    def _apply_actions(self, index: int, actions: list[Action]) -> str:
+        """Apply every action, or none: the first refusal restores what the others changed
+        and is returned."""
+        saved = (
+            self.policy,
+            dict(self.members),
+            dict(self.identities),
+            self.threshold,
+            self.chaos_enabled,
+        )
+        try:
+            for action in actions:
+                _HANDLERS[type(action)](self, index, action)
+            admins = self.admins()
+            if not admins:
+                raise CommandRefused("no admin would be left: nobody could govern")
+            if self.threshold > len(admins):
+                raise CommandRefused(
+                    f"{self.threshold} votes could never be cast by {len(admins)} admin(s)"
+                )
+        except CommandRefused as exc:
+            (
+                self.policy,
+                self.members,
+                self.identities,
+                self.threshold,
+                self.chaos_enabled,
+            ) = saved
+            return str(exc)
+        return ""
+
+    def _view(self, proposal: Proposal) -> ProposalChanged:
+        admins = set(self.admins())
+        return ProposalChanged(
+            proposal.id,
+            proposal.state,
+            sorted(n for n, b in proposal.ballots.items() if b == "for" and n in admins),
+            sorted(n for n, b in proposal.ballots.items() if b == "against" and n in admins),
+            self.votes_needed(),
+            proposal.error,
+        )
+
+    def _identity_set(self, index: int, cmd: IdentitySet) -> Applied:
+        self.identities[cmd.identity.name] = cmd.identity
+        return IdentityChanged(cmd.identity.name)
+
+    def _identity_remove(self, index: int, cmd: IdentityRemove) -> Applied:
+        if self.identities.pop(cmd.name, None) is None:
+            raise CommandRefused(f"no identity named {cmd.name!r}")
+        return IdentityChanged(cmd.name)
+
+    def _constitution_set(self, index: int, cmd: ConstitutionSet) -> Applied:
+        self.threshold = cmd.threshold
+        return ConstitutionChanged(cmd.threshold)
+
+    def _chaos_set(self, index: int, cmd: ChaosSet) -> Applied:
+        self.chaos_enabled = cmd.enabled
+        return ChaosChanged(cmd.enabled)
+
     def _ledger_sign(self, index: int, cmd: LedgerSign) -> Applied:
         if not cmd.index < index:
             raise CommandRefused("ledger signature must cover an earlier index")
@@ -376,6 +536,9 @@ class KMState:
             "identities": [i.model_dump(mode="json") for i in self.identities.values()],
             "requests": dict(self.requests),
             "newest_request": self.newest_request,
+            "proposals": [asdict(p) for p in self.proposals.values()],
+            "threshold": self.threshold,
+            "chaos_enabled": self.chaos_enabled,
         }
         releases = list(self.releases.values())
 
@@ -421,10 +584,13 @@ class KMState:
             },
             requests=dict(data.get("requests", {})),
             newest_request=data.get("newest_request", 0),
+            proposals={p["id"]: Proposal(**p) for p in data.get("proposals", [])},
+            threshold=data.get("threshold", 0),
+            chaos_enabled=data.get("chaos_enabled", False),
         )
 
 
-_HANDLERS: dict[type[Command], Callable[[KMState, int, Any], Applied]] = {
+_HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     ClusterInit: KMState._init,
     MemberAdd: KMState._member_add,
     MemberRemove: KMState._member_remove,
@@ -437,7 +603,15 @@ _HANDLERS: dict[type[Command], Callable[[KMState, int, Any], Applied]] = {
     PolicyDisallow: KMState._policy_change,
     PolicyRevokePlatform: KMState._policy_revoke_platform,
     LedgerSign: KMState._ledger_sign,
+    ProposalCreate: KMState._proposal_create,
+    ProposalVote: KMState._proposal_vote,
+    ProposalWithdraw: KMState._proposal_withdraw,
+    IdentitySet: KMState._identity_set,
+    IdentityRemove: KMState._identity_remove,
+    ConstitutionSet: KMState._constitution_set,
+    ChaosSet: KMState._chaos_set,
 }
+_ACTION: TypeAdapter[Action] = TypeAdapter(Action)
 
 
 def _policy(raw: dict[str, Any]) -> Policy:

@@ -103,6 +103,7 @@ def write_config(
     if admin:
         listed = [cluster_admin(root).public(ADMIN_ROLES), *(more or [])]
         data["identities"] = [i.model_dump(mode="json") for i in listed]
+        data["governance"] = {"chaos": True}  # as the development profile has it
     path = root / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -220,12 +221,18 @@ class LocalCluster:
         until(has_leader, timeout, "a leader")
         return found[-1]
 
-    def leader_call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def leader_call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        signer: IdentityKeys | Literal["admin"] | None = "admin",
+    ) -> tuple[int, Any]:
         """Call the leader, following one 421 redirect (as kmctl does)."""
         name = self.leader()
-        code, reply = self.api(name, method, path, body)
+        code, reply = self.api(name, method, path, body, signer)
         if code == 421 and reply.get("leader"):
-            code, reply = self.api(reply["leader"], method, path, body)
+            code, reply = self.api(reply["leader"], method, path, body, signer)
         return code, reply
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

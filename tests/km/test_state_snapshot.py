@@ -53,6 +53,9 @@ def reference_snapshot(state: KMState) -> bytes:
         "identities": [i.model_dump(mode="json") for i in state.identities.values()],
         "requests": state.requests,
         "newest_request": state.newest_request,
+        "proposals": [dataclasses.asdict(p) for p in state.proposals.values()],
+        "threshold": state.threshold,
+        "chaos_enabled": state.chaos_enabled,
     }
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
