@@ -62,6 +62,16 @@ class NodeSpec(_Strict):
     #: the node shares the machine's network, as every default node does.
     netns: Name | None = None
 
+    def member_record(self) -> dict[str, Any]:
+        """The fields this node is committed with as a member (and admitted with)."""
+        return {
+            "name": self.name,
+            "platform_id": self.platform.id,
+            "host": self.host,
+            "peer_port": self.peer_port,
+            "api_port": self.api_port,
+        }
+
 
 def _check_measurements(values: list[str]) -> list[str]:
     for value in values:

@@ -341,14 +341,17 @@ def replace(cfg: ClusterConfig, node: str, *, timeout: float = 60.0) -> FaultDon
     """Replace a stopped member by a fresh node of the same name on the same platform.
 
     For a node that can never start again (a log damaged mid-way, sealed state it cannot
-    open): its membership is removed through the leader (member record, then Raft voter), its
-    data directory is kept aside as ``<name>.replaced-N`` for inspection, and it starts from an
-    empty directory marked to join, so it attests, is admitted as a new member and receives
-    the master secret like any joiner. Reusing the Raft identity is safe only because the
-    removal committed first: the new incarnation never counts towards a quorum it forgot.
+    open): its membership is removed through the leader (a proposal, then the Raft voter), a
+    proposal admits it again, its data directory is kept aside as ``<name>.replaced-N`` for
+    inspection, and it starts from an empty directory marked to join, so it attests, joins as
+    the member it was admitted as and receives the master secret like any joiner. Both
+    proposals are the signing admin's: in the development profile (one admin) they pass at
+    once. Reusing the Raft identity is safe only because the removal committed first: the new
+    incarnation never counts towards a quorum it forgot.
     """
     _stopped(cfg, node)
     _remove_member(cfg, node, timeout)
+    _admit(cfg, node, timeout)
     old = data_dir(cfg, node)
     kept = next(
         old.with_name(f"{node}.replaced-{i}")
@@ -370,26 +373,50 @@ def replace(cfg: ClusterConfig, node: str, *, timeout: float = 60.0) -> FaultDon
 
 
 def _remove_member(cfg: ClusterConfig, node: str, timeout: float) -> None:
-    """Commit the removal through whichever live member answers (its API forwards to the
-    leader); retried while leadership moves or another membership change is in flight."""
+    """Commit the removal (a proposal, which the development profile's single admin passes at
+    once; then the Raft voter) through whichever live member answers."""
+    _governed(cfg, node, "/v1/members/remove", {"name": node}, "remove", timeout)
+
+
+def _admit(cfg: ClusterConfig, node: str, timeout: float) -> None:
+    """Admit the fresh node again (removing a member drops its admission)."""
+    action = {"op": "node.admit", "member": cfg.node(node).member_record()}
+    _governed(cfg, node, "/v1/proposals", {"actions": [action]}, "admit", timeout)
+
+
+def _governed(
+    cfg: ClusterConfig, node: str, path: str, body: dict[str, Any], what: str, timeout: float
+) -> None:
+    """Ask for a governed change through whichever live member answers (its API forwards to
+    the leader); retried while leadership moves or another membership change is in flight.
+    A proposal that stays open needs other admins: the fault cannot go on alone."""
     others = [n for n in cfg.nodes if n.name != node]
     if not others:
-        raise FaultError(f"{node} is the only node: there is no cluster to remove it from")
+        raise FaultError(f"{node} is the only node: there is no cluster to {what} it in")
     deadline = time.monotonic() + timeout
     last = "no member answered"
     signer = default_signer(cfg)
     for attempt in range(int(timeout / 0.2) + 1):
         spec = others[attempt % len(others)]
         try:
-            NodeClient.for_node(spec, 5.0, signer).post("/v1/members/remove", {"name": node})
-            return
+            answer = NodeClient.for_node(spec, 5.0, signer).post(path, body)
         except ApiError as exc:
             if exc.status == 409 and "is not a member" in exc.message:
                 return  # removed already (an earlier attempt, or by an operator)
             last = exc.message
         except KmsimError as exc:  # unreachable, or no leader right now
             last = exc.message
+        else:
+            state, error = answer.get("state"), str(answer.get("error") or "")
+            if state == "accepted" or (state == "failed" and "is not a member" in error):
+                return
+            if state == "open":
+                raise FaultError(
+                    f"the proposal to {what} {node} ({answer.get('proposal')}) needs other "
+                    "admins' votes: a fault cannot govern alone"
+                )
+            return  # a remove of a voter that is no longer a member (the second step)
         if time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    raise FaultError(f"could not remove {node} from the cluster within {timeout:g}s: {last}")
+    raise FaultError(f"could not {what} {node} within {timeout:g}s: {last}")

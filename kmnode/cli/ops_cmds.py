@@ -402,6 +402,22 @@ def members_list(ctx: CliContext, api_node: str | None, linearizable: bool, as_j
     )
 
 
+@members.command("admit")
+@click.argument("name")
+@_api_node
+@_as_json
+@pass_context
+def members_admit(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
+    """Propose admitting node NAME as the cluster file describes it (platform, addresses): a
+    joining node stays pending, with nothing, until such a proposal passes."""
+    try:
+        spec = ctx.config().node(name)
+    except KeyError as exc:
+        raise CliError(f"{exc.args[0]}: add it to the cluster file first", EXIT_USAGE) from None
+    action = {"op": "node.admit", "member": spec.member_record()}
+    governed(ctx, api_node, "/v1/proposals", {"actions": [action]}, f"admitted {name}", as_json)
+
+
 @members.command("remove")
 @click.argument("name")
 @_api_node

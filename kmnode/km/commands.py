@@ -120,6 +120,8 @@ class ClusterInit(CommandModel):
     identities: list[PublicIdentity] = Field(default_factory=list, max_length=256)
     #: Whether the chaos routes are open from genesis (cluster.yaml ``governance.chaos``).
     chaos_enabled: bool | None = None
+    #: The nodes cluster.yaml lists at genesis, admitted from the start (others need a proposal).
+    admitted: list[MemberRecord] | None = Field(default=None, max_length=64)
 
 
 class MemberAdd(CommandModel):
@@ -226,6 +228,14 @@ class ConstitutionSet(CommandModel):
     threshold: Annotated[int, Field(ge=0, le=256)]
 
 
+class NodeAdmit(CommandModel):
+    """Admit a joining node: it may become a member on that platform, at these addresses
+    (the proposal's, not the joiner's own claims), and then receive the master secret."""
+
+    op: Literal["node.admit"] = "node.admit"
+    member: MemberRecord
+
+
 class ChaosSet(CommandModel):
     """Whether the chaos (fault injection) routes are open, to admins."""
 
@@ -237,7 +247,7 @@ class ChaosSet(CommandModel):
 #: would be, all or none).
 Action = Annotated[
     PolicyAllow | PolicyDisallow | PolicyRevokePlatform | MemberRemove | IdentitySet
-    | IdentityRemove | ConstitutionSet | ChaosSet,
+    | IdentityRemove | ConstitutionSet | ChaosSet | NodeAdmit,
     Field(discriminator="op"),
 ]  # fmt: skip
 ProposalId = Annotated[str, StringConstraints(pattern=r"^p[0-9]{1,19}$")]
@@ -378,6 +388,11 @@ class ConstitutionChanged(Applied):
 
 
 @dataclass(frozen=True, slots=True)
+class NodeAdmitted(Applied):
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChaosChanged(Applied):
     enabled: bool
 
@@ -445,6 +460,8 @@ __all__ = [
     "MemberChanged",
     "MemberRecord",
     "MemberRemove",
+    "NodeAdmit",
+    "NodeAdmitted",
     "PlatformRevoked",
     "PolicyAllow",
     "PolicyChanged",

@@ -5,7 +5,10 @@ admits it: its KM enclave sends a join request (its addresses; its name and plat
 enclave's own) and opens the answer, which installs the master secret inside the enclave when it
 says ``admitted``. A member passes a request to the leader's logic: commit the member record,
 make it a Raft voter, then have its enclave answer; the enclave seals an admission only if its
-own committed membership holds the joiner on the platform its quote proved.
+own committed membership holds the joiner on the platform its quote proved. In a governed
+cluster (one with identities) only a node admitted at genesis (cluster.yaml) or by a passed
+proposal becomes a member, with the addresses it was admitted with; until then it is pending:
+it attests, it gets nothing, and it asks again.
 """
 
 from __future__ import annotations
@@ -198,8 +201,22 @@ class Joining:
         if not driver.is_leader:
             return JoinReply("redirect", leader=driver.leader)
         if existing is None:
+            state = node.enclave.state
+            admitted = state.admitted.get(peer_name)
+            if state.identities and (admitted is None or admitted.platform_id != platform_id):
+                if peer_name in state.denied:
+                    return JoinReply(
+                        "refused", reason=f"a proposal to admit {peer_name} was rejected"
+                    )
+                # Pending: it attested, it gets nothing; it asks again until admitted.
+                return JoinReply(
+                    "busy",
+                    reason=f"{peer_name} on {platform_id} is not admitted: an admin proposal "
+                    "(kmctl members admit) must admit it",
+                )
             try:
-                command = MemberAdd(member=MemberRecord(**request.record()))
+                record = admitted or MemberRecord(**request.record())
+                command = MemberAdd(member=record)
             except ValidationError as exc:
                 return JoinReply("refused", reason=explain(exc))
             result = await node.propose(command.encode())

@@ -34,6 +34,8 @@ async def initialise_ledger(node: KMNode) -> None:
                 member=MemberRecord(**node.member_record()),
                 identities=list(node.config.identities),
                 chaos_enabled=node.config.governance.chaos or None,
+                # The nodes cluster.yaml lists at genesis are admitted; others need a proposal.
+                admitted=[MemberRecord(**n.member_record()) for n in node.config.nodes],
             ).encode()
             with contextlib.suppress(RaftError):
                 await driver.propose(command)

@@ -35,7 +35,7 @@ from consensus.types import NotLeader, RaftError
 from kmnode.config import ClusterConfig
 from kmnode.datadir import JOIN_MARKER, SEALED_STATE
 from kmnode.km import ledger_signer
-from kmnode.km.commands import Applied, ClusterInitialised, MemberChanged
+from kmnode.km.commands import Applied, ClusterInitialised, MemberChanged, ProposalChanged
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
@@ -150,13 +150,7 @@ class KMNode:
         return self.releases.early_attestations
 
     def member_record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "platform_id": self.spec.platform.id,
-            "host": self.spec.host,
-            "peer_port": self.spec.peer_port,
-            "api_port": self.spec.api_port,
-        }
+        return self.spec.member_record()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -253,7 +247,11 @@ class KMNode:
     def _on_apply(self, index: int, result: Applied) -> None:
         if isinstance(result, ClusterInitialised):
             self._check_binding()
-        if isinstance(result, ClusterInitialised | MemberChanged):
+        if isinstance(result, ClusterInitialised | MemberChanged) or (
+            isinstance(result, ProposalChanged) and result.state == "accepted"
+        ):
+            # Membership may have changed (a passed proposal can remove a member): links to
+            # nodes that are no longer members close, so a node that comes back is linked anew.
             self.transport.refresh_peers()
         self.releases.on_apply(result)
 

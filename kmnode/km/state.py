@@ -51,6 +51,8 @@ from kmnode.km.commands import (
     MemberChanged,
     MemberRecord,
     MemberRemove,
+    NodeAdmit,
+    NodeAdmitted,
     PlatformRevoked,
     PolicyAllow,
     PolicyChanged,
@@ -170,6 +172,10 @@ class KMState:
     proposals: dict[str, Proposal] = field(default_factory=dict)
     threshold: int = 0
     chaos_enabled: bool = False
+    #: Nodes governance admitted (name -> the member record they may join with), and nodes
+    #: a rejected proposal would have admitted (refused when they ask).
+    admitted: dict[str, MemberRecord] = field(default_factory=dict)
+    denied: set[str] = field(default_factory=set)
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -251,11 +257,15 @@ class KMState:
         self.cluster_id = cmd.cluster_id
         self.identities = {i.name: i for i in cmd.identities}
         self.chaos_enabled = bool(cmd.chaos_enabled)
+        self.admitted = {m.name: m for m in cmd.admitted or []}
         self.genesis_hash = self.chain_hash
         return ClusterInitialised(cmd.cluster)
 
     def _member_add(self, index: int, cmd: MemberAdd) -> Applied:
         self._require_init()
+        if self.identities and self.admitted.get(cmd.member.name) != cmd.member:
+            # A governed cluster: only a node a proposal (or genesis) admitted, as admitted.
+            raise CommandRefused(f"{cmd.member.name!r} is not admitted as that member")
         member = self._add_member(index, cmd.member)
         return MemberChanged(member.name)
 
@@ -285,6 +295,7 @@ class KMState:
         if len(self.members) == 1:
             raise CommandRefused("cannot remove the last member")
         del self.members[cmd.name]
+        self.admitted.pop(cmd.name, None)  # to come back, it needs admitting again
         return MemberChanged(cmd.name)
 
     def _key_create(self, index: int, cmd: KeyCreate) -> Applied:
@@ -413,6 +424,7 @@ class KMState:
                 proposal.state, proposal.error = "failed", error
         elif len(against) > len(admins) - needed:
             proposal.state, proposal.closed_index = "rejected", index
+            self.denied |= {a.member.name for a in actions if isinstance(a, NodeAdmit)}
         return self._view(proposal)
 
     def _apply_actions(self, index: int, actions: list[Action]) -> str:
@@ -424,6 +436,8 @@ class KMState:
             dict(self.identities),
             self.threshold,
             self.chaos_enabled,
+            dict(self.admitted),
+            set(self.denied),
         )
         try:
             for action in actions:
@@ -442,6 +456,8 @@ class KMState:
                 self.identities,
                 self.threshold,
                 self.chaos_enabled,
+                self.admitted,
+                self.denied,
             ) = saved
             return str(exc)
         return ""
@@ -469,6 +485,16 @@ class KMState:
     def _constitution_set(self, index: int, cmd: ConstitutionSet) -> Applied:
         self.threshold = cmd.threshold
         return ConstitutionChanged(cmd.threshold)
+
+    def _node_admit(self, index: int, cmd: NodeAdmit) -> Applied:
+        record = cmd.member
+        if record.name in self.members:
+            raise CommandRefused(f"{record.name!r} is already a member")
+        if record.platform_id in self.policy.revoked_platforms:
+            raise CommandRefused(f"platform {record.platform_id!r} is revoked")
+        self.admitted[record.name] = record
+        self.denied.discard(record.name)
+        return NodeAdmitted(record.name)
 
     def _chaos_set(self, index: int, cmd: ChaosSet) -> Applied:
         self.chaos_enabled = cmd.enabled
@@ -539,6 +565,8 @@ class KMState:
             "proposals": [asdict(p) for p in self.proposals.values()],
             "threshold": self.threshold,
             "chaos_enabled": self.chaos_enabled,
+            "admitted": [m.model_dump(mode="json") for m in self.admitted.values()],
+            "denied": sorted(self.denied),
         }
         releases = list(self.releases.values())
 
@@ -587,6 +615,8 @@ class KMState:
             proposals={p["id"]: Proposal(**p) for p in data.get("proposals", [])},
             threshold=data.get("threshold", 0),
             chaos_enabled=data.get("chaos_enabled", False),
+            admitted={m["name"]: MemberRecord.model_validate(m) for m in data.get("admitted", [])},
+            denied=set(data.get("denied", [])),
         )
 
 
@@ -610,6 +640,7 @@ _HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     IdentityRemove: KMState._identity_remove,
     ConstitutionSet: KMState._constitution_set,
     ChaosSet: KMState._chaos_set,
+    NodeAdmit: KMState._node_admit,
 }
 _ACTION: TypeAdapter[Action] = TypeAdapter(Action)
 

@@ -34,6 +34,7 @@ def cluster(*admins: PublicIdentity, threshold: int = 0) -> KMState:
             policy=POLICY,
             member=member("km1", 7101),
             identities=identities,
+            admitted=[member("km1", 7101), member("km2", 7102)],
         ),
     )
     assert init.ok
@@ -153,3 +154,31 @@ def test_an_operator_cannot_propose_and_proposals_survive_a_snapshot() -> None:
     assert restored.proposals == state.proposals
     (passed,) = run(restored, vote(BEN, made.proposal))
     assert passed.state == "accepted" and allowed(restored)
+
+
+def test_only_an_admitted_node_joins_and_as_it_was_admitted() -> None:
+    state = cluster(ANN, BEN)
+    km3 = member("km3", 7103)
+    (pending,) = run(state, encode_command("member.add", member=km3))
+    assert refusal(pending) == ("refused", "'km3' is not admitted as that member")
+    (made,) = run(state, propose(ANN, {"op": "node.admit", "member": km3}))
+    assert made.state == "open" and "km3" not in state.admitted
+    run(state, vote(BEN, made.proposal))
+    assert state.admitted["km3"].model_dump() == km3
+    (elsewhere,) = run(state, encode_command("member.add", member={**km3, "host": "10.6.6.6"}))
+    assert refusal(elsewhere)[0] == "refused" and "km3" not in state.members
+    (joined,) = run(state, encode_command("member.add", member=km3))
+    assert joined.ok and state.members["km3"].host == "127.0.0.1"
+
+
+def test_a_removed_member_needs_admitting_again_and_a_rejection_is_remembered() -> None:
+    state = cluster(ANN)
+    assert run(state, encode_command("member.add", member=member("km2", 7102)))[0].ok
+    run(state, propose(ANN, {"op": "member.remove", "name": "km2"}))
+    assert "km2" not in state.members and "km2" not in state.admitted
+    (back,) = run(state, encode_command("member.add", member=member("km2", 7102)))
+    assert refusal(back)[0] == "refused"
+    two = cluster(ANN, BEN)
+    (made,) = run(two, propose(ANN, {"op": "node.admit", "member": member("km9", 7109)}))
+    (rejected,) = run(two, vote(BEN, made.proposal, "against"))
+    assert rejected.state == "rejected" and two.denied == {"km9"}

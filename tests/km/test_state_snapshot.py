@@ -56,6 +56,8 @@ def reference_snapshot(state: KMState) -> bytes:
         "proposals": [dataclasses.asdict(p) for p in state.proposals.values()],
         "threshold": state.threshold,
         "chaos_enabled": state.chaos_enabled,
+        "admitted": [m.model_dump(mode="json") for m in state.admitted.values()],
+        "denied": sorted(state.denied),
     }
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
