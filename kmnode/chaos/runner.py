@@ -32,7 +32,8 @@ from typing import Any
 from kmnode.chaos import oracle
 from kmnode.chaos.capture import CaptureError, MqttCapture
 from kmnode.chaos.checker import CheckOutcome, CheckResult, NodeState, check, check_plaintext
-from kmnode.chaos.faults import FaultError
+from kmnode.chaos.faults import FaultError, raft_dir
+from kmnode.chaos.governance import check_ledger
 from kmnode.chaos.history import HistoryRecorder, OpHandle
 from kmnode.chaos.nemesis import FAULT_KINDS, Nemesis, resolve_kinds
 from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
@@ -341,6 +342,8 @@ def run(
     }
     if config.scan_plaintext:
         observed["no-plaintext-keys"] = state.plaintext(final, capture)
+    judge = cfg.nodes[0].name
+    observed["governance"] = check_ledger(raft_dir(cfg, judge), judge)
     result = check(
         history,
         final,

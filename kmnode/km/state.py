@@ -211,6 +211,10 @@ class KMState:
         role, auth = command.ROLE, command.auth
         if role is None or not self.identities:
             return
+        if type(command) in _PROPOSAL_ONLY:
+            raise CommandRefused(
+                f"{command.op} takes effect only as a passed proposal", "forbidden"
+            )
         if auth is None:
             raise CommandRefused(f"{command.op} needs a signed request", "forbidden")
         identity = self.identities.get(auth.by)
@@ -643,6 +647,10 @@ _HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     NodeAdmit: KMState._node_admit,
 }
 _ACTION: TypeAdapter[Action] = TypeAdapter(Action)
+#: Governance changes: in a cluster with identities, only a passed proposal applies them.
+_PROPOSAL_ONLY: frozenset[type[CommandModel]] = frozenset(
+    {PolicySet, PolicyAllow, PolicyDisallow, PolicyRevokePlatform, MemberRemove}
+)
 
 
 def _policy(raw: dict[str, Any]) -> Policy:

@@ -73,21 +73,25 @@ def test_an_operator_command_needs_a_signed_request_of_a_known_identity_with_the
     assert created == KeyGeneration("db", 1)
 
 
-def test_governance_commands_need_an_admin() -> None:
+def test_governance_changes_apply_only_as_proposals() -> None:
+    """Even an admin's signed request cannot change the policy directly: only a passed
+    proposal does (tests/km/test_state_proposals.py)."""
     state = governed()
     measurement = "cc" * 32
-    by_operator, by_admin = run(
-        state,
-        encode_command(
-            "policy.allow", role="service", measurement=measurement, auth=auth(OPERATOR, "p")
-        ),
-        encode_command(
-            "policy.allow", role="service", measurement=measurement, auth=auth(ADMIN, "p")
-        ),
-    )
-    assert refusal(by_operator)[0] == "forbidden"
-    assert by_admin.ok
-    assert bytes.fromhex(measurement) in state.policy.service_measurements
+    for who in (OPERATOR, ADMIN):
+        (result,) = run(
+            state,
+            encode_command(
+                "policy.allow", role="service", measurement=measurement, auth=auth(who, "p")
+            ),
+        )
+        assert refusal(result) == (
+            "forbidden",
+            "policy.allow takes effect only as a passed proposal",
+        )
+    assert bytes.fromhex(measurement) not in state.policy.service_measurements
+    (removed,) = run(state, encode_command("member.remove", name="km1", auth=auth(ADMIN, "m")))
+    assert refusal(removed)[0] == "forbidden" and "km1" in state.members
 
 
 def test_a_request_id_commits_once_even_when_its_command_was_refused() -> None:
