@@ -38,6 +38,7 @@ EXPECTED_CHECKS = {
     "converged-after-heal",
     "disk-damage-refused",
     "no-plaintext-keys",
+    "governance",
 }
 
 injected: dict[tuple[int, int], set[str]] = {}
