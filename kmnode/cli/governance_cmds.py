@@ -113,7 +113,8 @@ def proposals_vote(
 ) -> None:
     """Vote for PROPOSAL (or --against) as the signing admin."""
     body = {"ballot": "against" if against else "for"}
-    governed(ctx, api_node, f"/v1/proposals/{proposal}/vote", body, "applied it", as_json)
+    done = "voted against it" if against else "voted for it: its actions are applied"
+    governed(ctx, api_node, f"/v1/proposals/{proposal}/vote", body, done, as_json)
 
 
 @proposals.command("withdraw")

@@ -253,7 +253,32 @@ class KMNode:
             # Membership may have changed (a passed proposal can remove a member): links to
             # nodes that are no longer members close, so a node that comes back is linked anew.
             self.transport.refresh_peers()
+        if (
+            isinstance(result, ProposalChanged)
+            and self.driver is not None
+            and self.driver.is_leader
+        ):
+            self._publish_proposal(index, result)
         self.releases.on_apply(result)
+
+    def _publish_proposal(self, index: int, result: ProposalChanged) -> None:
+        """Each change of a proposal's state (made, voted on, passed, failed, rejected,
+        withdrawn) is an audit record and an MQTT event, published once, by the leader that
+        applied it."""
+        proposal = self.enclave.state.proposals[result.proposal]
+        record = {
+            "index": index,
+            "proposal": result.proposal,
+            "state": result.state,
+            "proposer": proposal.proposer,
+            "actions": proposal.actions,
+            "votes_for": result.votes_for,
+            "votes_against": result.votes_against,
+            "needed": result.needed,
+            "error": result.error,
+        }
+        self.publish_audit(record)
+        self.publish_event(f"proposal.{result.state}", **record)
 
     def _check_binding(self) -> None:
         """Stop if the ledger belongs to another cluster than the sealed state; store the

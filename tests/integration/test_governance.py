@@ -112,3 +112,21 @@ def test_a_member_is_removed_by_proposal(cluster: LocalCluster) -> None:
         return gone not in {m["name"] for m in members["members"]} and gone not in members["voters"]
 
     until(removed, 15, f"{gone} out of the members and the voters")
+
+
+def test_each_proposal_state_is_an_audit_record_and_an_event(cluster: LocalCluster) -> None:
+    assert cluster.capture is not None
+
+    def published() -> bool:
+        states = {(r.get("proposal"), r.get("state")) for r in cluster.capture.json_on("/audit")}
+        return {"open", "accepted", "withdrawn"} <= {s for _, s in states}
+
+    until(published, 10, "proposal audit records on MQTT")
+    audited = [r for r in cluster.capture.json_on("/audit") if "proposal" in r]
+    accepted = [r for r in audited if r["state"] == "accepted"]
+    assert accepted and all(len(r["votes_for"]) >= r["needed"] for r in accepted)
+    # Published once per change, by the leader that applied it (not once per node).
+    keys = [(r["proposal"], r["state"], tuple(r["votes_for"])) for r in audited]
+    assert len(keys) == len(set(keys))
+    kinds = {e.get("event") for e in cluster.capture.json_on("/events")}
+    assert {"proposal.open", "proposal.accepted", "proposal.withdrawn"} <= kinds
