@@ -123,7 +123,14 @@ class Operator:
                 call.method, call.target, call.headers, call.body, identities.get
             )
         except AuthError as exc:
-            raise Failed.of(exc.code, str(exc)) from None
+            message = str(exc)
+            if not identities and exc.code == "unknown_identity":
+                message += (
+                    "; this cluster was created before operator identities existed and has "
+                    "none, so no request can be signed: recreate it (kmctl down, then remove "
+                    "its state directory)"
+                )
+            raise Failed.of(exc.code, message) from None
         try:
             route, request = parse_call(call.method, call.target, call.body)
         except BadCall as exc:
