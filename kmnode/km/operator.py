@@ -129,6 +129,8 @@ class Operator:
                     "; this cluster was created before operator identities existed and has "
                     "none, so no request can be signed: recreate it (kmctl down, then remove "
                     "its state directory)"
+                    if self.node.enclave.state.cluster
+                    else "; this node has not joined its cluster yet: ask another node"
                 )
             raise Failed.of(exc.code, message) from None
         try:
