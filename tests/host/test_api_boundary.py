@@ -155,3 +155,16 @@ async def test_this_nodes_own_origin_and_localhost_are_accepted(
         response = await client.post("/v1/keys", json={"name": "db"}, headers=headers)
         assert response.status == 201, await response.text()
     assert len(km.seen) == 2
+
+
+async def test_an_oversized_request_is_refused_at_the_host_and_reaches_nothing(
+    api: tuple[TestClient[Any, Any], FakeKM],
+) -> None:
+    client, km = api
+    response = await client.get("/v1/keys?x=" + "a" * 5000)
+    answer = await response.json()
+    assert (response.status, answer["code"]) == (400, "bad_request"), answer
+    assert "too large" in answer["error"]
+    oversized = await client.post("/v1/keys", json={"name": "x" * (70 * 1024)})
+    assert oversized.status == 413
+    assert km.seen == []

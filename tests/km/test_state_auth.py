@@ -6,6 +6,7 @@ it on its own, as a faulty or hostile leader could commit anything."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from kmnode.identity import IdentityKeys, PublicIdentity
@@ -23,9 +24,9 @@ def auth(who: PublicIdentity, request: str, created: int = T0) -> dict[str, Any]
     return {"by": who.name, "request": f"{who.name}:{request}", "created": created}
 
 
-def governed() -> KMState:
+def genesis(identities: Iterable[PublicIdentity], **more: Any) -> KMState:
+    """A state initialised with ``identities`` (and any other ``cluster.init`` fields)."""
     state = KMState()
-    identities = [i.model_dump(mode="json") for i in (ADMIN, OPERATOR, AUDITOR)]
     (result,) = run(
         state,
         encode_command(
@@ -33,11 +34,16 @@ def governed() -> KMState:
             cluster="demo",
             policy=POLICY,
             member=member("km1", 7101),
-            identities=identities,
+            identities=[i.model_dump(mode="json") for i in identities],
+            **more,
         ),
     )
     assert result.ok, result
     return state
+
+
+def governed() -> KMState:
+    return genesis((ADMIN, OPERATOR, AUDITOR))
 
 
 def refusal(result: Any) -> tuple[str, str]:

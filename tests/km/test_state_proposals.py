@@ -9,8 +9,8 @@ from typing import Any
 from kmnode.identity import IdentityKeys, PublicIdentity
 from kmnode.km.commands import ProposalChanged
 from kmnode.km.state import KMState, encode_command
-from tests.km.test_state import POLICY, member, run
-from tests.km.test_state_auth import T0, refusal
+from tests.km.test_state import member, run
+from tests.km.test_state_auth import T0, genesis, refusal
 
 ANN, BEN, CAT = (IdentityKeys.generate(n).public(["admin"]) for n in ("ann", "ben", "cat"))
 OPS = IdentityKeys.generate("ops").public(["operator"])
@@ -24,20 +24,7 @@ def stamp(who: PublicIdentity) -> dict[str, Any]:
 
 
 def cluster(*admins: PublicIdentity, threshold: int = 0) -> KMState:
-    state = KMState()
-    identities = [i.model_dump(mode="json") for i in (*admins, OPS)]
-    (init,) = run(
-        state,
-        encode_command(
-            "cluster.init",
-            cluster="demo",
-            policy=POLICY,
-            member=member("km1", 7101),
-            identities=identities,
-            admitted=[member("km1", 7101), member("km2", 7102)],
-        ),
-    )
-    assert init.ok
+    state = genesis((*admins, OPS), admitted=[member("km1", 7101), member("km2", 7102)])
     if threshold:
         (made,) = run(state, propose(admins[0], {"op": "constitution.set", "threshold": threshold}))
         for admin in admins[1:threshold]:
