@@ -20,6 +20,7 @@ import click
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
     EXIT_FAILURE,
     EXIT_REFUSED,
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 #: Chaos requests are local and quick; a node that takes longer is likely paused.
 _API_TIMEOUT = 5.0
-
-
-def _as_json(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
 
 
 def _one_way(f: F) -> F:

@@ -11,6 +11,8 @@ from typing import Any
 import click
 
 from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.options import api_node as _api_node
+from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -19,14 +21,6 @@ from kmnode.cli.output import (
     print_json,
     print_table,
 )
-
-_api_node = click.option(
-    "--node",
-    "api_node",
-    metavar="NAME",
-    help="Node whose API to use. Default: the first reachable.",
-)
-_as_json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def proposal_line(answer: dict[str, Any], what: str) -> str:

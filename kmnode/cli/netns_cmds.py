@@ -23,6 +23,7 @@ import click
 from kmnode import netns as ns
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
     EXIT_FAILURE,
     EXIT_REFUSED,
@@ -36,10 +37,6 @@ from kmnode.config import ClusterConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-
-
-def _as_json(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
 
 
 def _topology(ctx: CliContext) -> tuple[ClusterConfig, ns.Topology]:

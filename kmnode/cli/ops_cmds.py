@@ -18,6 +18,8 @@ from kmnode import supervisor
 from kmnode.cli.attest_cmds import attest
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.governance_cmds import governed
+from kmnode.cli.options import api_node as _api_node
+from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -35,19 +37,6 @@ _MEASUREMENT = re.compile(r"^[0-9a-f]{64}$")
 _ROLE = click.Choice(["km", "service"])
 #: Slack on top of the server-side wait, so the server's own timeout answer reaches us.
 _WAIT_SLACK = 5.0
-
-
-def _api_node(f: F) -> F:
-    return click.option(
-        "--node",
-        "api_node",
-        metavar="NAME",
-        help="Node whose API to use. Default: the first reachable node.",
-    )(f)
-
-
-def _as_json(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
 
 
 def _linearizable(f: F) -> F:

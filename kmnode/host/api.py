@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from kmnode.api_routes import ROUTES, Route
 from kmnode.circuit import CircuitClosed
+from kmnode.config import NodeSpec
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.node import KMNode
 from kmnode.identity import SIGNATURE_HEADERS
@@ -70,6 +71,16 @@ class ApiError(Exception):
         self.status, self.code, self.extra = status, code, extra
 
 
+def _api_hosts(spec: NodeSpec) -> frozenset[str]:
+    """The ``host:port`` names of a node's API (its configured address; ``localhost`` too
+    when that is a loopback address)."""
+    names = {spec.host}
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(spec.host).is_loopback:
+            names |= {"localhost", "127.0.0.1"}
+    return frozenset(f"{name}:{spec.api_port}".lower() for name in names)
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
@@ -106,6 +117,10 @@ class _RemoteLinkRules:
 class OperatorApi:
     def __init__(self, node: KMNode) -> None:
         self.node = node
+        #: The names a request may give as its Host (and, as http://..., its Origin): the
+        #: node's address does not change while it runs, so they are worked out once.
+        self._hosts = _api_hosts(node.config.node(node.name))
+        self._origins = frozenset(f"http://{h}" for h in self._hosts)
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -157,24 +172,13 @@ class OperatorApi:
         """A request must name this node as its ``Host`` (a page whose name an attacker
         re-pointed at 127.0.0.1, DNS rebinding, does not) and, if it comes from a browser, from
         a page of this node (``Origin``): no other site's page can drive the API."""
-        allowed = self._hosts()
         host = request.headers.get("Host", "")
-        if host.lower() not in allowed:
+        if host.lower() not in self._hosts:
             raise ApiError(403, "bad_host", f"Host {host[:100]!r} is not this node's address")
         origin = request.headers.get("Origin")
-        if origin is not None and origin.lower() not in {f"http://{h}" for h in allowed}:
+        if origin is not None and origin.lower() not in self._origins:
             raise ApiError(403, "bad_origin", f"requests from {origin[:100]!r} are not accepted")
         return await handler(request)
-
-    def _hosts(self) -> frozenset[str]:
-        """The ``host:port`` names of this node's API (its configured address; ``localhost``
-        too when that is a loopback address)."""
-        spec = self.node.config.node(self.node.name)
-        names = {spec.host}
-        with contextlib.suppress(ValueError):
-            if ipaddress.ip_address(spec.host).is_loopback:
-                names |= {"localhost", "127.0.0.1"}
-        return frozenset(f"{name}:{spec.api_port}".lower() for name in names)
 
     # --- helpers ----------------------------------------------------------------------------
 
