@@ -42,6 +42,7 @@ from kmnode.km.commands import (
     explain,
 )
 from kmnode.km.node import KMNode
+from kmnode.km.service_link import ServiceRefused
 from kmnode.km.state import Proposal
 from kmnode.km_messages import (
     ApiCall,
@@ -193,6 +194,10 @@ class Operator:
             case Prove(key=key, generation=generation, challenge=challenge):
                 try:
                     mac = await self.node.service.prove(key, generation, challenge)
+                except ServiceRefused as exc:  # e.g. that key was never provisioned here
+                    raise Failed.of(
+                        "not_found", f"service enclave cannot prove it: {exc}"
+                    ) from None
                 except ServiceUnavailable as exc:
                     message = f"service enclave cannot prove it: {exc}"
                     raise Failed.of("service_unavailable", message) from None

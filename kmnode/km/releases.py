@@ -20,6 +20,7 @@ from consensus.deadlines import Deadlines
 from consensus.types import Entry, RaftError
 from kmnode.km.commands import Applied, ReleaseCompleted, ReleaseOutcome, ReleaseRequested
 from kmnode.km.enclave import ProvisionResult
+from kmnode.km.service_link import ServiceRefused
 from kmnode.km.state import Release
 from kmnode.service_pipe import ServiceUnavailable
 
@@ -186,6 +187,14 @@ class Releases:
             if outcome.ok:
                 try:
                     await self.node.service.provide_key(outcome.ciphertext, outcome.vouch)
+                except ServiceRefused as exc:
+                    # The service enclave refused what its KM enclave sent: never expected,
+                    # so an event says so besides the refused release.
+                    reason = f"the service enclave refused the key: {exc}"
+                    self.node.publish_event("service.refused", release=release.id, reason=reason)
+                    return dataclasses.replace(
+                        outcome, ok=False, reason=reason, ciphertext=b"", vouch=b""
+                    )
                 except ServiceUnavailable as exc:
                     raise ServiceUnavailable(f"the key could not be delivered: {exc}") from None
             return outcome

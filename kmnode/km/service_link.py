@@ -46,6 +46,11 @@ REQUEST_TIMEOUT = 10.0
 R = TypeVar("R", bound=Reply)
 
 
+class ServiceRefused(ServiceUnavailable):
+    """The service enclave answered, and refused the request (its reason says why): it is up,
+    but will not do this (a key it holds with other bytes, a key it does not hold)."""
+
+
 def _no_answer() -> TimeoutError:
     return TimeoutError(f"no reply within {REQUEST_TIMEOUT}s")
 
@@ -212,7 +217,7 @@ class ServiceLink:
         finally:
             self._pending.pop(request_id, None)
         if not reply.ok:
-            raise ServiceUnavailable(reply.error or "unknown error")
+            raise ServiceRefused(reply.error or "unknown error")
         return reply
 
     def _queue_line(self, proc: asyncio.subprocess.Process, request_id: int, line: bytes) -> None:

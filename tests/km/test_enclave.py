@@ -21,7 +21,7 @@ from kmnode.km.enclave import (
     SessionRefused,
     derive_key,
 )
-from kmnode.service.enclave import PROOF_LABEL, ProvisioningError, ServiceEnclave
+from kmnode.service.enclave import ProvisioningError, ServiceEnclave, proof_key
 from tests.km.enclaves import (
     KM_ID,
     PLATFORMS,
@@ -249,18 +249,81 @@ def test_a_joiner_accepts_the_members_of_its_admission_until_it_has_caught_up() 
     assert joiner.directory() == {"n-x": "x"}  # caught up: its own committed membership
 
 
-def test_a_proof_is_never_the_mac_of_the_challenge_alone() -> None:
-    """Whoever asks for proofs chooses the challenge; the MAC covers a fixed label first, so
-    no challenge makes the proof equal the key's MAC of bytes of the asker's choosing."""
+def test_a_proof_is_never_a_mac_under_the_operational_key() -> None:
+    """Whoever asks for proofs chooses the challenge; proofs are MACs under a key derived for
+    proofs alone, so no challenge yields the operational key's MAC of the asker's bytes (with
+    or without any prefix), and equal keys still give equal proofs."""
     a, _ = joined_pair()
     svc = service("a")
     result = provision(a, svc)
     assert svc.accept_key(result.ciphertext, result.vouch) == ("db", 1)
     key = derive_key(a._master_secret or b"", "db", 1)
-    for challenge in (b"c", b"transfer 100 to mallory", PROOF_LABEL):
+    assert proof_key(key) != key
+    for challenge in (b"c", b"transfer 100 to mallory", b"kmsim proof of possession\0c"):
         proof = svc.prove("db", 1, challenge)
         assert proof != hmac.new(key, challenge, hashlib.blake2b).hexdigest()
-        assert proof == hmac.new(key, PROOF_LABEL + challenge, hashlib.blake2b).hexdigest()
+        assert proof == hmac.new(proof_key(key), challenge, hashlib.blake2b).hexdigest()
+
+
+def _boxed(km: KMEnclave, svc: ServiceEnclave, envelope: dict[str, object]) -> bytes:
+    """A key envelope boxed by ``km``'s own box key (what a compromised KM build could send)."""
+    return km._boxes.seal(svc._boxes.public, json.dumps(envelope).encode())
+
+
+def test_a_held_key_is_never_replaced_with_other_bytes() -> None:
+    a, _ = joined_pair()
+    svc = service("a")
+    genuine = provision(a, svc)
+    assert svc.accept_key(genuine.ciphertext, genuine.vouch) == ("db", 1)
+    proof = svc.prove("db", 1, b"c")
+    other = _boxed(a, svc, {"key": "db", "generation": 1, "material": "22" * 32})
+    with pytest.raises(ProvisioningError, match="already held with other key material"):
+        svc.accept_key(other, genuine.vouch)
+    assert svc.prove("db", 1, b"c") == proof
+    # The same bytes again (a second release of the same generation) are accepted.
+    again = provision(a, svc, release(a, generation=1))
+    assert svc.accept_key(again.ciphertext, again.vouch) == ("db", 1)
+    assert svc.prove("db", 1, b"c") == proof
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"key": "db", "generation": True, "material": "33" * 32},
+        {"key": "db", "generation": 0, "material": "33" * 32},
+        {"key": "db", "generation": 1.0, "material": "33" * 32},
+        {"key": "db", "generation": 2**63, "material": "33" * 32},
+        {"key": "../db", "generation": 1, "material": "33" * 32},
+        {"key": "", "generation": 1, "material": "33" * 32},
+        {"key": "db", "generation": 1, "material": "33" * 31},
+        {"key": "db", "generation": 1, "material": "zz" * 32},
+        {"key": "db", "generation": 1},
+    ],
+)
+def test_a_malformed_envelope_is_refused_and_nothing_is_held(envelope: dict[str, object]) -> None:
+    a, _ = joined_pair()
+    svc = service("a")
+    genuine = provision(a, svc)
+    with pytest.raises(ProvisioningError, match="malformed|rejected"):
+        svc.accept_key(_boxed(a, svc, envelope), genuine.vouch)
+    assert svc._keys == {}
+    assert not svc.holds("db", 1)
+
+
+def test_keys_come_only_from_the_km_enclave_instance_attested_first() -> None:
+    """A second genuine KM enclave on the same platform (say, started by the host from an
+    older sealed state) vouches validly, yet the service takes keys from the first only."""
+    a, _ = joined_pair()
+    svc = service("a")
+    first = provision(a, svc)
+    assert svc.accept_key(first.ciphertext, first.vouch) == ("db", 1)
+    second_km, _ = joined_pair()  # same build, same platform "a", another instance
+    commit(second_km, "key.create", name="other")
+    second = provision(second_km, svc, release(second_km, key="other"))
+    assert second.ok
+    with pytest.raises(ProvisioningError, match="another KM enclave instance"):
+        svc.accept_key(second.ciphertext, second.vouch)
+    assert not svc.holds("other", 1)
 
 
 def test_a_service_takes_keys_only_from_a_km_enclave_that_vouched_for_the_box() -> None:
