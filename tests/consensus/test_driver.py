@@ -15,6 +15,7 @@ import pytest
 
 from consensus.driver import DriverStopped, RaftDriver
 from consensus.raft import RaftConfig
+from consensus.statemachine import StateMachine
 from consensus.storage import DurableLog
 from consensus.transport import MessageHandler, TcpTransport, Transport
 from consensus.types import (
@@ -75,17 +76,26 @@ async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "co
 
 
 class Cluster:
-    def __init__(self, root: Path, snapshot_every: int = 10_000) -> None:
+    """Drivers on loopback TCP, each applying to a fresh ``machine()`` (a ``ListMachine`` unless
+    the test brings its own state machine)."""
+
+    def __init__(
+        self,
+        root: Path,
+        snapshot_every: int = 10_000,
+        machine: Callable[[], StateMachine] = ListMachine,
+    ) -> None:
         self.root = root
         self.snapshot_every = snapshot_every
+        self.machine = machine
         self.drivers: dict[str, RaftDriver] = {}
-        self.machines: dict[str, ListMachine] = {}
+        self.machines: dict[str, Any] = {}
         #: Indexes each node's ``on_append`` hook was shown (since its last start).
         self.appended: dict[str, list[int]] = {}
 
     async def start(self, name: str, peers: tuple[str, ...] = NAMES) -> RaftDriver:
         transport = TcpTransport(name)
-        sm = ListMachine()
+        sm = self.machine()
         appended = self.appended[name] = []
         driver = RaftDriver(
             RaftConfig(id=name, peers=peers),
