@@ -1,12 +1,17 @@
 """Shared-memory ring buffer carrying the service TEE's output to the untrusted host.
 
-The TEE side creates or attaches a `Ring` by name and appends with a `Writer`; the host side
-attaches the same name and drains it with a `Reader` (or an `AsyncReader` on its event loop).
+The TEE side appends to a `Ring` with a `Writer`; the host side drains it with a `Reader` (or
+an `AsyncReader` on its event loop).  The service enclave's output ring is a sealed memfd: the
+host makes it with `Ring.create_sealed` and hands its descriptor to the TEE process, which
+maps it with `Ring.attach_sealed` only if the seals forbid resizing it (a shrunk mapping would
+SIGBUS the TEE).  Rings by name (`Ring.create`, `Ring.attach`) serve benchmarks and tests.
 `OcallWriter` models the other variant of the seeds, where every record costs a world switch
 to the host which then writes it.  See `kmnode/ring/_ring.pyx` for the memory layout and why
 each side validates what it reads.
 
-    ring = Ring.create("svc-out", 1 << 20)           # either side; the creator unlinks it
+    ring = Ring.create_sealed(1 << 20)                 # host: pass ring.fileno() to the TEE
+    tee_ring = Ring.attach_sealed(fd, 1 << 20)         # TEE: refuses an unsealed descriptor
+    ring = Ring.create("svc-out", 1 << 20)             # or by name; the creator unlinks it
     tee = Writer(ring, on_full=OnFull.WAIT, timeout=1.0)
     tee.write(b"record", type=1)                       # or write_batch([...])
 
@@ -28,6 +33,7 @@ from kmnode.ring.errors import (
     RingError,
     RingFull,
     RingLockTimeout,
+    RingNotSealed,
 )
 
 # The extension imports kmnode.ring.errors, so it must come after it.
@@ -73,6 +79,7 @@ __all__ = [
     "RingError",
     "RingFull",
     "RingLockTimeout",
+    "RingNotSealed",
     "ViewBatch",
     "Writer",
     "record_size",

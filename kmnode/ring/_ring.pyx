@@ -37,9 +37,13 @@ capacity, maximum record size and its own write offset, compares the shared ones
 every write, bounds-checks the read offset whenever it loads it, and never waits without a
 deadline.  The host side likewise validates the write offset and every frame length before
 touching memory.  Neither side can be made to touch memory outside the mapping: positions are
-masked with the private capacity and a record is never longer than the ring.  One attack is
-out of reach of a library: a process that can open the name can also ftruncate the object,
-after which touching the lost pages raises SIGBUS; sealing needs memfd, which has no name.
+masked with the private capacity and a record is never longer than the ring.  One attack no
+check on the contents can stop: a process that can open a named object can also ftruncate it,
+after which touching the lost pages raises SIGBUS.  Hence the second way to make a ring:
+`Ring.create_sealed` puts it in a memfd (no name) sealed against shrinking and growing, with
+the seals sealed, and hands it on as a file descriptor (inherited by the TEE process);
+`Ring.attach_sealed` maps such a descriptor only after checking those seals and the size it
+expects.  The named mode stays for benchmarks and tests between processes that share a name.
 
 Each side loads the other's offset only when the value it saw last is not enough (the writer
 when the record might not fit, a single read when the records it knows about are used up),
@@ -56,6 +60,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+import fcntl
 import os
 
 from kmnode.ring.errors import (
@@ -65,6 +70,7 @@ from kmnode.ring.errors import (
     RingError,
     RingFull,
     RingLockTimeout,
+    RingNotSealed,
 )
 
 cdef extern from *:
@@ -377,6 +383,24 @@ cdef int64_t deadline_after(object timeout) except? -2:
     return km_now_ns() + <int64_t>(t * 1e9)
 
 
+#: The seals a ring's memfd must carry before the TEE side maps it: no shrink (SIGBUS), no
+#: grow (the size check would be stale), and no change to the seals themselves.
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_SEAL_NAMES = ((fcntl.F_SEAL_SHRINK, "F_SEAL_SHRINK"), (fcntl.F_SEAL_GROW, "F_SEAL_GROW"), (fcntl.F_SEAL_SEAL, "F_SEAL_SEAL"))
+
+
+cdef object _checked_size(object capacity, object max_record):
+    """(capacity, max record) of a new ring, or ValueError saying which is wrong."""
+    if not isinstance(capacity, int) or capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or (capacity & (capacity - 1)) != 0:
+        raise ValueError(
+            f"capacity must be a power of two between {MIN_CAPACITY} and {MAX_CAPACITY}, got {capacity}"
+        )
+    mr = capacity // 4 if max_record is None else max_record
+    if mr < 1 or mr > capacity - FRAME or mr > MAX_RECORD_LIMIT:
+        raise ValueError(f"max_record must be in [1, {min(capacity - FRAME, MAX_RECORD_LIMIT)}], got {mr}")
+    return capacity, mr
+
+
 cdef str _shm_name(object name):
     cdef str s = os.fsdecode(name)
     if not s.startswith("/"):
@@ -400,11 +424,13 @@ cdef object corrupted(int rc, str who):
 # ----------------------------------------------------------------------------- Ring
 
 cdef class Ring:
-    """A mapping of one named ring; the Writer and Reader objects work through it.
+    """A mapping of one ring; the Writer and Reader objects work through it.
 
-    Create it on one side (`Ring.create`) and attach on the other (`Ring.attach`) by name; the
-    creator unlinks the name when it closes.  Values read through its properties come straight
-    from shared memory and are therefore untrusted; they exist for diagnostics and tests.
+    Named: create it on one side (`Ring.create`) and attach on the other (`Ring.attach`) by
+    name; the creator unlinks the name when it closes.  Sealed: `Ring.create_sealed` makes a
+    sealed memfd whose descriptor (`fileno()`) the creator passes to the other process, which
+    maps it with `Ring.attach_sealed`.  Values read through its properties come straight from
+    shared memory and are therefore untrusted; they exist for diagnostics and tests.
     """
 
     cdef char *base
@@ -418,12 +444,16 @@ cdef class Ring:
     cdef int busy
     cdef bint unlinked
     cdef long creator_pid
+    cdef int fd
+    cdef readonly bint sealed
 
     def __cinit__(self) -> None:
         self.base = NULL
         self.data = NULL
         self.exports = 0
         self.busy = 0
+        self.fd = -1
+        self.sealed = False
 
     def __init__(self) -> None:
         raise TypeError("use Ring.create(name, capacity) or Ring.attach(name)")
@@ -432,18 +462,8 @@ cdef class Ring:
     def create(name: str, capacity: int, max_record: int | None = None) -> Ring:
         """Create and initialise a new named ring (fails if the name exists)."""
         cdef Ring self = Ring.__new__(Ring)
-        if not isinstance(capacity, int) or capacity < MIN_CAPACITY or capacity > MAX_CAPACITY:
-            raise ValueError(
-                f"capacity must be a power of two between {MIN_CAPACITY} and {MAX_CAPACITY}, got {capacity}"
-            )
+        capacity, mr = _checked_size(capacity, max_record)
         cdef uint64_t cap = capacity
-        if (cap & (cap - 1)) != 0:
-            raise ValueError(
-                f"capacity must be a power of two between {MIN_CAPACITY} and {MAX_CAPACITY}, got {capacity}"
-            )
-        mr = capacity // 4 if max_record is None else max_record
-        if mr < 1 or mr > cap - FRAME or mr > MAX_RECORD_LIMIT:
-            raise ValueError(f"max_record must be in [1, {min(cap - FRAME, MAX_RECORD_LIMIT)}], got {mr}")
         self.name = _shm_name(name)
         cdef bytes bname = os.fsencode(self.name)
         cdef int fd = shm_open(bname, O_RDWR | O_CREAT | O_EXCL, 0o600)
@@ -463,14 +483,35 @@ cdef class Ring:
             raise
         finally:
             close(fd)
-        self.capacity = cap
-        self.max_record = mr
-        cdef char *h = self.base
-        km_st64_rlx(<uint64_t *>(h + OFF_CAPACITY), cap)
-        km_st64_rlx(<uint64_t *>(h + OFF_MAX_RECORD), <uint64_t>mr)
-        (<uint32_t *>(h + OFF_VERSION))[0] = VERSION
-        (<uint32_t *>(h + OFF_HEADER_SIZE))[0] = HEADER
-        km_st64_rel(<uint64_t *>(h + OFF_MAGIC), MAGIC)
+        self._init_header(cap, mr)
+        return self
+
+    @staticmethod
+    def create_sealed(capacity: int, max_record: int | None = None, label: str = "kmring") -> Ring:
+        """Create and initialise a ring in a memfd sealed against shrinking and growing.
+
+        The ring has no name anyone can open; the creator hands `fileno()` to the other side
+        (by inheritance or SCM_RIGHTS).  The descriptor is close-on-exec, so it reaches only
+        the children it is explicitly passed to, and is closed with the ring.
+        """
+        cdef Ring self = Ring.__new__(Ring)
+        capacity, mr = _checked_size(capacity, max_record)
+        cdef uint64_t cap = capacity
+        self.name = f"memfd:{label}"
+        fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, HEADER + cap)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+            self._map(fd, cap)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.owner = True
+        self.sealed = True
+        self.unlinked = True  # nothing to unlink: a memfd has no name
+        self.creator_pid = os.getpid()
+        self._init_header(cap, mr)
         return self
 
     @staticmethod
@@ -496,6 +537,52 @@ cdef class Ring:
             self._map(fd, cap)
         finally:
             close(fd)
+        self._adopt_header(cap)
+        return self
+
+    @staticmethod
+    def attach_sealed(fd: int, capacity: int, label: str = "kmring") -> Ring:
+        """Map the sealed memfd `fd` holding a ring of exactly `capacity` data bytes.
+
+        The TEE side's way in: refused with RingNotSealed unless `fd` is a memfd carrying
+        F_SEAL_SHRINK, F_SEAL_GROW and F_SEAL_SEAL (so its size can never change again), and
+        with RingCorrupted unless its size is the one expected and its header is sound.  The
+        seals are checked before the size, so the size cannot change after it was checked.
+        `fd` stays the caller's (the mapping does not need it; close it when done).
+        """
+        cdef Ring self = Ring.__new__(Ring)
+        self.name = f"memfd:{label}"
+        self.owner = False
+        if not isinstance(capacity, int) or capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or (capacity & (capacity - 1)) != 0:
+            raise ValueError(f"expected capacity {capacity!r} is not a valid ring capacity")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError as exc:
+            raise RingNotSealed(f"{self.name}: descriptor {fd} is not a sealable memfd ({exc.strerror})") from None
+        missing = [name for bit, name in _SEAL_NAMES if not seals & bit]
+        if missing:
+            raise RingNotSealed(f"{self.name}: descriptor {fd} lacks {', '.join(missing)}")
+        size = os.fstat(fd).st_size
+        if size != HEADER + capacity:
+            raise RingCorrupted(f"{self.name}: size {size} bytes, expected {HEADER + capacity}")
+        cdef uint64_t cap = capacity
+        self._map(fd, cap)
+        self.sealed = True
+        self._adopt_header(cap)
+        return self
+
+    cdef _init_header(self, uint64_t cap, uint64_t mr):
+        self.capacity = cap
+        self.max_record = mr
+        cdef char *h = self.base
+        km_st64_rlx(<uint64_t *>(h + OFF_CAPACITY), cap)
+        km_st64_rlx(<uint64_t *>(h + OFF_MAX_RECORD), mr)
+        (<uint32_t *>(h + OFF_VERSION))[0] = VERSION
+        (<uint32_t *>(h + OFF_HEADER_SIZE))[0] = HEADER
+        km_st64_rel(<uint64_t *>(h + OFF_MAGIC), MAGIC)
+
+    cdef _adopt_header(self, uint64_t cap):
+        """Validate a mapped ring's header against its size; unmap and raise if it is wrong."""
         cdef char *h = self.base
         cdef uint64_t mr = km_ld64_rlx(<uint64_t *>(h + OFF_MAX_RECORD))
         problem = None
@@ -514,7 +601,12 @@ cdef class Ring:
             raise RingCorrupted(f"{self.name}: {problem}")
         self.capacity = cap
         self.max_record = mr
-        return self
+
+    def fileno(self) -> int:
+        """The sealed ring's memfd, to hand to the other process (named rings have none)."""
+        if self.fd < 0:
+            raise RingError(f"ring {self.name} has no descriptor (only a sealed ring's creator has)")
+        return self.fd
 
     cdef _map(self, int fd, uint64_t cap):
         cdef char *base = km_map_mirror(fd, HEADER, <size_t>cap)
@@ -581,8 +673,14 @@ cdef class Ring:
         if self.busy > 0:
             raise RingError(f"ring {self.name}: another thread is inside a ring operation")
         self._unmap()
+        self._close_fd()
         if self.owner and self.creator_pid == os.getpid():
             self.unlink()
+
+    cdef _close_fd(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
 
     def unlink(self) -> None:
         """Remove the name (the memory lives on until every side unmaps)."""
@@ -598,6 +696,8 @@ cdef class Ring:
 
     def __dealloc__(self) -> None:
         self._unmap()
+        if self.fd >= 0:
+            close(self.fd)
         # a forked child inherits the object but not the ownership of the name
         if self.owner and not self.unlinked and self.name is not None and self.creator_pid == os.getpid():
             shm_unlink(os.fsencode(self.name))

@@ -50,6 +50,15 @@ class RecordTooLarge(RingError, ValueError):
     """The record exceeds the ring's maximum record size (fixed when the ring was created)."""
 
 
+class RingNotSealed(RingError):
+    """A ring handed over by file descriptor whose memory the other side could still resize.
+
+    Shrinking a shared mapping under the TEE makes its next touch of the lost pages a SIGBUS,
+    which no bounds check can catch; so the TEE side maps only a memfd sealed against shrinking
+    and growing, with the seals themselves sealed, and refuses anything else.
+    """
+
+
 class RingClosed(RingError):
     """The ring was closed; its memory is no longer mapped in this process."""
 
@@ -61,4 +70,5 @@ __all__ = [
     "RingError",
     "RingFull",
     "RingLockTimeout",
+    "RingNotSealed",
 ]
