@@ -1,0 +1,586 @@
+"""The operator API's OpenAPI 3.1 document (``GET /v1/openapi.json``), built from the API itself.
+
+Why it is generated and not written: the routes are ``kmnode.api_routes``'s tables (the ones
+the host mounts and the KM enclave parses), the request bodies are the fields of the typed
+requests and commands the enclave validates them into (``kmnode.km_messages``,
+``kmnode.km.commands``), and the answers are the records the enclave shows (``kmnode.km.state``,
+the command results); pydantic renders their JSON Schemas. A hand-written document would drift
+from any of those; this one changes with them, and ``build`` refuses to produce a document in
+which a route has no entry here (a new route must be documented before the node starts).
+
+What is written here is what no type says: a summary per route, which query parameters a read
+takes, and which statuses a route can answer with (the host's mapping in ``kmnode.host.api``).
+Every error has one shape (``ErrorBody``). Nothing here is secret: the document describes the
+API, it holds no key and no state. The KM enclave never imports this module (its measurement
+does not depend on the documentation); the host serves the document, unsigned, like
+``/v1/status``.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from functools import cache
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel, create_model
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import models_json_schema
+
+from kmnode.api_routes import CHAOS_ROUTES, MAX_CHALLENGE, ROUTES, Route
+from kmnode.identity import COVERED, LABEL, MAX_AGE_S, TAG, PublicIdentity
+from kmnode.km.commands import (
+    KeyCreate,
+    KeyGeneration,
+    MemberChanged,
+    MemberRemove,
+    Name,
+    PolicyAllow,
+    PolicyJson,
+    PolicyRevokePlatform,
+    ProposalChanged,
+    ProposalCreate,
+    ProposalId,
+    ProposalVote,
+    ReleaseRequest,
+)
+from kmnode.km.state import KeyRecord, Member, Proposal, Release
+from kmnode.km_messages import FailureCode, Prove, ReleaseKey
+from kmnode.linkfaults import LinkRule
+
+#: Where the host serves the document.
+OPENAPI_PATH = "/v1/openapi.json"
+#: The routes the host answers itself, without a signature (probes, and this document).
+OPEN_ROUTES = (("GET", "/v1/status"), ("GET", OPENAPI_PATH))
+_SCHEMA_REF = "#/components/schemas/{model}"
+_SECURITY = "httpMessageSignature"
+
+#: The codes only the host gives (the rest are the KM enclave's ``FailureCode``).
+HostCode = Literal["unsupported_media_type", "bad_host", "bad_origin"]
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers with: one line, a machine code, and what the code needs."""
+
+    model_config = ConfigDict(title="Error")
+
+    error: str = Field(description="What is wrong, in one line.")
+    code: FailureCode | HostCode = Field(description="What kind of failure (a machine code).")
+    field: str | None = Field(
+        default=None, description="The request field at fault (dotted path), when there is one."
+    )
+    leader: str | None = Field(
+        default=None, description="With `not_leader`: the leader's name (null if none known)."
+    )
+    leader_api: str | None = Field(
+        default=None, description="With `not_leader`: the leader's API URL (retry there)."
+    )
+
+
+# --- models for what no other type describes as such -----------------------------------------
+
+
+def _field(source: type[BaseModel], name: str) -> tuple[Any, FieldInfo]:
+    info = source.model_fields[name]
+    return info.annotation, info
+
+
+def _body(model: str, source: type[BaseModel], *names: str, **more: Any) -> type[BaseModel]:
+    """A request body: the fields ``names`` of the typed request or command it becomes (same
+    types, same constraints, same defaults), and ``more``. Unknown fields are ignored by the
+    API, so the schema does not forbid them."""
+    picked = {name: _field(source, name) for name in names}
+    return _model(model, {**picked, **more})
+
+
+def _record(
+    model: str,
+    cls: type,
+    *,
+    ok: bool = False,
+    rename: Mapping[str, str] | None = None,
+    only: Iterable[str] | None = None,
+    **more: Any,
+) -> type[BaseModel]:
+    """An answer with the fields of the dataclass ``cls`` (a state record, a command result),
+    as ``dataclasses.asdict`` or ``Applied.public`` render it: ``ok`` adds the latter's flag."""
+    hints = typing.get_type_hints(cls)
+    wanted = set(only) if only is not None else None
+    defs: dict[str, Any] = {"ok": (bool, ...)} if ok else {}
+    for f in fields(cls):
+        if wanted is not None and f.name not in wanted:
+            continue
+        default: Any = ...
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        defs[(rename or {}).get(f.name, f.name)] = (hints[f.name], default)
+    return _model(model, {**defs, **more})
+
+
+def _list(model: str, **items: Any) -> type[BaseModel]:
+    """An answer holding lists (``{"keys": [...]}``)."""
+    return _model(model, {name: (cast(Any, list)[kind], ...) for name, kind in items.items()})
+
+
+def _model(name: str, defs: Mapping[str, Any]) -> type[BaseModel]:
+    """A model of the fields ``defs`` (``name: (type, default or FieldInfo)``)."""
+    made: type[BaseModel] = create_model(name, **dict(defs))
+    return made
+
+
+def _root(name: str, kind: Any) -> type[BaseModel]:
+    """A model whose value is one ``kind`` (not an object of fields)."""
+    made: type[BaseModel] = create_model(name, __base__=cast(Any, RootModel)[kind])
+    return made
+
+
+class EmptyBody(BaseModel):
+    """No fields (a POST still sends a JSON body: ``{}``)."""
+
+
+_ProposalAnswer = _record("ProposalAnswer", ProposalChanged, ok=True)
+_KeyAnswer = _record("KeyAnswer", KeyGeneration)
+_ProposalView = _record("ProposalView", Proposal, needed=(int, ...))
+_ReleaseResult = _record(
+    "ReleaseResult",
+    Release,
+    rename={"id": "release"},
+    only=("id", "node", "key", "generation", "status", "reason"),
+)
+_PolicyChangeBody = _body("PolicyChangeBody", PolicyAllow, "role", "measurement")
+
+
+def _unset(schema: dict[str, JsonValue]) -> None:
+    """A field that may be left out, with no default (left out, it keeps its value)."""
+    schema.pop("default", None)
+
+
+_LinkRuleChange = _model(
+    "LinkRuleChange",
+    {
+        "peer": (str, Field(description="Another node of the cluster.")),
+        **{
+            name: (kind, Field(default=None, json_schema_extra=_unset))
+            for name, kind in typing.get_type_hints(LinkRule).items()
+        },
+    },
+)
+
+
+# --- what each route documents --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    schema: Any
+    description: str
+
+
+LINEARIZABLE = Query(
+    "linearizable",
+    bool,
+    "Confirm with the leader first that this node is up to date (`1`/`true`); otherwise the "
+    "node answers from its applied state, which may lag the leader.",
+)
+
+
+@dataclass(frozen=True)
+class Doc:
+    """What a route's types do not say: its summary, its query parameters; ``body`` and
+    ``answer`` are the types of its request body (POST) and of its success's body."""
+
+    summary: str
+    answer: type[BaseModel]
+    body: type[BaseModel] | None = None
+    query: tuple[Query, ...] = ()
+
+
+_READ = (LINEARIZABLE,)
+DOCS: dict[tuple[str, str], Doc] = {
+    ("GET", "/v1/keys"): Doc(
+        "List the keys (names and generations; never key material)",
+        _list("KeyList", keys=KeyRecord),
+        query=_READ,
+    ),
+    ("POST", "/v1/keys"): Doc(
+        "Create a key (generation 1)",
+        _KeyAnswer,
+        _body("CreateKeyBody", KeyCreate, "name", "allowed_service"),
+    ),
+    ("GET", "/v1/keys/{name}"): Doc(
+        "One key, with a fingerprint (a MAC, never the key) per generation",
+        _record("KeyView", KeyRecord, fingerprints=(dict[str, str], ...)),
+        query=_READ,
+    ),
+    ("POST", "/v1/keys/{name}/rotate"): Doc(
+        "Rotate a key (a new generation)", _KeyAnswer, EmptyBody
+    ),
+    ("POST", "/v1/keys/{name}/release"): Doc(
+        "Release a key to a member's service enclave (or all), and wait for the outcomes",
+        _list("ReleaseResults", releases=_ReleaseResult),
+        _body(
+            "ReleaseBody",
+            ReleaseRequest,
+            "generation",
+            node=(Name | Literal["all"], "all"),
+            timeout=_field(ReleaseKey, "timeout"),
+        ),
+    ),
+    ("GET", "/v1/releases"): Doc(
+        "List releases (of one key, with ?key=)",
+        _list("ReleaseList", releases=Release),
+        query=(Query("key", Name, "Only the releases of this key."), LINEARIZABLE),
+    ),
+    ("POST", "/v1/service/prove"): Doc(
+        "The service enclave proves it holds a released key: a MAC of the challenge",
+        create_model(
+            "Proof",
+            node=(str, ...),
+            key=(str, ...),
+            generation=(int, ...),
+            mac=(str, Field(pattern=r"^[0-9a-f]+$")),
+        ),
+        _body(
+            "ProveBody",
+            Prove,
+            "key",
+            "generation",
+            challenge=(
+                str,
+                Field(
+                    pattern=r"^([0-9a-f]{2})+$",
+                    max_length=2 * MAX_CHALLENGE,
+                    description=f"1 to {MAX_CHALLENGE} bytes, lowercase hex.",
+                ),
+            ),
+        ),
+    ),
+    ("GET", "/v1/policy"): Doc("The attestation policy", _root("Policy", PolicyJson), query=_READ),
+    ("POST", "/v1/policy/allow"): Doc(
+        "Propose allowing an enclave measurement",
+        _ProposalAnswer,
+        _PolicyChangeBody,
+    ),
+    ("POST", "/v1/policy/disallow"): Doc(
+        "Propose disallowing an enclave measurement",
+        _ProposalAnswer,
+        _PolicyChangeBody,
+    ),
+    ("POST", "/v1/policy/revoke-platform"): Doc(
+        "Propose revoking a platform",
+        _ProposalAnswer,
+        _body("RevokePlatformBody", PolicyRevokePlatform, "platform_id"),
+    ),
+    ("GET", "/v1/members"): Doc(
+        "The members and Raft's voters",
+        _list("MemberList", members=Member, voters=str),
+        query=_READ,
+    ),
+    ("POST", "/v1/members/remove"): Doc(
+        "Propose removing a member (a retry after it passed removes the Raft voter)",
+        _root("RemoveAnswer", _ProposalAnswer | _record("MemberAnswer", MemberChanged, ok=True)),
+        _body("RemoveMemberBody", MemberRemove, "name"),
+    ),
+    ("GET", "/v1/attest"): Doc(
+        "A fresh quote of this node's KM enclave, verified against the replicated policy",
+        _root("Attestation", dict[str, JsonValue]),
+    ),
+    ("GET", "/v1/proposals"): Doc(
+        "List governance proposals", _list("ProposalList", proposals=_ProposalView), query=_READ
+    ),
+    ("POST", "/v1/proposals"): Doc(
+        "Propose governance actions (the proposer votes for them)",
+        _ProposalAnswer,
+        _body("ProposeBody", ProposalCreate, "actions"),
+    ),
+    ("GET", "/v1/proposals/{id}"): Doc("One proposal", _ProposalView, query=_READ),
+    ("POST", "/v1/proposals/{id}/vote"): Doc(
+        "Vote for or against an open proposal",
+        _ProposalAnswer,
+        _body("VoteBody", ProposalVote, "ballot"),
+    ),
+    ("POST", "/v1/proposals/{id}/withdraw"): Doc(
+        "Withdraw an open proposal (its proposer only)", _ProposalAnswer, EmptyBody
+    ),
+    ("GET", "/v1/identities"): Doc(
+        "The operator identities, their roles, and what a proposal needs",
+        create_model(
+            "Identities",
+            identities=(list[PublicIdentity], ...),
+            admins=(list[str], ...),
+            votes_needed=(int, ...),
+            threshold=(int, ...),
+            chaos_enabled=(bool, ...),
+        ),
+        query=_READ,
+    ),
+    ("GET", "/v1/chaos/rules"): Doc(
+        "Chaos: the link fault rules, their counters, and the ring stall",
+        _root("ChaosRules", dict[str, JsonValue]),
+    ),
+    ("POST", "/v1/chaos/rules"): Doc(
+        "Chaos: set the link fault rule toward a peer (fields not given keep their value)",
+        create_model("ChaosRule", peer=(str, ...), rule=(LinkRule, ...)),
+        _LinkRuleChange,
+    ),
+    ("POST", "/v1/chaos/heal"): Doc(
+        "Chaos: drop the link fault rules (toward one peer, or all)",
+        _list("Healed", healed=str),
+        create_model("HealBody", peer=(str | None, None)),
+    ),
+    ("POST", "/v1/chaos/ring-stall"): Doc(
+        "Chaos: stall or resume the host side of the service enclave's ring",
+        create_model("RingStall", stalled=(bool, ...)),
+        create_model("RingStallBody", stalled=(bool, ...)),
+    ),
+    ("POST", "/v1/chaos/service-crash"): Doc(
+        "Chaos: kill the service enclave (409 if none runs)",
+        create_model("ServiceCrash", killed=(int, ...)),
+        EmptyBody,
+    ),
+    ("POST", "/v1/chaos/poison"): Doc(
+        "Chaos: this node's host feeds garbage into every input it holds (or stops, and says "
+        "what it sent and what came back)",
+        create_model(
+            "Poison", enabled=(bool, ...), seed=(int, ...), stats=(dict[str, JsonValue], ...)
+        ),
+        create_model(
+            "PoisonBody",
+            enabled=(bool, ...),
+            seed=(int, Field(default=0, ge=0, lt=2**63)),
+            rate=(float, Field(default=40, gt=0, le=1000, description="Actions per second.")),
+        ),
+    ),
+    ("GET", "/v1/status"): Doc(
+        "This node's status (open: no signature, for probes)",
+        _root("Status", dict[str, JsonValue]),
+    ),
+    ("GET", OPENAPI_PATH): Doc(
+        "This document (open: no signature)", _root("OpenApiDocument", dict[str, JsonValue])
+    ),
+}
+
+
+# --- statuses --------------------------------------------------------------------------------
+
+_STATUS_TEXT: dict[int, str] = {
+    400: "Malformed: the body or a field (named in `field`), or a request too large to relay "
+    "(`bad_request`).",
+    401: "Not signed (`unsigned`), a signature that does not verify (`bad_signature`), an "
+    "identity the cluster does not know (`unknown_identity`), or too old (`expired`).",
+    403: "The signer's roles do not allow this route (`forbidden`), or the Host/Origin is not "
+    "this node's (`bad_host`, `bad_origin`).",
+    404: "No such key, proposal or route, or chaos is not enabled (`not_found`).",
+    409: "Refused by the state machine (`refused`, the error says why), or this signed request "
+    "was made before (`replay`).",
+    413: "The body is larger than the API takes (`bad_request`).",
+    415: "A POST body that is not `application/json` (`unsupported_media_type`).",
+    421: "Not the leader (`not_leader`): retry at `leader_api` (null while none is known).",
+    500: "The KM enclave failed to answer (`internal`): a bug, to report.",
+    503: "Not ready: no leader yet, not joined, or the KM enclave is unreachable "
+    "(`not_ready`, `unavailable`).",
+    504: "The KM enclave or the commit did not finish in time (`timeout`): it may still commit.",
+}
+
+
+def statuses(method: str, path: str, *, chaos: bool = False) -> tuple[int, ...]:
+    """The error statuses a route can answer with, from how the host maps failures."""
+    if (method, path) in OPEN_ROUTES:
+        return (403, 500, 503, 504) if path != OPENAPI_PATH else (403,)
+    found = {400, 401, 403, 500, 503, 504}
+    if method == "POST":
+        # A write commits through the leader; a body is JSON, of a bounded size.
+        found |= {409, 413, 415, 421}
+    elif any(q is LINEARIZABLE for q in DOCS[(method, path)].query):
+        found.add(421)
+    if chaos or "{" in path:
+        found.add(404)
+    return tuple(sorted(found))
+
+
+# --- the document ----------------------------------------------------------------------------
+
+
+class UndocumentedRoute(Exception):
+    """A route of the API has no entry in ``DOCS`` (or an entry names no route)."""
+
+
+def _routes() -> list[tuple[str, str, Route | None, bool]]:
+    """Every route the host serves: (method, path, its Route if signed, whether chaos)."""
+    every: list[tuple[str, str, Route | None, bool]] = [
+        (r.method, r.path, r, False) for r in ROUTES
+    ]
+    every += [(r.method, r.path, r, True) for r in CHAOS_ROUTES]
+    every += [(method, path, None, False) for method, path in OPEN_ROUTES]
+    return every
+
+
+def check_documented() -> None:
+    """Raise ``UndocumentedRoute`` unless every route has exactly one entry in ``DOCS``."""
+    served = {(method, path) for method, path, _, _ in _routes()}
+    missing = sorted(served - DOCS.keys())
+    extra = sorted(DOCS.keys() - served)
+    if missing or extra:
+        raise UndocumentedRoute(
+            f"routes without documentation: {missing}; documentation without a route: {extra}"
+        )
+
+
+def _models() -> list[type[BaseModel]]:
+    """Every model the document names, once each."""
+    named = [m for doc in DOCS.values() for m in (doc.answer, doc.body) if m is not None]
+    return list(dict.fromkeys([*named, ErrorBody]))
+
+
+def _query_schema(kind: Any) -> dict[str, Any]:
+    adapter_model = create_model("Q", value=(kind, ...))
+    schema = adapter_model.model_json_schema()["properties"]["value"]
+    schema.pop("title", None)
+    return dict(schema)
+
+
+_SIGNATURE_TEXT = (
+    "An HTTP Message Signature (RFC 9421), algorithm `ed25519`, label `{label}`, tag `{tag}`, "
+    "covering {covered}, with `created`, a `nonce` of 16 to 64 characters and `keyid` (the "
+    "identity's name). `Signature`, `Signature-Input` and `Content-Digest` (SHA-256 of the body, "
+    "even an empty one) are all needed. A signature is accepted up to {age} s after `created`; "
+    "the request id (`keyid:nonce`) of a write commits once (a second use is a 409 `replay`). "
+    "See docs/operator-api.md and `kmnode.identity.sign_request`."
+).format(label=LABEL, tag=TAG, covered=", ".join(f"`{c}`" for c in COVERED), age=MAX_AGE_S)
+
+
+def _signature_parameters() -> dict[str, Any]:
+    header = {"type": "string", "maxLength": 4096}
+    return {
+        "SignatureInput": {
+            "name": "Signature-Input",
+            "in": "header",
+            "required": True,
+            "description": "The signature's covered components and parameters (RFC 9421).",
+            "schema": header,
+        },
+        "ContentDigest": {
+            "name": "Content-Digest",
+            "in": "header",
+            "required": True,
+            "description": "`sha-256=:<base64>:` of the body's bytes (RFC 9530), signed.",
+            "schema": header,
+        },
+    }
+
+
+def _operation(
+    method: str,
+    path: str,
+    route: Route | None,
+    chaos: bool,
+    refs: Mapping[type[BaseModel], dict[str, Any]],
+) -> dict[str, Any]:
+    doc = DOCS[(method, path)]
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": _query_schema(_PATH_PARAMS[name])}
+        for name in _path_names(path)
+    ]
+    parameters += [
+        {
+            "name": q.name,
+            "in": "query",
+            "required": False,
+            "description": q.description,
+            "schema": _query_schema(q.schema),
+        }
+        for q in doc.query
+    ]
+    success = route.status if route is not None else 200
+    responses: dict[str, Any] = {
+        str(success): {
+            "description": doc.summary,
+            "content": {"application/json": {"schema": refs[doc.answer]}},
+        }
+    }
+    for status in statuses(method, path, chaos=chaos):
+        responses[str(status)] = {"$ref": f"#/components/responses/{status}"}
+    operation: dict[str, Any] = {
+        "operationId": f"{method.lower()}{_camel(path)}",
+        "summary": doc.summary,
+        "tags": [path.split("/")[2]],
+        "responses": responses,
+    }
+    if route is None:
+        operation["security"] = []
+    else:
+        operation["description"] = f"Needs an identity with the `{route.role}` role."
+        parameters += [
+            {"$ref": "#/components/parameters/SignatureInput"},
+            {"$ref": "#/components/parameters/ContentDigest"},
+        ]
+    if parameters:
+        operation["parameters"] = parameters
+    if doc.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[doc.body]}},
+        }
+    return operation
+
+
+#: The path parameters' types: a key's name, a proposal's id.
+_PATH_PARAMS: dict[str, Any] = {"name": Name, "id": ProposalId}
+
+
+def _path_names(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def _camel(path: str) -> str:
+    words = path.replace("{", "").replace("}", "").replace(".", "/").replace("-", "/").split("/")
+    return "".join(w[:1].upper() + w[1:] for w in words if w and w != "v1")
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every ``/v1`` route (built once per process)."""
+    check_documented()
+    models = _models()
+    mapping, definitions = models_json_schema(
+        [(m, "validation") for m in models], ref_template=_SCHEMA_REF
+    )
+    refs = {m: mapping[(m, "validation")] for m in models}
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, route, chaos in _routes():
+        operation = _operation(method, path, route, chaos, refs)
+        paths.setdefault(path, {})[method.lower()] = operation
+    error = {"application/json": {"schema": refs[ErrorBody]}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kmsim operator API",
+            "version": "1",
+            "description": (
+                "The operator API of a kmsim KM node (docs/operator-api.md). Every route but "
+                f"`/v1/status` and `{OPENAPI_PATH}` needs a signed request. " + _SIGNATURE_TEXT
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "responses": {
+                str(status): {"description": text, "content": error}
+                for status, text in _STATUS_TEXT.items()
+            },
+            "parameters": _signature_parameters(),
+            "securitySchemes": {
+                _SECURITY: {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Signature",
+                    "description": _SIGNATURE_TEXT,
+                }
+            },
+        },
+        "security": [{_SECURITY: []}],
+    }
