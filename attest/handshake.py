@@ -75,6 +75,28 @@ class HandshakeResult:
     transcript_hash: bytes
 
 
+def peer_refusal(result: HandshakeResult, policy: Policy, directory: Mapping[str, str]) -> str:
+    """Why the peer of a completed handshake may no longer use its channel ("" if it still
+    may): it is no longer in ``directory`` on the platform its quote proved, or ``policy`` now
+    refuses what its quote showed (platform revoked, TCB status, measurement, security
+    version). A membership or policy change applies to established sessions too, not only to
+    the next handshake; the quote's age is not judged again (it was fresh when it counted)."""
+    peer, name = result.peer, result.peer_name
+    if directory.get(name) != peer.platform_id:
+        return f"{name} is no longer a member on platform {peer.platform_id!r}"
+    if peer.platform_id in policy.revoked_platforms:
+        return f"{name}'s platform {peer.platform_id!r} is revoked by policy"
+    if peer.tcb_status not in policy.accepted_tcb:
+        return f"{name}'s TCB status {peer.tcb_status.value} is no longer accepted"
+    if peer.identity.measurement not in policy.measurements_for(peer.role):
+        return f"{name}'s measurement {peer.identity.measurement.hex()[:16]}… is no longer allowed"
+    if peer.identity.svn < policy.min_svn:
+        return (
+            f"{name}'s security version {peer.identity.svn} is below the minimum {policy.min_svn}"
+        )
+    return ""
+
+
 class _State(Enum):
     START = auto()
     WAIT_ANSWER = auto()

@@ -1,10 +1,12 @@
 """Raft ``Message`` <-> bytes, with msgpack and strict validation of everything received.
 
 Input comes from the network, so decoding treats it as hostile: a size limit is checked before
-parsing, msgpack's own container limits stop allocation bombs, only arrays, ints, bools, str,
-bytes and nil are accepted (no maps, no ext types, nothing that builds objects), and every field
-is type- and range-checked before a ``Message`` is built. Any malformed input raises
-``CodecError``; nothing else escapes ``decode_message``.
+parsing, msgpack's own length limits (``DecodeLimits``) bound each str, bin and array, a budget
+on the array elements of one message stops allocation bombs (an 8 MiB message of nested empty
+arrays otherwise becomes half a GiB of Python lists and seconds of a stalled event loop), only
+arrays, ints, bools, str, bytes and nil are accepted (no maps, no ext types, nothing that builds
+objects), and every field is type- and range-checked before a ``Message`` is built. Any
+malformed input raises ``CodecError``; nothing else escapes ``decode_message``.
 
 Wire form: one msgpack array ``[VERSION, type, to, frm, term, log_term, index, entries, commit,
 reject, reject_hint, snapshot, context]`` where ``entries`` is an array of ``[term, index, type,
@@ -14,6 +16,7 @@ keep the encoding small and the encoder fast (it is on the replication hot path)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -31,7 +34,6 @@ from consensus.types import (
 VERSION = 1
 #: Default bound on one encoded message; snapshots larger than this need chunking.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_ENTRIES = 100_000
 MAX_NODE_ID = 256
 MAX_CONTEXT = 64 * 1024
 MAX_MEMBERS = 1024
@@ -41,12 +43,64 @@ _MESSAGE_TYPES = {int(t): t for t in MessageType}
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """How much one received message may make the decoder build.
+
+    A message's size alone does not bound the work: one byte of msgpack is a whole empty list,
+    so the number of array elements is bounded too (``max_items``, all arrays of the message
+    together), checked as each array is built, so decoding stops at the first one past it.
+    The defaults fit what Raft sends (``RaftConfig.max_msg_entries`` is 512 by default, so an
+    append holds about 2,000 elements) with room to spare; ``kmnode.config.LimitsSpec`` sets
+    them for a node's peer links.
+    """
+
+    #: Bytes of one encoded message (checked before parsing).
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Bytes of one bin (an entry's data, a snapshot); never more than ``max_bytes``.
+    max_bin: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Bytes of one str (node ids).
+    max_str: int = 1024
+    #: Elements of one array (entries of an append, voters of a snapshot).
+    max_array: int = 4096
+    #: Arrays and their elements in one message, all together.
+    max_items: int = 65_536
+
+    def __post_init__(self) -> None:
+        if min(self.max_bytes, self.max_bin, self.max_str, self.max_array, self.max_items) < 1:
+            raise ValueError("every decode limit must be at least 1")
+
+
+#: What ``decode_message`` allows unless told otherwise.
+DECODE_LIMITS = DecodeLimits()
+
+
 class CodecError(ValueError):
     """Bytes that are not a valid encoded ``Message``."""
 
 
 class MessageTooLarge(CodecError):
     """An encoded message exceeds the configured size limit."""
+
+
+class TooManyItems(CodecError):
+    """A message holds more arrays and array elements than ``DecodeLimits.max_items``."""
+
+
+class _ItemBudget:
+    """msgpack's ``list_hook``: counts every array as it is built and stops the decoder (by
+    raising) once the message has used its budget, so the waste is at most one array."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        self.left -= 1 + len(items)
+        if self.left < 0:
+            raise TooManyItems("message holds more arrays and elements than allowed")
+        return items
 
 
 def encode_message(msg: Message) -> bytes:
@@ -126,8 +180,6 @@ def _array(value: object, name: str, length: int | None = None) -> list[Any]:
 
 def _entries(value: object, max_bytes: int) -> tuple[Entry, ...]:
     items = _array(value, "entries")
-    if len(items) > MAX_ENTRIES:
-        raise CodecError(f"{len(items)} entries, limit {MAX_ENTRIES}")
     out = []
     for item in items:
         # Fast path for well-formed entries; the checks below name what is wrong otherwise.
@@ -171,8 +223,13 @@ def _snapshot(value: object, max_bytes: int) -> Snapshot | None:
     return Snapshot(meta=meta, data=_bytes(data, "snapshot data", max_bytes))
 
 
-def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
-    """Decode and validate one message; raises ``CodecError`` on anything malformed."""
+def decode_message(
+    data: bytes, *, max_bytes: int | None = None, limits: DecodeLimits = DECODE_LIMITS
+) -> Message:
+    """Decode and validate one message; raises ``CodecError`` on anything malformed.
+    ``max_bytes``, if given, replaces ``limits.max_bytes``."""
+    if max_bytes is None:
+        max_bytes = limits.max_bytes
     if len(data) > max_bytes:
         raise MessageTooLarge(f"message is {len(data)} bytes, limit {max_bytes}")
     try:
@@ -181,12 +238,15 @@ def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_str_len=max(MAX_NODE_ID * 4, 1024),
-            max_bin_len=max_bytes,
-            max_array_len=max(MAX_ENTRIES, MAX_MEMBERS),
+            list_hook=_ItemBudget(limits.max_items),
+            max_str_len=limits.max_str,
+            max_bin_len=min(limits.max_bin, max_bytes),
+            max_array_len=limits.max_array,
             max_map_len=0,
             max_ext_len=0,
         )
+    except TooManyItems as exc:
+        raise TooManyItems(f"{exc} ({limits.max_items})") from None
     except Exception as exc:  # msgpack raises a zoo of types for bad input; all mean "malformed"
         raise CodecError(f"not a msgpack message: {exc}") from exc
     fields = _array(obj, "message", 13)
@@ -217,9 +277,12 @@ def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
 
 
 __all__ = [
+    "DECODE_LIMITS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "CodecError",
+    "DecodeLimits",
     "MessageTooLarge",
+    "TooManyItems",
     "decode_message",
     "encode_message",
 ]

@@ -173,6 +173,37 @@ class MqttSpec(_Strict):
         return value
 
 
+class LimitsSpec(_Strict):
+    """How much a peer (or a host) can make a node hold or do before it is refused.
+
+    Every connection to the peer port is hostile until its handshake has proved an attested
+    member: before that it gets small frames, a small buffer, little time, and only a few such
+    connections per address; after it, a Raft frame and its msgpack decoding are bounded too, so
+    a compromised member cannot stall a node's event loop or exhaust its memory either.
+    """
+
+    #: Largest frame before the handshake completes (HELLO, ANSWER, FINISH: about 2 KiB).
+    handshake_frame_bytes: Annotated[int, Field(ge=4096, le=1024 * 1024)] = 16 * 1024
+    #: Bytes a connection may have waiting unread before its handshake completes; past it the
+    #: connection closes. Room for the handshake and what a peer sends right after FINISH.
+    handshake_buffer_bytes: Annotated[int, Field(ge=16 * 1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: Seconds a connection may take to complete its handshake.
+    handshake_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+    #: Incomplete inbound handshakes at once from one remote address, and from all together;
+    #: a connection past either is closed at once (peer-link counter ``refused_busy``).
+    handshakes_per_address: Annotated[int, Field(ge=1, le=4096)] = 8
+    handshakes_total: Annotated[int, Field(ge=1, le=65536)] = 64
+    #: Largest channel frame after the handshake (one Raft message, sealed).
+    frame_bytes: Annotated[int, Field(ge=64 * 1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
+    #: msgpack decoding of a peer's Raft message: longest bin (entry data, snapshot), str
+    #: (node id) and array (entries of an append, members), and arrays plus their elements in
+    #: one message altogether (Raft sends at most 512 entries, about 2,000 elements, a message).
+    msgpack_max_bin_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
+    msgpack_max_str_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 1024
+    msgpack_max_array_len: Annotated[int, Field(ge=1024, le=1_000_000)] = 4096
+    msgpack_max_items: Annotated[int, Field(ge=4096, le=10_000_000)] = 65_536
+
+
 def _default_nodes(count: int) -> list[NodeSpec]:
     return [
         NodeSpec(
@@ -200,6 +231,7 @@ class ClusterConfig(_Strict):
     #: profile, with an admin key of its own in the state directory.
     identities: Annotated[list[PublicIdentity], Field(max_length=256)] = []
     governance: GovernanceSpec = GovernanceSpec()
+    limits: LimitsSpec = LimitsSpec()
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:

@@ -33,13 +33,19 @@ from nacl.signing import SigningKey
 
 from attest import local
 from attest.errors import AttestationError, SealingError
-from attest.handshake import HandshakeConfig, HandshakeResult, Initiator, Responder
+from attest.handshake import (
+    HandshakeConfig,
+    HandshakeResult,
+    Initiator,
+    Responder,
+    peer_refusal,
+)
 from attest.hardware import EnclaveContext
 from attest.identity import EnclaveIdentity
 from attest.keybox import KeyBoxes
 from attest.quote import QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
-from consensus.codec import CodecError, decode_message, encode_message
+from consensus.codec import DECODE_LIMITS, CodecError, DecodeLimits, decode_message, encode_message
 from consensus.types import Message
 from kmnode.km.state import KMState
 
@@ -199,6 +205,8 @@ class KMEnclave:
         #: Provisioning boxes to service enclaves (see ``attest.keybox``).
         self._boxes = KeyBoxes()
         self._next_session = 0
+        #: How much a peer's Raft message may make the decoder build (``LimitsSpec``).
+        self.decode_limits: DecodeLimits = DECODE_LIMITS
 
     # --- public facts -------------------------------------------------------------------------
 
@@ -334,6 +342,11 @@ class KMEnclave:
                 # named then count too (a leader added after the first entries this node
                 # applies would otherwise be refused before its own record arrives).
                 names = {**self._join_directory, **names}
+        elif self.has_master_secret:
+            # A member whose state has not named its cluster yet (a restart replaying its
+            # log): the membership a member sent at its admission, never cluster.yaml, which
+            # may still list nodes the cluster has removed.
+            names = dict(self._join_directory)
         else:
             names = {**self._bootstrap, **self._join_directory}
         names.pop(self.name, None)
@@ -389,6 +402,16 @@ class KMEnclave:
     def close_session(self, session: int) -> None:
         self._sessions.pop(session, None)
 
+    def session_refusal(self, session: int) -> str:
+        """Why a Raft session may no longer carry messages under the committed membership and
+        policy ("" if it still may): the host closes such links when either changes."""
+        record = self._sessions.get(session)
+        if record is None or record.party.result is None:
+            return f"session {session} has no completed handshake"
+        if record.purpose is not Purpose.RAFT:
+            return ""
+        return peer_refusal(record.party.result, self.state.policy, self.directory())
+
     def _new_session(self, record: _Session) -> int:
         self._next_session += 1
         self._sessions[self._next_session] = record
@@ -418,10 +441,13 @@ class KMEnclave:
     # --- Raft links: this node's messages out on links it dialled, peers' messages in ---------
 
     def _still_a_peer(self, result: HandshakeResult) -> None:
-        """A Raft link lives only as long as its peer belongs (a member removed, or moved to
-        another platform, loses its established links at once, not at its next handshake)."""
-        if self.directory().get(result.peer_name) != result.peer.platform_id:
-            raise FrameRefused(f"{result.peer_name} is no longer a member on this link's platform")
+        """A Raft link lives only as long as its peer belongs and the policy allows what its
+        quote showed (a member removed, moved to another platform, or whose platform or
+        measurement the policy no longer allows, loses its established links at once, not at
+        its next handshake)."""
+        reason = peer_refusal(result, self.state.policy, self.directory())
+        if reason:
+            raise FrameRefused(reason)
 
     def seal_raft(self, session: int, message: Message) -> bytes:
         """One Raft message from this node to the session's peer, as a channel frame."""
@@ -442,7 +468,7 @@ class KMEnclave:
         self._still_a_peer(result)
         plaintext = result.channel.open(frame)
         try:
-            message = decode_message(plaintext)
+            message = decode_message(plaintext, limits=self.decode_limits)
         except CodecError as exc:
             raise FrameRefused(f"undecodable message from {result.peer_name}: {exc}") from None
         if message.frm != result.peer_name or message.to != self.name:

@@ -35,13 +35,22 @@ from consensus.types import NotLeader, RaftError
 from kmnode.config import ClusterConfig
 from kmnode.datadir import JOIN_MARKER, SEALED_STATE
 from kmnode.km import ledger_signer
-from kmnode.km.commands import Applied, ClusterInitialised, MemberChanged, ProposalChanged
+from kmnode.km.commands import (
+    Applied,
+    ClusterInitialised,
+    MemberChanged,
+    PlatformRevoked,
+    PolicyChanged,
+    PolicyReplaced,
+    ProposalChanged,
+)
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
 from kmnode.km.loader import load_km
 from kmnode.km.machine import KMStateMachine
 from kmnode.km.peer_transport import Address, AttestedTransport
+from kmnode.km.peer_wire import peer_limits
 from kmnode.km.releases import EarlyAttestations, Releases
 from kmnode.km.service_link import ServiceLink
 from kmnode.km.vnet import Net
@@ -50,6 +59,15 @@ from kmnode.linkfaults import FaultRules
 
 log = logging.getLogger(__name__)
 
+
+#: Applied results after which the peer links are checked again (see ``_on_apply``).
+_MEMBERSHIP_OR_POLICY = (
+    ClusterInitialised,
+    MemberChanged,
+    PolicyReplaced,
+    PolicyChanged,
+    PlatformRevoked,
+)
 
 #: Least time between two membership refreshes (see ``_on_refused``).
 REFRESH_INTERVAL_S = 2.0
@@ -91,6 +109,8 @@ class KMNode:
         self.notify = notify
         self.joining = Joining(self)
         self.releases = Releases(self)
+        limits = peer_limits(config.limits)
+        self.enclave.decode_limits = limits.decode
         self.transport = AttestedTransport(
             name,
             self.enclave,
@@ -99,6 +119,7 @@ class KMNode:
             port=self.spec.peer_port,
             on_join=self.joining.serve,
             on_refused=self._on_refused,
+            limits=limits,
             net=net,
         )
         self.forwarder = Forwarder(name, self.transport.send)
@@ -247,12 +268,13 @@ class KMNode:
     def _on_apply(self, index: int, result: Applied) -> None:
         if isinstance(result, ClusterInitialised):
             self._check_binding()
-        if isinstance(result, ClusterInitialised | MemberChanged) or (
+        if isinstance(result, _MEMBERSHIP_OR_POLICY) or (
             isinstance(result, ProposalChanged) and result.state == "accepted"
         ):
-            # Membership may have changed (a passed proposal can remove a member): links to
-            # nodes that are no longer members close, so a node that comes back is linked anew.
-            self.transport.refresh_peers()
+            # Membership or policy may have changed (a passed proposal can remove a member or
+            # revoke a platform): links, inbound and outbound, whose peer the committed state
+            # no longer accepts close, and new members are linked.
+            self.transport.revalidate()
         if (
             isinstance(result, ProposalChanged)
             and self.driver is not None

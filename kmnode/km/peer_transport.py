@@ -10,6 +10,12 @@ driver calls after each batch of sends) or at the end of the turn, whichever com
 the socket does not take waits in the connection's own buffer, bounded per peer, and what does
 not fit or has no connection is dropped and counted, which Raft tolerates (it retries).
 
+Nothing an unauthenticated connection sends is trusted with more than ``PeerLimits`` allows:
+small handshake frames, one deadline for the whole handshake, and only a few incomplete
+handshakes per remote address and altogether (a connection past either is closed before
+anything is read from it). When the committed membership or policy changes, ``revalidate``
+closes every link, inbound and outbound, whose peer the enclave no longer accepts.
+
 The explicit flush matters for latency: the driver sends a leader's appends and then fsyncs
 inline, so frames left for a writer task, or for the end of the turn, would only leave after
 that fsync, and every follower's write would wait for it. Writing each frame at once instead
@@ -31,10 +37,12 @@ from consensus.types import Message, NodeId
 from kmnode.km.enclave import FrameRefused
 from kmnode.km.peer_wire import (
     CHANNEL,
-    DEFAULT_MAX_FRAME,
+    DEFAULT_LIMITS,
     JOIN,
     RAFT,
     EnclaveSessions,
+    FrameTooLarge,
+    PeerLimits,
     PeerProtocolError,
     PeerRefused,
     channel_frame_size,
@@ -44,7 +52,7 @@ from kmnode.km.peer_wire import (
     respond,
     split_frames,
 )
-from kmnode.km.vnet import AsyncioNet, Net, StreamWriter
+from kmnode.km.vnet import AsyncioNet, Net, ReadLimitExceeded, StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,17 @@ class PeerLinkStats:
     handshakes: int = 0
     refused: int = 0
     dropped_fault: int = 0
+    #: Inbound connections closed at once: too many incomplete handshakes from their address
+    #: or altogether (``PeerLimits.handshakes_per_address``, ``handshakes_total``).
+    refused_busy: int = 0
+    #: Connections closed for sending more than a limit allows (a frame too large for its
+    #: stage, or unread bytes past ``handshake_buffer`` before the handshake completed).
+    refused_oversize: int = 0
+    #: Handshakes that did not complete within ``handshake_timeout``.
+    handshake_timeouts: int = 0
+    #: Established links closed because the committed membership or policy no longer
+    #: accepts their peer (``revalidate``).
+    revoked: int = 0
 
 
 class _Peer:
@@ -106,7 +125,7 @@ class AttestedTransport(Transport):
         port: int,
         on_join: JoinHandler | None = None,
         on_refused: RefusalHandler | None = None,
-        max_frame: int = DEFAULT_MAX_FRAME,
+        limits: PeerLimits = DEFAULT_LIMITS,
         max_buffer_bytes: int = 16 * 1024 * 1024,
         reconnect_max: float = 0.5,
         net: Net | None = None,
@@ -121,7 +140,8 @@ class AttestedTransport(Transport):
         self.port = port
         self.on_join = on_join
         self.on_refused = on_refused
-        self.max_frame = max_frame
+        self.limits = limits
+        self.max_frame = limits.frame
         self.max_buffer_bytes = max_buffer_bytes
         self.reconnect_max = reconnect_max
         self.stats = PeerLinkStats()
@@ -131,6 +151,11 @@ class AttestedTransport(Transport):
         self._handler: MessageHandler | None = None
         self._listening = False
         self._inbound: set[asyncio.Task[None]] = set()
+        #: Established inbound Raft links: session -> the task reading it.
+        self._inbound_sessions: dict[int, asyncio.Task[None]] = {}
+        #: Incomplete inbound handshakes per remote address (absent when none), and in all.
+        self._handshaking: dict[str, int] = {}
+        self._handshakes_open = 0
         self._flush_scheduled = False
         self._stopping = False
 
@@ -161,6 +186,34 @@ class AttestedTransport(Transport):
                 peer.task.cancel()
             if peer.writer is not None:
                 peer.writer.close()
+
+    def revalidate(self) -> int:
+        """Close every established link whose peer the enclave no longer accepts (it left
+        the committed membership, or the policy now refuses its platform or measurement),
+        inbound and outbound, and connect to new members; how many links were closed. Called
+        whenever the membership or the policy changes."""
+        closed = 0
+        for peer in self._peers.values():
+            session = peer.session
+            if session is not None and self.enclave.session_refusal(session):
+                self._revoke(session, peer.node, peer.writer)
+                closed += 1
+        for session, task in list(self._inbound_sessions.items()):
+            if self.enclave.session_refusal(session):
+                self._revoke(session, "inbound", None)
+                task.cancel()
+                closed += 1
+        self.refresh_peers()
+        return closed
+
+    def _revoke(self, session: int, label: str, writer: StreamWriter | None) -> None:
+        reason = self.enclave.session_refusal(session)
+        self.stats.revoked += 1
+        log.warning("%s: closing the link to %s: %s", self.node_id, label, reason)
+        self.enclave.close_session(session)
+        self._inbound_sessions.pop(session, None)
+        if writer is not None:
+            writer.close()
 
     def attested_peers(self) -> dict[NodeId, str]:
         """Peers with a live attested outbound channel, and their verified platform ids."""
@@ -214,7 +267,16 @@ class AttestedTransport(Transport):
             # the channel's counters, and the peer would refuse the whole connection.
             self.stats.dropped_full += 1
             return
-        frame = encode_frame(CHANNEL, self.enclave.seal_raft(peer.session, msg))
+        try:
+            sealed = self.enclave.seal_raft(peer.session, msg)
+        except FrameRefused as exc:
+            # The enclave no longer accepts this peer (membership or policy changed since
+            # the last ``revalidate``): the link goes, and Raft's message with it.
+            self.stats.dropped_disconnected += 1
+            self._revoke(peer.session, peer.node, writer)
+            log.debug("%s: %s", self.node_id, exc)
+            return
+        frame = encode_frame(CHANNEL, sealed)
         peer.unflushed.append(frame)
         peer.unflushed_bytes += len(frame)
         self.stats.sent += 1
@@ -247,9 +309,8 @@ class AttestedTransport(Transport):
                 delay = min(delay * 2, self.reconnect_max)
                 continue
             try:
-                session = await initiate(
-                    self.enclave, reader, writer, RAFT, peer.node, self.max_frame
-                )
+                session = await initiate(self.enclave, reader, writer, RAFT, peer.node, self.limits)
+                self.net.handshake_done(writer)
                 peer.platform_id = self.enclave.session_peer(session)[1]
                 self.stats.handshakes += 1
                 delay = 0.02
@@ -260,7 +321,11 @@ class AttestedTransport(Transport):
                 if self.on_refused is not None:
                     self.on_refused(peer.node, f"{type(exc).__name__}: {exc}")
                 delay = self.reconnect_max
-            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            except ReadLimitExceeded:
+                self.stats.refused_oversize += 1
+            except TimeoutError:  # only the handshake has a deadline here
+                self.stats.handshake_timeouts += 1
+            except (OSError, asyncio.IncompleteReadError):
                 pass
             finally:
                 writer.close()
@@ -288,33 +353,73 @@ class AttestedTransport(Transport):
     async def _accept(self, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._inbound.add(task)
         host, port = writer.get_extra_info("peername", ("?", 0))[:2]
+        address = str(host)
+        if not self._admit_handshake(address):
+            self.stats.refused_busy += 1
+            writer.close()
+            return
+        self._inbound.add(task)
         peer_label = f"{host}:{port}"
+        handshaking = True
         try:
-            kind, hello = await asyncio.wait_for(read_frame(reader, self.max_frame), 5.0)
-            if kind not in (RAFT, JOIN) or (kind == JOIN and self.on_join is None):
-                raise PeerProtocolError(f"unexpected first frame {kind!r}")
-            session = await respond(self.enclave, reader, writer, hello, kind, self.max_frame)
+            try:
+                async with asyncio.timeout(self.limits.handshake_timeout):
+                    kind, hello = await read_frame(reader, self.limits.handshake_frame)
+                    if kind not in (RAFT, JOIN) or (kind == JOIN and self.on_join is None):
+                        raise PeerProtocolError(f"unexpected first frame {kind!r}")
+                    session = await respond(self.enclave, reader, writer, hello, kind, self.limits)
+            except TimeoutError:
+                self.stats.handshake_timeouts += 1
+                return
+            handshaking = False
+            self._handshake_over(address)
+            self.net.handshake_done(writer)
             if kind == JOIN:
                 assert self.on_join is not None
                 await self.on_join(session, reader, writer)
                 return
+            self._inbound_sessions[session] = task
             await self._receive(session, reader)
         except (AttestationError, PeerProtocolError) as exc:
             self.stats.refused += 1
+            self.stats.refused_oversize += isinstance(exc, FrameTooLarge)
             log.warning("%s: refused connection from %s: %s", self.node_id, peer_label, exc)
             if self.on_refused is not None:
                 self.on_refused(peer_label, f"{type(exc).__name__}: {exc}")
+        except ReadLimitExceeded:
+            self.stats.refused_oversize += 1
         except (OSError, asyncio.IncompleteReadError, TimeoutError, PeerRefused):
             pass
         except asyncio.CancelledError:
-            # Shutdown: end quietly. Re-raising would make asyncio's stream callback log the
-            # cancellation of this connection handler as an error.
+            # Shutdown, or ``revalidate`` closing the link: end quietly. Re-raising would make
+            # asyncio's stream callback log the cancellation of this handler as an error.
             pass
         finally:
+            if handshaking:
+                self._handshake_over(address)
             writer.close()
             self._inbound.discard(task)
+
+    def _admit_handshake(self, address: str) -> bool:
+        """Count one more incomplete handshake from ``address``, if the limits allow it."""
+        limits = self.limits
+        if (
+            self._handshaking.get(address, 0) >= limits.handshakes_per_address
+            or self._handshakes_open >= limits.handshakes_total
+        ):
+            return False
+        self._handshaking[address] = self._handshaking.get(address, 0) + 1
+        self._handshakes_open += 1
+        return True
+
+    def _handshake_over(self, address: str) -> None:
+        self._handshakes_open -= 1
+        left = self._handshaking.get(address, 0) - 1
+        if left > 0:
+            self._handshaking[address] = left
+        else:
+            self._handshaking.pop(address, None)
 
     async def _receive(self, session: int, reader: asyncio.StreamReader) -> None:
         """Deliver inbound messages in batches: every complete frame of a read goes to Raft
@@ -338,6 +443,7 @@ class AttestedTransport(Transport):
                     if self._handler is not None:
                         self._handler(batch)
         finally:
+            self._inbound_sessions.pop(session, None)
             self.enclave.close_session(session)
 
     def _open(self, session: int, peer_name: str, kind: bytes, payload: bytes) -> Message:

@@ -78,7 +78,12 @@ async def serve(
         for circuit in circuits:
             circuit.notify(notice)
 
-    virtual = VirtualNet() if config.enclave.peer_sockets == "host" else None
+    limits = config.limits
+    virtual = (
+        VirtualNet(limits.handshake_buffer_bytes, 2 * limits.frame_bytes)
+        if config.enclave.peer_sockets == "host"
+        else None
+    )
     net: Net = virtual if virtual is not None else AsyncioNet()
 
     async def on_request(request: Request) -> Reply:

@@ -33,11 +33,18 @@ from kmnode.km_messages import (
 
 log = logging.getLogger(__name__)
 
-#: Bytes a connection's reader holds before ``readexactly`` of a whole frame completes.
+#: Bytes a connection's reader holds unread once its handshake is complete (a frame being
+#: read, and what arrived behind it).
 READER_LIMIT = 16 * 1024 * 1024
+#: Bytes it holds unread before that: an unauthenticated connection gets far less.
+HANDSHAKE_READER_LIMIT = 1024 * 1024
 #: Connections at once; beyond this, data for a connection not yet known is dropped (a host
 #: inventing connection numbers must not make the enclave hold readers without end).
 MAX_CONNS = 512
+
+
+class ReadLimitExceeded(ConnectionError):
+    """A connection sent more than its reader may hold unread; the connection is closed."""
 
 
 class _WriteBuffer(Protocol):
@@ -77,6 +84,10 @@ class Net(Protocol):
         self, host: str, port: int
     ) -> tuple[asyncio.StreamReader, StreamWriter]: ...
 
+    def handshake_done(self, writer: StreamWriter) -> None:
+        """The connection's handshake completed: it may now hold a whole frame unread."""
+        ...
+
 
 class AsyncioNet:
     """Real sockets in this process (tests of the protocol code)."""
@@ -98,6 +109,9 @@ class AsyncioNet:
         self, host: str, port: int
     ) -> tuple[asyncio.StreamReader, StreamWriter]:
         return await asyncio.open_connection(host, port)
+
+    def handshake_done(self, writer: StreamWriter) -> None:
+        """Nothing to do: asyncio's readers stop reading a socket whose buffer is full."""
 
 
 class _Buffer:
@@ -143,15 +157,28 @@ class VirtualWriter:
 
 
 class _Conn:
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.reader = asyncio.StreamReader(limit=READER_LIMIT)
         self.writer: VirtualWriter | None = None
+        #: Unread bytes this connection may hold (raised when its handshake completes).
+        self.limit = limit
 
 
 class VirtualNet:
-    """Connections whose sockets the host holds; fed by the circuit's ``net`` notices."""
+    """Connections whose sockets the host holds; fed by the circuit's ``net`` notices.
 
-    def __init__(self) -> None:
+    A connection may hold ``handshake_limit`` unread bytes until ``handshake_done`` says its
+    handshake completed, ``reader_limit`` after; past its limit it is closed (its reader
+    raises ``ReadLimitExceeded``) and counted in ``closed_over_limit``. Nothing here waits
+    for the host to stop sending: the host is untrusted, so holding less is the only defence.
+    """
+
+    def __init__(
+        self, handshake_limit: int = HANDSHAKE_READER_LIMIT, reader_limit: int = READER_LIMIT
+    ) -> None:
+        self.handshake_limit = handshake_limit
+        self.reader_limit = reader_limit
+        self.closed_over_limit = 0
         self.circuit: Circuit | None = None
         self._conns: dict[int, _Conn] = {}
         self._handler: ConnectionHandler | None = None
@@ -193,9 +220,14 @@ class VirtualNet:
             reply = await self._circuit().call(Connect(host=host, port=port), Connected)
         except Failed as exc:
             raise ConnectionRefusedError(f"{host}:{port}: {exc}") from None
-        state = self._conns.setdefault(reply.conn, _Conn())
+        state = self._conns.setdefault(reply.conn, _Conn(self.handshake_limit))
         state.writer = VirtualWriter(self, reply.conn, (host, port))
         return state.reader, state.writer
+
+    def handshake_done(self, writer: StreamWriter) -> None:
+        state = self._conns.get(getattr(writer, "conn", -1))
+        if state is not None and state.writer is writer:
+            state.limit = self.reader_limit
 
     # --- what the host reports ----------------------------------------------------------------
 
@@ -205,8 +237,14 @@ class VirtualNet:
             if notice.conn not in self._conns and len(self._conns) >= MAX_CONNS:
                 return True
             # Data may arrive before ``open_connection`` has seen its reply: keep it.
-            state = self._conns.setdefault(notice.conn, _Conn())
-            if len(state.reader._buffer) > READER_LIMIT:  # type: ignore[attr-defined]
+            state = self._conns.setdefault(notice.conn, _Conn(self.handshake_limit))
+            unread = len(state.reader._buffer)  # type: ignore[attr-defined]
+            if unread + len(notice.data) > state.limit:
+                self.closed_over_limit += 1
+                reason = f"connection {notice.conn} sent more than {state.limit} unread bytes"
+                state.reader.set_exception(ReadLimitExceeded(reason))
+                if state.writer is not None:
+                    state.writer._closing = True
                 self.close(notice.conn)
             else:
                 state.reader.feed_data(notice.data)
@@ -221,7 +259,7 @@ class VirtualNet:
                 log.warning("refused an accepted connection %d from the host", notice.conn)
                 self.close(notice.conn)
                 return True
-            state = self._conns.setdefault(notice.conn, _Conn())
+            state = self._conns.setdefault(notice.conn, _Conn(self.handshake_limit))
             writer = VirtualWriter(self, notice.conn, (notice.peer_host, notice.peer_port))
             state.writer = writer
             if self._handler is None:
@@ -242,4 +280,12 @@ class VirtualNet:
             self.close(conn)
 
 
-__all__ = ["AsyncioNet", "ConnectionHandler", "Net", "StreamWriter", "VirtualNet", "VirtualWriter"]
+__all__ = [
+    "AsyncioNet",
+    "ConnectionHandler",
+    "Net",
+    "ReadLimitExceeded",
+    "StreamWriter",
+    "VirtualNet",
+    "VirtualWriter",
+]
