@@ -11,7 +11,14 @@ from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import EXIT_REFUSED, CliError, KmctlGroup, print_json, print_table
 from kmnode.config import ClusterConfig
-from kmnode.ledger import committed_commands, read_ledger, verify_node
+from kmnode.ledger import (
+    LedgerMark,
+    LedgerReport,
+    committed_commands,
+    node_mark,
+    read_ledger,
+    verify_node,
+)
 from kmnode.simhw import HardwareStore
 
 
@@ -30,17 +37,57 @@ def _raft_dir(cfg: ClusterConfig, node: str, force: bool) -> Path:
 
 @click.group(cls=KmctlGroup)
 def ledger() -> None:
-    """Offline checks of a node's ledger (its Raft log): hash chain and enclave signatures."""
+    """Offline checks of a node's ledger (its Raft log): hash chain, enclave signatures, and
+    comparison with another ledger's signed mark."""
+
+
+_TAIL_HELP = (
+    "Accept commands after the last signature. The leader's enclave signs every "
+    "ledger.sign_every_entries commands or ledger.sign_interval_s seconds, so a node stopped "
+    "in between holds a few entries nobody has signed yet; a host could also have appended "
+    "them, hence off by default."
+)
+_AGAINST_HELP = (
+    "Compare with another ledger's signed high-water mark: a node's name (its ledger is "
+    "verified and its highest member-signed index taken) or a file from `kmctl ledger mark`. "
+    "A ledger ending before the mark (truncated, an older copy, or a node that was stopped "
+    "behind) or holding another chain at the mark's index (rolled back) is refused."
+)
+
+
+def _vendor_root(cfg: ClusterConfig) -> bytes:
+    return HardwareStore(cfg.state_dir / "hardware").vendor_public_key()
+
+
+def _mark_of(cfg: ClusterConfig, reference: str, force: bool) -> LedgerMark:
+    """The mark ``--against`` names: a configured node's ledger, else a mark file."""
+    if reference in {n.name for n in cfg.nodes}:
+        raft_dir = _raft_dir(cfg, reference, force)
+        return node_mark(raft_dir, _vendor_root(cfg), reference)
+    path = Path(reference)
+    if not path.is_file():
+        raise CliError(f"--against {reference}: neither a node of this cluster nor a file")
+    return LedgerMark.load(path)
 
 
 @ledger.command("verify")
 @click.argument("node")
 @click.option("--force", is_flag=True, help="Verify even if the node is running.")
+@click.option("--allow-unsigned-tail", is_flag=True, help=_TAIL_HELP)
+@click.option("--against", "against", metavar="NODE|FILE", help=_AGAINST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_context
-def verify(ctx: CliContext, node: str, force: bool, as_json: bool) -> None:
-    """Replay NODE's ledger, recompute its hash chain and check every signature of the leader's
-    enclave against the vendor root. Names the first bad entry; exits 1 if any check fails."""
+def verify(
+    ctx: CliContext,
+    node: str,
+    force: bool,
+    allow_unsigned_tail: bool,
+    against: str | None,
+    as_json: bool,
+) -> None:
+    """Replay NODE's ledger, check its snapshot's signature, recompute its hash chain and
+    check every signature of a member's enclave against the vendor root. Names the first bad
+    entry; exits 1 if any check fails (an unsigned tail too, unless allowed)."""
     cfg = ctx.config()
     raft_dir = _raft_dir(cfg, node, force)
     references = [
@@ -48,30 +95,67 @@ def verify(ctx: CliContext, node: str, force: bool, as_json: bool) -> None:
         for other in cfg.nodes
         if other.name != node and (cfg.state_dir / "nodes" / other.name / "raft").is_dir()
     ]
-    vendor_root = HardwareStore(cfg.state_dir / "hardware").vendor_public_key()
-    report = verify_node(raft_dir, vendor_root, references)
+    mark = _mark_of(cfg, against, force) if against else None
+    report = verify_node(
+        raft_dir,
+        _vendor_root(cfg),
+        references,
+        against=mark,
+        allow_unsigned_tail=allow_unsigned_tail,
+    )
     if as_json:
-        print_json({"node": node, **report.as_dict()})
+        print_json({"node": node, "against": against, **report.as_dict()})
     else:
-        verdict = "OK" if report.ok else "BAD"
-        rows = [
-            ("verdict", verdict),
-            ("commands", f"{report.commands} (indexes {report.first_index}..{report.last_index})"),
-            ("signatures verified", report.signatures),
-            ("signed through index", report.last_signed_index),
-        ]
-        if report.problem:
-            rows.append(("problem", report.problem))
-        if report.first_bad_index is not None:
-            rows.append(("first bad entry", report.first_bad_index))
-        elif report.bad_range is not None:
-            rows.append(
-                ("bad entry within", f"indexes {report.bad_range[0] + 1}..{report.bad_range[1]}")
-            )
-        rows += [("note", note) for note in report.notes]
-        print_table(f"ledger of {node}", ["", ""], rows)
+        _print_report(node, report)
     if not report.ok:
         raise click.exceptions.Exit(EXIT_REFUSED)
+
+
+def _print_report(node: str, report: LedgerReport) -> None:
+    verdict = "OK" if report.ok else "BAD"
+    rows: list[tuple[str, object]] = [
+        ("verdict", verdict),
+        ("commands", f"{report.commands} (indexes {report.first_index}..{report.last_index})"),
+        ("signatures verified", report.signatures),
+        ("signed through index", report.last_signed_index),
+        ("unsigned tail", report.unsigned_tail),
+    ]
+    if report.snapshot_index:
+        rows.append(("signed snapshot at", report.snapshot_index))
+    if report.problem:
+        rows.append(("problem", report.problem))
+    if report.first_bad_index is not None:
+        rows.append(("first bad entry", report.first_bad_index))
+    elif report.bad_range is not None:
+        rows.append(
+            ("bad entry within", f"indexes {report.bad_range[0] + 1}..{report.bad_range[1]}")
+        )
+    rows += [("note", note) for note in report.notes]
+    print_table(f"ledger of {node}", ["", ""], rows)
+
+
+@ledger.command("mark")
+@click.argument("node")
+@click.option("--force", is_flag=True, help="Read even if the node is running.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the mark to this file (default: standard output).",
+)
+@pass_context
+def mark(ctx: CliContext, node: str, force: bool, output: Path | None) -> None:
+    """Write NODE's signed high-water mark: the highest (index, chain hash) a member's enclave
+    signed in its ledger, with the quote and signature, for `ledger verify --against FILE`
+    later or on another machine. Exits 1 if NODE's ledger does not verify."""
+    cfg = ctx.config()
+    found = node_mark(_raft_dir(cfg, node, force), _vendor_root(cfg), node)
+    text = json.dumps(found.to_json(), indent=2, sort_keys=True) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.write_text(text)
+    click.echo(f"{node}: signed mark at index {found.index} written to {output}", err=True)
 
 
 @ledger.command("dump")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -47,6 +47,15 @@ from attest.quote import QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
 from consensus.codec import DECODE_LIMITS, CodecError, DecodeLimits, decode_message, encode_message
 from consensus.types import Message
+from kmnode.km.commands import LedgerSign
+from kmnode.km.ledger_proof import (
+    SIGNER_LABEL,
+    Proof,
+    SignedSnapshot,
+    head_message,
+    snapshot_message,
+    state_digest,
+)
 from kmnode.km.state import KMState
 
 SECRET_SIZE = 32
@@ -598,21 +607,53 @@ class KMEnclave:
 
     # --- ledger signing -----------------------------------------------------------------------
 
-    def ledger_signature(self, now: float) -> dict[str, Any]:
-        """Fields of a ``ledger.sign`` command over this enclave's own applied state: the
-        index and chain hash signed are the ones this enclave computed, never host input."""
+    def ledger_signature(self, now: float) -> LedgerSign:
+        """A ``ledger.sign`` command over this enclave's own applied state: the index and chain
+        hash signed are the ones this enclave computed, never the caller's (no entry point takes
+        a chain hash, an index or bytes to sign). Refused before the enclave belongs to a
+        cluster, and once its ledger turned out to belong to another one."""
+        index, chain = self._signable_head()
+        proof = self._ledger_proof(head_message(index, chain), now)
+        return LedgerSign(
+            index=index,
+            chain_hash=chain.hex(),
+            public_key=proof.public_key.hex(),
+            quote=proof.quote.hex(),
+            signature=proof.signature.hex(),
+        )
+
+    def snapshot_capture(self, term: int, now: float) -> Callable[[], bytes]:
+        """An image of this enclave's state now, and a function that serialises it later (in a
+        worker thread) inside an envelope signed over (applied index, ``term``, chain hash,
+        digest of the image), so an offline verifier can tell a genuine snapshot from a
+        fabricated one. The index, chain and image are the enclave's own; ``term`` is the Raft
+        term of the entry at that index, which the in-enclave driver (not the state) knows: it
+        is signed so a verifier can match the snapshot's metadata, and buys nothing else."""
+        if not isinstance(term, int) or isinstance(term, bool) or not 0 <= term < 2**63:
+            raise EnclaveStateError(f"{term!r} is not a Raft term")
+        index, chain = self._signable_head()
+        serialise = self.state.snapshot_capture()
+
+        def signed() -> bytes:
+            image = serialise()
+            message = snapshot_message(index, term, chain, state_digest(image))
+            proof = self._ledger_proof(message, now)
+            return SignedSnapshot(index, term, chain, proof, image).encode()
+
+        return signed
+
+    def _signable_head(self) -> tuple[int, bytes]:
         state = self.state
+        if not state.cluster:
+            raise EnclaveStateError("nothing to sign: this enclave belongs to no cluster yet")
+        if self.binding_error:
+            raise EnclaveStateError(f"refusing to sign this ledger: {self.binding_error}")
+        return state.applied_index, state.chain_hash
+
+    def _ledger_proof(self, message: bytes, now: float) -> Proof:
         public = bytes(self._signing_key.verify_key)
-        quote = self._context.quote(report_data_for(b"ledger-signer", public), now)
-        index, chain = state.applied_index, state.chain_hash
-        signature = self._signing_key.sign(index.to_bytes(8, "big") + chain).signature
-        return {
-            "index": index,
-            "chain_hash": chain.hex(),
-            "public_key": public.hex(),
-            "quote": quote.hex(),
-            "signature": signature.hex(),
-        }
+        quote = self._context.quote(report_data_for(SIGNER_LABEL, public), now)
+        return Proof(public, quote, self._signing_key.sign(message).signature)
 
     # --- provisioning -----------------------------------------------------------------------
 

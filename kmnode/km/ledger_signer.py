@@ -3,7 +3,9 @@
 Genesis: the first node's leader proposes ``cluster.init`` (with the cluster id its enclave
 chose). Afterwards the leader's enclave signs the hash chain it has applied every
 ``sign_every_entries`` commands, or after ``sign_interval_s`` if anything is unsigned, so
-`kmctl ledger verify` can vouch for a copied ledger offline.
+`kmctl ledger verify` can vouch for a copied ledger offline. The enclave signs only its own
+head (``KMEnclave.ledger_signature`` takes no index or hash), and the state machine counts a
+signature only from a member's enclave.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 from typing import TYPE_CHECKING
 
 from consensus.types import RaftError
-from kmnode.km.commands import ClusterInit, LedgerSign, MemberRecord
+from kmnode.km.commands import ClusterInit, MemberRecord
+from kmnode.km.enclave import EnclaveStateError
 
 if TYPE_CHECKING:
     from kmnode.km.node import KMNode
@@ -59,6 +62,9 @@ async def sign_periodically(node: KMNode) -> None:
         if not driver.is_leader or not state.cluster or not due:
             continue
         last_attempt = time.monotonic()
-        command = LedgerSign(**node.enclave.ledger_signature(time.time())).encode()
+        try:
+            command = node.enclave.ledger_signature(time.time()).encode()
+        except EnclaveStateError:
+            continue  # its ledger belongs to another cluster: the node is stopping anyway
         with contextlib.suppress(RaftError):
             await driver.propose(command)

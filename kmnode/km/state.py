@@ -23,8 +23,10 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.policy import Policy
+from attest.quote import Quote, report_data_for
 from kmnode.identity import PublicIdentity
 from kmnode.km.commands import (
     Action,
@@ -72,6 +74,7 @@ from kmnode.km.commands import (
     canonical,
     parse,
 )
+from kmnode.km.ledger_proof import SIGNER_LABEL, head_message, signature_holds
 
 #: Releases per ``json.dumps`` call when a snapshot is serialised: each call holds the GIL, so
 #: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
@@ -505,10 +508,33 @@ class KMState:
         return ChaosChanged(cmd.enabled)
 
     def _ledger_sign(self, index: int, cmd: LedgerSign) -> Applied:
+        """Count a signature of the ledger only if it is one (its key signed that head) by the
+        enclave of a member at this point (the quote's platform hosts a member): a signature
+        that does not count must not make the leader think the ledger is signed. The quote's
+        certificate and the chain itself are checked offline (``kmnode.ledger``): they need
+        the vendor root and the history, which the state machine has neither of."""
         if not cmd.index < index:
             raise CommandRefused("ledger signature must cover an earlier index")
         if cmd.index <= self.last_signed_index:
             raise CommandRefused(f"index {cmd.index} is already covered by a signature")
+        public_key = bytes.fromhex(cmd.public_key)
+        try:
+            signature = bytes.fromhex(cmd.signature)
+            body = Quote.decode(bytes.fromhex(cmd.quote)).body
+        except (ValueError, AttestationError):
+            raise CommandRefused("ledger signature: quote or signature is malformed") from None
+        message = head_message(cmd.index, bytes.fromhex(cmd.chain_hash))
+        if body.report_data != report_data_for(SIGNER_LABEL, public_key):
+            raise CommandRefused("ledger signature: the quote does not bind the signing key")
+        if not signature_holds(public_key, message, signature):
+            raise CommandRefused("ledger signature does not verify under its key")
+        platform = body.platform_id
+        if not any(m.platform_id == platform for m in self.members.values()):
+            raise CommandRefused(f"ledger signature by platform {platform!r}, not a member's")
+        if platform in self.policy.revoked_platforms or (
+            body.identity.measurement not in self.policy.measurements_for(EnclaveRole.KM)
+        ):
+            raise CommandRefused("ledger signature by an enclave the policy does not allow")
         self.last_signed_index = cmd.index
         self.last_signature_entry = index
         return LedgerSigned(cmd.index)

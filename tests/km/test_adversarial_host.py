@@ -395,6 +395,12 @@ class HostileHost(RuleBasedStateMachine):
             self._call(enclave.session_peer, sid)
         self._seen(repr(enclave))
 
+    @rule(who=st.sampled_from(NAMES), term=st.one_of(st.integers(-2, 2**64), st.booleans()))
+    def snapshot_capture(self, who: str, term: int) -> None:
+        serialise = self._call(self.enclaves[who].snapshot_capture, term, NOW)
+        if serialise is not None:
+            self._seen(serialise())
+
     # --- the promises -------------------------------------------------------------------------
 
     @invariant()
@@ -433,7 +439,7 @@ DRIVEN = {
     "seal_raft", "open_raft", "join_request", "open_join_request", "join_reply",
     "open_join_reply", "new_challenge", "provision", "sealed_state", "restore_sealed_state",
     "check_binding", "show_quote", "ledger_signature", "key_fingerprint", "directory",
-    "genesis",
+    "genesis", "snapshot_capture",
 }  # fmt: skip
 
 

@@ -37,7 +37,7 @@ def build(commands: list[bytes], sign_after: list[int], enclave: KMEnclave) -> l
         state.apply(index, data)
         index += 2  # leave gaps: NOOPs and membership changes never reach the state machine
         if position in sign_after:
-            sign = encode_command("ledger.sign", **enclave.ledger_signature(NOW))
+            sign = enclave.ledger_signature(NOW).encode()
             entries.append(Entry(1, index, data=sign))
             state.apply(index, sign)
             index += 1
@@ -63,10 +63,14 @@ def test_genuine_ledger_verifies_with_every_signature() -> None:
     assert report.signatures == 2 and report.unsigned_tail == 0
 
 
-def test_unsigned_tail_is_reported_not_hidden() -> None:
-    report = verify_ledger(ledger(build(COMMANDS, [2], signer())), VENDOR.public_key)
-    assert report.ok and report.unsigned_tail == 2
-    assert any("not yet covered" in note for note in report.notes)
+def test_unsigned_tail_fails_unless_allowed() -> None:
+    entries = build(COMMANDS, [2], signer())
+    report = verify_ledger(ledger(entries), VENDOR.public_key)
+    assert not report.ok and report.unsigned_tail == 2
+    assert "covered by no member's signature" in (report.problem or "")
+    allowed = verify_ledger(ledger(entries), VENDOR.public_key, allow_unsigned_tail=True)
+    assert allowed.ok and allowed.unsigned_tail == 2
+    assert any("(allowed)" in note for note in allowed.notes)
 
 
 def test_altered_command_is_caught_and_located_against_another_ledger() -> None:
@@ -92,10 +96,13 @@ def test_signature_by_a_key_no_enclave_vouches_for_is_refused() -> None:
     assert report.first_bad_index == entries[sign_entry].index
 
 
-def test_signature_by_an_unknown_enclave_is_refused() -> None:
+def test_signature_by_an_enclave_the_policy_refuses_is_not_counted() -> None:
     rogue = dataclasses.replace(KM, measurement=measure_sources({"km": b"rogue"}))
-    report = verify_ledger(ledger(build(COMMANDS, [2], signer(rogue))), VENDOR.public_key)
-    assert not report.ok and "UnknownMeasurement" in (report.problem or "")
+    entries = build(COMMANDS, [2], signer(rogue))
+    report = verify_ledger(ledger(entries), VENDOR.public_key, allow_unsigned_tail=True)
+    assert report.ok and report.signatures == 0 and report.uncounted_signatures == 1
+    assert any("not counted" in n and "UnknownMeasurement" in n for n in report.notes)
+    assert not verify_ledger(ledger(entries), VENDOR.public_key).ok  # nothing signs its tail
 
 
 def test_ledger_under_another_vendor_root_is_refused() -> None:
