@@ -195,7 +195,7 @@ CHAOS_ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/chaos/rules", "auditor", _chaos_check),
     *(
         Route("POST", f"/v1/chaos/{name}", "admin", _chaos_check)
-        for name in ("rules", "heal", "ring-stall", "service-crash")
+        for name in ("rules", "heal", "ring-stall", "service-crash", "poison")
     ),
 )
 _COMPILED = tuple((route, route.pattern) for route in (*ROUTES, *CHAOS_ROUTES))

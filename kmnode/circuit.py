@@ -158,9 +158,15 @@ class Circuit:
     # --- sending ------------------------------------------------------------------------------
 
     def _send(self, message: Message) -> None:
+        self.send_raw(encode(message))
+
+    def send_raw(self, record: bytes) -> None:
+        """Write ``record`` as it is, not an encoded message: the door a hostile host's garbage
+        takes (the chaos fault ``poison``, ``kmnode.host.poison``). The other side must shrug
+        off whatever arrives this way, since the untrusted side of the ring can always write
+        anything into it."""
         if self.closed.is_set():
             raise CircuitClosed(f"{self.name}: the other side is gone")
-        record = encode(message)
         self.sent += 1
         if self._backlog or not self._write(record):
             self._defer(record)

@@ -69,6 +69,12 @@ def _record(cfg: ClusterConfig, node: str) -> ProcessRecord | None:
     return record if record is not None and supervisor.is_ours(record) else None
 
 
+def live_pid(cfg: ClusterConfig, node: str) -> int | None:
+    """The node's process id if it runs (and really is the process its pid file names)."""
+    record = _record(cfg, node)
+    return record.pid if record is not None else None
+
+
 def _running(cfg: ClusterConfig, node: str) -> ProcessRecord:
     record = _record(cfg, node)
     if record is None:

@@ -10,7 +10,10 @@ Every kind of fault the chaos tooling knows is here, each as "inject, then heal"
   host's ring drain stalled;
 * disks, on a killed node: a torn log tail (a crash mid-append; the node must repair it and
   rejoin), a flipped byte mid-log and tampered sealed state (damage no crash explains; the node
-  must refuse to start, and is replaced by a fresh node, which must restore full membership).
+  must refuse to start, and is replaced by a fresh node, which must restore full membership);
+* a hostile host (``poison``): the target's host feeds garbage into every input it holds (its
+  KM enclave's circuit, its operator API, every member's peer port; ``kmnode.host.poison``);
+  the node must not stop and no answer may be a 5xx or an internal failure (``poison_check``).
 
 The order of kinds is a seeded shuffle, repeated, so a run with N fault slots covers
 min(N, kinds) distinct kinds: a short CI run still exercises every kind across a few seeds.
@@ -34,8 +37,9 @@ from kmnode.config import ClusterConfig
 LINK_KINDS = ("partition", "partition-one-way", "loss", "duplicate")
 PROCESS_KINDS = ("kill", "pause", "service-crash", "ring-stall")
 DISK_KINDS = ("torn-tail", "flip-byte", "tamper-sealed")
+INPUT_KINDS = ("poison",)
 NETNS_KINDS = ("netns-partition",)
-FAULT_KINDS = LINK_KINDS + PROCESS_KINDS + DISK_KINDS + NETNS_KINDS
+FAULT_KINDS = LINK_KINDS + PROCESS_KINDS + DISK_KINDS + INPUT_KINDS + NETNS_KINDS
 #: Damage no crash can leave behind: the node must refuse to start with it.
 UNREPAIRABLE = ("flip-byte", "tamper-sealed")
 
@@ -86,6 +90,9 @@ class Nemesis:
         #: Damaged nodes that started anyway (the log or the sealing failed to notice).
         self.undetected: list[Violation] = []
         self.refused: list[str] = []
+        #: What poisoned hosts found (a 5xx, an internal failure, a node that stopped).
+        self.poison_findings: list[Violation] = []
+        self.poisoned = 0
         #: Chaos requests are an admin's (``KMSIM_IDENTITY``, or the development profile's).
         self.signer = default_signer(cfg)
 
@@ -152,6 +159,8 @@ class Nemesis:
             return detail, lambda: self._restart(target)
         if kind in UNREPAIRABLE:
             return self._unrepairable(kind, target)
+        if kind == "poison":
+            return self._poison(target)
         raise ValueError(f"unknown fault kind {kind!r}")
 
     def _unrepairable(self, kind: str, target: str) -> tuple[dict[str, Any], Heal]:
@@ -173,6 +182,27 @@ class Nemesis:
         made = f"{target} started although its {kind} damage was made: {damage}"
         self.undetected.append(Violation(made, None, target))
         return detail, lambda: None
+
+    def _poison(self, target: str) -> tuple[dict[str, Any], Heal]:
+        """Turn the target's host hostile; the heal turns it back and judges what happened."""
+        pid = faults.live_pid(self.cfg, target)
+        seed = self.rng.randrange(2**32)
+        self._api(target, "/v1/chaos/poison", {"enabled": True, "seed": seed})
+
+        def heal() -> None:
+            self.poisoned += 1
+            try:
+                answer = self._api(target, "/v1/chaos/poison", {"enabled": False})
+            except (ApiError, OSError) as exc:
+                answer = {"stats": {"problems": [f"poison could not be stopped: {exc}"]}}
+            for problem in answer.get("stats", {}).get("problems", []):
+                self.poison_findings.append(Violation(f"poison: {problem}", None, target))
+            if faults.live_pid(self.cfg, target) != pid:
+                stopped = f"{target} stopped while its host fed it garbage (pid {pid})"
+                self.poison_findings.append(Violation(stopped, None, target))
+            self.log(f"nemesis: poison {target}: {answer.get('stats', {}).get('sent', {})}")
+
+        return {"seed": seed}, heal
 
     # --- heals --------------------------------------------------------------------------------
 
@@ -213,6 +243,13 @@ class Nemesis:
             self.undetected,
             f"{len(self.refused)} damaged node(s) refused to start and were replaced"
             + (f" ({', '.join(self.refused)})" if self.refused else ""),
+        )
+
+    def poison_check(self) -> CheckOutcome:
+        """Every poisoned node kept running and never answered garbage with a 5xx or an
+        internal failure."""
+        return CheckOutcome.judge(
+            self.poison_findings, f"{self.poisoned} poisoned host(s): no node stopped, no 5xx"
         )
 
 

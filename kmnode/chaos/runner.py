@@ -335,6 +335,7 @@ def run(
     bound = config.recovery_bound
     observed = {
         "disk-damage-refused": state.nemesis.disk_check(),
+        "poison": state.nemesis.poison_check(),
         "converged-after-heal": CheckOutcome(
             recovery <= bound,
             f"every node agreed {recovery:.2f}s after the final heal (bound {bound:g}s)",

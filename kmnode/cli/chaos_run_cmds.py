@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kmnode import supervisor
+from kmnode.chaos.nemesis import FAULT_KINDS
 from kmnode.cli.cluster_cmds import select_nodes
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import (
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 
 _FAULTS_HELP = (
     "Comma-separated fault kinds the nemesis cycles through (a seeded shuffle, repeated), "
-    "'all' for every kind this cluster supports, or 'none' for a baseline. Kinds: partition, "
-    "partition-one-way, loss, duplicate, kill, pause, service-crash, ring-stall, torn-tail, "
-    "flip-byte, tamper-sealed, netns-partition (nodes in network namespaces only)."
+    "'all' for every kind this cluster supports, or 'none' for a baseline. Kinds: "
+    + ", ".join(FAULT_KINDS)
+    + " (netns-partition: nodes in network namespaces only; poison: the target's host feeds "
+    "garbage into every input it holds)."
 )
 
 

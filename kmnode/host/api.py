@@ -137,6 +137,7 @@ class OperatorApi:
             self.crash_service,
             lambda: [n.name for n in node.config.nodes if n.name != node.name],
             self.authorize,
+            node.poisoner,
         )
         return app
 

@@ -14,6 +14,10 @@ offending body field.
     POST /v1/chaos/heal          {"peer"?} -> {"healed": [peers]}
     POST /v1/chaos/ring-stall    {"stalled": bool} -> {"stalled"}
     POST /v1/chaos/service-crash -> {"killed": pid}; 409 if no service enclave runs
+    POST /v1/chaos/poison        {"enabled": bool, "seed"?: int, "rate"?: number} ->
+                                 {"enabled", "seed", "stats"}: this host feeds garbage into
+                                 every input it holds (``kmnode.host.poison``); disabling
+                                 returns what was sent, what came back, and any finding
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from kmnode.host.faults import RingStall
+from kmnode.host.poison import Poisoner
 from kmnode.linkfaults import FaultRuleError
 
 
@@ -82,12 +87,14 @@ def add_chaos_routes(
     crash_service: Callable[[], Awaitable[int | None]],
     peers: Callable[[], list[str]],
     authorize: Callable[[web.Request, bytes], Awaitable[None]] | None = None,
+    poisoner: Poisoner | None = None,
 ) -> None:
     """Mount the chaos endpoints on ``app``. ``peers`` lists the names a rule may target
     (every other node of the cluster); ``crash_service`` kills the service enclave and gives
     its pid, or None if none was running. ``authorize`` is asked first with the request and
     its body's bytes, and raises to refuse it (a node's API: the KM enclave checks the signature,
-    the role and that governance enabled chaos)."""
+    the role and that governance enabled chaos). ``poisoner``: the node's ``poison`` fault
+    (404 without one)."""
 
     async def authorized(request: web.Request) -> bytes:
         """The request's body, once ``authorize`` (if any) let it through."""
@@ -141,8 +148,28 @@ def add_chaos_routes(
             return _error(409, "refused", "the service enclave is not running")
         return web.json_response({"killed": pid})
 
+    async def poison(body: dict[str, Any]) -> web.Response:
+        if poisoner is None:
+            return _error(404, "not_found", "this node has no poison fault")
+        enabled, seed, rate = body.get("enabled"), body.get("seed", 0), body.get("rate", 40)
+        if not isinstance(enabled, bool):
+            raise _BadRequest("enabled", f"'enabled' must be true or false, not {enabled!r}")
+        if type(seed) is not int or not 0 <= seed < 2**63:
+            raise _BadRequest("seed", "'seed' must be an integer from 0 to 2**63 - 1")
+        if type(rate) not in (int, float) or not 0 < rate <= 1000:
+            raise _BadRequest("rate", "'rate' must be a number of actions per second, 0..1000")
+        if enabled:
+            poisoner.start(seed, float(rate))
+            stats = poisoner.stats
+        else:
+            stats = await poisoner.stop()
+        return web.json_response(
+            {"enabled": poisoner.enabled, "seed": poisoner.seed, "stats": stats.as_dict()}
+        )
+
     app.router.add_get("/v1/chaos/rules", get_rules)
     app.router.add_post("/v1/chaos/rules", guarded(set_rule))
     app.router.add_post("/v1/chaos/heal", guarded(heal))
     app.router.add_post("/v1/chaos/ring-stall", guarded(ring_stall))
     app.router.add_post("/v1/chaos/service-crash", guarded(service_crash))
+    app.router.add_post("/v1/chaos/poison", guarded(poison))

@@ -24,7 +24,8 @@ from kmnode.config import ClusterConfig
 from kmnode.host.faults import RingStall
 from kmnode.host.km_link import EnclaveExited, KMLink
 from kmnode.host.mqtt import EventPublisher, TopicKind
-from kmnode.host.service_output import ServiceOutput
+from kmnode.host.poison import Poisoner
+from kmnode.host.service_output import RingFailure, ServiceOutput
 from kmnode.km_messages import Audit, Event, Notice
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,16 @@ class KMNode:
         self.data_dir = config.state_dir / "nodes" / name
         self.events = EventPublisher.from_config(config, name)
         self.ring_stall = RingStall()
-        self.service_output = ServiceOutput(name, self._on_service_output, self.ring_stall)
-        self.km = KMLink(config, config_path, name, self.service_output.ring_name, self._on_notice)
+        self.service_output = ServiceOutput(
+            name, self._on_service_output, self.ring_stall, self._on_service_ring_failed
+        )
+        self.km = KMLink(config, config_path, name, self.service_output, self._on_notice)
+        #: The chaos fault ``poison``: idle unless an admin turns it on (chaos routes).
+        self.poisoner = Poisoner(
+            lambda: self.km.circuit,
+            (self.spec.host, self.spec.api_port),
+            lambda: [(n.host, n.peer_port) for n in config.nodes],
+        )
         #: Set when the node should shut down (signal, or the enclave stopped); see ``exit_code``.
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
@@ -73,6 +82,7 @@ class KMNode:
             self.stop_requested.set()
 
     async def stop(self) -> None:
+        await self.poisoner.stop()
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
@@ -97,6 +107,14 @@ class KMNode:
             # message under load (a message per record cost the broker as much CPU as a
             # follower's Raft).
             self.events.publish_record(TopicKind.AUDIT, notice.record)
+
+    def _on_service_ring_failed(self, failure: RingFailure) -> None:
+        self.publish_event(
+            "service.ring_failed",
+            error=failure.error,
+            replaced=failure.replaced,
+            replacements=failure.replacements,
+        )
 
     def _on_service_output(self, record: bytes) -> None:
         with contextlib.suppress(ValueError):

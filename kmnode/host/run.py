@@ -8,12 +8,31 @@ import signal
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.host.api import OperatorApi
 from kmnode.host.node import KMNode, NodeStartError
 
 log = logging.getLogger("kmnode")
+
+
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp answers a malformed request (bad request line, header or URL) with a 400 and
+    logs it as an ERROR with a traceback. Anyone who can reach the port can send those, so
+    each would put a traceback into the node's log: it becomes one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            reason = " ".join(str(error.message).split())[:200]
+            record.msg, record.args = (
+                "refused a malformed HTTP request (%s): %s",
+                (error.code, reason),
+            )
+            record.exc_info = record.exc_text = None
+        return True
 
 
 async def serve(config: ClusterConfig, name: str) -> int:
@@ -55,6 +74,7 @@ def run_node(config: ClusterConfig, name: str) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     config.node(name)
     return asyncio.run(serve(config, name))
 

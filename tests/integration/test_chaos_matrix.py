@@ -37,6 +37,7 @@ EXPECTED_CHECKS = {
     "recovery",
     "converged-after-heal",
     "disk-damage-refused",
+    "poison",
     "no-plaintext-keys",
     "governance",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,59 @@ def test_node_with_a_corrupted_mid_log_refuses_to_start_and_a_fresh_node_replace
 def restore(backup: Path, data: Path) -> None:
     shutil.rmtree(data)
     shutil.copytree(backup, data)
+
+
+# --- a hostile host ------------------------------------------------------------------------------
+
+
+def test_a_poisoned_host_stops_no_node_and_gets_no_5xx(cluster: SupervisedCluster) -> None:
+    """The target's host feeds garbage into its enclave's circuit, its own API and every peer
+    port for a while, as the `poison` nemesis does; meanwhile the cluster keeps committing. No
+    node stops, nothing answers with a 5xx or an internal failure, no node logs a traceback,
+    and afterwards every node agrees and keys are still identical everywhere."""
+    cluster.converged()
+    victim = cluster.others(cluster.leader())[0]
+    logs = {n: supervisor.log_path(cluster.config, n) for n in cluster.names}
+    offsets = {n: path.stat().st_size for n, path in logs.items()}
+    pid = faults.live_pid(cluster.config, victim)
+    started = cluster.chaos(victim, "poison", {"enabled": True, "seed": 5, "rate": 100})
+    assert started["enabled"] is True and started["seed"] == 5
+    try:
+        for i in range(3):  # the cluster works while one host is hostile
+            cluster.create_key(f"poisoned-{i}")
+            time.sleep(0.5)
+    finally:
+        stopped = cluster.chaos(victim, "poison", {"enabled": False})
+    stats = stopped["stats"]
+    assert stopped["enabled"] is False
+    assert set(stats["sent"]) == {"enclave_bytes", "enclave_typed", "api_calls", "http", "peer"}
+    assert stats["problems"] == []
+    assert not any(kind.startswith("http:5") for kind in stats["answers"]), stats["answers"]
+    assert faults.live_pid(cluster.config, victim) == pid
+    cluster.converged()
+    cluster.create_key("after-poison")
+    assert len(cluster.fingerprints("after-poison")) == 1
+    for name, path in logs.items():
+        with path.open("rb") as log:
+            log.seek(offsets[name])
+            assert b"Traceback" not in log.read(), f"{name} logged a traceback while poisoned"
+
+
+def test_poison_refuses_bad_settings_and_changes_nothing(cluster: SupervisedCluster) -> None:
+    name = cluster.names[0]
+    before = cluster.chaos(name, "poison", {"enabled": False})
+    for body, field in (
+        ({"enabled": "yes"}, "enabled"),
+        ({"enabled": True, "seed": -1}, "seed"),
+        ({"enabled": True, "seed": True}, "seed"),
+        ({"enabled": True, "rate": 0}, "rate"),
+        ({"enabled": True, "rate": 1e9}, "rate"),
+    ):
+        code, reply = cluster.api(name, "POST", "/v1/chaos/poison", body)
+        assert (code, reply.get("field")) == (400, field), (body, reply)
+    assert cluster.chaos(name, "poison", {"enabled": False}) == before  # nothing ran
+    code, reply = cluster.api(name, "POST", "/v1/chaos/poison", {"enabled": True}, signer=None)
+    assert code == 401
 
 
 # --- a whole seeded run ------------------------------------------------------------------------
