@@ -376,12 +376,30 @@ def replay_ledger(persisted: PersistedState, vendor_root: bytes) -> Replay:
 
 
 def verify_ledger(
-    persisted: PersistedState, vendor_root: bytes, *, allow_unsigned_tail: bool = False
+    persisted: PersistedState,
+    vendor_root: bytes,
+    *,
+    against: LedgerMark | None = None,
+    allow_unsigned_tail: bool = False,
 ) -> LedgerReport:
-    """Verify a ledger; commands after the last member's signature fail it unless allowed."""
-    report = replay_ledger(persisted, vendor_root).report
-    judge_tail(report, allow_unsigned_tail)
-    return report
+    """Verify a ledger, and compare it with ``against`` (another ledger's signed mark, which
+    must be genuine itself); commands after the last member's signature fail it unless
+    allowed."""
+    return _verify(persisted, vendor_root, against, allow_unsigned_tail).report
+
+
+def _verify(
+    persisted: PersistedState,
+    vendor_root: bytes,
+    against: LedgerMark | None,
+    allow_unsigned_tail: bool,
+) -> Replay:
+    replay = replay_ledger(persisted, vendor_root)
+    if against is not None and replay.report.ok:
+        against.check(QuoteVerifier(vendor_root))
+        compare_with_mark(replay, against)
+    judge_tail(replay.report, allow_unsigned_tail)
+    return replay
 
 
 def judge_tail(report: LedgerReport, allowed: bool) -> None:
@@ -446,10 +464,10 @@ def _read(raft_dir: Path) -> PersistedState:
         raise LedgerError(f"the log itself is damaged: {exc}", EXIT_REFUSED) from None
 
 
-def node_mark(raft_dir: Path, vendor_root: bytes, source: str) -> LedgerMark:
-    """The signed high-water mark of a node's ledger, which must verify (its unsigned tail
-    aside: the mark is only what members signed)."""
-    replay = replay_ledger(_read(raft_dir), vendor_root)
+def ledger_mark(persisted: PersistedState, vendor_root: bytes, source: str) -> LedgerMark:
+    """The signed high-water mark of a ledger, which must verify (its unsigned tail aside:
+    the mark is only what members signed)."""
+    replay = replay_ledger(persisted, vendor_root)
     if not replay.report.ok:
         raise LedgerError(
             f"{source}'s ledger does not verify: {replay.report.problem}", EXIT_REFUSED
@@ -458,6 +476,11 @@ def node_mark(raft_dir: Path, vendor_root: bytes, source: str) -> LedgerMark:
         raise LedgerError(f"{source}'s ledger holds no member's signature yet", EXIT_REFUSED)
     mark = replay.mark
     return LedgerMark(mark.index, mark.chain_hash, mark.proof, source)
+
+
+def node_mark(raft_dir: Path, vendor_root: bytes, source: str) -> LedgerMark:
+    """``ledger_mark`` of a node's raft directory."""
+    return ledger_mark(_read(raft_dir), vendor_root, source)
 
 
 def verify_node(
@@ -477,12 +500,8 @@ def verify_node(
         report = LedgerReport()
         report.fail(exc.message)
         return report
-    replay = replay_ledger(persisted, vendor_root)
+    replay = _verify(persisted, vendor_root, against, allow_unsigned_tail)
     report = replay.report
-    if against is not None and report.ok:
-        against.check(QuoteVerifier(vendor_root))
-        compare_with_mark(replay, against)
-    judge_tail(report, allow_unsigned_tail)
     if replay.diverged:
         for reference in references or []:
             try:
