@@ -6,10 +6,16 @@ host may send anything to the enclave; a compromised service may answer anything
 is parsed into exactly one of the models below, with types, sizes and hex checked, and
 anything else is refused with a specific error. Nothing here is secret: challenges, reports,
 measurements and boxed keys.
+
+The service enclave's output ring has a channel of its own, a unix SEQPACKET socket between
+the host and the service process (a pipe cannot carry a file descriptor): the service asks for
+a ring (``RingRequest``: at start, and when its ring failed, naming the error), and the host
+answers with a ``RingGrant`` carrying the current ring's sealed memfd (SCM_RIGHTS).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
@@ -20,6 +26,14 @@ MAX_LINE = 64 * 1024
 Hex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=16_384)]
 Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+#: Data bytes of the service enclave's output ring: the host makes it this size and the
+#: service maps nothing else (a ring of another size is refused).
+SERVICE_RING_CAPACITY = 1 << 20
+
+#: Longest ring-control message either side reads.
+MAX_RING_MESSAGE = 4096
 
 
 class PipeError(ValueError):
@@ -112,6 +126,7 @@ class ModulesReply(Reply):
 
 
 R = TypeVar("R", bound=Reply)
+M = TypeVar("M", bound=PipeMessage)
 
 
 def _explain(exc: ValidationError) -> str:
@@ -167,3 +182,48 @@ def line_id(line: bytes) -> int | None:
         return _AnyId.model_validate_json(line).id
     except ValidationError:
         return None
+
+
+class RingRequest(PipeMessage):
+    """Service -> host: "send me the current output ring".
+
+    ``ring`` identifies the ring the service holds (its memfd's inode; 0: none), so that the
+    host replaces a ring only once however many reports of its failure arrive; ``error`` names
+    why it failed (the ring error's type and message: offsets and sizes, nothing secret), or is
+    empty when the service only checks it holds the current one (at start).
+    """
+
+    op: Literal["ring.request"] = "ring.request"
+    ring: int = Field(ge=0)
+    error: str = Field(default="", max_length=512)
+
+
+class RingGrant(PipeMessage):
+    """Host -> service, with the ring's memfd attached: the ring to write to from now on."""
+
+    op: Literal["ring.grant"] = "ring.grant"
+    ring: int = Field(ge=0)
+
+
+def decode_ring_message(data: bytes, kind: type[M]) -> M:
+    """The ring-control message ``data`` as ``kind``, or a PipeError saying what is wrong."""
+    if len(data) > MAX_RING_MESSAGE:
+        raise PipeError(f"ring message of {len(data)} bytes exceeds {MAX_RING_MESSAGE}")
+    try:
+        return kind.model_validate_json(data)
+    except ValidationError as exc:
+        raise PipeError(f"malformed {kind.__name__}: {_explain(exc)}") from None
+
+
+@dataclass(frozen=True)
+class RingHandoff:
+    """The descriptors a service enclave process inherits (``pass_fds``), through the KM
+    enclave process that starts it: the output ring's sealed memfd and the service's end of
+    the ring-control socket."""
+
+    ring_fd: int
+    control_fd: int
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return (self.ring_fd, self.control_fd)

@@ -125,7 +125,7 @@ async def _provision_to_a_real_service(tmp_path: Path) -> dict[str, Any]:
     release = state.apply(3, encode_command("release.request", key="db", node="km1"))
     output = ServiceOutput("km1", lambda _: None)
     output.start()
-    link = ServiceLink(path, "km1", output.ring_name, tmp_path / "service.log")
+    link = ServiceLink(path, "km1", output.handoff, tmp_path / "service.log")
     await link.start()
     try:
         challenge = km.new_challenge()

@@ -1,10 +1,11 @@
 """The host's side of the KM enclave: its child process and the circuit to it.
 
 The host creates the two rings (it owns the shared memory), starts ``kmnode.km.process`` with
-their names (and the name of the service enclave's output ring, which the host drains), and
-from then on talks to the enclave only in typed circuit messages: it asks (operator requests,
-status, proofs), and publishes the enclave's events. The enclave's stdin is a pipe the host holds
-open: if the host dies, however it dies, the pipe closes and the enclave stops with it.
+their names (and the descriptors of the service enclave's output ring, which the host drains,
+for the KM enclave process to pass on), and from then on talks to the enclave only in typed
+circuit messages: it asks (operator requests, status, proofs), and publishes the enclave's
+events. The enclave's stdin is a pipe the host holds open: if the host dies, however it dies,
+the pipe closes and the enclave stops with it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
 from kmnode.config import ClusterConfig
 from kmnode.datadir import RAFT_DIR
 from kmnode.host.disks import HostDisks
-from kmnode.host.service_output import remove_stale_rings
+from kmnode.host.service_output import ServiceOutput, remove_stale_rings
 from kmnode.host.sockets import PeerSockets
 from kmnode.km_messages import (
     Ack,
@@ -63,13 +64,14 @@ class KMLink:
         config: ClusterConfig,
         config_path: Path,
         name: str,
-        service_ring: str,
+        service_output: ServiceOutput,
         on_notice: Callable[[Notice], None],
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.name = name
-        self.service_ring = service_ring
+        #: Its ring and ring-control socket are passed on to the service enclave (at start).
+        self.service_output = service_output
         self.on_notice = on_notice
         self.ring_in, self.ring_out = ring_names(name, os.getpid())
         self._rings: list[Ring] = []
@@ -125,6 +127,7 @@ class KMLink:
         self._ticker = Ticker(self.config.raft.tick_ms / 1000, self._tick)
         self._ticker.start()
         # Its log lines go where the host's go (the node's log): one story per node.
+        service = self.service_output.handoff
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -141,12 +144,14 @@ class KMLink:
             str(to_enclave[0]),
             "--bell-out",
             str(to_host[1]),
-            "--service-ring",
-            self.service_ring,
+            "--service-ring-fd",
+            str(service.ring_fd),
+            "--service-ring-control",
+            str(service.control_fd),
             "--circuit",
             self.config.enclave.circuit,
             stdin=asyncio.subprocess.PIPE,
-            pass_fds=(to_enclave[0], to_host[1]),
+            pass_fds=(to_enclave[0], to_host[1], *service.fds),
         )
         # Only the enclave holds its ends: when it exits, our doorbell sees end-of-file.
         os.close(to_enclave[0])

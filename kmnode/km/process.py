@@ -6,7 +6,8 @@ host holds: ``kmnode.km.vnet``) and serves the host's requests over
 the circuit until the host asks it to stop, its stdin closes (the host died: a killed node must
 not leave its enclave running), or the node refuses its own state. What it sends the host is
 public: replies and events. The service enclave is this process's child (the node's two
-enclaves talk directly); its output ring belongs to the host. The two
+enclaves talk directly); its output ring belongs to the host, which hands this process the
+ring's memfd and control socket to pass on (``--service-ring-fd``). The two
 doorbell pipes (``kmnode.circuit``) are inherited file descriptors named on the command line.
 """
 
@@ -46,6 +47,7 @@ from kmnode.km_messages import (
     Tick,
 )
 from kmnode.ring import Ring
+from kmnode.service_pipe import RingHandoff
 
 log = logging.getLogger("kmnode.km")
 
@@ -64,7 +66,7 @@ async def serve(
     name: str,
     rings: tuple[str, str],
     bells: tuple[int, int],
-    service_ring: str,
+    service_ring: RingHandoff,
     mode: str,
 ) -> int:
     config = load_config(config_path)
@@ -175,7 +177,10 @@ def main() -> None:
     parser.add_argument("--ring-out", required=True)
     parser.add_argument("--bell-in", type=int, required=True, help="fd: the host's doorbell")
     parser.add_argument("--bell-out", type=int, required=True, help="fd: our doorbell")
-    parser.add_argument("--service-ring", required=True, help="the host's service output ring")
+    parser.add_argument("--service-ring-fd", type=int, required=True, help="fd: service ring")
+    parser.add_argument(
+        "--service-ring-control", type=int, required=True, help="fd: its ring-control socket"
+    )
     parser.add_argument("--circuit", choices=("switchless", "ocall"), default="switchless")
     args = parser.parse_args()
     logging.basicConfig(
@@ -187,9 +192,8 @@ def main() -> None:
     # host then asks in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rings, bells = (args.ring_in, args.ring_out), (args.bell_in, args.bell_out)
-    sys.exit(
-        asyncio.run(serve(args.config, args.node, rings, bells, args.service_ring, args.circuit))
-    )
+    service_ring = RingHandoff(args.service_ring_fd, args.service_ring_control)
+    sys.exit(asyncio.run(serve(args.config, args.node, rings, bells, service_ring, args.circuit)))
 
 
 if __name__ == "__main__":

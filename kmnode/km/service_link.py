@@ -5,8 +5,9 @@ two enclaves and talk directly, as local attestation on one platform does) and e
 messages with it over the child's stdin and stdout (``kmnode.service_pipe``): challenges,
 reports, boxed keys, proofs; nothing secret in clear. The service enclave writes its output
 into a shared-memory ring that the *host* created and drains (``kmnode.host.service_output``);
-this side only passes its name on. A crashed service enclave is restarted on the next request;
-it then holds no keys until re-provisioned.
+this side only passes its descriptors on, the ring's sealed memfd and the ring-control socket
+(to every service process it starts). A crashed service enclave is restarted on the next
+request; it then holds no keys until re-provisioned.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kmnode.service_pipe import (
     ProveReply,
     ProveRequest,
     Reply,
+    RingHandoff,
     ServiceUnavailable,
     decode_reply,
     encode,
@@ -85,12 +87,12 @@ def crash_child(pid: int | None) -> int | None:
 
 class ServiceLink:
     def __init__(
-        self, config_path: Path, node: str, ring_name: str, log_path: Path | None = None
+        self, config_path: Path, node: str, ring: RingHandoff, log_path: Path | None = None
     ) -> None:
         self.config_path = config_path
         self.node = node
-        #: The host's ring the service enclave writes its output into.
-        self.ring_name = ring_name
+        #: The host's ring the service enclave writes its output into, and its control socket.
+        self.ring = ring
         self.log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -140,11 +142,14 @@ class ServiceLink:
                 str(self.config_path),
                 "--node",
                 self.node,
-                "--ring",
-                self.ring_name,
+                "--ring-fd",
+                str(self.ring.ring_fd),
+                "--ring-control",
+                str(self.ring.control_fd),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
+                pass_fds=self.ring.fds,
             )
         self._reply_task = asyncio.create_task(self._read_replies(self._proc), name="service-rx")
         reply = await self._exchange(IdentityRequest(), IdentityReply)

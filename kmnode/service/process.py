@@ -7,6 +7,10 @@ sees challenges, reports and ciphertext); every workload output is written to th
 shared-memory ring, which the host drains and publishes. Replies on stdout are for the
 request/response flow only.
 
+The ring arrives as an inherited descriptor of a sealed memfd, with this process's end of the
+ring-control socket (``kmnode.service.ring_output``): a ring the host tampers with is reported
+and replaced by a fresh one while this process, and the keys it holds, carry on.
+
 ``KMSIM_SERVICE_PATCH`` (environment) models a modified service build (see
 ``kmnode.enclave_code.build_identity``).
 """
@@ -15,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import socket
+import sys
 from pathlib import Path
+from typing import Protocol
 
 from attest.identity import EnclaveRole
 from kmnode.config import load_config
 from kmnode.enclave_code import build_identity, current_identity
 from kmnode.imports import loaded_project_modules
-from kmnode.ring import OnFull, Ring, Writer
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
+from kmnode.service.ring_output import RingOutput
 from kmnode.service_pipe import (
     ChallengeReply,
     ChallengeRequest,
@@ -46,7 +54,13 @@ from kmnode.simhw import HardwareStore
 RECORD_PROOF = 1
 
 
-def handle(enclave: ServiceEnclave, writer: Writer, request: Request) -> Reply:
+class Output(Protocol):
+    """Where workload records go (a ``RingOutput``; a ring ``Writer`` in tests)."""
+
+    def write(self, data: bytes, type: int = 0) -> bool: ...
+
+
+def handle(enclave: ServiceEnclave, writer: Output, request: Request) -> Reply:
     """The reply to one request (refusals raise; ``answer`` turns them into error replies)."""
     if isinstance(request, IdentityRequest):
         return IdentityReply(measurement=enclave.context.identity.measurement.hex())
@@ -76,7 +90,7 @@ def handle(enclave: ServiceEnclave, writer: Writer, request: Request) -> Reply:
     return ProveReply(mac=mac)
 
 
-def answer(enclave: ServiceEnclave, writer: Writer, line: bytes) -> bytes:
+def answer(enclave: ServiceEnclave, writer: Output, line: bytes) -> bytes:
     """The reply line to one request line (errors are replies too, never exceptions)."""
     try:
         request = decode_request(line)
@@ -86,7 +100,7 @@ def answer(enclave: ServiceEnclave, writer: Writer, line: bytes) -> bytes:
     return encode(reply)
 
 
-def serve(enclave: ServiceEnclave, writer: Writer, fd_in: int = 0, fd_out: int = 1) -> None:
+def serve(enclave: ServiceEnclave, writer: Output, fd_in: int = 0, fd_out: int = 1) -> None:
     """Answer requests until stdin closes (the host went away).
 
     Whatever the pipe holds is read at once, and the replies to all of its complete lines go
@@ -109,8 +123,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="kmsim service enclave (started by the node)")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--node", required=True)
-    parser.add_argument("--ring", required=True, help="name of the shared-memory ring to write")
+    parser.add_argument("--ring-fd", type=int, required=True, help="fd: the output ring's memfd")
+    parser.add_argument(
+        "--ring-control", type=int, required=True, help="fd: our end of the ring-control socket"
+    )
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s service-enclave[{args.node}]: %(message)s",
+    )
     config = load_config(args.config)
     node = config.node(args.node)
     platform = HardwareStore(config.state_dir / "hardware").platform(
@@ -122,12 +144,12 @@ def main() -> None:
         platform.enclave(build_identity(EnclaveRole.SERVICE)),
         trusted_km={current_identity(EnclaveRole.KM).measurement},
     )
-    ring = Ring.attach(args.ring)
-    writer = Writer(ring, on_full=OnFull.WAIT, timeout=1.0, lock_timeout=1.0)
+    output = RingOutput(socket.socket(fileno=args.ring_control))
+    output.start(args.ring_fd)
     try:
-        serve(enclave, writer)
+        serve(enclave, output)
     finally:
-        ring.close()
+        output.close()
 
 
 if __name__ == "__main__":
