@@ -197,6 +197,8 @@ class Doc:
     answer: type[BaseModel]
     body: type[BaseModel] | None = None
     query: tuple[Query, ...] = ()
+    #: Statuses this route answers with besides those of its kind (``statuses``).
+    also: tuple[int, ...] = ()
 
 
 _READ = (LINEARIZABLE,)
@@ -258,6 +260,7 @@ DOCS: dict[tuple[str, str], Doc] = {
                 ),
             ),
         ),
+        also=(404,),  # no such key generation provisioned on this node
     ),
     ("GET", "/v1/policy"): Doc("The attestation policy", _root("Policy", PolicyJson), query=_READ),
     ("POST", "/v1/policy/allow"): Doc(
@@ -374,7 +377,8 @@ _STATUS_TEXT: dict[int, str] = {
     "identity the cluster does not know (`unknown_identity`), or too old (`expired`).",
     403: "The signer's roles do not allow this route (`forbidden`), or the Host/Origin is not "
     "this node's (`bad_host`, `bad_origin`).",
-    404: "No such key, proposal or route, or chaos is not enabled (`not_found`).",
+    404: "No such key, proposal or route, a key generation this node was never given, or "
+    "chaos is not enabled (`not_found`).",
     409: "Refused by the state machine (`refused`, the error says why), or this signed request "
     "was made before (`replay`).",
     413: "The body is larger than the API takes (`bad_request`).",
@@ -391,7 +395,7 @@ def statuses(method: str, path: str, *, chaos: bool = False) -> tuple[int, ...]:
     """The error statuses a route can answer with, from how the host maps failures."""
     if (method, path) in OPEN_ROUTES:
         return (403, 500, 503, 504) if path != OPENAPI_PATH else (403,)
-    found = {400, 401, 403, 500, 503, 504}
+    found = {400, 401, 403, 500, 503, 504, *DOCS[(method, path)].also}
     if method == "POST":
         # A write commits through the leader; a body is JSON, of a bounded size.
         found |= {409, 413, 415, 421}
