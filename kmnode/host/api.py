@@ -41,6 +41,7 @@ from kmnode.km_messages import (
     UpdateLinkRule,
 )
 from kmnode.linkfaults import FaultRuleError
+from kmnode.openapi import OPENAPI_PATH, document
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 R = TypeVar("R", bound=Reply)
@@ -127,6 +128,7 @@ class OperatorApi:
             client_max_size=MAX_BODY, middlewares=[self._errors, self._same_origin]
         )
         app.router.add_get("/v1/status", self.status)
+        app.router.add_get(OPENAPI_PATH, self.openapi)
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self.relay(route))
         node = self.node
@@ -234,6 +236,11 @@ class OperatorApi:
                 "links": km.links,
             }
         )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The API's OpenAPI document (``kmnode.openapi``): open, like the status, since it
+        describes the API and holds nothing of the node's."""
+        return _json(document())
 
     # --- the enclave's routes ---------------------------------------------------------------
 
