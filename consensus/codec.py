@@ -32,6 +32,8 @@ from consensus.types import (
 )
 
 VERSION = 1
+#: Fields of the message array.
+_FIELDS = 13
 #: Default bound on one encoded message; snapshots larger than this need chunking.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_NODE_ID = 256
@@ -61,14 +63,19 @@ class DecodeLimits:
     max_bin: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Bytes of one str (node ids).
     max_str: int = 1024
-    #: Elements of one array (entries of an append, voters of a snapshot).
+    #: Elements of one array (entries of an append, voters of a snapshot; the message itself
+    #: is an array of 13).
     max_array: int = 4096
     #: Arrays and their elements in one message, all together.
     max_items: int = 65_536
 
     def __post_init__(self) -> None:
-        if min(self.max_bytes, self.max_bin, self.max_str, self.max_array, self.max_items) < 1:
+        if min(self.max_bytes, self.max_bin, self.max_str, self.max_items) < 1:
             raise ValueError("every decode limit must be at least 1")
+        if self.max_array < _FIELDS:
+            raise ValueError(
+                f"max_array must be at least {_FIELDS}: a message has {_FIELDS} fields"
+            )
 
 
 #: What ``decode_message`` allows unless told otherwise.
@@ -249,7 +256,7 @@ def decode_message(
         raise TooManyItems(f"{exc} ({limits.max_items})") from None
     except Exception as exc:  # msgpack raises a zoo of types for bad input; all mean "malformed"
         raise CodecError(f"not a msgpack message: {exc}") from exc
-    fields = _array(obj, "message", 13)
+    fields = _array(obj, "message", _FIELDS)
     (version, mtype, to, frm, term, log_term, index, entries, commit, reject, hint, snap, ctx) = (
         fields
     )

@@ -194,26 +194,33 @@ class AttestedTransport(Transport):
         whenever the membership or the policy changes."""
         closed = 0
         for peer in self._peers.values():
-            session = peer.session
-            if session is not None and self.enclave.session_refusal(session):
-                self._revoke(session, peer.node, peer.writer)
+            if peer.session is not None and self._revoked(peer.session):
+                self._drop_link(peer)
                 closed += 1
         for session, task in list(self._inbound_sessions.items()):
-            if self.enclave.session_refusal(session):
-                self._revoke(session, "inbound", None)
-                task.cancel()
+            if self._revoked(session):
+                del self._inbound_sessions[session]
+                task.cancel()  # its reader ends; the connection closes with it
                 closed += 1
         self.refresh_peers()
         return closed
 
-    def _revoke(self, session: int, label: str, writer: StreamWriter | None) -> None:
+    def _revoked(self, session: int) -> bool:
+        """Whether the enclave refuses the session now; if so it is closed and counted."""
         reason = self.enclave.session_refusal(session)
-        self.stats.revoked += 1
-        log.warning("%s: closing the link to %s: %s", self.node_id, label, reason)
-        self.enclave.close_session(session)
-        self._inbound_sessions.pop(session, None)
-        if writer is not None:
-            writer.close()
+        if reason:
+            self.stats.revoked += 1
+            log.warning("%s: closing a link: %s", self.node_id, reason)
+            self.enclave.close_session(session)
+        return bool(reason)
+
+    @staticmethod
+    def _drop_link(peer: _Peer) -> None:
+        """Take an outbound link out of use at once (its pump ends when the socket closes)."""
+        if peer.writer is not None:
+            peer.writer.close()
+        peer.session = peer.writer = None
+        peer.unflushed, peer.unflushed_bytes = [], 0
 
     def attested_peers(self) -> dict[NodeId, str]:
         """Peers with a live attested outbound channel, and their verified platform ids."""
@@ -269,12 +276,12 @@ class AttestedTransport(Transport):
             return
         try:
             sealed = self.enclave.seal_raft(peer.session, msg)
-        except FrameRefused as exc:
+        except FrameRefused:
             # The enclave no longer accepts this peer (membership or policy changed since
             # the last ``revalidate``): the link goes, and Raft's message with it.
             self.stats.dropped_disconnected += 1
-            self._revoke(peer.session, peer.node, writer)
-            log.debug("%s: %s", self.node_id, exc)
+            self._revoked(peer.session)
+            self._drop_link(peer)
             return
         frame = encode_frame(CHANNEL, sealed)
         peer.unflushed.append(frame)
