@@ -42,10 +42,10 @@ def ledger() -> None:
 
 
 _TAIL_HELP = (
-    "Accept commands after the last signature. The leader's enclave signs every "
-    "ledger.sign_every_entries commands or ledger.sign_interval_s seconds, so a node stopped "
-    "in between holds a few entries nobody has signed yet; a host could also have appended "
-    "them, hence off by default."
+    "Accept the commands after the last signature. Why one exists: the leader's enclave signs "
+    "every ledger.sign_every_entries commands or ledger.sign_interval_s seconds, so a node "
+    "stopped in between holds the entries since the last signature interval, which nobody has "
+    "signed yet; a host could also have appended them, hence refused by default."
 )
 _AGAINST_HELP = (
     "Compare with another ledger's signed high-water mark: a node's name (its ledger is "

@@ -11,19 +11,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 
 from attest.certs import TcbStatus
 from attest.hardware import Platform
 from attest.quote import QuoteVerifier
+from consensus.storage import DurableLog
 from consensus.types import Entry, HardState, PersistedState, Snapshot, SnapshotMeta
 from kmnode.km.commands import Refused
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.ledger_proof import SignedSnapshot, head_message, signature_holds
+from kmnode.km.machine import KMStateMachine
 from kmnode.km.state import KMState, encode_command
-from kmnode.ledger import LedgerError, LedgerMark, ledger_mark, verify_ledger
+from kmnode.ledger import LedgerError, LedgerMark, ledger_mark, verify_ledger, verify_node
 
+from .ledgers import Builder
 from .test_ledger import COMMANDS, KM, MEMBER, NOW, VENDOR, signer
 
 ROOT = VENDOR.public_key
@@ -34,44 +38,6 @@ MEMBER2 = {**MEMBER, "name": "km2", "platform_id": "p2"}
 
 def enclave_on(platform: Platform, name: str) -> KMEnclave:
     return KMEnclave(name, platform.enclave(KM), QuoteVerifier(ROOT))
-
-
-class Builder:
-    """A ledger written entry by entry: commands, signatures by given enclaves, snapshots."""
-
-    def __init__(self) -> None:
-        self.state = KMState()
-        self.entries: list[Entry] = []
-        self.index = 0
-
-    def command(self, data: bytes, term: int = 1) -> object:
-        self.index += 1
-        self.entries.append(Entry(term, self.index, data=data))
-        return self.state.apply(self.index, data)
-
-    def commands(self, datas: list[bytes]) -> Builder:
-        for data in datas:
-            self.command(data)
-        return self
-
-    def sign(self, enclave: KMEnclave) -> object:
-        """The enclave signs the state it has applied (the shared one), as its leader would."""
-        enclave.state = self.state
-        return self.command(enclave.ledger_signature(NOW).encode())
-
-    def snapshot(self, enclave: KMEnclave) -> Snapshot:
-        enclave.state = self.state
-        meta = SnapshotMeta(self.index, self.entries[-1].term)
-        return Snapshot(meta, enclave.snapshot_capture(meta.term, NOW)())
-
-    def ledger(
-        self, through: int | None = None, snapshot: Snapshot | None = None
-    ) -> PersistedState:
-        """The ledger as stored: entries up to ``through``, after ``snapshot`` if given."""
-        last = self.index if through is None else through
-        after = snapshot.meta.index if snapshot is not None else 0
-        kept = tuple(e for e in self.entries if after < e.index <= last)
-        return PersistedState(HardState(1, "km1", last), snapshot or Snapshot(), kept)
 
 
 def genuine() -> tuple[Builder, KMEnclave]:
@@ -301,3 +267,25 @@ def test_signature_of_a_revoked_platforms_member_is_not_counted() -> None:
     assert any("RevokedPlatform" in n for n in report.notes)
     built.sign(km1)
     assert verify_ledger(built.ledger(), ROOT).ok
+
+
+def test_the_nodes_state_machine_writes_snapshots_that_verify_from_disk(tmp_path: Path) -> None:
+    """The path a node takes: its state machine snapshots (signed by its enclave), the log is
+    compacted, and the raft directory left behind verifies offline, starting from it."""
+    built, km1 = genuine()
+    machine = KMStateMachine(signer())
+    for entry in built.entries:
+        machine.apply(entry)
+    snap = Snapshot(SnapshotMeta(built.index, built.entries[-1].term), machine.snapshot())
+    built.command(encode_command("key.create", name="after"), term=2)
+    built.sign(km1)
+    with DurableLog.open(tmp_path, fsync=False) as log:
+        log.append(built.entries, HardState(2, "km1", built.index))
+        log.compact(snap)
+    report = verify_node(tmp_path, ROOT)
+    assert report.ok, report.problem
+    assert report.snapshot_index == snap.meta.index and report.commands == 2
+    follower = KMStateMachine(signer())
+    follower.restore(snap.data)  # a snapshot installed from the leader
+    assert SignedSnapshot.decode(follower.snapshot()) is not None
+    assert follower._enclave.state.chain_hash == machine._enclave.state.chain_hash
