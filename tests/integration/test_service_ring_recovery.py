@@ -57,9 +57,11 @@ def host_ring_fd(cluster: LocalCluster) -> Path:
     return found[0]
 
 
-def tamper(cluster: LocalCluster, field: str, value: int, fmt: str) -> None:
+def tamper(
+    cluster: LocalCluster, field: str, value: int, fmt: str, ring: Path | None = None
+) -> None:
     """What the host (or anyone who can read its fd table) can do: write the ring's header."""
-    fd = os.open(host_ring_fd(cluster), os.O_RDWR)
+    fd = os.open(ring or host_ring_fd(cluster), os.O_RDWR)
     try:
         with mmap.mmap(fd, 4096) as header:
             struct.pack_into(fmt, header, LAYOUT[field], value)
@@ -102,8 +104,8 @@ def test_the_host_cannot_resize_the_ring_under_the_service_enclave(cluster: Loca
 @pytest.mark.parametrize(
     ("field", "value", "fmt", "error"),
     [
-        ("write_offset", 0xDEAD_BEEF_0000, "<Q", "RingCorrupted"),
         ("writer_lock", 1, "<I", "RingLockTimeout"),
+        ("write_offset", 0xDEAD_BEEF_0000, "<Q", "RingCorrupted"),
     ],
 )
 def test_a_tampered_ring_is_reported_and_replaced_and_no_key_is_lost(
@@ -136,3 +138,27 @@ def test_a_tampered_ring_is_reported_and_replaced_and_no_key_is_lost(
     assert f"reports its output ring failed ({error}" in log
     status = cluster.status(NODE)
     assert status is not None and status["ready"]
+
+
+def test_a_service_enclave_restarted_after_a_replacement_writes_to_the_current_ring(
+    cluster: LocalCluster,
+) -> None:
+    """The KM enclave process passes every service it starts the ring it inherited, which is
+    stale once the host replaced it: the new service asks, and writes where the host reads."""
+    assert ring_events(cluster), "runs after the replacements above"
+    km, old_service = enclave_pids(cluster)
+    # The first ring, which the KM enclave process still holds, was replaced because its lock
+    # was held; let go of it, so that only asking the host tells the stale ring from the current.
+    held = [fd for fd in Path(f"/proc/{km}/fd").iterdir() if os.readlink(fd).startswith(RING_LABEL)]
+    assert len(held) == 1
+    tamper(cluster, "writer_lock", 0, "<I", held[0])
+    code, reply = cluster.api(NODE, "POST", "/v1/chaos/service-crash", {})
+    assert code == 200 and reply["killed"] == old_service, reply
+    # a crashed service enclave loses its keys (that is what the recovery above avoids)
+    code, reply = cluster.api(NODE, "POST", "/v1/keys/held/release", {"node": NODE})
+    assert code == 200 and reply["releases"][0]["status"] == "provisioned", reply
+    assert enclave_pids(cluster)[1] != old_service
+    challenge = os.urandom(16).hex()
+    mac = prove(cluster, challenge)
+    until(lambda: len(published(cluster, challenge)) == 1, 15, "the restarted service's proof")
+    assert published(cluster, challenge)[0]["mac"] == mac
