@@ -418,7 +418,7 @@ def parse(data: bytes) -> Command:
         raise CommandRefused(explain(exc)) from None
 
 
-def explain(exc: ValidationError) -> str:
+def explain(exc: ValidationError, tagged: bool = True) -> str:
     """One line naming the first problem: the field (dotted) and what it must be."""
     error = exc.errors(include_url=False)[0]
     kind, loc = error["type"], error["loc"]
@@ -430,8 +430,17 @@ def explain(exc: ValidationError) -> str:
         return "command must be an object with a string 'op'"
     if not loc:
         return f"command must be an object with a string 'op' ({error['msg']})"
-    field = ".".join(str(part) for part in loc[1:]) or str(loc[0])
-    return f"{field!r}: {error['msg']}"
+    return f"{field_path(exc, tagged)!r}: {error['msg']}"
+
+
+def field_path(exc: ValidationError, tagged: bool = True) -> str | None:
+    """The dotted path of the field the first problem is in (``actions.0.measurement``); past
+    the command's own tag when ``tagged`` (an error from ``parse``, which validates the union of
+    commands, starts with it); None if the problem is the command as a whole."""
+    loc = exc.errors(include_url=False)[0]["loc"]
+    if not loc:
+        return None
+    return ".".join(str(part) for part in loc[1 if tagged else 0 :]) or str(loc[0])
 
 
 __all__ = [
@@ -481,5 +490,6 @@ __all__ = [
     "ReleaseRequested",
     "canonical",
     "explain",
+    "field_path",
     "parse",
 ]

@@ -218,7 +218,7 @@ class Joining:
                 record = admitted or MemberRecord(**request.record())
                 command = MemberAdd(member=record)
             except ValidationError as exc:
-                return JoinReply("refused", reason=explain(exc))
+                return JoinReply("refused", reason=explain(exc, tagged=False))
             result = await node.propose(command.encode())
             if isinstance(result, Refused):
                 return JoinReply("refused", reason=result.error)

@@ -40,6 +40,7 @@ from kmnode.km.commands import (
     ReleaseRequest,
     ReleaseRequested,
     explain,
+    field_path,
 )
 from kmnode.km.node import KMNode
 from kmnode.km.service_link import ServiceRefused
@@ -235,8 +236,10 @@ class Operator:
             raise Failed.of("replay", f"request {auth.request} was made before")
         try:
             command = kind(auth=auth, **fields)
-        except ValidationError as exc:
-            raise Failed.of("refused", explain(exc)) from None
+        except ValidationError as exc:  # malformed: the same check the state machine makes
+            raise Failed.of(
+                "bad_request", explain(exc, tagged=False), field=field_path(exc, tagged=False)
+            ) from None
         result = await self.node.propose(command.encode(), timeout)
         if isinstance(result, Refused):
             raise Failed.of(result.code, result.error)

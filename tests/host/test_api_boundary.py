@@ -44,6 +44,7 @@ async def api() -> AsyncIterator[tuple[TestClient[Any, Any], FakeKM]]:
         config=config.model_copy(update={"nodes": nodes}),
         km=km,
         ring_stall=RingStall(),
+        poisoner=None,
     )
     client: TestClient[Any, Any] = TestClient(
         TestServer(OperatorApi(node).app(), host="127.0.0.1", port=port)  # type: ignore[arg-type]

@@ -7,12 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from kmnode.identity import PublicIdentity
 from kmnode.km.operator import Operator
 from kmnode.km.state import KMState, encode_command
 from kmnode.km_messages import Failed
 from kmnode.linkfaults import FaultRules
 from tests.km.test_state import POLICY, member
-from tests.operators import api_call
+from tests.operators import ADMIN, api_call
 
 
 def operator_with(state: KMState) -> Operator:
@@ -39,3 +40,85 @@ async def test_a_cluster_from_before_identities_says_how_to_recover() -> None:
     )
     code, message = await refusal(legacy)
     assert code == "unknown_identity" and "recreate it" in message
+
+
+class _Leader:
+    """A leader that records what would be proposed (nothing, for a malformed request)."""
+
+    is_leader = True
+    leader = "km1"
+
+    def __init__(self) -> None:
+        self.proposed: list[bytes] = []
+
+
+def leader_with(state: KMState) -> tuple[Operator, _Leader]:
+    driver = _Leader()
+
+    async def propose(data: bytes, timeout: float) -> object:
+        driver.proposed.append(data)
+        raise AssertionError("a malformed request was proposed")
+
+    node = SimpleNamespace(
+        enclave=SimpleNamespace(state=state),
+        faults=FaultRules(1),
+        ready=True,
+        driver=driver,
+        propose=propose,
+    )
+    return Operator(node), driver  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("target", "body", "field"),
+    [
+        ("/v1/keys", {"name": 5}, "name"),
+        ("/v1/keys", {"name": "a" * 65}, "name"),
+        ("/v1/keys", {"name": "db", "allowed_service": ["zz"]}, "allowed_service.0"),
+        ("/v1/keys/db/release", {"node": "km1", "generation": True}, "generation"),
+        ("/v1/keys/db/release", {"node": "km1", "generation": 0}, "generation"),
+        ("/v1/keys/db/release", {"node": ["km1"]}, "node"),
+        (
+            "/v1/proposals",
+            {"actions": [{"op": "policy.allow", "role": "km", "measurement": "zz"}]},
+            "actions.0.policy.allow.measurement",
+        ),
+        ("/v1/proposals", {"actions": [{"op": "constitution.set", "threshold": 1.5}]}, None),
+    ],
+)
+async def test_a_malformed_request_is_a_400_naming_the_field_and_nothing_is_proposed(
+    target: str, body: dict[str, object], field: str | None
+) -> None:
+    """The checks the state machine makes on a committed command run before proposing it, so
+    the operator learns which field is wrong at once, and the log never sees the request."""
+    state = genesis_with_admin()
+    before = state.snapshot()
+    operator, driver = leader_with(state)
+    with pytest.raises(Failed) as caught:
+        await operator.call(api_call("POST", target, body))
+    failure = caught.value.failure
+    assert failure.code == "bad_request", failure
+    if field is not None:
+        assert failure.field == field, failure
+    assert failure.field and failure.field.split(".")[0] in failure.message
+    assert driver.proposed == [] and state.snapshot() == before
+
+
+def genesis_with_admin() -> KMState:
+    state = KMState()
+    result = state.apply(
+        1,
+        encode_command(
+            "cluster.init",
+            cluster="demo",
+            policy=POLICY,
+            member=member("km1", 7101),
+            identities=[with_roles().model_dump(mode="json")],
+        ),
+    )
+    assert result.ok, result
+    return state
+
+
+def with_roles() -> PublicIdentity:
+    return ADMIN.public(["admin", "operator", "auditor"])
