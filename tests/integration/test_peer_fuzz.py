@@ -58,10 +58,10 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     """``data`` changed in one of the ways a hostile peer or network would (never unchanged)."""
     kind = rng.randrange(5)
     if kind == 0 or len(data) < 2:  # flip bits
-        out = bytearray(data or b"\0")
+        flipped = bytearray(data or b"\0")
         for _ in range(rng.randint(1, 4)):
-            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
-        return bytes(out) if bytes(out) != data else bytes(out) + b"\0"
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        return bytes(flipped) if bytes(flipped) != data else bytes(flipped) + b"\0"
     if kind == 1:  # truncate
         return data[: rng.randrange(len(data))]
     if kind == 2:  # extend
