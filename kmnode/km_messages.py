@@ -471,10 +471,59 @@ def encode(message: Message) -> bytes:
     return data
 
 
+#: msgpack limits on one circuit record, which may come from a hostile host: the longest str
+#: and bin (256 KiB chunks and 64 KiB bodies are the largest legitimate ones), the most
+#: elements of one array or map, and the most arrays, maps and elements of a record together
+#: (a record of nested empty arrays would otherwise cost 56 bytes of memory per byte sent).
+MAX_RECORD_BYTES_FIELD = 4 * 1024 * 1024
+MAX_RECORD_CONTAINER = 262_144
+MAX_RECORD_ITEMS = 262_144
+
+
+class _TooManyItems(ValueError):
+    """A record holds more arrays, maps and elements than ``MAX_RECORD_ITEMS``."""
+
+
+class _ItemBudget:
+    """msgpack's ``list_hook`` and ``object_hook``: counts each container as it is built and
+    stops decoding (by raising) once the record has used its budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_RECORD_ITEMS
+
+    def list(self, items: list[Any]) -> list[Any]:
+        self.left -= 1 + len(items)
+        if self.left < 0:
+            raise _TooManyItems
+        return items
+
+    def map(self, items: dict[Any, Any]) -> dict[Any, Any]:
+        self.left -= 1 + 2 * len(items)
+        if self.left < 0:
+            raise _TooManyItems
+        return items
+
+
 def decode(record: bytes) -> Message:
     """The message ``record`` holds; ``CircuitError`` naming what is wrong otherwise."""
+    budget = _ItemBudget()
     try:
-        raw: Any = msgpack.unpackb(record, raw=False, strict_map_key=True)
+        raw: Any = msgpack.unpackb(
+            record,
+            raw=False,
+            strict_map_key=True,
+            list_hook=budget.list,
+            object_hook=budget.map,
+            max_str_len=MAX_RECORD_BYTES_FIELD,
+            max_bin_len=MAX_RECORD_BYTES_FIELD,
+            max_array_len=MAX_RECORD_CONTAINER,
+            max_map_len=MAX_RECORD_CONTAINER,
+            max_ext_len=0,
+        )
+    except _TooManyItems:
+        raise CircuitError(f"a record of more than {MAX_RECORD_ITEMS} items") from None
     except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.StackError) as exc:
         raise CircuitError(f"not a msgpack record: {type(exc).__name__}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("op"), str):

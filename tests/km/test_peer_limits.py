@@ -9,6 +9,7 @@ import struct
 import time
 from typing import Any
 
+import msgpack
 import pytest
 
 from consensus.codec import (
@@ -31,7 +32,9 @@ from kmnode.km.peer_wire import (
     peer_limits,
 )
 from kmnode.km.vnet import ReadLimitExceeded, VirtualNet
-from kmnode.km_messages import Accepted, Data
+from kmnode.km_messages import MAX_NET_CHUNK, Accepted, CircuitError, Data, Event
+from kmnode.km_messages import decode as circuit_decode
+from kmnode.km_messages import encode as circuit_encode
 from tests.host import eventually
 from tests.km.peer_links import Links
 
@@ -283,3 +286,31 @@ def test_the_limits_are_settings_with_defaults_and_checked_values() -> None:
         parse_config({"limits": {"handshake_frame_bytes": 10, "frame_byts": 1}})
     problems = " ".join(bad.value.problems)
     assert "limits.handshake_frame_bytes" in problems and "limits.frame_byts" in problems
+
+
+def test_a_circuit_record_bomb_from_the_host_is_refused_early() -> None:
+    """The host's records to the enclave are msgpack too: the same kind of bomb (an event
+    whose fields nest 8 million empty arrays) is refused before it is built."""
+    inner = b"\xdc" + struct.pack(">H", 4000) + b"\x90" * 4000
+    record = (
+        b"\x83"
+        + msgpack.packb("op")
+        + msgpack.packb("event")
+        + msgpack.packb("kind")
+        + msgpack.packb("k")
+        + msgpack.packb("fields")
+        + b"\x81"
+        + msgpack.packb("x")
+        + b"\xdc"
+        + struct.pack(">H", 2000)
+        + inner * 2000
+    )
+    started = time.process_time()
+    with pytest.raises(CircuitError, match="more than 262144 items"):
+        circuit_decode(record)
+    assert time.process_time() - started < 1.0
+    # Legitimate records, the largest kinds included, still decode.
+    chunk = Data(conn=1, data=b"x" * MAX_NET_CHUNK)
+    assert circuit_decode(circuit_encode(chunk)) == chunk
+    event = Event(kind="k", fields={"list": list(range(1000)), "map": {"a": {"b": [1]}}})
+    assert circuit_decode(circuit_encode(event)) == event
