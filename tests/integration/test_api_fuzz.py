@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(300)
 
 #: Examples per run (across every operation): enough to reach each route several times with
 #: valid and invalid data, few enough for about a minute on a loaded machine.
-EXAMPLES = 300
+EXAMPLES = 500
 #: The key the node has before the fuzz starts.
 KEY = "db"
 CHECKS = [
