@@ -24,7 +24,15 @@ from dataclasses import MISSING, dataclass, fields
 from functools import cache
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, RootModel, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    RootModel,
+    TypeAdapter,
+    create_model,
+)
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
@@ -186,6 +194,10 @@ LINEARIZABLE = Query(
     "Confirm with the leader first that this node is up to date (`1`/`true`); otherwise the "
     "node answers from its applied state, which may lag the leader.",
 )
+
+
+#: The path parameters' types: a key's name, a proposal's id.
+PATH_PARAMS: dict[str, Any] = {"name": Name, "id": ProposalId}
 
 
 @dataclass(frozen=True)
@@ -432,6 +444,9 @@ def check_documented() -> None:
         raise UndocumentedRoute(
             f"routes without documentation: {missing}; documentation without a route: {extra}"
         )
+    untyped = sorted({p for _, path in served for p in _path_names(path)} - PATH_PARAMS.keys())
+    if untyped:
+        raise UndocumentedRoute(f"path parameters without a type in PATH_PARAMS: {untyped}")
 
 
 def _models() -> list[type[BaseModel]]:
@@ -440,11 +455,9 @@ def _models() -> list[type[BaseModel]]:
     return list(dict.fromkeys([*named, ErrorBody]))
 
 
-def _query_schema(kind: Any) -> dict[str, Any]:
-    adapter_model = create_model("Q", value=(kind, ...))
-    schema = adapter_model.model_json_schema()["properties"]["value"]
-    schema.pop("title", None)
-    return dict(schema)
+def _param_schema(kind: Any) -> dict[str, Any]:
+    """The JSON Schema of a path or query parameter's type."""
+    return TypeAdapter(kind).json_schema()
 
 
 _SIGNATURE_TEXT = (
@@ -486,7 +499,7 @@ def _operation(
 ) -> dict[str, Any]:
     doc = DOCS[(method, path)]
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": _query_schema(_PATH_PARAMS[name])}
+        {"name": name, "in": "path", "required": True, "schema": _param_schema(PATH_PARAMS[name])}
         for name in _path_names(path)
     ]
     parameters += [
@@ -495,7 +508,7 @@ def _operation(
             "in": "query",
             "required": False,
             "description": q.description,
-            "schema": _query_schema(q.schema),
+            "schema": _param_schema(q.schema),
         }
         for q in doc.query
     ]
@@ -530,10 +543,6 @@ def _operation(
             "content": {"application/json": {"schema": refs[doc.body]}},
         }
     return operation
-
-
-#: The path parameters' types: a key's name, a proposal's id.
-_PATH_PARAMS: dict[str, Any] = {"name": Name, "id": ProposalId}
 
 
 def _path_names(path: str) -> list[str]:

@@ -55,6 +55,12 @@ def test_a_route_added_without_documentation_is_caught(monkeypatch: pytest.Monke
     monkeypatch.setattr(openapi, "ROUTES", ROUTES[1:])
     with pytest.raises(UndocumentedRoute, match=r"without a route: \[\('GET', '/v1/keys'\)\]"):
         check_documented()
+    # Documented, but with a path parameter whose type nobody gave.
+    peer = Route("GET", "/v1/peers/{peer}", "auditor", ROUTES[0].build)
+    monkeypatch.setattr(openapi, "ROUTES", (*ROUTES, peer))
+    monkeypatch.setitem(openapi.DOCS, ("GET", peer.path), openapi.DOCS[("GET", "/v1/keys")])
+    with pytest.raises(UndocumentedRoute, match=r"path parameters without a type.*'peer'"):
+        check_documented()
 
 
 def test_every_status_the_host_maps_a_failure_to_is_documented_with_the_error_shape() -> None:

@@ -13,6 +13,7 @@ API's. Hypothesis runs a bounded number of examples, no shrinking, no example da
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from schemathesis.checks import (
 from schemathesis.schemas import BaseSchema
 
 from kmnode.identity import IdentityKeys, sign_request
-from kmnode.openapi import OPEN_ROUTES, OPENAPI_PATH
+from kmnode.openapi import OPEN_ROUTES, OPENAPI_PATH, document
 
 from .harness import LocalCluster, cluster_admin
 
@@ -120,6 +121,12 @@ def fuzz(schema: BaseSchema, url: str, session: requests.Session) -> list[tuple[
 
     run()
     return seen
+
+
+def test_the_node_serves_the_document_unsigned(node: LocalCluster) -> None:
+    code, served = node.api("km1", "GET", OPENAPI_PATH, signer=None)
+    assert code == 200
+    assert served == json.loads(json.dumps(document()))
 
 
 def test_signed_requests_get_documented_answers_and_no_server_error(node: LocalCluster) -> None:
