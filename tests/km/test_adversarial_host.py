@@ -391,8 +391,9 @@ class HostileHost(RuleBasedStateMachine):
         self._call(enclave.directory)
         self._call(enclave.check_binding)
         self._call(enclave.genesis)  # n-c may start a cluster of its own; the others refuse
-        for sid in list(enclave._sessions):
+        for sid in [*enclave._sessions, -1]:
             self._call(enclave.session_peer, sid)
+            self._call(enclave.session_refusal, sid)
         self._seen(repr(enclave))
 
     @rule(who=st.sampled_from(NAMES), term=st.one_of(st.integers(-2, 2**64), st.booleans()))
@@ -439,7 +440,7 @@ DRIVEN = {
     "seal_raft", "open_raft", "join_request", "open_join_request", "join_reply",
     "open_join_reply", "new_challenge", "provision", "sealed_state", "restore_sealed_state",
     "check_binding", "show_quote", "ledger_signature", "key_fingerprint", "directory",
-    "genesis", "snapshot_capture",
+    "genesis", "snapshot_capture", "session_refusal",
 }  # fmt: skip
 
 
