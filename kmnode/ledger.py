@@ -65,6 +65,8 @@ class LedgerReport:
     commands: int = 0
     first_index: int = 0
     last_index: int = 0
+    #: The last committed index the ledger holds (Raft's own entries included).
+    end_index: int = 0
     signatures: int = 0
     #: Genuine signatures not counted (their enclave was no member, or not allowed, then).
     uncounted_signatures: int = 0
@@ -89,6 +91,7 @@ class LedgerReport:
             "commands": self.commands,
             "first_index": self.first_index,
             "last_index": self.last_index,
+            "end_index": self.end_index,
             "signatures": self.signatures,
             "uncounted_signatures": self.uncounted_signatures,
             "last_signed_index": self.last_signed_index,
@@ -368,6 +371,7 @@ def replay_ledger(persisted: PersistedState, vendor_root: bytes) -> Replay:
         replay.chains[entry.index] = state.chain_hash
     last_entry = persisted.entries[-1].index if persisted.entries else 0
     replay.end = max(persisted.snapshot.meta.index, min(persisted.hard_state.commit, last_entry))
+    report.end_index = replay.end
     # A counted signature entry vouches for itself (quote + signature), so it is not "unsigned".
     report.unsigned_tail = sum(
         1 for e in commands if e.index > report.last_signed_index and e.index not in counted
