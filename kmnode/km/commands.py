@@ -199,7 +199,8 @@ class PolicyRevokePlatform(CommandModel):
 
 class LedgerSign(CommandModel):
     op: Literal["ledger.sign"] = "ledger.sign"
-    index: Annotated[int, Field(ge=1)]
+    #: The signer's applied index (8 bytes in what is signed: ``ledger_proof.head_message``).
+    index: Annotated[int, Field(ge=1, lt=2**63)]
     chain_hash: Hex32
     public_key: Hex32
     quote: Annotated[str, StringConstraints(min_length=1, max_length=8192)]

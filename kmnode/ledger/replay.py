@@ -8,11 +8,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from attest.quote import QuoteVerifier
 from consensus.storage import DurableLog
 from consensus.types import Entry, EntryType, PersistedState, Snapshot
+from kmnode.km.commands import CommandRefused, LedgerSign, parse
 from kmnode.km.ledger_proof import Proof, SignedSnapshot, head_message
 from kmnode.km.state import KMState
 from kmnode.ledger.evidence import not_counted, not_genuine
@@ -58,12 +58,13 @@ def committed_commands(persisted: PersistedState) -> list[Entry]:
     return [e for e in persisted.entries if e.type == EntryType.NORMAL and e.index <= commit]
 
 
-def _command(entry: Entry) -> dict[str, Any] | None:
+def _op(entry: Entry) -> object:
+    """The ``op`` an entry claims (anything: the state machine judges the rest)."""
     try:
         value = json.loads(entry.data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
-    return value if isinstance(value, dict) else None
+    return value.get("op") if isinstance(value, dict) else None
 
 
 def _start(snapshot: Snapshot, verifier: QuoteVerifier, replay: Replay) -> KMState | None:
@@ -108,40 +109,47 @@ def _start(snapshot: Snapshot, verifier: QuoteVerifier, replay: Replay) -> KMSta
 
 
 def _signature_entry(
-    entry: Entry, cmd: dict[str, Any], state: KMState, verifier: QuoteVerifier, replay: Replay
-) -> bool:
-    """Judge one ``ledger.sign`` entry; True if it counts. Fails the report on evidence that is
-    not genuine or a chain that differs; a genuine signature that does not count is a note."""
+    entry: Entry, state: KMState, verifier: QuoteVerifier, replay: Replay
+) -> LedgerSign | None:
+    """Judge one ``ledger.sign`` entry; the command if it counts. Fails the report on an entry
+    that is not a well-formed command, evidence that is not genuine, or a chain that differs;
+    a genuine signature that does not count is a note."""
     report = replay.report
     try:
-        index = int(cmd["index"])
-        claimed = bytes.fromhex(cmd["chain_hash"])
+        command = parse(entry.data)
+        if not isinstance(command, LedgerSign):
+            raise CommandRefused(f"an entry of {command.op} claims to be a ledger.sign")
+    except CommandRefused as exc:
+        report.fail(f"entry {entry.index}: malformed signature entry: {exc}", entry.index)
+        return None
+    index, claimed = command.index, bytes.fromhex(command.chain_hash)
+    try:
         proof = Proof(
-            bytes.fromhex(cmd["public_key"]),
-            bytes.fromhex(cmd["quote"]),
-            bytes.fromhex(cmd["signature"]),
+            bytes.fromhex(command.public_key),
+            bytes.fromhex(command.quote),
+            bytes.fromhex(command.signature),
         )
-    except (KeyError, ValueError, TypeError):
-        report.fail(f"entry {entry.index}: malformed signature entry", entry.index)
-        return False
+    except ValueError:
+        report.fail(f"entry {entry.index}: malformed signature entry: not hex", entry.index)
+        return None
     why = not_genuine(proof, head_message(index, claimed), verifier)
     if why is not None:
         report.fail(f"entry {entry.index}: {why}", entry.index)
-        return False
+        return None
     uncounted = not_counted(proof, state, verifier)
     if uncounted is None and index < replay.start:
         uncounted = f"it covers index {index}, before the snapshot this ledger starts from"
     if uncounted is not None:
         report.uncounted_signatures += 1
         report.notes.append(f"entry {entry.index}: signature not counted: {uncounted}")
-        return False
+        return None
     recomputed = replay.chains.get(index)
     if recomputed is None:
         report.fail(
             f"entry {entry.index}: signature covers index {index}, which this ledger does not hold",
             entry.index,
         )
-        return False
+        return None
     if recomputed != claimed:
         report.fail(
             f"entry {entry.index}: hash chain at index {index} differs from what the leader's "
@@ -149,11 +157,11 @@ def _signature_entry(
         )
         report.bad_range = (report.last_signed_index, index)
         replay.diverged = True
-        return False
+        return None
     if index >= report.mark_index:
         replay.mark = LedgerMark(index, claimed, proof)
         report.mark_index = index
-    return True
+    return command
 
 
 def replay_ledger(persisted: PersistedState, vendor_root: bytes) -> Replay:
@@ -174,12 +182,12 @@ def replay_ledger(persisted: PersistedState, vendor_root: bytes) -> Replay:
     if commands:
         report.first_index, report.last_index = commands[0].index, commands[-1].index
     for entry in commands:
-        cmd = _command(entry)
-        if cmd is not None and cmd.get("op") == "ledger.sign":
-            if _signature_entry(entry, cmd, state, verifier, replay):
+        if _op(entry) == "ledger.sign":
+            signed = _signature_entry(entry, state, verifier, replay)
+            if signed is not None:
                 counted.add(entry.index)
                 report.signatures += 1
-                report.last_signed_index = max(report.last_signed_index, int(cmd["index"]))
+                report.last_signed_index = max(report.last_signed_index, signed.index)
             if not report.ok:
                 return replay
         state.apply(entry.index, entry.data)

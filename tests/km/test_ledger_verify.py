@@ -222,6 +222,18 @@ def test_a_rewritten_entry_cannot_be_signed_by_asking_the_enclave() -> None:
     )
 
 
+@pytest.mark.parametrize("index", [2**64, -1, "7"])
+def test_a_malformed_signature_entry_is_named_not_a_crash(index: object) -> None:
+    built, km1 = genuine()
+    km1.state = built.state
+    fields = json.loads(km1.ledger_signature(NOW).encode())
+    del fields["op"]
+    built.command(encode_command("ledger.sign", **{**fields, "index": index}))
+    report = verify_ledger(built.ledger(), ROOT)
+    assert not report.ok and report.first_bad_index == built.index
+    assert f"entry {built.index}: malformed signature entry: 'index'" in (report.problem or "")
+
+
 # --- who may sign -----------------------------------------------------------------------------
 
 
