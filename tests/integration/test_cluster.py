@@ -153,7 +153,7 @@ def test_service_enclave_with_wrong_measurement_gets_nothing(cluster: LocalClust
     code, proof = cluster.api(
         victim, "POST", "/v1/service/prove", {"key": "payments", "generation": 2, "challenge": "00"}
     )
-    assert code == 409 and "no key" in proof["error"]
+    assert code == 404 and "no key" in proof["error"]
     code, releases = cluster.api(cluster.names[0], "GET", "/v1/releases?key=payments")
     recorded = [r for r in releases["releases"] if r["id"] == release["release"]]
     assert recorded and recorded[0]["status"] == "refused"
@@ -182,7 +182,7 @@ def test_a_release_that_has_not_committed_never_reaches_the_service_enclave(
     assert status is not None and status["service"]["early_attestations"]["started"] > started
     prove = {"key": "held", "generation": 1, "challenge": "00"}
     code, proof = cluster.api(target, "POST", "/v1/service/prove", prove)
-    assert code == 409 and "no key" in proof["error"]
+    assert code == 404 and "no key" in proof["error"]
 
     cluster.api(target, "POST", "/v1/chaos/heal", {})
     cluster.start(other)
