@@ -16,6 +16,7 @@ keep the encoding small and the encoder fast (it is on the replication hot path)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,20 +95,20 @@ class TooManyItems(CodecError):
     """A message holds more arrays and array elements than ``DecodeLimits.max_items``."""
 
 
-class _ItemBudget:
+def _item_budget(budget: int) -> Callable[[list[Any]], list[Any]]:
     """msgpack's ``list_hook``: counts every array as it is built and stops the decoder (by
-    raising) once the message has used its budget, so the waste is at most one array."""
+    raising) once the message has used its budget, so the waste is at most one array. (A
+    closure: the cheapest callable msgpack can call once per array.)"""
+    left = budget
 
-    __slots__ = ("left",)
-
-    def __init__(self, budget: int) -> None:
-        self.left = budget
-
-    def __call__(self, items: list[Any]) -> list[Any]:
-        self.left -= 1 + len(items)
-        if self.left < 0:
+    def hook(items: list[Any]) -> list[Any]:
+        nonlocal left
+        left -= 1 + len(items)
+        if left < 0:
             raise TooManyItems("message holds more arrays and elements than allowed")
         return items
+
+    return hook
 
 
 def encode_message(msg: Message) -> bytes:
@@ -245,7 +246,9 @@ def decode_message(
             raw=False,
             use_list=True,
             strict_map_key=True,
-            list_hook=_ItemBudget(limits.max_items),
+            # Every item takes at least one byte, so a message no longer than the budget
+            # cannot exceed it: only longer ones pay for counting.
+            list_hook=_item_budget(limits.max_items) if len(data) > limits.max_items else None,
             max_str_len=limits.max_str,
             max_bin_len=min(limits.max_bin, max_bytes),
             max_array_len=limits.max_array,

@@ -508,14 +508,15 @@ class _ItemBudget:
 
 def decode(record: bytes) -> Message:
     """The message ``record`` holds; ``CircuitError`` naming what is wrong otherwise."""
-    budget = _ItemBudget()
+    # Every item takes at least one byte, so only a record longer than the budget is counted.
+    budget = _ItemBudget() if len(record) > MAX_RECORD_ITEMS else None
     try:
         raw: Any = msgpack.unpackb(
             record,
             raw=False,
             strict_map_key=True,
-            list_hook=budget.list,
-            object_hook=budget.map,
+            list_hook=budget.list if budget is not None else None,
+            object_hook=budget.map if budget is not None else None,
             max_str_len=MAX_RECORD_BYTES_FIELD,
             max_bin_len=MAX_RECORD_BYTES_FIELD,
             max_array_len=MAX_RECORD_CONTAINER,
