@@ -304,7 +304,7 @@ def test_a_malformed_envelope_is_refused_and_nothing_is_held(envelope: dict[str,
     a, _ = joined_pair()
     svc = service("a")
     genuine = provision(a, svc)
-    with pytest.raises(ProvisioningError, match="malformed|rejected"):
+    with pytest.raises(ProvisioningError, match=r"malformed|rejected"):
         svc.accept_key(_boxed(a, svc, envelope), genuine.vouch)
     assert svc._keys == {}
     assert not svc.holds("db", 1)
