@@ -40,6 +40,9 @@ _HEX = re.compile(r"^[0-9a-f]*$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Longest challenge the proof workload takes, in bytes (``kmnode.service_pipe``).
 MAX_CHALLENGE = 1024
+#: Where the host serves the API's OpenAPI document (``kmnode/openapi.json``, built by
+#: ``kmnode.openapi``).
+OPENAPI_PATH = "/v1/openapi.json"
 #: Deepest JSON nesting a body may have (deeper is refused, not parsed into a RecursionError).
 MAX_DEPTH = 32
 

@@ -72,8 +72,9 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("kmnode.service",), ("kmnode.host", "kmnode.km", "kmnode.ledger")),
     # The host uses the service enclave only through its process and pipe.
     (("kmnode.host",), ("kmnode.service",)),
-    # The host reaches the KM enclave only through the circuit.
-    (("kmnode.host",), ("kmnode.km",)),
+    # The host reaches the KM enclave only through the circuit (and serves the OpenAPI document
+    # from its file: the builder reads the enclave's types).
+    (("kmnode.host",), ("kmnode.km", "kmnode.openapi")),
     # The shared layer sits below both halves of a node.
     (_SHARED, ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.ledger")),
     # The pure libraries stand alone.

@@ -10,10 +10,10 @@ import pytest
 from openapi_spec_validator import validate
 
 from kmnode import openapi
-from kmnode.api_routes import CHAOS_ROUTES, ROUTES, BadCall, Route, parse_call
+from kmnode.api_routes import CHAOS_ROUTES, OPENAPI_PATH, ROUTES, BadCall, Route, parse_call
 from kmnode.host.api import _STATUS
 from kmnode.km_messages import FailureCode
-from kmnode.openapi import OPEN_ROUTES, OPENAPI_PATH, UndocumentedRoute, check_documented, document
+from kmnode.openapi import OPEN_ROUTES, SHIPPED, UndocumentedRoute, check_documented, document
 
 
 def operation(method: str, path: str) -> dict[str, Any]:
@@ -112,3 +112,9 @@ def test_bodies_carry_the_constraints_of_the_commands_they_become() -> None:
     assert (actions["minItems"], actions["maxItems"]) == (1, 16)
     ops = set(actions["items"]["discriminator"]["mapping"])
     assert {"policy.allow", "member.remove", "identity.set", "chaos.set", "node.admit"} <= ops
+
+
+def test_the_shipped_document_is_the_built_one() -> None:
+    """The host serves ``kmnode/openapi.json`` (it does not import the builder, which reads the
+    KM enclave's types); after a change to a route or a type, `python -m kmnode.openapi`."""
+    assert SHIPPED.read_text() == openapi.render(), "run: python -m kmnode.openapi"

@@ -13,6 +13,7 @@ contains key material: keys are shown by fingerprint (a MAC), never by value.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import ValidationError
 
-from kmnode.api_routes import ROUTES, Route
+from kmnode.api_routes import OPENAPI_PATH, ROUTES, Route
 from kmnode.circuit import CircuitClosed
 from kmnode.config import NodeSpec
 from kmnode.host.chaos_api import add_chaos_routes
@@ -41,9 +42,11 @@ from kmnode.km_messages import (
     UpdateLinkRule,
 )
 from kmnode.linkfaults import FaultRuleError
-from kmnode.openapi import OPENAPI_PATH, document
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+#: The shipped OpenAPI document, read once (the host does not import its builder, which reads
+#: the KM enclave's types: the host reaches the enclave through the circuit only).
+_OPENAPI = importlib.resources.files("kmnode").joinpath("openapi.json").read_bytes()
 R = TypeVar("R", bound=Reply)
 MAX_BODY = 64 * 1024
 #: HTTP status of each way the enclave can refuse a request.
@@ -238,9 +241,9 @@ class OperatorApi:
         )
 
     async def openapi(self, request: web.Request) -> web.Response:
-        """The API's OpenAPI document (``kmnode.openapi``): open, like the status, since it
-        describes the API and holds nothing of the node's."""
-        return _json(document())
+        """The API's OpenAPI document (``kmnode/openapi.json``, built by ``kmnode.openapi``):
+        open, like the status, since it describes the API and holds nothing of the node's."""
+        return web.Response(body=_OPENAPI, content_type="application/json")
 
     # --- the enclave's routes ---------------------------------------------------------------
 

@@ -31,8 +31,9 @@ from schemathesis.checks import (
 )
 from schemathesis.schemas import BaseSchema
 
+from kmnode.api_routes import OPENAPI_PATH
 from kmnode.identity import IdentityKeys, sign_request
-from kmnode.openapi import OPEN_ROUTES, OPENAPI_PATH, document
+from kmnode.openapi import OPEN_ROUTES, document
 
 from .harness import LocalCluster, cluster_admin
 
