@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kmnode.config import LimitsSpec
 from kmnode.identity import Role
 from kmnode.km_messages import (
     AttestRequest,
@@ -43,8 +44,8 @@ MAX_CHALLENGE = 1024
 #: Where the host serves the API's OpenAPI document (``kmnode/openapi.json``, built by
 #: ``kmnode.openapi``).
 OPENAPI_PATH = "/v1/openapi.json"
-#: Deepest JSON nesting a body may have (deeper is refused, not parsed into a RecursionError).
-MAX_DEPTH = 32
+#: The limits a node uses unless its cluster.yaml sets others (``limits:``).
+DEFAULT_LIMITS = LimitsSpec()
 
 
 class BadCall(Exception):
@@ -204,8 +205,8 @@ CHAOS_ROUTES: tuple[Route, ...] = (
 _COMPILED = tuple((route, route.pattern) for route in (*ROUTES, *CHAOS_ROUTES))
 
 
-def parse_body(raw: bytes) -> Body:
-    """A request body: empty, or a JSON object (not nested deeper than ``MAX_DEPTH``)."""
+def parse_body(raw: bytes, max_depth: int = DEFAULT_LIMITS.api_json_depth) -> Body:
+    """A request body: empty, or a JSON object (not nested deeper than ``max_depth``)."""
     if not raw:
         return {}
     try:
@@ -216,8 +217,8 @@ def parse_body(raw: bytes) -> Body:
     for char in text:  # a cheap upper bound on nesting (brackets inside strings count too)
         if char in "[{":
             depth += 1
-            if depth > MAX_DEPTH:
-                raise BadCall(f"body is nested deeper than {MAX_DEPTH}")
+            if depth > max_depth:
+                raise BadCall(f"body is nested deeper than {max_depth}")
         elif char in "]}":
             depth -= 1
     try:
@@ -229,8 +230,16 @@ def parse_body(raw: bytes) -> Body:
     return body
 
 
-def parse_call(method: str, target: str, raw_body: bytes) -> tuple[Route, Request]:
-    """The route ``method target`` names and the typed request it asks for."""
+def parse_call(
+    method: str, target: str, raw_body: bytes, limits: LimitsSpec = DEFAULT_LIMITS
+) -> tuple[Route, Request]:
+    """The route ``method target`` names and the typed request it asks for, within the
+    node's ``limits`` (body size: 413; JSON depth: 400)."""
+    if len(raw_body) > limits.api_body_bytes:
+        raise BadCall(
+            f"body of {len(raw_body)} bytes exceeds the limit of {limits.api_body_bytes}",
+            status=413,
+        )
     split = urllib.parse.urlsplit(target)
     path = urllib.parse.unquote(split.path)
     query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
@@ -238,7 +247,7 @@ def parse_call(method: str, target: str, raw_body: bytes) -> tuple[Route, Reques
         match = pattern.match(path)
         if match is None or route.method != method:
             continue
-        body = parse_body(raw_body) if method == "POST" else {}
+        body = parse_body(raw_body, limits.api_json_depth) if method == "POST" else {}
         try:
             return route, route.build(match.groupdict(), query, body)
         except ValidationError as exc:

@@ -173,6 +173,11 @@ class MqttSpec(_Strict):
         return value
 
 
+#: The largest operator request body any configuration allows: one command's worth (what the
+#: KM enclave takes over the circuit in an ``ApiCall``).
+API_BODY_CAP = 64 * 1024
+
+
 class LimitsSpec(_Strict):
     """How much a peer (or a host) can make a node hold or do before it is refused.
 
@@ -202,6 +207,11 @@ class LimitsSpec(_Strict):
     msgpack_max_str_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 1024
     msgpack_max_array_len: Annotated[int, Field(ge=1024, le=1_000_000)] = 4096
     msgpack_max_items: Annotated[int, Field(ge=4096, le=10_000_000)] = 65_536
+    #: Largest operator request body (413 past it, refused by the host before reading it all,
+    #: and by the KM enclave again) and deepest JSON nesting in one (400 past it, refused
+    #: before parsing, so no body can make the parser recurse).
+    api_body_bytes: Annotated[int, Field(ge=1024, le=API_BODY_CAP)] = API_BODY_CAP
+    api_json_depth: Annotated[int, Field(ge=4, le=64)] = 32
 
 
 def _default_nodes(count: int) -> list[NodeSpec]:

@@ -25,6 +25,8 @@ from pydantic import (
     ValidationError,
 )
 
+from kmnode.config import API_BODY_CAP
+
 #: Timeouts an operator may ask for, in seconds (a NaN or a year is refused at the boundary).
 Timeout = Field(default=10.0, ge=0.0, le=300.0, allow_inf_nan=False)
 
@@ -217,7 +219,7 @@ class ApiCall(Request):
     target: str = Field(max_length=4096)
     #: The signature headers (``kmnode.identity.SIGNATURE_HEADERS``), lower-case names.
     headers: dict[str, Annotated[str, StringConstraints(max_length=4096)]] = Field(max_length=3)
-    body: bytes = Field(default=b"", max_length=64 * 1024)
+    body: bytes = Field(default=b"", max_length=API_BODY_CAP)
 
 
 class ChaosCheck(Request):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmnode.api_routes import ROUTES, BadCall, parse_call
+from kmnode.config import LimitsSpec
 from kmnode.km_messages import CreateKey, PolicyChange, Prove, ReadRequest, ReleaseKey
 
 PROVE = b'{"key": "db", "generation": true, "challenge": %s}'
@@ -76,4 +77,20 @@ def test_garbage_gets_a_bad_call_or_a_request_never_another_exception(
     try:
         parse_call(method, target, body)
     except BadCall as exc:
-        assert exc.status in (400, 404)
+        assert exc.status in (400, 404, 413)
+
+
+def test_the_body_limits_are_the_nodes_settings() -> None:
+    """cluster.yaml's ``limits.api_body_bytes`` and ``api_json_depth`` bound what the KM
+    enclave parses (the host refuses a larger body first; a host that does not is refused
+    here): past either, a specific refusal, before any JSON is parsed."""
+    tight = LimitsSpec(api_body_bytes=1024, api_json_depth=4)
+    nested = b'{"name": [[[["x"]]]]}'
+    with pytest.raises(BadCall, match="nested deeper than 4") as caught:
+        parse_call("POST", "/v1/keys", nested, tight)
+    assert caught.value.status == 400
+    parse_call("POST", "/v1/keys", nested)  # within the default depth: parsed (and typed)
+    large = b'{"name": "' + b"x" * 1100 + b'"}'
+    with pytest.raises(BadCall, match="exceeds the limit of 1024") as caught:
+        parse_call("POST", "/v1/keys", large, tight)
+    assert caught.value.status == 413

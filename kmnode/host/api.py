@@ -48,7 +48,6 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 #: the KM enclave's types: the host reaches the enclave through the circuit only).
 _OPENAPI = importlib.resources.files("kmnode").joinpath("openapi.json").read_bytes()
 R = TypeVar("R", bound=Reply)
-MAX_BODY = 64 * 1024
 #: HTTP status of each way the enclave can refuse a request.
 _STATUS: dict[FailureCode, int] = {
     "not_leader": 421,
@@ -128,7 +127,8 @@ class OperatorApi:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY, middlewares=[self._errors, self._same_origin]
+            client_max_size=self.node.config.limits.api_body_bytes,
+            middlewares=[self._errors, self._same_origin],
         )
         app.router.add_get("/v1/status", self.status)
         app.router.add_get(OPENAPI_PATH, self.openapi)

@@ -136,7 +136,9 @@ class Operator:
                 )
             raise Failed.of(exc.code, message) from None
         try:
-            route, request = parse_call(call.method, call.target, call.body)
+            route, request = parse_call(
+                call.method, call.target, call.body, self.node.config.limits
+            )
         except BadCall as exc:
             code: FailureCode = "not_found" if exc.status == 404 else "bad_request"
             raise Failed.of(code, str(exc), field=exc.field) from None

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from kmnode.config import ClusterConfig
 from kmnode.identity import PublicIdentity
 from kmnode.km.operator import Operator
 from kmnode.km.state import KMState, encode_command
@@ -17,7 +18,9 @@ from tests.operators import ADMIN, api_call
 
 
 def operator_with(state: KMState) -> Operator:
-    node = SimpleNamespace(enclave=SimpleNamespace(state=state), faults=FaultRules(1))
+    node = SimpleNamespace(
+        enclave=SimpleNamespace(state=state), faults=FaultRules(1), config=ClusterConfig()
+    )
     return Operator(node)  # type: ignore[arg-type]
 
 
@@ -62,6 +65,7 @@ def leader_with(state: KMState) -> tuple[Operator, _Leader]:
     node = SimpleNamespace(
         enclave=SimpleNamespace(state=state),
         faults=FaultRules(1),
+        config=ClusterConfig(),
         ready=True,
         driver=driver,
         propose=propose,
