@@ -108,3 +108,14 @@ def test_bad_marks_are_refused_with_their_exit_codes(config_file: Path) -> None:
     built.store(nodes / "km2" / "raft", through=5)  # nothing signed in it
     code, _, err = kmctl(config_file, "mark", "km2")
     assert code == 1 and "holds no member's signature yet" in err
+
+
+def test_trust_km_takes_measurements_only(config_file: Path) -> None:
+    built, nodes = signed_ledger(config_file)
+    built.store(nodes / "km1" / "raft")
+    code, _, err = kmctl(config_file, "verify", "km1", "--trust-km", "nothex")
+    assert code == 2 and "'nothex' is not 64 hex digits" in err
+    code, _, _ = kmctl(
+        config_file, "verify", "km1", "--allow-unsigned-tail", "--trust-km", "ab" * 32
+    )
+    assert code == 0

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attest.quote import QuoteVerifier
+from attest.quote import Quote, QuoteVerifier
 from consensus.storage import DurableLog
 from consensus.types import Entry, EntryType, PersistedState, Snapshot
 from kmnode.km.commands import CommandRefused, LedgerSign, parse
@@ -67,9 +67,20 @@ def _op(entry: Entry) -> object:
     return value.get("op") if isinstance(value, dict) else None
 
 
-def _start(snapshot: Snapshot, verifier: QuoteVerifier, replay: Replay) -> KMState | None:
+def _start(
+    snapshot: Snapshot,
+    verifier: QuoteVerifier,
+    replay: Replay,
+    trusted_km: frozenset[bytes] | None,
+) -> KMState | None:
     """The state the ledger starts from: empty, or a snapshot's image if a member's enclave
-    signed exactly it (None, with the report failed, otherwise)."""
+    signed exactly it (None, with the report failed, otherwise).
+
+    A snapshot names its own members and policy, so judged by itself alone, an enclave of any
+    build on a genuine platform could sign an image that admits it. ``trusted_km`` (the KM
+    measurements the verifier trusts, from cluster.yaml and ``--trust-km``) anchors it: the
+    signer's measurement must be one of them. Later signatures are judged by the policy the
+    ledger itself replays from there."""
     report = replay.report
     if snapshot.is_empty:
         return KMState()
@@ -84,6 +95,13 @@ def _start(snapshot: Snapshot, verifier: QuoteVerifier, replay: Replay) -> KMSta
         report.fail(f"{where} is fabricated: no enclave signed it", snapshot.meta.index)
         return None
     why = not_genuine(signed.proof, signed.message(), verifier)
+    if why is None and trusted_km is not None:
+        measurement = Quote.decode(signed.proof.quote).body.identity.measurement
+        if measurement not in trusted_km:
+            why = (
+                f"its signer's KM measurement {measurement.hex()} is not one this verifier "
+                "trusts (cluster.yaml's policy; add others with --trust-km)"
+            )
     if why is None and (snapshot.meta.index, snapshot.meta.term) < (signed.index, signed.term):
         why = f"it is labelled index {snapshot.meta.index}, its signature covers {signed.index}"
     if why is None and snapshot.meta.index == signed.index and snapshot.meta.term != signed.term:
@@ -164,13 +182,16 @@ def _signature_entry(
     return command
 
 
-def replay_ledger(persisted: PersistedState, vendor_root: bytes) -> Replay:
-    """Replay a ledger and judge its snapshot and signatures (the unsigned tail is counted,
-    not judged: see ``verify_ledger``)."""
+def replay_ledger(
+    persisted: PersistedState, vendor_root: bytes, trusted_km: frozenset[bytes] | None = None
+) -> Replay:
+    """Replay a ledger and judge its snapshot (against ``trusted_km``, if given: see
+    ``_start``) and signatures (the unsigned tail is counted, not judged: see
+    ``verify_ledger``)."""
     replay = Replay(LedgerReport())
     report = replay.report
     verifier = QuoteVerifier(vendor_root)
-    state = _start(persisted.snapshot, verifier, replay)
+    state = _start(persisted.snapshot, verifier, replay, trusted_km)
     if state is None:
         return replay
     replay.start = state.applied_index

@@ -20,11 +20,13 @@ def verify_ledger(
     *,
     against: LedgerMark | None = None,
     allow_unsigned_tail: bool = False,
+    trusted_km: frozenset[bytes] | None = None,
 ) -> LedgerReport:
     """Verify a ledger, and compare it with ``against`` (another ledger's signed mark, which
     must be genuine itself); commands after the last member's signature fail it unless
-    allowed."""
-    return _verify(persisted, vendor_root, against, allow_unsigned_tail).report
+    allowed. A snapshot it starts from must be signed by a ``trusted_km`` measurement (if
+    given; see ``replay._start``)."""
+    return _verify(persisted, vendor_root, against, allow_unsigned_tail, trusted_km).report
 
 
 def _verify(
@@ -32,8 +34,9 @@ def _verify(
     vendor_root: bytes,
     against: LedgerMark | None,
     allow_unsigned_tail: bool,
+    trusted_km: frozenset[bytes] | None = None,
 ) -> Replay:
-    replay = replay_ledger(persisted, vendor_root)
+    replay = replay_ledger(persisted, vendor_root, trusted_km)
     if against is not None and replay.report.ok:
         against.check(QuoteVerifier(vendor_root))
         compare_with_mark(replay, against)
@@ -129,6 +132,7 @@ def verify_node(
     *,
     against: LedgerMark | None = None,
     allow_unsigned_tail: bool = False,
+    trusted_km: frozenset[bytes] | None = None,
 ) -> LedgerReport:
     """Verify one node's ledger, and compare it with ``against`` (another ledger's signed
     mark, checked first). On a chain mismatch, name the first bad entry by comparing with
@@ -139,7 +143,7 @@ def verify_node(
         report = LedgerReport()
         report.fail(exc.message)
         return report
-    replay = _verify(persisted, vendor_root, against, allow_unsigned_tail)
+    replay = _verify(persisted, vendor_root, against, allow_unsigned_tail, trusted_km)
     report = replay.report
     if replay.diverged:
         for reference in references or []:

@@ -175,6 +175,20 @@ def test_snapshot_signed_by_a_non_member_enclave_is_named_fabricated() -> None:
     assert "is fabricated: platform 'p3' hosted no member then" in (report.problem or "")
 
 
+def test_a_snapshot_counts_only_if_its_signer_is_a_build_the_verifier_trusts() -> None:
+    """A snapshot names its own members and policy, so a genuine enclave of another build could
+    sign one that admits itself; the verifier's trusted measurements (cluster.yaml's policy,
+    --trust-km) anchor it."""
+    built, snap, _ = compacted()
+    ledger = built.ledger(snapshot=snap)
+    assert verify_ledger(ledger, ROOT, trusted_km=frozenset({KM.measurement})).ok
+    report = verify_ledger(ledger, ROOT, trusted_km=frozenset({b"\x07" * 32}))
+    assert not report.ok and report.first_bad_index == snap.meta.index
+    assert f"its signer's KM measurement {KM.measurement.hex()} is not one this verifier" in (
+        report.problem or ""
+    )
+
+
 def test_snapshot_relabelled_to_another_index_is_named_fabricated() -> None:
     built, snap, _ = compacted()
     relabelled = Snapshot(dataclasses.replace(snap.meta, index=snap.meta.index - 1), snap.data)
