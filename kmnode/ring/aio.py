@@ -8,16 +8,26 @@ Records themselves are taken on the loop thread with non-blocking reads.
 
 The AsyncReader has a Reader of its own, so that cancelling a wait (which interrupts the
 worker's futex sleep) cannot disturb other readers of the same ring in this process.
+
+An interrupt wakes a wait already asleep, not one the worker has yet to begin: a wait
+cancelled just after it was handed to the worker would then sleep until the next record,
+forever on a ring nobody writes to any more, and `close` (on the event loop) with it. So
+`close` interrupts again until the worker's wait has ended, a bounded number of times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from kmnode.ring._ring import Reader, Ring
 from kmnode.ring.errors import RingClosed
+
+#: How often, and how many times, `close` interrupts a wait that has not ended yet.
+CLOSE_INTERRUPT_EVERY = 0.005
+CLOSE_INTERRUPTS = 400
 
 
 class AsyncReader:
@@ -28,6 +38,8 @@ class AsyncReader:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmring-wait")
         self._batch = batch
         self._closed = False
+        #: The wait handed to the worker last (close makes sure it has ended).
+        self._inflight: concurrent.futures.Future[bool] | None = None
 
     @property
     def reader(self) -> Reader:
@@ -36,10 +48,9 @@ class AsyncReader:
     async def _wait(self, timeout: float | None) -> bool:
         if self._closed:
             raise RingClosed("AsyncReader is closed")
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, self._reader.wait_readable, timeout)
+        self._inflight = self._executor.submit(self._reader.wait_readable, timeout)
         try:
-            return await fut
+            return await asyncio.wrap_future(self._inflight)
         except asyncio.CancelledError:
             # Free the worker thread now rather than when data next arrives.
             self._reader.interrupt()
@@ -84,8 +95,14 @@ class AsyncReader:
         if self._closed:
             return
         self._closed = True
-        self._reader.interrupt()
-        self._executor.shutdown(wait=True)
+        inflight = self._inflight
+        for _ in range(CLOSE_INTERRUPTS):
+            self._reader.interrupt()
+            if inflight is None or inflight.cancel() or inflight.done():
+                break
+            concurrent.futures.wait([inflight], timeout=CLOSE_INTERRUPT_EVERY)
+        # A worker still asleep after all that is left behind rather than block the loop.
+        self._executor.shutdown(wait=inflight is None or inflight.done(), cancel_futures=True)
 
     async def __aenter__(self) -> AsyncReader:
         return self

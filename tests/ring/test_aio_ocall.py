@@ -92,3 +92,23 @@ def test_ocall_writer_over_a_writer_and_its_cost(small_ring: Ring) -> None:
     with pytest.raises(ValueError):
         OcallWriter(lambda d, t: True, switch_cycles=-1)
     assert cycles_per_second(0.005) > 1e6
+
+
+def test_close_wakes_a_wait_that_began_after_its_first_interrupt(small_ring: Ring) -> None:
+    """A wait the worker took up but began late (the thread preempted, or waiting for the GIL)
+    misses an interrupt issued meanwhile and would sleep until the next record: on a ring
+    nobody writes to any more (a replaced service ring), forever, with the event loop stuck
+    in close. Modelled here by a worker that begins the wait 50 ms late."""
+    ar = AsyncReader(small_ring)
+
+    def late_wait() -> bool:
+        time.sleep(0.05)
+        return ar.reader.wait_readable(None)
+
+    ar._inflight = ar._executor.submit(late_wait)
+    time.sleep(0.005)  # the worker has taken it up: it can no longer be cancelled
+    closing = threading.Thread(target=ar.close, daemon=True)
+    closing.start()
+    closing.join(5)
+    assert not closing.is_alive(), "close hung on a wait nobody will ever wake"
+    assert ar._inflight.done() and ar._inflight.result() is False
