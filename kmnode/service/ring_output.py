@@ -103,7 +103,8 @@ class RingOutput:
                 raise
             except RingFull:
                 self.dropped += 1
-                log.warning("output ring full: record dropped (%d so far)", self.dropped)
+                if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...
+                    log.warning("output ring full: record dropped (%d so far)", self.dropped)
                 return False
             except RingError as exc:
                 error = describe(exc)

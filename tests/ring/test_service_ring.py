@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from kmnode.host.faults import RingStall
 from kmnode.host.service_output import RingFailure, ServiceOutput
 from kmnode.ring import LAYOUT
 from kmnode.service.ring_output import RingOutput
@@ -160,3 +161,30 @@ def test_the_service_refuses_an_unsealed_ring_whatever_the_host_grants() -> None
         host.close()
         service.close()
         os.close(unsealed)
+
+
+async def test_a_full_ring_drops_records_and_keeps_the_ring() -> None:
+    """A host that stops draining fills the ring: that is no failure of the ring, so the
+    service drops (and counts) what does not fit, asks for nothing, and writes again once the
+    host drains."""
+    stall = RingStall()
+    host = Host(ServiceOutput("t", lambda r: None, stall))
+    host.output.on_output = host.records.append
+    host.output.on_ring_failed = host.failures.append
+    host.output.start()
+    service = await started_service(host, write_timeout=0.01)
+    try:
+        stall.set(True)
+        record = b"r" * 4000  # 4 KiB a record with its frame and padding: 256 fill the ring
+        written = [await asyncio.to_thread(service.write, record, 1) for _ in range(300)]
+        # (the drain may have taken a batch before it saw the stall)
+        assert SERVICE_RING_CAPACITY // 4008 <= sum(written) < 300 and not written[-1]
+        assert service.dropped == 300 - sum(written)
+        stall.set(False)
+        await host.until(lambda: len(host.records) == sum(written), "the drain")
+        assert await asyncio.to_thread(service.write, b"again", 1)
+        await host.until(lambda: host.records[-1:] == [b"again"], "the next record")
+        assert host.failures == [] and host.output.replacements == 0 and service.replacements == 0
+    finally:
+        service.close()
+        await host.output.stop()
