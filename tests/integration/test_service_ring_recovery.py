@@ -49,6 +49,11 @@ def enclave_pids(cluster: LocalCluster) -> tuple[int, int]:
     return km[0], service[0]
 
 
+def service_running(cluster: LocalCluster) -> bool:
+    status = cluster.status(NODE)
+    return status is not None and bool(status["service"]["running"])
+
+
 def host_ring_fd(cluster: LocalCluster) -> Path:
     """The host's descriptor of the current output ring, as /proc shows it."""
     fds = Path(f"/proc/{cluster.procs[NODE].pid}/fd")
@@ -154,6 +159,7 @@ def test_a_service_enclave_restarted_after_a_replacement_writes_to_the_current_r
     tamper(cluster, "writer_lock", 0, "<I", held[0])
     code, reply = cluster.api(NODE, "POST", "/v1/chaos/service-crash", {})
     assert code == 200 and reply["killed"] == old_service, reply
+    until(lambda: not service_running(cluster), 10, "the service enclave to be down")
     # a crashed service enclave loses its keys (that is what the recovery above avoids)
     code, reply = cluster.api(NODE, "POST", "/v1/keys/held/release", {"node": NODE})
     assert code == 200 and reply["releases"][0]["status"] == "provisioned", reply
