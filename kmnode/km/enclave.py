@@ -382,11 +382,12 @@ class KMEnclave:
 
     def open_responder(self, purpose: Purpose) -> int:
         """Accept a handshake. Unknown initiators are heard only on a join connection, and only
-        by a member that can admit them (it holds the secret and belongs to a cluster)."""
+        by a member (it holds the secret). One whose state has not named its cluster yet (the
+        genesis node before its first entry applies, a member replaying its log) hears them
+        too, and its join handler answers "busy": refusing the handshake would tell a joiner
+        it will never be admitted, and it would give up."""
         purpose = Purpose(purpose)
-        accept_unknown = (
-            purpose is Purpose.JOIN and bool(self.state.cluster) and self.has_master_secret
-        )
+        accept_unknown = purpose is Purpose.JOIN and self.has_master_secret
         responder = Responder(self._handshake_config(accept_unknown), self.state.policy)
         return self._new_session(_Session(responder, purpose, initiator=False))
 

@@ -190,6 +190,9 @@ class Joining:
         a node that is not such a voter is refused, never turned into a new member.
         """
         node = self.node
+        if not node.enclave.state.cluster:
+            # Genesis not applied yet, or our log still replaying: nothing to judge by yet.
+            return JoinReply("busy", reason=f"{node.name} has not applied its ledger yet")
         driver = node.raft()
         peer_name, platform_id = request.name, request.platform_id
         existing = node.enclave.state.members.get(peer_name)

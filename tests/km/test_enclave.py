@@ -9,7 +9,7 @@ import json
 import pytest
 
 from attest import local
-from attest.errors import SealingError, UnknownMeasurement
+from attest.errors import AttestationError, SealingError, UnknownMeasurement
 from attest.keybox import KeyBoxes
 from consensus.types import Message, MessageType
 from kmnode.km.enclave import (
@@ -354,3 +354,17 @@ def test_a_vouch_from_another_platform_or_km_build_is_refused() -> None:
     result = provision(a, distrustful)
     with pytest.raises(ProvisioningError, match="UnknownMeasurement"):
         distrustful.accept_key(result.ciphertext, result.vouch)
+
+
+def test_a_genesis_member_hears_a_joiner_before_its_first_entry_applies() -> None:
+    """Nodes started together: a joiner may reach the genesis node before `cluster.init` has
+    applied there. The join handshake completes (its join handler then answers "busy"), since
+    refusing it as an unknown peer tells the joiner it will never be admitted, and it gives up;
+    a Raft link from a non-member is still refused."""
+    genesis = bare_enclave("n-a", "a")
+    genesis.genesis()
+    assert not genesis.state.cluster
+    joiner = bare_enclave("n-b", "b")
+    handshake(joiner, genesis, Purpose.JOIN)
+    with pytest.raises(AttestationError, match="not a known member"):
+        handshake(joiner, genesis, Purpose.RAFT)
