@@ -87,12 +87,6 @@ def _expire(future: asyncio.Future[Reply], request: Request) -> None:
         future.set_exception(TimeoutError(f"no reply to {type(request).__name__}"))
 
 
-def ring_names(node: str, pid: int) -> tuple[str, str]:
-    """Shared-memory names of (host to enclave, enclave to host) for ``node`` run by ``pid``;
-    the pid last, so stale rings of a killed node can be recognised and removed."""
-    return f"/kmsim-{node}-kmin-{pid}", f"/kmsim-{node}-kmout-{pid}"
-
-
 class Circuit:
     """One side of the circuit: send requests and notices, answer the other side's requests."""
 
@@ -373,5 +367,4 @@ __all__ = [
     "Circuit",
     "CircuitClosed",
     "CircuitMode",
-    "ring_names",
 ]

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from consensus.ticker import Ticker
-from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed, ring_names
+from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitClosed
 from kmnode.config import ClusterConfig
 from kmnode.datadir import RAFT_DIR
 from kmnode.host.disks import HostDisks
-from kmnode.host.service_output import ServiceOutput, remove_stale_rings
+from kmnode.host.service_output import ServiceOutput
 from kmnode.host.sockets import PeerSockets
 from kmnode.km_messages import (
     Ack,
@@ -73,7 +73,6 @@ class KMLink:
         #: Its ring and ring-control socket are passed on to the service enclave (at start).
         self.service_output = service_output
         self.on_notice = on_notice
-        self.ring_in, self.ring_out = ring_names(name, os.getpid())
         self._rings: list[Ring] = []
         self._bells: list[int] = []
         self._proc: asyncio.subprocess.Process | None = None
@@ -104,10 +103,12 @@ class KMLink:
 
     async def start(self) -> str:
         """Start the enclave process; returns how it started (genesis, join, resume)."""
-        remove_stale_rings(self.name)
+        # Sealed memfds (no shrink, no grow), handed over by descriptor: the enclave checks the
+        # seals and the size, so the host cannot pull the memory from under it (SIGBUS); and
+        # they vanish with the processes, so a killed node leaves nothing in /dev/shm.
         self._rings = [
-            Ring.create(self.ring_in, CIRCUIT_CAPACITY),
-            Ring.create(self.ring_out, CIRCUIT_CAPACITY),
+            Ring.create_sealed(CIRCUIT_CAPACITY, label=f"kmsim-{self.name}-kmin"),
+            Ring.create_sealed(CIRCUIT_CAPACITY, label=f"kmsim-{self.name}-kmout"),
         ]
         self._started = asyncio.get_running_loop().create_future()
         # Doorbells: (read end, write end) of host -> enclave and of enclave -> host.
@@ -136,10 +137,10 @@ class KMLink:
             str(self.config_path),
             "--node",
             self.name,
-            "--ring-in",
-            self.ring_in,
-            "--ring-out",
-            self.ring_out,
+            "--ring-in-fd",
+            str(self._rings[0].fileno()),
+            "--ring-out-fd",
+            str(self._rings[1].fileno()),
             "--bell-in",
             str(to_enclave[0]),
             "--bell-out",
@@ -151,7 +152,13 @@ class KMLink:
             "--circuit",
             self.config.enclave.circuit,
             stdin=asyncio.subprocess.PIPE,
-            pass_fds=(to_enclave[0], to_host[1], *service.fds),
+            pass_fds=(
+                to_enclave[0],
+                to_host[1],
+                self._rings[0].fileno(),
+                self._rings[1].fileno(),
+                *service.fds,
+            ),
         )
         # Only the enclave holds its ends: when it exits, our doorbell sees end-of-file.
         os.close(to_enclave[0])
@@ -247,7 +254,7 @@ class KMLink:
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
         for ring in self._rings:
-            ring.close()  # the creator's close also unlinks the name
+            ring.close()  # closes our memfd: the memory goes when the enclave closes its own
         self._rings = []
         for fd in self._bells:
             os.close(fd)

@@ -22,7 +22,6 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from kmnode.host.faults import RingStall
 from kmnode.ring import AsyncReader, Reader, Ring, RingClosed, RingError
@@ -48,17 +47,6 @@ class RingFailure:
     replaced: bool
     #: How many rings were replaced so far (this one included).
     replacements: int
-
-
-def remove_stale_rings(node: str) -> None:
-    """Unlink rings left by earlier runs of ``node`` that were killed (SIGKILL skips cleanup),
-    so shared memory does not leak across restarts. Every named ring of a node is named
-    ``kmsim-{node}-...-{pid of its host}``."""
-    for path in Path("/dev/shm").glob(f"kmsim-{node}-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(OSError):
-                path.unlink()
 
 
 class ServiceOutput:

@@ -25,7 +25,7 @@ from pathlib import Path
 from attest.errors import SealingError
 from consensus.disk import Disk, DiskError, LocalDisk
 from consensus.storage import CorruptLogError, StorageError
-from kmnode.circuit import Circuit, CircuitMode
+from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitMode
 from kmnode.config import load_config
 from kmnode.datadir import RAFT_DIR
 from kmnode.imports import loaded_project_modules
@@ -64,13 +64,16 @@ async def _stdin_closed() -> None:
 async def serve(
     config_path: Path,
     name: str,
-    rings: tuple[str, str],
+    rings: tuple[int, int],
     bells: tuple[int, int],
     service_ring: RingHandoff,
     mode: str,
 ) -> int:
     config = load_config(config_path)
-    inbound, outbound = Ring.attach(rings[0]), Ring.attach(rings[1])
+    # The host's sealed memfds: refused unless sealed against shrinking and growing, and of the
+    # circuit's size (``Ring.attach_sealed``).
+    inbound = Ring.attach_sealed(rings[0], CIRCUIT_CAPACITY)
+    outbound = Ring.attach_sealed(rings[1], CIRCUIT_CAPACITY)
     data_dir = config.state_dir / "nodes" / name
     service = ServiceLink(config_path, name, service_ring)
     stop = asyncio.Event()
@@ -173,8 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A node's KM enclave (started by its host).")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--node", required=True)
-    parser.add_argument("--ring-in", required=True)
-    parser.add_argument("--ring-out", required=True)
+    parser.add_argument("--ring-in-fd", type=int, required=True, help="fd: host -> us ring")
+    parser.add_argument("--ring-out-fd", type=int, required=True, help="fd: us -> host ring")
     parser.add_argument("--bell-in", type=int, required=True, help="fd: the host's doorbell")
     parser.add_argument("--bell-out", type=int, required=True, help="fd: our doorbell")
     parser.add_argument("--service-ring-fd", type=int, required=True, help="fd: service ring")
@@ -191,7 +194,7 @@ def main() -> None:
     # The host stops us through the circuit; a terminal's ^C reaches the whole group and the
     # host then asks in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    rings, bells = (args.ring_in, args.ring_out), (args.bell_in, args.bell_out)
+    rings, bells = (args.ring_in_fd, args.ring_out_fd), (args.bell_in, args.bell_out)
     service_ring = RingHandoff(args.service_ring_fd, args.service_ring_control)
     sys.exit(asyncio.run(serve(args.config, args.node, rings, bells, service_ring, args.circuit)))
 

@@ -93,17 +93,30 @@ def ring_events(cluster: LocalCluster) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") == "service.ring_failed"]
 
 
-def test_the_host_cannot_resize_the_ring_under_the_service_enclave(cluster: LocalCluster) -> None:
-    fd = os.open(host_ring_fd(cluster), os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        for attempt in (0, size // 2, size * 2):
-            with pytest.raises(OSError) as refused:
-                os.ftruncate(fd, attempt)
-            assert refused.value.errno == errno.EPERM
-        assert os.fstat(fd).st_size == size
-    finally:
-        os.close(fd)
+def test_the_host_cannot_resize_any_ring_under_an_enclave(cluster: LocalCluster) -> None:
+    """The service's output ring and the circuit's two rings (host <-> KM enclave) are sealed
+    memfds: whoever holds one (the host, the KM enclave process) cannot shrink or grow it, so
+    no enclave can be made to touch memory that is gone (SIGBUS)."""
+    km, _ = enclave_pids(cluster)
+    rings = [
+        fd
+        for pid in (cluster.procs[NODE].pid, km)
+        for fd in Path(f"/proc/{pid}/fd").iterdir()
+        if os.readlink(fd).startswith(f"/memfd:kmsim-{NODE}-")
+    ]
+    labels = {os.readlink(fd).split(" ")[0] for fd in rings}
+    assert {RING_LABEL, f"/memfd:kmsim-{NODE}-kmin", f"/memfd:kmsim-{NODE}-kmout"} <= labels
+    for ring in rings:
+        fd = os.open(ring, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            for attempt in (0, size // 2, size * 2):
+                with pytest.raises(OSError) as refused:
+                    os.ftruncate(fd, attempt)
+                assert refused.value.errno == errno.EPERM, ring
+            assert os.fstat(fd).st_size == size
+        finally:
+            os.close(fd)
 
 
 @pytest.mark.parametrize(
