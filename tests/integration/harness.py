@@ -6,6 +6,7 @@ processes, their service enclaves, the broker) so a failing test leaves nothing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -261,3 +262,18 @@ class LocalCluster:
             self.capture.stop()
         if self.broker is not None:
             stop_broker(self.broker)
+
+
+@contextlib.contextmanager
+def running(
+    root: Path, nodes: int = 3, identities: list[PublicIdentity] | None = None
+) -> Iterator[LocalCluster]:
+    """A cluster of ``nodes`` up (with the embedded broker and an MQTT capture), stopped on
+    leaving, whatever happens: what every module-scoped cluster fixture starts with."""
+    cluster = LocalCluster(root, nodes=nodes, identities=identities)
+    try:
+        cluster.start_broker_and_capture()
+        cluster.up()
+        yield cluster
+    finally:
+        cluster.close()

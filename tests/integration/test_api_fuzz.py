@@ -35,7 +35,7 @@ from kmnode.api_routes import OPENAPI_PATH
 from kmnode.identity import IdentityKeys, sign_request
 from kmnode.openapi import OPEN_ROUTES, document
 
-from .harness import LocalCluster, cluster_admin
+from .harness import LocalCluster, cluster_admin, running
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -81,15 +81,10 @@ class Signed(requests.auth.AuthBase):
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("fuzz"), nodes=1)
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    with running(tmp_path_factory.mktemp("fuzz"), 1) as c:
         code, body = c.api("km1", "POST", "/v1/keys", {"name": KEY})
         assert code == 201, body
         yield c
-    finally:
-        c.close()
 
 
 def base_url(cluster: LocalCluster) -> str:

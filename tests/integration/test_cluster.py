@@ -22,20 +22,15 @@ from kmnode.km.enclave import derive_key
 from kmnode.km.loader import load_km_enclave
 from tests import memscan
 
-from .harness import LocalCluster, until
+from .harness import LocalCluster, running, until
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=3)
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    with running(tmp_path_factory.mktemp("cluster"), 3) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_cluster_forms_with_every_link_attested(cluster: LocalCluster) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from kmnode.identity import IdentityKeys
 
-from .harness import LocalCluster, until
+from .harness import LocalCluster, running, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -22,17 +22,9 @@ M = "ef" * 32
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(
-        tmp_path_factory.mktemp("governance"),
-        nodes=3,
-        identities=[BEN.public(["admin"]), CAT.public(["admin"]), OTTO.public(["operator"])],
-    )
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    admins = [BEN.public(["admin"]), CAT.public(["admin"]), OTTO.public(["operator"])]
+    with running(tmp_path_factory.mktemp("governance"), 3, admins) as c:
         yield c
-    finally:
-        c.close()
 
 
 def call(cluster: LocalCluster, path: str, body: Any, signer: Any = "admin") -> tuple[int, Any]:

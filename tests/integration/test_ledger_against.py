@@ -14,20 +14,15 @@ from click.testing import CliRunner
 
 from kmnode.cli import cli
 
-from .harness import LocalCluster, until
+from .harness import LocalCluster, running, until
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("ledger"), nodes=3)
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    with running(tmp_path_factory.mktemp("ledger"), 3) as c:
         yield c
-    finally:
-        c.close()
 
 
 def kmctl(cluster: LocalCluster, *args: str) -> tuple[int, str, str]:

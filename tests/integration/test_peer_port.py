@@ -22,7 +22,7 @@ from kmnode.km.enclave import KMEnclave
 from kmnode.simhw import HardwareStore
 from tests.km.peer_links import KM
 
-from .harness import LocalCluster, until
+from .harness import LocalCluster, running, until
 from .peer_fuzzing import Fuzzer
 
 pytestmark = pytest.mark.timeout(240)
@@ -34,13 +34,8 @@ RSS_BOUND = 64 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("peer-port"), nodes=3)
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    with running(tmp_path_factory.mktemp("peer-port"), 3) as c:
         yield c
-    finally:
-        c.close()
 
 
 def status(cluster: LocalCluster, name: str) -> dict[str, Any]:

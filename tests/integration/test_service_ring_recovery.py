@@ -21,7 +21,7 @@ import pytest
 from kmnode.ring import LAYOUT
 from tests.integration.test_cluster import _children
 
-from .harness import LocalCluster, until
+from .harness import LocalCluster, running, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,13 +31,8 @@ RING_LABEL = f"/memfd:kmsim-{NODE}-service"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("ring-recovery"), nodes=1)
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    with running(tmp_path_factory.mktemp("ring-recovery"), 1) as c:
         yield c
-    finally:
-        c.close()
 
 
 def enclave_pids(cluster: LocalCluster) -> tuple[int, int]:

@@ -64,7 +64,27 @@ def member_enclave(name: str, members: list[str], identity: EnclaveIdentity = KM
     return km
 
 
-class Links:
+class Transports:
+    """Attested transports on loopback ports of their own, by node name: all listen first (so
+    each knows the others' ports), then all start; stopped together."""
+
+    transports: dict[str, AttestedTransport]
+    ports: dict[str, int]
+    received: dict[str, list[Message]]
+
+    async def start(self) -> None:
+        for name, transport in self.transports.items():
+            await transport.listen()
+            self.ports[name] = transport.port
+        for name, transport in self.transports.items():
+            await transport.start(self.received[name].extend)
+
+    async def stop(self) -> None:
+        for transport in self.transports.values():
+            await transport.stop()
+
+
+class Links(Transports):
     """One transport per member; each dials the members its own committed state lists."""
 
     def __init__(
@@ -95,17 +115,6 @@ class Links:
             return {n: ("127.0.0.1", self.ports[n]) for n in km.state.members if n in self.ports}
 
         return addresses
-
-    async def start(self) -> None:
-        for name, transport in self.transports.items():
-            await transport.listen()
-            self.ports[name] = transport.port
-        for name, transport in self.transports.items():
-            await transport.start(self.received[name].extend)
-
-    async def stop(self) -> None:
-        for transport in self.transports.values():
-            await transport.stop()
 
     def linked(self, frm: str, to: str) -> bool:
         return to in self.transports[frm].attested_peers()

@@ -18,6 +18,7 @@ from kmnode.km.enclave import KMEnclave
 from kmnode.km.peer_transport import AttestedTransport
 from kmnode.km.peer_wire import channel_frame_size
 from tests.host import eventually
+from tests.km.peer_links import Transports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,7 +53,7 @@ def enclave(name: str, identity: EnclaveIdentity = KM) -> KMEnclave:
     return km
 
 
-class Pair:
+class Pair(Transports):
     def __init__(self, b_identity: EnclaveIdentity = KM) -> None:
         self.received: dict[str, list[Message]] = {"a": [], "b": []}
         self.ports: dict[str, int] = {}
@@ -64,17 +65,6 @@ class Pair:
             )
             for name in ("a", "b")
         }  # fmt: skip
-
-    async def start(self) -> None:
-        for name, transport in self.transports.items():
-            await transport.listen()
-            self.ports[name] = transport.port
-        for name, transport in self.transports.items():
-            await transport.start(self.received[name].extend)
-
-    async def stop(self) -> None:
-        for transport in self.transports.values():
-            await transport.stop()
 
 
 def heartbeat(i: int) -> Message:
