@@ -84,16 +84,9 @@ def peer_refusal(result: HandshakeResult, policy: Policy, directory: Mapping[str
     peer, name = result.peer, result.peer_name
     if directory.get(name) != peer.platform_id:
         return f"{name} is no longer a member on platform {peer.platform_id!r}"
-    if peer.platform_id in policy.revoked_platforms:
-        return f"{name}'s platform {peer.platform_id!r} is revoked by policy"
-    if peer.tcb_status not in policy.accepted_tcb:
-        return f"{name}'s TCB status {peer.tcb_status.value} is no longer accepted"
-    if peer.identity.measurement not in policy.measurements_for(peer.role):
-        return f"{name}'s measurement {peer.identity.measurement.hex()[:16]}… is no longer allowed"
-    if peer.identity.svn < policy.min_svn:
-        return (
-            f"{name}'s security version {peer.identity.svn} is below the minimum {policy.min_svn}"
-        )
+    for _, _, refusal in policy.judge(peer.platform_id, peer.tcb_status, peer.identity, peer.role):
+        if refusal is not None:
+            return f"{name}: {refusal}"
     return ""
 
 

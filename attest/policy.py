@@ -12,7 +12,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attest.certs import TcbStatus
-from attest.identity import MEASUREMENT_SIZE, EnclaveRole
+from attest.errors import (
+    AttestationError,
+    RevokedPlatform,
+    SecurityVersionTooLow,
+    TcbNotAccepted,
+    UnknownMeasurement,
+)
+from attest.identity import MEASUREMENT_SIZE, EnclaveIdentity, EnclaveRole
 
 
 def _measurement_set(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -41,6 +48,50 @@ class Policy:
             raise ValueError("min_svn must be >= 0")
         if self.max_quote_age_s <= 0 or self.max_clock_skew_s < 0:
             raise ValueError("max_quote_age_s must be > 0 and max_clock_skew_s >= 0")
+
+    def judge(
+        self, platform_id: str, tcb_status: TcbStatus, identity: EnclaveIdentity, role: EnclaveRole
+    ) -> list[tuple[str, str, AttestationError | None]]:
+        """The policy's rules for an enclave a quote showed, in order: (check, what passing
+        means, the refusal if it fails). One place for the rules, so a quote checked at a
+        handshake and a session judged again after a policy change meet the same ones."""
+        accepted = ", ".join(sorted(s.value for s in self.accepted_tcb)) or "none"
+        measurement, svn = identity.measurement, identity.svn
+        return [
+            (
+                "platform",
+                f"{platform_id!r} is not revoked",
+                RevokedPlatform(f"platform {platform_id!r} is revoked by policy")
+                if platform_id in self.revoked_platforms
+                else None,
+            ),
+            (
+                "tcb",
+                f"TCB status {tcb_status.value} accepted",
+                TcbNotAccepted(
+                    f"platform {platform_id!r} TCB status {tcb_status.value} is not accepted "
+                    f"(accepted: {accepted})"
+                )
+                if tcb_status not in self.accepted_tcb
+                else None,
+            ),
+            (
+                "measurement",
+                f"{measurement.hex()[:16]}… allowed for {role.value}",
+                UnknownMeasurement(
+                    f"measurement {measurement.hex()} is not allowed for role {role.value}"
+                )
+                if measurement not in self.measurements_for(role)
+                else None,
+            ),
+            (
+                "svn",
+                f"security version {svn} >= {self.min_svn}",
+                SecurityVersionTooLow(f"security version {svn} is below the minimum {self.min_svn}")
+                if svn < self.min_svn
+                else None,
+            ),
+        ]
 
     def measurements_for(self, role: EnclaveRole) -> frozenset[bytes]:
         return self.km_measurements if role is EnclaveRole.KM else self.service_measurements

@@ -23,11 +23,7 @@ from attest.errors import (
     CertificateMismatch,
     MalformedEvidence,
     ReportDataMismatch,
-    RevokedPlatform,
-    SecurityVersionTooLow,
     StaleQuote,
-    TcbNotAccepted,
-    UnknownMeasurement,
 )
 from attest.identity import EnclaveIdentity, EnclaveRole
 from attest.policy import Policy
@@ -198,34 +194,13 @@ class QuoteVerifier:
                 f"certificate states {certificate.platform_id!r}/{certificate.tcb_status.value}"
             )
 
-        if body.platform_id in policy.revoked_platforms:
-            raise RevokedPlatform(f"platform {body.platform_id!r} is revoked by policy")
-        if log is not None:
-            log.ok("platform", f"{body.platform_id!r} is not revoked")
-
-        if body.tcb_status not in policy.accepted_tcb:
-            accepted = ", ".join(sorted(s.value for s in policy.accepted_tcb)) or "none"
-            raise TcbNotAccepted(
-                f"platform {body.platform_id!r} TCB status {body.tcb_status.value} "
-                f"is not accepted (accepted: {accepted})"
-            )
-        if log is not None:
-            log.ok("tcb", f"TCB status {body.tcb_status.value} accepted")
-
-        identity = body.identity
-        if identity.measurement not in policy.measurements_for(role):
-            raise UnknownMeasurement(
-                f"measurement {identity.measurement.hex()} is not allowed for role {role.value}"
-            )
-        if log is not None:
-            log.ok("measurement", f"{identity.measurement.hex()[:16]}… allowed for {role.value}")
-
-        if identity.svn < policy.min_svn:
-            raise SecurityVersionTooLow(
-                f"security version {identity.svn} is below the minimum {policy.min_svn}"
-            )
-        if log is not None:
-            log.ok("svn", f"security version {identity.svn} >= {policy.min_svn}")
+        for check, passed, refusal in policy.judge(
+            body.platform_id, body.tcb_status, body.identity, role
+        ):
+            if refusal is not None:
+                raise refusal
+            if log is not None:
+                log.ok(check, passed)
 
         age = now - body.timestamp_ms / 1000.0
         if age > policy.max_quote_age_s:
@@ -244,7 +219,7 @@ class QuoteVerifier:
 
         return VerifiedIdentity(
             role=role,
-            identity=identity,
+            identity=body.identity,
             platform_id=body.platform_id,
             tcb_status=body.tcb_status,
             timestamp_ms=body.timestamp_ms,
