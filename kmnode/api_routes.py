@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from kmnode.config import LimitsSpec
 from kmnode.identity import Role
+from kmnode.jsondepth import deeper_than
 from kmnode.km_messages import (
     AttestRequest,
     ChaosCheck,
@@ -213,14 +214,8 @@ def parse_body(raw: bytes, max_depth: int = DEFAULT_LIMITS.api_json_depth) -> Bo
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadCall("body is not UTF-8") from None
-    depth = 0
-    for char in text:  # a cheap upper bound on nesting (brackets inside strings count too)
-        if char in "[{":
-            depth += 1
-            if depth > max_depth:
-                raise BadCall(f"body is nested deeper than {max_depth}")
-        elif char in "]}":
-            depth -= 1
+    if deeper_than(text, max_depth):
+        raise BadCall(f"body is nested deeper than {max_depth}")
     try:
         body = json.loads(text)
     except ValueError:

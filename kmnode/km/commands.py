@@ -29,9 +29,13 @@ from pydantic import (
 )
 
 from kmnode.identity import IdentityName, PublicIdentity, Role
+from kmnode.jsondepth import deeper_than
 
 #: The largest command the state machine applies (larger ones are refused, not parsed).
 MAX_COMMAND_BYTES = 64 * 1024
+#: The deepest nesting of a command (deeper ones are refused before parsing: a proposal's
+#: actions with a policy inside are about 5 levels deep).
+MAX_COMMAND_DEPTH = 32
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -413,6 +417,8 @@ def parse(data: bytes) -> Command:
     """The command ``data`` holds; ``CommandRefused`` saying what is wrong otherwise."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandRefused(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
+    if deeper_than(data, MAX_COMMAND_DEPTH):
+        raise CommandRefused(f"command is nested deeper than {MAX_COMMAND_DEPTH}")
     try:
         return _COMMAND.validate_json(data)
     except ValidationError as exc:
