@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kmnode.jsondepth import deeper_than
@@ -27,8 +27,10 @@ def depth(value: Any) -> int:
     return 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(value=JSON, limit=st.integers(0, 8))
+@example(value=["]", [[[]]]], limit=3)  # a closing bracket in a string closes nothing
+@example(value=['\\"]', [[[]]]], limit=3)  # nor after an escaped backslash
 def test_a_text_deeper_than_the_limit_is_always_caught(value: Any, limit: int) -> None:
     text = json.dumps(value)
     if depth(value) > limit:
