@@ -381,6 +381,37 @@ def ring_stall(ctx: CliContext, node: str, stalled: bool, as_json: bool) -> None
     _emit(as_json, answer, f"{node}: service ring {state}")
 
 
+@chaos.command("poison")
+@click.argument("node")
+@click.option("--on/--off", "enabled", required=True, help="Turn NODE's host hostile, or back.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, 1000, min_open=True),
+    default=40.0,
+    show_default=True,
+    help="Garbage actions per second.",
+)
+@_as_json
+@pass_context
+def poison(
+    ctx: CliContext, node: str, enabled: bool, seed: int, rate: float, as_json: bool
+) -> None:
+    """NODE's host feeds seeded garbage into every input it holds (its KM enclave's circuit,
+    its own API, every member's peer port) until --off, which prints what was sent, what came
+    back, and any finding (a 5xx, an internal failure): there should be none."""
+    body = {"enabled": True, "seed": seed, "rate": rate} if enabled else {"enabled": False}
+    answer = _client(_config(ctx), node).post("/v1/chaos/poison", body)
+    stats = answer.get("stats", {})
+    if enabled:
+        text = f"{node}: host poisoning its inputs (seed {seed}, {rate:g}/s)"
+    else:
+        sent = ", ".join(f"{k} {v}" for k, v in stats.get("sent", {}).items()) or "nothing"
+        found = stats.get("problems") or ["none"]
+        text = f"{node}: poison stopped; sent {sent}; findings: {'; '.join(found)}"
+    _emit(as_json, answer, text)
+
+
 # --- disks -------------------------------------------------------------------------------------
 
 

@@ -326,6 +326,21 @@ def test_a_poisoned_host_stops_no_node_and_gets_no_5xx(cluster: SupervisedCluste
             assert b"Traceback" not in log.read(), f"{name} logged a traceback while poisoned"
 
 
+def test_kmctl_chaos_poison_turns_a_host_hostile_and_reports_what_it_sent(
+    cluster: SupervisedCluster,
+) -> None:
+    name = cluster.names[-1]
+    context = CliContext(cluster.config_path)
+    on = CliRunner().invoke(chaos, ["poison", name, "--on", "--seed", "3"], obj=context)
+    assert on.exit_code == 0 and "host poisoning its inputs (seed 3, 40/s)" in on.output
+    time.sleep(1.0)
+    off = CliRunner().invoke(chaos, ["poison", name, "--off"], obj=context)
+    assert off.exit_code == 0 and f"{name}: poison stopped; sent " in off.output, off.output
+    assert off.output.rstrip().endswith("findings: none"), off.output
+    bad = CliRunner().invoke(chaos, ["poison", name, "--on", "--rate", "0"], obj=context)
+    assert bad.exit_code == 2 and "--rate" in bad.output
+
+
 def test_poison_refuses_bad_settings_and_changes_nothing(cluster: SupervisedCluster) -> None:
     name = cluster.names[0]
     before = cluster.chaos(name, "poison", {"enabled": False})
