@@ -218,6 +218,9 @@ class OperatorApi:
                     # itself only ever follows the commit).
                     "early_attestations": km.early_attestations,
                     "outputs": node.service_output.outputs,
+                    # Fresh sealed rings granted after the service enclave reported a ring
+                    # error (each one also a ``service.ring_failed`` event).
+                    "ring_replacements": node.service_output.replacements,
                 },
                 "km_enclave": {
                     "pid": node.km.pid,

@@ -133,6 +133,7 @@ def test_a_tampered_ring_is_reported_and_replaced_and_no_key_is_lost(
     until(lambda: len(published(cluster, challenge)) == 1, 15, "the first proof on MQTT")
     pids, ring = enclave_pids(cluster), host_ring_fd(cluster).stat().st_ino
     reports = len(ring_events(cluster))
+    replaced = cluster.status(NODE)["service"]["ring_replacements"]  # type: ignore[index]
 
     tamper(cluster, field, value, fmt)
 
@@ -151,6 +152,7 @@ def test_a_tampered_ring_is_reported_and_replaced_and_no_key_is_lost(
     assert f"reports its output ring failed ({error}" in log
     status = cluster.status(NODE)
     assert status is not None and status["ready"]
+    assert status["service"]["ring_replacements"] == replaced + 1
 
 
 def test_a_service_enclave_restarted_after_a_replacement_writes_to_the_current_ring(
