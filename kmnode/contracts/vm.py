@@ -1,0 +1,447 @@
+"""The contract VM: WebAssembly run by wasmtime, with fuel metering, deterministic.
+
+Every node's service enclave executes every committed call, in log order, and the results and
+state roots are compared across nodes, so a call must do exactly the same thing everywhere:
+the same instructions, the same fuel, a trap at the same point. Hence:
+
+* fuel metering (``Config.consume_fuel``): each call gets a budget; wasm instructions and the
+  host functions below cost fuel, and running out traps (``out of fuel``) at the same
+  instruction on every node;
+* NaN canonicalisation, and no threads: the sources of nondeterminism wasm leaves open;
+* a fresh instance (fresh memory) per call: nothing survives a call but what it writes to its
+  storage; memory is capped (``MAX_MEMORY_BYTES``);
+* imports only from the host functions below (``env``); a module importing anything else is
+  refused at deploy, so a contract reaches nothing but its own storage.
+
+The ABI, for contracts written in any language that compiles to wasm (the examples are
+hand-written .wat, so no toolchain is needed): an exported function takes nothing and returns
+an i32, 0 for success and any other value to revert (its writes are dropped, like a trap).
+It reads its arguments and its caller's name with ``args_len``/``args_read`` and
+``caller_len``/``caller_read``, its storage with ``storage_read`` (value length, or -1 if
+absent; copies only if it fits), ``storage_write`` and ``storage_remove``, says what it
+returns with ``set_result`` and what happened with ``emit``; ``fuel_left`` tells it its
+budget. A call's writes go to the ``Storage`` it is given; the caller (the executor) commits
+them only if the call succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from wasmtime import (
+    Caller,
+    Config,
+    Engine,
+    ExitTrap,
+    Func,
+    FuncType,
+    Linker,
+    Memory,
+    Module,
+    Store,
+    Trap,
+    ValType,
+    WasmtimeError,
+)
+
+from kmnode.contracts.storage import Storage, StorageLimitError, check_key, check_value
+
+#: The largest contract a deploy may carry (wasm binary or text).
+MAX_CODE_BYTES = 256 * 1024
+#: The most linear memory a call may use.
+MAX_MEMORY_BYTES = 16 * 1024 * 1024
+#: Fuel a call gets unless it asks for less; the most it may ask for.
+DEFAULT_FUEL = 10_000_000
+MAX_FUEL = 100_000_000
+#: What a call may hand back: its result, and its events (how many, how long each).
+MAX_RESULT_BYTES = 64 * 1024
+MAX_EVENTS = 16
+MAX_EVENT_BYTES = 1024
+#: Fuel the host functions cost: a call, and each byte they copy (a storage access costs
+#: more, since behind it sits the cache, and possibly the host).
+FUEL_PER_HOST_CALL = 100
+FUEL_PER_STORAGE_CALL = 1_000
+FUEL_PER_BYTE = 1
+#: Compiled modules kept per VM (compiling costs milliseconds; a call a few microseconds).
+MODULE_CACHE = 64
+
+I32, I64 = ValType.i32(), ValType.i64()
+
+
+class ContractError(Exception):
+    """A contract cannot be deployed or called as given (the message says why)."""
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What one call did. ``status``: ``ok``; ``reverted`` (it returned ``code`` != 0);
+    ``trapped`` (``error`` says why: out of fuel, a wasm trap, a host function refused).
+    Only an ``ok`` call's writes may be committed."""
+
+    status: Literal["ok", "reverted", "trapped"]
+    fuel_used: int
+    result: bytes = b""
+    events: tuple[bytes, ...] = ()
+    code: int = 0
+    error: str = ""
+
+    def __repr__(self) -> str:  # results and events are the caller's, not for logs
+        return (
+            f"CallResult({self.status}, fuel_used={self.fuel_used}, code={self.code}, "
+            f"result={len(self.result)} bytes, events={len(self.events)}, error={self.error!r})"
+        )
+
+
+class _Refused(Exception):
+    """A host function refuses (a limit, a bad pointer): the call traps with this reason."""
+
+
+@dataclass
+class _Call:
+    """The state of one call, which the host functions read and change."""
+
+    store: Store
+    storage: Storage
+    args: bytes
+    caller: bytes
+    result: bytes = b""
+    events: list[bytes] = field(default_factory=list)
+
+
+def _engine() -> Engine:
+    config = Config()
+    config.consume_fuel = True
+    config.cranelift_nan_canonicalization = True
+    config.wasm_threads = False
+    config.wasm_relaxed_simd = False
+    return Engine(config)
+
+
+class ContractVM:
+    """Deploy checks and calls of contracts on one engine (one per service enclave)."""
+
+    def __init__(self) -> None:
+        self._engine = _engine()
+        self._modules: OrderedDict[str, Module] = OrderedDict()
+        # One linker for every call: its host functions work on the call in progress (calls
+        # run one at a time), so a call costs a store and an instance, not a linker.
+        self._current: _Call | None = None
+        self._linker = Linker(self._engine)
+        for name, (params, results, make) in _HOST_FUNCTIONS.items():
+            self._linker.define_func(
+                "env", name, FuncType(params, results), make(self._state), True
+            )
+
+    def _state(self) -> _Call:
+        if self._current is None:
+            raise _Refused("no call is in progress")
+        return self._current
+
+    # --- deploy ---------------------------------------------------------------------------------
+
+    def check(self, code: bytes) -> str:
+        """Refuse a contract that may not run (``ContractError``); else its code id (SHA-256)."""
+        self._module(code)
+        return hashlib.sha256(code).hexdigest()
+
+    def _module(self, code: bytes) -> Module:
+        code_id = hashlib.sha256(code).hexdigest()
+        module = self._modules.get(code_id)
+        if module is not None:
+            self._modules.move_to_end(code_id)
+            return module
+        if not 0 < len(code) <= MAX_CODE_BYTES:
+            raise ContractError(f"contract code is 1 to {MAX_CODE_BYTES} bytes, not {len(code)}")
+        try:
+            module = (
+                Module(self._engine, code)
+                if code.startswith(b"\0asm")
+                else Module(self._engine, code.decode("utf-8"))
+            )
+        except (WasmtimeError, UnicodeDecodeError) as exc:
+            raise ContractError(f"not a valid WebAssembly module: {_first_line(exc)}") from None
+        for imported in module.imports:
+            if imported.module != "env" or imported.name not in _HOST_FUNCTIONS:
+                raise ContractError(
+                    f"contract imports {imported.module}.{imported.name}: only the host "
+                    f"functions env.{{{', '.join(sorted(_HOST_FUNCTIONS))}}} exist"
+                )
+        if "memory" not in {e.name for e in module.exports}:
+            raise ContractError("contract exports no memory")
+        self._modules[code_id] = module
+        if len(self._modules) > MODULE_CACHE:
+            self._modules.popitem(last=False)
+        return module
+
+    # --- call -----------------------------------------------------------------------------------
+
+    def call(
+        self,
+        code: bytes,
+        function: str,
+        args: bytes,
+        caller: str,
+        storage: Storage,
+        fuel: int = DEFAULT_FUEL,
+    ) -> CallResult:
+        """Run ``function`` of ``code`` once; never raises for what the contract does (a trap,
+        a revert, a refused host call are results), only ``ContractError`` for a call that
+        cannot start (bad code, no such function, a fuel budget out of range)."""
+        if not 0 < fuel <= MAX_FUEL:
+            raise ContractError(f"fuel is 1 to {MAX_FUEL}, not {fuel}")
+        module = self._module(code)
+        store = Store(self._engine)
+        store.set_limits(memory_size=MAX_MEMORY_BYTES, instances=1, tables=1, memories=1)
+        store.set_fuel(fuel)
+        state = self._current = _Call(store, storage, args, caller.encode())
+        try:
+            return self._run(module, function, state, fuel)
+        finally:
+            self._current = None
+
+    def _run(self, module: Module, function: str, state: _Call, fuel: int) -> CallResult:
+        store = state.store
+        try:
+            instance = self._linker.instantiate(store, module)
+            export = instance.exports(store).get(function)
+        except (Trap, WasmtimeError) as exc:
+            return CallResult("trapped", fuel - store.get_fuel(), error=_first_line(exc))
+        if not isinstance(export, Func) or function == "memory":
+            raise ContractError(f"contract exports no function {function!r}")
+        if [str(t) for t in export.type(store).params] or [
+            str(t) for t in export.type(store).results
+        ] != ["i32"]:
+            raise ContractError(f"{function!r} must take nothing and return an i32")
+        try:
+            code_returned = export(store)
+        except (Trap, ExitTrap, WasmtimeError) as exc:
+            return CallResult("trapped", fuel - store.get_fuel(), error=_trap_reason(exc))
+        used = fuel - store.get_fuel()
+        assert isinstance(code_returned, int)
+        if code_returned != 0:
+            return CallResult("reverted", used, code=code_returned)
+        return CallResult("ok", used, state.result, tuple(state.events))
+
+
+# --- the host functions ---------------------------------------------------------------------
+
+
+def _memory(caller: Caller) -> Memory:
+    memory = caller.get("memory")
+    if not isinstance(memory, Memory):
+        raise _Refused("the contract has no memory export")
+    return memory
+
+
+def _read(caller: Caller, ptr: int, length: int, most: int, what: str) -> bytes:
+    if length < 0 or length > most:
+        raise _Refused(f"{what} of {length} bytes (at most {most})")
+    memory = _memory(caller)
+    if ptr < 0 or ptr + length > memory.data_len(caller):
+        raise _Refused(f"{what} lies outside the contract's memory")
+    return bytes(memory.read(caller, ptr, ptr + length))
+
+
+def _write(caller: Caller, ptr: int, data: bytes) -> None:
+    memory = _memory(caller)
+    if ptr < 0 or ptr + len(data) > memory.data_len(caller):
+        raise _Refused("a copy into the contract's memory lies outside it")
+    memory.write(caller, data, ptr)
+
+
+def _charge(state: _Call, fuel: int) -> None:
+    left = state.store.get_fuel()
+    if fuel > left:
+        state.store.set_fuel(0)
+        raise _Refused("out of fuel")
+    state.store.set_fuel(left - fuel)
+
+
+HostFunction = Callable[..., object]
+
+
+Current = Callable[[], _Call]
+
+
+def _host(
+    make: Callable[[Callable[[], _Call]], HostFunction],
+) -> Callable[[Current], HostFunction]:
+    """A host function whose refusals trap the call (with the reason), never escape it."""
+
+    def bound(current: Current) -> HostFunction:
+        inner = make(current)
+
+        def guarded(caller: Caller, *args: int) -> object:
+            try:
+                return inner(caller, *args)
+            except (_Refused, StorageLimitError) as exc:
+                raise Trap(f"host refused: {exc}") from None
+
+        return guarded
+
+    return bound
+
+
+@_host
+def _args_len(current: Current) -> HostFunction:
+    def args_len(caller: Caller) -> int:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL)
+        return len(state.args)
+
+    return args_len
+
+
+@_host
+def _args_read(current: Current) -> HostFunction:
+    def args_read(caller: Caller, ptr: int) -> None:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * len(state.args))
+        _write(caller, ptr, state.args)
+
+    return args_read
+
+
+@_host
+def _caller_len(current: Current) -> HostFunction:
+    def caller_len(caller: Caller) -> int:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL)
+        return len(state.caller)
+
+    return caller_len
+
+
+@_host
+def _caller_read(current: Current) -> HostFunction:
+    def caller_read(caller: Caller, ptr: int) -> None:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * len(state.caller))
+        _write(caller, ptr, state.caller)
+
+    return caller_read
+
+
+@_host
+def _storage_read(current: Current) -> HostFunction:
+    def storage_read(caller: Caller, key_ptr: int, key_len: int, out: int, cap: int) -> int:
+        state = current()
+        _charge(state, FUEL_PER_STORAGE_CALL + FUEL_PER_BYTE * max(key_len, 0))
+        key = _read(caller, key_ptr, key_len, 256, "a storage key")
+        check_key(key)
+        value = state.storage.get(key)
+        if value is None:
+            return -1
+        if len(value) <= cap:
+            _charge(state, FUEL_PER_BYTE * len(value))
+            _write(caller, out, value)
+        return len(value)
+
+    return storage_read
+
+
+@_host
+def _storage_write(current: Current) -> HostFunction:
+    def storage_write(caller: Caller, key_ptr: int, key_len: int, ptr: int, length: int) -> None:
+        state = current()
+        _charge(state, FUEL_PER_STORAGE_CALL + FUEL_PER_BYTE * (max(key_len, 0) + max(length, 0)))
+        key = _read(caller, key_ptr, key_len, 256, "a storage key")
+        value = _read(caller, ptr, length, 64 * 1024, "a storage value")
+        check_key(key)
+        check_value(value)
+        state.storage.set(key, value)
+
+    return storage_write
+
+
+@_host
+def _storage_remove(current: Current) -> HostFunction:
+    def storage_remove(caller: Caller, key_ptr: int, key_len: int) -> None:
+        state = current()
+        _charge(state, FUEL_PER_STORAGE_CALL + FUEL_PER_BYTE * max(key_len, 0))
+        key = _read(caller, key_ptr, key_len, 256, "a storage key")
+        check_key(key)
+        state.storage.delete(key)
+
+    return storage_remove
+
+
+@_host
+def _set_result(current: Current) -> HostFunction:
+    def set_result(caller: Caller, ptr: int, length: int) -> None:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * max(length, 0))
+        state.result = _read(caller, ptr, length, MAX_RESULT_BYTES, "a result")
+
+    return set_result
+
+
+@_host
+def _emit(current: Current) -> HostFunction:
+    def emit(caller: Caller, ptr: int, length: int) -> None:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * max(length, 0))
+        if len(state.events) >= MAX_EVENTS:
+            raise _Refused(f"more than {MAX_EVENTS} events")
+        state.events.append(_read(caller, ptr, length, MAX_EVENT_BYTES, "an event"))
+
+    return emit
+
+
+@_host
+def _fuel_left(current: Current) -> HostFunction:
+    def fuel_left(caller: Caller) -> int:
+        state = current()
+        _charge(state, FUEL_PER_HOST_CALL)
+        return int(state.store.get_fuel())
+
+    return fuel_left
+
+
+#: name -> (parameters, results, the function for one call's state).
+_HOST_FUNCTIONS: dict[
+    str, tuple[list[ValType], list[ValType], Callable[[Current], HostFunction]]
+] = {
+    "args_len": ([], [I32], _args_len),
+    "args_read": ([I32], [], _args_read),
+    "caller_len": ([], [I32], _caller_len),
+    "caller_read": ([I32], [], _caller_read),
+    "storage_read": ([I32, I32, I32, I32], [I32], _storage_read),
+    "storage_write": ([I32, I32, I32, I32], [], _storage_write),
+    "storage_remove": ([I32, I32], [], _storage_remove),
+    "set_result": ([I32, I32], [], _set_result),
+    "emit": ([I32, I32], [], _emit),
+    "fuel_left": ([], [I64], _fuel_left),
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _trap_reason(exc: BaseException) -> str:
+    """A trap's reason without wasmtime's backtrace (which names addresses, not behaviour)."""
+    text = str(exc)
+    if "all fuel consumed" in text or "out of fuel" in text:
+        return "out of fuel"
+    for line in text.splitlines():
+        if "host refused:" in line:
+            return line[line.index("host refused:") :].strip()[:300]
+    for line in text.splitlines():  # wasmtime's own traps: "wasm trap: integer divide by zero"
+        if "wasm trap:" in line:
+            return line[line.index("wasm trap:") :].strip()[:300]
+    return _first_line(exc)
+
+
+__all__ = [
+    "DEFAULT_FUEL",
+    "MAX_CODE_BYTES",
+    "MAX_FUEL",
+    "CallResult",
+    "ContractError",
+    "ContractVM",
+]
