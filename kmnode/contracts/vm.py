@@ -110,6 +110,9 @@ class _Call:
     caller: bytes
     result: bytes = b""
     events: list[bytes] = field(default_factory=list)
+    #: What the storage raised that is not the contract's doing (the host tampered with
+    #: state, say): the call is unwound and ``ContractVM.call`` raises it.
+    failure: Exception | None = None
 
 
 def _engine() -> Engine:
@@ -190,7 +193,9 @@ class ContractVM:
     ) -> CallResult:
         """Run ``function`` of ``code`` once; never raises for what the contract does (a trap,
         a revert, a refused host call are results), only ``ContractError`` for a call that
-        cannot start (bad code, no such function, a fuel budget out of range)."""
+        cannot start (bad code, no such function, a fuel budget out of range), and whatever
+        ``storage`` raised (the call is abandoned: e.g. a ``TamperError`` from state the host
+        changed)."""
         if not 0 < fuel <= MAX_FUEL:
             raise ContractError(f"fuel is 1 to {MAX_FUEL}, not {fuel}")
         module = self._module(code)
@@ -199,9 +204,14 @@ class ContractVM:
         store.set_fuel(fuel)
         state = self._current = _Call(store, storage, args, caller.encode())
         try:
-            return self._run(module, function, state, fuel)
+            result = self._run(module, function, state, fuel)
         finally:
             self._current = None
+        if state.failure is not None:
+            # Not a result: what the call read cannot be trusted (e.g. ``TamperError``), so
+            # nothing of it may be emitted; the executor stops and says why.
+            raise state.failure
+        return result
 
     def _run(self, module: Module, function: str, state: _Call, fuel: int) -> CallResult:
         store = state.store
@@ -280,6 +290,9 @@ def _host(
                 return inner(caller, *args)
             except (_Refused, StorageLimitError) as exc:
                 raise Trap(f"host refused: {exc}") from None
+            except Exception as exc:  # the storage broke, not the contract: stop the call
+                current().failure = exc
+                raise Trap("storage failed") from None
 
         return guarded
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmnode.contracts.sealed_state import TamperError
 from kmnode.contracts.vm import MAX_CODE_BYTES, CallResult, ContractError, ContractVM
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "contracts"
@@ -238,3 +239,14 @@ def test_token_calls_match_a_plain_model_and_cost_the_same_on_two_engines(
             assert struct.unpack("<Q", first.result) == (model[other],)
         assert (first.status == "ok") == ok, (function, caller, value, other, first)
     assert states[0] == states[1]
+
+
+class Broken(Overlay):
+    def get(self, key: bytes) -> bytes | None:
+        raise TamperError("flipped", "the record does not authenticate")
+
+
+def test_a_storage_failure_is_raised_not_a_result() -> None:
+    """State the host tampered with: nothing the call computed from it may come out."""
+    with pytest.raises(TamperError, match="flipped"):
+        ContractVM().call(COUNTER, "increment", b"", "ann", Broken({}))
