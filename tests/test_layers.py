@@ -78,6 +78,8 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("kmnode.host",), ("kmnode.km", "kmnode.openapi")),
     # The shared layer sits below both halves of a node.
     (_SHARED, ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.ledger")),
+    # The contract library is pure (the enclave, tests and benchmarks drive it; the CLI: above).
+    (("kmnode.contracts",), ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.chaos")),
     # The pure libraries stand alone.
     (("attest",), ("consensus", "kmnode")),
     (("consensus",), ("attest", "kmnode")),
