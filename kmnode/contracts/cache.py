@@ -267,6 +267,9 @@ class ContractCache:
         if self._calls_since_flush >= self._config.flush_every or self._config.max_entries == 0:
             self.flush()
         self._enforce_bounds()
+        # Charged once the bounds hold again: a batch briefly over them costs no page swaps.
+        for key, value in writes.items():
+            self._touch(_size(key, value))
 
     def _abort(self) -> None:
         self._open = None
@@ -306,7 +309,6 @@ class ContractCache:
         self._bytes += size
         self._dirty.add(slot)
         self._dirty_bytes += size
-        self._touch(size)
 
     def _enforce_bounds(self) -> None:
         self._evict_clean()
