@@ -73,6 +73,11 @@ class StateSealer:
             digest_size=HIDDEN_BYTES,
         ).digest()
 
+    def digest(self, value: bytes) -> bytes:
+        """A keyed digest of a value (for the state root: equal values give equal digests on
+        every node, and a published root says nothing about a guessable value)."""
+        return hashlib.blake2b(value, key=self._hide_key, digest_size=32, person=b"value").digest()
+
     def seal(self, key: bytes, value: bytes, version: int) -> bytes:
         """The record of ``value`` as version ``version`` of ``key`` (deterministic)."""
         if not 0 < version < 2**63:

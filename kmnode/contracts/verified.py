@@ -9,18 +9,29 @@ a changed record ``flipped``, another key's record ``swapped``, an older copy (o
 key brought back) ``stale``, a record withheld ``missing``, one the enclave never wrote
 ``swapped``. A write-back batch bumps each key's version and seals it.
 
-The table is also the contract's state root: a hash over its entries in order, the same on
-every node that executed the same calls (a checkpoint compares them).
+The state root is a hash over the live keys' hidden names and keyed value digests, in order:
+what the state *is*, not how it got there, so it is the same on every node that executed the
+same calls whatever its cache wrote back when (versions, which count write-backs, differ
+between nodes with different cache settings, and stay out of it).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from kmnode.contracts.sealed_state import StateSealer, TamperError
+
+
+def state_root(contract: str, live: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A contract's state root from its live keys' (hidden name, value digest) pairs, in
+    hidden-name order: what the state is, not how it got there (see the module docstring)."""
+    digest = hashlib.blake2b(contract.encode(), digest_size=32, person=b"kmsim-root")
+    for hidden, value_digest in sorted(live):
+        digest.update(hidden + value_digest)
+    return digest.digest()
 
 
 class HostStore(Protocol):
@@ -51,6 +62,8 @@ class MemoryHostStore:
 class _Written:
     version: int
     deleted: bool
+    #: ``StateSealer.digest`` of the value (empty once deleted), for the state root.
+    digest: bytes
 
 
 class VerifiedBacking:
@@ -91,18 +104,17 @@ class VerifiedBacking:
             version = (previous.version if previous is not None else 0) + 1
             record = None if value is None else sealer.seal(key, value, version)
             self._store.put(contract, hidden, record)
-            table[hidden] = _Written(version, value is None)
+            digest = b"" if value is None else sealer.digest(value)
+            table[hidden] = _Written(version, value is None, digest)
 
     def root(self, contract: str) -> bytes:
-        """The contract's state root: its version table, hashed in hidden-key order."""
-        digest = hashlib.blake2b(contract.encode(), digest_size=32, person=b"kmsim-root")
-        for hidden, written in sorted(self._written.get(contract, {}).items()):
-            digest.update(hidden + written.version.to_bytes(8, "big") + bytes([written.deleted]))
-        return digest.digest()
+        """The contract's state root (see ``state_root``)."""
+        table = self._written.get(contract, {})
+        return state_root(contract, ((h, w.digest) for h, w in table.items() if not w.deleted))
 
     def __repr__(self) -> str:
         keys = sum(len(t) for t in self._written.values())
         return f"VerifiedBacking(contracts={len(self._written)}, keys={keys})"
 
 
-__all__ = ["HostStore", "MemoryHostStore", "VerifiedBacking"]
+__all__ = ["HostStore", "MemoryHostStore", "VerifiedBacking", "state_root"]
