@@ -136,12 +136,21 @@ def assert_bounds(cache: ContractCache) -> None:
 
 
 def assert_cache_agrees(cache: ContractCache, reference: Reference) -> None:
-    """Every cached entry, clean or dirty, holds the committed value (None: absent)."""
+    """Every cached entry, clean or dirty, holds the committed value (None: absent), and the
+    sizes the cache reports are those of what it holds."""
+    entries = dirty = size = dirty_size = 0
     for contract in CONTRACTS:
         for key in KEYS:
             cached = cache.cached(contract, key)
             if cached is not None:
                 assert cached.value == reference.state.get(contract, {}).get(key)
+                entries += 1
+                dirty += cached.dirty
+                size += len(key) + len(cached.value or b"")
+                dirty_size += (len(key) + len(cached.value or b"")) * cached.dirty
+    stats = cache.stats
+    assert (stats.entries, stats.dirty, stats.bytes) == (entries, dirty, size)
+    assert stats.dirty_bytes == dirty_size
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
