@@ -15,7 +15,8 @@ What a caller sees:
 * Committed writes are **dirty** and pinned (never evicted) until written back. Write-back is
   one batch per ``flush_every`` committed calls (one ``Backing.store`` per contract, keys in
   sorted order so the batch tells the host nothing about the order of the writes), or at once
-  on ``flush()`` / ``drop()``.
+  on ``flush()`` / ``drop()``; the count of calls starts again at every write-back, early
+  ones included.
 * The bounds are strict: after every operation that returns, the table has at most
   ``max_entries`` entries and ``max_bytes`` bytes (``len(key) + len(value)`` per entry; the
   contract name is not counted). Clean entries are evicted least recently used first. If the
@@ -33,7 +34,8 @@ What a caller sees:
 The modelled EPC (enclave page cache): SGX keeps enclave memory in a small protected region
 and pages it out, encrypted, when the enclave outgrows it; a page swap costs about 40,000
 cycles. The model: while the cache's bytes exceed ``epc_budget_bytes``, every access the cache
-makes to an entry (a hit, caching a loaded value, a committed write into it) adds
+makes to an entry (a hit, caching a loaded value, a committed write into it, charged once
+the bounds hold again) adds
 ``page_swap_cycles`` per 4 KiB page of that entry, rounded up, to ``modelled_swap_cycles``. It
 is the pessimistic case (every access beyond the budget faults), deterministic so nodes and
 runs agree; a benchmark turns the counter into time to show the cliff of a cache that outgrows
