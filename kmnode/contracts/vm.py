@@ -275,6 +275,7 @@ HostFunction = Callable[..., object]
 
 
 Current = Callable[[], _Call]
+HostMaker = Callable[[Current], HostFunction]
 
 
 def _host(
@@ -299,44 +300,34 @@ def _host(
     return bound
 
 
-@_host
-def _args_len(current: Current) -> HostFunction:
-    def args_len(caller: Caller) -> int:
-        state = current()
-        _charge(state, FUEL_PER_HOST_CALL)
-        return len(state.args)
+def _input(pick: Callable[[_Call], bytes]) -> tuple[HostMaker, HostMaker]:
+    """The two host functions of one of the call's inputs (its arguments, its caller's name):
+    its length, and a copy of it into the contract's memory."""
 
-    return args_len
+    @_host
+    def length(current: Current) -> HostFunction:
+        def input_len(caller: Caller) -> int:
+            state = current()
+            _charge(state, FUEL_PER_HOST_CALL)
+            return len(pick(state))
 
+        return input_len
 
-@_host
-def _args_read(current: Current) -> HostFunction:
-    def args_read(caller: Caller, ptr: int) -> None:
-        state = current()
-        _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * len(state.args))
-        _write(caller, ptr, state.args)
+    @_host
+    def read(current: Current) -> HostFunction:
+        def input_read(caller: Caller, ptr: int) -> None:
+            state = current()
+            data = pick(state)
+            _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * len(data))
+            _write(caller, ptr, data)
 
-    return args_read
+        return input_read
 
-
-@_host
-def _caller_len(current: Current) -> HostFunction:
-    def caller_len(caller: Caller) -> int:
-        state = current()
-        _charge(state, FUEL_PER_HOST_CALL)
-        return len(state.caller)
-
-    return caller_len
+    return length, read
 
 
-@_host
-def _caller_read(current: Current) -> HostFunction:
-    def caller_read(caller: Caller, ptr: int) -> None:
-        state = current()
-        _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * len(state.caller))
-        _write(caller, ptr, state.caller)
-
-    return caller_read
+_args_len, _args_read = _input(lambda state: state.args)
+_caller_len, _caller_read = _input(lambda state: state.caller)
 
 
 @_host
