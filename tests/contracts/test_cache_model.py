@@ -50,12 +50,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Flush:
-    pass
+    """A step: write everything dirty back now."""
 
 
 @dataclass(frozen=True)
 class Drop:
-    pass
+    """A step: forget the cache (after writing back what is dirty)."""
 
 
 Step = Call | Flush | Drop
