@@ -107,7 +107,7 @@ class Fuzzer:
             writer.write_eof()
             await asyncio.wait_for(reader.read(), 3.0)
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            pass  # the node hung up on the garbage: what it should do
         finally:
             self.member.close_session(session)
             writer.close()
@@ -139,7 +139,7 @@ class Fuzzer:
             await asyncio.wait_for(reader.read(), 3.0)
             self.member.close_session(session)
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            pass  # the node hung up on the garbage: what it should do
         finally:
             writer.close()
 
@@ -155,7 +155,7 @@ class Fuzzer:
                 writer.write(chunk)
                 await asyncio.wait_for(writer.drain(), 3.0)
         except (ConnectionError, TimeoutError):
-            pass
+            pass  # the node hung up (or stopped reading) past its limit: what it should do
         finally:
             writer.close()
 
