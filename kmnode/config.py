@@ -173,6 +173,22 @@ class MqttSpec(_Strict):
         return value
 
 
+class ContractsSpec(_Strict):
+    """Confidential contracts (``kmnode.contracts``): the rollback anchor's cadence and each
+    service enclave's internal cache. Cache settings may differ between nodes' builds without
+    changing any result or root (the roots are of the state, not of how it was cached)."""
+
+    #: The leader commits the state roots after every this many contract operations.
+    checkpoint_every: Annotated[int, Field(ge=1, le=100_000)] = 100
+    #: The internal cache's bounds (0 entries: no cache, every read goes to the host).
+    cache_entries: Annotated[int, Field(ge=0, le=10_000_000)] = 4096
+    cache_bytes: Annotated[int, Field(ge=0, le=1 << 34)] = 16 << 20
+    #: Write back dirty entries after this many calls (and at every checkpoint).
+    flush_every: Annotated[int, Field(ge=1, le=100_000)] = 64
+    #: The modelled enclave-memory budget (past it, each page costs a modelled swap).
+    epc_budget_bytes: Annotated[int, Field(ge=0, le=1 << 36)] = 64 << 20
+
+
 #: The largest operator request body any configuration allows: one command's worth (what the
 #: KM enclave takes over the circuit in an ``ApiCall``).
 API_BODY_CAP = 64 * 1024
@@ -242,6 +258,7 @@ class ClusterConfig(_Strict):
     identities: Annotated[list[PublicIdentity], Field(max_length=256)] = []
     governance: GovernanceSpec = GovernanceSpec()
     limits: LimitsSpec = LimitsSpec()
+    contracts: ContractsSpec = ContractsSpec()
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:

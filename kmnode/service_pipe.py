@@ -20,8 +20,12 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-#: Longest line either side reads (a boxed key is about 200 bytes; a report about 400).
-MAX_LINE = 64 * 1024
+#: Longest line either side reads (a boxed key is about 200 bytes; a report about 400; a batch
+#: of contract operations, which the KM side bounds by ``MAX_OPS_BATCH_BYTES``, more).
+MAX_LINE = 1024 * 1024
+#: The most contract operations, and their bytes, one request carries.
+MAX_OPS_BATCH = 256
+MAX_OPS_BATCH_BYTES = 512 * 1024
 
 Hex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=16_384)]
 Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -90,10 +94,86 @@ class ModulesRequest(PipeMessage):
     op: Literal["modules"] = "modules"
 
 
+# --- confidential contracts (``kmnode.service.contracts``) ----------------------------------
+
+ContractName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=128 * 1024)]
+Seq = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class PipeOperation(_Strict):
+    """One committed contract operation (``kmnode.km.state.ContractOp``), with the code of a
+    deploy."""
+
+    seq: Annotated[int, Field(ge=1, lt=2**63)]
+    kind: Literal["deploy", "call"]
+    contract: ContractName
+    function: Annotated[str, StringConstraints(max_length=64)] = ""
+    args: Base64 = ""
+    caller: Annotated[str, StringConstraints(max_length=32)] = ""
+    caller_box_key: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")] = ""
+    nonce: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
+    fuel: Annotated[int, Field(ge=0, le=100_000_000)] = 0
+    code: Base64 = ""
+
+
+class PipeCheckpoint(_Strict):
+    seq: Seq
+    roots: Annotated[dict[ContractName, Hex32], Field(max_length=4096)]
+
+
+class PipeDeployed(_Strict):
+    name: ContractName
+    code: Base64
+    deployed_seq: Annotated[int, Field(ge=1, lt=2**63)]
+
+
+class ContractKeysRequest(PipeMessage):
+    """The contract keys, boxed by the KM enclave (like ``KeyRequest``)."""
+
+    op: Literal["contract.keys"] = "contract.keys"
+    ciphertext: Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=1 << 20)]
+    vouch: Hex
+
+
+class ContractOpsRequest(PipeMessage):
+    """The next committed operations, in order."""
+
+    op: Literal["contract.ops"] = "contract.ops"
+    ops: Annotated[list[PipeOperation], Field(min_length=1, max_length=MAX_OPS_BATCH)]
+
+
+class ContractCheckRequest(PipeMessage):
+    """A committed checkpoint: the roots the service must have after operation ``seq``."""
+
+    op: Literal["contract.check"] = "contract.check"
+    checkpoint: PipeCheckpoint
+
+
+class ContractRestoreRequest(PipeMessage):
+    """Start over from the host store's kept copy matching a committed checkpoint (newest
+    first), or from nothing if ``from_genesis``; ``contracts``: every deployed contract."""
+
+    op: Literal["contract.restore"] = "contract.restore"
+    checkpoints: Annotated[list[PipeCheckpoint], Field(max_length=2)]
+    contracts: Annotated[list[PipeDeployed], Field(max_length=1024)]
+    from_genesis: bool
+
+
+class ContractStatusRequest(PipeMessage):
+    op: Literal["contract.status"] = "contract.status"
+
+
 Request = Annotated[
-    IdentityRequest | ChallengeRequest | KeyRequest | ProveRequest | ModulesRequest,
+    IdentityRequest | ChallengeRequest | KeyRequest | ProveRequest | ModulesRequest
+    | ContractKeysRequest | ContractOpsRequest | ContractCheckRequest | ContractRestoreRequest
+    | ContractStatusRequest,
     Field(discriminator="op"),
-]
+]  # fmt: skip
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
 
 
@@ -123,6 +203,39 @@ class ProveReply(Reply):
 
 class ModulesReply(Reply):
     modules: list[str] = Field(default_factory=list, max_length=1024)
+
+
+class ContractKeysReply(Reply):
+    contracts: list[str] = Field(default_factory=list, max_length=4096)
+
+
+class PipeOutcome(_Strict):
+    """What one operation did, as it may leave the enclave (``service.contracts.Outcome``)."""
+
+    seq: Annotated[int, Field(ge=1, lt=2**63)]
+    status: Literal["ok", "reverted", "trapped", "refused", "deployed"]
+    sealed: Base64 = ""
+    digest: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")] = ""
+    fuel_used: Annotated[int, Field(ge=0)] = 0
+
+
+class ContractStateReply(Reply):
+    """Where the service's contract execution is: the last operation it executed, why it
+    stopped (empty while it runs), whether it lacks keys for the next operation, the outcomes
+    of the operations just executed and the roots of the checkpoints they crossed."""
+
+    position: Seq = 0
+    halted: Annotated[str, StringConstraints(max_length=1024)] = ""
+    need_keys: bool = False
+    outcomes: Annotated[list[PipeOutcome], Field(max_length=MAX_OPS_BATCH)] = []
+    checkpoints: Annotated[list[PipeCheckpoint], Field(max_length=MAX_OPS_BATCH)] = []
+
+
+class ContractStatusReply(ContractStateReply):
+    restores: Annotated[int, Field(ge=0)] = 0
+    contracts: Annotated[list[ContractName], Field(max_length=4096)] = []
+    cache: dict[str, int | float] = Field(default_factory=dict, max_length=64)
+    cache_config: dict[str, int] = Field(default_factory=dict, max_length=64)
 
 
 R = TypeVar("R", bound=Reply)

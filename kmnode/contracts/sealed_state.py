@@ -89,11 +89,15 @@ class StateSealer:
     def open(self, key: bytes, record: bytes, seen_version: int = 0) -> Opened:
         """The value a record holds for ``key``, if this enclave sealed it and it is not older
         than ``seen_version``; ``TamperError`` naming what is wrong otherwise."""
+        return self.open_hidden(self.hide(key), record, seen_version)
+
+    def open_hidden(self, hidden: bytes, record: bytes, seen_version: int = 0) -> Opened:
+        """``open`` by hidden name: for a restore, which reads the records the host lists
+        and knows no storage key (the AEAD still binds the record to ``hidden``)."""
         if len(record) < VERSION_BYTES + HIDDEN_BYTES + 16:
             raise TamperError("flipped", f"a record of {len(record)} bytes is too short")
         version = int.from_bytes(record[:VERSION_BYTES], "big")
-        hidden = record[VERSION_BYTES : VERSION_BYTES + HIDDEN_BYTES]
-        if hidden != self.hide(key):
+        if record[VERSION_BYTES : VERSION_BYTES + HIDDEN_BYTES] != hidden:
             raise TamperError("swapped", "the record belongs to another key")
         if version < seen_version:
             raise TamperError(

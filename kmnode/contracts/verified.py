@@ -35,11 +35,13 @@ def state_root(contract: str, live: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 class HostStore(Protocol):
-    """The host's side: sealed records by (contract, hidden key); ``None`` deletes."""
+    """The host's side: sealed records by (contract, hidden key). A write-back batch arrives
+    in one ``put_many`` (``None`` deletes), so a store across a process boundary pays one
+    round trip per batch, not per key."""
 
     def get(self, contract: str, hidden: bytes) -> bytes | None: ...
 
-    def put(self, contract: str, hidden: bytes, record: bytes | None) -> None: ...
+    def put_many(self, contract: str, records: Mapping[bytes, bytes | None]) -> None: ...
 
 
 class MemoryHostStore:
@@ -51,11 +53,12 @@ class MemoryHostStore:
     def get(self, contract: str, hidden: bytes) -> bytes | None:
         return self.records.get((contract, hidden))
 
-    def put(self, contract: str, hidden: bytes, record: bytes | None) -> None:
-        if record is None:
-            self.records.pop((contract, hidden), None)
-        else:
-            self.records[(contract, hidden)] = record
+    def put_many(self, contract: str, records: Mapping[bytes, bytes | None]) -> None:
+        for hidden, record in records.items():
+            if record is None:
+                self.records.pop((contract, hidden), None)
+            else:
+                self.records[(contract, hidden)] = record
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,38 @@ class VerifiedBacking:
     def store(self, contract: str, writes: Mapping[bytes, bytes | None]) -> None:
         sealer = self._sealer(contract)
         table = self._written.setdefault(contract, {})
+        records: dict[bytes, bytes | None] = {}
+        written: dict[bytes, _Written] = {}
         for key, value in writes.items():
             hidden = sealer.hide(key)
             previous = table.get(hidden)
             version = (previous.version if previous is not None else 0) + 1
-            record = None if value is None else sealer.seal(key, value, version)
-            self._store.put(contract, hidden, record)
+            records[hidden] = None if value is None else sealer.seal(key, value, version)
             digest = b"" if value is None else sealer.digest(value)
-            table[hidden] = _Written(version, value is None, digest)
+            written[hidden] = _Written(version, value is None, digest)
+        # The table moves only once the host took the batch: if it failed, the versions the
+        # enclave expects are still the ones the host holds.
+        self._store.put_many(contract, records)
+        table.update(written)
+
+    def adopt(self, contract: str, records: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """Take ``records`` (hidden name, record: all the contract's records, as a checkpoint
+        the host kept) as the contract's state, each opened and checked; the root they make.
+        The caller compares it with a committed root before using the state; ``TamperError``
+        if a record does not open."""
+        sealer = self._sealer(contract)
+        table: dict[bytes, _Written] = {}
+        for hidden, record in records:
+            if hidden in table:
+                raise TamperError("swapped", "two records for one key")
+            opened = sealer.open_hidden(hidden, record)
+            table[hidden] = _Written(opened.version, False, sealer.digest(opened.value))
+        self._written[contract] = table
+        return self.root(contract)
+
+    def forget(self) -> None:
+        """Forget every version (before a restore replaces the state)."""
+        self._written.clear()
 
     def root(self, contract: str) -> bytes:
         """The contract's state root (see ``state_root``)."""

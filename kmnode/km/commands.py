@@ -211,6 +211,57 @@ class LedgerSign(CommandModel):
     signature: Text
 
 
+# --- confidential contracts (``kmnode.contracts``; executed by every service enclave) -------
+
+#: A contract's name: also part of its state key's derivation and of every record's AAD.
+ContractName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+#: The largest contract code a deploy carries (wasm binary; base64 in the command, which must
+#: stay under ``MAX_COMMAND_BYTES``).
+MAX_DEPLOY_CODE_BYTES = 40 * 1024
+#: Longest sealed arguments of a call (base64 of a sealed box: 48 bytes of overhead, and the
+#: caller's name and nonce beside the arguments).
+MAX_SEALED_ARGS_CHARS = 24 * 1024
+#: Most fuel a call may ask for (``kmnode.contracts.vm.MAX_FUEL``).
+MAX_CALL_FUEL = 100_000_000
+Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+
+
+class ContractDeploy(CommandModel):
+    """Deploy ``code`` (WebAssembly, base64) as contract ``name``: an operator's decision,
+    which is also the consensus to provide its state key to every allowed service enclave."""
+
+    op: Literal["contract.deploy"] = "contract.deploy"
+    ROLE = "operator"
+    name: ContractName
+    code: Annotated[
+        Base64, StringConstraints(min_length=8, max_length=MAX_DEPLOY_CODE_BYTES * 4 // 3 + 4)
+    ]
+
+
+class ContractCall(CommandModel):
+    """Call ``function`` of ``contract``. ``args`` is sealed to the cluster's contract-input
+    key (only service enclaves open it) and carries the caller's name and ``nonce`` too, so
+    sealed arguments cut from one call are refused in another's; the nonce commits once."""
+
+    op: Literal["contract.call"] = "contract.call"
+    ROLE = "user"
+    contract: ContractName
+    function: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+    args: Annotated[Base64, StringConstraints(min_length=64, max_length=MAX_SEALED_ARGS_CHARS)]
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    fuel: Annotated[int, Field(ge=1, le=MAX_CALL_FUEL)] = 10_000_000
+
+
+class ContractCheckpoint(CommandModel):
+    """The state roots every service enclave must have reached after contract operation
+    ``seq`` (hex, by contract): the leader proposes what its own service computed; a node
+    whose roots differ stops executing contracts."""
+
+    op: Literal["contract.checkpoint"] = "contract.checkpoint"
+    seq: Annotated[int, Field(ge=1, lt=2**63)]
+    roots: Annotated[dict[ContractName, Hex32], Field(max_length=1024)]
+
+
 # --- governance: proposals, and the actions they carry ----------------------------------------
 
 
@@ -284,7 +335,8 @@ class ProposalWithdraw(CommandModel):
 Command = Annotated[
     ClusterInit | MemberAdd | MemberRemove | KeyCreate | KeyRotate | ReleaseRequest
     | ReleaseOutcome | PolicySet | PolicyAllow | PolicyDisallow | PolicyRevokePlatform
-    | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw,
+    | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw | ContractDeploy
+    | ContractCall | ContractCheckpoint,
     Field(discriminator="op"),
 ]  # fmt: skip
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
@@ -405,6 +457,21 @@ class ChaosChanged(Applied):
 @dataclass(frozen=True, slots=True)
 class LedgerSigned(Applied):
     signed_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContractOpCommitted(Applied):
+    """A contract was deployed or called: the operation's place in the contract sequence
+    (every service enclave executes them in this order)."""
+
+    contract: str
+    seq: int
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContractCheckpointed(Applied):
+    seq: int
 
 
 def canonical(value: Any, *, allow_nan: bool = False) -> bytes:

@@ -29,6 +29,7 @@ from enum import Enum
 from typing import Any
 
 import nacl.utils
+from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from attest import local
@@ -43,6 +44,7 @@ from attest.handshake import (
 from attest.hardware import EnclaveContext
 from attest.identity import EnclaveIdentity
 from attest.keybox import KeyBoxes
+from attest.local import LocallyAttested
 from attest.quote import QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
 from consensus.codec import DECODE_LIMITS, CodecError, DecodeLimits, decode_message, encode_message
@@ -164,6 +166,16 @@ def _open_join_frame(result: HandshakeResult, frame: bytes, what: str) -> dict[s
     if not isinstance(body, dict):
         raise FrameRefused(f"{what} is not an object")
     return body
+
+
+def contract_key(master_secret: bytes, purpose: str, contract: str) -> bytes:
+    """A contract key (``input``: the contract-input key; ``state``: a contract's state key):
+    derived apart from operators' keys (another personalisation), so no key an operator can
+    create and release shares bytes with one."""
+    info = json.dumps([purpose, contract]).encode()
+    return hashlib.blake2b(
+        info, key=master_secret, person=b"kmsim-contract1", digest_size=32
+    ).digest()
 
 
 def derive_key(master_secret: bytes, name: str, generation: int) -> bytes:
@@ -683,13 +695,9 @@ class KMEnclave:
         if release.status != "requested" or release_id in self._provisioned:
             return ProvisionResult(False, f"release {release_id} was already handled", "", b"")
         secret = self._require_secret()
-        if challenge not in self._challenges:
-            return ProvisionResult(False, "challenge was not issued by this enclave", "", b"")
-        del self._challenges[challenge]
-        try:
-            attested = local.verify_response(self._context, challenge, response, self.state.policy)
-        except AttestationError as exc:
-            return ProvisionResult(False, f"{type(exc).__name__}: {exc}", "", b"")
+        attested = self._attest_service(challenge, response)
+        if isinstance(attested, ProvisionResult):
+            return attested
         measurement = attested.identity.measurement.hex()
         if not self.state.service_allowed(release.key, measurement):
             return ProvisionResult(
@@ -697,13 +705,60 @@ class KMEnclave:
             )
         self._provisioned.add(release_id)
         material = derive_key(secret, release.key, release.generation)
-        envelope = json.dumps(
-            {"key": release.key, "generation": release.generation, "material": material.hex()}
-        )
-        ciphertext = self._boxes.seal(attested.public_key, envelope.encode())
+        envelope = {
+            "key": release.key,
+            "generation": release.generation,
+            "material": material.hex(),
+        }
+        return self._box_to(attested, envelope)
+
+    def contract_input_key(self) -> bytes:
+        """The public half of the cluster's contract-input key (X25519), to which callers seal
+        their arguments: the same on every node (derived from the master secret), and its
+        private half only ever goes to attested service enclaves."""
+        return bytes(PrivateKey(contract_key(self._require_secret(), "input", "")).public_key)
+
+    def provision_contract_keys(self, challenge: bytes, response: bytes) -> ProvisionResult:
+        """Local attestation of the service enclave, then the contract keys boxed to it: the
+        contract-input key and the state key of every contract the committed state holds. The
+        committed deploys are the consensus on providing them; the measurement must be one the
+        policy allows for service enclaves. Asked again after each deploy (the envelope holds
+        every contract's key; the service refuses a held key with other bytes)."""
+        secret = self._require_secret()
+        attested = self._attest_service(challenge, response)
+        if isinstance(attested, ProvisionResult):
+            return attested
+        # ``_attest_service`` checked the measurement against the policy's service enclaves.
+        envelope = {
+            "kind": "contracts",
+            "input": contract_key(secret, "input", "").hex(),
+            "state": {
+                name: contract_key(secret, "state", name).hex() for name in self.state.contracts
+            },
+        }
+        return self._box_to(attested, envelope)
+
+    def _attest_service(
+        self, challenge: bytes, response: bytes
+    ) -> LocallyAttested | ProvisionResult:
+        """Check a local-attestation answer to a challenge this enclave issued (each good for
+        one attempt, so a recorded response cannot be replayed); a refusal as the result."""
+        if challenge not in self._challenges:
+            return ProvisionResult(False, "challenge was not issued by this enclave", "", b"")
+        del self._challenges[challenge]
+        try:
+            return local.verify_response(self._context, challenge, response, self.state.policy)
+        except AttestationError as exc:
+            return ProvisionResult(False, f"{type(exc).__name__}: {exc}", "", b"")
+
+    def _box_to(self, attested: LocallyAttested, envelope: dict[str, Any]) -> ProvisionResult:
+        """``envelope`` boxed to the attested service enclave, with this enclave's vouch for the
+        box key it used."""
+        ciphertext = self._boxes.seal(attested.public_key, json.dumps(envelope).encode())
         vouch = local.vouch(
             self._context, attested.identity.measurement, self._boxes.public, attested.public_key
         )
+        measurement = attested.identity.measurement.hex()
         return ProvisionResult(True, "", measurement, bytes(ciphertext), vouch)
 
     def __repr__(self) -> str:

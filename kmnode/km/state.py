@@ -15,6 +15,8 @@ state machine, so indexes increase but need not be contiguous.
 
 from __future__ import annotations
 
+import base64
+import bisect
 import hashlib
 import json
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from attest.policy import Policy
 from attest.quote import Quote, report_data_for
 from kmnode.identity import PublicIdentity
 from kmnode.km.commands import (
+    MAX_DEPLOY_CODE_BYTES,
     Action,
     Applied,
     AuthStamp,
@@ -41,6 +44,11 @@ from kmnode.km.commands import (
     CommandRefused,
     ConstitutionChanged,
     ConstitutionSet,
+    ContractCall,
+    ContractCheckpoint,
+    ContractCheckpointed,
+    ContractDeploy,
+    ContractOpCommitted,
     IdentityChanged,
     IdentityRemove,
     IdentitySet,
@@ -80,6 +88,8 @@ from kmnode.km.ledger_proof import SIGNER_LABEL, head_message, signature_holds
 #: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
 SNAPSHOT_CHUNK = 1000
 GENESIS_HASH = bytes(32)
+#: What every WebAssembly binary begins with.
+WASM_MAGIC = b"\0asm"
 #: How long a committed request id is kept (seconds of creation time before the newest one):
 #: longer than a signature is accepted (``kmnode.identity.MAX_AGE_S`` plus the clock skew),
 #: so a replay is refused as a replay, or as too old, never applied.
@@ -133,6 +143,49 @@ class Release:
 
 
 @dataclass
+class ContractRecord:
+    """A deployed contract: its code (base64 wasm: a service enclave that restores from a
+    checkpoint needs it long after the deploy left the log) and where it entered the sequence."""
+
+    name: str
+    code: str
+    code_id: str
+    deployed_seq: int
+    deployed_index: int
+    deployed_by: str
+    calls: int = 0
+
+
+@dataclass(frozen=True)
+class ContractOp:
+    """One committed contract operation, numbered in the contract sequence (``seq``): what a
+    service enclave executes, in this order. Kept in the state from just after the older of
+    the last two checkpoints, so a service that restarts from either can replay the rest."""
+
+    seq: int
+    index: int
+    kind: str  # deploy | call
+    contract: str
+    function: str = ""
+    #: Sealed to the contract-input key (base64): only service enclaves open it.
+    args: str = ""
+    caller: str = ""
+    #: The caller's X25519 key (hex) at commit time: the result is sealed to it.
+    caller_box_key: str = ""
+    nonce: str = ""
+    fuel: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state roots (hex, by contract) every service enclave must have after op ``seq``."""
+
+    seq: int
+    index: int
+    roots: dict[str, str]
+
+
+@dataclass
 class Proposal:
     """A governance proposal: its actions (as their canonical JSON), who made it, the admins'
     ballots, and its state (``open``, then ``accepted``, ``failed``, ``rejected`` or
@@ -179,6 +232,14 @@ class KMState:
     #: a rejected proposal would have admitted (refused when they ask).
     admitted: dict[str, MemberRecord] = field(default_factory=dict)
     denied: set[str] = field(default_factory=set)
+    #: Confidential contracts: deployed contracts, the last operation's number, the
+    #: operations a service may still need to replay, the newest two checkpoints (oldest
+    #: first), and the nonces of the calls among those operations.
+    contracts: dict[str, ContractRecord] = field(default_factory=dict)
+    contract_seq: int = 0
+    contract_ops: list[ContractOp] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    call_nonces: set[str] = field(default_factory=set)
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -539,6 +600,89 @@ class KMState:
         self.last_signature_entry = index
         return LedgerSigned(cmd.index)
 
+    # --- contracts ---------------------------------------------------------------------------
+
+    def _contract_deploy(self, index: int, cmd: ContractDeploy) -> Applied:
+        self._require_init()
+        if cmd.name in self.contracts:
+            raise CommandRefused(f"a contract named {cmd.name!r} exists")
+        try:
+            code = base64.b64decode(cmd.code, validate=True)
+        except ValueError:
+            raise CommandRefused("code: not base64") from None
+        if len(code) > MAX_DEPLOY_CODE_BYTES or not code.startswith(WASM_MAGIC):
+            raise CommandRefused(
+                f"code: a WebAssembly binary of at most {MAX_DEPLOY_CODE_BYTES} bytes "
+                "(kmctl compiles .wat)"
+            )
+        self.contract_seq += 1
+        by = cmd.auth.by if cmd.auth is not None else ""
+        self.contracts[cmd.name] = ContractRecord(
+            cmd.name, cmd.code, hashlib.sha256(code).hexdigest(), self.contract_seq, index, by
+        )
+        self.contract_ops.append(ContractOp(self.contract_seq, index, "deploy", cmd.name))
+        return ContractOpCommitted(cmd.name, self.contract_seq, "deploy")
+
+    def _contract_call(self, index: int, cmd: ContractCall) -> Applied:
+        self._require_init()
+        if cmd.auth is None:
+            raise CommandRefused("a contract call needs a signed request", "forbidden")
+        contract = self.contracts.get(cmd.contract)
+        if contract is None:
+            raise CommandRefused(f"no contract named {cmd.contract!r}")
+        if cmd.nonce in self.call_nonces:
+            raise CommandRefused(f"nonce {cmd.nonce} was used before", "replay")
+        caller = self.identities.get(cmd.auth.by)
+        if caller is None:  # _check_auth found it; kept for a ledger without identities
+            raise CommandRefused(f"no identity named {cmd.auth.by!r}", "unknown_identity")
+        self.contract_seq += 1
+        contract.calls += 1
+        self.call_nonces.add(cmd.nonce)
+        self.contract_ops.append(
+            ContractOp(
+                self.contract_seq,
+                index,
+                "call",
+                cmd.contract,
+                cmd.function,
+                cmd.args,
+                caller.name,
+                caller.box_key,
+                cmd.nonce,
+                cmd.fuel,
+            )
+        )
+        return ContractOpCommitted(cmd.contract, self.contract_seq, "call")
+
+    def _contract_checkpoint(self, index: int, cmd: ContractCheckpoint) -> Applied:
+        self._require_init()
+        newest = self.checkpoints[-1].seq if self.checkpoints else 0
+        if not newest < cmd.seq <= self.contract_seq:
+            raise CommandRefused(
+                f"a checkpoint now is for an operation after {newest} and at most "
+                f"{self.contract_seq}, not {cmd.seq}"
+            )
+        expected = {c.name for c in self.contracts.values() if c.deployed_seq <= cmd.seq}
+        if set(cmd.roots) != expected:
+            raise CommandRefused(
+                f"roots: for the contracts deployed by operation {cmd.seq}: "
+                f"{sorted(expected)}, not {sorted(cmd.roots)}"
+            )
+        self.checkpoints = [*self.checkpoints, Checkpoint(cmd.seq, index, dict(cmd.roots))][-2:]
+        # What a service restoring from the older kept checkpoint must replay stays; with one
+        # checkpoint, everything (a service that had not reached it replays from the start).
+        keep_after = self.checkpoints[0].seq if len(self.checkpoints) == 2 else 0
+        dropped = [op for op in self.contract_ops if op.seq <= keep_after]
+        if dropped:
+            self.contract_ops = [op for op in self.contract_ops if op.seq > keep_after]
+            self.call_nonces.difference_update(op.nonce for op in dropped if op.nonce)
+        return ContractCheckpointed(cmd.seq)
+
+    def contract_ops_after(self, seq: int) -> list[ContractOp]:
+        """The kept operations after ``seq``, in order (a service's position)."""
+        start = bisect.bisect_right([op.seq for op in self.contract_ops], seq)
+        return self.contract_ops[start:]
+
     # --- queries ----------------------------------------------------------------------------
 
     def service_allowed(self, key: str, measurement_hex: str) -> bool:
@@ -597,6 +741,10 @@ class KMState:
             "chaos_enabled": self.chaos_enabled,
             "admitted": [m.model_dump(mode="json") for m in self.admitted.values()],
             "denied": sorted(self.denied),
+            "contracts": [asdict(c) for c in self.contracts.values()],
+            "contract_seq": self.contract_seq,
+            "contract_ops": [vars(op) for op in self.contract_ops],
+            "checkpoints": [asdict(c) for c in self.checkpoints],
         }
         releases = list(self.releases.values())
 
@@ -647,6 +795,11 @@ class KMState:
             chaos_enabled=data.get("chaos_enabled", False),
             admitted={m["name"]: MemberRecord.model_validate(m) for m in data.get("admitted", [])},
             denied=set(data.get("denied", [])),
+            contracts={c["name"]: ContractRecord(**c) for c in data.get("contracts", [])},
+            contract_seq=data.get("contract_seq", 0),
+            contract_ops=[ContractOp(**op) for op in data.get("contract_ops", [])],
+            checkpoints=[Checkpoint(**c) for c in data.get("checkpoints", [])],
+            call_nonces={op["nonce"] for op in data.get("contract_ops", []) if op["nonce"]},
         )
 
 
@@ -671,6 +824,9 @@ _HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     ConstitutionSet: KMState._constitution_set,
     ChaosSet: KMState._chaos_set,
     NodeAdmit: KMState._node_admit,
+    ContractDeploy: KMState._contract_deploy,
+    ContractCall: KMState._contract_call,
+    ContractCheckpoint: KMState._contract_checkpoint,
 }
 _ACTION: TypeAdapter[Action] = TypeAdapter(Action)
 #: Governance changes: in a cluster with identities, only a passed proposal applies them.

@@ -38,6 +38,8 @@ PROOF_PERSON = b"kmsim-proof-v1"
 #: A key name as the KM state machine allows it (``kmnode.km.commands.Name``).
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_SIZE = 32
+#: A contract's name as the KM state machine allows it (``commands.ContractName``).
+_CONTRACT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def proof_key(material: bytes) -> bytes:
@@ -66,11 +68,10 @@ class ServiceEnclave:
         """Local attestation response for our node's KM enclave."""
         return local.respond(self.context, km_measurement, challenge, self._boxes.public)
 
-    def accept_key(self, ciphertext: bytes, vouch: bytes) -> tuple[str, int]:
-        """Open a key boxed to this enclave by a KM enclave that vouched for its box key (a
-        local report from this platform, for this enclave, by a trusted KM measurement), from
-        the KM enclave instance pinned by the first delivery. ``ProvisioningError`` names what
-        is wrong, and nothing changes."""
+    def _open_vouched(self, ciphertext: bytes, vouch: bytes) -> tuple[bytes, object]:
+        """(sender, envelope) of a box from a KM enclave that vouched for its box key (a local
+        report from this platform, for this enclave, by a trusted KM measurement), from the
+        KM enclave instance pinned by the first delivery; ``ProvisioningError`` otherwise."""
         try:
             sender = KeyBoxes.sender(ciphertext)
             local.verify_vouch(self.context, vouch, self._trusted_km, sender, self._boxes.public)
@@ -83,10 +84,19 @@ class ServiceEnclave:
                 "one this service enclave attested with first"
             )
         try:
-            envelope = json.loads(self._boxes.open(ciphertext))
+            return sender, json.loads(self._boxes.open(ciphertext))
+        except (KeyBoxError, ValueError) as exc:
+            raise ProvisioningError(f"provisioned key rejected: {type(exc).__name__}") from None
+
+    def accept_key(self, ciphertext: bytes, vouch: bytes) -> tuple[str, int]:
+        """Open a vouched key box (``_open_vouched``) and hold the key. ``ProvisioningError``
+        names what is wrong, and nothing changes."""
+        sender, envelope = self._open_vouched(ciphertext, vouch)
+        try:
+            assert isinstance(envelope, dict)
             name, generation = envelope["key"], envelope["generation"]
             material = bytes.fromhex(envelope["material"])
-        except (KeyBoxError, ValueError, KeyError, TypeError) as exc:
+        except (AssertionError, ValueError, KeyError, TypeError) as exc:
             raise ProvisioningError(f"provisioned key rejected: {type(exc).__name__}") from None
         if (
             not isinstance(name, str)
@@ -106,6 +116,28 @@ class ServiceEnclave:
         self._keys[(name, generation)] = material
         self._proof_keys[(name, generation)] = proof_key(material)
         return name, generation
+
+    def accept_contract_keys(
+        self, ciphertext: bytes, vouch: bytes
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """Open a vouched box of contract keys: (contract-input key, state keys by contract).
+        The caller installs them (``ContractRuntime.install_keys``, which refuses a held key
+        with other bytes)."""
+        sender, envelope = self._open_vouched(ciphertext, vouch)
+        try:
+            assert isinstance(envelope, dict) and envelope["kind"] == "contracts"
+            state = envelope["state"]
+            assert isinstance(state, dict) and len(state) <= 4096
+            keys = {str(name): bytes.fromhex(key) for name, key in state.items()}
+            input_key = bytes.fromhex(envelope["input"])
+        except (AssertionError, ValueError, KeyError, TypeError) as exc:
+            raise ProvisioningError(f"contract keys rejected: {type(exc).__name__}") from None
+        if len(input_key) != _KEY_SIZE or any(
+            len(k) != _KEY_SIZE or not _CONTRACT_NAME.fullmatch(n) for n, k in keys.items()
+        ):
+            raise ProvisioningError("contract keys envelope is malformed")
+        self._km_box_key = sender
+        return input_key, keys
 
     def holds(self, name: str, generation: int) -> bool:
         return (name, generation) in self._keys

@@ -39,6 +39,7 @@ from kmnode.km.enclave import (
     JoinReply,
     KMEnclave,
     Purpose,
+    contract_key,
     derive_key,
 )
 from kmnode.km.state import encode_command
@@ -116,6 +117,7 @@ class HostileHost(RuleBasedStateMachine):
         assert self.master is not None
         secrets = [self.master]
         secrets += [derive_key(self.master, "db", g) for g in range(1, 4)]
+        secrets += [contract_key(self.master, "input", "")]
         for enclave in self.enclaves.values():
             for record in enclave._sessions.values():
                 result = record.party.result
@@ -364,6 +366,30 @@ class HostileHost(RuleBasedStateMachine):
             self.provisioned[who].add(release_id)
             self._seen(result.ciphertext)
 
+    @rule(
+        who=st.sampled_from(NAMES),
+        svc=st.sampled_from(NAMES),
+        fresh=st.booleans(),
+        challenge=challenges | st.binary(max_size=40),
+        response=frames | st.binary(max_size=300),
+    )
+    def provision_contract_keys(
+        self, who: str, svc: str, fresh: bool, challenge: bytes, response: bytes
+    ) -> None:
+        """Contract keys asked for with a fresh challenge answered by some node's service, or
+        with whatever the host recorded or made up: only boxes come out."""
+        enclave = self.enclaves[who]
+        if fresh:
+            issued = self._call(enclave.new_challenge)
+            if issued is None:
+                return
+            challenge = issued
+            response = self.services[svc].answer_challenge(enclave.identity.measurement, issued)
+        result = self._call(enclave.provision_contract_keys, challenge, response)
+        if result is not None:
+            self._seen(result.ciphertext)
+            self._seen(repr(result))
+
     # --- stored state, quotes, ledger -----------------------------------------------------------
 
     @rule(target=blobs, who=st.sampled_from(NAMES))
@@ -388,6 +414,7 @@ class HostileHost(RuleBasedStateMachine):
         self._call(enclave.show_quote, NOW)
         self._call(enclave.ledger_signature, NOW)
         self._call(enclave.key_fingerprint, "db", 1)
+        self._seen(self._call(enclave.contract_input_key) or b"")
         self._call(enclave.directory)
         self._call(enclave.check_binding)
         self._call(enclave.genesis)  # n-c may start a cluster of its own; the others refuse
@@ -440,7 +467,8 @@ DRIVEN = {
     "seal_raft", "open_raft", "join_request", "open_join_request", "join_reply",
     "open_join_reply", "new_challenge", "provision", "sealed_state", "restore_sealed_state",
     "check_binding", "show_quote", "ledger_signature", "key_fingerprint", "directory",
-    "genesis", "snapshot_capture", "session_refusal",
+    "genesis", "snapshot_capture", "session_refusal", "contract_input_key",
+    "provision_contract_keys",
 }  # fmt: skip
 
 

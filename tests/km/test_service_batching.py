@@ -24,7 +24,7 @@ from kmnode.km.service_link import ServiceLink
 from kmnode.ring import Writer
 from kmnode.service.enclave import ServiceEnclave
 from kmnode.service.process import answer, serve
-from kmnode.service_pipe import ServiceUnavailable
+from kmnode.service_pipe import MAX_LINE, ServiceUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,7 +72,10 @@ def test_serve_answers_every_line_of_a_read_in_one_write_in_order() -> None:
         (b'{"op": "prove", "id": 1, "key": "k", "generation": "1", "challenge": "00"}', "integer"),
         (b'{"op": "key", "id": 1, "ciphertext": "zz"}', "pattern"),
         (b'{"op": "identity", "id": 1, "extra": true}', "extra"),
-        (b'{"op": "key", "id": 1, "ciphertext": "' + b"00" * 40_000 + b'"}', "exceeds"),
+        (
+            b'{"op": "key", "id": 1, "ciphertext": "' + b"00" * (MAX_LINE // 2 + 8) + b'"}',
+            "exceeds",
+        ),
     ],
 )
 def test_a_malformed_request_gets_a_specific_error_and_changes_nothing(

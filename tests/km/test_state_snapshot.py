@@ -58,6 +58,10 @@ def reference_snapshot(state: KMState) -> bytes:
         "chaos_enabled": state.chaos_enabled,
         "admitted": [m.model_dump(mode="json") for m in state.admitted.values()],
         "denied": sorted(state.denied),
+        "contracts": [dataclasses.asdict(c) for c in state.contracts.values()],
+        "contract_seq": state.contract_seq,
+        "contract_ops": [dataclasses.asdict(op) for op in state.contract_ops],
+        "checkpoints": [dataclasses.asdict(c) for c in state.checkpoints],
     }
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
