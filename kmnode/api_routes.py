@@ -23,8 +23,11 @@ from kmnode.identity import Role
 from kmnode.jsondepth import deeper_than
 from kmnode.km_messages import (
     AttestRequest,
+    CallContract,
     ChaosCheck,
+    ContractRead,
     CreateKey,
+    DeployContract,
     PolicyChange,
     Propose,
     Prove,
@@ -32,6 +35,7 @@ from kmnode.km_messages import (
     ReleaseKey,
     RemoveMember,
     Request,
+    ResyncContracts,
     RevokePlatform,
     RotateKey,
     Vote,
@@ -171,6 +175,37 @@ def _withdraw(params: Params, query: Params, body: Body) -> Request:
     return Withdraw(proposal=params["id"])
 
 
+def _deploy(params: Params, query: Params, body: Body) -> Request:
+    return DeployContract(name=body.get("name"), code=body.get("code"))
+
+
+def _call_contract(params: Params, query: Params, body: Body) -> Request:
+    fields = {k: body[k] for k in ("fuel", "timeout") if k in body}
+    if isinstance(fields.get("timeout"), int) and not isinstance(fields["timeout"], bool):
+        fields["timeout"] = float(fields["timeout"])
+    return CallContract.model_validate(
+        {
+            "contract": params["name"],
+            "function": body.get("function"),
+            "args": body.get("args"),
+            "nonce": body.get("nonce"),
+            **fields,
+        }
+    )
+
+
+def _contract_read(what: str, name_from: str | None = None) -> Build:
+    def build(params: Params, query: Params, body: Body) -> Request:
+        name = params.get(name_from) if name_from else None
+        return ContractRead.model_validate({"what": what, "name": name})
+
+    return build
+
+
+def _resync(params: Params, query: Params, body: Body) -> Request:
+    return ResyncContracts()
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/keys", "auditor", _read("keys")),
     Route("POST", "/v1/keys", "operator", _create_key, status=201),
@@ -192,6 +227,13 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/proposals/{id}/vote", "admin", _vote),
     Route("POST", "/v1/proposals/{id}/withdraw", "admin", _withdraw),
     Route("GET", "/v1/identities", "auditor", _read("identities")),
+    Route("GET", "/v1/contracts", "auditor", _contract_read("contracts")),
+    Route("POST", "/v1/contracts", "operator", _deploy, status=201),
+    Route("GET", "/v1/contracts/{name}", "auditor", _contract_read("contract", "name")),
+    Route("POST", "/v1/contracts/{name}/calls", "user", _call_contract),
+    Route("GET", "/v1/contract-input-key", "user", _contract_read("input-key")),
+    Route("GET", "/v1/node/contracts", "auditor", _contract_read("node")),
+    Route("POST", "/v1/node/contracts/resync", "operator", _resync),
 )
 #: The chaos routes (``kmnode.host.chaos_api``): the host serves them, once the KM enclave has
 #: checked the request like any other (``ChaosCheck``: admin to inject, auditor to look, and
@@ -200,7 +242,7 @@ CHAOS_ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/chaos/rules", "auditor", _chaos_check),
     *(
         Route("POST", f"/v1/chaos/{name}", "admin", _chaos_check)
-        for name in ("rules", "heal", "ring-stall", "service-crash", "poison")
+        for name in ("rules", "heal", "ring-stall", "service-crash", "poison", "tamper-state")
     ),
 )
 _COMPILED = tuple((route, route.pattern) for route in (*ROUTES, *CHAOS_ROUTES))

@@ -142,7 +142,7 @@ class IdentityKeys:
 
 #: The identity `kmctl up` makes for a cluster without identities (the development profile).
 DEV_IDENTITY = "dev-admin"
-DEV_ROLES: list[Role] = ["admin", "operator", "auditor"]
+DEV_ROLES: list[Role] = ["admin", "operator", "auditor", "user"]
 
 
 def default_key_dir() -> Path:

@@ -272,6 +272,42 @@ class Prove(Request):
     challenge: bytes = Field(min_length=1, max_length=1024)
 
 
+class DeployContract(Request):
+    """Deploy a contract (fields checked by the ``contract.deploy`` command's model)."""
+
+    op: Literal["contract.deploy"] = "contract.deploy"
+    name: JsonValue
+    code: JsonValue
+
+
+class CallContract(Request):
+    """Call a contract (fields checked by the ``contract.call`` command's model), then wait up
+    to ``timeout`` for this node's service enclave to execute it."""
+
+    op: Literal["contract.call"] = "contract.call"
+    contract: str
+    function: JsonValue
+    args: JsonValue
+    nonce: JsonValue
+    fuel: JsonValue = 10_000_000
+    timeout: float = Timeout
+
+
+class ContractRead(Request):
+    """Contracts as the state holds them, the contract-input key, or this node's execution."""
+
+    op: Literal["contract.read"] = "contract.read"
+    what: Literal["contracts", "contract", "input-key", "node"]
+    name: str | None = None
+
+
+class ResyncContracts(Request):
+    """Restart this node's contract execution from the host store's kept copies (after
+    ``kmctl contracts resync`` put a peer's there)."""
+
+    op: Literal["contract.resync"] = "contract.resync"
+
+
 class ServiceCrash(Request):
     """Chaos: SIGKILL the service enclave (reply: ``{"killed": pid}``, pid None if none ran)."""
 

@@ -41,6 +41,8 @@ from pydantic.json_schema import models_json_schema
 from kmnode.api_routes import CHAOS_ROUTES, MAX_CHALLENGE, OPENAPI_PATH, ROUTES, Route
 from kmnode.identity import COVERED, LABEL, MAX_AGE_S, TAG, PublicIdentity
 from kmnode.km.commands import (
+    ContractCall,
+    ContractDeploy,
     KeyCreate,
     KeyGeneration,
     MemberChanged,
@@ -64,7 +66,14 @@ from kmnode.linkfaults import LinkRule
 #: tests/test_openapi.py fails while it differs from ``document()``.
 SHIPPED = Path(__file__).with_name("openapi.json")
 #: The routes the host answers itself, without a signature (probes, and this document).
-OPEN_ROUTES = (("GET", "/v1/status"), ("GET", OPENAPI_PATH))
+OPEN_ROUTES = (
+    ("GET", "/v1/status"),
+    ("GET", OPENAPI_PATH),
+    # The host's contract store (``kmnode.host.contract_host``): sealed records only.
+    ("GET", "/v1/node/contracts/store"),
+    ("GET", "/v1/node/contracts/store/checkpoint"),
+    ("PUT", "/v1/node/contracts/store/checkpoint"),
+)
 _SCHEMA_REF = "#/components/schemas/{model}"
 _SECURITY = "httpMessageSignature"
 
@@ -373,6 +382,68 @@ DOCS: dict[tuple[str, str], Doc] = {
             seed=(int, Field(default=0, ge=0, lt=2**63)),
             rate=(float, Field(default=40, gt=0, le=1000, description="Actions per second.")),
         ),
+    ),
+    ("GET", "/v1/contracts"): Doc(
+        "List the deployed contracts", _root("ContractList", dict[str, JsonValue])
+    ),
+    ("POST", "/v1/contracts"): Doc(
+        "Deploy a contract (WebAssembly binary, base64); waits for this node to take it",
+        _root("ContractDeployed", dict[str, JsonValue]),
+        _body("DeployBody", ContractDeploy, "name", "code"),
+    ),
+    ("GET", "/v1/contracts/{name}"): Doc(
+        "One contract and its committed state roots", _root("Contract", dict[str, JsonValue])
+    ),
+    ("POST", "/v1/contracts/{name}/calls"): Doc(
+        "Call a contract (arguments sealed to the contract-input key, with the caller and the "
+        "nonce inside); the result comes back sealed to the caller",
+        _root("ContractCalled", dict[str, JsonValue]),
+        _body(
+            "CallBody",
+            ContractCall,
+            "function",
+            "args",
+            "nonce",
+            "fuel",
+            timeout=(float, Field(default=10.0, ge=0, le=300)),
+        ),
+    ),
+    ("GET", "/v1/contract-input-key"): Doc(
+        "The cluster's contract-input key (X25519, hex): seal call arguments to it",
+        create_model("ContractInputKey", input_key=(str, ...)),
+    ),
+    ("GET", "/v1/node/contracts"): Doc(
+        "This node's contract execution: position, why it stopped, cache, roots",
+        _root("ContractExecution", dict[str, JsonValue]),
+    ),
+    ("POST", "/v1/node/contracts/resync"): Doc(
+        "Restore this node's contract execution from its store's kept copies",
+        _root("ContractResync", dict[str, JsonValue]),
+        EmptyBody,
+    ),
+    ("POST", "/v1/chaos/tamper-state"): Doc(
+        "Chaos: this node's host changes its stored contract state (409 if nothing to change)",
+        create_model("Tampered", tampered=(str, ...)),
+        create_model(
+            "TamperBody",
+            mode=(Literal["flip", "swap", "rollback", "drop"], ...),
+            contract=(str | None, None),
+            seed=(int, Field(default=0, ge=0, lt=2**63)),
+        ),
+    ),
+    ("GET", "/v1/node/contracts/store"): Doc(
+        "The host's contract store: kept checkpoints, records, external cache (open: sealed)",
+        _root("ContractStore", dict[str, JsonValue]),
+    ),
+    ("GET", "/v1/node/contracts/store/checkpoint"): Doc(
+        "The newest kept copy of the store (sealed records; open), for a resync",
+        _root("StoreCheckpoint", dict[str, JsonValue]),
+    ),
+    ("PUT", "/v1/node/contracts/store/checkpoint"): Doc(
+        "Keep a peer's copy as a checkpoint of this store (open: the enclave verifies it "
+        "against a committed checkpoint before using it)",
+        _root("StoreImported", dict[str, JsonValue]),
+        _root("StoreCheckpointBody", dict[str, JsonValue]),
     ),
     ("GET", "/v1/status"): Doc(
         "This node's status (open: no signature, for probes)",

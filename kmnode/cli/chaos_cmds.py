@@ -369,6 +369,31 @@ def service_crash(ctx: CliContext, node: str, as_json: bool) -> None:
     _emit(as_json, answer, f"killed {node}'s service enclave (pid {answer.get('killed')})")
 
 
+@chaos.command("tamper-state")
+@click.argument("node")
+@click.option(
+    "--mode",
+    type=click.Choice(["flip", "swap", "rollback", "drop"]),
+    required=True,
+    help="flip a byte of a record, swap two records, put an older record back, or drop one.",
+)
+@click.option("--contract", metavar="NAME", help="Only this contract's records. Default: any.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@_as_json
+@pass_context
+def tamper_state(
+    ctx: CliContext, node: str, mode: str, contract: str | None, seed: int, as_json: bool
+) -> None:
+    """Change NODE's stored contract state as a hostile host would. Its service enclave names
+    the change when it next reads that record and stops executing (kmctl contracts roots shows
+    why; kmctl contracts resync NODE repairs it). Exits 1 if there is nothing to change."""
+    body: dict[str, Any] = {"mode": mode, "seed": seed}
+    if contract is not None:
+        body["contract"] = contract
+    answer = _client(_config(ctx), node).post("/v1/chaos/tamper-state", body)
+    _emit(as_json, answer, f"{node}: {answer.get('tampered')}")
+
+
 @chaos.command("ring-stall")
 @click.argument("node")
 @click.option("--on/--off", "stalled", required=True, help="Stall or resume the ring drain.")

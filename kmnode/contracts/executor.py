@@ -81,6 +81,10 @@ class Executor:
             view.abort()
         return result
 
+    def names(self) -> list[str]:
+        """The deployed contracts' names."""
+        return sorted(self._code)
+
     def roots(self) -> Mapping[str, bytes]:
         """Every contract's state root after writing back what the cache holds (a checkpoint
         compares them across nodes)."""

@@ -143,7 +143,9 @@ class OperatorApi:
             lambda: [n.name for n in node.config.nodes if n.name != node.name],
             self.authorize,
             node.poisoner,
+            node.contracts.tamper,
         )
+        node.contracts.mount(app)
         return app
 
     @web.middleware

@@ -14,6 +14,9 @@ offending body field.
     POST /v1/chaos/heal          {"peer"?} -> {"healed": [peers]}
     POST /v1/chaos/ring-stall    {"stalled": bool} -> {"stalled"}
     POST /v1/chaos/service-crash -> {"killed": pid}; 409 if no service enclave runs
+    POST /v1/chaos/tamper-state  {"mode": flip|swap|rollback|drop, "contract"?, "seed"?} ->
+                                 {"tampered": what}: the host changes its stored contract
+                                 state (409 if there is nothing to change that way)
     POST /v1/chaos/poison        {"enabled": bool, "seed"?: int, "rate"?: number} ->
                                  {"enabled", "seed", "stats"}: this host feeds garbage into
                                  every input it holds (``kmnode.host.poison``); disabling
@@ -88,13 +91,15 @@ def add_chaos_routes(
     peers: Callable[[], list[str]],
     authorize: Callable[[web.Request, bytes], Awaitable[None]] | None = None,
     poisoner: Poisoner | None = None,
+    tamper_state: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> None:
     """Mount the chaos endpoints on ``app``. ``peers`` lists the names a rule may target
     (every other node of the cluster); ``crash_service`` kills the service enclave and gives
     its pid, or None if none was running. ``authorize`` is asked first with the request and
     its body's bytes, and raises to refuse it (a node's API: the KM enclave checks the signature,
     the role and that governance enabled chaos). ``poisoner``: the node's ``poison`` fault
-    (404 without one)."""
+    (404 without one). ``tamper_state``: change the node's stored contract state as a hostile
+    host would (``kmnode.host.contract_host``; 404 without it)."""
 
     async def authorized(request: web.Request) -> bytes:
         """The request's body, once ``authorize`` (if any) let it through."""
@@ -167,7 +172,20 @@ def add_chaos_routes(
             {"enabled": poisoner.enabled, "seed": poisoner.seed, "stats": stats.as_dict()}
         )
 
+    async def tamper(body: dict[str, Any]) -> web.Response:
+        if tamper_state is None:
+            return _error(404, "not_found", "this node has no contract store")
+        try:
+            return web.json_response(tamper_state(body))
+        except ValueError as exc:
+            field, _, _ = str(exc).partition(":")
+            known = field if field in ("mode", "contract", "seed") else None
+            if known is None:
+                return _error(409, "refused", str(exc))
+            raise _BadRequest(known, str(exc)) from None
+
     app.router.add_get("/v1/chaos/rules", get_rules)
+    app.router.add_post("/v1/chaos/tamper-state", guarded(tamper))
     app.router.add_post("/v1/chaos/rules", guarded(set_rule))
     app.router.add_post("/v1/chaos/heal", guarded(heal))
     app.router.add_post("/v1/chaos/ring-stall", guarded(ring_stall))

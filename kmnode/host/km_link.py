@@ -66,8 +66,11 @@ class KMLink:
         name: str,
         service_output: ServiceOutput,
         on_notice: Callable[[Notice], None],
+        contract_store: str = "",
     ) -> None:
         self.config = config
+        #: The contract store's socket address (``kmnode.host.contract_host``), passed on.
+        self.contract_store = contract_store
         self.config_path = config_path
         self.name = name
         #: Its ring and ring-control socket are passed on to the service enclave (at start).
@@ -151,6 +154,8 @@ class KMLink:
             str(service.control_fd),
             "--circuit",
             self.config.enclave.circuit,
+            "--contract-store",
+            self.contract_store,
             stdin=asyncio.subprocess.PIPE,
             pass_fds=(
                 to_enclave[0],

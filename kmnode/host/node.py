@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kmnode.config import ClusterConfig
+from kmnode.host.contract_host import ContractHost
 from kmnode.host.faults import RingStall
 from kmnode.host.km_link import EnclaveExited, KMLink
 from kmnode.host.mqtt import EventPublisher, TopicKind
@@ -48,7 +49,17 @@ class KMNode:
         self.service_output = ServiceOutput(
             name, self._on_service_output, self.ring_stall, self._on_service_ring_failed
         )
-        self.km = KMLink(config, config_path, name, self.service_output, self._on_notice)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        #: Contract state: the store the service enclave reaches, in the data directory.
+        self.contracts = ContractHost(self.data_dir, fsync=config.raft.fsync)
+        self.km = KMLink(
+            config,
+            config_path,
+            name,
+            self.service_output,
+            self._on_notice,
+            contract_store=self.contracts.address,
+        )
         #: The chaos fault ``poison``: idle unless an admin turns it on (chaos routes).
         self.poisoner = Poisoner(
             lambda: self.km.circuit,
@@ -88,6 +99,7 @@ class KMNode:
             await asyncio.gather(self._watch, return_exceptions=True)
         await self.km.stop()
         await self.service_output.stop()
+        self.contracts.close()
         await self.events.stop()
 
     # --- what the enclaves report -------------------------------------------------------------

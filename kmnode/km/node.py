@@ -44,6 +44,7 @@ from kmnode.km.commands import (
     PolicyReplaced,
     ProposalChanged,
 )
+from kmnode.km.contract_feed import ContractFeed
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
@@ -109,6 +110,7 @@ class KMNode:
         self.notify = notify
         self.joining = Joining(self)
         self.releases = Releases(self)
+        self.contracts = ContractFeed(self)
         limits = peer_limits(config.limits)
         self.enclave.decode_limits = limits.decode
         self.transport = AttestedTransport(
@@ -239,6 +241,7 @@ class KMNode:
                 self.spawn(ledger_signer.initialise_ledger(self))
         self.spawn(ledger_signer.sign_periodically(self))
         await service_started
+        self.spawn(self.contracts.run())
         self.mode = mode
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
 
@@ -282,6 +285,7 @@ class KMNode:
         ):
             self._publish_proposal(index, result)
         self.releases.on_apply(result)
+        self.contracts.on_apply(result)
 
     def _publish_proposal(self, index: int, result: ProposalChanged) -> None:
         """Each change of a proposal's state (made, voted on, passed, failed, rejected,

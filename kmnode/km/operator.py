@@ -28,6 +28,9 @@ from kmnode.km.commands import (
     Applied,
     AuthStamp,
     CommandModel,
+    ContractCall,
+    ContractDeploy,
+    ContractOpCommitted,
     KeyCreate,
     KeyGeneration,
     KeyRotate,
@@ -44,13 +47,16 @@ from kmnode.km.commands import (
 )
 from kmnode.km.node import KMNode
 from kmnode.km.service_link import ServiceRefused
-from kmnode.km.state import Proposal
+from kmnode.km.state import ContractRecord, Proposal
 from kmnode.km_messages import (
     ApiCall,
     AttestRequest,
+    CallContract,
     ChaosCheck,
+    ContractRead,
     CreateKey,
     DataReply,
+    DeployContract,
     Failed,
     FailureCode,
     HealLinks,
@@ -63,6 +69,7 @@ from kmnode.km_messages import (
     RemoveMember,
     Reply,
     Request,
+    ResyncContracts,
     RevokePlatform,
     RotateKey,
     ServiceCrash,
@@ -77,6 +84,8 @@ from kmnode.service_pipe import ServiceUnavailable
 
 #: Longest wait for release outcomes an operator may ask for, in seconds.
 MAX_RELEASE_WAIT = 60.0
+#: How long a deploy waits for this node's service enclave to take it.
+CONTRACT_WAIT_S = 10.0
 
 
 class Operator:
@@ -194,6 +203,23 @@ class Operator:
             case Withdraw(proposal=proposal):
                 withdrawn = await self._commit(ProposalWithdraw, auth=_stamp(by), proposal=proposal)
                 return withdrawn.public()
+            case DeployContract(name=name, code=code):
+                deployed = await self._commit(ContractDeploy, auth=_stamp(by), name=name, code=code)
+                assert isinstance(deployed, ContractOpCommitted)
+                outcome = await self.node.contracts.outcome(deployed.seq, CONTRACT_WAIT_S)
+                return {
+                    "contract": deployed.contract,
+                    "seq": deployed.seq,
+                    "code_id": self.node.enclave.state.contracts[deployed.contract].code_id,
+                    "status": outcome.status if outcome is not None else "pending",
+                }
+            case CallContract():
+                return await self.call_contract(request, by)
+            case ContractRead():
+                return await self.read_contracts(request)  # type: ignore[no-any-return]
+            case ResyncContracts():
+                self.node.contracts.resync()
+                return {"node": self.node.name, "resync": "started"}
             case Prove(key=key, generation=generation, challenge=challenge):
                 try:
                     mac = await self.node.service.prove(key, generation, challenge)
@@ -368,6 +394,51 @@ class Operator:
             },
         }
 
+    # --- contracts --------------------------------------------------------------------------
+
+    async def call_contract(self, request: CallContract, by: Verified) -> dict[str, Any]:
+        """Commit the call, then wait for this node's service enclave to execute it: the
+        result comes back sealed to the caller (the host sees ciphertext only)."""
+        called = await self._commit(
+            ContractCall,
+            auth=_stamp(by),
+            contract=request.contract,
+            function=request.function,
+            args=request.args,
+            nonce=request.nonce,
+            fuel=request.fuel,
+        )
+        assert isinstance(called, ContractOpCommitted)
+        outcome = await self.node.contracts.outcome(called.seq, min(request.timeout, 60.0))
+        if outcome is None:
+            halted = self.node.contracts.halted
+            return {"seq": called.seq, "status": "pending", "halted": halted or None}
+        return {"seq": called.seq, **outcome.model_dump()}
+
+    async def read_contracts(self, request: ContractRead) -> Any:
+        state = self.node.enclave.state
+        match request.what:
+            case "contracts":
+                return {"contracts": [_contract_view(c) for c in state.contracts.values()]}
+            case "contract":
+                record = state.contracts.get(request.name or "")
+                if record is None:
+                    raise Failed.of("not_found", f"no contract named {request.name!r}")
+                checkpoints = [
+                    {"seq": c.seq, "index": c.index, "root": c.roots.get(record.name)}
+                    for c in state.checkpoints
+                    if record.name in c.roots
+                ]
+                return {**_contract_view(record), "checkpoints": checkpoints}
+            case "input-key":
+                self._require_ready()
+                return {"input_key": self.node.enclave.contract_input_key().hex()}
+            case "node":
+                return {
+                    **await self.node.contracts.status(),
+                    "checkpoints": [dataclasses.asdict(c) for c in state.checkpoints],
+                }
+
     # --- writes -----------------------------------------------------------------------------
 
     async def release(self, request: ReleaseKey, by: Verified) -> dict[str, Any]:
@@ -447,6 +518,13 @@ def _stamp(by: Verified, part: int | None = None) -> AuthStamp:
     commands of a request that commits several)."""
     request = by.request_id if part is None else f"{by.request_id}/{part}"
     return AuthStamp(by=by.identity.name, request=request, created=by.created)
+
+
+def _contract_view(record: ContractRecord) -> dict[str, Any]:
+    """A contract as the API lists it (its code stays in the state: it is public, but large)."""
+    view = dataclasses.asdict(record)
+    del view["code"]
+    return view
 
 
 def _key_view(result: Applied) -> dict[str, JsonValue]:

@@ -68,6 +68,7 @@ async def serve(
     bells: tuple[int, int],
     service_ring: RingHandoff,
     mode: str,
+    contract_store: str = "",
 ) -> int:
     config = load_config(config_path)
     # The host's sealed memfds: refused unless sealed against shrinking and growing, and of the
@@ -75,7 +76,7 @@ async def serve(
     inbound = Ring.attach_sealed(rings[0], CIRCUIT_CAPACITY)
     outbound = Ring.attach_sealed(rings[1], CIRCUIT_CAPACITY)
     data_dir = config.state_dir / "nodes" / name
-    service = ServiceLink(config_path, name, service_ring)
+    service = ServiceLink(config_path, name, service_ring, contract_store=contract_store)
     stop = asyncio.Event()
     circuits: list[Circuit] = []
 
@@ -185,6 +186,9 @@ def main() -> None:
         "--service-ring-control", type=int, required=True, help="fd: its ring-control socket"
     )
     parser.add_argument("--circuit", choices=("switchless", "ocall"), default="switchless")
+    parser.add_argument(
+        "--contract-store", default="", help="the host's contract store (abstract socket, hex)"
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
@@ -196,7 +200,19 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rings, bells = (args.ring_in_fd, args.ring_out_fd), (args.bell_in, args.bell_out)
     service_ring = RingHandoff(args.service_ring_fd, args.service_ring_control)
-    sys.exit(asyncio.run(serve(args.config, args.node, rings, bells, service_ring, args.circuit)))
+    sys.exit(
+        asyncio.run(
+            serve(
+                args.config,
+                args.node,
+                rings,
+                bells,
+                service_ring,
+                args.circuit,
+                args.contract_store,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

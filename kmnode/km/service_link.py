@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from consensus.deadlines import Deadlines
 from kmnode.service_pipe import (
+    MAX_LINE,
     ChallengeReply,
     ChallengeRequest,
     IdentityReply,
@@ -87,8 +88,15 @@ def crash_child(pid: int | None) -> int | None:
 
 class ServiceLink:
     def __init__(
-        self, config_path: Path, node: str, ring: RingHandoff, log_path: Path | None = None
+        self,
+        config_path: Path,
+        node: str,
+        ring: RingHandoff,
+        log_path: Path | None = None,
+        contract_store: str = "",
     ) -> None:
+        #: The host's contract store (abstract socket address, hex), for the service.
+        self.contract_store = contract_store
         self.config_path = config_path
         self.node = node
         #: The host's ring the service enclave writes its output into, and its control socket.
@@ -146,10 +154,13 @@ class ServiceLink:
                 str(self.ring.ring_fd),
                 "--ring-control",
                 str(self.ring.control_fd),
+                "--contract-store",
+                self.contract_store,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
                 pass_fds=self.ring.fds,
+                limit=MAX_LINE,
             )
         self._reply_task = asyncio.create_task(self._read_replies(self._proc), name="service-rx")
         reply = await self._exchange(IdentityRequest(), IdentityReply)

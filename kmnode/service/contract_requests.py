@@ -80,11 +80,14 @@ def handle_contract(
         runtime.check(request.checkpoint.seq, request.checkpoint.roots)
         return _state(runtime)
     if isinstance(request, ContractRestoreRequest):
-        runtime.restore(
-            [(c.seq, c.roots) for c in request.checkpoints],
-            [Deployed(d.name, d.code, d.deployed_seq) for d in request.contracts],
-            request.from_genesis,
-        )
+        try:
+            runtime.restore(
+                [(c.seq, c.roots) for c in request.checkpoints],
+                [Deployed(d.name, d.code, d.deployed_seq) for d in request.contracts],
+                request.from_genesis,
+            )
+        except NeedKeys:
+            return _state(runtime).model_copy(update={"need_keys": True})
         return _state(runtime)
     return _status(runtime)
 

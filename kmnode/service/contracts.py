@@ -354,6 +354,10 @@ class ContractRuntime:
 
     # --- views ------------------------------------------------------------------------------
 
+    def contracts(self) -> list[str]:
+        """The contracts this enclave has deployed (those whose code was refused too)."""
+        return sorted({*self._executor.names(), *self._broken})
+
     def cache_stats(self) -> CacheStats:
         return self._executor.cache.stats
 

@@ -27,9 +27,13 @@ from pathlib import Path
 from typing import Protocol
 
 from attest.identity import EnclaveRole
-from kmnode.config import load_config
+from kmnode.config import ContractsSpec, load_config
+from kmnode.contracts.cache import CacheConfig
+from kmnode.contracts.store_wire import StoreClient, StoreWireError
 from kmnode.enclave_code import build_identity, current_identity
 from kmnode.imports import loaded_project_modules
+from kmnode.service.contract_requests import ContractRequest, handle_contract
+from kmnode.service.contracts import ContractRuntime
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service.ring_output import RingOutput
 from kmnode.service_pipe import (
@@ -60,8 +64,15 @@ class Output(Protocol):
     def write(self, data: bytes, type: int = 0) -> bool: ...
 
 
-def handle(enclave: ServiceEnclave, writer: Output, request: Request) -> Reply:
+def handle(
+    enclave: ServiceEnclave,
+    writer: Output,
+    request: Request,
+    runtime: ContractRuntime | None = None,
+) -> Reply:
     """The reply to one request (refusals raise; ``answer`` turns them into error replies)."""
+    if isinstance(request, ContractRequest):
+        return handle_contract(runtime, enclave, writer, request)
     if isinstance(request, IdentityRequest):
         return IdentityReply(measurement=enclave.context.identity.measurement.hex())
     if isinstance(request, ModulesRequest):
@@ -90,17 +101,25 @@ def handle(enclave: ServiceEnclave, writer: Output, request: Request) -> Reply:
     return ProveReply(mac=mac)
 
 
-def answer(enclave: ServiceEnclave, writer: Output, line: bytes) -> bytes:
+def answer(
+    enclave: ServiceEnclave, writer: Output, line: bytes, runtime: ContractRuntime | None = None
+) -> bytes:
     """The reply line to one request line (errors are replies too, never exceptions)."""
     try:
         request = decode_request(line)
-        reply = handle(enclave, writer, request).model_copy(update={"id": request.id})
-    except (PipeError, ProvisioningError, ValueError) as exc:
+        reply = handle(enclave, writer, request, runtime).model_copy(update={"id": request.id})
+    except (PipeError, ProvisioningError, ValueError, StoreWireError) as exc:
         reply = Reply(id=line_id(line), ok=False, error=f"{type(exc).__name__}: {exc}")
     return encode(reply)
 
 
-def serve(enclave: ServiceEnclave, writer: Output, fd_in: int = 0, fd_out: int = 1) -> None:
+def serve(
+    enclave: ServiceEnclave,
+    writer: Output,
+    fd_in: int = 0,
+    fd_out: int = 1,
+    runtime: ContractRuntime | None = None,
+) -> None:
     """Answer requests until stdin closes (the host went away).
 
     Whatever the pipe holds is read at once, and the replies to all of its complete lines go
@@ -113,7 +132,7 @@ def serve(enclave: ServiceEnclave, writer: Output, fd_in: int = 0, fd_out: int =
         if not chunk:
             return
         *lines, pending = (pending + chunk).split(b"\n")
-        out = b"".join(answer(enclave, writer, line) for line in lines if line.strip())
+        out = b"".join(answer(enclave, writer, line, runtime) for line in lines if line.strip())
         view = memoryview(out)
         while view:
             view = view[os.write(fd_out, view) :]
@@ -126,6 +145,11 @@ def main() -> None:
     parser.add_argument("--ring-fd", type=int, required=True, help="fd: the output ring's memfd")
     parser.add_argument(
         "--ring-control", type=int, required=True, help="fd: our end of the ring-control socket"
+    )
+    parser.add_argument(
+        "--contract-store",
+        default="",
+        help="the host's contract store: an abstract unix socket address (hex); none: no contracts",
     )
     args = parser.parse_args()
     logging.basicConfig(
@@ -146,10 +170,26 @@ def main() -> None:
     )
     output = RingOutput(socket.socket(fileno=args.ring_control))
     output.start(args.ring_fd)
+    runtime = contract_runtime(config.contracts, args.contract_store)
     try:
-        serve(enclave, output)
+        serve(enclave, output, runtime=runtime)
     finally:
         output.close()
+
+
+def contract_runtime(spec: ContractsSpec, address_hex: str) -> ContractRuntime | None:
+    """The contract runtime over the host's store at ``address_hex`` (None without one)."""
+    if not address_hex:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(bytes.fromhex(address_hex))
+    cache = CacheConfig(
+        max_entries=spec.cache_entries,
+        max_bytes=spec.cache_bytes,
+        flush_every=spec.flush_every,
+        epc_budget_bytes=spec.epc_budget_bytes,
+    )
+    return ContractRuntime(StoreClient(sock), cache, spec.checkpoint_every)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ with the status its failure code names. (What the enclave makes of a body: test_
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from kmnode.config import ClusterConfig
 from kmnode.host.api import OperatorApi
+from kmnode.host.contract_host import ContractHost
 from kmnode.host.faults import RingStall
 from kmnode.km_messages import ApiCall, DataReply, Failed, Reply, Request
 from tests.ports import free_port
@@ -34,8 +36,9 @@ class FakeKM:
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[tuple[TestClient[Any, Any], FakeKM]]:
+async def api(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], FakeKM]]:
     km = FakeKM()
+    contracts = ContractHost(tmp_path, fsync=False)
     port = free_port()
     config = ClusterConfig.default(3)
     nodes = [config.nodes[0].model_copy(update={"api_port": port}), *config.nodes[1:]]
@@ -45,6 +48,7 @@ async def api() -> AsyncIterator[tuple[TestClient[Any, Any], FakeKM]]:
         km=km,
         ring_stall=RingStall(),
         poisoner=None,
+        contracts=contracts,
     )
     client: TestClient[Any, Any] = TestClient(
         TestServer(OperatorApi(node).app(), host="127.0.0.1", port=port)  # type: ignore[arg-type]
@@ -54,6 +58,7 @@ async def api() -> AsyncIterator[tuple[TestClient[Any, Any], FakeKM]]:
         yield client, km
     finally:
         await client.close()
+        contracts.close()
 
 
 @pytest.mark.parametrize(
