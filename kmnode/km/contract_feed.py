@@ -114,7 +114,8 @@ class ContractFeed:
             return False
         service = self.node.service
         if self._instance != service.restarts or not service.running:
-            self._keys_for = None
+            # A restore is what repairs a halted service: try it afresh.
+            self._keys_for, self.halted = None, ""
             await self._provide_keys(state)
             if not self.halted and await self._restore(state):
                 self._instance = service.restarts

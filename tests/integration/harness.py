@@ -89,6 +89,7 @@ def write_config(
     mqtt_url: str | None = None,
     admin: bool = False,
     more: list[PublicIdentity] | None = None,
+    contracts: dict[str, int] | None = None,
 ) -> Path:
     """``root/cluster.yaml``: the embedded defaults with free ports on 127.0.0.1, state under
     ``root/state`` and a fast Raft tick, for a cluster of its own. No identities (`kmctl up`
@@ -101,6 +102,7 @@ def write_config(
     data["mqtt"]["embedded_port"] = next(ports)
     data["mqtt"]["url"] = mqtt_url
     data["raft"]["tick_ms"] = 25
+    data["contracts"].update(contracts or {})
     if admin:
         listed = [cluster_admin(root).public(ADMIN_ROLES), *(more or [])]
         data["identities"] = [i.model_dump(mode="json") for i in listed]
@@ -117,10 +119,13 @@ class LocalCluster:
         nodes: int = 3,
         mqtt_url: str | None = None,
         identities: list[PublicIdentity] | None = None,
+        contracts: dict[str, int] | None = None,
     ) -> None:
         self.root = root
         # Started node by node, not by `kmctl up`: the cluster names its admin itself.
-        self.config_path = write_config(root, nodes, mqtt_url, admin=True, more=identities)
+        self.config_path = write_config(
+            root, nodes, mqtt_url, admin=True, more=identities, contracts=contracts
+        )
         self.config = load_config(self.config_path)
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -266,11 +271,14 @@ class LocalCluster:
 
 @contextlib.contextmanager
 def running(
-    root: Path, nodes: int = 3, identities: list[PublicIdentity] | None = None
+    root: Path,
+    nodes: int = 3,
+    identities: list[PublicIdentity] | None = None,
+    contracts: dict[str, int] | None = None,
 ) -> Iterator[LocalCluster]:
     """A cluster of ``nodes`` up (with the embedded broker and an MQTT capture), stopped on
     leaving, whatever happens: what every module-scoped cluster fixture starts with."""
-    cluster = LocalCluster(root, nodes=nodes, identities=identities)
+    cluster = LocalCluster(root, nodes=nodes, identities=identities, contracts=contracts)
     try:
         cluster.start_broker_and_capture()
         cluster.up()
