@@ -438,12 +438,14 @@ DOCS: dict[tuple[str, str], Doc] = {
     ("GET", "/v1/node/contracts/store/checkpoint"): Doc(
         "The newest kept copy of the store (sealed records; open), for a resync",
         _root("StoreCheckpoint", dict[str, JsonValue]),
+        also=(404,),
     ),
     ("PUT", "/v1/node/contracts/store/checkpoint"): Doc(
         "Keep a peer's copy as a checkpoint of this store (open: the enclave verifies it "
         "against a committed checkpoint before using it)",
         _root("StoreImported", dict[str, JsonValue]),
         _root("StoreCheckpointBody", dict[str, JsonValue]),
+        also=(400,),
     ),
     ("GET", "/v1/status"): Doc(
         "This node's status (open: no signature, for probes)",
@@ -481,7 +483,8 @@ _STATUS_TEXT: dict[int, str] = {
 def statuses(method: str, path: str, *, chaos: bool = False) -> tuple[int, ...]:
     """The error statuses a route can answer with, from how the host maps failures."""
     if (method, path) in OPEN_ROUTES:
-        return (403, 500, 503, 504) if path != OPENAPI_PATH else (403,)
+        base = {403, 500, 503, 504} if path != OPENAPI_PATH else {403}
+        return tuple(sorted(base | set(DOCS[(method, path)].also)))
     found = {400, 401, 403, 500, 503, 504, *DOCS[(method, path)].also}
     if method == "POST":
         # A write commits through the leader; a body is JSON, of a bounded size.
