@@ -140,6 +140,7 @@ def _record(op: Operation, outcome: Outcome) -> bytes:
         "contract": op.contract,
         "function": op.function,
         "caller": op.caller,
+        "nonce": op.nonce,
         "status": outcome.status,
         "digest": outcome.digest,
         "fuel_used": outcome.fuel_used,
