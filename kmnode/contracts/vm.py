@@ -8,8 +8,11 @@ the same instructions, the same fuel, a trap at the same point. Hence:
   host functions below cost fuel, and running out traps (``out of fuel``) at the same
   instruction on every node;
 * NaN canonicalisation, and no threads: the sources of nondeterminism wasm leaves open;
-* a fresh instance (fresh memory) per call: nothing survives a call but what it writes to its
-  storage; memory is capped (``MAX_MEMORY_BYTES``);
+* nothing survives a call but what it writes to its storage: each call sees the memory of a
+  fresh instance. A module that can keep nothing else (no mutable global, no table, no passive
+  data: ``wasm_shape.resettable``) keeps one instance, whose memory is put back to its bytes
+  right after instantiation before every call (instantiating was half a call's cost); any
+  other gets a fresh instance per call. Memory is capped (``MAX_MEMORY_BYTES``);
 * imports only from the host functions below (``env``); a module importing anything else is
   refused at deploy, so a contract reaches nothing but its own storage.
 
@@ -39,6 +42,7 @@ from wasmtime import (
     ExitTrap,
     Func,
     FuncType,
+    Instance,
     Linker,
     Memory,
     Module,
@@ -46,9 +50,11 @@ from wasmtime import (
     Trap,
     ValType,
     WasmtimeError,
+    wat2wasm,
 )
 
 from kmnode.contracts.storage import Storage, StorageLimitError, check_key, check_value
+from kmnode.contracts.wasm_shape import resettable
 
 #: The largest contract a deploy may carry (wasm binary or text).
 MAX_CODE_BYTES = 256 * 1024
@@ -108,6 +114,8 @@ class _Call:
     storage: Storage
     args: bytes
     caller: bytes
+    #: The instance's memory (looked up once per instance, not once per host call).
+    memory: Memory | None = None
     result: bytes = b""
     events: list[bytes] = field(default_factory=list)
     #: What the storage raised that is not the contract's doing (the host tampered with
@@ -130,6 +138,10 @@ class ContractVM:
     def __init__(self) -> None:
         self._engine = _engine()
         self._modules: OrderedDict[str, Module] = OrderedDict()
+        #: Instances kept between calls, for modules that can keep nothing else (``_Warm``).
+        self._warm: OrderedDict[str, _Warm | None] = OrderedDict()
+        #: Whether to keep instances at all (off: a fresh instance per call, the reference).
+        self.reuse_instances = True
         # One linker for every call: its host functions work on the call in progress (calls
         # run one at a time), so a call costs a store and an instance, not a linker.
         self._current: _Call | None = None
@@ -199,33 +211,70 @@ class ContractVM:
         if not 0 < fuel <= MAX_FUEL:
             raise ContractError(f"fuel is 1 to {MAX_FUEL}, not {fuel}")
         module = self._module(code)
-        store = Store(self._engine)
-        store.set_limits(memory_size=MAX_MEMORY_BYTES, instances=1, tables=1, memories=1)
-        store.set_fuel(fuel)
-        state = self._current = _Call(store, storage, args, caller.encode())
-        try:
-            result = self._run(module, function, state, fuel)
-        finally:
-            self._current = None
+        warm = self._warm_instance(code, module) if self.reuse_instances else None
+        if warm is not None:
+            state = self._current = _Call(warm.store, storage, args, caller.encode(), warm.memory)
+            warm.store.set_fuel(fuel)
+            try:
+                result = self._run_warm(warm, function, state, fuel)
+            finally:
+                self._current = None
+                if not warm.intact():
+                    self._warm.pop(hashlib.sha256(code).hexdigest(), None)
+        else:
+            store = _store(self._engine, fuel)
+            state = self._current = _Call(store, storage, args, caller.encode())
+            try:
+                result = self._run(module, function, state, fuel)
+            finally:
+                self._current = None
         if state.failure is not None:
             # Not a result: what the call read cannot be trusted (e.g. ``TamperError``), so
             # nothing of it may be emitted; the executor stops and says why.
             raise state.failure
         return result
 
+    def _warm_instance(self, code: bytes, module: Module) -> _Warm | None:
+        """The kept instance of a resettable module, its memory put back as it was right
+        after instantiation (None: a fresh instance per call, see ``wasm_shape``)."""
+        code_id = hashlib.sha256(code).hexdigest()
+        if code_id in self._warm:
+            self._warm.move_to_end(code_id)
+            warm = self._warm[code_id]
+            if warm is None or warm.reset():
+                return warm
+        binary = code if code.startswith(b"\0asm") else bytes(wat2wasm(code.decode("utf-8")))
+        warm = None
+        if resettable(binary):
+            store = _store(self._engine, MAX_FUEL)
+            try:
+                instance = self._linker.instantiate(store, module)
+            except (Trap, WasmtimeError):
+                warm = None  # its start function traps: the slow path reports it per call
+            else:
+                warm = _Warm(store, instance)
+        self._warm[code_id] = warm
+        if len(self._warm) > MODULE_CACHE:
+            self._warm.popitem(last=False)
+        return warm
+
+    def _run_warm(self, warm: _Warm, function: str, state: _Call, fuel: int) -> CallResult:
+        export = warm.function(function)
+        return self._invoke(export, state, fuel)
+
     def _run(self, module: Module, function: str, state: _Call, fuel: int) -> CallResult:
         store = state.store
         try:
             instance = self._linker.instantiate(store, module)
-            export = instance.exports(store).get(function)
+            exports = instance.exports(store)
         except (Trap, WasmtimeError) as exc:
             return CallResult("trapped", fuel - store.get_fuel(), error=_first_line(exc))
-        if not isinstance(export, Func) or function == "memory":
-            raise ContractError(f"contract exports no function {function!r}")
-        if [str(t) for t in export.type(store).params] or [
-            str(t) for t in export.type(store).results
-        ] != ["i32"]:
-            raise ContractError(f"{function!r} must take nothing and return an i32")
+        memory = exports.get("memory")
+        state.memory = memory if isinstance(memory, Memory) else None
+        return self._invoke(_checked_export(exports.get(function), function, store), state, fuel)
+
+    def _invoke(self, export: Func, state: _Call, fuel: int) -> CallResult:
+        store = state.store
         try:
             code_returned = export(store)
         except (Trap, ExitTrap, WasmtimeError) as exc:
@@ -237,27 +286,81 @@ class ContractVM:
         return CallResult("ok", used, state.result, tuple(state.events))
 
 
+def _store(engine: Engine, fuel: int) -> Store:
+    store = Store(engine)
+    store.set_limits(memory_size=MAX_MEMORY_BYTES, instances=1, tables=1, memories=1)
+    store.set_fuel(fuel)
+    return store
+
+
+def _checked_export(export: object, function: str, store: Store) -> Func:
+    """The exported function ``function``, if it takes nothing and returns an i32."""
+    if not isinstance(export, Func) or function == "memory":
+        raise ContractError(f"contract exports no function {function!r}")
+    kind = export.type(store)
+    if [str(t) for t in kind.params] or [str(t) for t in kind.results] != ["i32"]:
+        raise ContractError(f"{function!r} must take nothing and return an i32")
+    return export
+
+
+class _Warm:
+    """One kept instance of a resettable module (``wasm_shape.resettable``): a call can leave
+    nothing in it but its memory, which ``reset`` puts back to the bytes it held right after
+    instantiation. Its store is used for nothing else."""
+
+    def __init__(self, store: Store, instance: Instance) -> None:
+        self.store = store
+        self._exports = instance.exports(store)
+        memory = self._exports.get("memory")
+        assert isinstance(memory, Memory)  # checked at deploy
+        self.memory = memory
+        self._pristine = bytes(memory.read(store, 0, memory.data_len(store)))
+        self._functions: dict[str, Func | ContractError] = {}
+
+    def intact(self) -> bool:
+        """False if the memory grew (it cannot shrink back: the instance is dropped)."""
+        return self.memory.data_len(self.store) == len(self._pristine)
+
+    def reset(self) -> bool:
+        """Put the memory back; False if that is impossible (then the instance is dropped)."""
+        if not self.intact():
+            return False
+        self.memory.write(self.store, self._pristine, 0)
+        return True
+
+    def function(self, name: str) -> Func:
+        found = self._functions.get(name)
+        if found is None:
+            try:
+                found = _checked_export(self._exports.get(name), name, self.store)
+            except ContractError as exc:
+                found = exc
+            self._functions[name] = found
+        if isinstance(found, ContractError):
+            raise found
+        return found
+
+
 # --- the host functions ---------------------------------------------------------------------
 
 
-def _memory(caller: Caller) -> Memory:
-    memory = caller.get("memory")
-    if not isinstance(memory, Memory):
+def _memory(state: _Call) -> Memory:
+    if state.memory is None:
         raise _Refused("the contract has no memory export")
-    return memory
+    return state.memory
 
 
-def _read(caller: Caller, ptr: int, length: int, most: int, what: str) -> bytes:
+def _read(state: _Call, caller: Caller, ptr: int, length: int, most: int, what: str) -> bytes:
     if length < 0 or length > most:
         raise _Refused(f"{what} of {length} bytes (at most {most})")
-    memory = _memory(caller)
+    memory = _memory(state)
     if ptr < 0 or ptr + length > memory.data_len(caller):
         raise _Refused(f"{what} lies outside the contract's memory")
     return bytes(memory.read(caller, ptr, ptr + length))
 
 
-def _write(caller: Caller, ptr: int, data: bytes) -> None:
-    memory = _memory(caller)
+def _write(state: _Call, caller: Caller, ptr: int, data: bytes) -> None:
+    memory = _memory(state)
     if ptr < 0 or ptr + len(data) > memory.data_len(caller):
         raise _Refused("a copy into the contract's memory lies outside it")
     memory.write(caller, data, ptr)
@@ -319,7 +422,7 @@ def _input(pick: Callable[[_Call], bytes]) -> tuple[HostMaker, HostMaker]:
             state = current()
             data = pick(state)
             _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * len(data))
-            _write(caller, ptr, data)
+            _write(state, caller, ptr, data)
 
         return input_read
 
@@ -335,14 +438,14 @@ def _storage_read(current: Current) -> HostFunction:
     def storage_read(caller: Caller, key_ptr: int, key_len: int, out: int, cap: int) -> int:
         state = current()
         _charge(state, FUEL_PER_STORAGE_CALL + FUEL_PER_BYTE * max(key_len, 0))
-        key = _read(caller, key_ptr, key_len, 256, "a storage key")
+        key = _read(state, caller, key_ptr, key_len, 256, "a storage key")
         check_key(key)
         value = state.storage.get(key)
         if value is None:
             return -1
         if len(value) <= cap:
             _charge(state, FUEL_PER_BYTE * len(value))
-            _write(caller, out, value)
+            _write(state, caller, out, value)
         return len(value)
 
     return storage_read
@@ -353,8 +456,8 @@ def _storage_write(current: Current) -> HostFunction:
     def storage_write(caller: Caller, key_ptr: int, key_len: int, ptr: int, length: int) -> None:
         state = current()
         _charge(state, FUEL_PER_STORAGE_CALL + FUEL_PER_BYTE * (max(key_len, 0) + max(length, 0)))
-        key = _read(caller, key_ptr, key_len, 256, "a storage key")
-        value = _read(caller, ptr, length, 64 * 1024, "a storage value")
+        key = _read(state, caller, key_ptr, key_len, 256, "a storage key")
+        value = _read(state, caller, ptr, length, 64 * 1024, "a storage value")
         check_key(key)
         check_value(value)
         state.storage.set(key, value)
@@ -367,7 +470,7 @@ def _storage_remove(current: Current) -> HostFunction:
     def storage_remove(caller: Caller, key_ptr: int, key_len: int) -> None:
         state = current()
         _charge(state, FUEL_PER_STORAGE_CALL + FUEL_PER_BYTE * max(key_len, 0))
-        key = _read(caller, key_ptr, key_len, 256, "a storage key")
+        key = _read(state, caller, key_ptr, key_len, 256, "a storage key")
         check_key(key)
         state.storage.delete(key)
 
@@ -379,7 +482,7 @@ def _set_result(current: Current) -> HostFunction:
     def set_result(caller: Caller, ptr: int, length: int) -> None:
         state = current()
         _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * max(length, 0))
-        state.result = _read(caller, ptr, length, MAX_RESULT_BYTES, "a result")
+        state.result = _read(state, caller, ptr, length, MAX_RESULT_BYTES, "a result")
 
     return set_result
 
@@ -391,7 +494,7 @@ def _emit(current: Current) -> HostFunction:
         _charge(state, FUEL_PER_HOST_CALL + FUEL_PER_BYTE * max(length, 0))
         if len(state.events) >= MAX_EVENTS:
             raise _Refused(f"more than {MAX_EVENTS} events")
-        state.events.append(_read(caller, ptr, length, MAX_EVENT_BYTES, "an event"))
+        state.events.append(_read(state, caller, ptr, length, MAX_EVENT_BYTES, "an event"))
 
     return emit
 

@@ -212,9 +212,11 @@ OPS = st.lists(
 def test_token_calls_match_a_plain_model_and_cost_the_same_on_two_engines(
     ops: list[tuple[str, str, int, str]],
 ) -> None:
-    """Any sequence of calls: both engines give identical results (fuel included), and the
-    balances are those of a few lines of Python."""
+    """Any sequence of calls: both engines give identical results (fuel included), one keeping
+    its instance between calls and one instantiating afresh for each, and the balances are
+    those of a few lines of Python."""
     engines = [ContractVM(), ContractVM()]
+    engines[1].reuse_instances = False
     states: list[dict[bytes, bytes]] = [{}, {}]
     for vm, state in zip(engines, states, strict=True):
         assert run(vm, state, TOKEN, "init", caller="ann").status == "ok"
@@ -239,6 +241,39 @@ def test_token_calls_match_a_plain_model_and_cost_the_same_on_two_engines(
             assert struct.unpack("<Q", first.result) == (model[other],)
         assert (first.status == "ok") == ok, (function, caller, value, other, first)
     assert states[0] == states[1]
+
+
+#: A contract that leaves things in its memory, and grows it: a kept instance must show the
+#: next call the memory of a fresh one.
+LEAKY = b"""
+(module
+  (import "env" "set_result" (func $set_result (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 200) "clean")
+  (func (export "poke") (result i32)
+    (i32.store8 (i32.const 100) (i32.const 42))
+    (i32.store8 (i32.const 200) (i32.const 88)) (i32.const 0))
+  (func (export "grow") (result i32)
+    (drop (memory.grow (i32.const 1)))
+    (i32.store8 (i32.const 100) (i32.const 7)) (i32.const 0))
+  (func (export "peek") (result i32)
+    (i32.store8 (i32.const 0) (i32.wrap_i64 (i64.extend_i32_u (memory.size))))
+    (call $set_result (i32.const 0) (i32.const 1))
+    (call $set_result (i32.const 99) (i32.const 107)) (i32.const 0)))
+"""
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_nothing_a_call_leaves_in_memory_reaches_the_next(reuse: bool) -> None:
+    vm = ContractVM()
+    vm.reuse_instances = reuse
+    state: dict[bytes, bytes] = {}
+    fresh = run(vm, state, LEAKY, "peek")
+    for poke in ("poke", "grow", "poke"):
+        assert run(vm, state, LEAKY, poke).status == "ok"
+        after = run(vm, state, LEAKY, "peek")
+        assert after == fresh, poke
+    assert fresh.result[1] == 0 and fresh.result[101:106] == b"clean"
 
 
 class Broken(Overlay):
