@@ -31,7 +31,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -293,7 +293,7 @@ class ContractRuntime:
 
     def restore(
         self,
-        checkpoints: list[tuple[int, Mapping[str, str]]],
+        checkpoints: Sequence[tuple[int, Mapping[str, str]]],
         contracts: list[Deployed],
         from_genesis: bool,
     ) -> None:
