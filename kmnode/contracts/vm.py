@@ -29,6 +29,7 @@ them only if the call succeeded.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -344,26 +345,29 @@ class _Warm:
 # --- the host functions ---------------------------------------------------------------------
 
 
-def _memory(state: _Call) -> Memory:
+def _bounds(state: _Call, caller: Caller) -> tuple[int, int]:
+    """(address, size) of the contract's linear memory now (it may have grown since the call
+    began; it is only ever copied from or into within these bounds)."""
     if state.memory is None:
         raise _Refused("the contract has no memory export")
-    return state.memory
+    memory = state.memory
+    return ctypes.addressof(memory.data_ptr(caller).contents), memory.data_len(caller)
 
 
 def _read(state: _Call, caller: Caller, ptr: int, length: int, most: int, what: str) -> bytes:
     if length < 0 or length > most:
         raise _Refused(f"{what} of {length} bytes (at most {most})")
-    memory = _memory(state)
-    if ptr < 0 or ptr + length > memory.data_len(caller):
+    base, size = _bounds(state, caller)
+    if ptr < 0 or ptr + length > size:
         raise _Refused(f"{what} lies outside the contract's memory")
-    return bytes(memory.read(caller, ptr, ptr + length))
+    return ctypes.string_at(base + ptr, length)
 
 
 def _write(state: _Call, caller: Caller, ptr: int, data: bytes) -> None:
-    memory = _memory(state)
-    if ptr < 0 or ptr + len(data) > memory.data_len(caller):
+    base, size = _bounds(state, caller)
+    if ptr < 0 or ptr + len(data) > size:
         raise _Refused("a copy into the contract's memory lies outside it")
-    memory.write(caller, data, ptr)
+    ctypes.memmove(base + ptr, data, len(data))
 
 
 def _charge(state: _Call, fuel: int) -> None:
