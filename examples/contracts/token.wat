@@ -6,10 +6,8 @@
 ;; Reverts: 1 initialised already, 2 insufficient funds, 3 malformed arguments,
 ;; 4 not initialised, 5 not the owner, 6 overflow.
 (module
-  (import "env" "args_len" (func $args_len (result i32)))
-  (import "env" "args_read" (func $args_read (param i32)))
-  (import "env" "caller_len" (func $caller_len (result i32)))
-  (import "env" "caller_read" (func $caller_read (param i32)))
+  (import "env" "args_copy" (func $args_copy (param i32 i32) (result i32)))
+  (import "env" "caller_copy" (func $caller_copy (param i32 i32) (result i32)))
   (import "env" "storage_read" (func $storage_read (param i32 i32 i32 i32) (result i32)))
   (import "env" "storage_write" (func $storage_write (param i32 i32 i32 i32)))
   (import "env" "set_result" (func $set_result (param i32 i32)))
@@ -39,18 +37,16 @@
 
   (func $caller (result i32)
     (local $len i32)
-    (local.set $len (call $caller_len))
+    (local.set $len (call $caller_copy (i32.const 512) (i32.const 250)))
     (if (i32.gt_u (local.get $len) (i32.const 250)) (then (unreachable)))
-    (call $caller_read (i32.const 512))
     (local.get $len))
 
   ;; the arguments at 1024: returns their length, or -1 if not amount + a name of 1..250 bytes
   (func $amount_and_name (result i32)
     (local $len i32)
-    (local.set $len (call $args_len))
+    (local.set $len (call $args_copy (i32.const 1024) (i32.const 258)))
     (if (i32.or (i32.lt_u (local.get $len) (i32.const 9)) (i32.gt_u (local.get $len) (i32.const 258)))
       (then (return (i32.const -1))))
-    (call $args_read (i32.const 1024))
     (local.get $len))
 
   (func $equal (param $a i32) (param $b i32) (param $len i32) (result i32)
@@ -106,16 +102,16 @@
     (if (i64.lt_u (local.get $got) (local.get $amount)) (then (unreachable)))
     (call $set_balance (i32.const 1032) (local.get $to) (local.get $got))
     (call $emit (i32.const 2064) (i32.const 8))
+    ;; what the caller has left (read back: the caller may have paid itself)
     (i64.store (i32.const 1016) (call $balance_of (i32.const 512) (local.get $caller)))
     (call $set_result (i32.const 1016) (i32.const 8))
     (i32.const 0))
 
   (func (export "balance") (result i32)
     (local $n i32)
-    (local.set $n (call $args_len))
+    (local.set $n (call $args_copy (i32.const 1024) (i32.const 250)))
     (if (i32.or (i32.eqz (local.get $n)) (i32.gt_u (local.get $n) (i32.const 250)))
       (then (return (i32.const 3))))
-    (call $args_read (i32.const 1024))
     (i64.store (i32.const 1016) (call $balance_of (i32.const 1024) (local.get $n)))
     (call $set_result (i32.const 1016) (i32.const 8))
     (i32.const 0)))

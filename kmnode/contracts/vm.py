@@ -19,8 +19,9 @@ the same instructions, the same fuel, a trap at the same point. Hence:
 The ABI, for contracts written in any language that compiles to wasm (the examples are
 hand-written .wat, so no toolchain is needed): an exported function takes nothing and returns
 an i32, 0 for success and any other value to revert (its writes are dropped, like a trap).
-It reads its arguments and its caller's name with ``args_len``/``args_read`` and
-``caller_len``/``caller_read``, its storage with ``storage_read`` (value length, or -1 if
+It reads its arguments and its caller's name with ``args_copy``/``caller_copy`` (length, and a
+copy if it fits: one host call; or ``args_len`` then ``args_read``, and ``caller_len`` then
+``caller_read``), its storage with ``storage_read`` (value length, or -1 if
 absent; copies only if it fits), ``storage_write`` and ``storage_remove``, says what it
 returns with ``set_result`` and what happened with ``emit``; ``fuel_left`` tells it its
 budget. A call's writes go to the ``Storage`` it is given; the caller (the executor) commits
@@ -433,8 +434,30 @@ def _input(pick: Callable[[_Call], bytes]) -> tuple[HostMaker, HostMaker]:
     return length, read
 
 
+def _input_copy(pick: Callable[[_Call], bytes]) -> HostMaker:
+    """One host call for an input: its length, and a copy of it if it fits in ``cap`` bytes
+    (as ``storage_read`` does): half the host calls of ``*_len`` then ``*_read``."""
+
+    @_host
+    def copy(current: Current) -> HostFunction:
+        def input_copy(caller: Caller, ptr: int, cap: int) -> int:
+            state = current()
+            data = pick(state)
+            _charge(state, FUEL_PER_HOST_CALL)
+            if len(data) <= cap:
+                _charge(state, FUEL_PER_BYTE * len(data))
+                _write(state, caller, ptr, data)
+            return len(data)
+
+        return input_copy
+
+    return copy
+
+
 _args_len, _args_read = _input(lambda state: state.args)
 _caller_len, _caller_read = _input(lambda state: state.caller)
+_args_copy = _input_copy(lambda state: state.args)
+_caller_copy = _input_copy(lambda state: state.caller)
 
 
 @_host
@@ -521,6 +544,8 @@ _HOST_FUNCTIONS: dict[
     "args_read": ([I32], [], _args_read),
     "caller_len": ([], [I32], _caller_len),
     "caller_read": ([I32], [], _caller_read),
+    "args_copy": ([I32, I32], [I32], _args_copy),
+    "caller_copy": ([I32, I32], [I32], _caller_copy),
     "storage_read": ([I32, I32, I32, I32], [I32], _storage_read),
     "storage_write": ([I32, I32, I32, I32], [], _storage_write),
     "storage_remove": ([I32, I32], [], _storage_remove),
