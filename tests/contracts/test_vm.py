@@ -148,7 +148,12 @@ HOSTILE = b"""(module
   (import "env" "storage_write" (func $w (param i32 i32 i32 i32)))
   (import "env" "set_result" (func $r (param i32 i32)))
   (import "env" "emit" (func $e (param i32 i32)))
+  (import "env" "args_copy" (func $a (param i32 i32) (result i32)))
   (memory (export "memory") 1)
+  (func (export "args_outside") (result i32) (drop (call $a (i32.const 65535) (i32.const 100)))
+    (i32.const 0))
+  (func (export "args_negative") (result i32) (drop (call $a (i32.const -4) (i32.const 100)))
+    (i32.const 0))
   (func $write (param $key i32) (param $len i32) (result i32)
     (call $w (local.get $key) (local.get $len) (i32.const 0) (i32.const 1)) (i32.const 0))
   (func (export "outside") (result i32) (call $write (i32.const 65530) (i32.const 100)))
@@ -174,11 +179,13 @@ HOSTILE = b"""(module
         ("negative", "host refused: a storage key of -1 bytes"),
         ("huge_result", "host refused: a result of 65537 bytes"),
         ("many_events", "host refused: more than 16 events"),
+        ("args_outside", "host refused: a copy into the contract's memory lies outside it"),
+        ("args_negative", "host refused: a copy into the contract's memory lies outside it"),
     ],
 )
 def test_a_host_function_refuses_what_it_must_and_the_call_traps(function: str, error: str) -> None:
     state: dict[bytes, bytes] = {}
-    result = run(ContractVM(), state, HOSTILE, function)
+    result = run(ContractVM(), state, HOSTILE, function, b"some arguments")
     assert result.status == "trapped" and result.error.startswith(error), result
     assert state == {}
 
