@@ -23,6 +23,7 @@ import click
 import wasmtime
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.secret import SecretBox
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
@@ -90,18 +91,32 @@ def encode_args(args: tuple[str, ...]) -> bytes:
     return out
 
 
-def seal_call(input_key: bytes, caller: str, nonce: str, args: bytes) -> str:
+def seal_call(
+    input_key: bytes, caller: str, nonce: str, args: bytes, reply_key: bytes | None = None
+) -> str:
     """The arguments as the cluster takes them: sealed to the contract-input key with the
-    caller and nonce inside (the service enclave refuses them under another call)."""
+    caller and nonce inside (the service enclave refuses them under another call), and a
+    fresh ``reply_key`` the result will be encrypted under (only this caller knows it)."""
     inner = {"args": base64.b64encode(args).decode(), "caller": caller, "nonce": nonce}
+    if reply_key is not None:
+        inner["reply"] = reply_key.hex()
     sealed = SealedBox(PublicKey(input_key)).encrypt(json.dumps(inner).encode())
     return base64.b64encode(bytes(sealed)).decode()
 
 
-def open_result(box_secret: bytes, sealed_b64: str) -> dict[str, Any]:
-    """A sealed result, opened with the caller's key."""
+def open_result(
+    box_secret: bytes, sealed_b64: str, reply_key: bytes | None = None
+) -> dict[str, Any]:
+    """A result, opened with the call's reply key or the caller's own key."""
     try:
-        opened = SealedBox(PrivateKey(box_secret)).decrypt(base64.b64decode(sealed_b64))
+        sealed = base64.b64decode(sealed_b64)
+        kind, body = sealed[:1], sealed[1:]
+        if kind == b"\x01" and reply_key is not None:
+            opened = SecretBox(reply_key).decrypt(body)
+        elif kind == b"\x02":
+            opened = SealedBox(PrivateKey(box_secret)).decrypt(body)
+        else:
+            raise ValueError("a result sealed in a way this call cannot open")
     except (CryptoError, ValueError) as exc:
         raise CliError(f"the result does not open with this identity's key: {exc}") from None
     result: dict[str, Any] = json.loads(opened)
@@ -217,10 +232,10 @@ def contracts_call(
     if signer is None:
         raise CliError("no identity to call as: give --as NAME", EXIT_USAGE)
     input_key = bytes.fromhex(client.get("/v1/contract-input-key")["input_key"])
-    nonce = secrets.token_hex(16)
+    nonce, reply_key = secrets.token_hex(16), secrets.token_bytes(SecretBox.KEY_SIZE)
     body = {
         "function": function,
-        "args": seal_call(input_key, signer.name, nonce, encode_args(args)),
+        "args": seal_call(input_key, signer.name, nonce, encode_args(args), reply_key),
         "nonce": nonce,
         "fuel": fuel,
         "timeout": wait,
@@ -233,7 +248,7 @@ def contracts_call(
             f"call committed as operation {answer['seq']}, not executed within {wait:g}s{why}",
             EXIT_FAILURE,
         )
-    opened = open_result(signer.box_secret, answer["sealed"])
+    opened = open_result(signer.box_secret, answer["sealed"], reply_key)
     if as_json:
         print_json({**opened, "digest": answer.get("digest")})
     else:

@@ -108,6 +108,27 @@ def test_results_are_sealed_to_the_caller_and_equal_on_every_node(tmp_path: Path
         s.close()
 
 
+def test_a_reply_key_sealed_with_the_arguments_is_what_the_result_opens_with(
+    store: ContractStore,
+) -> None:
+    node = runtime(store)
+    for op in script()[:3]:
+        node.execute(op)
+    reply = secrets.token_bytes(32)
+    nonce = secrets.token_hex(16)
+    sealed = seal_call(bytes(INPUT.public_key), "alice", nonce, encode_args(("alice",)), reply)
+    op = Operation(4, "call", "token", "balance", sealed, "alice",
+                   bytes(USERS["alice"].public_key).hex(), nonce, 1_000_000)  # fmt: skip
+    outcome = node.execute(op)
+    encoded = base64.b64encode(outcome.sealed).decode()
+    assert outcome.sealed[:1] == b"\x01"
+    assert u64(open_result(bytes(USERS["alice"]), encoded, reply)) == 100
+    with pytest.raises(Exception, match="does not open"):
+        open_result(bytes(USERS["alice"]), encoded)  # the identity's key alone does not
+    with pytest.raises(Exception, match="does not open"):
+        open_result(bytes(USERS["eve"]), encoded, secrets.token_bytes(32))
+
+
 def test_only_the_next_operation_executes(store: ContractStore) -> None:
     node = runtime(store)
     node.execute(deploy())

@@ -50,12 +50,12 @@ def call(cluster: LocalCluster, caller: str, function: str, *args: str) -> dict[
     keys = USERS[caller]
     code, answer = cluster.leader_call("GET", "/v1/contract-input-key", signer=keys)
     assert code == 200, answer
-    nonce = secrets.token_hex(16)
-    sealed = seal_call(bytes.fromhex(answer["input_key"]), caller, nonce, encode_args(args))
+    nonce, reply = secrets.token_hex(16), secrets.token_bytes(32)
+    sealed = seal_call(bytes.fromhex(answer["input_key"]), caller, nonce, encode_args(args), reply)
     body = {"function": function, "args": sealed, "nonce": nonce, "timeout": 20}
     code, answer = cluster.leader_call("POST", "/v1/contracts/token/calls", body, signer=keys)
     assert code == 200 and answer["status"] != "pending", answer
-    return {**open_result(keys.box_secret, answer["sealed"]), "digest": answer["digest"]}
+    return {**open_result(keys.box_secret, answer["sealed"], reply), "digest": answer["digest"]}
 
 
 def balance(result: dict[str, Any]) -> int:
