@@ -159,6 +159,36 @@ def test_a_tampered_store_stops_its_node_and_a_resync_repairs_it(cluster: LocalC
         assert computed[newest["seq"]] == newest["roots"], name
 
 
+def roots_agree(cluster: LocalCluster) -> None:
+    """Every node's computed roots at the newest committed checkpoint are the committed ones."""
+    seen = views(cluster)
+    newest = seen["km1"]["checkpoints"][-1]
+    for name, view in seen.items():
+        computed = {c["seq"]: c["roots"] for c in view["service"]["checkpoints"]}
+        assert computed.get(newest["seq"]) == newest["roots"], name
+
+
+@pytest.mark.parametrize("how", ["service-crash", "node-restart"])
+def test_a_crashed_service_or_node_restores_and_replays(cluster: LocalCluster, how: str) -> None:
+    caught_up(cluster)
+    if how == "service-crash":
+        code, body = cluster.api("km2", "POST", "/v1/chaos/service-crash")
+        assert code == 200, body
+    else:
+        cluster.kill("km2")
+    for i in range(CONTRACTS["checkpoint_every"] + 2):  # across a checkpoint while it is down
+        call(cluster, "carol", "transfer", "u64:0", "bob" if i % 2 else "alice")
+    if how == "node-restart":
+        cluster.start("km2")
+        cluster.wait_ready("km2")
+    caught_up(cluster)
+    for _ in range(CONTRACTS["checkpoint_every"]):
+        call(cluster, "bob", "balance", "carol")
+    caught_up(cluster)
+    roots_agree(cluster)
+    assert views(cluster)["km2"]["service"]["restores"] >= 1
+
+
 def test_a_call_from_someone_who_is_not_a_user_is_refused(cluster: LocalCluster) -> None:
     body = {"function": "init", "args": "A" * 64, "nonce": "ab" * 16}
     code, answer = cluster.leader_call("POST", "/v1/contracts/token/calls", body)  # the admin
