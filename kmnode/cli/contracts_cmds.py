@@ -205,7 +205,13 @@ def contracts_show(ctx: CliContext, name: str, api_node: str | None, as_json: bo
     show_default=True,
     help="Most fuel the call may use (it traps when it runs out, the same way on every node).",
 )
-@click.option("--wait", type=click.FloatRange(0.1, 60.0), default=10.0, show_default=True)
+@click.option(
+    "--wait",
+    type=click.FloatRange(0.1, 60.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the node's service enclave to execute the committed call.",
+)
 @_api_node
 @_as_json
 @pass_context
