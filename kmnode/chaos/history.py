@@ -24,7 +24,10 @@ Argument and value conventions the checker relies on (all JSON):
 * ``read``: ``args={"key"}`` (``"linearizable": false`` for a plain read served from a node's
   applied state) with ``value={"generation": g | 0 if absent, "fingerprints"?: {"g": hex}}``,
   or ``args={"release": id}`` with ``value={"status": ...}``;
-* ``prove``: ``args={"key", "generation"}``, ok ``value={"node", "key", "generation", "mac"}``.
+* ``prove``: ``args={"key", "generation"}``, ok ``value={"node", "key", "generation", "mac"}``;
+* ``contract.deploy`` / ``contract.call``: the contract workload's operations
+  (``kmnode.chaos.contract_calls``: ``args`` is a ``ContractCall``, an ok ``value`` a
+  ``CallAnswer``). They name no ``key``, so the key checks pass them by.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, get_args
 
-OpKind = Literal["key.create", "key.rotate", "release", "read", "prove"]
+OpKind = Literal[
+    "key.create", "key.rotate", "release", "read", "prove", "contract.deploy", "contract.call"
+]
 Completion = Literal["ok", "fail", "info"]
 Outcome = Literal["ok", "fail", "info", "pending"]
 Phase = Literal["start", "stop"]

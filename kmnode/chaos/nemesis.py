@@ -13,7 +13,13 @@ Every kind of fault the chaos tooling knows is here, each as "inject, then heal"
   must refuse to start, and is replaced by a fresh node, which must restore full membership);
 * a hostile host (``poison``): the target's host feeds garbage into every input it holds (its
   KM enclave's circuit, its operator API, every member's peer port; ``kmnode.host.poison``);
-  the node must not stop and no answer may be a 5xx or an internal failure (``poison_check``).
+  the node must not stop and no answer may be a 5xx or an internal failure (``poison_check``);
+* a host tampering with contract state (``tamper-state``, only when named: it needs the
+  contract workload): a record of the run's contract in the target's store is flipped,
+  swapped with another, rolled back or dropped. The contract checks expect the node to halt
+  saying it caught the tamper, or to go on answering correctly (the record not read again);
+  the heal resyncs a halted node from a peer, as an operator would (``contract_repair``),
+  which needs a committed checkpoint.
 
 The order of kinds is a seeded shuffle, repeated, so a run with N fault slots covers
 min(N, kinds) distinct kinds: a short CI run still exercises every kind across a few seeds.
@@ -29,17 +35,23 @@ from typing import Any
 from kmnode import netns
 from kmnode.chaos import faults
 from kmnode.chaos.checker import CheckOutcome, Violation
+from kmnode.chaos.contract_repair import repair_if_halted
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
 from kmnode.client import ApiError, NodeClient, default_signer
 from kmnode.config import ClusterConfig
+from kmnode.errors import KmsimError
+from kmnode.host.contract_host import TAMPER_MODES
 
 LINK_KINDS = ("partition", "partition-one-way", "loss", "duplicate")
 PROCESS_KINDS = ("kill", "pause", "service-crash", "ring-stall")
 DISK_KINDS = ("torn-tail", "flip-byte", "tamper-sealed")
 INPUT_KINDS = ("poison",)
+CONTRACT_KINDS = ("tamper-state",)
 NETNS_KINDS = ("netns-partition",)
-FAULT_KINDS = LINK_KINDS + PROCESS_KINDS + DISK_KINDS + INPUT_KINDS + NETNS_KINDS
+FAULT_KINDS = LINK_KINDS + PROCESS_KINDS + DISK_KINDS + INPUT_KINDS + CONTRACT_KINDS + NETNS_KINDS
+#: Kinds a run takes only when they are named (never under 'all').
+OPT_IN_KINDS = CONTRACT_KINDS
 #: Damage no crash can leave behind: the node must refuse to start with it.
 UNREPAIRABLE = ("flip-byte", "tamper-sealed")
 
@@ -56,8 +68,12 @@ def in_namespaces(cfg: ClusterConfig) -> bool:
 
 
 def available_kinds(cfg: ClusterConfig) -> tuple[str, ...]:
-    """Every kind this cluster can take: netns partitions only for a cluster in namespaces."""
-    return FAULT_KINDS if in_namespaces(cfg) else FAULT_KINDS[: -len(NETNS_KINDS)]
+    """The kinds 'all' means for this cluster: netns partitions only for a cluster in
+    namespaces, and no opt-in kind."""
+    spaces = in_namespaces(cfg)
+    return tuple(
+        k for k in FAULT_KINDS if k not in OPT_IN_KINDS and (spaces or k not in NETNS_KINDS)
+    )
 
 
 def check_kinds(cfg: ClusterConfig, kinds: tuple[str, ...]) -> None:
@@ -81,8 +97,11 @@ class Nemesis:
         recorder: HistoryRecorder,
         log: Callable[[str], None],
         restart_timeout: float,
+        contract: str | None = None,
     ) -> None:
         self.cfg, self.kinds, self.recorder, self.log = cfg, kinds, recorder, log
+        #: The contract whose stored state ``tamper-state`` changes (None: any contract's).
+        self.contract = contract
         self.restart_timeout = restart_timeout
         self.names = [n.name for n in cfg.nodes]
         self.rng = random.Random(f"{seed}/nemesis")
@@ -161,6 +180,8 @@ class Nemesis:
             return self._unrepairable(kind, target)
         if kind == "poison":
             return self._poison(target)
+        if kind == "tamper-state":
+            return self._tamper_state(target), lambda: self._repair_contracts(target)
         raise ValueError(f"unknown fault kind {kind!r}")
 
     def _unrepairable(self, kind: str, target: str) -> tuple[dict[str, Any], Heal]:
@@ -204,6 +225,21 @@ class Nemesis:
 
         return {"seed": seed}, heal
 
+    def _tamper_state(self, target: str) -> dict[str, Any]:
+        """Have the target's host change a stored record of the run's contract (a seeded
+        mode); nothing to change yet (no record written back) is recorded as skipped."""
+        body: dict[str, Any] = {
+            "mode": self.rng.choice(TAMPER_MODES),
+            "seed": self.rng.randrange(2**63),
+        }
+        if self.contract is not None:
+            body["contract"] = self.contract
+        try:
+            answer = self._api(target, "/v1/chaos/tamper-state", body)
+        except ApiError as exc:
+            return {"mode": body["mode"], "skipped": exc.message}
+        return {"mode": body["mode"], "tampered": answer.get("tampered")}
+
     # --- heals --------------------------------------------------------------------------------
 
     def heal_links(self) -> None:
@@ -221,7 +257,20 @@ class Nemesis:
         faults.restart(self.cfg, target, timeout=self.restart_timeout)
 
     def _replace(self, target: str) -> None:
+        """Replace the member, then repair its contract state as an operator would
+        (``contract_repair``): a fresh node cannot rebuild state whose operations the
+        cluster no longer keeps. A failed repair leaves it halted, for the checks to see."""
         faults.replace(self.cfg, target, timeout=self.restart_timeout)
+        self._repair_contracts(target)
+
+    def _repair_contracts(self, target: str) -> None:
+        """Resync the target's contract state from a peer if it stopped executing."""
+        try:
+            done = repair_if_halted(self.cfg, target, self.signer, self.restart_timeout)
+        except KmsimError as exc:
+            done = {"failed": exc.message}
+        if done:
+            self.log(f"nemesis: resync of {target}'s contract state: {done}")
 
     def _resume(self, target: str) -> None:
         faults.resume(self.cfg, target)

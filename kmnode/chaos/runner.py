@@ -15,6 +15,13 @@ each node's committed state is read (linearizably) as the checker's final state.
 host side holds (data directories, logs, everything published on MQTT during the run) is
 searched for the plaintext keys. History and final state are saved in ``out_dir`` so a run can
 be re-checked offline.
+
+With ``contracts`` (the default) the run also deploys a fresh token contract and mixes token
+calls into the clients' operations (``kmnode.chaos.contract_workload``); after healing, the
+contract checks (``kmnode.chaos.contract_checks``) judge the nodes' published results, their
+state roots, the clients' results against a reference replay, and search the host side for
+the calls' arguments and results. The history, which holds those in clear, is the client's
+record: that scan leaves ``out_dir`` out.
 """
 
 from __future__ import annotations
@@ -32,10 +39,20 @@ from typing import Any
 from kmnode.chaos import oracle
 from kmnode.chaos.capture import CaptureError, MqttCapture
 from kmnode.chaos.checker import CheckOutcome, CheckResult, NodeState, check, check_plaintext
+from kmnode.chaos.contract_calls import CallAnswer
+from kmnode.chaos.contract_checks import (
+    check_contract_reference,
+    check_contract_results,
+    check_contract_roots,
+    contract_needles,
+    tampered_nodes,
+)
+from kmnode.chaos.contract_evidence import ContractEvidence
+from kmnode.chaos.contract_workload import TokenWorkload
 from kmnode.chaos.faults import FaultError, raft_dir
 from kmnode.chaos.governance import check_ledger
-from kmnode.chaos.history import HistoryRecorder, OpHandle
-from kmnode.chaos.nemesis import FAULT_KINDS, Nemesis, resolve_kinds
+from kmnode.chaos.history import History, HistoryRecorder, OpHandle
+from kmnode.chaos.nemesis import CONTRACT_KINDS, FAULT_KINDS, Nemesis, resolve_kinds
 from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.errors import KmsimError
@@ -44,6 +61,8 @@ _CLIENT_TIMEOUT = 10.0
 _RELEASE_WAIT = 5.0
 #: API errors after which the cluster certainly did not act on the request.
 _CERTAIN_FAILURES = {"refused", "bad_request", "not_found", "not_leader", "not_ready"}
+#: The share of the clients' operations that are contract calls (with ``contracts``).
+CONTRACT_SHARE = 0.2
 
 
 class RunError(Exception):
@@ -66,11 +85,15 @@ class RunConfig:
     recovery_bound: float = 20.0
     #: Search the host side for plaintext keys at the end.
     scan_plaintext: bool = True
+    #: Deploy a token contract and mix its calls into the workload (and check them).
+    contracts: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.faults or ()) - set(FAULT_KINDS))
         if unknown:
             raise ValueError(f"unknown fault kinds {unknown}; known: {list(FAULT_KINDS)}")
+        if not self.contracts and set(self.faults or ()) & set(CONTRACT_KINDS):
+            raise ValueError("tamper-state needs the contract workload (drop --no-contracts)")
         if self.duration <= 0 or self.clients < 1 or self.interval <= 0 or self.keys < 1:
             raise ValueError("duration, interval, clients and keys must be positive")
         if self.recovery_bound <= 0:
@@ -150,6 +173,9 @@ class _Client(threading.Thread):
         run, rng = self.run_, self.rng
         node = rng.choice(run.names)
         client = NodeClient.for_node(run.cfg.node(node), _CLIENT_TIMEOUT, run.signer)
+        if run.workload is not None and rng.random() < CONTRACT_SHARE:
+            self.contract_op(run.workload, node, client)
+            return
         key = f"{run.key_prefix}{rng.randrange(run.config.keys)}"
         path = f"/v1/keys/{urllib.parse.quote(key, safe='')}"
         kind = rng.choices(["key.create", "key.rotate", "release", "read", "prove"],
@@ -176,6 +202,11 @@ class _Client(threading.Thread):
                 body = {**args, "challenge": rng.randbytes(8).hex()}
                 record_outcome(h, lambda: client.post("/v1/service/prove", body), lambda a: a)
 
+    def contract_op(self, workload: TokenWorkload, node: str, client: NodeClient) -> None:
+        call = workload.next_call(self.rng)
+        with self.run_.recorder.invoke(self.process, "contract.call", call.to_args(), node) as h:
+            record_outcome(h, lambda: workload.perform(client, call), CallAnswer.to_value)
+
 
 def _gen(answer: Any) -> dict[str, Any]:
     return {"generation": answer.get("generation") if isinstance(answer, dict) else None}
@@ -200,6 +231,11 @@ class _Run:
         self.names = [n.name for n in cfg.nodes]
         self.recorder = HistoryRecorder()
         self.stop = threading.Event()
+        self.workload: TokenWorkload | None = None
+        if config.contracts:
+            if self.signer is None:
+                raise RunError("the contract workload needs a signing identity (KMSIM_IDENTITY)")
+            self.workload = TokenWorkload(cfg, self.signer, config.seed)
         self.nemesis = Nemesis(
             cfg,
             config.seed,
@@ -207,6 +243,7 @@ class _Run:
             self.recorder,
             log,
             restart_timeout=config.converge_timeout,
+            contract=None if self.workload is None else self.workload.contract,
         )
         # Fresh key names per run: the checker counts generations from each key's creation,
         # so keys left by an earlier run (at an unknown generation) must not be reused.
@@ -279,11 +316,40 @@ class _Run:
         except oracle.OracleError as exc:
             return CheckOutcome(False, f"no secrets to search for: {exc}")
         haystacks = oracle.host_files([self.cfg.state_dir]) + capture.haystacks()
-        outcome = check_plaintext(haystacks, needles)
-        if capture.error is not None and outcome.valid:
-            lost = f"MQTT capture incomplete ({capture.error}); {outcome.detail}"
-            return CheckOutcome(False, lost)
-        return outcome
+        return _complete(check_plaintext(haystacks, needles), capture)
+
+    def contract_plaintext(
+        self, history: History, capture: MqttCapture, out_dir: Path
+    ) -> CheckOutcome:
+        """Search the host side (every file but the client's own record in ``out_dir``, and
+        MQTT) for the contract calls' markers, amounts and results."""
+        client_side = out_dir.resolve()
+        files = [
+            (path, data)
+            for path, data in oracle.host_files([self.cfg.state_dir])
+            if not Path(path).resolve().is_relative_to(client_side)
+        ]
+        needles = contract_needles(history.operations())
+        return _complete(check_plaintext(files + capture.haystacks(), needles), capture)
+
+    def contract_checks(
+        self, history: History, evidence: ContractEvidence, code: bytes
+    ) -> dict[str, CheckOutcome]:
+        ops = history.operations()
+        return {
+            "contract-results": check_contract_results(ops, evidence.records),
+            "contract-roots": check_contract_roots(
+                evidence.nodes, tampered_nodes(history.faults())
+            ),
+            "contract-reference": check_contract_reference(ops, evidence, code),
+        }
+
+
+def _complete(outcome: CheckOutcome, capture: MqttCapture) -> CheckOutcome:
+    """A scan that passed over an incomplete MQTT capture proves nothing: invalid."""
+    if capture.error is not None and outcome.valid:
+        return CheckOutcome(False, f"MQTT capture incomplete ({capture.error}); {outcome.detail}")
+    return outcome
 
 
 def run(
@@ -299,12 +365,16 @@ def run(
     except RunError as exc:
         raise RunError(f"the cluster is not up and converged before the run: {exc}") from None
     capture = MqttCapture.for_cluster(cfg)
-    if config.scan_plaintext:
+    if config.scan_plaintext or config.contracts:
         try:
             capture.start()
         except CaptureError as exc:
             raise RunError(str(exc)) from None
+    evidence: ContractEvidence | None = None
     try:
+        if state.workload is not None:
+            state.workload.setup(state.recorder)
+            log(f"contracts: deployed {state.workload.contract} and called init")
         clients = [_Client(i, state) for i in range(config.clients)]
         for client in clients:
             client.start()
@@ -321,6 +391,8 @@ def run(
         recovery = time.monotonic() - healed
         log(f"converged {recovery:.2f}s after the final heal")
         final = state.final_state()
+        if state.workload is not None:
+            evidence = state.workload.collect(lambda: capture.messages, config.converge_timeout)
     except (RunError, KmsimError, FaultError) as exc:
         # The history is the evidence of what led here: keep it even without a verdict.
         saved = _save_history(state, out_dir)
@@ -343,6 +415,11 @@ def run(
     }
     if config.scan_plaintext:
         observed["no-plaintext-keys"] = state.plaintext(final, capture)
+    if state.workload is not None and evidence is not None:
+        (out_dir / "contracts.json").write_text(json.dumps(evidence.to_json(), indent=1))
+        observed.update(state.contract_checks(history, evidence, state.workload.code))
+        if config.scan_plaintext:
+            observed["no-plaintext-contracts"] = state.contract_plaintext(history, capture, out_dir)
     judge = cfg.nodes[0].name
     observed["governance"] = check_ledger(raft_dir(cfg, judge), judge)
     result = check(

@@ -42,7 +42,8 @@ _FAULTS_HELP = (
     "'all' for every kind this cluster supports, or 'none' for a baseline. Kinds: "
     + ", ".join(FAULT_KINDS)
     + " (netns-partition: nodes in network namespaces only; poison: the target's host feeds "
-    "garbage into every input it holds)."
+    "garbage into every input it holds; tamper-state: the target's host changes stored "
+    "contract state, only when named)."
 )
 
 
@@ -84,6 +85,14 @@ def _run_options(f: Any) -> Any:
             is_flag=True,
             help="Skip the search for plaintext keys in data directories, logs and MQTT.",
         ),
+        click.option(
+            "--contracts/--no-contracts",
+            default=True,
+            show_default=True,
+            help="Deploy a token contract and mix its calls into the workload; check that "
+            "every node published the same results and roots, that the results equal a "
+            "reference replay, and that no argument or result reached the host in clear.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
     ]
 
@@ -98,7 +107,7 @@ def _run_options(f: Any) -> Any:
 
 
 #: The shared options' parameter names, handed to the commands as one ``settings`` dict.
-_SETTINGS = ("duration", "clients", "interval", "kinds", "recovery_bound", "no_scan")
+_SETTINGS = ("duration", "clients", "interval", "kinds", "recovery_bound", "no_scan", "contracts")
 
 
 def _run_config(seed: int, settings: dict[str, Any]) -> RunConfig:
@@ -122,6 +131,7 @@ def _run_config(seed: int, settings: dict[str, Any]) -> RunConfig:
             faults=faults,
             recovery_bound=settings["recovery_bound"],
             scan_plaintext=not settings["no_scan"],
+            contracts=settings["contracts"],
         )
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
@@ -167,9 +177,12 @@ def run(
     bound, and the checker judges the history and the nodes' committed state: no release
     without a committed request, allowed measurements only, identical keys everywhere, nothing
     committed lost, linearizable key records, no plaintext key on the host side, recovery in
-    bound, damaged nodes refusing to start. Exits 0 if every check passes, 1 on a violation
-    (the seed, the history file and the first violating operation are printed), 3 if the run
-    could not be carried out.
+    bound, damaged nodes refusing to start. With --contracts (the default) a fresh token
+    contract's calls join the workload, and the contract checks join the verdict: the same
+    published results and state roots on every node, the clients' results equal to a
+    reference replay, no argument or result on the host side in clear. Exits 0 if every
+    check passes, 1 on a violation (the seed, the history file and the first violating
+    operation are printed), 3 if the run could not be carried out.
     """
     cfg = supervisor.effective_config(ctx.config())
     config = _run_config(seed, settings)

@@ -10,6 +10,7 @@ from kmnode.chaos.history import HistoryRecorder
 from kmnode.chaos.nemesis import (
     FAULT_KINDS,
     NETNS_KINDS,
+    OPT_IN_KINDS,
     Nemesis,
     available_kinds,
     in_namespaces,
@@ -41,7 +42,7 @@ def test_the_schedule_is_fixed_by_the_seed_and_differs_between_seeds() -> None:
 def test_a_loopback_cluster_takes_every_kind_but_namespace_partitions() -> None:
     cfg = ClusterConfig.default(3)
     assert not in_namespaces(cfg)
-    assert set(available_kinds(cfg)) == set(FAULT_KINDS) - set(NETNS_KINDS)
+    assert set(available_kinds(cfg)) == set(FAULT_KINDS) - set(NETNS_KINDS) - set(OPT_IN_KINDS)
     assert resolve_kinds(cfg, None) == available_kinds(cfg)
     assert resolve_kinds(cfg, ()) == ()  # a baseline run
     assert resolve_kinds(cfg, ("kill", "pause")) == ("kill", "pause")
@@ -58,5 +59,5 @@ def test_a_cluster_in_namespaces_also_takes_namespace_partitions() -> None:
         node["host"], node["netns"] = f"10.77.9.{11 + i}", f"kmx-{node['name']}"
     cfg = ClusterConfig.model_validate(data)
     assert in_namespaces(cfg)
-    assert available_kinds(cfg) == FAULT_KINDS
+    assert set(available_kinds(cfg)) == set(FAULT_KINDS) - set(OPT_IN_KINDS)
     assert resolve_kinds(cfg, ("netns-partition",)) == ("netns-partition",)

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from kmnode.chaos.history import History
-from kmnode.chaos.nemesis import FAULT_KINDS, NETNS_KINDS
+from kmnode.chaos.nemesis import FAULT_KINDS, NETNS_KINDS, OPT_IN_KINDS
 from kmnode.cli import cli
 
 from .harness import write_config
@@ -40,6 +40,10 @@ EXPECTED_CHECKS = {
     "poison",
     "no-plaintext-keys",
     "governance",
+    "contract-results",
+    "contract-roots",
+    "contract-reference",
+    "no-plaintext-contracts",
 }
 
 injected: dict[tuple[int, int], set[str]] = {}
@@ -87,7 +91,9 @@ def test_seeded_chaos_run_finds_no_violation(tmp_path: Path, nodes: int, seed: i
 
 
 def test_the_matrix_injected_every_fault_kind() -> None:
-    """Across the runs above, every kind but the namespace partition (a run of its own)."""
+    """Across the runs above, every kind but the namespace partition (a run of its own) and
+    the opt-in kinds (tamper-state: tests/chaos/test_contract_run.py)."""
     assert len(injected) == len(MATRIX), "run the whole module: this test sums the runs above"
-    missing = set(FAULT_KINDS) - set(NETNS_KINDS) - set().union(*injected.values())
+    missing = set(FAULT_KINDS) - set(NETNS_KINDS) - set(OPT_IN_KINDS)
+    missing -= set().union(*injected.values())
     assert not missing, f"never injected: {sorted(missing)} ({injected})"
