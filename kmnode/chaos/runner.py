@@ -21,7 +21,7 @@ calls into the clients' operations (``kmnode.chaos.contract_workload``); after h
 contract checks (``kmnode.chaos.contract_checks``) judge the nodes' published results, their
 state roots, the clients' results against a reference replay, and search the host side for
 the calls' arguments and results. The history, which holds those in clear, is the client's
-record: that scan leaves ``out_dir`` out.
+record: that scan leaves the files at the top of ``out_dir`` out.
 """
 
 from __future__ import annotations
@@ -321,13 +321,15 @@ class _Run:
     def contract_plaintext(
         self, history: History, capture: MqttCapture, out_dir: Path
     ) -> CheckOutcome:
-        """Search the host side (every file but the client's own record in ``out_dir``, and
-        MQTT) for the contract calls' markers, amounts and results."""
+        """Search the host side (every file but the client's own record, and MQTT) for the
+        contract calls' markers, amounts and results. The client's record is the files at
+        the top of ``out_dir`` (history, final state, report); only those: a sweep keeps the
+        cluster's state directory below it."""
         client_side = out_dir.resolve()
         files = [
             (path, data)
             for path, data in oracle.host_files([self.cfg.state_dir])
-            if not Path(path).resolve().is_relative_to(client_side)
+            if Path(path).resolve().parent != client_side
         ]
         needles = contract_needles(history.operations())
         return _complete(check_plaintext(files + capture.haystacks(), needles), capture)

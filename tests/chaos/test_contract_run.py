@@ -57,3 +57,15 @@ def test_a_short_chaos_run_with_contracts_is_valid(tmp_path: Path) -> None:
     assert replayed > 0 and evidence.committed_calls is not None
     assert replayed <= evidence.committed_calls
     assert {r.node for r in evidence.records} == {"km1", "km2", "km3"}
+    # The contract scan searched the cluster's files too, not only MQTT: it leaves out only
+    # the client's own record (the history), which the key scan searches as well.
+    scanned = {n: scanned_bytes(report["checks"][n]["detail"]) for n in SCANS}
+    assert scanned["no-plaintext-contracts"] > scanned["no-plaintext-keys"] // 2, scanned
+
+
+SCANS = ("no-plaintext-keys", "no-plaintext-contracts")
+
+
+def scanned_bytes(detail: str) -> int:
+    """The bytes a passing scan searched: "N secrets absent from M sources (B B)"."""
+    return int(detail.rsplit("(", 1)[1].split()[0])
