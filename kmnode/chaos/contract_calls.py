@@ -22,25 +22,20 @@ client's history, never on a host. ``repr`` of a call shows neither amount nor a
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import wasmtime
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
-from nacl.secret import SecretBox
+
+from kmnode.contracts.envelope import EnvelopeError, open_result, seal_call
 
 #: The token contract the workload deploys (the repository's example; see its header).
 TOKEN_WAT = Path(__file__).resolve().parents[2] / "examples" / "contracts" / "token.wat"
 TOKEN_FUNCTIONS = ("init", "mint", "transfer", "balance")
 #: A call's fuel: far above what a token call needs (a few thousand), so none runs out.
 CALL_FUEL = 1_000_000
-#: The first byte of a sealed result: how to open it (``kmnode.service.contracts``).
-SEALED_REPLY_KEY, SEALED_BOX = 1, 2
 
 AnswerStatus = Literal["ok", "reverted", "trapped", "refused", "pending"]
 _ANSWER_STATUSES: frozenset[str] = frozenset(get_args(AnswerStatus))
@@ -155,37 +150,17 @@ class CallAnswer:
 
 
 def seal_args(input_key: bytes, call: ContractCall, reply_key: bytes) -> str:
-    """The call's arguments sealed to the contract-input key with its caller and nonce inside
-    (the service enclave refuses them under any other call) and the key its result is to
-    come back under, base64."""
-    inner = {
-        "args": base64.b64encode(call.args_bytes()).decode(),
-        "caller": call.caller,
-        "nonce": call.nonce,
-        "reply": reply_key.hex(),
-    }
-    sealed = SealedBox(PublicKey(input_key)).encrypt(json.dumps(inner).encode())
-    return base64.b64encode(bytes(sealed)).decode()
+    """The call's arguments as the cluster takes them (``envelope.seal_call``)."""
+    return seal_call(input_key, call.caller, call.nonce, call.args_bytes(), reply_key)
 
 
 def open_report(box_secret: bytes, sealed_b64: str, reply_key: bytes) -> dict[str, Any]:
-    """A sealed result opened with the call's reply key (or the caller's own key);
-    ``CallFormatError`` if it does not open or is not a JSON object (the message names no
-    plaintext)."""
+    """A sealed result opened (``envelope.open_result``); ``CallFormatError`` if it does not
+    open or is not a JSON object (the message names no plaintext)."""
     try:
-        sealed = base64.b64decode(sealed_b64, validate=True)
-        if sealed[:1] == bytes([SEALED_REPLY_KEY]):
-            opened = SecretBox(reply_key).decrypt(sealed[1:])
-        elif sealed[:1] == bytes([SEALED_BOX]):
-            opened = SealedBox(PrivateKey(box_secret)).decrypt(sealed[1:])
-        else:
-            raise ValueError("sealed in an unknown way")
-        report = json.loads(opened)
-    except (CryptoError, ValueError, TypeError) as exc:
-        raise CallFormatError(f"the result does not open: {type(exc).__name__}") from None
-    if not isinstance(report, dict):
-        raise CallFormatError("the opened result is not a JSON object")
-    return report
+        return open_result(box_secret, sealed_b64, reply_key)
+    except EnvelopeError as exc:
+        raise CallFormatError(str(exc)) from None
 
 
 __all__ = [

@@ -46,26 +46,38 @@ def wait_view(
 
 
 def resync(
-    cfg: ClusterConfig, node: str, signer: IdentityKeys | None, timeout: float
+    cfg: ClusterConfig,
+    node: str,
+    signer: IdentityKeys | None,
+    timeout: float,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Copy the newest committed checkpoint a peer keeps into ``node``'s store and restore
-    from it; returns what was done and whether the node is still halted. ``KmsimError`` if
-    no peer keeps a copy of a committed checkpoint."""
+    """Copy the newest committed checkpoint a peer (``source``, or any other node) keeps into
+    ``node``'s store and restore from it; returns what was done (``records`` copied, the
+    node's ``position``) and whether the node is still halted. ``KmsimError`` if no peer
+    keeps a copy of a committed checkpoint. `kmctl contracts resync` is this."""
     target = NodeClient.for_node(cfg.node(node), 10.0, signer)
     committed = NodeContracts.from_api(target.get(_VIEW)).committed_roots
     last = "no committed checkpoint yet"
-    for peer in (n.name for n in cfg.nodes if n.name != node):
-        source = NodeClient.for_node(cfg.node(peer), 10.0, signer)
+    peers = [source] if source else [n.name for n in cfg.nodes if n.name != node]
+    for peer in peers:
+        holder = NodeClient.for_node(cfg.node(peer), 10.0, signer)
         for seq in sorted(committed, reverse=True):
             try:
-                copied = source.get(_COPY, {"seq": str(seq)})
+                copied = holder.get(_COPY, {"seq": str(seq)})
             except KmsimError as exc:
                 last = exc.message
                 continue
             target.request("PUT", _COPY, body=copied)
             target.post("/v1/node/contracts/resync")
             view = wait_view(target, min(timeout, RESYNC_WAIT), _running)
-            return {"copied_from": peer, "seq": seq, "halted": view.halted}
+            return {
+                "copied_from": peer,
+                "seq": seq,
+                "records": len(copied.get("records", [])),
+                "position": view.position,
+                "halted": view.halted,
+            }
     raise KmsimError(f"no peer keeps a committed checkpoint to copy ({last})", EXIT_FAILURE)
 
 

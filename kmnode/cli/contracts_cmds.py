@@ -12,20 +12,16 @@ endian), `hex:...`, `str:TEXT`, or plain text.
 from __future__ import annotations
 
 import base64
-import json
 import secrets
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import click
 import wasmtime
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
-from nacl.secret import SecretBox
 
 from kmnode import supervisor
+from kmnode.chaos import contract_repair
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.options import api_node as _api_node
 from kmnode.cli.options import as_json as _as_json
@@ -39,8 +35,11 @@ from kmnode.cli.output import (
     print_table,
 )
 from kmnode.client import ClusterClient, load_signer
+from kmnode.contracts import envelope
 from kmnode.errors import KmsimError
 
+#: How long a resync waits for the node to execute again.
+RESYNC_WAIT_S = 10.0
 #: The most fuel a call may ask for (``kmnode.contracts.vm.MAX_FUEL``).
 MAX_FUEL = 100_000_000
 
@@ -91,36 +90,12 @@ def encode_args(args: tuple[str, ...]) -> bytes:
     return out
 
 
-def seal_call(
-    input_key: bytes, caller: str, nonce: str, args: bytes, reply_key: bytes | None = None
-) -> str:
-    """The arguments as the cluster takes them: sealed to the contract-input key with the
-    caller and nonce inside (the service enclave refuses them under another call), and a
-    fresh ``reply_key`` the result will be encrypted under (only this caller knows it)."""
-    inner = {"args": base64.b64encode(args).decode(), "caller": caller, "nonce": nonce}
-    if reply_key is not None:
-        inner["reply"] = reply_key.hex()
-    sealed = SealedBox(PublicKey(input_key)).encrypt(json.dumps(inner).encode())
-    return base64.b64encode(bytes(sealed)).decode()
-
-
-def open_result(
-    box_secret: bytes, sealed_b64: str, reply_key: bytes | None = None
-) -> dict[str, Any]:
-    """A result, opened with the call's reply key or the caller's own key."""
+def open_result(box_secret: bytes, sealed_b64: str, reply_key: bytes | None) -> dict[str, Any]:
+    """``envelope.open_result``, its failure a CLI error."""
     try:
-        sealed = base64.b64decode(sealed_b64)
-        kind, body = sealed[:1], sealed[1:]
-        if kind == b"\x01" and reply_key is not None:
-            opened = SecretBox(reply_key).decrypt(body)
-        elif kind == b"\x02":
-            opened = SealedBox(PrivateKey(box_secret)).decrypt(body)
-        else:
-            raise ValueError("a result sealed in a way this call cannot open")
-    except (CryptoError, ValueError) as exc:
+        return envelope.open_result(box_secret, sealed_b64, reply_key)
+    except envelope.EnvelopeError as exc:
         raise CliError(f"the result does not open with this identity's key: {exc}") from None
-    result: dict[str, Any] = json.loads(opened)
-    return result
 
 
 def _client(ctx: CliContext, node: str | None, as_identity: str | None = None) -> ClusterClient:
@@ -238,10 +213,10 @@ def contracts_call(
     if signer is None:
         raise CliError("no identity to call as: give --as NAME", EXIT_USAGE)
     input_key = bytes.fromhex(client.get("/v1/contract-input-key")["input_key"])
-    nonce, reply_key = secrets.token_hex(16), secrets.token_bytes(SecretBox.KEY_SIZE)
+    nonce, reply_key = secrets.token_hex(16), secrets.token_bytes(envelope.REPLY_KEY_BYTES)
     body = {
         "function": function,
-        "args": seal_call(input_key, signer.name, nonce, encode_args(args), reply_key),
+        "args": envelope.seal_call(input_key, signer.name, nonce, encode_args(args), reply_key),
         "nonce": nonce,
         "fuel": fuel,
         "timeout": wait,
@@ -378,47 +353,18 @@ def contracts_resync(ctx: CliContext, node: str, source: str | None, as_json: bo
     operations since. Exits 1 if NODE still cannot execute afterwards.
     """
     cfg = supervisor.effective_config(ctx.config())
-    if node not in {n.name for n in cfg.nodes}:
-        raise CliError(f"no node named {node!r}", EXIT_USAGE)
-    peers = [source] if source else [n.name for n in cfg.nodes if n.name != node]
-    target = ctx.client(node)
-    # Only a committed checkpoint can be verified: the newest the peer still keeps.
-    committed = [c["seq"] for c in target.get("/v1/node/contracts").get("checkpoints", [])]
-    copied, last = None, "no committed checkpoint yet"
-    for peer in peers:
-        for seq in sorted(committed, reverse=True):
-            try:
-                copied = ctx.client(peer).get(
-                    "/v1/node/contracts/store/checkpoint", {"seq": str(seq)}
-                )
-                break
-            except KmsimError as exc:
-                last = str(exc)
-        if copied is not None:
-            break
-    if copied is None:
-        raise CliError(f"no peer has a checkpoint to copy ({last})", EXIT_FAILURE)
-    target.request("PUT", "/v1/node/contracts/store/checkpoint", body=copied)
-    target.post("/v1/node/contracts/resync")
-    view = _wait_running(target)
+    names = {n.name for n in cfg.nodes}
+    for given in (node, source):
+        if given is not None and given not in names:
+            raise CliError(f"no node named {given!r}", EXIT_USAGE)
+    done = contract_repair.resync(cfg, node, ctx.signer(cfg), RESYNC_WAIT_S, source)
     if as_json:
-        print_json({"copied_from": peer, "seq": copied["seq"], "node": view})
+        print_json({"node": node, **done})
     else:
-        state = f"halted: {view['halted']}" if view.get("halted") else "executing"
+        state = f"halted: {done['halted']}" if done["halted"] else "executing"
         click.echo(
-            f"{node}: copied checkpoint {copied['seq']} from {peer} "
-            f"({len(copied['records'])} records); now at operation {view.get('position')}, {state}"
+            f"{node}: copied checkpoint {done['seq']} from {done['copied_from']} "
+            f"({done['records']} records); now at operation {done['position']}, {state}"
         )
-    if view.get("halted"):
+    if done["halted"]:
         raise SystemExit(EXIT_REFUSED)
-
-
-def _wait_running(client: ClusterClient, attempts: int = 50) -> dict[str, Any]:
-    """The node's execution view once the restore took effect (bounded polling)."""
-    view: dict[str, Any] = {}
-    for _ in range(attempts):
-        view = client.get("/v1/node/contracts")
-        if not view.get("halted") and view.get("position") == view.get("committed"):
-            break
-        time.sleep(0.2)
-    return view

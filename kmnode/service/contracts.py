@@ -36,11 +36,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
-from nacl.secret import SecretBox
+from nacl.public import PrivateKey
 
 from kmnode.contracts.cache import CacheConfig, CacheStats
+from kmnode.contracts.envelope import EnvelopeError, open_call, seal_result
 from kmnode.contracts.executor import Executor, ExecutorHalted
 from kmnode.contracts.sealed_state import StateSealer, TamperError
 from kmnode.contracts.verified import HostStore, VerifiedBacking, state_root
@@ -229,30 +228,21 @@ class ContractRuntime:
                     "error": result.error,
                 }
         status = str(report["status"])
-        sealed = _seal_result(reply_key, op.caller_box_key, _canonical(report))
+        sealed = seal_result(reply_key, op.caller_box_key, _canonical(report))
         fuel = report.get("fuel_used", 0)
         return Outcome(
             op.seq, status, sealed, self._digest(report), fuel if isinstance(fuel, int) else 0
         )
 
     def _open_args(self, op: Operation) -> tuple[bytes | None, bytes | None]:
-        """(arguments, reply key) of the call, if sealed to the contract-input key for this
-        caller and this nonce; (None, None) otherwise (the same answer on every node). The
-        reply key, if the caller sent one, is what the result is encrypted under: one AEAD
-        instead of a box to the caller's key (a key exchange per call)."""
+        """(arguments, reply key) of the call if sealed for it (``envelope.open_call``);
+        (None, None) otherwise: the same answer on every node."""
         assert self._keys.input is not None
         try:
-            opened = json.loads(SealedBox(self._keys.input).decrypt(base64.b64decode(op.args)))
-            if opened.get("caller") != op.caller or opened.get("nonce") != op.nonce:
-                return None, None
-            args = base64.b64decode(opened["args"], validate=True)
-            reply = opened.get("reply")
-            reply_key = None if reply is None else bytes.fromhex(reply)
-            if reply_key is not None and len(reply_key) != SecretBox.KEY_SIZE:
-                return None, None
-            return args, reply_key
-        except (CryptoError, ValueError, TypeError, KeyError, AttributeError):
+            opened = open_call(self._keys.input, op.args, op.caller, op.nonce)
+        except EnvelopeError:
             return None, None
+        return opened.args, opened.reply_key
 
     def _digest(self, report: Mapping[str, object]) -> str:
         """A keyed digest of an outcome: equal across nodes for equal outcomes, and nothing
@@ -382,24 +372,7 @@ def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-#: The first byte of a sealed result: how to open it.
-SEALED_REPLY_KEY, SEALED_BOX = b"\x01", b"\x02"
-
-
-def _seal_result(reply_key: bytes | None, box_key_hex: str, data: bytes) -> bytes:
-    """The result for the caller alone: under the reply key the caller sealed with its
-    arguments, or (without one: arguments that did not open) boxed to its identity's key."""
-    if reply_key is not None:
-        return SEALED_REPLY_KEY + bytes(SecretBox(reply_key).encrypt(data))
-    try:
-        return SEALED_BOX + bytes(SealedBox(PublicKey(bytes.fromhex(box_key_hex))).encrypt(data))
-    except (ValueError, TypeError):
-        return b""  # no key to seal to: the result is not released at all
-
-
 __all__ = [
-    "SEALED_BOX",
-    "SEALED_REPLY_KEY",
     "ContractRuntime",
     "ContractStore",
     "Deployed",

@@ -13,8 +13,6 @@ from nacl.public import PrivateKey, SealedBox
 from nacl.secret import SecretBox
 
 from kmnode.chaos.contract_calls import (
-    SEALED_BOX,
-    SEALED_REPLY_KEY,
     CallAnswer,
     CallFormatError,
     ContractCall,
@@ -30,6 +28,7 @@ from kmnode.chaos.contract_evidence import (
 from kmnode.chaos.nemesis import OPT_IN_KINDS, available_kinds, resolve_kinds
 from kmnode.chaos.runner import RunConfig
 from kmnode.config import ClusterConfig
+from kmnode.contracts.envelope import SEALED_BOX, SEALED_REPLY_KEY
 
 PREFIX, CLUSTER = "kmsim", "demo"
 MARKER = "acct-5e3c7a9b1d2f4e60"
@@ -178,8 +177,8 @@ def test_a_result_opens_under_the_reply_key_or_the_callers_key_and_nothing_else(
     caller, reply_key = PrivateKey.generate(), b"\x05" * SecretBox.KEY_SIZE
     report = {"status": "ok", "result": "AAAA"}
     data = json.dumps(report).encode()
-    under_reply = bytes([SEALED_REPLY_KEY]) + bytes(SecretBox(reply_key).encrypt(data))
-    boxed = bytes([SEALED_BOX]) + bytes(SealedBox(caller.public_key).encrypt(data))
+    under_reply = SEALED_REPLY_KEY + bytes(SecretBox(reply_key).encrypt(data))
+    boxed = SEALED_BOX + bytes(SealedBox(caller.public_key).encrypt(data))
     for sealed in (under_reply, boxed):
         assert open_report(bytes(caller), base64.b64encode(sealed).decode(), reply_key) == report
     with pytest.raises(CallFormatError, match="does not open"):  # another call's reply key
@@ -189,7 +188,7 @@ def test_a_result_opens_under_the_reply_key_or_the_callers_key_and_nothing_else(
     for garbage in ("", "!!!", base64.b64encode(b"\x09" + data).decode()):
         with pytest.raises(CallFormatError):
             open_report(bytes(caller), garbage, reply_key)
-    not_an_object = bytes([SEALED_REPLY_KEY]) + bytes(SecretBox(reply_key).encrypt(b"[1]"))
+    not_an_object = SEALED_REPLY_KEY + bytes(SecretBox(reply_key).encrypt(b"[1]"))
     with pytest.raises(CallFormatError, match="not a JSON object"):
         open_report(bytes(caller), base64.b64encode(not_an_object).decode(), reply_key)
 

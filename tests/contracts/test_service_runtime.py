@@ -18,8 +18,9 @@ import pytest
 import wasmtime
 from nacl.public import PrivateKey, SealedBox
 
-from kmnode.cli.contracts_cmds import encode_args, open_result, seal_call
+from kmnode.cli.contracts_cmds import encode_args
 from kmnode.contracts.cache import CacheConfig
+from kmnode.contracts.envelope import open_result, seal_call
 from kmnode.host.contract_store import ContractStore
 from kmnode.service.contracts import (
     ContractRuntime,
@@ -83,7 +84,7 @@ def script() -> list[Operation]:
 
 
 def opened(caller: str, sealed: bytes) -> dict[str, object]:
-    return open_result(bytes(USERS[caller]), base64.b64encode(sealed).decode())
+    return open_result(bytes(USERS[caller]), base64.b64encode(sealed).decode(), None)
 
 
 def u64(result: dict[str, object]) -> int:
@@ -124,7 +125,7 @@ def test_a_reply_key_sealed_with_the_arguments_is_what_the_result_opens_with(
     assert outcome.sealed[:1] == b"\x01"
     assert u64(open_result(bytes(USERS["alice"]), encoded, reply)) == 100
     with pytest.raises(Exception, match="does not open"):
-        open_result(bytes(USERS["alice"]), encoded)  # the identity's key alone does not
+        open_result(bytes(USERS["alice"]), encoded, None)  # the identity's key alone does not
     with pytest.raises(Exception, match="does not open"):
         open_result(bytes(USERS["eve"]), encoded, secrets.token_bytes(32))
 

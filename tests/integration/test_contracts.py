@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import wasmtime
 
-from kmnode.cli.contracts_cmds import encode_args, open_result, seal_call
+from kmnode.cli.contracts_cmds import encode_args
+from kmnode.contracts.envelope import open_result, seal_call
 from kmnode.identity import IdentityKeys
 
 from .harness import REPO, LocalCluster, running, until
