@@ -32,6 +32,8 @@ _KINDS: dict[str, tuple[TopicKind, ...]] = {
     "audit": (TopicKind.AUDIT,),
     "all": tuple(TopicKind),
 }
+#: Topics whose records may share a message (``EventPublisher.publish_record``).
+_COALESCED = (TopicKind.AUDIT, TopicKind.SERVICE)
 _SHORT_NAME = {TopicKind.EVENTS: "events", TopicKind.SERVICE: "service", TopicKind.AUDIT: "audit"}
 _CONNECT_TIMEOUT = 5.0
 
@@ -99,7 +101,7 @@ async def stream_events(
 ) -> int:
     """Subscribe and hand each message to ``emit``; return how many were received.
 
-    A node coalesces its audit records under load (``{"records": [...]}``, see
+    A node coalesces its audit records and contract results under load (``{"records": [...]}``, see
     `kmnode.host.mqtt.unpack_records`); each record of such a message is emitted and counted
     on its own, exactly as if it had been published alone, so operators and scripts see one
     record per line whatever the load was. Ends after ``count`` messages (records), or after
@@ -134,7 +136,7 @@ async def stream_events(
                 node, kind = parsed
                 now = datetime.now(UTC)
                 payload = _payload_bytes(message)
-                parts = unpack_records(payload) if kind is TopicKind.AUDIT else [payload]
+                parts = unpack_records(payload) if kind in _COALESCED else [payload]
                 for part in parts:
                     if count is not None and received >= count:
                         break

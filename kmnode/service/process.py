@@ -68,11 +68,11 @@ def handle(
     enclave: ServiceEnclave,
     writer: Output,
     request: Request,
-    runtime: ContractRuntime | None = None,
+    runtime: LazyRuntime | None = None,
 ) -> Reply:
     """The reply to one request (refusals raise; ``answer`` turns them into error replies)."""
     if isinstance(request, ContractRequest):
-        return handle_contract(runtime, enclave, writer, request)
+        return handle_contract(runtime.get() if runtime else None, enclave, writer, request)
     if isinstance(request, IdentityRequest):
         return IdentityReply(measurement=enclave.context.identity.measurement.hex())
     if isinstance(request, ModulesRequest):
@@ -102,7 +102,7 @@ def handle(
 
 
 def answer(
-    enclave: ServiceEnclave, writer: Output, line: bytes, runtime: ContractRuntime | None = None
+    enclave: ServiceEnclave, writer: Output, line: bytes, runtime: LazyRuntime | None = None
 ) -> bytes:
     """The reply line to one request line (errors are replies too, never exceptions)."""
     try:
@@ -118,7 +118,7 @@ def serve(
     writer: Output,
     fd_in: int = 0,
     fd_out: int = 1,
-    runtime: ContractRuntime | None = None,
+    runtime: LazyRuntime | None = None,
 ) -> None:
     """Answer requests until stdin closes (the host went away).
 
@@ -170,26 +170,40 @@ def main() -> None:
     )
     output = RingOutput(socket.socket(fileno=args.ring_control))
     output.start(args.ring_fd)
-    runtime = contract_runtime(config.contracts, args.contract_store)
+    runtime = LazyRuntime(config.contracts, args.contract_store)
     try:
         serve(enclave, output, runtime=runtime)
     finally:
         output.close()
 
 
-def contract_runtime(spec: ContractsSpec, address_hex: str) -> ContractRuntime | None:
-    """The contract runtime over the host's store at ``address_hex`` (None without one)."""
-    if not address_hex:
-        return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(bytes.fromhex(address_hex))
-    cache = CacheConfig(
-        max_entries=spec.cache_entries,
-        max_bytes=spec.cache_bytes,
-        flush_every=spec.flush_every,
-        epc_budget_bytes=spec.epc_budget_bytes,
-    )
-    return ContractRuntime(StoreClient(sock), cache, spec.checkpoint_every)
+class LazyRuntime:
+    """The contract runtime, made at the first contract request that finds the host's store
+    (``address_hex``; none: no contracts here). A store not reachable yet (a busy host still
+    starting) is tried again at the next request, so the enclave never dies of it."""
+
+    def __init__(self, spec: ContractsSpec, address_hex: str) -> None:
+        self._spec, self._address = spec, address_hex
+        self._runtime: ContractRuntime | None = None
+
+    def get(self) -> ContractRuntime | None:
+        if self._runtime is None and self._address:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(bytes.fromhex(self._address))
+            except (OSError, ValueError) as exc:
+                sock.close()
+                logging.getLogger(__name__).warning("contract store not reachable: %s", exc)
+                return None
+            spec = self._spec
+            cache = CacheConfig(
+                max_entries=spec.cache_entries,
+                max_bytes=spec.cache_bytes,
+                flush_every=spec.flush_every,
+                epc_budget_bytes=spec.epc_budget_bytes,
+            )
+            self._runtime = ContractRuntime(StoreClient(sock), cache, spec.checkpoint_every)
+        return self._runtime
 
 
 if __name__ == "__main__":
