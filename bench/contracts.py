@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -356,12 +357,20 @@ def run_calls(token: Token, calls: Sequence[Transfer]) -> Window:
 
 def alternated(runners: Sequence[Callable[[int], Window]], rounds: int) -> list[list[Window]]:
     """``rounds`` windows of each runner (called with the round number), the order reversed
-    every other round so neither always runs first."""
+    every other round so neither always runs first. Each window starts from a collected heap
+    and runs without the cyclic garbage collector: otherwise one runner's garbage (py-evm
+    makes a lot) is collected during the other's window, and the collector's passes over the
+    large live heaps of both (a trie, a cache of every account) are what gets measured."""
     out: list[list[Window]] = [[] for _ in runners]
     for number in range(rounds):
         order = range(len(runners)) if number % 2 == 0 else reversed(range(len(runners)))
         for index in order:
-            out[index].append(runners[index](number))
+            gc.collect()
+            gc.disable()
+            try:
+                out[index].append(runners[index](number))
+            finally:
+                gc.enable()
     return out
 
 
