@@ -26,6 +26,7 @@ record: that scan leaves the files at the top of ``out_dir`` out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import threading
@@ -56,6 +57,7 @@ from kmnode.chaos.nemesis import CONTRACT_KINDS, FAULT_KINDS, Nemesis, resolve_k
 from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.errors import KmsimError
+from kmnode.identity import IdentityKeys
 
 _CLIENT_TIMEOUT = 10.0
 _RELEASE_WAIT = 5.0
@@ -222,6 +224,18 @@ def _read_key(client: NodeClient, path: str) -> dict[str, Any]:
     return {"generation": answer["generation"], "fingerprints": answer.get("fingerprints", {})}
 
 
+def contracts_unavailable(cfg: ClusterConfig, signer: IdentityKeys | None) -> str:
+    """Why the workload's identity cannot deploy and call contracts ("" if it can): it must
+    hold the operator role (to deploy) and the user role (to call). An identity cluster.yaml
+    does not list (the development profile's) has them."""
+    if signer is None:
+        return "no signing identity (KMSIM_IDENTITY)"
+    listed = next((i for i in cfg.identities if i.name == signer.name), None)
+    if listed is not None and not (listed.may("operator") and listed.may("user")):
+        return f"{signer.name!r} ({', '.join(listed.roles)}) lacks the operator or user role"
+    return ""
+
+
 class _Run:
     def __init__(self, cfg: ClusterConfig, config: RunConfig, log: Callable[[str], None]) -> None:
         self.cfg, self.config, self.log = cfg, config, log
@@ -361,6 +375,11 @@ def run(
     log: Callable[[str], None] = lambda _line: None,
 ) -> RunOutcome:
     """One chaos run against the running cluster ``cfg``; see the module docstring."""
+    if config.contracts:
+        why = contracts_unavailable(cfg, default_signer(cfg))
+        if why:
+            log(f"contracts: not run ({why}; --no-contracts says so)")
+            config = dataclasses.replace(config, contracts=False)
     state = _Run(cfg, config, log)
     try:
         state.converge()
