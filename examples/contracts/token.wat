@@ -102,8 +102,13 @@
     (if (i64.lt_u (local.get $got) (local.get $amount)) (then (unreachable)))
     (call $set_balance (i32.const 1032) (local.get $to) (local.get $got))
     (call $emit (i32.const 2064) (i32.const 8))
-    ;; what the caller has left (read back: the caller may have paid itself)
-    (i64.store (i32.const 1016) (call $balance_of (i32.const 512) (local.get $caller)))
+    ;; what the caller has left: its balance after paying, or all of it if it paid itself
+    (i64.store (i32.const 1016)
+      (if (result i64)
+          (i32.and (i32.eq (local.get $caller) (local.get $to))
+                   (call $equal (i32.const 512) (i32.const 1032) (local.get $caller)))
+        (then (local.get $got))
+        (else (i64.sub (local.get $from) (local.get $amount)))))
     (call $set_result (i32.const 1016) (i32.const 8))
     (i32.const 0))
 

@@ -243,6 +243,8 @@ def test_token_calls_match_a_plain_model_and_cost_the_same_on_two_engines(
             if ok:
                 model[caller] -= value
                 model[other] += value
+                # It answers what the caller has left (all of it, if it paid itself).
+                assert struct.unpack("<Q", first.result) == (model[caller],)
         else:
             ok = True
             assert struct.unpack("<Q", first.result) == (model[other],)
