@@ -155,7 +155,8 @@ def contracts_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None
 @_as_json
 @pass_context
 def contracts_show(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
-    """Show contract NAME and its committed state roots (exits 1 if there is none)."""
+    """Show contract NAME and its committed state roots. Exits 2 if there is no such
+    contract."""
     answer = _client(ctx, api_node).get(f"/v1/contracts/{_quoted(name)}")
     if as_json:
         print_json(answer)

@@ -9,6 +9,7 @@ node's store are searched for them."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import sqlite3
 import subprocess
@@ -119,6 +120,28 @@ def test_every_node_executes_every_call_to_the_same_roots(cluster: LocalCluster)
             rows = db.execute("SELECT contract, hidden, record FROM records").fetchall()
         assert rows and not any(MARKER.encode() in bytes(r[2]) for r in rows)
         assert not any(b"alice" in bytes(r[1]) + bytes(r[2]) for r in rows)
+
+
+def kmctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmnode.cli", "-c", str(cluster.config_path), *args],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_kmctl_shows_roots_cache_and_contracts(cluster: LocalCluster) -> None:
+    caught_up(cluster)
+    roots = kmctl(cluster, "contracts", "roots")
+    assert roots.returncode == 0 and "match" in roots.stdout and "DIFFERS" not in roots.stdout
+    cache = kmctl(cluster, "contracts", "cache", "--json")
+    assert cache.returncode == 0, cache.stderr
+    views = json.loads(cache.stdout)
+    assert set(views) == set(cluster.names)
+    assert all(v["service"]["cache"]["misses"] > 0 for v in views.values())
+    listed = kmctl(cluster, "contracts", "list", "--json")
+    assert [c["name"] for c in json.loads(listed.stdout)["contracts"]] == ["token"]
+    missing = kmctl(cluster, "contracts", "show", "nope")
+    assert missing.returncode == 2 and "no contract named" in missing.stderr  # as keys show
 
 
 def test_a_tampered_store_stops_its_node_and_a_resync_repairs_it(cluster: LocalCluster) -> None:
