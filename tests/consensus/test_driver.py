@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from consensus.driver import DriverStopped, RaftDriver
+from consensus.progress import ProgressState
 from consensus.raft import RaftConfig
 from consensus.statemachine import StateMachine
 from consensus.storage import DurableLog
@@ -167,6 +168,18 @@ async def test_leader_appends_leave_before_its_fsync_and_acks_after_the_follower
     follower may only acknowledge what its own fsync made durable."""
     leader = await cluster.leader()
     await leader.propose(b"warm-up")
+    warm = leader.applied_index
+    # Both followers acknowledged the warm-up, so the leader streams to both (a follower still
+    # being probed would get the next append only after its answer: after the leader's fsync).
+    await until(
+        lambda: all(
+            p.match >= warm and p.state is ProgressState.REPLICATE
+            for n, p in leader.status.progress.items()
+            if n != leader.id
+        ),
+        10,
+        "both followers to be replicating",
+    )
     events: dict[str, list[tuple[str, int]]] = {n: [] for n in cluster.drivers}
     for name, driver in cluster.drivers.items():
         record = events[name].append
