@@ -116,8 +116,12 @@ class _Call:
     storage: Storage
     args: bytes
     caller: bytes
-    #: The instance's memory (looked up once per instance, not once per host call).
+    #: The instance's memory (looked up once per instance, not once per host call), its
+    #: address (it never moves: ``memory_may_move`` is off) and the least size it has had in
+    #: this call (memory only grows; ``_bounds`` asks again when that is not enough).
     memory: Memory | None = None
+    base: int = 0
+    size: int = 0
     result: bytes = b""
     events: list[bytes] = field(default_factory=list)
     #: What the storage raised that is not the contract's doing (the host tampered with
@@ -131,6 +135,9 @@ def _engine() -> Engine:
     config.cranelift_nan_canonicalization = True
     config.wasm_threads = False
     config.wasm_relaxed_simd = False
+    # A linear memory stays where it was mapped (growing within its reservation), so the
+    # host functions may keep its address for a whole call (``_bounds``).
+    config.memory_may_move = False
     return Engine(config)
 
 
@@ -346,27 +353,32 @@ class _Warm:
 # --- the host functions ---------------------------------------------------------------------
 
 
-def _bounds(state: _Call, caller: Caller) -> tuple[int, int]:
-    """(address, size) of the contract's linear memory now (it may have grown since the call
-    began; it is only ever copied from or into within these bounds)."""
-    if state.memory is None:
-        raise _Refused("the contract has no memory export")
+def _bounds(state: _Call, caller: Caller, end: int) -> int:
+    """The address of the contract's linear memory, if bytes up to ``end`` lie within it
+    (``_Refused`` otherwise). The address is taken once a call, as the memory never moves;
+    the size is asked again only when the one known is too small (memory only grows)."""
     memory = state.memory
-    return ctypes.addressof(memory.data_ptr(caller).contents), memory.data_len(caller)
+    if memory is None:
+        raise _Refused("the contract has no memory export")
+    if not state.base:
+        state.base = ctypes.addressof(memory.data_ptr(caller).contents)
+    if end > state.size:
+        state.size = memory.data_len(caller)
+    return state.base if end <= state.size else 0
 
 
 def _read(state: _Call, caller: Caller, ptr: int, length: int, most: int, what: str) -> bytes:
     if length < 0 or length > most:
         raise _Refused(f"{what} of {length} bytes (at most {most})")
-    base, size = _bounds(state, caller)
-    if ptr < 0 or ptr + length > size:
+    base = _bounds(state, caller, ptr + length)
+    if ptr < 0 or not base:
         raise _Refused(f"{what} lies outside the contract's memory")
     return ctypes.string_at(base + ptr, length)
 
 
 def _write(state: _Call, caller: Caller, ptr: int, data: bytes) -> None:
-    base, size = _bounds(state, caller)
-    if ptr < 0 or ptr + len(data) > size:
+    base = _bounds(state, caller, ptr + len(data))
+    if ptr < 0 or not base:
         raise _Refused("a copy into the contract's memory lies outside it")
     ctypes.memmove(base + ptr, data, len(data))
 
