@@ -76,6 +76,32 @@ def test_serve_answers_every_line_of_a_read_in_one_write_in_order() -> None:
             b'{"op": "key", "id": 1, "ciphertext": "' + b"00" * (MAX_LINE // 2 + 8) + b'"}',
             "exceeds",
         ),
+        # Contract requests: the same strictness (a host relaying them may send anything).
+        (b'{"op": "contract.ops", "id": 1, "ops": []}', "at least 1"),
+        (
+            b'{"op": "contract.ops", "id": 1, "ops": [{"seq": 0, "kind": "call", '
+            b'"contract": "token"}]}',
+            "greater",
+        ),
+        (
+            b'{"op": "contract.ops", "id": 1, "ops": [{"seq": 1, "kind": "drop", '
+            b'"contract": "token"}]}',
+            "'deploy' or 'call'",
+        ),
+        (
+            b'{"op": "contract.ops", "id": 1, "ops": [{"seq": 1, "kind": "call", '
+            b'"contract": "../etc"}]}',
+            "pattern",
+        ),
+        (b'{"op": "contract.keys", "id": 1, "ciphertext": "zz", "vouch": ""}', "pattern"),
+        (
+            b'{"op": "contract.check", "id": 1, "checkpoint": {"seq": 1, "roots": {"t": "00"}}}',
+            "pattern",
+        ),
+        (
+            b'{"op": "contract.restore", "id": 1, "checkpoints": [], "contracts": []}',
+            "Field required",
+        ),
     ],
 )
 def test_a_malformed_request_gets_a_specific_error_and_changes_nothing(
