@@ -11,12 +11,12 @@ stresses. Its answers take the shape of the report a service enclave seals to th
 
 from __future__ import annotations
 
-import base64
 import secrets
 from typing import Any
 
 from kmnode.chaos.contract_calls import ContractCall
 from kmnode.contracts.cache import CacheConfig
+from kmnode.contracts.envelope import report_of
 from kmnode.contracts.executor import Executor
 from kmnode.contracts.sealed_state import StateSealer
 from kmnode.contracts.verified import MemoryHostStore, VerifiedBacking
@@ -44,14 +44,7 @@ class ReferenceExecutor:
             )
         except ContractError as exc:
             return {"status": "refused", "error": str(exc)}
-        return {
-            "status": result.status,
-            "code": result.code,
-            "fuel_used": result.fuel_used,
-            "result": base64.b64encode(result.result).decode(),
-            "events": [base64.b64encode(e).decode() for e in result.events],
-            "error": result.error,
-        }
+        return report_of(result)
 
     def __repr__(self) -> str:
         return f"ReferenceExecutor({self.contract})"

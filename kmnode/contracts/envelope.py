@@ -21,6 +21,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.secret import SecretBox
 
+from kmnode.contracts.vm import CallResult
+
 #: The first byte of a sealed result: how to open it.
 SEALED_REPLY_KEY, SEALED_BOX = b"\x01", b"\x02"
 REPLY_KEY_BYTES = SecretBox.KEY_SIZE
@@ -74,6 +76,19 @@ def open_call(input_key: PrivateKey, sealed_b64: str, caller: str, nonce: str) -
     return OpenedCall(args, reply_key)
 
 
+def report_of(result: CallResult) -> dict[str, Any]:
+    """What a result envelope says of a call that ran (the service enclave seals it; a
+    reference executor computes the same to compare)."""
+    return {
+        "status": result.status,
+        "code": result.code,
+        "fuel_used": result.fuel_used,
+        "result": base64.b64encode(result.result).decode(),
+        "events": [base64.b64encode(e).decode() for e in result.events],
+        "error": result.error,
+    }
+
+
 def seal_result(reply_key: bytes | None, box_key_hex: str, data: bytes) -> bytes:
     """The result for the caller alone (empty if there is no key to seal it to: then it is
     not released at all)."""
@@ -113,6 +128,7 @@ __all__ = [
     "OpenedCall",
     "open_call",
     "open_result",
+    "report_of",
     "seal_call",
     "seal_result",
 ]

@@ -39,7 +39,7 @@ from typing import Protocol
 from nacl.public import PrivateKey
 
 from kmnode.contracts.cache import CacheConfig, CacheStats
-from kmnode.contracts.envelope import EnvelopeError, open_call, seal_result
+from kmnode.contracts.envelope import EnvelopeError, open_call, report_of, seal_result
 from kmnode.contracts.executor import Executor, ExecutorHalted
 from kmnode.contracts.sealed_state import StateSealer, TamperError
 from kmnode.contracts.verified import HostStore, VerifiedBacking, state_root
@@ -219,14 +219,7 @@ class ContractRuntime:
             except ContractError as exc:
                 report |= {"status": "refused", "error": str(exc)}
             else:
-                report |= {
-                    "status": result.status,
-                    "code": result.code,
-                    "fuel_used": result.fuel_used,
-                    "result": base64.b64encode(result.result).decode(),
-                    "events": [base64.b64encode(e).decode() for e in result.events],
-                    "error": result.error,
-                }
+                report |= report_of(result)
         status = str(report["status"])
         sealed = seal_result(reply_key, op.caller_box_key, _canonical(report))
         fuel = report.get("fuel_used", 0)
