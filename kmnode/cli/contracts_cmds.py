@@ -304,7 +304,13 @@ def contracts_roots(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> N
         if view.get("halted"):
             bad = True
             rows.append((name, view.get("position"), "-", "halted", view["halted"]))
-    if not as_json:
+    if not as_json and not rows:
+        positions = ", ".join(f"{n} at {v.get('position', '?')}" for n, v in views)
+        click.echo(
+            "no checkpoint committed yet (the leader commits one every contracts.checkpoint_every "
+            f"operations); executed: {positions}"
+        )
+    elif not as_json:
         print_table("contract state roots", ["node", "after op", "contract", "root", ""], rows)
     if bad:
         raise SystemExit(EXIT_REFUSED)
