@@ -879,8 +879,11 @@ def run(
             report.add(report_sweep(points, settings.sweep_budget_bytes))
             entry_bytes = len(balance_key(account(0))) + 8
             png = out / "contracts-sweep.png"
-            plot_sweep(points, settings.sweep_budget_bytes / entry_bytes, png)
-            report.add([f"  plot: {png}"])
+            try:
+                plot_sweep(points, settings.sweep_budget_bytes / entry_bytes, png)
+                report.add([f"  plot: {png}"])
+            except ImportError:
+                report.add(["  plot: not drawn (matplotlib is in the bench extra: .[bench])"])
             results["sweep"] = [asdict(p) for p in points]
         if "cliff" in only:
             figure = cliff(store, sealers, settings, hz)
