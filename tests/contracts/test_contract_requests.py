@@ -4,11 +4,9 @@ restore (from a committed checkpoint or from nothing) brings it back."""
 
 from __future__ import annotations
 
-import base64
 import secrets
 from pathlib import Path
 
-import wasmtime
 from nacl.public import PrivateKey
 
 from kmnode.cli.contracts_cmds import encode_args
@@ -25,13 +23,10 @@ from kmnode.service_pipe import (
     PipeDeployed,
     PipeOperation,
 )
+from tests.contracts.test_service_runtime import INPUT, TOKEN
 from tests.km.enclaves import service
 
-REPO = Path(__file__).resolve().parents[2]
-TOKEN = base64.b64encode(
-    wasmtime.wat2wasm((REPO / "examples/contracts/token.wat").read_text())
-).decode()
-INPUT, USER = PrivateKey.generate(), PrivateKey.generate()
+USER = PrivateKey.generate()
 
 
 class FlakyStore(ContractStore):
