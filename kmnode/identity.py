@@ -31,8 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nacl.public import PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-Role = Literal["admin", "operator", "auditor", "user"]
-ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "user")
+#: ``owner``: a data owner (registers datasets, grants their use); ``user``: calls contracts
+#: and computes on data it was granted (S4, S5).
+Role = Literal["admin", "operator", "auditor", "user", "owner"]
+ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "user", "owner")
 IdentityName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9._-]{0,31}$")]
 HexKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -42,6 +44,7 @@ _GRANTS: dict[Role, frozenset[Role]] = {
     "operator": frozenset({"operator", "auditor"}),
     "auditor": frozenset({"auditor"}),
     "user": frozenset({"user"}),
+    "owner": frozenset({"owner"}),
 }
 #: The covered components of every signature (RFC 9421 names).
 COVERED = ("@method", "@path", "@query", "content-digest")
@@ -64,7 +67,7 @@ class PublicIdentity(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: IdentityName
-    roles: Annotated[list[Role], Field(min_length=1, max_length=4)]
+    roles: Annotated[list[Role], Field(min_length=1, max_length=len(ROLES))]
     #: Ed25519 verification key (hex): checks this identity's request signatures.
     signing_key: HexKey
     #: X25519 public key (hex): what is sealed to this identity is boxed to it.
@@ -142,7 +145,7 @@ class IdentityKeys:
 
 #: The identity `kmctl up` makes for a cluster without identities (the development profile).
 DEV_IDENTITY = "dev-admin"
-DEV_ROLES: list[Role] = ["admin", "operator", "auditor", "user"]
+DEV_ROLES: list[Role] = ["admin", "operator", "auditor", "user", "owner"]
 
 
 def default_key_dir() -> Path:

@@ -40,6 +40,7 @@ from pydantic.json_schema import models_json_schema
 
 from kmnode.api_routes import CHAOS_ROUTES, MAX_CHALLENGE, OPENAPI_PATH, ROUTES, Route
 from kmnode.identity import COVERED, LABEL, MAX_AGE_S, TAG, PublicIdentity
+from kmnode.km.command_base import Name, PolicyJson
 from kmnode.km.commands import (
     ContractCall,
     ContractDeploy,
@@ -47,9 +48,7 @@ from kmnode.km.commands import (
     KeyGeneration,
     MemberChanged,
     MemberRemove,
-    Name,
     PolicyAllow,
-    PolicyJson,
     PolicyRevokePlatform,
     ProposalChanged,
     ProposalCreate,

@@ -33,7 +33,8 @@ _ROLE = click.option(
 def identity() -> None:
     """Operator identities: an Ed25519 key that signs API requests and an X25519 key for what
     is sealed to the operator. cluster.yaml lists the genesis identities and their roles
-    (admin, operator, auditor, user)."""
+    (admin, operator, auditor, user: calls contracts and computes on granted data, owner:
+    registers datasets and grants their use)."""
 
 
 def _roles(roles: tuple[str, ...]) -> list[Role]:
