@@ -11,11 +11,13 @@ median over the rounds with the ratio of the medians:
    process. Where the time goes is printed with it: the VM and the cache, sealing and opening
    (``VerifiedBacking``), and the host's round trips.
 2. **the sweep**: hit ratio and calls/s against ``max_entries`` (a PNG), with the calls/s the
-   EPC model gives for a budget smaller than the working set (the cliff as a curve).
-3. **the enclave-memory cliff**: one cache that holds every account, under an EPC budget above
-   its bytes and under one below them (``CacheConfig.epc_budget_bytes``; 40,000 cycles per 4 KiB
-   page per access, modelled). The modelled time is the measured time plus the modelled swap
-   cycles at this CPU's cycle rate.
+   EPC model gives for a fixed budget that the larger caches outgrow (the cliff as a curve).
+3. **the enclave-memory cliff**: one cache that holds every account, its modelled enclave
+   footprint (``kmnode.contracts.epc``: the hash table as a native enclave lays it out) at
+   0.5x, 1x, 1.5x, 2x and 4x an EPC budget (``CacheConfig.epc_budget_bytes``; a resident page
+   costs nothing, one swapped in 40,000 cycles), uniform access, each point against the one
+   within the budget. The modelled time is the measured time plus the modelled swap cycles at
+   this CPU's cycle rate.
 4. **against an EVM**: the token's ``transfer`` on ``ContractVM`` (wasmtime) against the same
    ERC20-style transfer on py-evm (hand-assembled bytecode, Shanghai rules, the balances in
    its journaled state over an in-memory database). Both sides run execution alone: no
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bench.machine import cpu_model, cpu_probe_ms
 from kmnode.contracts.cache import CacheConfig
+from kmnode.contracts.epc import footprint_bytes
 from kmnode.contracts.executor import Executor
 from kmnode.contracts.sealed_state import StateSealer
 from kmnode.contracts.verified import HostStore, MemoryHostStore, VerifiedBacking
@@ -76,6 +79,8 @@ GOAL_UNIFORM = 2.5
 GOAL_UNIFORM_HIT = 0.75
 GOAL_ZIPF = 2.0
 GOAL_CLIFF = 2.0
+#: The cliff figure's points: the cache's modelled footprint over the EPC budget.
+CLIFF_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 4.0)
 GOAL_EVM = 2.0
 
 Distribution = Literal["uniform", "zipf"]
@@ -313,6 +318,7 @@ class Window:
     host_calls: int
     swap_cycles: int
     not_ok: int
+    page_faults: int = 0
 
     @property
     def per_s(self) -> float:
@@ -352,6 +358,7 @@ def run_calls(token: Token, calls: Sequence[Transfer]) -> Window:
         host_calls=clock.host_calls - host_calls,
         swap_cycles=after.modelled_swap_cycles - before.modelled_swap_cycles,
         not_ok=not_ok,
+        page_faults=after.modelled_page_faults - before.modelled_page_faults,
     )
 
 
@@ -390,7 +397,8 @@ class Settings:
     warmup: int = 30_000
     rounds: int = 5
     sizes: tuple[int, ...] = (0, 1024, 2048, 4096, 6144, 8192, 10_240, 16_384)
-    sweep_budget_bytes: int = 96 << 10
+    #: About 5,600 accounts' nodes with their bucket array: mid-sweep.
+    sweep_budget_bytes: int = 512 << 10
     cliff_entries: int = 16_384
     evm_calls: int = 2_000
     seed: int = 14
@@ -499,29 +507,52 @@ def sweep(
     return points
 
 
-def cliff(store: HostStore, sealers: Sealers, settings: Settings, hz: float) -> Compared:
-    """Figure 3: the same cache (every account fits in ``cliff_entries``), under an EPC budget
-    above its bytes and one at half of them; uniform access."""
-    working_set = sum(len(balance_key(account(i))) + 8 for i in range(settings.accounts))
-    fits = CacheConfig(max_entries=settings.cliff_entries, epc_budget_bytes=4 * working_set)
-    past = CacheConfig(max_entries=settings.cliff_entries, epc_budget_bytes=working_set // 2)
-    inside = _warmed(store, sealers, "epc-fits", fits, settings, "uniform")
-    outside = _warmed(store, sealers, "epc-past", past, settings, "uniform")
-    base, cand = alternated(
-        [_runner(inside, settings, "uniform"), _runner(outside, settings, "uniform")],
-        settings.rounds,
-    )
-    return Compared(
-        "EPC budget above the cache vs below it",
-        base,
-        cand,
-        {
-            "working_set_bytes": working_set,
-            "budget_fits_bytes": fits.epc_budget_bytes,
-            "budget_past_bytes": past.epc_budget_bytes,
-            "cache_bytes": outside.executor.cache.stats.bytes,
-        },
-    )
+@dataclass
+class CliffPoint:
+    """One budget of the cliff figure: the cache's footprint over it, and its windows."""
+
+    multiple: float
+    budget_bytes: int
+    footprint_bytes: int
+    windows: list[Window]
+
+
+@dataclass
+class Cliff:
+    """Figure 3: the same cache under each budget; ``points[0]`` is within its budget."""
+
+    cache_bytes: int
+    points: list[CliffPoint]
+
+
+def cliff_footprint(sealers: Sealers, settings: Settings) -> int:
+    """The modelled footprint of a cache holding every account once warmed (what the cliff's
+    caches will have: transfers only rewrite balances in place), found by building one over a
+    store in this process."""
+    probe = token(
+        MemoryHostStore(), sealers, "epc-probe", CacheConfig(max_entries=settings.cliff_entries),
+        settings.accounts,
+    )  # fmt: skip
+    warm(probe, range(settings.accounts))
+    return probe.executor.cache.stats.modelled_footprint_bytes
+
+
+def cliff(store: HostStore, sealers: Sealers, settings: Settings) -> Cliff:
+    """Figure 3: one cache per multiple in ``CLIFF_MULTIPLES``, each holding every account
+    (``cliff_entries``) under an EPC budget of its footprint over the multiple; uniform
+    access, the windows alternated round by round."""
+    footprint = cliff_footprint(sealers, settings)
+    budgets = [round(footprint / multiple) for multiple in CLIFF_MULTIPLES]
+    tokens = []
+    for multiple, budget in zip(CLIFF_MULTIPLES, budgets, strict=True):
+        config = CacheConfig(max_entries=settings.cliff_entries, epc_budget_bytes=budget)
+        tokens.append(_warmed(store, sealers, f"epc-{multiple}x", config, settings, "uniform"))
+    windows = alternated([_runner(t, settings, "uniform") for t in tokens], settings.rounds)
+    points = []
+    for budget, made, runs in zip(budgets, tokens, windows, strict=True):
+        actual = made.executor.cache.stats.modelled_footprint_bytes
+        points.append(CliffPoint(actual / budget, budget, actual, runs))
+    return Cliff(tokens[0].executor.cache.stats.bytes, points)
 
 
 # --- figure 4: against an EVM -------------------------------------------------------------------
@@ -725,10 +756,24 @@ def report_cache(figures: Sequence[Compared]) -> list[str]:
     return lines
 
 
+def entries_within(budget_bytes: int) -> int:
+    """The most accounts a sweep cache (``max_entries`` = its accounts) holds whose modelled
+    footprint fits ``budget_bytes``: where the sweep plot draws the budget."""
+    entry = len(balance_key(account(0))) + 8
+    low, high = 0, budget_bytes  # a node takes more than a byte: high never fits
+    while low + 1 < high:
+        middle = (low + high) // 2
+        if footprint_bytes(middle, [entry] * middle) <= budget_bytes:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def report_sweep(points: Sequence[SweepPoint], budget: int) -> list[str]:
     lines = [
-        f"2. the sweep (modelled: with an EPC budget of {budget // 1024} KiB, 40,000 cycles per "
-        "page swap):",
+        f"2. the sweep (modelled: with an EPC budget of {budget // 1024} KiB, about "
+        f"{entries_within(budget):,} accounts' table, 40,000 cycles per page swap):",
         f"  {'distribution':12} {'max_entries':>11} {'hit ratio':>9} {'calls/s':>9} "
         f"{'modelled':>9}",
     ]
@@ -740,36 +785,55 @@ def report_sweep(points: Sequence[SweepPoint], budget: int) -> list[str]:
     return lines
 
 
-def cliff_drop(figure: Compared, hz: float) -> float:
-    fits = median_rate(figure.baseline, lambda w: w.modelled_per_s(hz))
-    past = median_rate(figure.candidate, lambda w: w.modelled_per_s(hz))
-    return fits / past if past else 0.0
+def cliff_drop(figure: Cliff, point: CliffPoint, hz: float) -> float:
+    """How many times fewer calls/s (modelled) ``point`` makes than the point within budget."""
+    within = median_rate(figure.points[0].windows, lambda w: w.modelled_per_s(hz))
+    past = median_rate(point.windows, lambda w: w.modelled_per_s(hz))
+    return within / past if past else 0.0
 
 
-def report_cliff(figure: Compared, hz: float) -> list[str]:
-    extra = figure.extra
-    rows = []
-    for label, windows in (("fits", figure.baseline), ("past", figure.candidate)):
-        budget = extra[f"budget_{label}_bytes"]
-        measured = median_rate(windows, lambda w: w.per_s)
-        modelled = median_rate(windows, lambda w: w.modelled_per_s(hz))
-        swaps = median_rate(windows, lambda w: w.swap_cycles / w.calls / 40_000)
-        rows.append(
-            f"  budget {budget / 1024:7.0f} KiB ({label:4}): measured {measured:7,.0f} calls/s, "
-            f"{swaps:5.2f} page swaps/call, modelled {modelled:7,.0f} calls/s"
+def cliff_goal_multiple(figure: Cliff, hz: float) -> float | None:
+    """The smallest multiple at which the drop reaches the goal, if one does."""
+    return next(
+        (p.multiple for p in figure.points if cliff_drop(figure, p, hz) >= GOAL_CLIFF), None
+    )
+
+
+def report_cliff(figure: Cliff, hz: float) -> list[str]:
+    first = figure.points[0]
+    lines = [
+        f"3. the enclave-memory cliff: one cache of {figure.cache_bytes / 1024:.0f} KiB of keys "
+        f"and values (every account), {first.footprint_bytes / 1024:.0f} KiB modelled in the "
+        f"enclave, uniform, at {hz / 1e9:.2f} GHz:",
+        f"  {'footprint/budget':>16} {'budget':>9} {'measured':>9} {'faults':>7} {'swap':>6} "
+        f"{'modelled':>9} {'drop':>6}",
+    ]
+    for point in figure.points:
+        windows = point.windows
+        lines.append(
+            f"  {point.multiple:15.2f}x {point.budget_bytes / 1024:5.0f} KiB "
+            f"{median_rate(windows, lambda w: w.per_s):7,.0f}/s "
+            f"{median_rate(windows, lambda w: w.page_faults / w.calls):7.2f} "
+            f"{median_rate(windows, lambda w: 1e6 * w.swap_cycles / w.calls / hz):4.0f}us "
+            f"{median_rate(windows, lambda w: w.modelled_per_s(hz)):7,.0f}/s "
+            f"{cliff_drop(figure, point, hz):5.2f}x"
         )
-    drop = cliff_drop(figure, hz)
-    # Why the drop is what it is: the modelled swaps add a fixed time per call, so the drop
-    # reaches the goal only for calls that cost no more than that time.
-    call_us = 1e6 / median_rate(figure.baseline, lambda w: w.per_s)
-    swap_us = 1e6 * median_rate(figure.candidate, lambda w: w.swap_cycles / w.calls) / hz
+    # Why the drop is what it is: the swaps add a time per call that does not depend on how
+    # long the call takes, so the drop reaches the goal only for calls no longer than it.
+    last = figure.points[-1]
+    call_us = 1e6 / median_rate(first.windows, lambda w: w.per_s)
+    swap_us = 1e6 * median_rate(last.windows, lambda w: w.swap_cycles / w.calls) / hz
+    reached = cliff_goal_multiple(figure, hz)
+    where = f"first at {reached:.2f}x" if reached else f"not by {last.multiple:.2f}x"
     return [
-        f"3. the enclave-memory cliff: one cache of {extra['cache_bytes'] / 1024:.0f} KiB "
-        f"(every account), uniform, at {hz / 1e9:.2f} GHz:",
-        *rows,
-        f"  drop {drop:.2f}x (goal >= {GOAL_CLIFF}x: {verdict(drop >= GOAL_CLIFF)})",
-        f"  the swaps add {swap_us:.0f} us a call to a call of {call_us:.0f} us: a drop of "
-        f"{GOAL_CLIFF}x needs calls of at most {swap_us / (GOAL_CLIFF - 1):.0f} us",
+        *lines,
+        "  (faults: page faults per call; swap: their modelled time per call; drop: against "
+        "the first row)",
+        f"  drop past the budget: {cliff_drop(figure, last, hz):.2f}x at {last.multiple:.2f}x "
+        f"(goal >= {GOAL_CLIFF}x: {verdict(reached is not None)}, {where})",
+        f"  at {last.multiple:.2f}x the swaps add {swap_us:.0f} us a call to a call of "
+        f"{call_us:.0f} us: a drop of {GOAL_CLIFF}x needs calls of at most "
+        f"{swap_us / (GOAL_CLIFF - 1):.0f} us",
     ]
 
 
@@ -877,18 +941,20 @@ def run(
         if "sweep" in only:
             points = [p for d in DISTRIBUTIONS for p in sweep(store, sealers, settings, d, hz)]
             report.add(report_sweep(points, settings.sweep_budget_bytes))
-            entry_bytes = len(balance_key(account(0))) + 8
             png = out / "contracts-sweep.png"
             try:
-                plot_sweep(points, settings.sweep_budget_bytes / entry_bytes, png)
+                plot_sweep(points, entries_within(settings.sweep_budget_bytes), png)
                 report.add([f"  plot: {png}"])
             except ImportError:
                 report.add(["  plot: not drawn (matplotlib is in the bench extra: .[bench])"])
             results["sweep"] = [asdict(p) for p in points]
         if "cliff" in only:
-            figure = cliff(store, sealers, settings, hz)
+            figure = cliff(store, sealers, settings)
             report.add(report_cliff(figure, hz))
-            results["cliff"] = asdict(figure) | {"drop": cliff_drop(figure, hz)}
+            results["cliff"] = asdict(figure) | {
+                "drops": [cliff_drop(figure, p, hz) for p in figure.points],
+                "goal_multiple": cliff_goal_multiple(figure, hz),
+            }
     if "evm" in only:
         try:
             evm = vm_vs_evm(settings)

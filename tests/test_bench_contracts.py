@@ -51,12 +51,22 @@ def test_every_figure_is_reported_against_its_baseline(tmp_path: Path) -> None:
         (d, s) for d in bench.DISTRIBUTIONS for s in TINY.sizes
     ]
     assert all(0.0 <= p["hit_ratio"] <= 1.0 and p["per_s"] > 0 for p in sweep)
-    # The cache that holds every account outgrows the cliff's smaller budget, and only there
-    # does the model charge page swaps.
+    # The cache that holds every account, its footprint swept across the budget: within it
+    # (0.5x, 1x) the warmed cache never faults; past it every window pays page swaps, and the
+    # modelled rate falls below the one within.
     cliff = results["cliff"]
-    assert all(w["swap_cycles"] == 0 for w in cliff["baseline"])
-    assert all(w["swap_cycles"] > 0 for w in cliff["candidate"])
-    assert cliff["drop"] > 1.0
+    points = cliff["points"]
+    assert [round(p["multiple"], 2) for p in points] == list(bench.CLIFF_MULTIPLES)
+    assert len({p["footprint_bytes"] for p in points}) == 1
+    for point in points:
+        assert len(point["windows"]) == TINY.rounds
+        past = point["multiple"] > 1.0
+        for window in point["windows"]:
+            assert window["not_ok"] == 0 and window["misses"] == 0  # every account cached
+            assert (window["page_faults"] > 0) == past
+            assert window["swap_cycles"] == window["page_faults"] * 40_000
+    assert cliff["drops"][0] == 1.0 and cliff["drops"][-1] > 1.0
+    assert "3. the enclave-memory cliff" in text and "drop past the budget" in text
     assert json.loads(json.dumps(results))["settings"]["accounts"] == TINY.accounts
 
 

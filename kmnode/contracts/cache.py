@@ -31,15 +31,18 @@ What a caller sees:
   costs one miss, not one per read. Reads of the call's own writes are counted apart
   (``overlay_reads``), neither hit nor miss.
 
-The modelled EPC (enclave page cache): SGX keeps enclave memory in a small protected region
-and pages it out, encrypted, when the enclave outgrows it; a page swap costs about 40,000
-cycles. The model: while the cache's bytes exceed ``epc_budget_bytes``, every access the cache
-makes to an entry (a hit, caching a loaded value, a committed write into it, charged once
-the bounds hold again) adds
-``page_swap_cycles`` per 4 KiB page of that entry, rounded up, to ``modelled_swap_cycles``. It
-is the pessimistic case (every access beyond the budget faults), deterministic so nodes and
-runs agree; a benchmark turns the counter into time to show the cliff of a cache that outgrows
-enclave memory.
+The modelled EPC (enclave page cache, ``kmnode.contracts.epc``): SGX keeps enclave memory in
+a small protected region and pages it out, encrypted, when the enclave outgrows it; swapping a
+page back in costs about 40,000 cycles. The cache reports every operation on its table (hit,
+miss, insert, committed write, write-back, eviction walk, removal, drop) to a ``TableLayout``,
+the table as a native enclave would lay it out (bucket array, nodes with LRU and chain links,
+a slab-style allocator), which touches the 4 KiB pages that operation would touch in an
+``EpcModel`` holding ``epc_budget_bytes`` of resident pages, LRU. A touch of a page that is not
+resident adds ``page_swap_cycles`` to ``modelled_swap_cycles`` and one to
+``modelled_page_faults``; a resident page costs nothing, so a table that fits the budget pays
+only its first touches, and one past it pays more the further past it is. The counts
+are deterministic, so nodes and runs agree; a benchmark turns them into time to show the cliff
+of a cache that outgrows enclave memory. ``max_entries=0`` has no table: nothing is charged.
 
 Not thread-safe, and one call at a time: the service enclave executes committed calls in log
 order, and a second open call could not see the first's writes. The cache holds contract state,
@@ -53,12 +56,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from kmnode.contracts.epc import EpcModel, Slot, TableLayout
 from kmnode.contracts.storage import Backing, check_key, check_value
-
-#: The page size of the EPC model (SGX pages are 4 KiB).
-PAGE_BYTES = 4096
-
-_Slot = tuple[str, bytes]
 
 
 class CacheConfigError(ValueError):
@@ -104,6 +103,8 @@ class CacheStats:
     committed_calls: int
     aborted_calls: int
     modelled_swap_cycles: int
+    modelled_page_faults: int
+    modelled_footprint_bytes: int
     entries: int
     bytes: int
     dirty: int
@@ -148,15 +149,16 @@ class ContractCache:
     def __init__(self, config: CacheConfig, backing: Backing) -> None:
         self._config = config
         self._backing = backing
-        self._table: OrderedDict[_Slot, _Entry] = OrderedDict()
+        self._table: OrderedDict[Slot, _Entry] = OrderedDict()
         self._bytes = 0
-        self._dirty: set[_Slot] = set()
+        self._dirty: set[Slot] = set()
         self._dirty_bytes = 0
         self._calls_since_flush = 0
         self._open: CallView | None = None
         self._hits = self._misses = self._overlay_reads = self._evictions = 0
         self._flushes = self._drops = self._committed = self._aborted = 0
-        self._swap_cycles = 0
+        self._epc = EpcModel(config.epc_budget_bytes, config.page_swap_cycles)
+        self._layout = TableLayout(config.max_entries, self._epc) if config.max_entries else None
 
     @property
     def config(self) -> CacheConfig:
@@ -174,7 +176,9 @@ class ContractCache:
             drops=self._drops,
             committed_calls=self._committed,
             aborted_calls=self._aborted,
-            modelled_swap_cycles=self._swap_cycles,
+            modelled_swap_cycles=self._epc.cycles,
+            modelled_page_faults=self._epc.faults,
+            modelled_footprint_bytes=0 if self._layout is None else self._layout.footprint_bytes,
             entries=len(self._table),
             bytes=self._bytes,
             dirty=len(self._dirty),
@@ -219,8 +223,11 @@ class ContractCache:
         if not self._dirty:
             return
         batches: dict[str, dict[bytes, bytes | None]] = {}
-        for contract, key in sorted(self._dirty):
+        dirty = sorted(self._dirty)
+        for contract, key in dirty:
             batches.setdefault(contract, {})[key] = self._table[(contract, key)].value
+        if self._layout is not None:
+            self._layout.write_back(dirty)
         for contract, writes in batches.items():
             self._backing.store(contract, writes)
             for key in writes:
@@ -238,6 +245,8 @@ class ContractCache:
         self.flush()
         self._table.clear()
         self._bytes = 0
+        if self._layout is not None:
+            self._layout.clear()
         self._drops += 1
 
     # What a CallView calls.
@@ -248,9 +257,12 @@ class ContractCache:
         if entry is not None:
             self._hits += 1
             self._table.move_to_end(slot)
-            self._touch(entry.size)
+            if self._layout is not None:
+                self._layout.hit(slot)
             return entry.value
         self._misses += 1
+        if self._layout is not None:
+            self._layout.miss(slot)
         value = self._backing.load(contract, key)
         if value is not None:
             check_value(value)
@@ -269,9 +281,6 @@ class ContractCache:
         if self._calls_since_flush >= self._config.flush_every or self._config.max_entries == 0:
             self.flush()
         self._enforce_bounds()
-        # Charged once the bounds hold again: a batch briefly over them costs no page swaps.
-        for key, value in writes.items():
-            self._touch(_size(key, value))
 
     def _abort(self) -> None:
         self._open = None
@@ -282,13 +291,7 @@ class ContractCache:
     def _over(self) -> bool:
         return len(self._table) > self._config.max_entries or self._bytes > self._config.max_bytes
 
-    def _touch(self, size: int) -> None:
-        """Charge the EPC model for one access to an entry of ``size`` bytes."""
-        if self._bytes > self._config.epc_budget_bytes:
-            pages = -(-size // PAGE_BYTES)
-            self._swap_cycles += pages * self._config.page_swap_cycles
-
-    def _admit(self, slot: _Slot, value: bytes | None) -> None:
+    def _admit(self, slot: Slot, value: bytes | None) -> None:
         """Cache a value just loaded, if it fits once every clean entry could be evicted."""
         size = _size(slot[1], value)
         fits_entries = len(self._dirty) + 1 <= self._config.max_entries
@@ -296,10 +299,11 @@ class ContractCache:
             return
         self._table[slot] = _Entry(value, size, dirty=False)
         self._bytes += size
-        self._touch(size)
+        if self._layout is not None:
+            self._layout.insert(slot, size)
         self._evict_clean()
 
-    def _put_dirty(self, slot: _Slot, value: bytes | None) -> None:
+    def _put_dirty(self, slot: Slot, value: bytes | None) -> None:
         size = _size(slot[1], value)
         old = self._table.get(slot)
         if old is not None:
@@ -309,6 +313,8 @@ class ContractCache:
             self._table.move_to_end(slot)
         self._table[slot] = _Entry(value, size, dirty=True)
         self._bytes += size
+        if self._layout is not None:
+            self._layout.write(slot, size)
         self._dirty.add(slot)
         self._dirty_bytes += size
 
@@ -326,17 +332,22 @@ class ContractCache:
         excess_bytes = self._bytes - self._config.max_bytes
         if excess_entries <= 0 and excess_bytes <= 0:
             return
-        victims = []
+        victims, visited = [], []
         for slot, entry in self._table.items():
             if excess_entries <= 0 and excess_bytes <= 0:
                 break
+            visited.append(slot)
             if entry.dirty:
                 continue
             victims.append(slot)
             excess_entries -= 1
             excess_bytes -= entry.size
+        if self._layout is not None:
+            self._layout.scan(visited)
         for slot in victims:
             self._bytes -= self._table.pop(slot).size
+            if self._layout is not None:
+                self._layout.remove(slot)
         if self._config.max_entries:  # without a cache, a written-through entry is not evicted
             self._evictions += len(victims)
 

@@ -3,7 +3,7 @@ the EPC model, the storage limits, and what its repr shows."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -99,7 +99,13 @@ def test_calls_run_one_at_a_time_and_a_closed_view_refuses_use() -> None:
     with pytest.raises(CallOpenError):
         cache.call("d")
     view.commit()
-    for use in (lambda: view.get(b"a"), lambda: view.set(b"a", b""), view.commit, view.abort):
+    uses: list[Callable[[], object]] = [
+        lambda: view.get(b"a"),
+        lambda: view.set(b"a", b""),
+        view.commit,
+        view.abort,
+    ]
+    for use in uses:
         with pytest.raises(CallClosedError):
             use()
     cache.call("d").abort()
@@ -262,29 +268,35 @@ def test_stats_count_hits_misses_and_sizes_and_are_snapshots() -> None:
     assert stats.hit_ratio == 0.5
 
 
-# The EPC model.
+# The EPC model (the page-level rules: test_epc.py).
 
 
-def test_accesses_pay_page_swaps_only_beyond_the_budget() -> None:
-    value = b"v" * 5000  # key + value = 5001 bytes: 2 pages
-    backing = seeded(a=value, b=value)
-    cache = ContractCache(config(epc_budget_bytes=6000, page_swap_cycles=100), backing)
-    read(cache, b"a", b"a")
-    assert cache.stats.modelled_swap_cycles == 0  # 5001 bytes: within the budget
-    read(cache, b"b")  # 10002 bytes: beyond, and caching b touched its 2 pages
-    assert cache.stats.modelled_swap_cycles == 200
-    read(cache, b"a")
-    assert cache.stats.modelled_swap_cycles == 400
-    write(cache, k=b"")  # a one-byte entry: one page
-    assert cache.stats.modelled_swap_cycles == 500
+def test_a_table_within_the_budget_pays_only_its_first_touches() -> None:
+    keys = [f"k{i:02d}".encode() for i in range(40)]
+    backing = seeded(**{key.decode(): b"v" * 100 for key in keys})
+    cache = ContractCache(config(page_swap_cycles=100), backing)  # a 1 GiB budget
+    read(cache, *keys)
+    first = cache.stats
+    assert 0 < first.modelled_page_faults <= first.modelled_footprint_bytes // 4096
+    assert first.modelled_swap_cycles == 100 * first.modelled_page_faults
+    for _ in range(5):  # hits, and writes in place, on pages that are in: free
+        read(cache, *keys)
+        with cache.calling("c") as view:
+            for key in keys:
+                view.set(key, b"w" * 100)
+            view.commit()
+    cache.flush()
+    assert cache.stats.modelled_page_faults == first.modelled_page_faults
 
 
-def test_a_cache_within_the_budget_never_pays() -> None:
-    cache = ContractCache(config(max_bytes=4096, epc_budget_bytes=4096), DictBacking())
-    for i in range(50):
-        write(cache, **{f"k{i}": b"x" * 100})
-        read(cache, f"k{i}".encode())
-    assert cache.stats.modelled_swap_cycles == 0 and cache.stats.evictions > 0
+def test_past_the_budget_the_same_reads_fault_again() -> None:
+    value = b"v" * 5000  # one node of two pages at least
+    backing = seeded(a=value, b=value, c=value)
+    cache = ContractCache(config(epc_budget_bytes=4 * 4096, page_swap_cycles=100), backing)
+    read(cache, b"a", b"b", b"c")  # 6+ pages of nodes, a table header and a bucket page
+    before = cache.stats.modelled_swap_cycles
+    read(cache, b"a", b"b", b"c")  # each node was pushed out by the two read after it
+    assert cache.stats.modelled_swap_cycles - before >= 3 * 2 * 100
 
 
 # Limits and configuration.
