@@ -80,6 +80,8 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (_SHARED, ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.ledger")),
     # The contract library is pure (the enclave, tests and benchmarks drive it; the CLI: above).
     (("kmnode.contracts",), ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.chaos")),
+    # The data-authorization library is pure (the KM and service enclaves drive it; the CLI: above).
+    (("kmnode.dataauth",), ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.chaos")),
     # The pure libraries stand alone.
     (("attest",), ("consensus", "kmnode")),
     (("consensus",), ("attest", "kmnode")),
