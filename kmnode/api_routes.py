@@ -27,6 +27,8 @@ from kmnode.km_messages import (
     ChaosCheck,
     ContractRead,
     CreateKey,
+    DataRead,
+    DataWrite,
     DeployContract,
     PolicyChange,
     Propose,
@@ -77,6 +79,12 @@ class Route:
     build: Build
     #: The HTTP status of a success.
     status: int = 200
+    #: Other roles that may use the route as well (reads data owners and users share).
+    also: tuple[Role, ...] = ()
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return (self.role, *self.also)
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -206,6 +214,37 @@ def _resync(params: Params, query: Params, body: Body) -> Request:
     return ResyncContracts()
 
 
+_DATA_READERS: tuple[Role, ...] = ("user", "owner")
+
+
+def _data_write(command: str, name_field: str | None = None, path_field: str = "name") -> Build:
+    """A data command from the body's fields, the path naming ``name_field`` (the dataset, the
+    request or the grant); ``timeout`` is the wait, not a field of the command."""
+
+    def build(params: Params, query: Params, body: Body) -> Request:
+        fields = {k: v for k, v in body.items() if k != "timeout"}
+        if name_field is not None:
+            fields[name_field] = params[path_field]
+        timeout = body.get("timeout", 10.0)
+        if isinstance(timeout, int) and not isinstance(timeout, bool):
+            timeout = float(timeout)
+        return DataWrite.model_validate({"command": command, "fields": fields, "timeout": timeout})
+
+    return build
+
+
+_DATA_FILTERS = ("dataset", "user", "grant", "state", "node")
+
+
+def _data_read(what: str, name_from: str | None = None) -> Build:
+    def build(params: Params, query: Params, body: Body) -> Request:
+        filters = {k: v for k, v in query.items() if k in _DATA_FILTERS}
+        name = params.get(name_from) if name_from else None
+        return DataRead.model_validate({"what": what, "name": name, "filters": filters})
+
+    return build
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/keys", "auditor", _read("keys")),
     Route("POST", "/v1/keys", "operator", _create_key, status=201),
@@ -234,6 +273,47 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/contract-input-key", "user", _contract_read("input-key")),
     Route("GET", "/v1/node/contracts", "auditor", _contract_read("node")),
     Route("POST", "/v1/node/contracts/resync", "operator", _resync),
+    Route("GET", "/v1/data/keys", "auditor", _data_read("keys"), also=_DATA_READERS),
+    Route("GET", "/v1/datasets", "auditor", _data_read("datasets"), also=_DATA_READERS),
+    Route("POST", "/v1/datasets", "owner", _data_write("data.register"), status=201),
+    Route(
+        "GET", "/v1/datasets/{name}", "auditor", _data_read("dataset", "name"), also=_DATA_READERS
+    ),
+    Route("POST", "/v1/datasets/{name}/grants", "owner", _data_write("data.grant", "dataset")),
+    Route("POST", "/v1/datasets/{name}/requests", "user", _data_write("data.request", "dataset")),
+    Route(
+        "POST", "/v1/datasets/{name}/computations", "user", _data_write("data.compute", "dataset")
+    ),
+    Route("GET", "/v1/data/grants", "auditor", _data_read("grants"), also=_DATA_READERS),
+    Route(
+        "POST",
+        "/v1/data/grants/{grant}/revoke",
+        "owner",
+        _data_write("data.revoke", "grant", "grant"),
+    ),
+    Route("GET", "/v1/data/requests", "auditor", _data_read("requests"), also=_DATA_READERS),
+    Route(
+        "POST",
+        "/v1/data/requests/{request}/approve",
+        "owner",
+        _data_write("data.approve", "request", "request"),
+    ),
+    Route(
+        "POST",
+        "/v1/data/requests/{request}/deny",
+        "owner",
+        _data_write("data.deny", "request", "request"),
+    ),
+    Route("GET", "/v1/data/tokens", "auditor", _data_read("tokens"), also=_DATA_READERS),
+    Route(
+        "GET",
+        "/v1/data/tokens/{token}",
+        "auditor",
+        _data_read("token", "token"),
+        also=_DATA_READERS,
+    ),
+    Route("GET", "/v1/data/tokens/{token}/result", "user", _data_read("result", "token")),
+    Route("GET", "/v1/node/data", "auditor", _data_read("node")),
 )
 #: The chaos routes (``kmnode.host.chaos_api``): the host serves them, once the KM enclave has
 #: checked the request like any other (``ChaosCheck``: admin to inject, auditor to look, and
@@ -242,7 +322,15 @@ CHAOS_ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/chaos/rules", "auditor", _chaos_check),
     *(
         Route("POST", f"/v1/chaos/{name}", "admin", _chaos_check)
-        for name in ("rules", "heal", "ring-stall", "service-crash", "poison", "tamper-state")
+        for name in (
+            "rules",
+            "heal",
+            "ring-stall",
+            "service-crash",
+            "poison",
+            "tamper-state",
+            "tamper-blob",
+        )
     ),
 )
 _COMPILED = tuple((route, route.pattern) for route in (*ROUTES, *CHAOS_ROUTES))

@@ -301,3 +301,25 @@ class ClusterClient:
     def chosen(self) -> str | None:
         """The node that answered (None before the first request)."""
         return self._chosen.name if self._chosen is not None else None
+
+
+def upload_blob(node: NodeSpec, digest: str, data: bytes, timeout: float = 30.0) -> bool:
+    """PUT a dataset blob (ciphertext) to ``node``'s host store under its sha256; True if it
+    was stored now, False if the node held it already. Unsigned: the host's own route
+    (``kmnode.host.blob_host``), for bytes every reader checks by digest."""
+    request = urllib.request.Request(
+        f"{base_url(node)}/v1/node/data/blobs/{digest}",
+        data=data,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream", "Accept": "application/json"},
+    )
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return bool(response.status == 201)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            answer = _Answer(exc.code, _decode(node.name, exc.code, exc.read()))
+        _result(node.name, answer)  # raises ApiError with the node's message
+        raise AssertionError("unreachable") from None
+    except (urllib.error.URLError, OSError):
+        raise NodeUnreachable(node.name, f"{node.host}:{node.api_port}") from None

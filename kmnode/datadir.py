@@ -11,3 +11,8 @@ RAFT_DIR = "raft"
 #: on the first node of cluster.yaml means genesis, and a replaced first node would found a
 #: second cluster with a different master secret.
 JOIN_MARKER = "join-existing"
+#: Node data directories, under the cluster's state directory.
+NODES_DIR = "nodes"
+#: Dataset blobs (ciphertext, named by their sha256) in a node's data directory: the host
+#: keeps them, the service enclave reads and checks them (issue 15).
+BLOB_DIR = "blobs"

@@ -308,6 +308,32 @@ class ResyncContracts(Request):
     op: Literal["contract.resync"] = "contract.resync"
 
 
+class DataWrite(Request):
+    """A data-authorization command (``kmnode.km.data_commands``; its model checks the
+    fields), then, for a computation, a wait of up to ``timeout`` for the token to end."""
+
+    op: Literal["data.write"] = "data.write"
+    command: Literal[
+        "data.register", "data.grant", "data.request", "data.approve", "data.deny",
+        "data.revoke", "data.compute",
+    ]  # fmt: skip
+    fields: dict[str, JsonValue]
+    timeout: float = Timeout
+
+
+class DataRead(Request):
+    """Data-authorization records as the state holds them (``name``: one of them; ``filters``:
+    dataset, user, grant, state), the cluster's data keys, a token's sealed result held by
+    this node, or this node's data work."""
+
+    op: Literal["data.read"] = "data.read"
+    what: Literal[
+        "datasets", "dataset", "grants", "requests", "tokens", "token", "result", "keys", "node"
+    ]
+    name: str | None = None
+    filters: dict[str, str] = Field(default_factory=dict)
+
+
 class ServiceCrash(Request):
     """Chaos: SIGKILL the service enclave (reply: ``{"killed": pid}``, pid None if none ran)."""
 

@@ -40,7 +40,7 @@ from pydantic.json_schema import models_json_schema
 
 from kmnode.api_routes import CHAOS_ROUTES, MAX_CHALLENGE, OPENAPI_PATH, ROUTES, Route
 from kmnode.identity import COVERED, LABEL, MAX_AGE_S, TAG, PublicIdentity
-from kmnode.km.command_base import Name, PolicyJson
+from kmnode.km.command_base import Hex32, Name, PolicyJson
 from kmnode.km.commands import (
     ContractCall,
     ContractDeploy,
@@ -55,6 +55,15 @@ from kmnode.km.commands import (
     ProposalId,
     ProposalVote,
     ReleaseRequest,
+)
+from kmnode.km.data_commands import (
+    DataCompute,
+    DataGrant,
+    DataRegister,
+    DataRequest,
+    GrantId,
+    RequestId,
+    TokenId,
 )
 from kmnode.km.state import KeyRecord, Member, Proposal, Release
 from kmnode.km_messages import FailureCode, Prove, ReleaseKey
@@ -72,6 +81,9 @@ OPEN_ROUTES = (
     ("GET", "/v1/node/contracts/store"),
     ("GET", "/v1/node/contracts/store/checkpoint"),
     ("PUT", "/v1/node/contracts/store/checkpoint"),
+    # The host's dataset blobs (``kmnode.host.blob_host``): ciphertext, checked by digest.
+    ("GET", "/v1/node/data/blobs"),
+    ("PUT", "/v1/node/data/blobs/{digest}"),
 )
 _SCHEMA_REF = "#/components/schemas/{model}"
 _SECURITY = "httpMessageSignature"
@@ -209,7 +221,14 @@ LINEARIZABLE = Query(
 
 
 #: The path parameters' types: a key's name, a proposal's id.
-PATH_PARAMS: dict[str, Any] = {"name": Name, "id": ProposalId}
+PATH_PARAMS: dict[str, Any] = {
+    "name": Name,
+    "id": ProposalId,
+    "grant": GrantId,
+    "request": RequestId,
+    "token": TokenId,
+    "digest": Hex32,
+}
 
 
 @dataclass(frozen=True)
@@ -446,6 +465,115 @@ DOCS: dict[tuple[str, str], Doc] = {
         _root("StoreCheckpointBody", dict[str, JsonValue]),
         also=(400,),
     ),
+    ("GET", "/v1/data/keys"): Doc(
+        "The cluster's data-wrap key (owners wrap data keys to it), token verification key "
+        "and input key (users seal parameters to it); X25519/Ed25519, hex",
+        create_model("DataKeys", wrap_key=(str, ...), token_key=(str, ...), input_key=(str, ...)),
+    ),
+    ("GET", "/v1/datasets"): Doc(
+        "List the registered datasets (digests and wrapped keys; never data)",
+        _root("DatasetList", dict[str, JsonValue]),
+    ),
+    ("POST", "/v1/datasets"): Doc(
+        "Register a dataset (an owner's act): digests, privacy, allowed operations, its data "
+        "key wrapped to the data-wrap key; the blob goes to the hosts by PUT",
+        _root("DatasetRegistered", dict[str, JsonValue]),
+        _body(
+            "RegisterBody",
+            DataRegister,
+            "name",
+            "digest_ct",
+            "digest_pt",
+            "size",
+            "privacy",
+            "ops",
+            "wrapped_key",
+            "min_group_size",
+            "allowed_service",
+        ),
+    ),
+    ("GET", "/v1/datasets/{name}"): Doc(
+        "One dataset and its grants", _root("Dataset", dict[str, JsonValue])
+    ),
+    ("POST", "/v1/datasets/{name}/grants"): Doc(
+        "Grant a user operations on the dataset (its owner's act)",
+        _root("GrantMade", dict[str, JsonValue]),
+        _body("GrantBody", DataGrant, "user", "ops", "uses", "ttl"),
+    ),
+    ("POST", "/v1/datasets/{name}/requests"): Doc(
+        "Ask the dataset's owner for a grant (published on the owner's MQTT topic)",
+        _root("RequestMade", dict[str, JsonValue]),
+        _body("RequestBody", DataRequest, "ops", "uses", "ttl"),
+    ),
+    ("POST", "/v1/datasets/{name}/computations"): Doc(
+        "The authentication transaction: issue a token if a grant covers it, then wait for "
+        "the platform node's service enclave; the result comes back sealed to the user",
+        _root("Computation", dict[str, JsonValue]),
+        _body(
+            "ComputeBody",
+            DataCompute,
+            "operation",
+            "params",
+            "sealed",
+            "nonce",
+            node=(str | None, None),
+            timeout=(float, Field(default=10.0, ge=0, le=300)),
+        ),
+    ),
+    ("GET", "/v1/data/grants"): Doc(
+        "List grants (query: dataset, user)", _root("GrantList", dict[str, JsonValue])
+    ),
+    ("POST", "/v1/data/grants/{grant}/revoke"): Doc(
+        "Revoke a grant (its dataset owner's act)",
+        _root("GrantRevoked", dict[str, JsonValue]),
+        EmptyBody,
+    ),
+    ("GET", "/v1/data/requests"): Doc(
+        "List users' requests for grants (query: state, dataset, user)",
+        _root("RequestList", dict[str, JsonValue]),
+    ),
+    ("POST", "/v1/data/requests/{request}/approve"): Doc(
+        "Approve a request: a grant on its terms (the dataset owner's act)",
+        _root("RequestApproved", dict[str, JsonValue]),
+        EmptyBody,
+    ),
+    ("POST", "/v1/data/requests/{request}/deny"): Doc(
+        "Deny a request (the dataset owner's act)",
+        _root("RequestDenied", dict[str, JsonValue]),
+        EmptyBody,
+    ),
+    ("GET", "/v1/data/tokens"): Doc(
+        "List tokens and how each ended (query: dataset, user, grant, state, node)",
+        _root("TokenList", dict[str, JsonValue]),
+    ),
+    ("GET", "/v1/data/tokens/{token}"): Doc(
+        "One token: its record, canonical bytes and this node's signature (identical on "
+        "every node)",
+        _root("Token", dict[str, JsonValue]),
+    ),
+    ("GET", "/v1/data/tokens/{token}/result"): Doc(
+        "A token's sealed result, from its platform node (its user only)",
+        _root("TokenResult", dict[str, JsonValue]),
+    ),
+    ("GET", "/v1/node/data"): Doc(
+        "This node's data work: jobs run, tokens pending, revocation observation lag",
+        _root("DataNode", dict[str, JsonValue]),
+    ),
+    ("POST", "/v1/chaos/tamper-blob"): Doc(
+        "Chaos: this node's host flips a bit of a stored dataset blob (409 if it has none)",
+        create_model("BlobTampered", tampered=(str, ...)),
+        create_model("TamperBlobBody", digest=(str, ...)),
+    ),
+    ("GET", "/v1/node/data/blobs"): Doc(
+        "The dataset blobs this node's host keeps (open: ciphertext digests)",
+        create_model("BlobList", blobs=(list[str], ...)),
+    ),
+    ("PUT", "/v1/node/data/blobs/{digest}"): Doc(
+        "Store a dataset blob under its sha256 (open: the bytes must hash to the name; the "
+        "enclave checks the digest again before use)",
+        create_model("BlobStored", digest=(str, ...), bytes=(int, ...), stored=(bool, ...)),
+        also=(400, 413),
+    ),
     ("GET", "/v1/status"): Doc(
         "This node's status (open: no signature, for probes)",
         _root("Status", dict[str, JsonValue]),
@@ -607,7 +735,8 @@ def _operation(
     if route is None:
         operation["security"] = []
     else:
-        operation["description"] = f"Needs an identity with the `{route.role}` role."
+        roles = " or ".join(f"`{role}`" for role in route.roles)
+        operation["description"] = f"Needs an identity with the {roles} role."
         parameters += [
             {"$ref": "#/components/parameters/SignatureInput"},
             {"$ref": "#/components/parameters/ContentDigest"},

@@ -168,10 +168,29 @@ class ContractStatusRequest(PipeMessage):
     op: Literal["contract.status"] = "contract.status"
 
 
+class DataJobRequest(PipeMessage):
+    """One computation (issue 15): its token, data key, input key and sealed parameters, boxed
+    to this service enclave by its KM enclave, which vouches for the box key it used."""
+
+    op: Literal["data.job"] = "data.job"
+    ciphertext: Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=1 << 18)]
+    vouch: Hex
+
+
+class DataRevokeRequest(PipeMessage):
+    """Grants revoked in the committed state: their tokens are refused from now on."""
+
+    op: Literal["data.revoke"] = "data.revoke"
+    grants: Annotated[
+        list[Annotated[str, StringConstraints(pattern=r"^g[1-9][0-9]{0,18}$")]],
+        Field(min_length=1, max_length=4096),
+    ]
+
+
 Request = Annotated[
     IdentityRequest | ChallengeRequest | KeyRequest | ProveRequest | ModulesRequest
     | ContractKeysRequest | ContractOpsRequest | ContractCheckRequest | ContractRestoreRequest
-    | ContractStatusRequest,
+    | ContractStatusRequest | DataJobRequest | DataRevokeRequest,
     Field(discriminator="op"),
 ]  # fmt: skip
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
@@ -236,6 +255,23 @@ class ContractStatusReply(ContractStateReply):
     contracts: Annotated[list[ContractName], Field(max_length=4096)] = []
     cache: dict[str, int | float] = Field(default_factory=dict, max_length=64)
     cache_config: dict[str, int] = Field(default_factory=dict, max_length=64)
+
+
+class DataJobReply(Reply):
+    """How a computation ended: ``consumed`` with the result sealed to the data user (base64)
+    and its hash, or ``refused`` with the reason."""
+
+    token: Annotated[str, StringConstraints(pattern=r"^(t[1-9][0-9]{0,18})?$")] = ""
+    status: Literal["consumed", "refused", ""] = ""
+    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+    sealed: Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 16)
+    ] = ""
+    result_hash: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")] = ""
+
+
+class DataRevokeReply(Reply):
+    revoked: Annotated[int, Field(ge=0)] = 0
 
 
 R = TypeVar("R", bound=Reply)

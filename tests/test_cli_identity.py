@@ -73,7 +73,13 @@ def test_the_development_profile_makes_one_admin_and_kmctl_signs_with_it(tmp_pat
     second = supervisor.with_identities(cfg)
     assert first.identities == second.identities  # made once, the same key on every `up`
     (dev,) = first.identities
-    assert dev.name == DEV_IDENTITY and set(dev.roles) == {"admin", "operator", "auditor", "user", "owner"}
+    assert dev.name == DEV_IDENTITY and set(dev.roles) == {
+        "admin",
+        "operator",
+        "auditor",
+        "user",
+        "owner",
+    }
     path = dev_key_path(cfg.state_dir)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     signer = default_signer(first)

@@ -13,6 +13,7 @@ from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
 from kmnode.cli.contracts_cmds import contracts
+from kmnode.cli.data_cmds import data
 from kmnode.cli.events_cmds import events
 from kmnode.cli.governance_cmds import proposals
 from kmnode.cli.identity_cmds import identity as identity_group
@@ -71,7 +72,7 @@ def _restore(name: str, value: str | None) -> None:
 
 for command in (
     up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
-    proposals, contracts,
+    proposals, contracts, data,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)

@@ -13,6 +13,7 @@ stopped), 2 for bad usage, 3 when a node cannot be reached.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -392,6 +393,21 @@ def tamper_state(
         body["contract"] = contract
     answer = _client(_config(ctx), node).post("/v1/chaos/tamper-state", body)
     _emit(as_json, answer, f"{node}: {answer.get('tampered')}")
+
+
+@chaos.command("tamper-blob")
+@click.argument("node")
+@click.argument("dataset")
+@_as_json
+@pass_context
+def tamper_blob(ctx: CliContext, node: str, dataset: str, as_json: bool) -> None:
+    """Flip a bit of NODE's stored copy of DATASET's blob as a hostile host would. A
+    computation on NODE then ends refused (blob-digest), releasing nothing; the token is spent.
+    Exits 1 if NODE holds no copy."""
+    client = _client(_config(ctx), node)
+    digest = client.get(f"/v1/datasets/{urllib.parse.quote(dataset, safe='')}")["digest_ct"]
+    answer = client.post("/v1/chaos/tamper-blob", {"digest": digest})
+    _emit(as_json, answer, f"{node}: flipped a bit of {dataset}'s blob {digest[:16]}...")
 
 
 @chaos.command("ring-stall")

@@ -144,8 +144,10 @@ class OperatorApi:
             self.authorize,
             node.poisoner,
             node.contracts.tamper,
+            node.blobs.tamper,
         )
         node.contracts.mount(app)
+        node.blobs.mount(app)
         return app
 
     @web.middleware

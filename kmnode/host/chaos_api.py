@@ -14,6 +14,7 @@ offending body field.
     POST /v1/chaos/heal          {"peer"?} -> {"healed": [peers]}
     POST /v1/chaos/ring-stall    {"stalled": bool} -> {"stalled"}
     POST /v1/chaos/service-crash -> {"killed": pid}; 409 if no service enclave runs
+    POST /v1/chaos/tamper-blob   {"digest": HEX} -> {"tampered": HEX}
     POST /v1/chaos/tamper-state  {"mode": flip|swap|rollback|drop, "contract"?, "seed"?} ->
                                  {"tampered": what}: the host changes its stored contract
                                  state (409 if there is nothing to change that way)
@@ -92,6 +93,7 @@ def add_chaos_routes(
     authorize: Callable[[web.Request, bytes], Awaitable[None]] | None = None,
     poisoner: Poisoner | None = None,
     tamper_state: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    tamper_blob: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> None:
     """Mount the chaos endpoints on ``app``. ``peers`` lists the names a rule may target
     (every other node of the cluster); ``crash_service`` kills the service enclave and gives
@@ -99,7 +101,8 @@ def add_chaos_routes(
     its body's bytes, and raises to refuse it (a node's API: the KM enclave checks the signature,
     the role and that governance enabled chaos). ``poisoner``: the node's ``poison`` fault
     (404 without one). ``tamper_state``: change the node's stored contract state as a hostile
-    host would (``kmnode.host.contract_host``; 404 without it)."""
+    host would (``kmnode.host.contract_host``; 404 without it). ``tamper_blob``: flip a bit of
+    a dataset blob the host keeps (``kmnode.host.blob_host``; 404 without it)."""
 
     async def authorized(request: web.Request) -> bytes:
         """The request's body, once ``authorize`` (if any) let it through."""
@@ -184,7 +187,18 @@ def add_chaos_routes(
                 return _error(409, "refused", str(exc))
             raise _BadRequest(known, str(exc)) from None
 
+    async def blob(body: dict[str, Any]) -> web.Response:
+        if tamper_blob is None:
+            return _error(404, "not_found", "this node keeps no dataset blobs")
+        try:
+            return web.json_response(tamper_blob(body))
+        except ValueError as exc:
+            if str(exc).startswith("digest:"):
+                raise _BadRequest("digest", str(exc)) from None
+            return _error(409, "refused", str(exc))
+
     app.router.add_get("/v1/chaos/rules", get_rules)
+    app.router.add_post("/v1/chaos/tamper-blob", guarded(blob))
     app.router.add_post("/v1/chaos/tamper-state", guarded(tamper))
     app.router.add_post("/v1/chaos/rules", guarded(set_rule))
     app.router.add_post("/v1/chaos/heal", guarded(heal))

@@ -110,7 +110,7 @@ class ContractHost:
 
     async def _import(self, request: web.Request) -> web.Response:
         try:
-            body = json.loads(await _read_bounded(request, MAX_RESYNC_BYTES))
+            body = json.loads(await read_bounded(request, MAX_RESYNC_BYTES))
             seq, rows = body["seq"], body["records"]
             if type(seq) is not int or not 0 < seq < 2**63:
                 raise ValueError("'seq' must be a positive integer")
@@ -137,7 +137,7 @@ class ContractHost:
         return {"tampered": self.store.tamper(mode, contract, random.Random(seed))}
 
 
-async def _read_bounded(request: web.Request, limit: int) -> bytes:
+async def read_bounded(request: web.Request, limit: int) -> bytes:
     """The body, up to ``limit`` bytes (a checkpoint is larger than an operator request, the
     app's own limit); ``ValueError`` past it."""
     chunks, size = [], 0
@@ -153,4 +153,4 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": message, "code": code}, status=status)
 
 
-__all__ = ["TAMPER_MODES", "ContractHost"]
+__all__ = ["TAMPER_MODES", "ContractHost", "read_bounded"]

@@ -32,7 +32,7 @@ import ssl
 from collections import deque
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import aiomqtt
 
@@ -64,6 +64,10 @@ class TopicKind(StrEnum):
     EVENTS = "events"
     SERVICE = "service/out"
     AUDIT = "audit"
+
+
+#: Parties with topics of their own (``EventPublisher.publish_party``).
+PartyKind = Literal["users", "owners"]
 
 
 def _check_level(what: str, value: str) -> None:
@@ -179,6 +183,7 @@ class EventPublisher:
         if not 0 < initial_backoff <= max_backoff:
             raise ValueError("backoff must satisfy 0 < initial_backoff <= max_backoff")
         self._topics = {kind: topic_for(prefix, cluster, node, kind) for kind in TopicKind}
+        self._cluster_topic = f"{prefix}/{cluster}"
         self._host = host
         self._port = port
         self._tls = tls
@@ -236,7 +241,7 @@ class EventPublisher:
         serialisable, or one larger than ``max_payload`` bytes is refused here, with nothing
         queued or counted, because no retry could ever deliver it.
         """
-        self._enqueue(topic_suffix, payload, record=False)
+        self._enqueue(self._resolve(topic_suffix), payload, record=False)
 
     def publish_record(self, topic_suffix: TopicKind | str, record: dict[str, Any]) -> None:
         """Like `publish` for one JSON object that may share a message with other records of
@@ -244,29 +249,39 @@ class EventPublisher:
         such as audit records, where a message per record is what costs."""
         if not isinstance(record, dict):
             raise ValueError(f"a record must be a dict, not {type(record).__name__}")
-        self._enqueue(topic_suffix, record, record=True)
+        self._enqueue(self._resolve(topic_suffix), record, record=True)
 
-    def _enqueue(
-        self, topic_suffix: TopicKind | str, payload: dict[str, Any] | bytes, *, record: bool
+    def publish_party(
+        self, party: PartyKind, name: str, suffix: str, record: dict[str, Any]
     ) -> None:
+        """One JSON message for a party rather than a node (issue 15): a data user's results on
+        ``{prefix}/{cluster}/users/{user}/results``, the requests an owner is asked to
+        approve on ``{prefix}/{cluster}/owners/{owner}/requests``."""
+        _check_level(party, name)
+        _check_level("suffix", suffix)
+        self._enqueue(f"{self._cluster_topic}/{party}/{name}/{suffix}", record, record=False)
+
+    def _resolve(self, topic_suffix: TopicKind | str) -> str:
         try:
-            kind = TopicKind(topic_suffix)
+            return self._topics[TopicKind(topic_suffix)]
         except ValueError:
             known = ", ".join(k.value for k in TopicKind)
             raise ValueError(f"unknown topic suffix {topic_suffix!r}; use one of {known}") from None
+
+    def _enqueue(self, topic: str, payload: dict[str, Any] | bytes, *, record: bool) -> None:
         if isinstance(payload, bytes | bytearray | memoryview):
             body = bytes(payload)
         elif isinstance(payload, dict):
             try:
                 text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"payload for {kind.value} is not JSON: {exc}") from None
+                raise ValueError(f"payload for {topic} is not JSON: {exc}") from None
             body = text.encode("utf-8")
         else:
             raise ValueError(f"payload must be a dict or bytes, not {type(payload).__name__}")
         if len(body) > self._max_payload:
             raise ValueError(
-                f"payload for {self._topics[kind]} is {len(body)} bytes; "
+                f"payload for {topic} is {len(body)} bytes; "
                 f"the maximum is {self._max_payload} bytes"
             )
         while not self._fits(len(body)):
@@ -282,7 +297,7 @@ class EventPublisher:
                     self._host,
                     self._port,
                 )
-        self._buffer.append(_Outgoing(self._topics[kind], body, record))
+        self._buffer.append(_Outgoing(topic, body, record))
         self._bytes += len(body)
         self._idle.clear()
         self._has_items.set()

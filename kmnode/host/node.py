@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kmnode.config import ClusterConfig
+from kmnode.host.blob_host import BlobHost
 from kmnode.host.contract_host import ContractHost
 from kmnode.host.faults import RingStall
 from kmnode.host.km_link import EnclaveExited, KMLink
@@ -33,6 +34,7 @@ from kmnode.km_messages import Audit, Event, Notice
 log = logging.getLogger(__name__)
 #: How a service enclave's contract result record begins (``service.contract_requests``).
 CONTRACT_RESULT_PREFIX = b'{"kind":"contract.result"'
+DATA_RESULT_PREFIX = b'{"kind":"data.result"'
 
 
 class NodeStartError(Exception):
@@ -55,6 +57,7 @@ class KMNode:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         #: Contract state: the store the service enclave reaches, in the data directory.
         self.contracts = ContractHost(self.data_dir, fsync=config.raft.fsync)
+        self.blobs = BlobHost(self.data_dir)
         self.km = KMLink(
             config,
             config_path,
@@ -114,9 +117,12 @@ class KMNode:
 
     def _on_notice(self, notice: Notice) -> None:
         if isinstance(notice, Event):
-            self.events.publish(
-                TopicKind.EVENTS, {"event": notice.kind, "node": self.name, **notice.fields}
-            )
+            event = {"event": notice.kind, "node": self.name, **notice.fields}
+            self.events.publish(TopicKind.EVENTS, event)
+            owner = notice.fields.get("owner")
+            if notice.kind == "data.request" and isinstance(owner, str):
+                # The request an owner is asked to approve, on the owner's own topic.
+                self.events.publish_party("owners", owner, "requests", event)
         elif isinstance(notice, Audit):
             # One audit record per release: coalesced with its neighbours into one MQTT
             # message under load (a message per record cost the broker as much CPU as a
@@ -137,6 +143,11 @@ class KMNode:
                 # One per executed call on every node: coalesced with its neighbours under
                 # load (a message each cost the broker as much CPU as a service enclave).
                 self.events.publish_record(TopicKind.SERVICE, json.loads(record))
+            elif record.startswith(DATA_RESULT_PREFIX):
+                # A computation's end, its result sealed to the user: on the user's topic.
+                result = json.loads(record)
+                self.events.publish(TopicKind.SERVICE, record)
+                self.events.publish_party("users", str(result.get("user")), "results", result)
             else:
                 self.events.publish(TopicKind.SERVICE, record)
 

@@ -32,6 +32,7 @@ from kmnode.km.command_base import (
     MAX_COMMAND_DEPTH,
     Applied,
     AuthStamp,
+    Base64,
     CommandModel,
     CommandRefused,
     Hex32,
@@ -42,6 +43,17 @@ from kmnode.km.command_base import (
     Refused,
     Text,
     canonical,
+)
+from kmnode.km.data_commands import (
+    DataApprove,
+    DataCompute,
+    DataConsume,
+    DataDeny,
+    DataGrant,
+    DataRegister,
+    DataRequest,
+    DataRevoke,
+    ServiceMeasured,
 )
 
 
@@ -165,7 +177,6 @@ MAX_DEPLOY_CODE_BYTES = 40 * 1024
 MAX_SEALED_ARGS_CHARS = 24 * 1024
 #: Most fuel a call may ask for (``kmnode.contracts.vm.MAX_FUEL``).
 MAX_CALL_FUEL = 100_000_000
-Base64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 
 
 class ContractDeploy(CommandModel):
@@ -278,7 +289,8 @@ Command = Annotated[
     ClusterInit | MemberAdd | MemberRemove | KeyCreate | KeyRotate | ReleaseRequest
     | ReleaseOutcome | PolicySet | PolicyAllow | PolicyDisallow | PolicyRevokePlatform
     | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw | ContractDeploy
-    | ContractCall | ContractCheckpoint,
+    | ContractCall | ContractCheckpoint | DataRegister | DataGrant | DataRequest | DataApprove
+    | DataDeny | DataRevoke | DataCompute | DataConsume | ServiceMeasured,
     Field(discriminator="op"),
 ]  # fmt: skip
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)

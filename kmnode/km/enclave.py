@@ -21,6 +21,7 @@ any arguments (``tests/km/test_adversarial_host.py`` does exactly that):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -29,7 +30,8 @@ from enum import Enum
 from typing import Any
 
 import nacl.utils
-from nacl.public import PrivateKey
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, SealedBox
 from nacl.signing import SigningKey
 
 from attest import local
@@ -178,6 +180,14 @@ def contract_key(master_secret: bytes, purpose: str, contract: str) -> bytes:
     ).digest()
 
 
+def data_key(master_secret: bytes, purpose: str) -> bytes:
+    """A data-authorization key (``wrap``: the X25519 key owners wrap data keys to;
+    ``token``: the Ed25519 seed tokens are signed with), apart from every other derivation."""
+    return hashlib.blake2b(
+        purpose.encode(), key=master_secret, person=b"kmsim-data1", digest_size=32
+    ).digest()
+
+
 def derive_key(master_secret: bytes, name: str, generation: int) -> bytes:
     """Key bytes for (name, generation): one-way from the master secret, distinct per input."""
     info = json.dumps([name, generation]).encode()
@@ -223,6 +233,8 @@ class KMEnclave:
         self._challenges: dict[bytes, None] = {}
         #: Releases provisioned by this enclave instance: each at most once.
         self._provisioned: set[str] = set()
+        #: Tokens whose data key this enclave handed to its service (once per token).
+        self._jobs: set[str] = set()
         #: Provisioning boxes to service enclaves (see ``attest.keybox``).
         self._boxes = KeyBoxes()
         self._next_session = 0
@@ -735,6 +747,94 @@ class KMEnclave:
             "state": {
                 name: contract_key(secret, "state", name).hex() for name in self.state.contracts
             },
+        }
+        return self._box_to(attested, envelope)
+
+    # --- data authorization (issue 15) ------------------------------------------------------
+
+    def data_public_keys(self) -> dict[str, str]:
+        """The cluster's data-wrap key (X25519: owners seal their data keys to it) and token
+        verification key (Ed25519), hex: the same on every node."""
+        secret = self._require_secret()
+        wrap = PrivateKey(data_key(secret, "wrap")).public_key
+        token = SigningKey(data_key(secret, "token")).verify_key
+        return {"wrap_key": bytes(wrap).hex(), "token_key": bytes(token).hex()}
+
+    def token_signature(self, token_id: str) -> tuple[bytes, str]:
+        """A committed token's canonical bytes and their Ed25519 signature (hex) under the
+        cluster's token key: deterministic, so every node gives the same bytes."""
+        token = self.state.data.tokens.get(token_id)
+        if token is None:
+            raise EnclaveStateError(f"no committed token {token_id!r}")
+        body = token.body()
+        signature = SigningKey(data_key(self._require_secret(), "token")).sign(body).signature
+        return body, signature.hex()
+
+    def attested_measurement(self, challenge: bytes, response: bytes) -> str:
+        """The measurement of our service enclave, checked by local attestation (what this node
+        reports in ``service.measured``); "" if the answer does not hold."""
+        attested = self._attest_service(challenge, response)
+        if isinstance(attested, ProvisionResult):
+            return ""
+        return attested.identity.measurement.hex()
+
+    def provision_data_job(
+        self, token_id: str, challenge: bytes, response: bytes
+    ) -> ProvisionResult:
+        """Local attestation of the service enclave, then one computation's material boxed to
+        it: the signed token, the dataset's data key (unwrapped here from the committed
+        registration) and the input key that opens the sealed parameters.
+
+        Decided from this enclave's own committed state only: the token must name this node,
+        still be ``issued``, its grant unrevoked, its expiry not reached on the state's clock,
+        and the attested service must run the measurement the token binds. Once per token.
+        """
+        data = self.state.data
+        token = data.tokens.get(token_id)
+        if token is None:
+            return ProvisionResult(False, f"no committed token {token_id!r}", "", b"")
+        if token.node != self.name:
+            return ProvisionResult(False, f"token {token_id} is for {token.node}", "", b"")
+        if token.state != "issued" or token_id in self._jobs:
+            return ProvisionResult(False, f"token {token_id} was already used", "", b"")
+        grant = data.grants.get(token.grant)
+        if grant is None or grant.revoked_index:
+            return ProvisionResult(False, f"grant {token.grant} was revoked", "", b"")
+        if self.state.newest_request >= token.expires_at:
+            return ProvisionResult(False, f"token {token_id} expired", "", b"")
+        dataset = data.datasets[token.dataset]
+        secret = self._require_secret()
+        attested = self._attest_service(challenge, response)
+        if isinstance(attested, ProvisionResult):
+            return attested
+        measurement = attested.identity.measurement.hex()
+        if measurement != token.measurement:
+            return ProvisionResult(
+                False,
+                f"service enclave runs {measurement[:16]}..., the token binds "
+                f"{token.measurement[:16]}...",
+                measurement,
+                b"",
+            )
+        try:
+            wrapped = base64.b64decode(dataset.wrapped_key, validate=True)
+            dek = SealedBox(PrivateKey(data_key(secret, "wrap"))).decrypt(wrapped)
+        except (ValueError, CryptoError):
+            return ProvisionResult(
+                False, f"the data key of {dataset.name!r} does not unwrap", measurement, b""
+            )
+        self._jobs.add(token_id)
+        body, signature = self.token_signature(token_id)
+        envelope = {
+            "kind": "data",
+            "token": body.decode(),
+            "signature": signature,
+            "dek": dek.hex(),
+            "input": contract_key(secret, "input", "").hex(),
+            "sealed": token.sealed,
+            "nonce": token.nonce,
+            "privacy": dataset.privacy,
+            "min_group_size": dataset.min_group_size,
         }
         return self._box_to(attested, envelope)
 

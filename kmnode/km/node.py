@@ -45,6 +45,7 @@ from kmnode.km.commands import (
     ProposalChanged,
 )
 from kmnode.km.contract_feed import ContractFeed
+from kmnode.km.data_feed import DataFeed
 from kmnode.km.enclave import KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
@@ -111,6 +112,7 @@ class KMNode:
         self.joining = Joining(self)
         self.releases = Releases(self)
         self.contracts = ContractFeed(self)
+        self.data = DataFeed(self)
         limits = peer_limits(config.limits)
         self.enclave.decode_limits = limits.decode
         self.transport = AttestedTransport(
@@ -242,6 +244,7 @@ class KMNode:
         self.spawn(ledger_signer.sign_periodically(self))
         await service_started
         self.spawn(self.contracts.run())
+        self.spawn(self.data.run())
         self.mode = mode
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
 
@@ -286,6 +289,7 @@ class KMNode:
             self._publish_proposal(index, result)
         self.releases.on_apply(result)
         self.contracts.on_apply(result)
+        self.data.on_apply(result)
 
     def _publish_proposal(self, index: int, result: ProposalChanged) -> None:
         """Each change of a proposal's state (made, voted on, passed, failed, rejected,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from pydantic import JsonValue, ValidationError
@@ -45,6 +47,16 @@ from kmnode.km.commands import (
     explain,
     field_path,
 )
+from kmnode.km.data_commands import (
+    DataApprove,
+    DataCompute,
+    DataDeny,
+    DataGrant,
+    DataRegister,
+    DataRequest,
+    DataRevoke,
+    TokenIssued,
+)
 from kmnode.km.node import KMNode
 from kmnode.km.service_link import ServiceRefused
 from kmnode.km.state import ContractRecord, Proposal
@@ -55,7 +67,9 @@ from kmnode.km_messages import (
     ChaosCheck,
     ContractRead,
     CreateKey,
+    DataRead,
     DataReply,
+    DataWrite,
     DeployContract,
     Failed,
     FailureCode,
@@ -152,11 +166,11 @@ class Operator:
             code: FailureCode = "not_found" if exc.status == 404 else "bad_request"
             raise Failed.of(code, str(exc), field=exc.field) from None
         identity = verified.identity
-        if not identity.may(route.role):
+        if not any(identity.may(role) for role in route.roles):
             raise Failed.of(
                 "forbidden",
                 f"{identity.name!r} ({', '.join(identity.roles)}) may not "
-                f"{route.method} {route.path}: it needs the {route.role} role",
+                f"{route.method} {route.path}: it needs the {' or '.join(route.roles)} role",
             )
         return DataReply(data=await self._serve(request, verified))
 
@@ -217,6 +231,10 @@ class Operator:
                 return await self.call_contract(request, by)
             case ContractRead():
                 return await self.read_contracts(request)  # type: ignore[no-any-return]
+            case DataWrite():
+                return await self.data_write(request, by)
+            case DataRead():
+                return self.data_read(request, by)  # type: ignore[no-any-return]
             case ResyncContracts():
                 self.node.contracts.resync()
                 return {"node": self.node.name, "resync": "started"}
@@ -439,6 +457,83 @@ class Operator:
                     "checkpoints": [dataclasses.asdict(c) for c in state.checkpoints],
                 }
 
+    # --- data authorization -------------------------------------------------------------------
+
+    async def data_write(self, request: DataWrite, by: Verified) -> dict[str, Any]:
+        """Commit a data command; for a computation (the authentication transaction, on this
+        node unless ``node`` names another platform), wait up to ``timeout`` for its token to
+        end, and hand back the sealed result if this node computed it."""
+        kind = DATA_COMMANDS[request.command]
+        fields: dict[str, Any] = dict(request.fields)
+        reserved = sorted({"auth", "op", "timeout"} & fields.keys())
+        if reserved:
+            raise Failed.of("bad_request", f"{reserved[0]!r} is not a field a request may set")
+        if kind is DataCompute:
+            fields.setdefault("node", self.node.name)
+        result = await self._commit(kind, auth=_stamp(by), **fields)
+        if not isinstance(result, TokenIssued):
+            return result.public()
+        feed = self.node.data
+        await feed.wait_finished(result.token, min(request.timeout, 60.0))
+        token = self.node.enclave.state.data.tokens[result.token]
+        view: dict[str, Any] = {**result.public(), **token.public()}
+        outcome = feed.result(result.token)
+        if outcome is not None:
+            view["sealed"] = outcome.sealed
+        return view
+
+    def data_read(self, request: DataRead, by: Verified) -> Any:
+        data = self.node.enclave.state.data
+        filters = request.filters
+        match request.what:
+            case "datasets":
+                return {"datasets": [asdict(d) for d in data.datasets.values()]}
+            case "dataset":
+                dataset = data.datasets.get(request.name or "")
+                if dataset is None:
+                    raise Failed.of("not_found", f"no dataset named {request.name!r}")
+                grants = [asdict(g) for g in data.grants.values() if g.dataset == dataset.name]
+                return {**asdict(dataset), "grants": grants}
+            case "grants":
+                return {"grants": _filtered(map(asdict, data.grants.values()), filters)}
+            case "requests":
+                return {"requests": _filtered(map(asdict, data.requests.values()), filters)}
+            case "tokens":
+                return {"tokens": _filtered((t.public() for t in data.tokens.values()), filters)}
+            case "token":
+                token = data.tokens.get(request.name or "")
+                if token is None:
+                    raise Failed.of("not_found", f"no token {request.name!r}")
+                self._require_ready()
+                body, signature = self.node.enclave.token_signature(token.id)
+                return {**token.public(), "body": body.decode(), "signature": signature}
+            case "result":
+                return self._data_result(request.name or "", by)
+            case "keys":
+                self._require_ready()
+                return {
+                    **self.node.enclave.data_public_keys(),
+                    "input_key": self.node.enclave.contract_input_key().hex(),
+                }
+            case "node":
+                return self.node.data.status()
+
+    def _data_result(self, token_id: str, by: Verified) -> dict[str, Any]:
+        token = self.node.enclave.state.data.tokens.get(token_id)
+        if token is None:
+            raise Failed.of("not_found", f"no token {token_id!r}")
+        if token.user != by.identity.name:
+            raise Failed.of("forbidden", f"token {token_id} is {token.user}'s")
+        outcome = self.node.data.result(token_id)
+        if outcome is None:
+            where = f"node {token.node}" if token.node != self.node.name else "this node"
+            raise Failed.of(
+                "not_found",
+                f"{where} holds no result for {token_id} (state {token.state}); results are "
+                f"kept by their platform node and published on MQTT",
+            )
+        return {**token.public(), "sealed": outcome.sealed}
+
     # --- writes -----------------------------------------------------------------------------
 
     async def release(self, request: ReleaseKey, by: Verified) -> dict[str, Any]:
@@ -511,6 +606,22 @@ class Operator:
             await driver.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, name))
             return MemberChanged(name).public()
         return (await self.propose([{"op": "member.remove", "name": name}], by)).public()
+
+
+DATA_COMMANDS: dict[str, type[CommandModel]] = {
+    "data.register": DataRegister,
+    "data.grant": DataGrant,
+    "data.request": DataRequest,
+    "data.approve": DataApprove,
+    "data.deny": DataDeny,
+    "data.revoke": DataRevoke,
+    "data.compute": DataCompute,
+}
+
+
+def _filtered(records: Iterable[dict[str, Any]], filters: Mapping[str, str]) -> list[Any]:
+    """The records whose fields equal every filter (``dataset``, ``user``, ``state``...)."""
+    return [r for r in records if all(str(r.get(k, "")) == v for k, v in filters.items())]
 
 
 def _stamp(by: Verified, part: int | None = None) -> AuthStamp:

@@ -9,17 +9,16 @@ the service enclave's process, and gets the outcome committed as an audit record
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.deadlines import Deadlines
-from consensus.types import Entry, RaftError
+from consensus.types import Entry
 from kmnode.km.commands import Applied, ReleaseCompleted, ReleaseOutcome, ReleaseRequested
 from kmnode.km.enclave import ProvisionResult
+from kmnode.km.forwarding import commit_anywhere
 from kmnode.km.service_link import ServiceRefused
 from kmnode.km.state import Release
 from kmnode.service_pipe import ServiceUnavailable
@@ -110,22 +109,16 @@ class Releases:
         return True
 
     async def commit_outcome(self, command: bytes, release_id: str, timeout: float = 10.0) -> bool:
-        """Get a release outcome committed from any node: propose locally if leader, else
-        forward it to the leader, until the release's outcome is applied here. A retry may
-        commit twice; the state machine refuses the duplicate, so this is idempotent."""
-        driver = self.node.raft()
-        deadline = time.monotonic() + timeout
-        for _ in range(50):
-            remaining = deadline - time.monotonic()
-            if self.done(release_id) or remaining <= 0:
-                break
-            if driver.is_leader:
-                with contextlib.suppress(RaftError):
-                    await driver.propose(command, timeout=min(remaining, 5.0))
-            elif driver.leader:
-                self.node.forwarder.forward(driver.leader, command)
-            await self.wait(release_id, min(max(remaining, 0.0), 1.0))
-        return self.done(release_id)
+        """Get a release outcome committed from any node (``forwarding.commit_anywhere``),
+        until the release's outcome is applied here."""
+        return await commit_anywhere(
+            self.node.raft(),
+            self.node.forwarder,
+            command,
+            lambda: self.done(release_id),
+            lambda t: self.wait(release_id, t),
+            timeout,
+        )
 
     # --- provisioning -------------------------------------------------------------------------
 

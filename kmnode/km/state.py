@@ -82,6 +82,18 @@ from kmnode.km.commands import (
     canonical,
     parse,
 )
+from kmnode.km.data_commands import (
+    DataApprove,
+    DataCompute,
+    DataConsume,
+    DataDeny,
+    DataGrant,
+    DataRegister,
+    DataRequest,
+    DataRevoke,
+    ServiceMeasured,
+)
+from kmnode.km.dataauth import DataAuthState
 from kmnode.km.ledger_proof import SIGNER_LABEL, head_message, signature_holds
 
 #: Releases per ``json.dumps`` call when a snapshot is serialised: each call holds the GIL, so
@@ -240,6 +252,12 @@ class KMState:
     contract_ops: list[ContractOp] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     call_nonces: set[str] = field(default_factory=set)
+    #: Data authorization: datasets, requests, grants, tokens (``kmnode.km.dataauth``).
+    data: DataAuthState = field(default_factory=DataAuthState)
+
+    @property
+    def member_names(self) -> frozenset[str]:
+        return frozenset(self.members)
 
     # --- applying ---------------------------------------------------------------------------
 
@@ -745,6 +763,7 @@ class KMState:
             "contract_seq": self.contract_seq,
             "contract_ops": [vars(op) for op in self.contract_ops],
             "checkpoints": [asdict(c) for c in self.checkpoints],
+            "data": self.data.to_json(),
         }
         releases = list(self.releases.values())
 
@@ -800,6 +819,7 @@ class KMState:
             contract_ops=[ContractOp(**op) for op in data.get("contract_ops", [])],
             checkpoints=[Checkpoint(**c) for c in data.get("checkpoints", [])],
             call_nonces={op["nonce"] for op in data.get("contract_ops", []) if op["nonce"]},
+            data=DataAuthState.from_json(data.get("data")),
         )
 
 
@@ -827,6 +847,15 @@ _HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     ContractDeploy: KMState._contract_deploy,
     ContractCall: KMState._contract_call,
     ContractCheckpoint: KMState._contract_checkpoint,
+    DataRegister: lambda s, i, c: s.data.register(i, c, s),
+    DataGrant: lambda s, i, c: s.data.grant(i, c, s),
+    DataRequest: lambda s, i, c: s.data.request(i, c, s),
+    DataApprove: lambda s, i, c: s.data.approve(i, c, s),
+    DataDeny: lambda s, i, c: s.data.deny(i, c, s),
+    DataRevoke: lambda s, i, c: s.data.revoke(i, c, s),
+    DataCompute: lambda s, i, c: s.data.compute(i, c, s),
+    DataConsume: lambda s, i, c: s.data.consume(i, c, s),
+    ServiceMeasured: lambda s, i, c: s.data.measured(i, c, s),
 }
 _ACTION: TypeAdapter[Action] = TypeAdapter(Action)
 #: Governance changes: in a cluster with identities, only a passed proposal applies them.

@@ -139,6 +139,15 @@ class ServiceEnclave:
         self._km_box_key = sender
         return input_key, keys
 
+    def open_envelope(self, ciphertext: bytes, vouch: bytes, kind: str) -> dict[str, object]:
+        """Open a vouched box whose envelope says it is a ``kind`` (``data``: one computation's
+        material); the caller parses the rest. ``ProvisioningError`` otherwise."""
+        sender, envelope = self._open_vouched(ciphertext, vouch)
+        if not isinstance(envelope, dict) or envelope.get("kind") != kind:
+            raise ProvisioningError(f"provisioned envelope rejected: not a {kind} envelope")
+        self._km_box_key = sender
+        return envelope
+
     def holds(self, name: str, generation: int) -> bool:
         return (name, generation) in self._keys
 

@@ -30,15 +30,19 @@ from attest.identity import EnclaveRole
 from kmnode.config import ContractsSpec, load_config
 from kmnode.contracts.cache import CacheConfig
 from kmnode.contracts.store_wire import StoreClient, StoreWireError
+from kmnode.datadir import BLOB_DIR, NODES_DIR
 from kmnode.enclave_code import build_identity, current_identity
 from kmnode.imports import loaded_project_modules
 from kmnode.service.contract_requests import ContractRequest, handle_contract
 from kmnode.service.contracts import ContractRuntime
+from kmnode.service.data_jobs import DataJobs
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service.ring_output import RingOutput
 from kmnode.service_pipe import (
     ChallengeReply,
     ChallengeRequest,
+    DataJobRequest,
+    DataRevokeRequest,
     IdentityReply,
     IdentityRequest,
     KeyReply,
@@ -69,8 +73,15 @@ def handle(
     writer: Output,
     request: Request,
     runtime: LazyRuntime | None = None,
+    jobs: DataJobs | None = None,
 ) -> Reply:
     """The reply to one request (refusals raise; ``answer`` turns them into error replies)."""
+    if isinstance(request, DataJobRequest | DataRevokeRequest):
+        if jobs is None:
+            raise ProvisioningError("this service enclave runs no data jobs")
+        if isinstance(request, DataRevokeRequest):
+            return jobs.revoke(request)
+        return jobs.run(request, writer)
     if isinstance(request, ContractRequest):
         return handle_contract(runtime.get() if runtime else None, enclave, writer, request)
     if isinstance(request, IdentityRequest):
@@ -102,12 +113,18 @@ def handle(
 
 
 def answer(
-    enclave: ServiceEnclave, writer: Output, line: bytes, runtime: LazyRuntime | None = None
+    enclave: ServiceEnclave,
+    writer: Output,
+    line: bytes,
+    runtime: LazyRuntime | None = None,
+    jobs: DataJobs | None = None,
 ) -> bytes:
     """The reply line to one request line (errors are replies too, never exceptions)."""
     try:
         request = decode_request(line)
-        reply = handle(enclave, writer, request, runtime).model_copy(update={"id": request.id})
+        reply = handle(enclave, writer, request, runtime, jobs).model_copy(
+            update={"id": request.id}
+        )
     except (PipeError, ProvisioningError, ValueError, StoreWireError) as exc:
         reply = Reply(id=line_id(line), ok=False, error=f"{type(exc).__name__}: {exc}")
     return encode(reply)
@@ -119,6 +136,7 @@ def serve(
     fd_in: int = 0,
     fd_out: int = 1,
     runtime: LazyRuntime | None = None,
+    jobs: DataJobs | None = None,
 ) -> None:
     """Answer requests until stdin closes (the host went away).
 
@@ -132,7 +150,9 @@ def serve(
         if not chunk:
             return
         *lines, pending = (pending + chunk).split(b"\n")
-        out = b"".join(answer(enclave, writer, line, runtime) for line in lines if line.strip())
+        out = b"".join(
+            answer(enclave, writer, line, runtime, jobs) for line in lines if line.strip()
+        )
         view = memoryview(out)
         while view:
             view = view[os.write(fd_out, view) :]
@@ -171,8 +191,9 @@ def main() -> None:
     output = RingOutput(socket.socket(fileno=args.ring_control))
     output.start(args.ring_fd)
     runtime = LazyRuntime(config.contracts, args.contract_store)
+    jobs = DataJobs(enclave, config.state_dir / NODES_DIR / args.node / BLOB_DIR)
     try:
-        serve(enclave, output, runtime=runtime)
+        serve(enclave, output, runtime=runtime, jobs=jobs)
     finally:
         output.close()
 

@@ -390,6 +390,34 @@ class HostileHost(RuleBasedStateMachine):
             self._seen(result.ciphertext)
             self._seen(repr(result))
 
+    @rule(
+        who=st.sampled_from(NAMES),
+        svc=st.sampled_from(NAMES),
+        fresh=st.booleans(),
+        token=st.sampled_from(["t1", "t4", "t9", "t40", "x", ""]),
+        challenge=challenges | st.binary(max_size=40),
+        response=frames | st.binary(max_size=300),
+    )
+    def data_entry_points(
+        self, who: str, svc: str, fresh: bool, token: str, challenge: bytes, response: bytes
+    ) -> None:
+        """Data jobs for tokens no state committed, with fresh or recorded attestations, and
+        the public data views: only refusals and public keys come out."""
+        enclave = self.enclaves[who]
+        if fresh:
+            issued = self._call(enclave.new_challenge)
+            if issued is None:
+                return
+            challenge = issued
+            response = self.services[svc].answer_challenge(enclave.identity.measurement, issued)
+        result = self._call(enclave.provision_data_job, token, challenge, response)
+        if result is not None:
+            assert not result.ok, "a data job without a committed token"
+            self._seen(repr(result))
+        self._seen(repr(self._call(enclave.attested_measurement, challenge, response)))
+        self._seen(repr(self._call(enclave.data_public_keys)))
+        self._seen(repr(self._call(enclave.token_signature, token)))
+
     # --- stored state, quotes, ledger -----------------------------------------------------------
 
     @rule(target=blobs, who=st.sampled_from(NAMES))
@@ -468,7 +496,8 @@ DRIVEN = {
     "open_join_reply", "new_challenge", "provision", "sealed_state", "restore_sealed_state",
     "check_binding", "show_quote", "ledger_signature", "key_fingerprint", "directory",
     "genesis", "snapshot_capture", "session_refusal", "contract_input_key",
-    "provision_contract_keys",
+    "provision_contract_keys", "provision_data_job", "attested_measurement", "data_public_keys",
+    "token_signature",
 }  # fmt: skip
 
 

@@ -1,0 +1,296 @@
+"""This node as a privacy computing platform (issue 15, S5): its service enclave's measurement
+on the ledger, committed tokens for it turned into computations, revocations passed on.
+
+One task, in the order things were applied (so a revocation applied before a token's job is
+handed over is always seen first):
+
+1. a service instance it has not seen gets attested locally; its measurement is committed
+   (``service.measured``) if the ledger holds another one for this node, and it is told every
+   grant revoked so far;
+2. each grant revoked later is passed to the service enclave at once; the time from applying
+   the revocation here to the enclave's answer is the observation lag (``status``);
+3. each token issued for this node is provisioned (``KMEnclave.provision_data_job`` decides,
+   from the committed state) and run; its end (``data.consume``: consumed with the result's
+   hash, or refused with the reason) is committed from here, and the sealed result kept for the
+   user (``result``) and for the API request waiting on it.
+
+Nothing here decides what may be computed: the KM enclave decides what it boxes, the service
+enclave what it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kmnode.km.command_base import Applied
+from kmnode.km.data_commands import (
+    DataConsume,
+    GrantChanged,
+    PlatformMeasured,
+    RequestChanged,
+    ServiceMeasured,
+    TokenFinished,
+    TokenIssued,
+)
+from kmnode.km.forwarding import commit_anywhere
+from kmnode.service_pipe import (
+    DataJobReply,
+    DataJobRequest,
+    DataRevokeReply,
+    DataRevokeRequest,
+    ServiceUnavailable,
+)
+
+if TYPE_CHECKING:
+    from kmnode.km.node import KMNode
+
+log = logging.getLogger(__name__)
+#: Sealed results kept for their users (the oldest are dropped; MQTT carried them too).
+RESULTS_KEPT = 4096
+#: Grants per revocation message to the service enclave.
+REVOKE_BATCH = 4096
+#: Pause after the service could not be reached.
+RETRY_S = 0.5
+
+
+@dataclass
+class JobOutcome:
+    token: str
+    status: str
+    reason: str = ""
+    sealed: str = ""
+    result_hash: str = ""
+
+
+@dataclass
+class LagStats:
+    """Revocation observation lag: applied here until the service enclave acknowledged it."""
+
+    count: int = 0
+    last_ms: float = 0.0
+    max_ms: float = 0.0
+    samples: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+    def add(self, ms: float) -> None:
+        self.count += 1
+        self.last_ms = ms
+        self.max_ms = max(self.max_ms, ms)
+        self.samples.append(ms)
+
+    def view(self) -> dict[str, Any]:
+        ordered = sorted(self.samples)
+        p50 = ordered[len(ordered) // 2] if ordered else 0.0
+        return {
+            "count": self.count,
+            "last_ms": round(self.last_ms, 3),
+            "p50_ms": round(p50, 3),
+            "max_ms": round(self.max_ms, 3),
+        }
+
+
+class DataFeed:
+    def __init__(self, node: KMNode) -> None:
+        self.node = node
+        self._wake = asyncio.Event()
+        self._instance: int | None = None
+        #: Work in apply order: ("revoke", grant, applied at) or ("token", id, 0.0).
+        self._queue: deque[tuple[str, str, float]] = deque()
+        self._results: OrderedDict[str, JobOutcome] = OrderedDict()
+        self._finished: dict[str, list[asyncio.Future[None]]] = {}
+        self._measured = asyncio.Event()
+        self.lag = LagStats()
+        self.jobs = {"consumed": 0, "refused": 0}
+
+    # --- applied commands -------------------------------------------------------------------
+
+    def on_apply(self, result: Applied) -> None:
+        if self._instance != self.node.service.restarts:
+            self._wake.set()  # a service instance not attested yet (or the secret just came)
+        if isinstance(result, TokenIssued) and result.node == self.node.name:
+            self._queue.append(("token", result.token, 0.0))
+            self._wake.set()
+        elif isinstance(result, GrantChanged) and result.state == "revoked":
+            self._queue.append(("revoke", result.grant, time.monotonic()))
+            self._wake.set()
+        elif isinstance(result, TokenFinished):
+            for future in self._finished.pop(result.token, []):
+                if not future.done():
+                    future.set_result(None)
+        elif isinstance(result, PlatformMeasured) and result.node == self.node.name:
+            self._measured.set()
+        elif isinstance(result, RequestChanged) and result.state == "open":
+            driver = self.node.driver
+            if driver is not None and driver.is_leader:  # one node publishes it, not all
+                self.node.publish_event(
+                    "data.request",
+                    request=result.request,
+                    dataset=result.dataset,
+                    user=result.user,
+                    owner=result.owner,
+                )
+
+    async def wait_finished(self, token: str, timeout: float) -> bool:
+        """Wait until token ``token`` has ended in the state applied here; False on timeout."""
+        if self._token_done(token):
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finished.setdefault(token, []).append(future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return self._token_done(token)
+        finally:
+            waiters = self._finished.get(token, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._finished.pop(token, None)
+        return True
+
+    def _token_done(self, token: str) -> bool:
+        record = self.node.enclave.state.data.tokens.get(token)
+        return record is not None and record.state != "issued"
+
+    def result(self, token: str) -> JobOutcome | None:
+        return self._results.get(token)
+
+    def status(self) -> dict[str, Any]:
+        data = self.node.enclave.state.data
+        mine = [t for t in data.tokens.values() if t.node == self.node.name]
+        return {
+            "node": self.node.name,
+            "measurement": data.platforms.get(self.node.name, ""),
+            "queued": len(self._queue),
+            "jobs": dict(self.jobs),
+            "tokens_issued_here": len(mine),
+            "tokens_pending": sum(1 for t in mine if t.state == "issued"),
+            "revocation_lag": self.lag.view(),
+            "results_kept": len(self._results),
+        }
+
+    # --- the task ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The feed's task (``KMNode.spawn``)."""
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._sync()
+            except ServiceUnavailable as exc:
+                log.warning("%s: data: service enclave unavailable: %s", self.node.name, exc)
+                await asyncio.sleep(RETRY_S)
+                self._wake.set()
+            except Exception:  # never let the feed die: it is the only one
+                log.exception("%s: data: serving a job failed", self.node.name)
+                await asyncio.sleep(RETRY_S)
+                self._wake.set()
+
+    async def _sync(self) -> None:
+        node = self.node
+        if not node.enclave.has_master_secret or not node.enclave.state.cluster:
+            return
+        service = node.service
+        if self._instance != service.restarts or not service.running:
+            await self._attest_new_instance()
+        while self._queue:
+            kind, name, applied_at = self._queue[0]
+            if kind == "revoke":
+                await self._send_revocations([name])
+                self.lag.add((time.monotonic() - applied_at) * 1000)
+            else:
+                await self._run_job(name)
+            self._queue.popleft()
+
+    async def _attest_new_instance(self) -> None:
+        """Attest a service instance this feed has not seen, put its measurement on the ledger
+        if that changed, and tell it every revocation so far."""
+        node = self.node
+        enclave = node.enclave
+        challenge = enclave.new_challenge()
+        response = await node.service.challenge(enclave.identity.measurement, challenge)
+        measurement = enclave.attested_measurement(challenge, response)
+        self._instance = node.service.restarts
+        if not measurement:
+            log.warning("%s: data: the service enclave did not attest", node.name)
+            return
+        revoked = [g.id for g in enclave.state.data.grants.values() if g.revoked_index]
+        for start in range(0, len(revoked), REVOKE_BATCH):
+            await self._send_revocations(revoked[start : start + REVOKE_BATCH])
+        if enclave.state.data.platforms.get(node.name) != measurement:
+            command = ServiceMeasured(node=node.name, measurement=measurement).encode()
+            self._measured.clear()
+            await commit_anywhere(
+                node.raft(),
+                node.forwarder,
+                command,
+                lambda: enclave.state.data.platforms.get(node.name) == measurement,
+                self._wait_measured,
+            )
+
+    async def _wait_measured(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._measured.wait(), timeout)
+
+    async def _send_revocations(self, grants: list[str]) -> None:
+        reply = await self.node.service.request(DataRevokeRequest(grants=grants), DataRevokeReply)
+        if not reply.ok:
+            raise ServiceUnavailable(f"the service enclave refused revocations: {reply.error}")
+
+    async def _run_job(self, token_id: str) -> None:
+        node = self.node
+        token = node.enclave.state.data.tokens.get(token_id)
+        if token is None or token.state != "issued":
+            return
+        outcome = await self._compute(token_id)
+        self.jobs[outcome.status] = self.jobs.get(outcome.status, 0) + 1
+        self._results[token_id] = outcome
+        if len(self._results) > RESULTS_KEPT:
+            self._results.popitem(last=False)
+        command = DataConsume(
+            token=token_id,
+            node=node.name,
+            status=outcome.status,  # type: ignore[arg-type]  # consumed or refused
+            result_hash=outcome.result_hash,
+            reason=outcome.reason[:500],
+        ).encode()
+        await commit_anywhere(
+            node.raft(),
+            node.forwarder,
+            command,
+            lambda: self._token_done(token_id),
+            lambda t: self.wait_finished(token_id, t),
+        )
+        if outcome.status == "refused":
+            log.warning("%s: data: token %s refused: %s", node.name, token_id, outcome.reason)
+
+    async def _compute(self, token_id: str) -> JobOutcome:
+        node = self.node
+        enclave = node.enclave
+        try:
+            challenge = enclave.new_challenge()
+            response = await node.service.challenge(enclave.identity.measurement, challenge)
+        except ServiceUnavailable as exc:
+            return JobOutcome(token_id, "refused", f"service enclave unavailable: {exc}")
+        provisioned = enclave.provision_data_job(token_id, challenge, response)
+        if not provisioned.ok:
+            return JobOutcome(token_id, "refused", provisioned.reason)
+        request = DataJobRequest(
+            ciphertext=provisioned.ciphertext.hex(), vouch=provisioned.vouch.hex()
+        )
+        try:
+            reply = await node.service.request(request, DataJobReply)
+        except ServiceUnavailable as exc:
+            # The material went to an enclave that is gone: the token is spent, never re-run.
+            return JobOutcome(token_id, "refused", f"service enclave unavailable: {exc}")
+        if not reply.ok or reply.token != token_id or reply.status not in ("consumed", "refused"):
+            reason = reply.error or "the service enclave answered for another token"
+            return JobOutcome(token_id, "refused", f"the service enclave refused: {reason}")
+        return JobOutcome(token_id, reply.status, reply.reason, reply.sealed, reply.result_hash)

@@ -1,0 +1,220 @@
+"""The service enclave as the privacy computing platform (issue 15, S5): one computation per
+committed token, its result sealed to the data user.
+
+The KM enclave boxes each job's material to this enclave after local attestation (the token it
+signed, the dataset's data key, the input key for the sealed parameters); the host relays the
+box and keeps the blob. Everything the host hands over is checked here before it is used: the
+box opens only from the vouched KM enclave; the token must be for this enclave's measurement,
+not used before by this instance, and its grant not revoked as far as this enclave has been
+told; the blob must hash to the registered digest and decrypt to the registered plaintext; the
+parameters must open under this user and token and hash to the digest the token binds. Then the
+predetermined operation runs (``kmnode.dataauth.ops``: never raw rows for high-privacy data,
+aggregates honour the minimum group size, results bounded), and the result leaves sealed to the
+user's key only: in the reply (the KM enclave commits its hash) and as a ring record the host
+publishes on the user's MQTT topic. A refusal says why and releases nothing.
+
+The data key and the plaintext live in local variables for the one job and are dropped with
+them (Python cannot promise to zero memory; a native enclave would).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Protocol
+
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from kmnode.contracts.envelope import EnvelopeError, open_call
+from kmnode.dataauth.blob import MAX_BLOB_BYTES, BlobError, open_dataset
+from kmnode.dataauth.ops import Limits, OpRefused, params_digest, run_op
+from kmnode.dataauth.table import TableError, parse_table
+from kmnode.service.enclave import ProvisioningError, ServiceEnclave
+from kmnode.service_pipe import DataJobReply, DataJobRequest, DataRevokeReply, DataRevokeRequest
+
+RECORD_DATA_RESULT = 3
+#: The largest result (bytes of the operation's JSON) this enclave seals.
+MAX_RESULT_BYTES = 4096
+#: Tokens this instance remembers having run (a replayed job is refused): far more than a
+#: node's tokens in flight; older ones are committed as consumed or refused, which the KM
+#: enclave checks before it boxes a job.
+DONE_KEPT = 65536
+
+Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Output(Protocol):
+    def write(self, data: bytes, type: int = 0) -> bool: ...
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Platform(_Strict):
+    node: str
+    measurement: Hex64
+
+
+class TokenView(_Strict):
+    """The fields of a token (``kmnode.km.dataauth.Token.body``) this enclave acts on."""
+
+    v: int
+    id: Annotated[str, StringConstraints(pattern=r"^t[1-9][0-9]{0,18}$")]
+    grant: str
+    data: str
+    digest: Hex64
+    digest_pt: Hex64
+    user: str
+    user_pk: Hex64
+    op: str
+    op_checksum: Hex64
+    params: Hex64
+    platform: _Platform
+    issued: int
+    issued_at: int
+    expires_at: int
+    uses_left_after: int
+
+
+class JobEnvelope(_Strict):
+    kind: str
+    token: Annotated[str, StringConstraints(max_length=8192)]
+    signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
+    dek: Hex64
+    input: Hex64
+    sealed: Annotated[str, StringConstraints(max_length=1 << 17)]
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    privacy: str
+    min_group_size: Annotated[int, Field(ge=1)]
+
+
+class JobRefused(Exception):
+    """A job this enclave will not run; the message is the reason committed with the token."""
+
+
+class DataJobs:
+    """This service enclave instance's computations. ``blob_dir``: where the host keeps the
+    blobs (untrusted: every byte read is checked)."""
+
+    def __init__(self, enclave: ServiceEnclave, blob_dir: Path) -> None:
+        self._enclave = enclave
+        self._blob_dir = blob_dir
+        self._revoked: set[str] = set()
+        self._done: dict[str, None] = {}
+
+    def revoke(self, request: DataRevokeRequest) -> DataRevokeReply:
+        """Revocations the KM enclave saw committed: their tokens are refused from now on."""
+        fresh = [g for g in request.grants if g not in self._revoked]
+        self._revoked.update(fresh)
+        return DataRevokeReply(revoked=len(fresh))
+
+    def run(self, request: DataJobRequest, writer: Output) -> DataJobReply:
+        envelope = self._enclave.open_envelope(
+            bytes.fromhex(request.ciphertext), bytes.fromhex(request.vouch), "data"
+        )
+        try:
+            job = JobEnvelope.model_validate(envelope)
+            token = TokenView.model_validate_json(job.token)
+        except ValidationError as exc:
+            raise ProvisioningError(f"data job rejected: {exc.errors()[0]['msg']}") from None
+        try:
+            sealed = self._compute(job, token)
+        except JobRefused as exc:
+            reason = str(exc)[:500]
+            writer.write(_record(token, "refused", reason, b""), RECORD_DATA_RESULT)
+            return DataJobReply(token=token.id, status="refused", reason=reason)
+        digest = hashlib.sha256(sealed).hexdigest()
+        writer.write(_record(token, "consumed", "", sealed), RECORD_DATA_RESULT)
+        return DataJobReply(
+            token=token.id,
+            status="consumed",
+            sealed=base64.b64encode(sealed).decode(),
+            result_hash=digest,
+        )
+
+    def _compute(self, job: JobEnvelope, token: TokenView) -> bytes:
+        """The result sealed to the token's user, or ``JobRefused`` with the reason."""
+        own = self._enclave.context.identity.measurement.hex()
+        if token.platform.measurement != own:
+            raise JobRefused("the token binds another service measurement")
+        if token.id in self._done:
+            raise JobRefused(f"token {token.id} was used before (replay)")
+        self._done[token.id] = None  # from here on, whatever happens, never a second run
+        if len(self._done) > DONE_KEPT:
+            del self._done[next(iter(self._done))]
+        if token.grant in self._revoked:
+            raise JobRefused(f"grant {token.grant} was revoked")
+        if job.privacy not in ("low", "high"):
+            raise JobRefused("the dataset's privacy level is unknown")
+        ciphertext = self._read_blob(token.digest)
+        try:
+            plaintext = open_dataset(
+                token.data, ciphertext, bytes.fromhex(job.dek), token.digest, token.digest_pt
+            )
+        except BlobError as exc:
+            raise JobRefused(f"{exc.reason}: {exc}") from None
+        params = _open_params(job, token)
+        try:
+            table = parse_table(plaintext)
+            limits = Limits(min_group_size=job.min_group_size, max_result_bytes=MAX_RESULT_BYTES)
+            result = run_op(token.op, table, params, job.privacy, limits)  # type: ignore[arg-type]
+        except TableError as exc:
+            raise JobRefused(f"bad-data: {exc}") from None
+        except OpRefused as exc:
+            raise JobRefused(f"{exc.reason}: {exc}") from None
+        try:
+            return bytes(SealedBox(PublicKey(bytes.fromhex(token.user_pk))).encrypt(result))
+        except (ValueError, CryptoError):
+            raise JobRefused("the user's key is unusable") from None
+
+    def _read_blob(self, digest: str) -> bytes:
+        try:
+            with open(self._blob_dir / digest, "rb") as f:
+                data = f.read(MAX_BLOB_BYTES + 1)
+        except OSError:
+            raise JobRefused(
+                "blob-missing: the host has no blob with the registered digest"
+            ) from None
+        if len(data) > MAX_BLOB_BYTES:
+            raise JobRefused(f"blob-digest: the host's blob is larger than {MAX_BLOB_BYTES} bytes")
+        return data
+
+
+def _open_params(job: JobEnvelope, token: TokenView) -> dict[str, object]:
+    """The parameters, opened under this user and computation, hashing to the token's digest."""
+    try:
+        opened = open_call(PrivateKey(bytes.fromhex(job.input)), job.sealed, token.user, job.nonce)
+        params = json.loads(opened.args)
+    except (EnvelopeError, ValueError):
+        raise JobRefused("params: the sealed parameters do not open for this computation") from None
+    if not isinstance(params, dict):
+        raise JobRefused("params: the parameters are not an object")
+    try:
+        digest = params_digest(params)
+    except (TypeError, ValueError):
+        raise JobRefused("params: the parameters are not canonical JSON") from None
+    if digest != token.params:
+        raise JobRefused("params: the parameters do not hash to the digest the token binds")
+    return params
+
+
+def _record(token: TokenView, status: str, reason: str, sealed: bytes) -> bytes:
+    """The ring record of a job's end (published on the user's MQTT topic): public fields and
+    the result sealed to the user."""
+    record = {
+        "kind": "data.result",
+        "token": token.id,
+        "user": token.user,
+        "dataset": token.data,
+        "op": token.op,
+        "status": status,
+        "reason": reason,
+        "sealed": base64.b64encode(sealed).decode(),
+        "result_hash": hashlib.sha256(sealed).hexdigest() if sealed else "",
+    }
+    return json.dumps(record, separators=(",", ":")).encode()

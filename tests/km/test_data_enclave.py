@@ -1,0 +1,280 @@
+"""Data authorization inside the enclaves (issue 15): what the state machine refuses, what the
+KM enclave boxes (and to whom), what the service enclave computes, and what it refuses,
+driven as a hostile host would: wrong order, wrong node, replays, another build, a tampered
+blob, parameters cut from another computation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.signing import VerifyKey
+
+from kmnode.contracts.envelope import seal_call
+from kmnode.dataauth.blob import new_dek, seal_dataset
+from kmnode.dataauth.ops import canonical_json, params_digest
+from kmnode.identity import IdentityKeys
+from kmnode.km.command_base import Applied, Refused
+from kmnode.km.data_commands import TokenIssued
+from kmnode.km.enclave import KMEnclave
+from kmnode.service.data_jobs import DataJobs
+from kmnode.service.enclave import ProvisioningError, ServiceEnclave
+from kmnode.service_pipe import DataJobRequest, DataRevokeRequest
+from tests.km.enclaves import NOW, ROGUE_ID, SVC_ID, commit, joined_pair, service
+
+OWNER, USER, OTHER = (IdentityKeys.generate(n) for n in ("alice", "bob", "eve"))
+CSV = ("v,w\n" + "".join(f"{i},{i % 3}\n" for i in range(1, 21))).encode()
+
+
+class Ring:
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    def write(self, data: bytes, type: int = 0) -> bool:
+        self.records.append(data)
+        return True
+
+
+class Setup:
+    """Two joined KM enclaves with owner alice, users bob and eve, dataset ``d`` (its blob in
+    ``blob_dir``) and both nodes' service measurements committed."""
+
+    def __init__(self, blob_dir: Path) -> None:
+        self.a, self.b = joined_pair()
+        self.blob_dir = blob_dir
+        self.requests = 0
+        for km in (self.a, self.b):  # as cluster.yaml lists them at genesis
+            km.state.identities = {
+                k.name: k.public(roles)
+                for k, roles in ((OWNER, ["owner"]), (USER, ["user"]), (OTHER, ["user"]))
+            }
+        for node in ("n-a", "n-b"):
+            self.both("service.measured", node=node, measurement=SVC_ID.measurement.hex())
+        wrap = PublicKey(bytes.fromhex(self.a.data_public_keys()["wrap_key"]))
+        dek = new_dek()
+        sealed = seal_dataset("d", CSV, dek)
+        blob_dir.mkdir(parents=True, exist_ok=True)
+        (blob_dir / sealed.digest_ct).write_bytes(sealed.ciphertext)
+        self.digest = sealed.digest_ct
+        wrapped = base64.b64encode(bytes(SealedBox(wrap).encrypt(dek))).decode()
+        self.signed(
+            OWNER, "data.register", name="d", digest_ct=sealed.digest_ct,
+            digest_pt=sealed.digest_pt, size=sealed.size, privacy="high",
+            ops=["mean", "count"], wrapped_key=wrapped,
+        )  # fmt: skip
+
+    def both(self, op: str, **fields: Any) -> Applied:
+        first = commit(self.a, op, **fields)
+        assert commit(self.b, op, **fields) == first
+        return first
+
+    def signed(self, keys: IdentityKeys, op: str, **fields: Any) -> Applied:
+        self.requests += 1
+        auth = {"by": keys.name, "request": f"{keys.name}:{self.requests}", "created": int(NOW)}
+        return self.both(op, auth=auth, **fields)
+
+    def compute(
+        self, keys: IdentityKeys = USER, op: str = "mean", node: str = "n-a", **change: Any
+    ) -> Applied:
+        params = change.pop("params", {"column": "v"})
+        digest = change.pop("digest", params_digest(params))
+        nonce = change.pop("nonce", secrets.token_hex(16))
+        input_key = self.a.contract_input_key()
+        fields = {
+            "dataset": "d",
+            "operation": op,
+            "params": digest,
+            "sealed": seal_call(input_key, keys.name, nonce, canonical_json(params)),
+            "nonce": nonce,
+            "node": node,
+            **change,
+        }
+        return self.signed(keys, "data.compute", **fields)
+
+
+def job(km: KMEnclave, svc: ServiceEnclave, token: str) -> Any:
+    challenge = km.new_challenge()
+    return km.provision_data_job(
+        token, challenge, svc.answer_challenge(km.identity.measurement, challenge)
+    )
+
+
+def run(jobs: DataJobs, result: Any) -> Any:
+    ring = Ring()
+    reply = jobs.run(
+        DataJobRequest(ciphertext=result.ciphertext.hex(), vouch=result.vouch.hex()), ring
+    )
+    return reply, ring
+
+
+@pytest.fixture
+def s(tmp_path: Path) -> Setup:
+    return Setup(tmp_path / "blobs")
+
+
+def test_a_granted_computation_gives_a_result_only_the_user_opens(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=2, ttl=600)
+    issued = s.compute()
+    assert isinstance(issued, TokenIssued) and issued.uses_left == 1
+    svc = service("a")
+    reply, ring = run(DataJobs(svc, s.blob_dir), job(s.a, svc, issued.token))
+    assert reply.status == "consumed", reply
+    sealed = base64.b64decode(reply.sealed)
+    assert hashlib.sha256(sealed).hexdigest() == reply.result_hash
+    value = json.loads(SealedBox(PrivateKey(USER.box_secret)).decrypt(sealed))["value"]
+    assert value == pytest.approx(10.5)
+    for keys in (OWNER, OTHER):
+        with pytest.raises(CryptoError):
+            SealedBox(PrivateKey(keys.box_secret)).decrypt(sealed)
+    record = json.loads(ring.records[0])
+    assert record["user"] == "bob" and record["result_hash"] == reply.result_hash
+    assert b"10.5" not in ring.records[0]
+
+
+def test_every_node_derives_the_same_token_and_signature(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=1, ttl=600)
+    token = s.compute()
+    assert isinstance(token, TokenIssued)
+    signed = [km.token_signature(token.token) for km in (s.a, s.b)]
+    assert signed[0] == signed[1]
+    body, signature = signed[0]
+    VerifyKey(bytes.fromhex(s.b.data_public_keys()["token_key"])).verify(
+        body, bytes.fromhex(signature)
+    )
+    assert json.loads(body)["platform"] == {"node": "n-a", "measurement": SVC_ID.measurement.hex()}
+
+
+@pytest.mark.parametrize(
+    ("setup", "keys", "op", "reason"),
+    [
+        (None, USER, "mean", "holds no grant"),
+        ({"ops": ["count"]}, USER, "mean", "covers count, not mean"),
+        ({"ops": ["mean"]}, OTHER, "mean", "'eve' holds no grant"),
+        ({"ops": ["mean"], "ttl": 1}, USER, "mean", "expired"),
+        ({"ops": ["mean"]}, USER, "export", "allows count, mean, not export"),
+    ],
+)
+def test_the_authentication_transaction_is_refused_with_its_reason(
+    s: Setup, setup: dict[str, Any] | None, keys: IdentityKeys, op: str, reason: str
+) -> None:
+    if setup is not None:
+        terms = {"uses": 1, "ttl": 600, **setup}
+        s.signed(OWNER, "data.grant", dataset="d", user="bob", **terms)
+    if reason == "expired":
+        s.signed(OTHER, "data.request", dataset="d", ops=["mean"], uses=1, ttl=5)  # clock moves
+        s.requests += 1
+        later = {"by": "eve", "request": f"eve:{s.requests}", "created": int(NOW) + 10}
+        s.both("data.request", auth=later, dataset="d", ops=["mean"], uses=1, ttl=5)
+    result = s.compute(keys, op, params={"column": "v"} if op == "mean" else {})
+    assert isinstance(result, Refused) and reason in result.error, result
+    assert not s.a.state.data.tokens
+
+
+def test_uses_run_out_and_a_refused_token_is_never_given_back(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=1, ttl=600)
+    issued = s.compute()
+    assert isinstance(issued, TokenIssued)
+    refused = s.both("data.consume", token=issued.token, node="n-a", status="refused", reason="x")
+    assert refused.ok
+    again = s.both("data.consume", token=issued.token, node="n-a", status="consumed",
+                   result_hash="ab" * 32)  # fmt: skip
+    assert isinstance(again, Refused) and again.code == "replay"
+    late = s.compute()
+    assert isinstance(late, Refused) and "no uses left" in late.error
+
+
+def test_the_km_enclave_boxes_a_job_once_for_its_own_committed_token_only(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=3, ttl=600)
+    mine, theirs = s.compute(), s.compute(node="n-b")
+    assert isinstance(mine, TokenIssued) and isinstance(theirs, TokenIssued)
+    svc = service("a")
+    assert "no committed token" in job(s.a, svc, "t999").reason
+    assert "is for n-b" in job(s.a, svc, theirs.token).reason
+    rogue = job(s.a, service("a", ROGUE_ID), mine.token)
+    assert not rogue.ok and rogue.ciphertext == b""
+    first = job(s.a, svc, mine.token)
+    assert first.ok
+    second = job(s.a, svc, mine.token)
+    assert not second.ok and "already used" in second.reason
+    # A recorded challenge and answer do not open another attempt either.
+    challenge = s.a.new_challenge()
+    response = svc.answer_challenge(s.a.identity.measurement, challenge)
+    assert s.a.provision_data_job(mine.token, challenge, response).ok is False
+    assert not s.a.provision_data_job(theirs.token, challenge, response).ok
+    # The box opens for that service instance only.
+    with pytest.raises(ProvisioningError):
+        DataJobs(service("a"), s.blob_dir).run(
+            DataJobRequest(ciphertext=first.ciphertext.hex(), vouch=first.vouch.hex()), Ring()
+        )
+
+
+def test_a_revoked_grant_stops_tokens_before_and_inside_the_service(s: Setup) -> None:
+    grant = s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=3, ttl=600)
+    before = s.compute()
+    assert isinstance(before, TokenIssued)
+    svc = service("a")
+    jobs = DataJobs(svc, s.blob_dir)
+    boxed = job(s.a, svc, before.token)  # handed over before the revocation commits
+    s.signed(OWNER, "data.revoke", grant=grant.grant)  # type: ignore[attr-defined]
+    jobs.revoke(DataRevokeRequest(grants=[grant.grant]))  # type: ignore[attr-defined]
+    reply, ring = run(jobs, boxed)
+    assert reply.status == "refused" and "revoked" in reply.reason and not reply.sealed
+    after = s.compute()
+    assert isinstance(after, Refused) and "revoked" in after.error
+    assert json.loads(ring.records[0])["sealed"] == ""
+
+
+def test_the_service_refuses_tampered_blobs_foreign_parameters_and_replays(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=5, ttl=600)
+    svc = service("a")
+    jobs = DataJobs(svc, s.blob_dir)
+    # Parameters sealed for another computation (another nonce) do not open here.
+    foreign = seal_call(s.a.contract_input_key(), "bob", "00" * 16, canonical_json({"column": "v"}))
+    cut = s.compute(sealed=foreign)
+    assert isinstance(cut, TokenIssued)
+    reply, _ = run(jobs, job(s.a, svc, cut.token))
+    assert reply.status == "refused" and reply.reason.startswith("params")
+    # Parameters that open but do not hash to the digest the token binds.
+    other = s.compute(params={"column": "w"}, digest=params_digest({"column": "v"}))
+    assert isinstance(other, TokenIssued)
+    reply, _ = run(jobs, job(s.a, svc, other.token))
+    assert reply.status == "refused" and reply.reason.startswith("params")
+    # The host flips a bit of the blob.
+    path = s.blob_dir / s.digest
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    tampered = s.compute()
+    assert isinstance(tampered, TokenIssued)
+    boxed = job(s.a, svc, tampered.token)
+    reply, _ = run(jobs, boxed)
+    assert reply.status == "refused" and reply.reason.startswith("blob-digest")
+    # The same box relayed again: never a second run.
+    reply, _ = run(jobs, boxed)
+    assert reply.status == "refused" and "replay" in reply.reason
+    path.unlink()
+    missing = s.compute()
+    assert isinstance(missing, TokenIssued)
+    reply, _ = run(jobs, job(s.a, svc, missing.token))
+    assert reply.status == "refused" and reply.reason.startswith("blob-missing")
+
+
+def test_owners_only_act_on_their_own_datasets(s: Setup) -> None:
+    refused = s.signed(OTHER, "data.grant", dataset="d", user="eve", ops=["mean"], uses=1, ttl=9)
+    assert isinstance(refused, Refused) and refused.code == "forbidden"
+    asked = s.signed(USER, "data.request", dataset="d", ops=["mean"], uses=1, ttl=60)
+    request_id = asked.request  # type: ignore[attr-defined]
+    assert isinstance(s.signed(USER, "data.approve", request=request_id), Refused)
+    approved = s.signed(OWNER, "data.approve", request=request_id)
+    assert approved.ok and approved.request == request_id  # type: ignore[attr-defined]
+    again = s.signed(OWNER, "data.approve", request=request_id)
+    assert isinstance(again, Refused) and "approved before" in again.error
+    node_only = s.both("service.measured", node="n-x", measurement="00" * 32)
+    assert isinstance(node_only, Refused)
