@@ -460,6 +460,11 @@ class ContractStore:
             log.error("contract store: the database failed: %s", exc)
             staged.reset()
             reply = refusal(f"store failed: {exc}")
+        except (ValueError, OverflowError) as exc:
+            # A field that decodes but no table can hold (a sequence number past SQLite's
+            # 64-bit integers): refused like any bad request, the connection kept.
+            staged.reset()
+            reply = refusal(f"bad request: {type(exc).__name__}")
         try:
             return encode_reply(request_id, reply)
         except StoreWireError as exc:

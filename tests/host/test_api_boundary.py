@@ -5,6 +5,7 @@ with the status its failure code names. (What the enclave makes of a body: test_
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from kmnode.config import ClusterConfig
 from kmnode.host.api import OperatorApi
+from kmnode.host.blob_host import BlobHost
 from kmnode.host.contract_host import ContractHost
 from kmnode.host.faults import RingStall
 from kmnode.km_messages import ApiCall, DataReply, Failed, Reply, Request
@@ -49,6 +51,7 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], FakeK
         ring_stall=RingStall(),
         poisoner=None,
         contracts=contracts,
+        blobs=BlobHost(tmp_path),
     )
     client: TestClient[Any, Any] = TestClient(
         TestServer(OperatorApi(node).app(), host="127.0.0.1", port=port)  # type: ignore[arg-type]
@@ -174,3 +177,24 @@ async def test_an_oversized_request_is_refused_at_the_host_and_reaches_nothing(
     oversized = await client.post("/v1/keys", json={"name": "x" * (70 * 1024)})
     assert oversized.status == 413
     assert km.seen == []
+
+
+async def test_a_blob_is_stored_only_under_its_own_digest_and_within_its_bound(
+    api: tuple[TestClient[Any, Any], FakeKM], tmp_path: Path
+) -> None:
+    client, km = api
+    blob = b"ciphertext" * 100
+    digest = hashlib.sha256(blob).hexdigest()
+    wrong = await client.put(f"/v1/node/data/blobs/{'0' * 64}", data=blob)
+    assert wrong.status == 400 and "do not hash" in (await wrong.json())["error"]
+    bad = await client.put("/v1/node/data/blobs/..%2Fetc", data=blob)
+    assert bad.status in (400, 404)
+    stored = await client.put(f"/v1/node/data/blobs/{digest}", data=blob)
+    assert stored.status == 201 and (await stored.json())["stored"] is True
+    again = await client.put(f"/v1/node/data/blobs/{digest}", data=blob)
+    assert again.status == 200 and (await again.json())["stored"] is False
+    huge = await client.put(f"/v1/node/data/blobs/{'1' * 64}", data=b"x" * ((16 << 20) + 1))
+    assert huge.status == 413
+    listed = await (await client.get("/v1/node/data/blobs")).json()
+    assert listed == {"blobs": [digest]}
+    assert km.seen == []  # the host answered alone: nothing reached the enclave
