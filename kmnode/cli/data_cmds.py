@@ -505,4 +505,35 @@ def data_tokens(
     print_table(f"{len(rows)} token(s)", headers, rows)
 
 
+@data.command("status")
+@click.option("--node", "nodes", multiple=True, metavar="NAME", help="Only these nodes.")
+@_as_json
+@pass_context
+def data_status(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> None:
+    """Each node as a platform: its committed service measurement, the jobs it ran, tokens
+    still pending, and how long its service enclave took to see revocations (lag)."""
+    cfg = supervisor.effective_config(ctx.config())
+    views: list[dict[str, Any]] = []
+    for name in nodes or tuple(n.name for n in cfg.nodes):
+        try:
+            views.append(ctx.client(name).get("/v1/node/data"))
+        except NodeUnreachable:
+            views.append({"node": name, "error": "unreachable"})
+    if as_json:
+        print_json(views)
+        return
+    rows = []
+    for v in views:
+        if "error" in v:
+            rows.append((v["node"], "-", "-", "-", "-", v["error"]))
+            continue
+        lag = v["revocation_lag"]
+        jobs = f"{v['jobs'].get('consumed', 0)} consumed, {v['jobs'].get('refused', 0)} refused"
+        seen = f"{lag['count']} seen, p50 {lag['p50_ms']} ms, max {lag['max_ms']} ms"
+        service = (v["measurement"] or "-")[:16]
+        rows.append((v["node"], service, jobs, v["tokens_pending"], seen, ""))
+    headers = ["node", "service", "jobs", "pending", "revocations", "error"]
+    print_table("data platforms", headers, rows)
+
+
 __all__ = ["data"]

@@ -287,5 +287,9 @@ def test_kmctl_data_from_register_to_an_opened_result(
     assert again.exit_code == 0 and float(again.output) == pytest.approx(MEAN), again.output
     refused = kmctl(*compute_args)
     assert refused.exit_code == 1 and "no uses left" in refused.output, refused.output
-    listed = kmctl("data", "tokens", "--grant", answer.get("grant", ""), "--json")
+    listed = kmctl("data", "tokens", "--user", "bob", "--json")
     assert listed.exit_code == 0
+    assert answer["token"] in {t["id"] for t in json.loads(listed.output)["tokens"]}
+    status = kmctl("data", "status", "--json")
+    assert status.exit_code == 0
+    assert {v["node"] for v in json.loads(status.output)} == set(cluster.names)

@@ -278,3 +278,17 @@ def test_owners_only_act_on_their_own_datasets(s: Setup) -> None:
     assert isinstance(again, Refused) and "approved before" in again.error
     node_only = s.both("service.measured", node="n-x", measurement="00" * 32)
     assert isinstance(node_only, Refused)
+
+
+def test_a_token_that_expired_before_its_job_is_refused_by_the_km_enclave(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=2, ttl=30)
+    issued = s.compute()
+    assert isinstance(issued, TokenIssued)
+    expires = s.a.state.data.tokens[issued.token].expires_at
+    s.requests += 1
+    later = {"by": "eve", "request": f"eve:{s.requests}", "created": expires}  # the clock moves
+    s.both("data.request", auth=later, dataset="d", ops=["mean"], uses=1, ttl=5)
+    result = job(s.a, service("a"), issued.token)
+    assert not result.ok and "expired" in result.reason and result.ciphertext == b""
+    late = s.compute()
+    assert isinstance(late, Refused) and "expired" in late.error
