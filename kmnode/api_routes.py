@@ -274,6 +274,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/node/contracts", "auditor", _contract_read("node")),
     Route("POST", "/v1/node/contracts/resync", "operator", _resync),
     Route("GET", "/v1/data/keys", "auditor", _data_read("keys"), also=_DATA_READERS),
+    Route("GET", "/v1/data/ops", "auditor", _data_read("ops"), also=_DATA_READERS),
+    Route("POST", "/v1/data/ops", "operator", _data_write("data.op_register"), status=201),
     Route("GET", "/v1/datasets", "auditor", _data_read("datasets"), also=_DATA_READERS),
     Route("POST", "/v1/datasets", "owner", _data_write("data.register"), status=201),
     Route(

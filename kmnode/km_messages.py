@@ -315,7 +315,7 @@ class DataWrite(Request):
     op: Literal["data.write"] = "data.write"
     command: Literal[
         "data.register", "data.grant", "data.request", "data.approve", "data.deny",
-        "data.revoke", "data.compute",
+        "data.revoke", "data.compute", "data.op_register",
     ]  # fmt: skip
     fields: dict[str, JsonValue]
     timeout: float = Timeout
@@ -328,8 +328,9 @@ class DataRead(Request):
 
     op: Literal["data.read"] = "data.read"
     what: Literal[
-        "datasets", "dataset", "grants", "requests", "tokens", "token", "result", "keys", "node"
-    ]
+        "datasets", "dataset", "grants", "requests", "tokens", "token", "result", "keys", "node",
+        "ops",
+    ]  # fmt: skip
     name: str | None = None
     filters: dict[str, str] = Field(default_factory=dict)
 

@@ -59,6 +59,7 @@ from kmnode.km.commands import (
 from kmnode.km.data_commands import (
     DataCompute,
     DataGrant,
+    DataOpRegister,
     DataRegister,
     DataRequest,
     GrantId,
@@ -469,6 +470,16 @@ DOCS: dict[tuple[str, str], Doc] = {
         "The cluster's data-wrap key (owners wrap data keys to it), token verification key "
         "and input key (users seal parameters to it); X25519/Ed25519, hex",
         create_model("DataKeys", wrap_key=(str, ...), token_key=(str, ...), input_key=(str, ...)),
+    ),
+    ("GET", "/v1/data/ops"): Doc(
+        "The operations a dataset may allow: the built-ins and those registered in "
+        "WebAssembly (name, version, checksum)",
+        _root("DataOps", dict[str, JsonValue]),
+    ),
+    ("POST", "/v1/data/ops"): Doc(
+        "Register a data operation written in WebAssembly (an operator's act; a name once)",
+        _root("OpRegistered", dict[str, JsonValue]),
+        _body("OpRegisterBody", DataOpRegister, "name", "version", "code"),
     ),
     ("GET", "/v1/datasets"): Doc(
         "List the registered datasets (digests and wrapped keys; never data)",

@@ -28,6 +28,9 @@ Argument and value conventions the checker relies on (all JSON):
 * ``contract.deploy`` / ``contract.call``: the contract workload's operations
   (``kmnode.chaos.contract_calls``: ``args`` is a ``ContractCall``, an ok ``value`` a
   ``CallAnswer``). They name no ``key``, so the key checks pass them by.
+* ``data.register`` / ``data.grant`` / ``data.revoke`` / ``data.compute``: the data workload's
+  operations (``kmnode.chaos.data_calls``: each ``args`` and ok ``value`` is one of its typed
+  records). They name no ``key`` either.
 """
 
 from __future__ import annotations
@@ -43,7 +46,17 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, get_args
 
 OpKind = Literal[
-    "key.create", "key.rotate", "release", "read", "prove", "contract.deploy", "contract.call"
+    "key.create",
+    "key.rotate",
+    "release",
+    "read",
+    "prove",
+    "contract.deploy",
+    "contract.call",
+    "data.register",
+    "data.grant",
+    "data.revoke",
+    "data.compute",
 ]
 Completion = Literal["ok", "fail", "info"]
 Outcome = Literal["ok", "fail", "info", "pending"]

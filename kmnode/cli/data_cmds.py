@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 import urllib.parse
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.contracts_cmds import wasm_of
 from kmnode.cli.options import api_node as _api_node
 from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
@@ -42,6 +44,7 @@ from kmnode.dataauth.blob import MAX_BLOB_BYTES, new_dek, seal_dataset
 from kmnode.dataauth.ops import BUILTIN_OPS, OpRefused, canonical_json, params_digest
 from kmnode.dataauth.ops import validate_params as _validate_params
 from kmnode.dataauth.table import TableError, parse_table
+from kmnode.dataauth.wasm_op import validate_wasm_params
 from kmnode.errors import KmsimError
 from kmnode.identity import IdentityKeys
 
@@ -73,11 +76,11 @@ def _signer(client: ClusterClient) -> IdentityKeys:
 
 
 def _ops(value: str) -> list[str]:
+    """The operations named (the cluster checks they exist: built-in or registered)."""
     ops = [op.strip() for op in value.split(",") if op.strip()]
-    unknown = [op for op in ops if op not in BUILTIN_OPS]
-    if not ops or unknown:
-        known = ", ".join(BUILTIN_OPS)
-        raise CliError(f"--ops: {unknown[0] if unknown else '(none)'} is not one of {known}", 2)
+    bad = [op for op in ops if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", op)]
+    if not ops or bad:
+        raise CliError(f"--ops: {bad[0] if bad else '(none)'} is not an operation name", 2)
     return ops
 
 
@@ -96,14 +99,59 @@ def data() -> None:
 
 
 @data.command("ops")
+@_api_node
 @_as_json
-def data_ops(as_json: bool) -> None:
-    """List the built-in operations a dataset may allow (name, version, checksum)."""
-    rows = [(s.name, s.version, s.kind, s.checksum[:16]) for s in BUILTIN_OPS.values()]
+@pass_context
+def data_ops(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
+    """List the operations a dataset may allow: the built-ins and those registered in
+    WebAssembly (name, version, checksum: what a token binds)."""
+    answer = ctx.client(api_node).get("/v1/data/ops")
     if as_json:
-        print_json([{"name": n, "version": v, "kind": k, "checksum": c} for n, v, k, c in rows])
+        print_json(answer)
         return
-    print_table("built-in operations", ["op", "version", "kind", "checksum"], rows)
+    rows = [
+        (
+            o["name"],
+            o["version"],
+            o["kind"],
+            "wasm" if o["wasm"] else "built-in",
+            o["checksum"][:16],
+        )
+        for o in answer.get("ops", [])
+    ]
+    print_table("operations", ["op", "version", "kind", "code", "checksum"], rows)
+
+
+@data.command("op-register")
+@click.argument("name")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1, 1_000_000),
+    default=1,
+    show_default=True,
+    help="The operation's version (part of its results).",
+)
+@_api_node
+@_as_json
+@pass_context
+def data_op_register(
+    ctx: CliContext, name: str, file: Path, version: int, api_node: str | None, as_json: bool
+) -> None:
+    """Register FILE (.wasm, or .wat compiled here) as data operation NAME (an operator's
+    act): it reads one numeric column and returns one number (see examples/dataops/). Owners
+    then allow it by name; every token for it binds its checksum.
+
+    Example: kmctl data op-register variance examples/dataops/variance.wat
+    """
+    code = wasm_of(file)
+    body = {"name": name, "version": version, "code": base64.b64encode(code).decode()}
+    answer = ctx.client(api_node).post("/v1/data/ops", body)
+    if as_json:
+        print_json(answer)
+        return
+    click.echo(f"registered operation {name} v{version} (checksum {answer['checksum'][:16]}...)")
 
 
 @data.command("register")
@@ -402,7 +450,11 @@ def data_compute(
     """
     try:
         parsed = json.loads(params)
-        checked = _validate_params(operation, parsed)
+        checked = (
+            _validate_params(operation, parsed)
+            if operation in BUILTIN_OPS
+            else validate_wasm_params(parsed)
+        )
     except (ValueError, OpRefused) as exc:
         raise CliError(f"--params: {exc}", EXIT_USAGE) from None
     client = _client(ctx, None, as_identity)

@@ -58,7 +58,13 @@ from kmnode.dataauth.table import MAX_CELL_CHARS, MAX_COLUMNS, Table, TableError
 Privacy = Literal["low", "high"]
 OpKind = Literal["aggregate", "export"]
 RefusalReason = Literal[
-    "unknown-op", "bad-params", "privacy", "group-too-small", "result-too-large", "bad-data"
+    "unknown-op",
+    "bad-params",
+    "privacy",
+    "group-too-small",
+    "result-too-large",
+    "bad-data",
+    "op-failed",
 ]
 MAX_PSI_ITEMS = 10_000
 MAX_EDGES = 64
@@ -317,6 +323,12 @@ BUILTIN_OPS: Mapping[str, OpSpec] = {
 
 
 # --- entry points -------------------------------------------------------------------------
+
+
+def rounded(value: float) -> float:
+    """A float result as every operation reports it (``_SIGNIFICANT_DIGITS`` significant
+    digits), so two summation orders cannot give two results."""
+    return _rounded(value)
 
 
 def canonical_json(value: object) -> bytes:

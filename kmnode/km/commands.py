@@ -50,6 +50,7 @@ from kmnode.km.data_commands import (
     DataConsume,
     DataDeny,
     DataGrant,
+    DataOpRegister,
     DataRegister,
     DataRequest,
     DataRevoke,
@@ -289,8 +290,9 @@ Command = Annotated[
     ClusterInit | MemberAdd | MemberRemove | KeyCreate | KeyRotate | ReleaseRequest
     | ReleaseOutcome | PolicySet | PolicyAllow | PolicyDisallow | PolicyRevokePlatform
     | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw | ContractDeploy
-    | ContractCall | ContractCheckpoint | DataRegister | DataGrant | DataRequest | DataApprove
-    | DataDeny | DataRevoke | DataCompute | DataConsume | ServiceMeasured,
+    | ContractCall | ContractCheckpoint | DataOpRegister | DataRegister | DataGrant
+    | DataRequest | DataApprove | DataDeny | DataRevoke | DataCompute | DataConsume
+    | ServiceMeasured,
     Field(discriminator="op"),
 ]  # fmt: skip
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)

@@ -38,6 +38,8 @@ MAX_TTL_S = 366 * 24 * 3600
 MAX_SEALED_PARAMS_CHARS = 48 * 1024
 #: A wrapped data key: a sealed box (48 bytes) around 32 bytes, in base64.
 WRAPPED_KEY_CHARS = 108
+#: A WebAssembly operation's module in base64 (``wasm_op.MAX_OP_CODE_BYTES`` of wasm).
+MAX_OP_CODE_CHARS = 40 * 1024 * 4 // 3 + 4
 #: The largest dataset (plaintext bytes) a registration may declare.
 MAX_DATASET_BYTES = 16 << 20
 
@@ -70,6 +72,18 @@ class _GrantTerms(CommandModel):
     uses: Annotated[int, Field(ge=1, le=MAX_USES)]
     #: Seconds from the signed request's creation time until the grant expires.
     ttl: Annotated[int, Field(ge=1, le=MAX_TTL_S)]
+
+
+class DataOpRegister(CommandModel):
+    """Register a data operation written in WebAssembly (``kmnode.dataauth.wasm_op``): an
+    operator's act; owners then allow it by name, and tokens bind its checksum. A name is
+    registered once (a new version is a new name), so what an owner allowed never changes."""
+
+    op: Literal["data.op_register"] = "data.op_register"
+    ROLE = "operator"
+    name: OpName
+    version: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    code: Annotated[Base64, StringConstraints(min_length=8, max_length=MAX_OP_CODE_CHARS)]
 
 
 class DataGrant(_GrantTerms):
@@ -150,7 +164,8 @@ class ServiceMeasured(CommandModel):
 
 
 DataCommand = (
-    DataRegister
+    DataOpRegister
+    | DataRegister
     | DataGrant
     | DataRequest
     | DataApprove
@@ -169,6 +184,13 @@ DataCommand = (
 class DatasetRegistered(Applied):
     dataset: str
     owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpRegistered(Applied):
+    name: str
+    version: int
+    checksum: str
 
 
 @dataclass(frozen=True, slots=True)

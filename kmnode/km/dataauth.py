@@ -15,6 +15,7 @@ secret.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -31,11 +32,13 @@ from kmnode.km.data_commands import (
     DataConsume,
     DataDeny,
     DataGrant,
+    DataOpRegister,
     DataRegister,
     DataRequest,
     DataRevoke,
     DatasetRegistered,
     GrantChanged,
+    OpRegistered,
     PlatformMeasured,
     RequestChanged,
     ServiceMeasured,
@@ -43,6 +46,8 @@ from kmnode.km.data_commands import (
     TokenIssued,
 )
 
+#: What every WebAssembly binary begins with.
+WASM_MAGIC = b"\0asm"
 #: The longest a token lives after it is issued (seconds of the state's clock).
 TOKEN_TTL_S = 600
 #: Version of the token's canonical form.
@@ -58,6 +63,27 @@ class Context(Protocol):
 
     @property
     def member_names(self) -> frozenset[str]: ...
+
+
+@dataclass
+class DataOp:
+    """A data operation in WebAssembly (``kmnode.dataauth.wasm_op``): its code is public."""
+
+    name: str
+    version: int
+    checksum: str
+    code: str
+    index: int
+    by: str
+
+
+@dataclass(frozen=True)
+class OpView:
+    """What a computation needs to know of an operation, built-in or registered."""
+
+    kind: str
+    version: int
+    checksum: str
 
 
 @dataclass
@@ -185,6 +211,8 @@ class DataAuthState:
     tokens: dict[str, Token] = field(default_factory=dict)
     #: Each node's service measurement, as its KM enclave last attested it.
     platforms: dict[str, str] = field(default_factory=dict)
+    #: Data operations in WebAssembly, by name (the built-ins are ``BUILTIN_OPS``).
+    ops: dict[str, DataOp] = field(default_factory=dict)
     #: Grant ids by (dataset, user), oldest first: an index (not serialised) so a compute
     #: looks at the user's grants only.
     _pairs: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
@@ -193,17 +221,42 @@ class DataAuthState:
         for grant in self.grants.values():
             self._pairs.setdefault((grant.dataset, grant.user), []).append(grant.id)
 
+    # --- operations ---------------------------------------------------------------------------
+
+    def op(self, name: str) -> OpView | None:
+        """A built-in or registered operation (None: no such operation)."""
+        spec = BUILTIN_OPS.get(name)
+        if spec is not None:
+            return OpView(spec.kind, spec.version, spec.checksum)
+        registered = self.ops.get(name)
+        if registered is not None:
+            return OpView("aggregate", registered.version, registered.checksum)
+        return None
+
+    def register_op(self, index: int, cmd: DataOpRegister, ctx: Context) -> Applied:
+        by = _signer(cmd.auth)
+        if cmd.name in BUILTIN_OPS or cmd.name in self.ops:
+            raise CommandRefused(f"an operation named {cmd.name!r} exists")
+        code = base64.b64decode(cmd.code, validate=True)
+        if not code.startswith(WASM_MAGIC):
+            raise CommandRefused("an operation's code is a WebAssembly binary (\\0asm...)")
+        record = DataOp(
+            cmd.name, cmd.version, hashlib.sha256(code).hexdigest(), cmd.code, index, by
+        )
+        self.ops[cmd.name] = record
+        return OpRegistered(record.name, record.version, record.checksum)
+
     # --- owners -------------------------------------------------------------------------------
 
     def register(self, index: int, cmd: DataRegister, ctx: Context) -> Applied:
         owner = _signer(cmd.auth)
         if cmd.name in self.datasets:
             raise CommandRefused(f"a dataset named {cmd.name!r} exists")
-        unknown = [op for op in cmd.ops if op not in BUILTIN_OPS]
+        unknown = [op for op in cmd.ops if self.op(op) is None]
         if unknown:
             raise CommandRefused(f"unknown operation {unknown[0]!r}")
         if cmd.privacy == "high":
-            raw = [op for op in cmd.ops if BUILTIN_OPS[op].kind == "export"]
+            raw = [op for op in cmd.ops if BUILTIN_OPS.get(op) and BUILTIN_OPS[op].kind == "export"]
             if raw:
                 raise CommandRefused(f"a high-privacy dataset cannot allow {raw[0]!r}")
         self.datasets[cmd.name] = Dataset(
@@ -272,7 +325,7 @@ class DataAuthState:
     def compute(self, index: int, cmd: DataCompute, ctx: Context) -> Applied:
         user = _signer(cmd.auth)
         dataset = self._dataset(cmd.dataset)
-        spec = BUILTIN_OPS.get(cmd.operation)
+        spec = self.op(cmd.operation)
         if spec is None:
             raise CommandRefused(f"unknown operation {cmd.operation!r}")
         if cmd.operation not in dataset.ops:
@@ -401,6 +454,7 @@ class DataAuthState:
             "requests": [asdict(r) for r in self.requests.values()],
             "tokens": [asdict(t) for t in self.tokens.values()],
             "platforms": dict(self.platforms),
+            "ops": [asdict(o) for o in self.ops.values()],
         }
 
     @classmethod
@@ -412,6 +466,7 @@ class DataAuthState:
             requests={r["id"]: AccessRequest(**r) for r in data.get("requests", [])},
             tokens={t["id"]: Token(**t) for t in data.get("tokens", [])},
             platforms=dict(data.get("platforms", {})),
+            ops={o["name"]: DataOp(**o) for o in data.get("ops", [])},
         )
 
 

@@ -836,6 +836,10 @@ class KMEnclave:
             "privacy": dataset.privacy,
             "min_group_size": dataset.min_group_size,
         }
+        registered = data.ops.get(token.op)
+        if registered is not None:  # a WebAssembly operation: its code, which the token binds
+            envelope["code"] = registered.code
+            envelope["op_version"] = registered.version
         return self._box_to(attested, envelope)
 
     def _attest_service(

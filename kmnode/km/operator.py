@@ -25,6 +25,7 @@ from attest.identity import EnclaveRole
 from attest.quote import CheckLog
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
 from kmnode.api_routes import BadCall, parse_call
+from kmnode.dataauth.ops import BUILTIN_OPS
 from kmnode.identity import AuthError, Verified, verify_request
 from kmnode.km.commands import (
     Applied,
@@ -52,6 +53,7 @@ from kmnode.km.data_commands import (
     DataCompute,
     DataDeny,
     DataGrant,
+    DataOpRegister,
     DataRegister,
     DataRequest,
     DataRevoke,
@@ -517,6 +519,18 @@ class Operator:
                 }
             case "node":
                 return self.node.data.status()
+            case "ops":
+                builtin = [
+                    {"name": s.name, "version": s.version, "kind": s.kind,
+                     "checksum": s.checksum, "wasm": False}
+                    for s in BUILTIN_OPS.values()
+                ]  # fmt: skip
+                registered = [
+                    {"name": o.name, "version": o.version, "kind": "aggregate",
+                     "checksum": o.checksum, "wasm": True, "by": o.by}
+                    for o in data.ops.values()
+                ]  # fmt: skip
+                return {"ops": builtin + registered}
 
     def _data_result(self, token_id: str, by: Verified) -> dict[str, Any]:
         token = self.node.enclave.state.data.tokens.get(token_id)
@@ -616,6 +630,7 @@ DATA_COMMANDS: dict[str, type[CommandModel]] = {
     "data.deny": DataDeny,
     "data.revoke": DataRevoke,
     "data.compute": DataCompute,
+    "data.op_register": DataOpRegister,
 }
 
 

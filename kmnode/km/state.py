@@ -88,20 +88,19 @@ from kmnode.km.data_commands import (
     DataConsume,
     DataDeny,
     DataGrant,
+    DataOpRegister,
     DataRegister,
     DataRequest,
     DataRevoke,
     ServiceMeasured,
 )
-from kmnode.km.dataauth import DataAuthState
+from kmnode.km.dataauth import WASM_MAGIC, DataAuthState
 from kmnode.km.ledger_proof import SIGNER_LABEL, head_message, signature_holds
 
 #: Releases per ``json.dumps`` call when a snapshot is serialised: each call holds the GIL, so
 #: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
 SNAPSHOT_CHUNK = 1000
 GENESIS_HASH = bytes(32)
-#: What every WebAssembly binary begins with.
-WASM_MAGIC = b"\0asm"
 #: How long a committed request id is kept (seconds of creation time before the newest one):
 #: longer than a signature is accepted (``kmnode.identity.MAX_AGE_S`` plus the clock skew),
 #: so a replay is refused as a replay, or as too old, never applied.
@@ -847,6 +846,7 @@ _HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     ContractDeploy: KMState._contract_deploy,
     ContractCall: KMState._contract_call,
     ContractCheckpoint: KMState._contract_checkpoint,
+    DataOpRegister: lambda s, i, c: s.data.register_op(i, c, s),
     DataRegister: lambda s, i, c: s.data.register(i, c, s),
     DataGrant: lambda s, i, c: s.data.grant(i, c, s),
     DataRequest: lambda s, i, c: s.data.request(i, c, s),

@@ -30,9 +30,11 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kmnode.contracts.envelope import EnvelopeError, open_call
+from kmnode.contracts.vm import ContractVM
 from kmnode.dataauth.blob import MAX_BLOB_BYTES, BlobError, open_dataset
 from kmnode.dataauth.ops import Limits, OpRefused, params_digest, run_op
-from kmnode.dataauth.table import TableError, parse_table
+from kmnode.dataauth.table import Table, TableError, parse_table
+from kmnode.dataauth.wasm_op import checksum, run_wasm_op
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service_pipe import DataJobReply, DataJobRequest, DataRevokeReply, DataRevokeRequest
 
@@ -91,6 +93,9 @@ class JobEnvelope(_Strict):
     nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
     privacy: str
     min_group_size: Annotated[int, Field(ge=1)]
+    #: A WebAssembly operation's module (base64) and version; empty for a built-in.
+    code: Annotated[str, StringConstraints(max_length=1 << 17)] = ""
+    op_version: Annotated[int, Field(ge=0)] = 0
 
 
 class JobRefused(Exception):
@@ -104,6 +109,7 @@ class DataJobs:
     def __init__(self, enclave: ServiceEnclave, blob_dir: Path) -> None:
         self._enclave = enclave
         self._blob_dir = blob_dir
+        self._vm: ContractVM | None = None  # made at the first WebAssembly operation
         self._revoked: set[str] = set()
         self._done: dict[str, None] = {}
 
@@ -162,7 +168,10 @@ class DataJobs:
         try:
             table = parse_table(plaintext)
             limits = Limits(min_group_size=job.min_group_size, max_result_bytes=MAX_RESULT_BYTES)
-            result = run_op(token.op, table, params, job.privacy, limits)  # type: ignore[arg-type]
+            if job.code:
+                result = self._run_wasm(job, token, table, params, limits)
+            else:
+                result = run_op(token.op, table, params, job.privacy, limits)  # type: ignore[arg-type]
         except TableError as exc:
             raise JobRefused(f"bad-data: {exc}") from None
         except OpRefused as exc:
@@ -171,6 +180,25 @@ class DataJobs:
             return bytes(SealedBox(PublicKey(bytes.fromhex(token.user_pk))).encrypt(result))
         except (ValueError, CryptoError):
             raise JobRefused("the user's key is unusable") from None
+
+    def _run_wasm(
+        self,
+        job: JobEnvelope,
+        token: TokenView,
+        table: Table,
+        params: dict[str, object],
+        limits: Limits,
+    ) -> bytes:
+        """A WebAssembly operation: only the module whose checksum the token binds."""
+        try:
+            code = base64.b64decode(job.code, validate=True)
+        except ValueError:
+            raise JobRefused("op-failed: the operation's code is not base64") from None
+        if checksum(code) != token.op_checksum:
+            raise JobRefused("op-failed: the operation's code is not the one the token binds")
+        if self._vm is None:
+            self._vm = ContractVM()
+        return run_wasm_op(self._vm, code, token.op, job.op_version, table, params, limits)
 
     def _read_blob(self, digest: str) -> bytes:
         try:

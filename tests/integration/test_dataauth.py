@@ -27,7 +27,7 @@ from kmnode.dataauth.blob import new_dek, seal_dataset
 from kmnode.dataauth.ops import canonical_json, params_digest
 from kmnode.identity import IdentityKeys
 
-from .harness import LocalCluster, running, until
+from .harness import REPO, LocalCluster, cluster_admin, running, until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -293,3 +293,37 @@ def test_kmctl_data_from_register_to_an_opened_result(
     status = kmctl("data", "status", "--json")
     assert status.exit_code == 0
     assert {v["node"] for v in json.loads(status.output)} == set(cluster.names)
+
+
+def test_kmctl_a_webassembly_operation_registered_allowed_and_computed(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    admin = tmp_path / "admin.key"
+    cluster_admin(cluster.root).save(admin)
+    paths = {}
+    for who in (OWNER, USER):
+        paths[who.name] = tmp_path / f"{who.name}.key"
+        who.save(paths[who.name])
+    data = tmp_path / "w.csv"
+    data.write_bytes(CSV)
+
+    def kmctl(*args: str) -> Any:
+        command = ["-c", str(cluster.config_path), *args]
+        return CliRunner().invoke(cli, command, catch_exceptions=False)
+
+    wat = str(REPO / "examples/dataops/variance.wat")
+    done = kmctl("--as", str(admin), "data", "op-register", "variance", wat)
+    assert done.exit_code == 0 and "registered operation variance" in done.output, done.output
+    listed = kmctl("--as", str(admin), "data", "ops", "--json")
+    assert {"variance", "mean"} <= {o["name"] for o in json.loads(listed.output)["ops"]}
+    done = kmctl("data", "register", "wvar", str(data), "--ops", "variance",
+                 "--as", str(paths["alice"]))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    done = kmctl("data", "grant", "wvar", "--to", "bob", "--ops", "variance",
+                 "--as", str(paths["alice"]))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    done = kmctl("data", "compute", "wvar", "--op", "variance", "--params",
+                 '{"column": "salary"}', "--as", str(paths["bob"]), "--json")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    variance = sum((s - MEAN) ** 2 for _, s in ROWS) / len(ROWS)
+    assert json.loads(done.output)["value"] == pytest.approx(variance)

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import secrets
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import VerifyKey
+from wasmtime import wat2wasm
 
 from kmnode.contracts.envelope import seal_call
 from kmnode.dataauth.blob import new_dek, seal_dataset
@@ -29,7 +31,8 @@ from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service_pipe import DataJobRequest, DataRevokeRequest
 from tests.km.enclaves import NOW, ROGUE_ID, SVC_ID, commit, joined_pair, service
 
-OWNER, USER, OTHER = (IdentityKeys.generate(n) for n in ("alice", "bob", "eve"))
+REPO = Path(__file__).resolve().parents[2]
+OWNER, USER, OTHER, OPERATOR = (IdentityKeys.generate(n) for n in ("alice", "bob", "eve", "carol"))
 CSV = ("v,w\n" + "".join(f"{i},{i % 3}\n" for i in range(1, 21))).encode()
 
 
@@ -53,22 +56,32 @@ class Setup:
         for km in (self.a, self.b):  # as cluster.yaml lists them at genesis
             km.state.identities = {
                 k.name: k.public(roles)
-                for k, roles in ((OWNER, ["owner"]), (USER, ["user"]), (OTHER, ["user"]))
+                for k, roles in (
+                    (OWNER, ["owner"]),
+                    (USER, ["user"]),
+                    (OTHER, ["user"]),
+                    (OPERATOR, ["operator"]),
+                )
             }
         for node in ("n-a", "n-b"):
             self.both("service.measured", node=node, measurement=SVC_ID.measurement.hex())
+        self.digest = self.register("d", ["mean", "count"])
+
+    def register(self, name: str, ops: list[str]) -> str:
+        """Dataset ``name`` sealed and registered as its owner does; its blob's digest."""
         wrap = PublicKey(bytes.fromhex(self.a.data_public_keys()["wrap_key"]))
         dek = new_dek()
-        sealed = seal_dataset("d", CSV, dek)
-        blob_dir.mkdir(parents=True, exist_ok=True)
-        (blob_dir / sealed.digest_ct).write_bytes(sealed.ciphertext)
-        self.digest = sealed.digest_ct
+        sealed = seal_dataset(name, CSV, dek)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        (self.blob_dir / sealed.digest_ct).write_bytes(sealed.ciphertext)
         wrapped = base64.b64encode(bytes(SealedBox(wrap).encrypt(dek))).decode()
-        self.signed(
-            OWNER, "data.register", name="d", digest_ct=sealed.digest_ct,
-            digest_pt=sealed.digest_pt, size=sealed.size, privacy="high",
-            ops=["mean", "count"], wrapped_key=wrapped,
+        registered = self.signed(
+            OWNER, "data.register", name=name, digest_ct=sealed.digest_ct,
+            digest_pt=sealed.digest_pt, size=sealed.size, privacy="high", ops=ops,
+            wrapped_key=wrapped,
         )  # fmt: skip
+        assert registered.ok, registered
+        return sealed.digest_ct
 
     def both(self, op: str, **fields: Any) -> Applied:
         first = commit(self.a, op, **fields)
@@ -292,3 +305,29 @@ def test_a_token_that_expired_before_its_job_is_refused_by_the_km_enclave(s: Set
     assert not result.ok and "expired" in result.reason and result.ciphertext == b""
     late = s.compute()
     assert isinstance(late, Refused) and "expired" in late.error
+
+
+def test_a_webassembly_operation_runs_only_as_the_code_its_token_binds(s: Setup) -> None:
+    code = wat2wasm((REPO / "examples/dataops/variance.wat").read_text())
+    b64 = base64.b64encode(bytes(code)).decode()
+    by_owner = s.signed(OWNER, "data.op_register", name="variance", code=b64)
+    assert isinstance(by_owner, Refused) and by_owner.code == "forbidden"
+    registered = s.signed(OPERATOR, "data.op_register", name="variance", code=b64)
+    assert registered.ok, registered
+    again = s.signed(OPERATOR, "data.op_register", name="variance", code=b64)
+    assert isinstance(again, Refused) and "exists" in again.error  # a name is registered once
+    builtin = s.signed(OPERATOR, "data.op_register", name="mean", code=b64)
+    assert isinstance(builtin, Refused)
+    s.register("w", ["variance"])
+    s.signed(OWNER, "data.grant", dataset="w", user="bob", ops=["variance"], uses=1, ttl=600)
+    issued = s.compute(op="variance", dataset="w")
+    assert isinstance(issued, TokenIssued)
+    token = s.a.state.data.tokens[issued.token]
+    assert token.op_checksum == hashlib.sha256(bytes(code)).hexdigest()
+    svc = service("a")
+    reply, _ = run(DataJobs(svc, s.blob_dir), job(s.a, svc, issued.token))
+    assert reply.status == "consumed", reply
+    opened = json.loads(
+        SealedBox(PrivateKey(USER.box_secret)).decrypt(base64.b64decode(reply.sealed))
+    )
+    assert opened["value"] == pytest.approx(statistics.pvariance(range(1, 21)))
