@@ -27,11 +27,13 @@ class CliContext:
             return load_signer(config, self.identity)
         return default_signer(config)
 
-    def client(self, node: str | None = None) -> ClusterClient:
+    def client(self, node: str | None = None, as_identity: str | None = None) -> ClusterClient:
         """The API client of this invocation: the running cluster's config, signed as
-        ``signer``, talking to ``node`` (default: the first reachable)."""
+        ``signer`` (or as the command's own ``--as``), talking to ``node`` (default: the
+        first reachable)."""
         cfg = supervisor.effective_config(self.config())
-        return ClusterClient(cfg, node, signer=self.signer(cfg))
+        signer = load_signer(cfg, as_identity) if as_identity else self.signer(cfg)
+        return ClusterClient(cfg, node, signer=signer)
 
     def config(self) -> ClusterConfig:
         try:

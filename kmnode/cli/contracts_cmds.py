@@ -24,6 +24,7 @@ from kmnode import supervisor
 from kmnode.chaos import contract_repair
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.options import api_node as _api_node
+from kmnode.cli.options import as_identity as _as
 from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
     EXIT_FAILURE,
@@ -34,7 +35,6 @@ from kmnode.cli.output import (
     print_json,
     print_table,
 )
-from kmnode.client import ClusterClient, load_signer
 from kmnode.contracts import envelope
 from kmnode.errors import KmsimError
 
@@ -98,13 +98,6 @@ def open_result(box_secret: bytes, sealed_b64: str, reply_key: bytes | None) -> 
         raise CliError(f"the result does not open with this identity's key: {exc}") from None
 
 
-def _client(ctx: CliContext, node: str | None, as_identity: str | None = None) -> ClusterClient:
-    if as_identity is None:
-        return ctx.client(node)
-    cfg = supervisor.effective_config(ctx.config())
-    return ClusterClient(cfg, node, signer=load_signer(cfg, as_identity))
-
-
 @contracts.command("deploy")
 @click.argument("name")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
@@ -120,7 +113,7 @@ def contracts_deploy(
     """
     code = wasm_of(file)
     body = {"name": name, "code": base64.b64encode(code).decode()}
-    answer = _client(ctx, api_node).post("/v1/contracts", body)
+    answer = ctx.client(api_node).post("/v1/contracts", body)
     if as_json:
         print_json(answer)
         return
@@ -136,7 +129,7 @@ def contracts_deploy(
 @pass_context
 def contracts_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
     """List the deployed contracts."""
-    answer = _client(ctx, api_node).get("/v1/contracts")
+    answer = ctx.client(api_node).get("/v1/contracts")
     if as_json:
         print_json(answer)
         return
@@ -157,7 +150,7 @@ def contracts_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None
 def contracts_show(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
     """Show contract NAME and its committed state roots. Exits 2 if there is no such
     contract."""
-    answer = _client(ctx, api_node).get(f"/v1/contracts/{_quoted(name)}")
+    answer = ctx.client(api_node).get(f"/v1/contracts/{_quoted(name)}")
     if as_json:
         print_json(answer)
         return
@@ -170,10 +163,7 @@ def contracts_show(ctx: CliContext, name: str, api_node: str | None, as_json: bo
 @click.argument("name")
 @click.argument("function")
 @click.argument("args", nargs=-1)
-@click.option(
-    "--as", "as_identity", metavar="NAME|FILE", help="The calling identity (a user). "
-    "Default: the global --as, else the development profile's key."
-)  # fmt: skip
+@_as
 @click.option(
     "--fuel",
     type=click.IntRange(1, MAX_FUEL),
@@ -209,7 +199,7 @@ def contracts_call(
 
     Example: kmctl contracts call token transfer u64:5 bob --as alice
     """
-    client = _client(ctx, api_node, as_identity)
+    client = ctx.client(api_node, as_identity)
     signer = client.signer
     if signer is None:
         raise CliError("no identity to call as: give --as NAME", EXIT_USAGE)

@@ -28,6 +28,7 @@ from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.contracts_cmds import wasm_of
 from kmnode.cli.options import api_node as _api_node
+from kmnode.cli.options import as_identity as _as
 from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import (
     EXIT_FAILURE,
@@ -38,7 +39,7 @@ from kmnode.cli.output import (
     print_json,
     print_table,
 )
-from kmnode.client import ClusterClient, NodeUnreachable, load_signer, upload_blob
+from kmnode.client import ClusterClient, NodeUnreachable, upload_blob
 from kmnode.contracts import envelope
 from kmnode.dataauth.blob import MAX_BLOB_BYTES, new_dek, seal_dataset
 from kmnode.dataauth.ops import BUILTIN_OPS, OpRefused, canonical_json, params_digest
@@ -48,25 +49,11 @@ from kmnode.dataauth.wasm_op import validate_wasm_params
 from kmnode.errors import KmsimError
 from kmnode.identity import IdentityKeys
 
-_AS_HELP = "The identity to act as. Default: the global --as, else the development key."
-
-
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _as(f: F) -> F:
-    return click.option("--as", "as_identity", metavar="NAME|FILE", help=_AS_HELP)(f)
 
 
 def _q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
-
-
-def _client(ctx: CliContext, node: str | None, as_identity: str | None) -> ClusterClient:
-    if as_identity is None:
-        return ctx.client(node)
-    cfg = supervisor.effective_config(ctx.config())
-    return ClusterClient(cfg, node, signer=load_signer(cfg, as_identity))
 
 
 def _signer(client: ClusterClient) -> IdentityKeys:
@@ -199,7 +186,7 @@ def data_register(
         parse_table(plaintext)
     except TableError as exc:
         raise CliError(f"{file} is not a dataset: {exc}", EXIT_USAGE) from None
-    client = _client(ctx, api_node, as_identity)
+    client = ctx.client(api_node, as_identity)
     _signer(client)
     keys = client.get("/v1/data/keys")
     dek = new_dek()
@@ -317,7 +304,7 @@ def data_grant(
     Example: kmctl data grant salaries --to bob --ops mean --uses 3 --ttl 600 --as alice
     """
     body = {"user": user, "ops": _ops(ops), "uses": uses, "ttl": ttl}
-    answer = _client(ctx, api_node, as_identity).post(f"/v1/datasets/{_q(name)}/grants", body)
+    answer = ctx.client(api_node, as_identity).post(f"/v1/datasets/{_q(name)}/grants", body)
     if as_json:
         print_json(answer)
         return
@@ -340,7 +327,7 @@ def data_request(
     Example: kmctl data request salaries --ops mean --as bob
     """
     body = {"ops": _ops(ops), "uses": uses, "ttl": ttl}
-    answer = _client(ctx, api_node, as_identity).post(f"/v1/datasets/{_q(name)}/requests", body)
+    answer = ctx.client(api_node, as_identity).post(f"/v1/datasets/{_q(name)}/requests", body)
     if as_json:
         print_json(answer)
         return
@@ -384,7 +371,7 @@ def _decide(verb: str) -> None:
         ctx: CliContext, request: str, as_identity: str | None, api_node: str | None,
         as_json: bool,
     ) -> None:  # fmt: skip
-        client = _client(ctx, api_node, as_identity)
+        client = ctx.client(api_node, as_identity)
         answer = client.post(f"/v1/data/requests/{_q(request)}/{verb}", {})
         if as_json:
             print_json(answer)
@@ -412,7 +399,7 @@ def data_revoke(
 
     Example: kmctl data revoke g17 --as alice
     """
-    answer = _client(ctx, api_node, as_identity).post(f"/v1/data/grants/{_q(grant)}/revoke", {})
+    answer = ctx.client(api_node, as_identity).post(f"/v1/data/grants/{_q(grant)}/revoke", {})
     if as_json:
         print_json(answer)
         return
@@ -457,7 +444,7 @@ def data_compute(
         )
     except (ValueError, OpRefused) as exc:
         raise CliError(f"--params: {exc}", EXIT_USAGE) from None
-    client = _client(ctx, None, as_identity)
+    client = ctx.client(None, as_identity)
     signer = _signer(client)
     input_key = bytes.fromhex(client.get("/v1/data/keys")["input_key"])
     nonce = secrets.token_hex(16)
@@ -491,7 +478,7 @@ def data_result(ctx: CliContext, token: str, as_identity: str | None, as_json: b
 
     Example: kmctl data result t1042 --as bob
     """
-    client = _client(ctx, None, as_identity)
+    client = ctx.client(None, as_identity)
     signer = _signer(client)
     record = client.get(f"/v1/data/tokens/{_q(token)}")
     _finish(ctx, record, signer, as_json)

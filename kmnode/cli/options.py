@@ -23,3 +23,13 @@ def api_node(f: F) -> F:
 def as_json(f: F) -> F:
     """``--json``: machine-readable output."""
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+
+
+def as_identity(f: F) -> F:
+    """``--as NAME|FILE`` after the command: the identity that signs (as ``kmctl --as``)."""
+    return click.option(
+        "--as",
+        "as_identity",
+        metavar="NAME|FILE",
+        help="The identity to act as. Default: the global --as, else the development key.",
+    )(f)

@@ -57,6 +57,9 @@ RESULTS_KEPT = 4096
 REVOKE_BATCH = 4096
 #: Pause after the service could not be reached.
 RETRY_S = 0.5
+#: Jobs handed to the service enclave at once (it runs them in order; their attestations and
+#: replies overlap on the pipe, and their ends are committed while the next ones run).
+JOBS_IN_FLIGHT = 32
 
 
 @dataclass
@@ -202,12 +205,22 @@ class DataFeed:
             await self._attest_new_instance()
         while self._queue:
             kind, name, applied_at = self._queue[0]
-            if kind == "revoke":
+            if kind == "revoke":  # a barrier: jobs queued after it start only once it is sent
                 await self._send_revocations([name])
                 self.lag.add((time.monotonic() - applied_at) * 1000)
-            else:
-                await self._run_job(name)
-            self._queue.popleft()
+                self._queue.popleft()
+                continue
+            batch: list[str] = []
+            while self._queue and self._queue[0][0] == "token" and len(batch) < JOBS_IN_FLIGHT:
+                batch.append(self._queue.popleft()[1])
+            results = await asyncio.gather(
+                *(self._run_job(t) for t in batch), return_exceptions=True
+            )
+            failed = [t for t, r in zip(batch, results, strict=True) if isinstance(r, Exception)]
+            if failed:
+                # Tried again (a job boxed already is refused then: the token ends refused).
+                self._queue.extendleft(("token", t, 0.0) for t in reversed(failed))
+                raise next(r for r in results if isinstance(r, Exception))
 
     async def _attest_new_instance(self) -> None:
         """Attest a service instance this feed has not seen, put its measurement on the ledger
@@ -217,7 +230,10 @@ class DataFeed:
         challenge = enclave.new_challenge()
         response = await node.service.challenge(enclave.identity.measurement, challenge)
         measurement = enclave.attested_measurement(challenge, response)
+        first = self._instance is None
         self._instance = node.service.restarts
+        if first:
+            self._end_orphans()
         if not measurement:
             log.warning("%s: data: the service enclave did not attest", node.name)
             return
@@ -234,6 +250,46 @@ class DataFeed:
                 lambda: enclave.state.data.platforms.get(node.name) == measurement,
                 self._wait_measured,
             )
+
+    def _end_orphans(self) -> None:
+        """Tokens for this node issued before this process first reached its service enclave
+        (the node restarted): whether their job ran before the restart is unknown here, so
+        they end refused rather than risk a second computation of one token."""
+        node = self.node
+        boundary = node.enclave.state.applied_index
+        orphans = {
+            t.id
+            for t in node.enclave.state.data.tokens.values()
+            if t.node == node.name and t.state == "issued" and t.issued_index <= boundary
+        }
+        if not orphans:
+            return
+        self._queue = deque(item for item in self._queue if item[1] not in orphans)
+        reason = "the platform node restarted before the job ended; it is not run again"
+        for token_id in sorted(orphans):
+            outcome = JobOutcome(token_id, "refused", reason)
+            self._results[token_id] = outcome
+            self._commit_end(outcome)
+
+    def _commit_end(self, outcome: JobOutcome) -> None:
+        """Commit how a token ended, in a task of its own (retried until applied here)."""
+        node = self.node
+        command = DataConsume(
+            token=outcome.token,
+            node=node.name,
+            status=outcome.status,  # type: ignore[arg-type]  # consumed or refused
+            result_hash=outcome.result_hash,
+            reason=outcome.reason[:500],
+        ).encode()
+        node.spawn(
+            commit_anywhere(
+                node.raft(),
+                node.forwarder,
+                command,
+                lambda: self._token_done(outcome.token),
+                lambda t: self.wait_finished(outcome.token, t),
+            )
+        )
 
     async def _wait_measured(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -254,20 +310,7 @@ class DataFeed:
         self._results[token_id] = outcome
         if len(self._results) > RESULTS_KEPT:
             self._results.popitem(last=False)
-        command = DataConsume(
-            token=token_id,
-            node=node.name,
-            status=outcome.status,  # type: ignore[arg-type]  # consumed or refused
-            result_hash=outcome.result_hash,
-            reason=outcome.reason[:500],
-        ).encode()
-        await commit_anywhere(
-            node.raft(),
-            node.forwarder,
-            command,
-            lambda: self._token_done(token_id),
-            lambda t: self.wait_finished(token_id, t),
-        )
+        self._commit_end(outcome)  # while the next jobs run
         if outcome.status == "refused":
             log.warning("%s: data: token %s refused: %s", node.name, token_id, outcome.reason)
 
