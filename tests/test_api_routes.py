@@ -31,14 +31,34 @@ def test_each_route_builds_its_request() -> None:
     assert request == Prove(key="db", generation=1, challenge=b"\x00\xff")
 
 
+#: Routes of data owners and users (issue 15): their acts, and the reads they share with
+#: auditors (``Route.also``).
+_PARTIES = ("/v1/data", "/v1/datasets")
+
+
 def test_every_route_has_a_role_and_reads_need_no_more_than_auditor() -> None:
-    """Every read is an auditor's, but the contract-input key: users read it to seal their
-    calls' arguments (and calling a contract is a user's act only)."""
+    """Every read is an auditor's, but the contract-input key and a token's sealed result:
+    users read them to seal their calls' arguments and to get what only they open (and
+    calling a contract is a user's act only). Data owners' and users' acts are theirs."""
     for route in ROUTES:
-        users = route.path in ("/v1/contract-input-key", "/v1/contracts/{name}/calls")
-        assert route.role == "user" if users else route.role in ("admin", "operator", "auditor")
+        users = route.path in (
+            "/v1/contract-input-key",
+            "/v1/contracts/{name}/calls",
+            "/v1/data/tokens/{token}/result",
+        )
+        parties = route.path.startswith(_PARTIES)
+        if users:
+            assert route.role == "user"
+        elif parties and route.method == "POST":
+            assert route.role in ("owner", "user", "operator")
+        else:
+            assert route.role in ("admin", "operator", "auditor")
         if route.method == "GET" and not users:
             assert route.role == "auditor"
+            if parties:
+                assert set(route.also) <= {"user", "owner"}
+            else:
+                assert route.also == ()
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ def reference_snapshot(state: KMState) -> bytes:
         "contract_seq": state.contract_seq,
         "contract_ops": [dataclasses.asdict(op) for op in state.contract_ops],
         "checkpoints": [dataclasses.asdict(c) for c in state.checkpoints],
+        "data": state.data.to_json(),
     }
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
