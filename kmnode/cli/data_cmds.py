@@ -11,18 +11,14 @@ after its hash is checked against the one the platform committed with the token.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
-import secrets
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
@@ -40,12 +36,17 @@ from kmnode.cli.output import (
     print_table,
 )
 from kmnode.client import ClusterClient, NodeUnreachable, upload_blob
-from kmnode.contracts import envelope
 from kmnode.dataauth.blob import MAX_BLOB_BYTES, new_dek, seal_dataset
-from kmnode.dataauth.ops import BUILTIN_OPS, OpRefused, canonical_json, params_digest
-from kmnode.dataauth.ops import validate_params as _validate_params
+from kmnode.dataauth.client_side import (
+    ResultHashMismatch,
+    ResultUnopened,
+    checked_params,
+    compute_body,
+    open_result,
+    registration_body,
+)
+from kmnode.dataauth.ops import OpRefused
 from kmnode.dataauth.table import TableError, parse_table
-from kmnode.dataauth.wasm_op import validate_wasm_params
 from kmnode.errors import KmsimError
 from kmnode.identity import IdentityKeys
 
@@ -193,7 +194,6 @@ def data_register(
     sealed = seal_dataset(name, plaintext, dek)
     if len(sealed.ciphertext) > MAX_BLOB_BYTES:
         raise CliError(f"{file} is too large: a blob is at most {MAX_BLOB_BYTES} bytes", 2)
-    wrapped = SealedBox(PublicKey(bytes.fromhex(keys["wrap_key"]))).encrypt(dek)
     cfg = supervisor.effective_config(ctx.config())
     stored = []
     for node in cfg.nodes:
@@ -204,16 +204,9 @@ def data_register(
             click.echo(f"warning: {node.name} is unreachable; it has no copy of the blob", err=True)
     if not stored:
         raise KmsimError("no node took the blob", EXIT_FAILURE)
-    body = {
-        "name": name,
-        "digest_ct": sealed.digest_ct,
-        "digest_pt": sealed.digest_pt,
-        "size": sealed.size,
-        "privacy": privacy,
-        "ops": allowed,
-        "wrapped_key": base64.b64encode(bytes(wrapped)).decode(),
-        "min_group_size": min_group,
-    }
+    body = registration_body(
+        name, sealed, dek, keys["wrap_key"], privacy=privacy, ops=allowed, min_group_size=min_group
+    )
     answer = client.post("/v1/datasets", body)
     if as_json:
         print_json({**answer, "digest_ct": sealed.digest_ct, "blob_on": stored})
@@ -436,25 +429,13 @@ def data_compute(
     Example: kmctl data compute salaries --op mean --params '{"column": "salary"}' --as bob
     """
     try:
-        parsed = json.loads(params)
-        checked = (
-            _validate_params(operation, parsed)
-            if operation in BUILTIN_OPS
-            else validate_wasm_params(parsed)
-        )
+        checked = checked_params(operation, json.loads(params))
     except (ValueError, OpRefused) as exc:
         raise CliError(f"--params: {exc}", EXIT_USAGE) from None
     client = ctx.client(None, as_identity)
     signer = _signer(client)
     input_key = bytes.fromhex(client.get("/v1/data/keys")["input_key"])
-    nonce = secrets.token_hex(16)
-    body: dict[str, Any] = {
-        "operation": operation,
-        "params": params_digest(checked),
-        "sealed": envelope.seal_call(input_key, signer.name, nonce, canonical_json(checked)),
-        "nonce": nonce,
-        "timeout": wait,
-    }
+    body = {**compute_body(input_key, signer.name, operation, checked), "timeout": wait}
     if platform:
         body["node"] = platform
     answer = client.post(f"/v1/datasets/{_q(name)}/computations", body, timeout=wait + 5)
@@ -500,15 +481,14 @@ def _finish(ctx: CliContext, token: dict[str, Any], signer: IdentityKeys, as_jso
         cfg = supervisor.effective_config(ctx.config())
         platform = ClusterClient(cfg, token["node"], signer=signer)
         sealed_b64 = platform.get(f"/v1/data/tokens/{_q(token['id'])}/result")["sealed"]
-    sealed = base64.b64decode(sealed_b64)
-    if hashlib.sha256(sealed).hexdigest() != token.get("result_hash"):
+    try:
+        result = open_result(str(sealed_b64), str(token.get("result_hash")), signer.box_secret)
+    except ResultHashMismatch:
         raise KmsimError(
             f"the result of {token['id']} does not match the hash committed with the token",
             EXIT_FAILURE,
-        )
-    try:
-        result = json.loads(SealedBox(PrivateKey(signer.box_secret)).decrypt(sealed))
-    except (CryptoError, ValueError):
+        ) from None
+    except ResultUnopened:
         raise KmsimError(
             f"the result of {token['id']} does not open with {signer.name}'s key", EXIT_FAILURE
         ) from None
