@@ -19,7 +19,11 @@ Every kind of fault the chaos tooling knows is here, each as "inject, then heal"
   swapped with another, rolled back or dropped. The contract checks expect the node to halt
   saying it caught the tamper, or to go on answering correctly (the record not read again);
   the heal resyncs a halted node from a peer, as an operator would (``contract_repair``),
-  which needs a committed checkpoint.
+  which needs a committed checkpoint;
+* a host tampering with a dataset's blob (``tamper-blob``, only when named: it needs the data
+  workload): a bit of the target's copy of the run's blob is flipped. Computations on that
+  node must end refused until the heal, which puts the owner's bytes back (the host stops
+  tampering); a node with no copy (a replaced one) is recorded as skipped.
 
 The order of kinds is a seeded shuffle, repeated, so a run with N fault slots covers
 min(N, kinds) distinct kinds: a short CI run still exercises every kind across a few seeds.
@@ -38,8 +42,9 @@ from kmnode.chaos.checker import CheckOutcome, Violation
 from kmnode.chaos.contract_repair import repair_if_halted
 from kmnode.chaos.faults import FaultError
 from kmnode.chaos.history import HistoryRecorder
-from kmnode.client import ApiError, NodeClient, default_signer
+from kmnode.client import ApiError, NodeClient, default_signer, upload_blob
 from kmnode.config import ClusterConfig
+from kmnode.datadir import BLOB_DIR
 from kmnode.errors import KmsimError
 from kmnode.host.contract_host import TAMPER_MODES
 
@@ -48,10 +53,19 @@ PROCESS_KINDS = ("kill", "pause", "service-crash", "ring-stall")
 DISK_KINDS = ("torn-tail", "flip-byte", "tamper-sealed")
 INPUT_KINDS = ("poison",)
 CONTRACT_KINDS = ("tamper-state",)
+DATA_KINDS = ("tamper-blob",)
 NETNS_KINDS = ("netns-partition",)
-FAULT_KINDS = LINK_KINDS + PROCESS_KINDS + DISK_KINDS + INPUT_KINDS + CONTRACT_KINDS + NETNS_KINDS
+FAULT_KINDS = (
+    LINK_KINDS
+    + PROCESS_KINDS
+    + DISK_KINDS
+    + INPUT_KINDS
+    + CONTRACT_KINDS
+    + DATA_KINDS
+    + NETNS_KINDS
+)
 #: Kinds a run takes only when they are named (never under 'all').
-OPT_IN_KINDS = CONTRACT_KINDS
+OPT_IN_KINDS = CONTRACT_KINDS + DATA_KINDS
 #: Damage no crash can leave behind: the node must refuse to start with it.
 UNREPAIRABLE = ("flip-byte", "tamper-sealed")
 
@@ -98,10 +112,13 @@ class Nemesis:
         log: Callable[[str], None],
         restart_timeout: float,
         contract: str | None = None,
+        blob: tuple[str, bytes] | None = None,
     ) -> None:
         self.cfg, self.kinds, self.recorder, self.log = cfg, kinds, recorder, log
         #: The contract whose stored state ``tamper-state`` changes (None: any contract's).
         self.contract = contract
+        #: The dataset blob (digest, the owner's ciphertext) ``tamper-blob`` flips a bit of.
+        self.blob = blob
         self.restart_timeout = restart_timeout
         self.names = [n.name for n in cfg.nodes]
         self.rng = random.Random(f"{seed}/nemesis")
@@ -182,6 +199,8 @@ class Nemesis:
             return self._poison(target)
         if kind == "tamper-state":
             return self._tamper_state(target), lambda: self._repair_contracts(target)
+        if kind == "tamper-blob":
+            return self._tamper_blob(target)
         raise ValueError(f"unknown fault kind {kind!r}")
 
     def _unrepairable(self, kind: str, target: str) -> tuple[dict[str, Any], Heal]:
@@ -239,6 +258,30 @@ class Nemesis:
         except ApiError as exc:
             return {"mode": body["mode"], "skipped": exc.message}
         return {"mode": body["mode"], "tampered": answer.get("tampered")}
+
+    def _tamper_blob(self, target: str) -> tuple[dict[str, Any], Heal]:
+        """Have the target's host flip a bit of its copy of the run's blob; the heal puts the
+        owner's bytes back. A node without a copy is recorded as skipped."""
+        if self.blob is None:
+            raise ValueError("tamper-blob needs the data workload's dataset")
+        digest = self.blob[0]
+        try:
+            self._api(target, "/v1/chaos/tamper-blob", {"digest": digest})
+        except ApiError as exc:  # 409: no copy here (a replaced node never got one)
+            return {"digest": digest[:16], "skipped": exc.message}, lambda: None
+        return {"digest": digest[:16]}, lambda: self._restore_blob(target)
+
+    def _restore_blob(self, target: str) -> None:
+        """The host stops tampering: its copy is removed and the owner's bytes uploaded again
+        through the host's own route (which stores only bytes of the right digest). A failure
+        leaves the node without a copy (its computations are refused), and is logged."""
+        assert self.blob is not None  # a tamper-blob was made
+        digest, ciphertext = self.blob
+        try:
+            (faults.data_dir(self.cfg, target) / BLOB_DIR / digest).unlink(missing_ok=True)
+            upload_blob(self.cfg.node(target), digest, ciphertext)
+        except (OSError, KmsimError) as exc:
+            self.log(f"nemesis: {target}'s blob could not be restored: {exc}")
 
     # --- heals --------------------------------------------------------------------------------
 

@@ -22,6 +22,15 @@ contract checks (``kmnode.chaos.contract_checks``) judge the nodes' published re
 state roots, the clients' results against a reference replay, and search the host side for
 the calls' arguments and results. The history, which holds those in clear, is the client's
 record: that scan leaves the files at the top of ``out_dir`` out.
+
+With ``data`` (the default) the run also registers a fresh dataset, grants its use and mixes
+computations, new grants and revocations into the clients' operations
+(``kmnode.chaos.data_workload``); the capture then takes the users' results topics too. After
+healing, the data checks (``kmnode.chaos.data_checks``) judge every node's tokens against
+their grants, the tokens' signed bytes across nodes, the results published on MQTT (opened
+with every identity key the run holds), computations during a ``tamper-blob``, and that every
+token ended; the host side is searched for the dataset's marker, its data key and plaintext,
+and the results' values.
 """
 
 from __future__ import annotations
@@ -50,10 +59,20 @@ from kmnode.chaos.contract_checks import (
 )
 from kmnode.chaos.contract_evidence import ContractEvidence
 from kmnode.chaos.contract_workload import TokenWorkload
+from kmnode.chaos.data_checks import (
+    check_data_determinism,
+    check_data_liveness,
+    check_data_results,
+    check_data_tamper,
+    check_data_tokens,
+    data_needles,
+)
+from kmnode.chaos.data_evidence import DataEvidence, user_results_filter
+from kmnode.chaos.data_workload import DataWorkload
 from kmnode.chaos.faults import FaultError, raft_dir
 from kmnode.chaos.governance import check_ledger
 from kmnode.chaos.history import History, HistoryRecorder, OpHandle
-from kmnode.chaos.nemesis import CONTRACT_KINDS, FAULT_KINDS, Nemesis, resolve_kinds
+from kmnode.chaos.nemesis import CONTRACT_KINDS, DATA_KINDS, FAULT_KINDS, Nemesis, resolve_kinds
 from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.errors import KmsimError
@@ -65,6 +84,8 @@ _RELEASE_WAIT = 5.0
 _CERTAIN_FAILURES = {"refused", "bad_request", "not_found", "not_leader", "not_ready"}
 #: The share of the clients' operations that are contract calls (with ``contracts``).
 CONTRACT_SHARE = 0.2
+#: The share that are data operations (with ``data``).
+DATA_SHARE = 0.2
 
 
 class RunError(Exception):
@@ -89,6 +110,8 @@ class RunConfig:
     scan_plaintext: bool = True
     #: Deploy a token contract and mix its calls into the workload (and check them).
     contracts: bool = True
+    #: Register a dataset and mix computations, grants and revocations into the workload.
+    data: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.faults or ()) - set(FAULT_KINDS))
@@ -96,6 +119,8 @@ class RunConfig:
             raise ValueError(f"unknown fault kinds {unknown}; known: {list(FAULT_KINDS)}")
         if not self.contracts and set(self.faults or ()) & set(CONTRACT_KINDS):
             raise ValueError("tamper-state needs the contract workload (drop --no-contracts)")
+        if not self.data and set(self.faults or ()) & set(DATA_KINDS):
+            raise ValueError("tamper-blob needs the data workload (drop --no-data)")
         if self.duration <= 0 or self.clients < 1 or self.interval <= 0 or self.keys < 1:
             raise ValueError("duration, interval, clients and keys must be positive")
         if self.recovery_bound <= 0:
@@ -175,8 +200,12 @@ class _Client(threading.Thread):
         run, rng = self.run_, self.rng
         node = rng.choice(run.names)
         client = NodeClient.for_node(run.cfg.node(node), _CLIENT_TIMEOUT, run.signer)
-        if run.workload is not None and rng.random() < CONTRACT_SHARE:
+        share = rng.random() if run.workload is not None or run.data is not None else 1.0
+        if run.workload is not None and share < CONTRACT_SHARE:
             self.contract_op(run.workload, node, client)
+            return
+        if run.data is not None and share >= 1.0 - DATA_SHARE:
+            self.data_op(run.data, node, client)
             return
         key = f"{run.key_prefix}{rng.randrange(run.config.keys)}"
         path = f"/v1/keys/{urllib.parse.quote(key, safe='')}"
@@ -209,6 +238,11 @@ class _Client(threading.Thread):
         with self.run_.recorder.invoke(self.process, "contract.call", call.to_args(), node) as h:
             record_outcome(h, lambda: workload.perform(client, call), CallAnswer.to_value)
 
+    def data_op(self, workload: DataWorkload, node: str, client: NodeClient) -> None:
+        kind, args = workload.next_op(self.rng, node)
+        with self.run_.recorder.invoke(self.process, kind, args.to_json(), node) as h:
+            record_outcome(h, lambda: workload.perform(client, args), lambda a: a.to_json())
+
 
 def _gen(answer: Any) -> dict[str, Any]:
     return {"generation": answer.get("generation") if isinstance(answer, dict) else None}
@@ -236,6 +270,18 @@ def contracts_unavailable(cfg: ClusterConfig, signer: IdentityKeys | None) -> st
     return ""
 
 
+def data_unavailable(cfg: ClusterConfig, signer: IdentityKeys | None) -> str:
+    """Why the workload's identity cannot own a dataset and compute on it ("" if it can): it
+    must hold the owner role (to register and grant) and the user role (to compute). An
+    identity cluster.yaml does not list (the development profile's) has them."""
+    if signer is None:
+        return "no signing identity (KMSIM_IDENTITY)"
+    listed = next((i for i in cfg.identities if i.name == signer.name), None)
+    if listed is not None and not (listed.may("owner") and listed.may("user")):
+        return f"{signer.name!r} ({', '.join(listed.roles)}) lacks the owner or user role"
+    return ""
+
+
 class _Run:
     def __init__(self, cfg: ClusterConfig, config: RunConfig, log: Callable[[str], None]) -> None:
         self.cfg, self.config, self.log = cfg, config, log
@@ -250,6 +296,11 @@ class _Run:
             if self.signer is None:
                 raise RunError("the contract workload needs a signing identity (KMSIM_IDENTITY)")
             self.workload = TokenWorkload(cfg, self.signer, config.seed)
+        self.data: DataWorkload | None = None
+        if config.data:
+            if self.signer is None:
+                raise RunError("the data workload needs a signing identity (KMSIM_IDENTITY)")
+            self.data = DataWorkload(cfg, self.signer, config.seed)
         self.nemesis = Nemesis(
             cfg,
             config.seed,
@@ -258,6 +309,7 @@ class _Run:
             log,
             restart_timeout=config.converge_timeout,
             contract=None if self.workload is None else self.workload.contract,
+            blob=None if self.data is None else self.data.blob,
         )
         # Fresh key names per run: the checker counts generations from each key's creation,
         # so keys left by an earlier run (at an unknown generation) must not be reused.
@@ -339,14 +391,19 @@ class _Run:
         contract calls' markers, amounts and results. The client's record is the files at
         the top of ``out_dir`` (history, final state, report); only those: a sweep keeps the
         cluster's state directory below it."""
+        needles = contract_needles(history.operations())
+        return _complete(check_plaintext(self.host_side(capture, out_dir), needles), capture)
+
+    def host_side(self, capture: MqttCapture, out_dir: Path) -> list[tuple[str, bytes]]:
+        """Every host-side file but the client's own record (the files at the top of
+        ``out_dir``), and everything captured on MQTT."""
         client_side = out_dir.resolve()
         files = [
             (path, data)
             for path, data in oracle.host_files([self.cfg.state_dir])
             if Path(path).resolve().parent != client_side
         ]
-        needles = contract_needles(history.operations())
-        return _complete(check_plaintext(files + capture.haystacks(), needles), capture)
+        return files + capture.haystacks()
 
     def contract_checks(
         self, history: History, evidence: ContractEvidence, code: bytes
@@ -359,6 +416,37 @@ class _Run:
             ),
             "contract-reference": check_contract_reference(ops, evidence, code),
         }
+
+    def data_checks(
+        self, history: History, evidence: DataEvidence, capture: MqttCapture, out_dir: Path
+    ) -> dict[str, CheckOutcome]:
+        """The data checks and, with ``scan_plaintext``, the search of the host side for the
+        dataset's marker, data key and plaintext, and its results' values."""
+        assert self.data is not None  # only with the data workload
+        ops = history.operations()
+        checks = {
+            "data-tokens": check_data_tokens(ops, evidence),
+            "data-determinism": check_data_determinism(evidence),
+            "data-results": _complete(
+                check_data_results(ops, evidence, self.data.keyring()), capture
+            ),
+            "data-tamper": check_data_tamper(ops, history.faults()),
+            "data-liveness": check_data_liveness(evidence),
+        }
+        if self.config.scan_plaintext:
+            needles = data_needles(ops) + self.data.secrets()
+            scan = check_plaintext(self.host_side(capture, out_dir), needles)
+            checks["no-plaintext-data"] = _complete(scan, capture)
+        return checks
+
+
+def _capture(cfg: ClusterConfig, config: RunConfig) -> MqttCapture:
+    """The capture of every node topic, and with ``data`` every user's results topic."""
+    capture = MqttCapture.for_cluster(cfg)
+    if not config.data:
+        return capture
+    users = user_results_filter(cfg.mqtt.topic_prefix, cfg.cluster)
+    return MqttCapture(capture.address, [*capture.filters, users])
 
 
 def _complete(outcome: CheckOutcome, capture: MqttCapture) -> CheckOutcome:
@@ -380,22 +468,33 @@ def run(
         if why:
             log(f"contracts: not run ({why}; --no-contracts says so)")
             config = dataclasses.replace(config, contracts=False)
+    if config.data:
+        why = data_unavailable(cfg, default_signer(cfg))
+        if why and set(config.faults or ()) & set(DATA_KINDS):
+            raise RunError(f"tamper-blob needs the data workload, which cannot run: {why}")
+        if why:
+            log(f"data: not run ({why}; --no-data says so)")
+            config = dataclasses.replace(config, data=False)
     state = _Run(cfg, config, log)
     try:
         state.converge()
     except RunError as exc:
         raise RunError(f"the cluster is not up and converged before the run: {exc}") from None
-    capture = MqttCapture.for_cluster(cfg)
-    if config.scan_plaintext or config.contracts:
+    capture = _capture(cfg, config)
+    if config.scan_plaintext or config.contracts or config.data:
         try:
             capture.start()
         except CaptureError as exc:
             raise RunError(str(exc)) from None
     evidence: ContractEvidence | None = None
+    data_evidence: DataEvidence | None = None
     try:
         if state.workload is not None:
             state.workload.setup(state.recorder)
             log(f"contracts: deployed {state.workload.contract} and called init")
+        if state.data is not None:
+            state.data.setup(state.recorder)
+            log(f"data: registered {state.data.dataset} and granted its use")
         clients = [_Client(i, state) for i in range(config.clients)]
         for client in clients:
             client.start()
@@ -414,6 +513,8 @@ def run(
         final = state.final_state()
         if state.workload is not None:
             evidence = state.workload.collect(lambda: capture.messages, config.converge_timeout)
+        if state.data is not None:
+            data_evidence = state.data.collect(lambda: capture.messages, config.converge_timeout)
     except (RunError, KmsimError, FaultError) as exc:
         # The history is the evidence of what led here: keep it even without a verdict.
         saved = _save_history(state, out_dir)
@@ -441,6 +542,9 @@ def run(
         observed.update(state.contract_checks(history, evidence, state.workload.code))
         if config.scan_plaintext:
             observed["no-plaintext-contracts"] = state.contract_plaintext(history, capture, out_dir)
+    if data_evidence is not None:
+        (out_dir / "data.json").write_text(json.dumps(data_evidence.to_json(), indent=1))
+        observed.update(state.data_checks(history, data_evidence, capture, out_dir))
     judge = cfg.nodes[0].name
     observed["governance"] = check_ledger(raft_dir(cfg, judge), judge)
     result = check(

@@ -43,7 +43,8 @@ _FAULTS_HELP = (
     + ", ".join(FAULT_KINDS)
     + " (netns-partition: nodes in network namespaces only; poison: the target's host feeds "
     "garbage into every input it holds; tamper-state: the target's host changes stored "
-    "contract state, only when named)."
+    "contract state, only when named; tamper-blob: the target's host flips a bit of the "
+    "run's dataset blob until the heal, only when named)."
 )
 
 
@@ -93,6 +94,15 @@ def _run_options(f: Any) -> Any:
             "every node published the same results and roots, that the results equal a "
             "reference replay, and that no argument or result reached the host in clear.",
         ),
+        click.option(
+            "--data/--no-data",
+            default=True,
+            show_default=True,
+            help="Register a dataset and mix computations, grants and revocations into the "
+            "workload; check every token against its grant and across nodes, that results "
+            "reach and open for their user only, that computations on a tampered blob are "
+            "refused, and that no row or result reached the host in clear.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
     ]
 
@@ -107,7 +117,9 @@ def _run_options(f: Any) -> Any:
 
 
 #: The shared options' parameter names, handed to the commands as one ``settings`` dict.
-_SETTINGS = ("duration", "clients", "interval", "kinds", "recovery_bound", "no_scan", "contracts")
+_SETTINGS = (
+    "duration", "clients", "interval", "kinds", "recovery_bound", "no_scan", "contracts", "data",
+)  # fmt: skip
 
 
 def _run_config(seed: int, settings: dict[str, Any]) -> RunConfig:
@@ -132,6 +144,7 @@ def _run_config(seed: int, settings: dict[str, Any]) -> RunConfig:
             recovery_bound=settings["recovery_bound"],
             scan_plaintext=not settings["no_scan"],
             contracts=settings["contracts"],
+            data=settings["data"],
         )
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
@@ -180,9 +193,12 @@ def run(
     bound, damaged nodes refusing to start. With --contracts (the default) a fresh token
     contract's calls join the workload, and the contract checks join the verdict: the same
     published results and state roots on every node, the clients' results equal to a
-    reference replay, no argument or result on the host side in clear. Exits 0 if every
-    check passes, 1 on a violation (the seed, the history file and the first violating
-    operation are printed), 3 if the run could not be carried out.
+    reference replay, no argument or result on the host side in clear. With --data (the
+    default) a fresh dataset's computations, grants and revocations join too, and the data
+    checks: every token within its grant and signed alike by every node, results only to
+    their user and only once, every token ended, none of the data in clear on the host side.
+    Exits 0 if every check passes, 1 on a violation (the seed, the history file and the first
+    violating operation are printed), 3 if the run could not be carried out.
     """
     cfg = supervisor.effective_config(ctx.config())
     config = _run_config(seed, settings)
