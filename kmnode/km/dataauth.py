@@ -18,7 +18,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from attest.identity import EnclaveRole
@@ -143,10 +144,11 @@ class AccessRequest:
     grant: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Token:
     """An issued token and how it ended. ``sealed``/``nonce`` (the sealed parameters) are kept
-    until the platform finishes with it, then dropped."""
+    until the platform finishes with it, then dropped. Frozen: its end replaces it, so a
+    snapshot may hold the records themselves and serialise them later (as releases)."""
 
     id: str
     grant: str
@@ -381,9 +383,17 @@ class DataAuthState:
             raise CommandRefused(f"token {token.id} was {token.state} before", "replay")
         if cmd.status == "consumed" and not cmd.result_hash:
             raise CommandRefused("a consumed token needs its result's hash")
-        token.state, token.result_hash = cmd.status, cmd.result_hash
-        token.reason, token.finished_index = cmd.reason, index
-        token.sealed = token.nonce = ""
+        # Replaced, never changed in place: a snapshot captures tokens by reference.
+        token = replace(
+            token,
+            state=cmd.status,
+            result_hash=cmd.result_hash,
+            reason=cmd.reason,
+            finished_index=index,
+            sealed="",
+            nonce="",
+        )
+        self.tokens[token.id] = token
         return TokenFinished(token.id, token.state, token.reason)
 
     def measured(self, index: int, cmd: ServiceMeasured, ctx: Context) -> Applied:
@@ -448,14 +458,20 @@ class DataAuthState:
     # --- snapshots ------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        return self.capture()()
+
+    def capture(self) -> Callable[[], dict[str, Any]]:
+        """A consistent image now, serialised later (``KMState.snapshot_capture``): the small
+        records are copied at once, the tokens (frozen, and the many) by reference."""
+        head = {
             "datasets": [asdict(d) for d in self.datasets.values()],
             "grants": [asdict(g) for g in self.grants.values()],
             "requests": [asdict(r) for r in self.requests.values()],
-            "tokens": [asdict(t) for t in self.tokens.values()],
             "platforms": dict(self.platforms),
             "ops": [asdict(o) for o in self.ops.values()],
         }
+        tokens = list(self.tokens.values())
+        return lambda: {**head, "tokens": [dict(vars(t)) for t in tokens]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> DataAuthState:

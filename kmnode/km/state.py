@@ -762,8 +762,8 @@ class KMState:
             "contract_seq": self.contract_seq,
             "contract_ops": [vars(op) for op in self.contract_ops],
             "checkpoints": [asdict(c) for c in self.checkpoints],
-            "data": self.data.to_json(),
         }
+        data = self.data.capture()
         releases = list(self.releases.values())
 
         def serialise() -> bytes:
@@ -780,6 +780,7 @@ class KMState:
                 for k, v in head.items()
             }
             fields["releases"] = b"".join(parts)
+            fields["data"] = json.dumps(data(), sort_keys=True, separators=(",", ":")).encode()
             return (
                 b"{"
                 + b",".join(b'"%s":%s' % (k.encode(), fields[k]) for k in sorted(fields))

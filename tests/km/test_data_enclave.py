@@ -26,6 +26,7 @@ from kmnode.identity import IdentityKeys
 from kmnode.km.command_base import Applied, Refused
 from kmnode.km.data_commands import TokenIssued
 from kmnode.km.enclave import KMEnclave
+from kmnode.km.state import KMState
 from kmnode.service.data_jobs import DataJobs
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service_pipe import DataJobRequest, DataRevokeRequest
@@ -331,3 +332,18 @@ def test_a_webassembly_operation_runs_only_as_the_code_its_token_binds(s: Setup)
         SealedBox(PrivateKey(USER.box_secret)).decrypt(base64.b64decode(reply.sealed))
     )
     assert opened["value"] == pytest.approx(statistics.pvariance(range(1, 21)))
+
+
+def test_a_snapshot_keeps_every_data_record_and_a_capture_ignores_later_ends(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=3, ttl=600)
+    s.signed(USER, "data.request", dataset="d", ops=["count"], uses=1, ttl=60)
+    issued = s.compute()
+    assert isinstance(issued, TokenIssued)
+    serialise = s.a.state.snapshot_capture()
+    before = s.a.state.snapshot()
+    s.both("data.consume", token=issued.token, node="n-a", status="refused", reason="late")
+    assert serialise() == before  # the end applied after the capture is not in it
+    restored = KMState.restore(s.a.state.snapshot())
+    assert restored == s.a.state
+    assert restored.data.tokens[issued.token].state == "refused"
+    assert KMState.restore(before).data.tokens[issued.token].state == "issued"
