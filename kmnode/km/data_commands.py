@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from kmnode.identity import IdentityName
 from kmnode.km.command_base import Applied, Base64, CommandModel, Hex32, Name
@@ -142,16 +142,29 @@ class DataCompute(CommandModel):
     node: Name
 
 
-class DataConsume(CommandModel):
-    """How a token ended, proposed by its platform node: ``consumed`` with the hash of the
-    sealed result the user receives, or ``refused`` with the reason (never re-credited)."""
+class TokenEnd(BaseModel):
+    """How one token ended: ``consumed`` with the hash of the sealed result the user receives,
+    or ``refused`` with the reason (a refused token's use is never given back)."""
 
-    op: Literal["data.consume"] = "data.consume"
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     token: TokenId
-    node: Name
     status: Literal["consumed", "refused"]
     result_hash: Hex32 | Literal[""] = ""
     reason: Annotated[str, StringConstraints(max_length=500)] = ""
+
+
+#: Token ends one ``data.consume`` carries (a platform commits the ends of a batch of jobs
+#: at once: one Raft entry, not one each).
+MAX_ENDS = 256
+
+
+class DataConsume(CommandModel):
+    """How tokens ended on platform ``node``, proposed by that node."""
+
+    op: Literal["data.consume"] = "data.consume"
+    node: Name
+    ends: Annotated[list[TokenEnd], Field(min_length=1, max_length=MAX_ENDS)]
 
 
 class ServiceMeasured(CommandModel):
@@ -226,10 +239,13 @@ class TokenIssued(Applied):
 
 
 @dataclass(frozen=True, slots=True)
-class TokenFinished(Applied):
-    token: str
-    state: str
-    reason: str = ""
+class TokensFinished(Applied):
+    """The tokens whose end was applied (in order), and those skipped with the reason (already
+    ended, unknown, another node's)."""
+
+    node: str
+    finished: list[str]
+    skipped: list[str]
 
 
 @dataclass(frozen=True, slots=True)

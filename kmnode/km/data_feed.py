@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from kmnode.km.command_base import Applied
 from kmnode.km.data_commands import (
+    MAX_ENDS,
     DataConsume,
     GrantChanged,
     PlatformMeasured,
     RequestChanged,
     ServiceMeasured,
-    TokenFinished,
+    TokenEnd,
     TokenIssued,
+    TokensFinished,
 )
 from kmnode.km.forwarding import commit_anywhere
 from kmnode.service_pipe import (
@@ -108,6 +110,8 @@ class DataFeed:
         self._finished: dict[str, list[asyncio.Future[None]]] = {}
         self._measured = asyncio.Event()
         self.lag = LagStats()
+        #: Token ends waiting to be committed (``_commit_end``).
+        self._ends: list[TokenEnd] = []
         self.jobs = {"consumed": 0, "refused": 0}
 
     # --- applied commands -------------------------------------------------------------------
@@ -121,10 +125,11 @@ class DataFeed:
         elif isinstance(result, GrantChanged) and result.state == "revoked":
             self._queue.append(("revoke", result.grant, time.monotonic()))
             self._wake.set()
-        elif isinstance(result, TokenFinished):
-            for future in self._finished.pop(result.token, []):
-                if not future.done():
-                    future.set_result(None)
+        elif isinstance(result, TokensFinished):
+            for token in result.finished:
+                for future in self._finished.pop(token, []):
+                    if not future.done():
+                        future.set_result(None)
         elif isinstance(result, PlatformMeasured) and result.node == self.node.name:
             self._measured.set()
         elif isinstance(result, RequestChanged) and result.state == "open":
@@ -272,23 +277,36 @@ class DataFeed:
             self._commit_end(outcome)
 
     def _commit_end(self, outcome: JobOutcome) -> None:
-        """Commit how a token ended, in a task of its own (retried until applied here)."""
-        node = self.node
-        command = DataConsume(
+        """Queue how a token ended; the ends queued in one event-loop turn are committed as
+        one ``data.consume`` (a Raft entry per batch of jobs, not per job)."""
+        end = TokenEnd(
             token=outcome.token,
-            node=node.name,
             status=outcome.status,  # type: ignore[arg-type]  # consumed or refused
             result_hash=outcome.result_hash,
             reason=outcome.reason[:500],
-        ).encode()
-        node.spawn(
-            commit_anywhere(
-                node.raft(),
-                node.forwarder,
-                command,
-                lambda: self._token_done(outcome.token),
-                lambda t: self.wait_finished(outcome.token, t),
-            )
+        )
+        if not self._ends:
+            asyncio.get_running_loop().call_soon(self._flush_ends)
+        self._ends.append(end)
+
+    def _flush_ends(self) -> None:
+        """Commit the queued ends, in batches, each in a task of its own that retries until
+        every token of its batch has ended in the state applied here."""
+        node = self.node
+        ends, self._ends = self._ends, []
+        for start in range(0, len(ends), MAX_ENDS):
+            batch = ends[start : start + MAX_ENDS]
+            command = DataConsume(node=node.name, ends=batch).encode()
+            node.spawn(self._commit_batch(command, [end.token for end in batch]))
+
+    async def _commit_batch(self, command: bytes, tokens: list[str]) -> None:
+        node = self.node
+        await commit_anywhere(
+            node.raft(),
+            node.forwarder,
+            command,
+            lambda: all(self._token_done(t) for t in tokens),
+            lambda timeout: self.wait_finished(tokens[-1], timeout),
         )
 
     async def _wait_measured(self, timeout: float) -> None:

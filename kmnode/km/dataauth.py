@@ -43,8 +43,8 @@ from kmnode.km.data_commands import (
     PlatformMeasured,
     RequestChanged,
     ServiceMeasured,
-    TokenFinished,
     TokenIssued,
+    TokensFinished,
 )
 
 #: What every WebAssembly binary begins with.
@@ -374,27 +374,41 @@ class DataAuthState:
         return TokenIssued(token.id, grant.id, token.node, user, grant.uses_left)
 
     def consume(self, index: int, cmd: DataConsume, ctx: Context) -> Applied:
-        token = self.tokens.get(cmd.token)
-        if token is None:
-            raise CommandRefused(f"no token {cmd.token}")
-        if token.node != cmd.node:
-            raise CommandRefused(f"token {token.id} is for {token.node}, not {cmd.node}")
-        if token.state != "issued":
-            raise CommandRefused(f"token {token.id} was {token.state} before", "replay")
-        if cmd.status == "consumed" and not cmd.result_hash:
-            raise CommandRefused("a consumed token needs its result's hash")
-        # Replaced, never changed in place: a snapshot captures tokens by reference.
-        token = replace(
-            token,
-            state=cmd.status,
-            result_hash=cmd.result_hash,
-            reason=cmd.reason,
-            finished_index=index,
-            sealed="",
-            nonce="",
-        )
-        self.tokens[token.id] = token
-        return TokenFinished(token.id, token.state, token.reason)
+        """Apply each end on its own: one that cannot apply (its token already ended, is
+        another node's, unknown) is skipped with the reason, and the rest apply; refused only
+        if none does."""
+        finished: list[str] = []
+        skipped: list[str] = []
+        replays = 0
+        for end in cmd.ends:
+            token = self.tokens.get(end.token)
+            if token is None:
+                skipped.append(f"{end.token}: no such token")
+            elif token.node != cmd.node:
+                skipped.append(f"{end.token}: is for {token.node}, not {cmd.node}")
+            elif token.state != "issued":
+                replays += 1
+                skipped.append(f"{end.token}: was {token.state} before")
+            elif end.status == "consumed" and not end.result_hash:
+                skipped.append(f"{end.token}: a consumed token needs its result's hash")
+            else:
+                # Replaced, never changed in place: a snapshot captures tokens by reference.
+                self.tokens[token.id] = replace(
+                    token,
+                    state=end.status,
+                    result_hash=end.result_hash,
+                    reason=end.reason,
+                    finished_index=index,
+                    sealed="",
+                    nonce="",
+                )
+                finished.append(token.id)
+        if not finished:
+            raise CommandRefused(
+                "no token ended: " + "; ".join(skipped[:3]),
+                "replay" if replays == len(cmd.ends) else "refused",
+            )
+        return TokensFinished(cmd.node, finished, skipped)
 
     def measured(self, index: int, cmd: ServiceMeasured, ctx: Context) -> Applied:
         if cmd.node not in ctx.member_names:

@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
@@ -157,17 +157,18 @@ class Scenario:
         args = ComputeArgs(dataset=DATASET, user=USER.name, op=op, node=node, intent="granted")
         handle = self.rec.invoke("c1", "data.compute", args.to_json(), node)
         self.index += 1
-        token.state, token.finished_index = state, self.index
+        token = replace(token, state=state, finished_index=self.index)
         if state == "consumed":
             plain = self.expected[op].result.encode() if result is None else result
             sealed = bytes(SealedBox(PublicKey(bytes.fromhex(user_pk(seal_to)))).encrypt(plain))
-            token.result_hash = hashlib.sha256(sealed).hexdigest()
+            token = replace(token, result_hash=hashlib.sha256(sealed).hexdigest())
             self.publish(token, sealed)
             opened = canonical_json(json.loads(plain)).decode()
         else:
-            token.reason = "blob-digest: the blob is not the one registered"
+            token = replace(token, reason="blob-digest: the blob is not the one registered")
             self.publish(token, b"")
             opened = None
+        self.tokens[token.id] = token
         answer = ComputeAnswer(
             token=token.id, grant=grant.id, state=state, reason=token.reason,  # type: ignore[arg-type]
             result_hash=token.result_hash, result=opened,

@@ -195,10 +195,11 @@ def test_uses_run_out_and_a_refused_token_is_never_given_back(s: Setup) -> None:
     s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=1, ttl=600)
     issued = s.compute()
     assert isinstance(issued, TokenIssued)
-    refused = s.both("data.consume", token=issued.token, node="n-a", status="refused", reason="x")
+    end = {"token": issued.token, "status": "refused", "reason": "x"}
+    refused = s.both("data.consume", node="n-a", ends=[end])
     assert refused.ok
-    again = s.both("data.consume", token=issued.token, node="n-a", status="consumed",
-                   result_hash="ab" * 32)  # fmt: skip
+    consumed = {"token": issued.token, "status": "consumed", "result_hash": "ab" * 32}
+    again = s.both("data.consume", node="n-a", ends=[consumed])
     assert isinstance(again, Refused) and again.code == "replay"
     late = s.compute()
     assert isinstance(late, Refused) and "no uses left" in late.error
@@ -341,9 +342,34 @@ def test_a_snapshot_keeps_every_data_record_and_a_capture_ignores_later_ends(s: 
     assert isinstance(issued, TokenIssued)
     serialise = s.a.state.snapshot_capture()
     before = s.a.state.snapshot()
-    s.both("data.consume", token=issued.token, node="n-a", status="refused", reason="late")
+    s.both("data.consume", node="n-a", ends=[{"token": issued.token, "status": "refused"}])
     assert serialise() == before  # the end applied after the capture is not in it
     restored = KMState.restore(s.a.state.snapshot())
     assert restored == s.a.state
     assert restored.data.tokens[issued.token].state == "refused"
     assert KMState.restore(before).data.tokens[issued.token].state == "issued"
+
+
+def test_a_batch_of_ends_applies_each_on_its_own(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=4, ttl=600)
+    mine, other, done = s.compute(), s.compute(node="n-b"), s.compute()
+    assert all(isinstance(t, TokenIssued) for t in (mine, other, done))
+    ids = [t.token for t in (mine, other, done)]  # type: ignore[union-attr]
+    first = s.both("data.consume", node="n-a", ends=[{"token": ids[2], "status": "refused"}])
+    assert first.ok
+    ends = [
+        {"token": ids[0], "status": "consumed", "result_hash": "cd" * 32},
+        {"token": ids[1], "status": "refused"},  # n-b's token: not n-a's to end
+        {"token": ids[2], "status": "consumed", "result_hash": "ef" * 32},  # ended before
+        {"token": "t99999", "status": "refused"},
+        {"token": ids[0], "status": "refused"},  # the same token twice in one batch
+    ]
+    result = s.both("data.consume", node="n-a", ends=ends)
+    assert result.finished == [ids[0]]  # type: ignore[attr-defined]
+    assert len(result.skipped) == 4  # type: ignore[attr-defined]
+    tokens = s.a.state.data.tokens
+    assert (tokens[ids[0]].state, tokens[ids[1]].state, tokens[ids[2]].state) == (
+        "consumed", "issued", "refused",
+    )  # fmt: skip
+    replay = s.both("data.consume", node="n-a", ends=ends[:1])
+    assert isinstance(replay, Refused) and replay.code == "replay"
