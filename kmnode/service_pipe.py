@@ -173,7 +173,9 @@ class DataJobRequest(PipeMessage):
     to this service enclave by its KM enclave, which vouches for the box key it used."""
 
     op: Literal["data.job"] = "data.job"
-    ciphertext: Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=1 << 18)]
+    ciphertext: Annotated[
+        str, StringConstraints(pattern=r"^(?:[0-9a-f]{2})*$", max_length=MAX_LINE - 4096)
+    ]
     vouch: Hex
 
 
@@ -257,17 +259,25 @@ class ContractStatusReply(ContractStateReply):
     cache_config: dict[str, int] = Field(default_factory=dict, max_length=64)
 
 
-class DataJobReply(Reply):
-    """How a computation ended: ``consumed`` with the result sealed to the data user (base64)
-    and its hash, or ``refused`` with the reason."""
+class JobEnd(BaseModel):
+    """How one computation ended: ``consumed`` with the result sealed to the data user
+    (base64) and its hash, or ``refused`` with the reason."""
 
-    token: Annotated[str, StringConstraints(pattern=r"^(t[1-9][0-9]{0,18})?$")] = ""
-    status: Literal["consumed", "refused", ""] = ""
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    token: Annotated[str, StringConstraints(pattern=r"^t[1-9][0-9]{0,18}$")]
+    status: Literal["consumed", "refused"]
     reason: Annotated[str, StringConstraints(max_length=500)] = ""
     sealed: Annotated[
-        str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 16)
+        str, StringConstraints(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=1 << 14)
     ] = ""
     result_hash: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")] = ""
+
+
+class DataJobReply(Reply):
+    """How each computation of a batch ended, in the batch's order."""
+
+    ends: Annotated[list[JobEnd], Field(max_length=256)] = []
 
 
 class DataRevokeReply(Reply):

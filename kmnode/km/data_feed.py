@@ -218,14 +218,13 @@ class DataFeed:
             batch: list[str] = []
             while self._queue and self._queue[0][0] == "token" and len(batch) < JOBS_IN_FLIGHT:
                 batch.append(self._queue.popleft()[1])
-            results = await asyncio.gather(
-                *(self._run_job(t) for t in batch), return_exceptions=True
-            )
-            failed = [t for t, r in zip(batch, results, strict=True) if isinstance(r, Exception)]
-            if failed:
+            try:
+                left = await self._run_batch(batch)
+            except Exception:
                 # Tried again (a job boxed already is refused then: the token ends refused).
-                self._queue.extendleft(("token", t, 0.0) for t in reversed(failed))
-                raise next(r for r in results if isinstance(r, Exception))
+                self._queue.extendleft(("token", t, 0.0) for t in reversed(batch))
+                raise
+            self._queue.extendleft(("token", t, 0.0) for t in reversed(left))
 
     async def _attest_new_instance(self) -> None:
         """Attest a service instance this feed has not seen, put its measurement on the ledger
@@ -318,40 +317,62 @@ class DataFeed:
         if not reply.ok:
             raise ServiceUnavailable(f"the service enclave refused revocations: {reply.error}")
 
-    async def _run_job(self, token_id: str) -> None:
-        node = self.node
-        token = node.enclave.state.data.tokens.get(token_id)
-        if token is None or token.state != "issued":
-            return
-        outcome = await self._compute(token_id)
-        self.jobs[outcome.status] = self.jobs.get(outcome.status, 0) + 1
-        self._results[token_id] = outcome
-        if len(self._results) > RESULTS_KEPT:
-            self._results.popitem(last=False)
-        self._commit_end(outcome)  # while the next jobs run
-        if outcome.status == "refused":
-            log.warning("%s: data: token %s refused: %s", node.name, token_id, outcome.reason)
-
-    async def _compute(self, token_id: str) -> JobOutcome:
+    async def _run_batch(self, batch: list[str]) -> list[str]:
+        """Hand a batch of this node's tokens to the service enclave under one local
+        attestation and one box; record and commit how each ended. The tokens the box had no
+        room for are returned, untouched."""
         node = self.node
         enclave = node.enclave
+        issued = [t for t in batch if self._token_issued(t)]
+        if not issued:
+            return []
+        outcomes: dict[str, JobOutcome] = {}
         try:
             challenge = enclave.new_challenge()
             response = await node.service.challenge(enclave.identity.measurement, challenge)
         except ServiceUnavailable as exc:
-            return JobOutcome(token_id, "refused", f"service enclave unavailable: {exc}")
-        provisioned = enclave.provision_data_job(token_id, challenge, response)
-        if not provisioned.ok:
-            return JobOutcome(token_id, "refused", provisioned.reason)
-        request = DataJobRequest(
-            ciphertext=provisioned.ciphertext.hex(), vouch=provisioned.vouch.hex()
-        )
-        try:
-            reply = await node.service.request(request, DataJobReply)
-        except ServiceUnavailable as exc:
-            # The material went to an enclave that is gone: the token is spent, never re-run.
-            return JobOutcome(token_id, "refused", f"service enclave unavailable: {exc}")
-        if not reply.ok or reply.token != token_id or reply.status not in ("consumed", "refused"):
-            reason = reply.error or "the service enclave answered for another token"
-            return JobOutcome(token_id, "refused", f"the service enclave refused: {reason}")
-        return JobOutcome(token_id, reply.status, reply.reason, reply.sealed, reply.result_hash)
+            reason = f"service enclave unavailable: {exc}"
+            self._finish([JobOutcome(t, "refused", reason) for t in issued])
+            return []
+        provisioned = enclave.provision_data_jobs(issued, challenge, response)
+        for token_id, reason in provisioned.refused.items():
+            outcomes[token_id] = JobOutcome(token_id, "refused", reason)
+        handed = [t for t in issued if t not in outcomes and t not in provisioned.left]
+        if handed:
+            box = provisioned.result
+            request = DataJobRequest(ciphertext=box.ciphertext.hex(), vouch=box.vouch.hex())
+            try:
+                reply = await node.service.request(request, DataJobReply)
+                why = reply.error
+            except ServiceUnavailable as exc:
+                # The material went to an enclave that is gone: the tokens are spent.
+                reply, why = DataJobReply(), f"service enclave unavailable: {exc}"
+            ends = {end.token: end for end in reply.ends} if reply.ok else {}
+            for token_id in handed:
+                end = ends.get(token_id)
+                outcomes[token_id] = (
+                    JobOutcome(token_id, end.status, end.reason, end.sealed, end.result_hash)
+                    if end is not None
+                    else JobOutcome(
+                        token_id, "refused", f"the service enclave gave no end: {why or 'none'}"
+                    )
+                )
+        self._finish([outcomes[t] for t in issued if t in outcomes])
+        return list(provisioned.left)
+
+    def _token_issued(self, token_id: str) -> bool:
+        token = self.node.enclave.state.data.tokens.get(token_id)
+        return token is not None and token.state == "issued"
+
+    def _finish(self, outcomes: list[JobOutcome]) -> None:
+        """Keep each outcome for its user and commit how each token ended."""
+        for outcome in outcomes:
+            self.jobs[outcome.status] = self.jobs.get(outcome.status, 0) + 1
+            self._results[outcome.token] = outcome
+            if len(self._results) > RESULTS_KEPT:
+                self._results.popitem(last=False)
+            self._commit_end(outcome)
+            if outcome.status == "refused":
+                log.warning(
+                    "%s: data: token %s refused: %s", self.node.name, outcome.token, outcome.reason
+                )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -112,6 +112,20 @@ class ProvisionResult:
     ciphertext: bytes
     #: This KM enclave's local report for that service, vouching for the box key it used.
     vouch: bytes = b""
+
+
+#: The most bytes of job material one data-job box carries (the pipe's line is 1 MiB of hex).
+MAX_JOB_ENVELOPE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class DataJobs:
+    """A batch of data jobs provisioned: the box (``result``, not ok if nothing went in), the
+    tokens refused with their reason, and those left for another batch (the box was full)."""
+
+    result: ProvisionResult
+    refused: dict[str, str]
+    left: list[str]
 
 
 @dataclass(frozen=True)
@@ -778,69 +792,106 @@ class KMEnclave:
             return ""
         return attested.identity.measurement.hex()
 
-    def provision_data_job(
-        self, token_id: str, challenge: bytes, response: bytes
-    ) -> ProvisionResult:
-        """Local attestation of the service enclave, then one computation's material boxed to
-        it: the signed token, the dataset's data key (unwrapped here from the committed
-        registration) and the input key that opens the sealed parameters.
+    def provision_data_jobs(
+        self, token_ids: Sequence[str], challenge: bytes, response: bytes
+    ) -> DataJobs:
+        """Local attestation of the service enclave, then a batch of computations' material
+        boxed to it: for each token its signed body, the dataset's data key (unwrapped here
+        from the committed registration), the sealed parameters, the operation's code if it
+        is WebAssembly (once per module), and the input key that opens the parameters.
 
-        Decided from this enclave's own committed state only: the token must name this node,
-        still be ``issued``, its grant unrevoked, its expiry not reached on the state's clock,
-        and the attested service must run the measurement the token binds. Once per token.
+        Decided from this enclave's own committed state only, token by token: it must name
+        this node, still be ``issued``, not handed over before by this enclave, its grant
+        unrevoked, its expiry not reached on the state's clock, and the attested service must
+        run the measurement it binds; a token that fails is refused with the reason and the
+        rest go on. The box holds at most ``MAX_JOB_ENVELOPE`` bytes: tokens past it are
+        ``left`` for another batch, untouched.
         """
-        data = self.state.data
-        token = data.tokens.get(token_id)
-        if token is None:
-            return ProvisionResult(False, f"no committed token {token_id!r}", "", b"")
-        if token.node != self.name:
-            return ProvisionResult(False, f"token {token_id} is for {token.node}", "", b"")
-        if token.state != "issued" or token_id in self._jobs:
-            return ProvisionResult(False, f"token {token_id} was already used", "", b"")
-        grant = data.grants.get(token.grant)
-        if grant is None or grant.revoked_index:
-            return ProvisionResult(False, f"grant {token.grant} was revoked", "", b"")
-        if self.state.newest_request >= token.expires_at:
-            return ProvisionResult(False, f"token {token_id} expired", "", b"")
-        dataset = data.datasets[token.dataset]
+        token_ids = list(dict.fromkeys(token_ids))  # a token named twice is one job
         secret = self._require_secret()
         attested = self._attest_service(challenge, response)
         if isinstance(attested, ProvisionResult):
-            return attested
+            return DataJobs(attested, {t: attested.reason for t in token_ids}, [])
         measurement = attested.identity.measurement.hex()
-        if measurement != token.measurement:
-            return ProvisionResult(
-                False,
-                f"service enclave runs {measurement[:16]}..., the token binds "
-                f"{token.measurement[:16]}...",
-                measurement,
-                b"",
+        data = self.state.data
+        refused: dict[str, str] = {}
+        jobs: list[dict[str, Any]] = []
+        codes: dict[str, str] = {}
+        deks: dict[str, bytes] = {}
+        left: list[str] = []
+        size = 0
+        for token_id in token_ids:
+            if size > MAX_JOB_ENVELOPE:
+                left.append(token_id)
+                continue
+            token = data.tokens.get(token_id)
+            reason = self._job_refusal(token_id, measurement)
+            if reason:
+                refused[token_id] = reason
+                continue
+            assert token is not None
+            dataset = data.datasets[token.dataset]
+            dek = deks.get(dataset.name)
+            if dek is None:
+                try:
+                    wrapped = base64.b64decode(dataset.wrapped_key, validate=True)
+                    dek = SealedBox(PrivateKey(data_key(secret, "wrap"))).decrypt(wrapped)
+                except (ValueError, CryptoError):
+                    refused[token_id] = f"the data key of {dataset.name!r} does not unwrap"
+                    continue
+                deks[dataset.name] = dek
+            self._jobs.add(token_id)
+            body, signature = self.token_signature(token_id)
+            job: dict[str, Any] = {
+                "token": body.decode(),
+                "signature": signature,
+                "dek": dek.hex(),
+                "sealed": token.sealed,
+                "nonce": token.nonce,
+                "privacy": dataset.privacy,
+                "min_group_size": dataset.min_group_size,
+            }
+            registered = data.ops.get(token.op)
+            if registered is not None:  # WebAssembly: its code, which the token binds
+                job["op_version"] = registered.version
+                if registered.checksum not in codes:
+                    codes[registered.checksum] = registered.code
+                    size += len(registered.code)
+            size += len(body) + len(token.sealed) + 256
+            jobs.append(job)
+        if not jobs:
+            return DataJobs(
+                ProvisionResult(False, "no job to hand over", measurement, b""), refused, left
             )
-        try:
-            wrapped = base64.b64decode(dataset.wrapped_key, validate=True)
-            dek = SealedBox(PrivateKey(data_key(secret, "wrap"))).decrypt(wrapped)
-        except (ValueError, CryptoError):
-            return ProvisionResult(
-                False, f"the data key of {dataset.name!r} does not unwrap", measurement, b""
-            )
-        self._jobs.add(token_id)
-        body, signature = self.token_signature(token_id)
         envelope = {
             "kind": "data",
-            "token": body.decode(),
-            "signature": signature,
-            "dek": dek.hex(),
             "input": contract_key(secret, "input", "").hex(),
-            "sealed": token.sealed,
-            "nonce": token.nonce,
-            "privacy": dataset.privacy,
-            "min_group_size": dataset.min_group_size,
+            "jobs": jobs,
+            "codes": codes,
         }
-        registered = data.ops.get(token.op)
-        if registered is not None:  # a WebAssembly operation: its code, which the token binds
-            envelope["code"] = registered.code
-            envelope["op_version"] = registered.version
-        return self._box_to(attested, envelope)
+        return DataJobs(self._box_to(attested, envelope), refused, left)
+
+    def _job_refusal(self, token_id: str, measurement: str) -> str:
+        """Why token ``token_id`` is not handed to a service at ``measurement`` ("" if it is)."""
+        data = self.state.data
+        token = data.tokens.get(token_id)
+        if token is None:
+            return f"no committed token {token_id!r}"
+        if token.node != self.name:
+            return f"token {token_id} is for {token.node}"
+        if token.state != "issued" or token_id in self._jobs:
+            return f"token {token_id} was already used"
+        grant = data.grants.get(token.grant)
+        if grant is None or grant.revoked_index:
+            return f"grant {token.grant} was revoked"
+        if self.state.newest_request >= token.expires_at:
+            return f"token {token_id} expired"
+        if measurement != token.measurement:
+            return (
+                f"service enclave runs {measurement[:16]}..., the token binds "
+                f"{token.measurement[:16]}..."
+            )
+        return ""
 
     def _attest_service(
         self, challenge: bytes, response: bytes

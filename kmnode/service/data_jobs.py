@@ -36,7 +36,13 @@ from kmnode.dataauth.ops import Limits, OpRefused, params_digest, run_op
 from kmnode.dataauth.table import Table, TableError, parse_table
 from kmnode.dataauth.wasm_op import checksum, run_wasm_op
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
-from kmnode.service_pipe import DataJobReply, DataJobRequest, DataRevokeReply, DataRevokeRequest
+from kmnode.service_pipe import (
+    DataJobReply,
+    DataJobRequest,
+    DataRevokeReply,
+    DataRevokeRequest,
+    JobEnd,
+)
 
 RECORD_DATA_RESULT = 3
 #: The largest result (bytes of the operation's JSON) this enclave seals.
@@ -47,6 +53,9 @@ MAX_RESULT_BYTES = 4096
 DONE_KEPT = 65536
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Code = Annotated[str, StringConstraints(max_length=1 << 17)]
+#: Jobs one box carries (the KM side batches fewer: ``data_feed.JOBS_IN_FLIGHT``).
+MAX_BATCH = 256
 
 
 class Output(Protocol):
@@ -83,19 +92,31 @@ class TokenView(_Strict):
     uses_left_after: int
 
 
-class JobEnvelope(_Strict):
-    kind: str
+class JobSpec(_Strict):
+    """One computation of a batch, as the KM enclave boxed it."""
+
     token: Annotated[str, StringConstraints(max_length=8192)]
     signature: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
     dek: Hex64
-    input: Hex64
     sealed: Annotated[str, StringConstraints(max_length=1 << 17)]
     nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
     privacy: str
     min_group_size: Annotated[int, Field(ge=1)]
-    #: A WebAssembly operation's module (base64) and version; empty for a built-in.
-    code: Annotated[str, StringConstraints(max_length=1 << 17)] = ""
+    #: A WebAssembly operation's version (its module is in the batch's ``codes``).
     op_version: Annotated[int, Field(ge=0)] = 0
+
+
+class JobEnvelope(_Strict):
+    """A batch of computations: the input key once, the jobs, and the WebAssembly modules
+    they run (base64, by checksum)."""
+
+    kind: str
+    input: Hex64
+    jobs: Annotated[list[JobSpec], Field(min_length=1, max_length=MAX_BATCH)]
+    codes: Annotated[
+        dict[Hex64, Annotated[str, StringConstraints(max_length=1 << 17)]],
+        Field(max_length=MAX_BATCH),
+    ]
 
 
 class JobRefused(Exception):
@@ -120,30 +141,38 @@ class DataJobs:
         return DataRevokeReply(revoked=len(fresh))
 
     def run(self, request: DataJobRequest, writer: Output) -> DataJobReply:
+        """Every job of a vouched box, in order; each ends consumed or refused on its own."""
         envelope = self._enclave.open_envelope(
             bytes.fromhex(request.ciphertext), bytes.fromhex(request.vouch), "data"
         )
         try:
-            job = JobEnvelope.model_validate(envelope)
-            token = TokenView.model_validate_json(job.token)
+            batch = JobEnvelope.model_validate(envelope)
+            tokens = [TokenView.model_validate_json(job.token) for job in batch.jobs]
         except ValidationError as exc:
             raise ProvisioningError(f"data job rejected: {exc.errors()[0]['msg']}") from None
+        ends = [
+            self._end(batch, job, token, writer)
+            for job, token in zip(batch.jobs, tokens, strict=True)
+        ]
+        return DataJobReply(ends=ends)
+
+    def _end(self, batch: JobEnvelope, job: JobSpec, token: TokenView, writer: Output) -> JobEnd:
         try:
-            sealed = self._compute(job, token)
+            sealed = self._compute(batch, job, token)
         except JobRefused as exc:
             reason = str(exc)[:500]
             writer.write(_record(token, "refused", reason, b""), RECORD_DATA_RESULT)
-            return DataJobReply(token=token.id, status="refused", reason=reason)
+            return JobEnd(token=token.id, status="refused", reason=reason)
         digest = hashlib.sha256(sealed).hexdigest()
         writer.write(_record(token, "consumed", "", sealed), RECORD_DATA_RESULT)
-        return DataJobReply(
+        return JobEnd(
             token=token.id,
             status="consumed",
             sealed=base64.b64encode(sealed).decode(),
             result_hash=digest,
         )
 
-    def _compute(self, job: JobEnvelope, token: TokenView) -> bytes:
+    def _compute(self, batch: JobEnvelope, job: JobSpec, token: TokenView) -> bytes:
         """The result sealed to the token's user, or ``JobRefused`` with the reason."""
         own = self._enclave.context.identity.measurement.hex()
         if token.platform.measurement != own:
@@ -164,12 +193,12 @@ class DataJobs:
             )
         except BlobError as exc:
             raise JobRefused(f"{exc.reason}: {exc}") from None
-        params = _open_params(job, token)
+        params = _open_params(batch.input, job, token)
         try:
             table = parse_table(plaintext)
             limits = Limits(min_group_size=job.min_group_size, max_result_bytes=MAX_RESULT_BYTES)
-            if job.code:
-                result = self._run_wasm(job, token, table, params, limits)
+            if token.op_checksum in batch.codes:
+                result = self._run_wasm(batch, job, token, table, params, limits)
             else:
                 result = run_op(token.op, table, params, job.privacy, limits)  # type: ignore[arg-type]
         except TableError as exc:
@@ -183,7 +212,8 @@ class DataJobs:
 
     def _run_wasm(
         self,
-        job: JobEnvelope,
+        batch: JobEnvelope,
+        job: JobSpec,
         token: TokenView,
         table: Table,
         params: dict[str, object],
@@ -191,7 +221,7 @@ class DataJobs:
     ) -> bytes:
         """A WebAssembly operation: only the module whose checksum the token binds."""
         try:
-            code = base64.b64decode(job.code, validate=True)
+            code = base64.b64decode(batch.codes[token.op_checksum], validate=True)
         except ValueError:
             raise JobRefused("op-failed: the operation's code is not base64") from None
         if checksum(code) != token.op_checksum:
@@ -213,10 +243,10 @@ class DataJobs:
         return data
 
 
-def _open_params(job: JobEnvelope, token: TokenView) -> dict[str, object]:
+def _open_params(input_key: str, job: JobSpec, token: TokenView) -> dict[str, object]:
     """The parameters, opened under this user and computation, hashing to the token's digest."""
     try:
-        opened = open_call(PrivateKey(bytes.fromhex(job.input)), job.sealed, token.user, job.nonce)
+        opened = open_call(PrivateKey(bytes.fromhex(input_key)), job.sealed, token.user, job.nonce)
         params = json.loads(opened.args)
     except (EnvelopeError, ValueError):
         raise JobRefused("params: the sealed parameters do not open for this computation") from None

@@ -410,10 +410,10 @@ class HostileHost(RuleBasedStateMachine):
                 return
             challenge = issued
             response = self.services[svc].answer_challenge(enclave.identity.measurement, issued)
-        result = self._call(enclave.provision_data_job, token, challenge, response)
-        if result is not None:
-            assert not result.ok, "a data job without a committed token"
-            self._seen(repr(result))
+        batch = self._call(enclave.provision_data_jobs, [token, token], challenge, response)
+        if batch is not None:
+            assert not batch.result.ok, "a data job without a committed token"
+            self._seen(repr(batch))
         self._seen(repr(self._call(enclave.attested_measurement, challenge, response)))
         self._seen(repr(self._call(enclave.data_public_keys)))
         self._seen(repr(self._call(enclave.token_signature, token)))
@@ -496,7 +496,7 @@ DRIVEN = {
     "open_join_reply", "new_challenge", "provision", "sealed_state", "restore_sealed_state",
     "check_binding", "show_quote", "ledger_signature", "key_fingerprint", "directory",
     "genesis", "snapshot_capture", "session_refusal", "contract_input_key",
-    "provision_contract_keys", "provision_data_job", "attested_measurement", "data_public_keys",
+    "provision_contract_keys", "provision_data_jobs", "attested_measurement", "data_public_keys",
     "token_signature",
 }  # fmt: skip
 

@@ -25,7 +25,7 @@ from kmnode.dataauth.ops import canonical_json, params_digest
 from kmnode.identity import IdentityKeys
 from kmnode.km.command_base import Applied, Refused
 from kmnode.km.data_commands import TokenIssued
-from kmnode.km.enclave import KMEnclave
+from kmnode.km.enclave import KMEnclave, ProvisionResult
 from kmnode.km.state import KMState
 from kmnode.service.data_jobs import DataJobs
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
@@ -113,19 +113,25 @@ class Setup:
         return self.signed(keys, "data.compute", **fields)
 
 
-def job(km: KMEnclave, svc: ServiceEnclave, token: str) -> Any:
+def job(km: KMEnclave, svc: ServiceEnclave, token: str) -> ProvisionResult:
+    """One token provisioned as a batch of one: the box, or the token's refusal."""
     challenge = km.new_challenge()
-    return km.provision_data_job(
-        token, challenge, svc.answer_challenge(km.identity.measurement, challenge)
+    batch = km.provision_data_jobs(
+        [token], challenge, svc.answer_challenge(km.identity.measurement, challenge)
     )
+    if token in batch.refused:
+        return ProvisionResult(False, batch.refused[token], "", b"")
+    return batch.result
 
 
 def run(jobs: DataJobs, result: Any) -> Any:
+    """The service's end of a batch of one, and the ring records it wrote."""
     ring = Ring()
     reply = jobs.run(
         DataJobRequest(ciphertext=result.ciphertext.hex(), vouch=result.vouch.hex()), ring
     )
-    return reply, ring
+    (end,) = reply.ends
+    return end, ring
 
 
 @pytest.fixture
@@ -221,8 +227,8 @@ def test_the_km_enclave_boxes_a_job_once_for_its_own_committed_token_only(s: Set
     # A recorded challenge and answer do not open another attempt either.
     challenge = s.a.new_challenge()
     response = svc.answer_challenge(s.a.identity.measurement, challenge)
-    assert s.a.provision_data_job(mine.token, challenge, response).ok is False
-    assert not s.a.provision_data_job(theirs.token, challenge, response).ok
+    replayed = s.a.provision_data_jobs([mine.token, theirs.token], challenge, response)
+    assert not replayed.result.ok and set(replayed.refused) == {mine.token, theirs.token}
     # The box opens for that service instance only.
     with pytest.raises(ProvisioningError):
         DataJobs(service("a"), s.blob_dir).run(
@@ -373,3 +379,25 @@ def test_a_batch_of_ends_applies_each_on_its_own(s: Setup) -> None:
     )  # fmt: skip
     replay = s.both("data.consume", node="n-a", ends=ends[:1])
     assert isinstance(replay, Refused) and replay.code == "replay"
+
+
+def test_a_batch_boxes_each_good_token_once_and_refuses_the_rest_by_name(s: Setup) -> None:
+    s.signed(OWNER, "data.grant", dataset="d", user="bob", ops=["mean"], uses=5, ttl=600)
+    good = [s.compute(), s.compute()]
+    theirs = s.compute(node="n-b")
+    ids = [t.token for t in good]  # type: ignore[attr-defined]
+    svc = service("a")
+    challenge = s.a.new_challenge()
+    response = svc.answer_challenge(s.a.identity.measurement, challenge)
+    batch = s.a.provision_data_jobs(
+        [*ids, theirs.token, "t4242", ids[0]],
+        challenge,
+        response,  # type: ignore[attr-defined]
+    )
+    assert batch.result.ok and batch.left == []
+    assert set(batch.refused) == {theirs.token, "t4242"}  # type: ignore[attr-defined]
+    reply = DataJobs(svc, s.blob_dir).run(
+        DataJobRequest(ciphertext=batch.result.ciphertext.hex(), vouch=batch.result.vouch.hex()),
+        Ring(),
+    )
+    assert [(e.token, e.status) for e in reply.ends] == [(t, "consumed") for t in ids]
