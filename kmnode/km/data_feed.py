@@ -59,6 +59,9 @@ RESULTS_KEPT = 4096
 REVOKE_BATCH = 4096
 #: Pause after the service could not be reached.
 RETRY_S = 0.5
+#: How long a token's end waits for others to share its Raft entry: ends come one per job,
+#: and an entry each would put a second commit beside every token's own.
+ENDS_LINGER_S = 0.01
 #: Jobs handed to the service enclave at once (it runs them in order; their attestations and
 #: replies overlap on the pipe, and their ends are committed while the next ones run).
 JOBS_IN_FLIGHT = 32
@@ -276,7 +279,7 @@ class DataFeed:
             self._commit_end(outcome)
 
     def _commit_end(self, outcome: JobOutcome) -> None:
-        """Queue how a token ended; the ends queued in one event-loop turn are committed as
+        """Queue how a token ended; the ends queued within ``ENDS_LINGER_S`` are committed as
         one ``data.consume`` (a Raft entry per batch of jobs, not per job)."""
         end = TokenEnd(
             token=outcome.token,
@@ -285,7 +288,7 @@ class DataFeed:
             reason=outcome.reason[:500],
         )
         if not self._ends:
-            asyncio.get_running_loop().call_soon(self._flush_ends)
+            asyncio.get_running_loop().call_later(ENDS_LINGER_S, self._flush_ends)
         self._ends.append(end)
 
     def _flush_ends(self) -> None:
