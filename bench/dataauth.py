@@ -381,6 +381,14 @@ def run(settings: Settings, root: Path) -> dict[str, Any]:
             f"and {LARGE} ({len(large):,} bytes, {LARGE_ROWS:,} rows); {settings.users} users",
             flush=True,
         )
+        # The floor: a plain commit (a key's creation) one at a time, through the same client.
+        keys = [
+            http_request(
+                leader, "POST", "/v1/keys", json.dumps({"name": f"k{i}"}).encode(), cast.operator
+            )
+            for i in range(settings.single)
+        ]
+        plain = asyncio.run(issue(leader, keys, 1))
         began = time.perf_counter()
         raws = token_requests(leader, input_key, cast.users, settings.single)
         prepare_us = (time.perf_counter() - began) / max(1, settings.single) * 1e6
@@ -396,6 +404,7 @@ def run(settings: Settings, root: Path) -> dict[str, Any]:
         "machine": info,
         "settings": dataclasses.asdict(settings),
         "prepare_us_per_request": prepare_us,
+        "plain_commit_p50_ms": pct(plain.latencies_ms, 0.5),
         "single_p50_ms": pct(single.latencies_ms, 0.5),
         "single_p99_ms": pct(single.latencies_ms, 0.99),
         "single_tokens": single.tokens,
@@ -436,6 +445,8 @@ def report_lines(f: Mapping[str, Any], s: Settings) -> list[str]:
         f"computation: {f['many_answered_before_compute']}; not ok: {f['many_not_ok'] or 'none'}; "
         f"latency p50 {f['many_p50_ms']:.1f} ms, p99 {f['many_p99_ms']:.1f} ms; the leader ended "
         f"their computations {f['many_computations_settled_s']:.2f} s after the last answer",
+        f"the floor: a plain commit (key create) one at a time p50 {f['plain_commit_p50_ms']:.2f} "
+        f"ms; a token's p50 is {p50 / max(f['plain_commit_p50_ms'], 1e-9):.2f}x that",
         f"compute to the user: {f['compute_ok']}/{s.computes} results opened (lost "
         f"{f['compute_lost']}, refused {f['compute_refused'] or 'none'}; every mean the same: "
         f"{f['compute_values_agree']}); p99 {f['compute_p99_ms']:.1f} ms",
