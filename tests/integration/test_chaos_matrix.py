@@ -44,6 +44,12 @@ EXPECTED_CHECKS = {
     "contract-roots",
     "contract-reference",
     "no-plaintext-contracts",
+    "data-tokens",
+    "data-determinism",
+    "data-results",
+    "data-tamper",
+    "data-liveness",
+    "no-plaintext-data",
 }
 
 injected: dict[tuple[int, int], set[str]] = {}
