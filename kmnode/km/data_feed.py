@@ -61,7 +61,12 @@ REVOKE_BATCH = 4096
 RETRY_S = 0.5
 #: How long a token's end waits for others to share its Raft entry: ends come one per job,
 #: and an entry each would put a second commit beside every token's own.
-ENDS_LINGER_S = 0.01
+ENDS_LINGER_S = 0.05
+#: How long a committed token waits before its batch starts: its API answer (and those of the
+#: tokens committed next) goes out first, and the batch gathers the tokens of a few turns
+#: (A/B one at a time, with ENDS_LINGER_S at 50 ms: p50 4.77 and 4.82 ms against 5.60 and
+#: 5.47 ms with neither).
+JOBS_LINGER_S = 0.005
 #: Jobs handed to the service enclave at once (it runs them in order; their attestations and
 #: replies overlap on the pipe, and their ends are committed while the next ones run).
 JOBS_IN_FLIGHT = 32
@@ -113,6 +118,7 @@ class DataFeed:
         self._finished: dict[str, list[asyncio.Future[None]]] = {}
         self._measured = asyncio.Event()
         self.lag = LagStats()
+        self._wake_timer: asyncio.TimerHandle | None = None
         #: Token ends waiting to be committed (``_commit_end``).
         self._ends: list[TokenEnd] = []
         self.jobs = {"consumed": 0, "refused": 0}
@@ -124,7 +130,10 @@ class DataFeed:
             self._wake.set()  # a service instance not attested yet (or the secret just came)
         if isinstance(result, TokenIssued) and result.node == self.node.name:
             self._queue.append(("token", result.token, 0.0))
-            self._wake.set()
+            if self._wake_timer is None:
+                self._wake_timer = asyncio.get_running_loop().call_later(
+                    JOBS_LINGER_S, self._wake_for_jobs
+                )
         elif isinstance(result, GrantChanged) and result.state == "revoked":
             self._queue.append(("revoke", result.grant, time.monotonic()))
             self._wake.set()
@@ -145,6 +154,10 @@ class DataFeed:
                     user=result.user,
                     owner=result.owner,
                 )
+
+    def _wake_for_jobs(self) -> None:
+        self._wake_timer = None
+        self._wake.set()
 
     async def wait_finished(self, token: str, timeout: float) -> bool:
         """Wait until token ``token`` has ended in the state applied here; False on timeout."""
