@@ -63,6 +63,7 @@ def leader_with(state: KMState) -> tuple[Operator, _Leader]:
         raise AssertionError("a malformed request was proposed")
 
     node = SimpleNamespace(
+        name="km1",
         enclave=SimpleNamespace(state=state),
         faults=FaultRules(1),
         config=ClusterConfig(),
@@ -126,3 +127,52 @@ def genesis_with_admin() -> KMState:
 
 def with_roles() -> PublicIdentity:
     return ADMIN.public(["admin", "operator", "auditor"])
+
+
+REGISTER = {
+    "name": "d", "digest_ct": "0" * 64, "digest_pt": "0" * 64, "size": 1, "privacy": "high",
+    "ops": ["mean"], "wrapped_key": "A" * 108,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("target", "body", "text"),
+    [
+        ("/v1/datasets/d/computations", {"auth": {"by": "someone-else"}}, "'auth'"),
+        ("/v1/datasets/d/computations", {"op": "key.create"}, "'op'"),
+        ("/v1/datasets/d/grants", {"user": "bob", "ops": ["mean"], "uses": 0, "ttl": 9}, "uses"),
+        ("/v1/datasets/d/grants", {"user": "bob", "ops": [], "uses": 1, "ttl": 9}, "ops"),
+        (
+            "/v1/datasets/d/grants",
+            {"user": "bob", "ops": ["mean"], "uses": 1, "ttl": 9, "extra": True},
+            "extra",
+        ),
+        (
+            "/v1/datasets/d/computations",
+            {"operation": "mean", "params": "zz", "sealed": "A" * 64, "nonce": "0" * 32},
+            "params",
+        ),
+        ("/v1/datasets", {**REGISTER, "size": -1}, "size"),
+        ("/v1/datasets", {"name": "D!", "digest_ct": "0" * 64}, "name"),
+    ],
+)
+async def test_a_malformed_data_request_is_refused_before_anything_is_proposed(
+    target: str, body: dict[str, object], text: str
+) -> None:
+    """A data owner's or user's request that is not one of the commands (a field the signer
+    may not set, a value out of range, an unknown field) is a 400 naming it, and the log never
+    sees it: nobody can smuggle another signer or another operation in through the body."""
+    state = KMState()
+    party = ADMIN.public(["admin", "owner", "user"])
+    init = encode_command(
+        "cluster.init", cluster="demo", policy=POLICY, member=member("km1", 7101),
+        identities=[party.model_dump(mode="json")],
+    )  # fmt: skip
+    assert state.apply(1, init).ok
+    before = state.snapshot()
+    operator, driver = leader_with(state)
+    with pytest.raises(Failed) as caught:
+        await operator.call(api_call("POST", target, body))
+    failure = caught.value.failure
+    assert failure.code == "bad_request" and text in failure.message, failure
+    assert driver.proposed == [] and state.snapshot() == before
