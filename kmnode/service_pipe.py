@@ -189,10 +189,20 @@ class DataRevokeRequest(PipeMessage):
     ]
 
 
+class DataReleaseRequest(PipeMessage):
+    """Tokens whose end (consumed) is committed: their held results may leave now."""
+
+    op: Literal["data.release"] = "data.release"
+    tokens: Annotated[
+        list[Annotated[str, StringConstraints(pattern=r"^t[1-9][0-9]{0,18}$")]],
+        Field(min_length=1, max_length=4096),
+    ]
+
+
 Request = Annotated[
     IdentityRequest | ChallengeRequest | KeyRequest | ProveRequest | ModulesRequest
     | ContractKeysRequest | ContractOpsRequest | ContractCheckRequest | ContractRestoreRequest
-    | ContractStatusRequest | DataJobRequest | DataRevokeRequest,
+    | ContractStatusRequest | DataJobRequest | DataRevokeRequest | DataReleaseRequest,
     Field(discriminator="op"),
 ]  # fmt: skip
 _REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
@@ -282,6 +292,10 @@ class DataJobReply(Reply):
 
 class DataRevokeReply(Reply):
     revoked: Annotated[int, Field(ge=0)] = 0
+
+
+class DataReleaseReply(Reply):
+    released: Annotated[int, Field(ge=0)] = 0
 
 
 R = TypeVar("R", bound=Reply)

@@ -39,6 +39,8 @@ from kmnode.service.enclave import ProvisioningError, ServiceEnclave
 from kmnode.service_pipe import (
     DataJobReply,
     DataJobRequest,
+    DataReleaseReply,
+    DataReleaseRequest,
     DataRevokeReply,
     DataRevokeRequest,
     JobEnd,
@@ -51,6 +53,9 @@ MAX_RESULT_BYTES = 4096
 #: node's tokens in flight; older ones are committed as consumed or refused, which the KM
 #: enclave checks before it boxes a job.
 DONE_KEPT = 65536
+#: Results held for their end's commit (the oldest are dropped: their users fetch them from
+#: the platform's API, which keeps them too).
+HELD_KEPT = 4096
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Code = Annotated[str, StringConstraints(max_length=1 << 17)]
@@ -133,6 +138,8 @@ class DataJobs:
         self._vm: ContractVM | None = None  # made at the first WebAssembly operation
         self._revoked: set[str] = set()
         self._done: dict[str, None] = {}
+        #: Results computed, by token, until their end is committed (``release``).
+        self._held: dict[str, bytes] = {}
 
     def revoke(self, request: DataRevokeRequest) -> DataRevokeReply:
         """Revocations the KM enclave saw committed: their tokens are refused from now on."""
@@ -156,6 +163,17 @@ class DataJobs:
         ]
         return DataJobReply(ends=ends)
 
+    def release(self, request: DataReleaseRequest, writer: Output) -> DataReleaseReply:
+        """Results whose end the ledger now holds as consumed leave, through the ring (a token
+        this instance holds nothing for, e.g. after a restart, is passed over)."""
+        released = 0
+        for token in request.tokens:
+            record = self._held.pop(token, None)
+            if record is not None:
+                writer.write(record, RECORD_DATA_RESULT)
+                released += 1
+        return DataReleaseReply(released=released)
+
     def _end(self, batch: JobEnvelope, job: JobSpec, token: TokenView, writer: Output) -> JobEnd:
         try:
             sealed = self._compute(batch, job, token)
@@ -164,7 +182,11 @@ class DataJobs:
             writer.write(_record(token, "refused", reason, b""), RECORD_DATA_RESULT)
             return JobEnd(token=token.id, status="refused", reason=reason)
         digest = hashlib.sha256(sealed).hexdigest()
-        writer.write(_record(token, "consumed", "", sealed), RECORD_DATA_RESULT)
+        # Held until the ledger holds this end (``release``): a result never leaves for a
+        # token that could still end refused (its platform crashing before the commit).
+        self._held[token.id] = _record(token, "consumed", "", sealed)
+        if len(self._held) > HELD_KEPT:
+            del self._held[next(iter(self._held))]
         return JobEnd(
             token=token.id,
             status="consumed",

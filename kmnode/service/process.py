@@ -42,6 +42,7 @@ from kmnode.service_pipe import (
     ChallengeReply,
     ChallengeRequest,
     DataJobRequest,
+    DataReleaseRequest,
     DataRevokeRequest,
     IdentityReply,
     IdentityRequest,
@@ -76,11 +77,13 @@ def handle(
     jobs: DataJobs | None = None,
 ) -> Reply:
     """The reply to one request (refusals raise; ``answer`` turns them into error replies)."""
-    if isinstance(request, DataJobRequest | DataRevokeRequest):
+    if isinstance(request, DataJobRequest | DataRevokeRequest | DataReleaseRequest):
         if jobs is None:
             raise ProvisioningError("this service enclave runs no data jobs")
         if isinstance(request, DataRevokeRequest):
             return jobs.revoke(request)
+        if isinstance(request, DataReleaseRequest):
+            return jobs.release(request, writer)
         return jobs.run(request, writer)
     if isinstance(request, ContractRequest):
         return handle_contract(runtime.get() if runtime else None, enclave, writer, request)

@@ -29,7 +29,7 @@ from kmnode.km.enclave import KMEnclave, ProvisionResult
 from kmnode.km.state import KMState
 from kmnode.service.data_jobs import DataJobs
 from kmnode.service.enclave import ProvisioningError, ServiceEnclave
-from kmnode.service_pipe import DataJobRequest, DataRevokeRequest
+from kmnode.service_pipe import DataJobRequest, DataReleaseRequest, DataRevokeRequest
 from tests.km.enclaves import NOW, ROGUE_ID, SVC_ID, commit, joined_pair, service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,8 +144,14 @@ def test_a_granted_computation_gives_a_result_only_the_user_opens(s: Setup) -> N
     issued = s.compute()
     assert isinstance(issued, TokenIssued) and issued.uses_left == 1
     svc = service("a")
-    reply, ring = run(DataJobs(svc, s.blob_dir), job(s.a, svc, issued.token))
+    jobs = DataJobs(svc, s.blob_dir)
+    reply, ring = run(jobs, job(s.a, svc, issued.token))
     assert reply.status == "consumed", reply
+    # Nothing leaves through the ring until the ledger holds the end; then it leaves once.
+    assert ring.records == []
+    assert jobs.release(DataReleaseRequest(tokens=["t424242"]), ring).released == 0
+    assert jobs.release(DataReleaseRequest(tokens=[issued.token]), ring).released == 1
+    assert jobs.release(DataReleaseRequest(tokens=[issued.token]), ring).released == 0
     sealed = base64.b64decode(reply.sealed)
     assert hashlib.sha256(sealed).hexdigest() == reply.result_hash
     value = json.loads(SealedBox(PrivateKey(USER.box_secret)).decrypt(sealed))["value"]
