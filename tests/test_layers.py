@@ -82,6 +82,8 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("kmnode.contracts",), ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.chaos")),
     # The data-authorization library is pure (the KM and service enclaves drive it; the CLI: above).
     (("kmnode.dataauth",), ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.chaos")),
+    # The recovery-share library is pure (the KM enclave and the CLI drive it).
+    (("kmnode.recovery",), ("kmnode.host", "kmnode.km", "kmnode.service", "kmnode.chaos")),
     # The pure libraries stand alone.
     (("attest",), ("consensus", "kmnode")),
     (("consensus",), ("attest", "kmnode")),
