@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from kmnode.chaos.contract_evidence import ContractEvidence
 from kmnode.chaos.history import History
-from kmnode.cli import cli
+from tests.chaos.sweeps import sweep_once
 from tests.integration.harness import write_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,17 +33,9 @@ def test_a_short_chaos_run_with_contracts_is_valid(tmp_path: Path) -> None:
     config = write_config(
         tmp_path, 3, contracts={"checkpoint_every": 10, "cache_entries": 1, "flush_every": 1}
     )
-    out = tmp_path / "sweep"
-    result = CliRunner().invoke(
-        cli,
-        ["-c", str(config), "chaos", "sweep", "--seeds", "1", "--first-seed", str(SEED),
-         "--duration", "10", "--interval", "1.5", "--faults", "tamper-state,kill",
-         "--out", str(out), "--json"],
-    )  # fmt: skip
-    run_dir = out / f"seed-{SEED}"
-    report = json.loads((run_dir / "report.json").read_text())
-    failed = {n: c["detail"] for n, c in report["checks"].items() if not c["valid"]}
-    assert result.exit_code == 0 and not failed, result.output + json.dumps(failed)
+    sweep = sweep_once(config, tmp_path / "sweep", SEED, "tamper-state,kill")
+    run_dir, report = sweep.run_dir, sweep.report
+    assert sweep.exit_code == 0 and not sweep.failed(), sweep.output + json.dumps(sweep.failed())
     assert set(report["checks"]) >= CONTRACT_CHECKS
     assert report["stats"]["contract.call"]["ok"] > 0
     assert report["stats"]["contract.deploy"] == {"ok": 1}

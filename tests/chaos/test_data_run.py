@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from kmnode.chaos.data_evidence import DataEvidence
 from kmnode.chaos.history import History
-from kmnode.cli import cli
+from tests.chaos.sweeps import sweep_once
 from tests.integration.harness import write_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,17 +34,9 @@ SEED = 1
 
 def test_a_short_chaos_run_with_data_is_valid(tmp_path: Path) -> None:
     config = write_config(tmp_path, 3)
-    out = tmp_path / "sweep"
-    result = CliRunner().invoke(
-        cli,
-        ["-c", str(config), "chaos", "sweep", "--seeds", "1", "--first-seed", str(SEED),
-         "--duration", "10", "--interval", "1.5", "--faults", "tamper-blob,kill",
-         "--out", str(out), "--json"],
-    )  # fmt: skip
-    run_dir = out / f"seed-{SEED}"
-    report = json.loads((run_dir / "report.json").read_text())
-    failed = {n: c["detail"] for n, c in report["checks"].items() if not c["valid"]}
-    assert result.exit_code == 0 and not failed, result.output + json.dumps(failed)
+    sweep = sweep_once(config, tmp_path / "sweep", SEED, "tamper-blob,kill")
+    run_dir, report = sweep.run_dir, sweep.report
+    assert sweep.exit_code == 0 and not sweep.failed(), sweep.output + json.dumps(sweep.failed())
     assert set(report["checks"]) >= DATA_CHECKS
     assert report["stats"]["data.register"] == {"ok": 1}
     assert report["stats"]["data.grant"]["ok"] >= 2  # the setup's grants at least
