@@ -34,12 +34,14 @@ from kmnode.km_messages import (
     Propose,
     Prove,
     ReadRequest,
+    RecoveryRead,
     ReleaseKey,
     RemoveMember,
     Request,
     ResyncContracts,
     RevokePlatform,
     RotateKey,
+    SubmitShare,
     Vote,
     Withdraw,
 )
@@ -245,6 +247,17 @@ def _data_read(what: str, name_from: str | None = None) -> Build:
     return build
 
 
+def _recovery_read(what: str) -> Build:
+    def build(params: Params, query: Params, body: Body) -> Request:
+        return RecoveryRead.model_validate({"what": what})
+
+    return build
+
+
+def _submit_share(params: Params, query: Params, body: Body) -> Request:
+    return SubmitShare.model_validate(body)
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/keys", "auditor", _read("keys")),
     Route("POST", "/v1/keys", "operator", _create_key, status=201),
@@ -316,7 +329,12 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("GET", "/v1/data/tokens/{token}/result", "user", _data_read("result", "token")),
     Route("GET", "/v1/node/data", "auditor", _data_read("node")),
+    Route("GET", "/v1/recovery", "auditor", _recovery_read("status"), also=("recovery",)),
+    Route("GET", "/v1/recovery/key", "auditor", _recovery_read("key"), also=("recovery",)),
+    Route("POST", "/v1/recovery/shares", "recovery", _submit_share),
 )
+#: What a node in recovery mode serves besides its status (``kmnode.km.recovery_feed``).
+RECOVERY_PATHS = frozenset({"/v1/recovery", "/v1/recovery/key", "/v1/recovery/shares"})
 #: The chaos routes (``kmnode.host.chaos_api``): the host serves them, once the KM enclave has
 #: checked the request like any other (``ChaosCheck``: admin to inject, auditor to look, and
 #: only while governance has chaos enabled).

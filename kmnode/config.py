@@ -150,6 +150,9 @@ class GovernanceSpec(_Strict):
     #: Whether the chaos (fault injection) routes are open to admins from genesis. The
     #: development profile of `kmctl up` opens them; otherwise a proposal (chaos.set) does.
     chaos: bool = False
+    #: How many recovery shares rebuild the master secret (identities with the ``recovery``
+    #: role hold one each); 0 means a majority of the holders. A proposal changes it later.
+    recovery_threshold: Annotated[int, Field(ge=0, le=255)] = 0
 
 
 class MqttSpec(_Strict):
@@ -329,6 +332,13 @@ def _identity_problems(config: ClusterConfig) -> list[str]:
         seen.setdefault(identity.name, i)
     if config.identities and not any("admin" in i.roles for i in config.identities):
         problems.append("identities: no identity has the admin role: nobody could govern")
+    holders = sum(1 for i in config.identities if "recovery" in i.roles)
+    wanted = config.governance.recovery_threshold
+    if wanted > holders:
+        problems.append(
+            f"governance.recovery_threshold: {wanted} shares, but only {holders} identities "
+            "have the recovery role"
+        )
     return problems
 
 

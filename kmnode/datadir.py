@@ -11,6 +11,10 @@ RAFT_DIR = "raft"
 #: on the first node of cluster.yaml means genesis, and a replaced first node would found a
 #: second cluster with a different master secret.
 JOIN_MARKER = "join-existing"
+#: Written by `kmctl up --recover` / `kmctl node run NAME --recover`: "this node's sealed state
+#: is lost; replay the ledger and wait for recovery shares". Removed once the node has rebuilt
+#: the master secret and sealed it. Without it, a Raft log without sealed state is refused.
+RECOVER_MARKER = "recover"
 #: Node data directories, under the cluster's state directory.
 NODES_DIR = "nodes"
 #: Dataset blobs (ciphertext, named by their sha256) in a node's data directory: the host

@@ -36,9 +36,10 @@ from nacl.public import PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 #: ``owner``: a data owner (registers datasets, grants their use); ``user``: calls contracts
-#: and computes on data it was granted (S4, S5).
-Role = Literal["admin", "operator", "auditor", "user", "owner"]
-ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "user", "owner")
+#: and computes on data it was granted (S4, S5); ``recovery``: holds a share of the master
+#: secret, boxed to its X25519 key, and submits it when the cluster recovers.
+Role = Literal["admin", "operator", "auditor", "user", "owner", "recovery"]
+ROLES: tuple[Role, ...] = ("admin", "operator", "auditor", "user", "owner", "recovery")
 IdentityName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9._-]{0,31}$")]
 HexKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -49,6 +50,7 @@ _GRANTS: dict[Role, frozenset[Role]] = {
     "auditor": frozenset({"auditor"}),
     "user": frozenset({"user"}),
     "owner": frozenset({"owner"}),
+    "recovery": frozenset({"recovery"}),
 }
 #: The covered components of every signature (RFC 9421 names).
 COVERED = ("@method", "@path", "@query", "content-digest")
@@ -149,7 +151,8 @@ class IdentityKeys:
 
 #: The identity `kmctl up` makes for a cluster without identities (the development profile).
 DEV_IDENTITY = "dev-admin"
-DEV_ROLES: list[Role] = ["admin", "operator", "auditor", "user", "owner"]
+#: It also holds the one recovery share of the development profile (threshold 1).
+DEV_ROLES: list[Role] = ["admin", "operator", "auditor", "user", "owner", "recovery"]
 
 
 def default_key_dir() -> Path:

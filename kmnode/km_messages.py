@@ -137,6 +137,10 @@ class StatusReply(Reply):
     links: dict[str, int]
     #: The service enclave (a child of the KM enclave process): running, measurement, pid.
     service: dict[str, JsonValue]
+    #: How the node started (genesis, join, resume, recover), and whether it is still in
+    #: recovery mode (no master secret yet: it serves only status and recovery routes).
+    mode: str = ""
+    recovering: bool = False
 
 
 class ModulesReply(Reply):
@@ -335,6 +339,23 @@ class DataRead(Request):
     filters: dict[str, str] = Field(default_factory=dict)
 
 
+class RecoveryRead(Request):
+    """The recovery records: the ledger's split and a recovery's progress as this node sees
+    them (``status``), or this enclave's recovery key with a quote binding it (``key``)."""
+
+    op: Literal["recovery.read"] = "recovery.read"
+    what: Literal["status", "key"]
+
+
+class SubmitShare(Request):
+    """A recovery holder's share of split ``generation``, boxed to each recovering member's
+    enclave recovery key (node name -> base64)."""
+
+    op: Literal["recovery.submit"] = "recovery.submit"
+    generation: int = Field(ge=0, lt=1 << 63)
+    boxes: dict[str, str] = Field(min_length=1, max_length=64)
+
+
 class ServiceCrash(Request):
     """Chaos: SIGKILL the service enclave (reply: ``{"killed": pid}``, pid None if none ran)."""
 
@@ -506,7 +527,7 @@ class Tick(Notice):
 
 class Started(Notice):
     op: Literal["started"] = "started"
-    mode: Literal["genesis", "join", "resume"]
+    mode: Literal["genesis", "join", "resume", "recover"]
 
 
 class Stopping(Notice):

@@ -66,6 +66,7 @@ from kmnode.km.data_commands import (
     RequestId,
     TokenId,
 )
+from kmnode.km.recovery_commands import RecoveryShare, ShareAccepted
 from kmnode.km.state import KeyRecord, Member, Proposal, Release
 from kmnode.km_messages import FailureCode, Prove, ReleaseKey
 from kmnode.linkfaults import LinkRule
@@ -584,6 +585,29 @@ DOCS: dict[tuple[str, str], Doc] = {
         "enclave checks the digest again before use)",
         create_model("BlobStored", digest=(str, ...), bytes=(int, ...), stored=(bool, ...)),
         also=(400, 413),
+    ),
+    ("GET", "/v1/recovery"): Doc(
+        "The ledger's split of the master secret (holders, threshold, boxed shares and "
+        "commitments: all public) and a recovery's progress as this node sees it",
+        _root("RecoveryStatus", dict[str, JsonValue]),
+    ),
+    ("GET", "/v1/recovery/key"): Doc(
+        "This node's enclave recovery key, with a quote binding it: holders box their share "
+        "to it (kmctl recovery submit verifies the quote first)",
+        create_model(
+            "RecoveryKey",
+            node=(str, ...),
+            platform_id=(str, ...),
+            box_key=(str, ...),
+            quote=(str, ...),
+        ),
+    ),
+    ("POST", "/v1/recovery/shares"): Doc(
+        "Submit the signer's recovery share, boxed to each recovering node's recovery key; "
+        "the leader's enclave checks it against its commitment at once (409 naming the holder "
+        "if bogus; nothing is recorded then)",
+        _record("ShareAccepted", ShareAccepted, ok=True),
+        _body("ShareBody", RecoveryShare, "generation", "boxes"),
     ),
     ("GET", "/v1/status"): Doc(
         "This node's status (open: no signature, for probes)",

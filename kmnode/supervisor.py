@@ -36,6 +36,7 @@ import kmnode
 from kmnode import netns
 from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
+from kmnode.datadir import NODES_DIR, RAFT_DIR, RECOVER_MARKER, SEALED_STATE
 from kmnode.errors import EXIT_FAILURE, KmsimError
 from kmnode.host.broker import BrokerStartError, start_embedded_broker, stop_broker
 from kmnode.identity import dev_key_path, ensure_dev_identity
@@ -393,17 +394,46 @@ def up(
     timeout: float = DEFAULT_READY_TIMEOUT,
     progress: Progress = _ignore,
     command: NodeCommand | None = None,
+    recover: bool = False,
 ) -> UpResult:
     """Start the broker and every node not already running: the first node, once it is ready
     the others together (their joins queue at the leader). Nodes resuming from their data
     directories are started without waiting for the first to be ready.
 
+    ``recover``: every node whose sealed state is lost starts in recovery mode
+    (:func:`mark_for_recovery`); such a node counts as up once it waits for shares.
     ``timeout`` bounds each node's wait for readiness. On any failure (or Ctrl-C) the
     processes this call started are stopped again before the error propagates.
     ``command`` replaces :func:`node_command` (tests run stand-in nodes with it).
     """
     with exclusive(cfg):
+        if recover:
+            alive = running(cfg)
+            for node in cfg.nodes:
+                if node.name not in alive:
+                    progress(node.name, mark_for_recovery(cfg, node.name))
         return _up(cfg, timeout, progress, command or node_command)
+
+
+def node_data_dir(cfg: ClusterConfig, name: str) -> Path:
+    return cfg.state_dir / NODES_DIR / name
+
+
+def mark_for_recovery(cfg: ClusterConfig, name: str) -> str:
+    """Ask node ``name`` to start in recovery mode if its sealed state is lost (write the
+    recover marker into its data directory); what was done, as a line for the operator.
+    Raises SupervisorError if the node has no Raft log to recover from."""
+    data_dir = node_data_dir(cfg, name)
+    if (data_dir / SEALED_STATE).is_file():
+        return "has its sealed state: resumes normally"
+    raft_dir = data_dir / RAFT_DIR
+    if not raft_dir.is_dir() or not any(raft_dir.iterdir()):
+        raise SupervisorError(
+            f"{name}: no Raft log in {raft_dir}: nothing to recover from (restore a snapshot "
+            "into it first: kmctl snapshot restore)"
+        )
+    (data_dir / RECOVER_MARKER).write_text("recover: rebuild the master secret from shares\n")
+    return "sealed state lost: starting in recovery mode"
 
 
 def with_identities(cfg: ClusterConfig, progress: Progress = _ignore) -> ClusterConfig:
@@ -653,6 +683,8 @@ def describe_readiness(status: Any) -> tuple[bool, str]:
     peers = status.get("peers") or {}
     attested = sum(1 for p in peers.values() if isinstance(p, dict) and p.get("attested"))
     leader = status.get("leader")
+    if status.get("recovering") is True:
+        return True, "recovery mode: waiting for recovery shares (kmctl recovery submit)"
     if status.get("ready") is True and leader:
         return (
             True,

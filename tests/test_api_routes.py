@@ -47,8 +47,11 @@ def test_every_route_has_a_role_and_reads_need_no_more_than_auditor() -> None:
             "/v1/data/tokens/{token}/result",
         )
         parties = route.path.startswith(_PARTIES)
+        holders = route.path.startswith("/v1/recovery")
         if users:
             assert route.role == "user"
+        elif holders and route.method == "POST":
+            assert route.role == "recovery"  # only a holder submits its share
         elif parties and route.method == "POST":
             assert route.role in ("owner", "user", "operator")
         else:
@@ -57,6 +60,8 @@ def test_every_route_has_a_role_and_reads_need_no_more_than_auditor() -> None:
             assert route.role == "auditor"
             if parties:
                 assert set(route.also) <= {"user", "owner"}
+            elif holders:
+                assert route.also == ("recovery",)  # holders read the split they hold
             else:
                 assert route.also == ()
 

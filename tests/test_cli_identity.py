@@ -79,6 +79,7 @@ def test_the_development_profile_makes_one_admin_and_kmctl_signs_with_it(tmp_pat
         "auditor",
         "user",
         "owner",
+        "recovery",  # the development profile's one recovery share (threshold 1)
     }
     path = dev_key_path(cfg.state_dir)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -20,6 +20,7 @@ from kmnode.cli.identity_cmds import identity as identity_group
 from kmnode.cli.ledger_cmds import ledger
 from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
 from kmnode.cli.output import KmctlGroup
+from kmnode.cli.recovery_cmds import recovery
 
 
 @click.group(
@@ -72,7 +73,7 @@ def _restore(name: str, value: str | None) -> None:
 
 for command in (
     up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
-    proposals, contracts, data,
+    proposals, contracts, data, recovery,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)

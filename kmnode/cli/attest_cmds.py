@@ -48,7 +48,8 @@ def _report_data(hex_value: str | None) -> bytes:
 _REPORT_DATA_HELP = "Report data to bind, hex, zero-padded to 64 bytes. Default: all zeros."
 
 
-def _store(cfg: ClusterConfig) -> HardwareStore:
+def hardware_store(cfg: ClusterConfig) -> HardwareStore:
+    """The simulated hardware (vendor root, platforms) of the cluster in ``cfg``."""
     return HardwareStore(cfg.state_dir / "hardware")
 
 
@@ -57,7 +58,7 @@ def _make_quote(cfg: ClusterConfig, node_name: str, role: EnclaveRole, report_da
         node = cfg.node(node_name)
     except KeyError as exc:
         raise CliError(str(exc.args[0])) from None
-    platform = _store(cfg).platform(node.platform.id, node.platform.tcb)
+    platform = hardware_store(cfg).platform(node.platform.id, node.platform.tcb)
     return platform.enclave(current_identity(role)).quote(report_data, time.time())
 
 
@@ -168,7 +169,7 @@ def verify(
         else _read_quote(quote_file or "-")
     )
     policy = cfg.policy.resolve(current_measurements())
-    verifier = QuoteVerifier(_store(cfg).vendor_public_key())
+    verifier = QuoteVerifier(hardware_store(cfg).vendor_public_key())
     log = CheckLog()
     error: AttestationError | None = None
     verified: VerifiedIdentity | None = None

@@ -64,8 +64,14 @@ def select_nodes(ctx: CliContext, count: int | None) -> ClusterConfig:
     show_default=True,
     help="Seconds each node may take to become ready.",
 )
+@click.option(
+    "--recover",
+    is_flag=True,
+    help="Nodes that lost their sealed state start in recovery mode: they replay the ledger "
+    "and wait for recovery shares (kmctl recovery submit).",
+)
 @pass_context
-def up(ctx: CliContext, count: int | None, timeout: float) -> None:
+def up(ctx: CliContext, count: int | None, timeout: float, recover: bool) -> None:
     """Start the cluster on this machine and wait until every node has joined.
 
     Starts the embedded MQTT broker (unless mqtt.url is set), then the first node, which
@@ -73,6 +79,10 @@ def up(ctx: CliContext, count: int | None, timeout: float) -> None:
     Processes run detached, with logs in <state_dir>/logs and pid files in <state_dir>/run.
     Prints the status table. If the cluster is already up, says so and exits 0; if a node
     does not become ready, prints the end of its log, stops what it started, and exits 3.
+
+    With --recover (every node lost its sealed state, or runs a KM build that cannot open
+    it), the nodes start in recovery mode and `up` returns once they wait for shares; the
+    recovery holders then run `kmctl recovery submit --as NAME`.
     """
     cfg = select_nodes(ctx, count)
     console = Console(stderr=True)
@@ -83,7 +93,7 @@ def up(ctx: CliContext, count: int | None, timeout: float) -> None:
             if message.startswith(_MILESTONES):
                 console.print(f"  {name}: {message}", highlight=False)
 
-        result = supervisor.up(cfg, timeout=timeout, progress=progress)
+        result = supervisor.up(cfg, timeout=timeout, progress=progress, recover=recover)
     if result.already_up:
         click.echo(f"cluster {cfg.cluster!r} is already up", err=True)
     else:
@@ -130,6 +140,8 @@ def _node_status(cfg: ClusterConfig, name: str) -> dict[str, Any]:
         return {"node": name, "state": "error", "error": exc.message, "status": None}
     ready, phase = supervisor.describe_readiness(status)
     state = "ready" if ready else "not ready"
+    if isinstance(status, dict) and status.get("recovering"):
+        ready, state = False, "recovering"
     return {"node": name, "state": state, "error": None if ready else phase, "status": status}
 
 
@@ -195,8 +207,13 @@ def node() -> None:
 
 @node.command("run")
 @click.argument("name")
+@click.option(
+    "--recover",
+    is_flag=True,
+    help="If the node's sealed state is lost, start in recovery mode (see `kmctl up --recover`).",
+)
 @pass_context
-def run(ctx: CliContext, name: str) -> None:
+def run(ctx: CliContext, name: str, recover: bool) -> None:
     """Run node NAME of the cluster file until SIGTERM or SIGINT.
 
     The first node of the file, with an empty data directory, bootstraps a new cluster; any
@@ -207,6 +224,8 @@ def run(ctx: CliContext, name: str) -> None:
         cfg.node(name)
     except KeyError as exc:
         raise CliError(str(exc.args[0]), EXIT_USAGE) from None
+    if recover:
+        click.echo(f"{name}: {supervisor.mark_for_recovery(cfg, name)}", err=True)
     # Imported here: the node pulls in the enclaves and Raft, which no other command needs.
     from kmnode.host.run import run_node
 

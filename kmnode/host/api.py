@@ -216,6 +216,8 @@ class OperatorApi:
                     for name, platform in km.peers.items()
                 },
                 "has_master_secret": km.has_master_secret,
+                "mode": km.mode,
+                "recovering": km.recovering,
                 "service": {
                     **km.service,
                     # Challenged while a release to it was still being committed (the key

@@ -56,6 +56,12 @@ from kmnode.km.data_commands import (
     DataRevoke,
     ServiceMeasured,
 )
+from kmnode.km.recovery_commands import (
+    MAX_RECOVERY_HOLDERS,
+    RecoveryShare,
+    RecoveryShares,
+    RecoveryThresholdSet,
+)
 
 
 class MemberRecord(BaseModel):
@@ -81,6 +87,8 @@ class ClusterInit(CommandModel):
     chaos_enabled: bool | None = None
     #: The nodes cluster.yaml lists at genesis, admitted from the start (others need a proposal).
     admitted: list[MemberRecord] | None = Field(default=None, max_length=64)
+    #: Shares that rebuild the master secret (cluster.yaml ``governance.recovery_threshold``).
+    recovery_threshold: Annotated[int, Field(ge=0, le=MAX_RECOVERY_HOLDERS)] | None = None
 
 
 class MemberAdd(CommandModel):
@@ -257,7 +265,7 @@ class ChaosSet(CommandModel):
 #: would be, all or none).
 Action = Annotated[
     PolicyAllow | PolicyDisallow | PolicyRevokePlatform | MemberRemove | IdentitySet
-    | IdentityRemove | ConstitutionSet | ChaosSet | NodeAdmit,
+    | IdentityRemove | ConstitutionSet | ChaosSet | NodeAdmit | RecoveryThresholdSet,
     Field(discriminator="op"),
 ]  # fmt: skip
 ProposalId = Annotated[str, StringConstraints(pattern=r"^p[0-9]{1,19}$")]
@@ -292,7 +300,7 @@ Command = Annotated[
     | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw | ContractDeploy
     | ContractCall | ContractCheckpoint | DataOpRegister | DataRegister | DataGrant
     | DataRequest | DataApprove | DataDeny | DataRevoke | DataCompute | DataConsume
-    | ServiceMeasured,
+    | ServiceMeasured | RecoveryShares | RecoveryShare | RecoveryThresholdSet,
     Field(discriminator="op"),
 ]  # fmt: skip
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)

@@ -61,6 +61,17 @@ from kmnode.km.ledger_proof import (
     state_digest,
 )
 from kmnode.km.state import KMState
+from kmnode.recovery.boxing import RECOVERY_KEY_LABEL, recovery_report_data
+from kmnode.recovery.shares import (
+    BogusShare,
+    RecoveryError,
+    RecoverySet,
+    Share,
+    check_share,
+    combine,
+    master_commitment,
+    split,
+)
 
 SECRET_SIZE = 32
 CLUSTER_ID_SIZE = 16
@@ -763,6 +774,98 @@ class KMEnclave:
             },
         }
         return self._box_to(attested, envelope)
+
+    # --- recovery (issue 16) ------------------------------------------------------------------
+
+    def recovery_split(self) -> RecoverySet:
+        """The split of the master secret the replicated state asks for (holders, their keys,
+        threshold and generation all from the committed identities, never from the caller),
+        each share boxed to its holder; ``EnclaveStateError`` if none is due."""
+        due = self.state.recovery.due(self.state.identities)
+        if due is None:
+            raise EnclaveStateError("no recovery split is due")
+        return split(
+            self._require_secret(),
+            due.holders,
+            due.threshold,
+            cluster_id=self._cluster_id,
+            generation=due.generation,
+        )
+
+    def _recovery_box(self) -> PrivateKey:
+        """This enclave's recovery key: derived from its sealing key, so only this code on this
+        platform holds it, and it is the same after a restart in the middle of a recovery."""
+        seed = hashlib.blake2b(
+            RECOVERY_KEY_LABEL + self.name.encode(),
+            key=self._context.seal_key(),
+            digest_size=32,
+        ).digest()
+        return PrivateKey(seed)
+
+    def recovery_key(self, now: float) -> tuple[str, bytes]:
+        """(X25519 public key hex, a quote binding it to this node) that holders box their
+        shares to; ``kmctl recovery submit`` verifies the quote before it boxes anything."""
+        public = bytes(self._recovery_box().public_key)
+        binding = recovery_report_data(self.name, public)
+        return public.hex(), self._context.quote(binding, now)
+
+    def _open_recovery_box(self, holder: str, boxes: Mapping[str, str]) -> Share:
+        """``holder``'s share from the box addressed to this node, checked against the
+        current split's commitment (``BogusShare`` naming the holder otherwise)."""
+        current = self.state.recovery.current
+        if current is None:
+            raise RecoveryError("the ledger holds no recovery split")
+        boxed = boxes.get(self.name)
+        if boxed is None:
+            raise RecoveryError(f"the share of {holder!r} is not boxed to node {self.name!r}")
+        entry = current.entry(holder)
+        try:
+            value = SealedBox(self._recovery_box()).decrypt(base64.b64decode(boxed))
+        except (CryptoError, ValueError):
+            raise BogusShare(holder) from None
+        share = Share(holder, entry.index, value)
+        check_share(current, holder, share)
+        return share
+
+    def check_recovery_share(self, holder: str, generation: int, boxes: Mapping[str, str]) -> None:
+        """Before a submitted share is proposed: refuse it at once if this enclave does not
+        need it, it is for another split, or it does not match its holder's commitment."""
+        if self._master_secret is not None:
+            raise EnclaveStateError("this node holds the master secret: it is not recovering")
+        current = self.state.recovery.current
+        if current is None:
+            raise RecoveryError("the ledger holds no recovery split")
+        if generation != current.generation:
+            raise RecoveryError(
+                f"a share of split {generation}; the ledger's split is {current.generation}"
+            )
+        self._open_recovery_box(holder, boxes)
+
+    def recover(self) -> str:
+        """Once the ledger holds enough shares: rebuild the master secret from the boxes
+        addressed to this node, check it against the ledger's commitment, and take it up
+        (the node then seals it anew). Returns "" or why this enclave could not."""
+        recovery, state = self.state.recovery, self.state
+        current = recovery.current
+        if self._master_secret is not None or current is None or not recovery.complete_index:
+            return ""
+        shares, problems = [], []
+        for holder, submission in recovery.submitted.items():
+            try:
+                shares.append(self._open_recovery_box(holder, submission.boxes))
+            except RecoveryError as exc:
+                problems.append(str(exc))
+        try:
+            master = combine(current, shares)
+        except RecoveryError as exc:
+            return "; ".join([str(exc), *problems])
+        if master_commitment(state.cluster_id, master) != recovery.master_commitment:
+            return "the rebuilt secret does not match the ledger's commitment"
+        self._master_secret = master
+        self._cluster_id = state.cluster_id
+        self._genesis_hash = state.genesis_hash.hex()
+        self.sealed_dirty = True
+        return ""
 
     # --- data authorization (issue 15) ------------------------------------------------------
 

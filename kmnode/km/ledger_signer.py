@@ -39,6 +39,7 @@ async def initialise_ledger(node: KMNode) -> None:
                 chaos_enabled=node.config.governance.chaos or None,
                 # The nodes cluster.yaml lists at genesis are admitted; others need a proposal.
                 admitted=[MemberRecord(**n.member_record()) for n in node.config.nodes],
+                recovery_threshold=node.config.governance.recovery_threshold or None,
             ).encode()
             with contextlib.suppress(RaftError):
                 await driver.propose(command)

@@ -15,7 +15,10 @@ node's situation from its data directory:
   secret over the attested channel, then catch up through Raft).
 
 A Raft log without sealed state is refused: the enclave's state was lost or removed, and
-starting anyway would present a node without its keys as a full member.
+starting anyway would present a node without its keys as a full member. Unless the operator
+asked for recovery (the recover marker): then the node replays the ledger without the secret,
+serves only status and recovery routes, and rebuilds the secret from the holders' shares
+(``kmnode.km.recovery_feed``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
 from consensus.types import NotLeader, RaftError
 from kmnode.config import ClusterConfig
-from kmnode.datadir import JOIN_MARKER, SEALED_STATE
+from kmnode.datadir import JOIN_MARKER, RECOVER_MARKER, SEALED_STATE
 from kmnode.km import ledger_signer
 from kmnode.km.commands import (
     Applied,
@@ -53,6 +56,7 @@ from kmnode.km.loader import load_km
 from kmnode.km.machine import KMStateMachine
 from kmnode.km.peer_transport import Address, AttestedTransport
 from kmnode.km.peer_wire import peer_limits
+from kmnode.km.recovery_feed import RecoveryFeed
 from kmnode.km.releases import EarlyAttestations, Releases
 from kmnode.km.service_link import ServiceLink
 from kmnode.km.vnet import Net
@@ -113,6 +117,7 @@ class KMNode:
         self.releases = Releases(self)
         self.contracts = ContractFeed(self)
         self.data = DataFeed(self)
+        self.recovery = RecoveryFeed(self)
         limits = peer_limits(config.limits)
         self.enclave.decode_limits = limits.decode
         self.transport = AttestedTransport(
@@ -133,7 +138,7 @@ class KMNode:
         self.transport.faults = self.faults
         self.driver: RaftDriver | None = None
         #: How this start found the data directory (set by ``start``).
-        self.mode: Literal["genesis", "join", "resume"] = "join"
+        self.mode: Literal["genesis", "join", "resume", "recover"] = "join"
         self.joined = asyncio.Event()
         #: Set when the node should shut down (signal, or a fatal refusal); see ``exit_code``.
         self.stop_requested = asyncio.Event()
@@ -190,17 +195,20 @@ class KMNode:
         node_files = await asyncio.to_thread(self.node_disk.listing)
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
-        mode: Literal["genesis", "join", "resume"]
+        mode: Literal["genesis", "join", "resume", "recover"]
         if SEALED_STATE in node_files:
             sealed = await asyncio.to_thread(self.node_disk.read, SEALED_STATE)
             self.enclave.restore_sealed_state(sealed)
             mode = "resume"
+        elif has_log and RECOVER_MARKER in node_files:
+            mode = "recover"
         elif has_log:
             raft_log.close()
             raise NodeStartError(
                 f"{self.data_dir} has a Raft log but no sealed enclave state: the enclave's "
-                "state was lost; remove the node (kmctl members remove) and delete the directory "
-                "to join it afresh"
+                "state was lost. If every node lost it, recover the cluster with shares "
+                "(kmctl up --recover, then kmctl recovery submit); otherwise remove the node "
+                "(kmctl members remove) and delete the directory to join it afresh"
             )
         elif self.name == self.config.nodes[0].name and JOIN_MARKER not in node_files:
             self.enclave.genesis()
@@ -208,6 +216,7 @@ class KMNode:
             mode = "genesis"
         else:
             mode = "join"
+        self.mode = mode  # before Raft applies anything: recovery mode changes what applies do
         raft = self.config.raft
         self.driver = RaftDriver(
             RaftConfig(
@@ -245,7 +254,8 @@ class KMNode:
         await service_started
         self.spawn(self.contracts.run())
         self.spawn(self.data.run())
-        self.mode = mode
+        self.spawn(self.recovery.run())
+        self.recovery.try_recover()  # a snapshot may already hold the last share
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
 
     async def stop(self) -> None:
@@ -290,6 +300,7 @@ class KMNode:
         self.releases.on_apply(result)
         self.contracts.on_apply(result)
         self.data.on_apply(result)
+        self.recovery.on_apply(result)
 
     def _publish_proposal(self, index: int, result: ProposalChanged) -> None:
         """Each change of a proposal's state (made, voted on, passed, failed, rejected,

@@ -24,7 +24,7 @@ from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.quote import CheckLog
 from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeout, RaftError
-from kmnode.api_routes import BadCall, parse_call
+from kmnode.api_routes import RECOVERY_PATHS, BadCall, parse_call
 from kmnode.dataauth.ops import BUILTIN_OPS
 from kmnode.identity import AuthError, Verified, verify_request
 from kmnode.km.commands import (
@@ -59,7 +59,9 @@ from kmnode.km.data_commands import (
     DataRevoke,
     TokenIssued,
 )
+from kmnode.km.enclave import EnclaveStateError
 from kmnode.km.node import KMNode
+from kmnode.km.recovery_commands import RecoveryShare
 from kmnode.km.service_link import ServiceRefused
 from kmnode.km.state import ContractRecord, Proposal
 from kmnode.km_messages import (
@@ -81,6 +83,7 @@ from kmnode.km_messages import (
     Propose,
     Prove,
     ReadRequest,
+    RecoveryRead,
     ReleaseKey,
     RemoveMember,
     Reply,
@@ -91,11 +94,13 @@ from kmnode.km_messages import (
     ServiceCrash,
     StatusReply,
     StatusRequest,
+    SubmitShare,
     UpdateLinkRule,
     Vote,
     Withdraw,
 )
 from kmnode.linkfaults import FaultRuleError, LocalLinkRules
+from kmnode.recovery.shares import RecoveryError
 from kmnode.service_pipe import ServiceUnavailable
 
 #: Longest wait for release outcomes an operator may ask for, in seconds.
@@ -168,6 +173,16 @@ class Operator:
             code: FailureCode = "not_found" if exc.status == 404 else "bad_request"
             raise Failed.of(code, str(exc), field=exc.field) from None
         identity = verified.identity
+        if self.node.recovery.recovering and route.path not in RECOVERY_PATHS:
+            have = len(self.node.enclave.state.recovery.submitted)
+            current = self.node.enclave.state.recovery.current
+            need = current.threshold if current is not None else "?"
+            raise Failed.of(
+                "not_ready",
+                f"node {self.node.name} is in recovery mode ({have} of {need} recovery shares "
+                "submitted): it serves only status and recovery routes until the holders "
+                "submit their shares (kmctl recovery submit --as NAME)",
+            )
         if not any(identity.may(role) for role in route.roles):
             raise Failed.of(
                 "forbidden",
@@ -237,6 +252,12 @@ class Operator:
                 return await self.data_write(request, by)
             case DataRead():
                 return self.data_read(request, by)  # type: ignore[no-any-return]
+            case RecoveryRead(what="status"):
+                return self.recovery_status()
+            case RecoveryRead():
+                return self.recovery_key()
+            case SubmitShare():
+                return await self.submit_share(request, by)
             case ResyncContracts():
                 self.node.contracts.resync()
                 return {"node": self.node.name, "resync": "started"}
@@ -328,6 +349,8 @@ class Operator:
                 "pid": node.service.pid,
                 "restarts": node.service.restarts,
             },
+            mode=node.mode,
+            recovering=node.recovery.recovering,
         )
 
     async def read(self, request: ReadRequest) -> Any:
@@ -413,6 +436,55 @@ class Operator:
                 "checks": [{"check": c, "detail": d} for c, d in log.passed],
             },
         }
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    def recovery_status(self) -> dict[str, Any]:
+        node = self.node
+        state = node.enclave.state
+        return {
+            "node": node.name,
+            "mode": node.mode,
+            "recovering": node.recovery.recovering,
+            "error": node.recovery.error or None,
+            "has_master_secret": node.enclave.has_master_secret,
+            "cluster": state.cluster or None,
+            "applied": state.applied_index,
+            "members": [
+                {
+                    "name": m.name,
+                    "platform_id": m.platform_id,
+                    "host": m.host,
+                    "api_port": m.api_port,
+                }
+                for m in sorted(state.members.values(), key=lambda m: m.name)
+            ],
+            **state.recovery.view(state.identities),
+        }
+
+    def recovery_key(self) -> dict[str, Any]:
+        enclave = self.node.enclave
+        box_key, quote = enclave.recovery_key(time.time())
+        return {
+            "node": self.node.name,
+            "platform_id": enclave.platform_id,
+            "box_key": box_key,
+            "quote": quote.hex(),
+        }
+
+    async def submit_share(self, request: SubmitShare, by: Verified) -> dict[str, Any]:
+        """Check the share against its commitment here, at once (a bogus one is refused naming
+        its holder and never reaches the ledger), then commit it, boxes and all."""
+        self._require_leader()
+        holder = by.identity.name
+        try:
+            self.node.enclave.check_recovery_share(holder, request.generation, request.boxes)
+        except (EnclaveStateError, RecoveryError) as exc:
+            raise Failed.of("refused", f"{exc}; nothing was recorded") from None
+        accepted = await self._commit(
+            RecoveryShare, auth=_stamp(by), generation=request.generation, boxes=request.boxes
+        )
+        return accepted.public()
 
     # --- contracts --------------------------------------------------------------------------
 

@@ -196,6 +196,10 @@ class Releases:
     async def provision(self, release_id: str) -> None:
         """Local attestation of our service enclave, key provisioning, then the audit record."""
         node = self.node
+        if node.recovery.recovering:
+            # Replaying a release committed before the loss: it is provisioned once the
+            # node holds the secret again, not refused for lack of it.
+            await node.recovery.opened.wait()
         release = node.enclave.state.releases.get(release_id)
         if release is None or release.status != "requested":
             return

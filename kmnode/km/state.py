@@ -96,6 +96,8 @@ from kmnode.km.data_commands import (
 )
 from kmnode.km.dataauth import WASM_MAGIC, DataAuthState
 from kmnode.km.ledger_proof import SIGNER_LABEL, head_message, signature_holds
+from kmnode.km.recovery_commands import RecoveryShare, RecoveryShares, RecoveryThresholdSet
+from kmnode.km.recovery_state import RecoveryState
 
 #: Releases per ``json.dumps`` call when a snapshot is serialised: each call holds the GIL, so
 #: chunks keep a snapshot taken in a worker thread from stalling the event loop for long.
@@ -253,6 +255,9 @@ class KMState:
     call_nonces: set[str] = field(default_factory=set)
     #: Data authorization: datasets, requests, grants, tokens (``kmnode.km.dataauth``).
     data: DataAuthState = field(default_factory=DataAuthState)
+    #: Recovery: the split of the master secret and a recovery's shares
+    #: (``kmnode.km.recovery_state``).
+    recovery: RecoveryState = field(default_factory=RecoveryState)
 
     @property
     def member_names(self) -> frozenset[str]:
@@ -343,6 +348,7 @@ class KMState:
         self.identities = {i.name: i for i in cmd.identities}
         self.chaos_enabled = bool(cmd.chaos_enabled)
         self.admitted = {m.name: m for m in cmd.admitted or []}
+        self.recovery.threshold = cmd.recovery_threshold or 0
         self.genesis_hash = self.chain_hash
         return ClusterInitialised(cmd.cluster)
 
@@ -763,6 +769,7 @@ class KMState:
             "contract_ops": [vars(op) for op in self.contract_ops],
             "checkpoints": [asdict(c) for c in self.checkpoints],
         }
+        head["recovery"] = self.recovery.capture()
         data = self.data.capture()
         releases = list(self.releases.values())
 
@@ -820,6 +827,7 @@ class KMState:
             checkpoints=[Checkpoint(**c) for c in data.get("checkpoints", [])],
             call_nonces={op["nonce"] for op in data.get("contract_ops", []) if op["nonce"]},
             data=DataAuthState.from_json(data.get("data")),
+            recovery=RecoveryState.from_json(data.get("recovery")),
         )
 
 
@@ -857,6 +865,9 @@ _HANDLERS: dict[type[CommandModel], Callable[[KMState, int, Any], Applied]] = {
     DataCompute: lambda s, i, c: s.data.compute(i, c, s),
     DataConsume: lambda s, i, c: s.data.consume(i, c, s),
     ServiceMeasured: lambda s, i, c: s.data.measured(i, c, s),
+    RecoveryShares: lambda s, i, c: s.recovery.commit(i, c, s),
+    RecoveryShare: lambda s, i, c: s.recovery.submit(i, c, s),
+    RecoveryThresholdSet: lambda s, i, c: s.recovery.set_threshold(i, c, s),
 }
 _ACTION: TypeAdapter[Action] = TypeAdapter(Action)
 #: Governance changes: in a cluster with identities, only a passed proposal applies them.

@@ -42,7 +42,9 @@ from kmnode.km.enclave import (
     contract_key,
     derive_key,
 )
+from kmnode.identity import IdentityKeys
 from kmnode.km.state import encode_command
+from kmnode.recovery.shares import RecoveryError
 from tests.km.enclaves import NOW, bare_enclave, join, km_node, release, service
 
 NAMES = ("n-a", "n-b", "n-c")
@@ -50,7 +52,10 @@ PEER_NAMES = st.sampled_from([*NAMES, "n-x", "", "n-a\x00"])
 PURPOSES = st.sampled_from(list(Purpose))
 STATUSES = st.sampled_from(["admitted", "admitted", "admitted", "busy", "refused", "bogus"])
 #: What a refusal may be: a typed error of the enclave or of attestation, never anything else.
-REFUSALS = (AttestationError, EnclaveStateError)
+REFUSALS = (AttestationError, EnclaveStateError, RecoveryError)
+#: Recovery holders: identities of the operators (not the host), whose X25519 keys the
+#: ledger's splits are boxed to.
+HOLDERS = [IdentityKeys.generate(name) for name in ("rec-1", "rec-2")]
 
 
 def _forms(secret: bytes) -> list[bytes]:
@@ -418,6 +423,41 @@ class HostileHost(RuleBasedStateMachine):
         self._seen(repr(self._call(enclave.data_public_keys)))
         self._seen(repr(self._call(enclave.token_signature, token)))
 
+    @rule(on=st.sampled_from(("n-a", "n-b")), count=st.integers(1, 2))
+    def commit_recovery_holders(self, on: str, count: int) -> None:
+        """Governance names recovery holders on a member's state, and its enclave makes the
+        split the state asks for, which commits (the output is public: boxes, commitments)."""
+        enclave = self.enclaves[on]
+        state = enclave.state
+        for keys in HOLDERS[:count]:
+            identity = keys.public(["recovery"]).model_dump()
+            state.apply(state.applied_index + 1, encode_command("identity.set", identity=identity))
+        split = self._call(enclave.recovery_split)
+        if split is not None:
+            state.apply(
+                state.applied_index + 1,
+                encode_command("recovery.shares", recovery_set=split.model_dump(mode="json")),
+            )
+
+    @rule(
+        who=st.sampled_from(NAMES),
+        holder=st.sampled_from(["rec-1", "rec-2", "nobody", ""]),
+        generation=st.integers(-1, 3),
+        boxes=st.dictionaries(PEER_NAMES, st.text(max_size=120), max_size=3),
+    )
+    def recovery_entry_points(
+        self, who: str, holder: str, generation: int, boxes: dict[str, str]
+    ) -> None:
+        """Splits asked for by the host, garbage shares, and a recovery no state completed:
+        refusals, public keys and boxed shares come out, and no secret is taken up."""
+        enclave = self.enclaves[who]
+        had = enclave._master_secret
+        self._seen(repr(self._call(enclave.recovery_split)))
+        self._call(enclave.recovery_key, NOW)
+        self._call(enclave.check_recovery_share, holder, generation, boxes)
+        self._call(enclave.recover)
+        assert enclave._master_secret == had, "a recovery without the holders' shares"
+
     # --- stored state, quotes, ledger -----------------------------------------------------------
 
     @rule(target=blobs, who=st.sampled_from(NAMES))
@@ -497,7 +537,7 @@ DRIVEN = {
     "check_binding", "show_quote", "ledger_signature", "key_fingerprint", "directory",
     "genesis", "snapshot_capture", "session_refusal", "contract_input_key",
     "provision_contract_keys", "provision_data_jobs", "attested_measurement", "data_public_keys",
-    "token_signature",
+    "token_signature", "recovery_split", "recovery_key", "check_recovery_share", "recover",
 }  # fmt: skip
 
 

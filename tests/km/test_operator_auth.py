@@ -19,7 +19,10 @@ from tests.operators import ADMIN, api_call
 
 def operator_with(state: KMState) -> Operator:
     node = SimpleNamespace(
-        enclave=SimpleNamespace(state=state), faults=FaultRules(1), config=ClusterConfig()
+        enclave=SimpleNamespace(state=state),
+        faults=FaultRules(1),
+        config=ClusterConfig(),
+        recovery=SimpleNamespace(recovering=False),
     )
     return Operator(node)  # type: ignore[arg-type]
 
@@ -70,6 +73,7 @@ def leader_with(state: KMState) -> tuple[Operator, _Leader]:
         ready=True,
         driver=driver,
         propose=propose,
+        recovery=SimpleNamespace(recovering=False),
     )
     return Operator(node), driver  # type: ignore[arg-type]
 

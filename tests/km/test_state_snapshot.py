@@ -63,6 +63,7 @@ def reference_snapshot(state: KMState) -> bytes:
         "contract_ops": [dataclasses.asdict(op) for op in state.contract_ops],
         "checkpoints": [dataclasses.asdict(c) for c in state.checkpoints],
         "data": state.data.to_json(),
+        "recovery": state.recovery.capture(),
     }
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
