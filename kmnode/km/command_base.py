@@ -96,6 +96,16 @@ class CommandModel(BaseModel):
         return canonical(self.model_dump(mode="json", exclude_none=True))
 
 
+class EnclaveSigned(CommandModel):
+    """A command a node's KM enclave made and signed with its ledger-signing key, whose quote
+    binds that key: the state machine checks, when it applies it, that an enclave the policy
+    allows on a member's platform made it (``KMState.check_enclave_proof``)."""
+
+    public_key: Hex32
+    quote: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    signature: Text
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
     """A command's result. ``public`` is what the operator API shows of it."""

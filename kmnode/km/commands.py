@@ -35,6 +35,7 @@ from kmnode.km.command_base import (
     Base64,
     CommandModel,
     CommandRefused,
+    EnclaveSigned,
     Hex32,
     Name,
     PolicyJson,
@@ -164,14 +165,11 @@ class PolicyRevokePlatform(CommandModel):
     platform_id: Name
 
 
-class LedgerSign(CommandModel):
+class LedgerSign(EnclaveSigned):
     op: Literal["ledger.sign"] = "ledger.sign"
     #: The signer's applied index (8 bytes in what is signed: ``ledger_proof.head_message``).
     index: Annotated[int, Field(ge=1, lt=2**63)]
     chain_hash: Hex32
-    public_key: Hex32
-    quote: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
-    signature: Text
 
 
 # --- confidential contracts (``kmnode.contracts``; executed by every service enclave) -------
@@ -300,7 +298,7 @@ Command = Annotated[
     | LedgerSign | ProposalCreate | ProposalVote | ProposalWithdraw | ContractDeploy
     | ContractCall | ContractCheckpoint | DataOpRegister | DataRegister | DataGrant
     | DataRequest | DataApprove | DataDeny | DataRevoke | DataCompute | DataConsume
-    | ServiceMeasured | RecoveryShares | RecoveryShare | RecoveryThresholdSet,
+    | ServiceMeasured | RecoveryShares | RecoveryShare,
     Field(discriminator="op"),
 ]  # fmt: skip
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)

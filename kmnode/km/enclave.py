@@ -58,14 +58,16 @@ from kmnode.km.ledger_proof import (
     SignedSnapshot,
     head_message,
     snapshot_message,
+    split_message,
     state_digest,
 )
+from kmnode.km.recovery_commands import RecoveryShares
+from kmnode.km.recovery_state import canonical_split
 from kmnode.km.state import KMState
 from kmnode.recovery.boxing import RECOVERY_KEY_LABEL, recovery_report_data
 from kmnode.recovery.shares import (
     BogusShare,
     RecoveryError,
-    RecoverySet,
     Share,
     check_share,
     combine,
@@ -777,19 +779,27 @@ class KMEnclave:
 
     # --- recovery (issue 16) ------------------------------------------------------------------
 
-    def recovery_split(self) -> RecoverySet:
+    def recovery_split(self, now: float) -> RecoveryShares:
         """The split of the master secret the replicated state asks for (holders, their keys,
         threshold and generation all from the committed identities, never from the caller),
-        each share boxed to its holder; ``EnclaveStateError`` if none is due."""
+        each share boxed to its holder, signed with the ledger-signing key under a quote;
+        ``EnclaveStateError`` if none is due."""
         due = self.state.recovery.due(self.state.identities)
         if due is None:
             raise EnclaveStateError("no recovery split is due")
-        return split(
+        made = split(
             self._require_secret(),
             due.holders,
             due.threshold,
             cluster_id=self._cluster_id,
             generation=due.generation,
+        )
+        proof = self._ledger_proof(split_message(canonical_split(made)), now)
+        return RecoveryShares(
+            recovery_set=made,
+            public_key=proof.public_key.hex(),
+            quote=proof.quote.hex(),
+            signature=proof.signature.hex(),
         )
 
     def _recovery_box(self) -> PrivateKey:

@@ -26,6 +26,7 @@ from nacl.signing import VerifyKey
 SIGNER_LABEL = b"ledger-signer"
 _HEAD_DOMAIN = b"kmsim ledger head v1\0"
 _SNAPSHOT_DOMAIN = b"kmsim ledger snapshot v1\0"
+_SPLIT_DOMAIN = b"kmsim recovery split v1\0"
 #: First bytes of a signed snapshot image (``SignedSnapshot.encode``).
 SNAPSHOT_MAGIC = b"KMSIGNEDSTATE1\n"
 #: Largest envelope header read (a quote is ~1 KiB): a damaged length cannot make us read more.
@@ -46,6 +47,11 @@ def snapshot_message(index: int, term: int, chain_hash: bytes, digest: bytes) ->
 
 def state_digest(state: bytes) -> bytes:
     return hashlib.blake2b(state, digest_size=32, person=b"kmsim-snapshot").digest()
+
+
+def split_message(canonical_split: bytes) -> bytes:
+    """The bytes a recovery split's signature covers (its canonical JSON, hashed)."""
+    return _SPLIT_DOMAIN + hashlib.blake2b(canonical_split, digest_size=32).digest()
 
 
 def signature_holds(public_key: bytes, message: bytes, signature: bytes) -> bool:

@@ -167,12 +167,15 @@ class KMNode:
 
     @property
     def ready(self) -> bool:
+        """Joined, a leader known, the cluster named, and the master secret held (a node in
+        recovery mode is not ready: it serves only status and recovery routes)."""
         driver = self.driver
         return (
             driver is not None
             and self.joined.is_set()
             and bool(driver.leader)
             and bool(self.enclave.state.cluster)
+            and not self.recovery.recovering
         )
 
     @property

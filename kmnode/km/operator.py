@@ -294,13 +294,21 @@ class Operator:
             raise NotLeader(driver.leader if driver else "")
 
     async def _commit(
-        self, kind: type[CommandModel], *, auth: AuthStamp, timeout: float = 5.0, **fields: Any
+        self,
+        kind: type[CommandModel],
+        *,
+        auth: AuthStamp,
+        timeout: float = 5.0,
+        ready: bool = True,
+        **fields: Any,
     ) -> Applied:
         """Build a ``kind`` command from the request's fields (refused here, before anything
         is proposed, if a field is malformed or the request was made before) and commit it on
-        this leader. The state machine checks the request id and role again when it applies
-        the command: two copies proposed at once commit once."""
-        self._require_leader()
+        this leader (``ready=False``: the caller checked the leadership, recovery mode allows
+        it). The state machine checks the request id and role again when it applies the
+        command: two copies proposed at once commit once."""
+        if ready:
+            self._require_leader()
         if auth.request in self.node.enclave.state.requests:
             raise Failed.of("replay", f"request {auth.request} was made before")
         try:
@@ -474,15 +482,22 @@ class Operator:
 
     async def submit_share(self, request: SubmitShare, by: Verified) -> dict[str, Any]:
         """Check the share against its commitment here, at once (a bogus one is refused naming
-        its holder and never reaches the ledger), then commit it, boxes and all."""
-        self._require_leader()
+        its holder and never reaches the ledger), then commit it, boxes and all. A node in
+        recovery mode is not ready, but its Raft is: the leader takes shares."""
+        driver = self.node.driver
+        if driver is None or not driver.is_leader:
+            raise NotLeader(driver.leader if driver else "")
         holder = by.identity.name
         try:
             self.node.enclave.check_recovery_share(holder, request.generation, request.boxes)
         except (EnclaveStateError, RecoveryError) as exc:
             raise Failed.of("refused", f"{exc}; nothing was recorded") from None
         accepted = await self._commit(
-            RecoveryShare, auth=_stamp(by), generation=request.generation, boxes=request.boxes
+            RecoveryShare,
+            auth=_stamp(by),
+            ready=False,
+            generation=request.generation,
+            boxes=request.boxes,
         )
         return accepted.public()
 

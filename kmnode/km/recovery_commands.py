@@ -4,7 +4,7 @@
   master secret, each share boxed to a recovery identity's X25519 key, with a commitment per
   share and one to the secret (``kmnode.recovery.shares.RecoverySet``). Due at genesis, after
   every change of the recovery identities or the threshold, and after a recovery.
-* ``recovery.threshold`` (a proposal's action): how many shares rebuild the secret.
+* ``recovery.threshold`` (only as a passed proposal's action): how many shares rebuild it.
 * ``recovery.share`` (a recovery identity signs it; the leader's enclave checked the share it
   could open against its commitment before proposing it): a holder's share, boxed to every
   recovering member's enclave recovery key, so every node rebuilds the secret inside its own
@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from kmnode.km.command_base import Applied, CommandModel, Name
+from kmnode.km.command_base import Applied, CommandModel, EnclaveSigned, Name
 from kmnode.recovery.shares import BOXED_BYTES, RecoverySet
 
 #: The most recovery holders a split may have: the set must fit one command
@@ -40,8 +40,10 @@ BoxedB64 = Annotated[
 ]
 
 
-class RecoveryShares(CommandModel):
-    """A new split of the master secret (proposed by the leader; its enclave made it)."""
+class RecoveryShares(EnclaveSigned):
+    """A new split of the master secret, made and signed by the leader's enclave (a split
+    no allowed enclave of a member signed is refused: only an enclave holds the secret, and
+    its code splits nothing else)."""
 
     op: Literal["recovery.shares"] = "recovery.shares"
     recovery_set: RecoverySet

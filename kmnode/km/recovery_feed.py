@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from consensus.types import RaftError
 from kmnode.datadir import RECOVER_MARKER
 from kmnode.km.command_base import Applied
 from kmnode.km.enclave import EnclaveStateError
-from kmnode.km.recovery_commands import RecoveryShares, ShareAccepted, SharesCommitted
+from kmnode.km.recovery_commands import ShareAccepted, SharesCommitted
 from kmnode.recovery.shares import RecoveryError
 
 if TYPE_CHECKING:
@@ -108,10 +109,10 @@ class RecoveryFeed:
             if state.recovery.due(state.identities) is None:
                 continue
             try:
-                split = enclave.recovery_split()
+                command = enclave.recovery_split(time.time())
             except (EnclaveStateError, RecoveryError) as exc:
                 log.warning("%s: cannot split the master secret: %s", node.name, exc)
                 await asyncio.sleep(CHECK_INTERVAL_S)
                 continue
             with contextlib.suppress(RaftError):
-                await node.propose(RecoveryShares(recovery_set=split).encode())
+                await node.propose(command.encode())

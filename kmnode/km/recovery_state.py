@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kmnode.identity import PublicIdentity
-from kmnode.km.command_base import Applied, CommandRefused
+from kmnode.km.command_base import Applied, CommandRefused, canonical
+from kmnode.km.ledger_proof import split_message
 from kmnode.km.recovery_commands import (
     MAX_RECOVERY_HOLDERS,
     RecoveryShare,
@@ -27,6 +28,12 @@ from kmnode.km.recovery_commands import (
     SharesCommitted,
 )
 from kmnode.recovery.shares import RecoveryHolder, RecoverySet
+
+
+def canonical_split(split: RecoverySet) -> bytes:
+    """The bytes a split's signature is over: its canonical JSON."""
+    return canonical(split.model_dump(mode="json"))
+
 
 if TYPE_CHECKING:
     from kmnode.km.state import KMState
@@ -135,6 +142,10 @@ class RecoveryState:
             raise CommandRefused("the recovery split's holders are not the recovery identities")
         if self.master_commitment and split.master_commitment != self.master_commitment:
             raise CommandRefused("the recovery split is of another secret than the ledger's")
+        # Only an enclave holds the secret, and its code splits nothing else: a split no
+        # allowed member enclave signed (one a host put together around the ledger's
+        # commitment, or a first split of a secret of its choosing) is refused.
+        state.check_enclave_proof(cmd, split_message(canonical_split(split)), "recovery split")
         # The boxes' keys cannot be checked here (a sealed box does not name its recipient);
         # each holder checks its own with `kmctl recovery share show`, which opens it and
         # compares it with its commitment.

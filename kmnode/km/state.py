@@ -30,6 +30,7 @@ from attest.identity import EnclaveRole
 from attest.policy import Policy
 from attest.quote import Quote, report_data_for
 from kmnode.identity import PublicIdentity
+from kmnode.km.command_base import EnclaveSigned
 from kmnode.km.commands import (
     MAX_DEPLOY_CODE_BYTES,
     Action,
@@ -529,6 +530,7 @@ class KMState:
             self.chaos_enabled,
             dict(self.admitted),
             set(self.denied),
+            self.recovery.threshold,
         )
         try:
             for action in actions:
@@ -549,6 +551,7 @@ class KMState:
                 self.chaos_enabled,
                 self.admitted,
                 self.denied,
+                self.recovery.threshold,
             ) = saved
             return str(exc)
         return ""
@@ -601,27 +604,32 @@ class KMState:
             raise CommandRefused("ledger signature must cover an earlier index")
         if cmd.index <= self.last_signed_index:
             raise CommandRefused(f"index {cmd.index} is already covered by a signature")
+        message = head_message(cmd.index, bytes.fromhex(cmd.chain_hash))
+        self.check_enclave_proof(cmd, message, "ledger signature")
+        self.last_signed_index = cmd.index
+        self.last_signature_entry = index
+        return LedgerSigned(cmd.index)
+
+    def check_enclave_proof(self, cmd: EnclaveSigned, message: bytes, what: str) -> None:
+        """Refuse ``cmd`` unless its signature over ``message`` is by a key its quote binds,
+        from a KM enclave the policy allows, on a member's platform."""
         public_key = bytes.fromhex(cmd.public_key)
         try:
             signature = bytes.fromhex(cmd.signature)
             body = Quote.decode(bytes.fromhex(cmd.quote)).body
         except (ValueError, AttestationError):
-            raise CommandRefused("ledger signature: quote or signature is malformed") from None
-        message = head_message(cmd.index, bytes.fromhex(cmd.chain_hash))
+            raise CommandRefused(f"{what}: quote or signature is malformed") from None
         if body.report_data != report_data_for(SIGNER_LABEL, public_key):
-            raise CommandRefused("ledger signature: the quote does not bind the signing key")
+            raise CommandRefused(f"{what}: the quote does not bind the signing key")
         if not signature_holds(public_key, message, signature):
-            raise CommandRefused("ledger signature does not verify under its key")
+            raise CommandRefused(f"{what} does not verify under its key")
         platform = body.platform_id
         if not any(m.platform_id == platform for m in self.members.values()):
-            raise CommandRefused(f"ledger signature by platform {platform!r}, not a member's")
+            raise CommandRefused(f"{what} by platform {platform!r}, not a member's")
         if platform in self.policy.revoked_platforms or (
             body.identity.measurement not in self.policy.measurements_for(EnclaveRole.KM)
         ):
-            raise CommandRefused("ledger signature by an enclave the policy does not allow")
-        self.last_signed_index = cmd.index
-        self.last_signature_entry = index
-        return LedgerSigned(cmd.index)
+            raise CommandRefused(f"{what} by an enclave the policy does not allow")
 
     # --- contracts ---------------------------------------------------------------------------
 

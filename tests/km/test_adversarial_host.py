@@ -34,6 +34,7 @@ from hypothesis.stateful import (
 
 from attest.errors import AttestationError
 from consensus.types import Message, MessageType
+from kmnode.identity import IdentityKeys
 from kmnode.km.enclave import (
     EnclaveStateError,
     JoinReply,
@@ -42,7 +43,6 @@ from kmnode.km.enclave import (
     contract_key,
     derive_key,
 )
-from kmnode.identity import IdentityKeys
 from kmnode.km.state import encode_command
 from kmnode.recovery.shares import RecoveryError
 from tests.km.enclaves import NOW, bare_enclave, join, km_node, release, service
@@ -424,20 +424,22 @@ class HostileHost(RuleBasedStateMachine):
         self._seen(repr(self._call(enclave.token_signature, token)))
 
     @rule(on=st.sampled_from(("n-a", "n-b")), count=st.integers(1, 2))
-    def commit_recovery_holders(self, on: str, count: int) -> None:
-        """Governance names recovery holders on a member's state, and its enclave makes the
-        split the state asks for, which commits (the output is public: boxes, commitments)."""
+    def commit_recovery_split(self, on: str, count: int) -> None:
+        """Governance names recovery holders on a member's state, and its enclave makes and
+        signs the split the state asks for, which commits (the output is public: boxes and
+        commitments). The holders are modelled as committed identities only for the split:
+        this machine's other commands are unsigned, which a state with identities refuses."""
         enclave = self.enclaves[on]
         state = enclave.state
-        for keys in HOLDERS[:count]:
-            identity = keys.public(["recovery"]).model_dump()
-            state.apply(state.applied_index + 1, encode_command("identity.set", identity=identity))
-        split = self._call(enclave.recovery_split)
-        if split is not None:
-            state.apply(
-                state.applied_index + 1,
-                encode_command("recovery.shares", recovery_set=split.model_dump(mode="json")),
-            )
+        before = dict(state.identities)
+        state.identities.update({k.name: k.public(["recovery"]) for k in HOLDERS[:count]})
+        try:
+            made = self._call(enclave.recovery_split, NOW)
+            if made is not None:
+                applied = state.apply(state.applied_index + 1, made.encode())
+                assert applied.ok, applied
+        finally:
+            state.identities = before
 
     @rule(
         who=st.sampled_from(NAMES),
@@ -452,7 +454,7 @@ class HostileHost(RuleBasedStateMachine):
         refusals, public keys and boxed shares come out, and no secret is taken up."""
         enclave = self.enclaves[who]
         had = enclave._master_secret
-        self._seen(repr(self._call(enclave.recovery_split)))
+        self._seen(repr(self._call(enclave.recovery_split, NOW)))
         self._call(enclave.recovery_key, NOW)
         self._call(enclave.check_recovery_share, holder, generation, boxes)
         self._call(enclave.recover)

@@ -210,9 +210,10 @@ def test_a_rewritten_entry_cannot_be_signed_by_asking_the_enclave() -> None:
         or "_ledger_proof(" in inspect.getsource(method)
     }
     assert signing == {
-        "_ledger_proof": ["self", "message", "now"],  # private: what the two below sign
+        "_ledger_proof": ["self", "message", "now"],  # private: what the three below sign
         "ledger_signature": ["self", "now"],
         "snapshot_capture": ["self", "term", "now"],
+        "recovery_split": ["self", "now"],  # a split its own state asks for
     }
     built, km1 = genuine()
     built.command(encode_command("key.create", name="tail"))  # not signed yet
