@@ -1,25 +1,38 @@
 """Test helpers for recovery (issue 16): holders with the private keys their laptops keep, a
 ledger that commits the same bytes to several enclaves and keeps them so that fresh enclaves
-can replay them (what a node that lost its sealed state does), and shares signed by a holder
-and boxed to enclaves' recovery keys."""
+can replay them (what a node that lost its sealed state does), shares signed by a holder and
+boxed to enclaves' recovery keys, and splits signed by whatever signer a test needs (a real
+enclave signs only the split its state asks for, with its own key; a test that wants another
+split signed, or a split signed by another enclave, signs it here)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from nacl.public import PublicKey, SealedBox
+from nacl.signing import SigningKey
 
-from attest.quote import QuoteVerifier
+from attest.hardware import Platform
+from attest.identity import EnclaveIdentity, measure_sources
+from attest.quote import QuoteVerifier, report_data_for
 from kmnode.identity import IdentityKeys, Role
 from kmnode.km.commands import Applied, ProposalChanged
 from kmnode.km.enclave import KMEnclave
+from kmnode.km.ledger_proof import SIGNER_LABEL, split_message
+from kmnode.km.recovery_commands import RecoveryShares
+from kmnode.km.recovery_state import canonical_split
 from kmnode.km.state import KMState, encode_command
 from kmnode.recovery.boxing import box_share, verify_recovery_key
 from kmnode.recovery.shares import RecoverySet, Share, combine, open_share
-from tests.km.enclaves import MEMBERS, NOW, POLICY, VENDOR, bare_enclave
+from tests.km.enclaves import KM_ID, MEMBERS, NOW, POLICY, VENDOR, bare_enclave
+
+#: Another build of the KM enclave, which the test policy does not allow.
+OTHER_KM = dataclasses.replace(KM_ID, measurement=measure_sources({"km": b"km v2"}))
 
 #: Creation time of every signed request here (the state keeps request ids for a window after
 #: the newest one, so every stamp of a test uses the same time).
@@ -78,8 +91,39 @@ def proposal(*actions: Mapping[str, object]) -> bytes:
     return signed("proposal.create", actions=[dict(a) for a in actions])
 
 
-def shares_command(recovery_set: RecoverySet) -> bytes:
-    return encode_command("recovery.shares", recovery_set=recovery_set.model_dump(mode="json"))
+@dataclass(frozen=True)
+class SplitSigner:
+    """A ledger-signing key and the quote offered with it (which may bind another key, or
+    come from an enclave the ledger does not trust): whatever signs a split in a test."""
+
+    key: SigningKey
+    quote: bytes
+
+    def sign(self, recovery_set: RecoverySet) -> RecoveryShares:
+        """``recovery_set`` as a ``recovery.shares`` command signed the way an enclave signs."""
+        message = split_message(canonical_split(recovery_set))
+        return RecoveryShares(
+            recovery_set=recovery_set,
+            public_key=bytes(self.key.verify_key).hex(),
+            quote=self.quote.hex(),
+            signature=self.key.sign(message).signature.hex(),
+        )
+
+
+def quoted_signer(platform: Platform, identity: EnclaveIdentity = KM_ID) -> SplitSigner:
+    """A fresh key quoted by code ``identity`` on ``platform``: what an enclave of that code
+    there signs with (the quote is genuine if the platform is)."""
+    key = SigningKey.generate()
+    quote = platform.enclave(identity).quote(
+        report_data_for(SIGNER_LABEL, bytes(key.verify_key)), NOW
+    )
+    return SplitSigner(key, quote)
+
+
+def with_set(signed_split: RecoveryShares, recovery_set: RecoverySet) -> RecoveryShares:
+    """``signed_split``'s key, quote and signature around another set (what a host can do
+    with a split an enclave signed: its signature then covers a set that is not there)."""
+    return signed_split.model_copy(update={"recovery_set": recovery_set})
 
 
 def share_command(holder: str, generation: int, boxes: Mapping[str, str]) -> bytes:

@@ -10,7 +10,6 @@ keys; everything else goes through the enclave's entry points and ``KMState.appl
 from __future__ import annotations
 
 import base64
-import dataclasses
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,11 +18,13 @@ import pytest
 from nacl.public import PrivateKey
 
 from attest.errors import ReportDataMismatch
-from attest.identity import EnclaveIdentity, EnclaveRole, measure_sources
+from attest.identity import EnclaveIdentity, EnclaveRole
 from attest.quote import QuoteVerifier, report_data_for
 from kmnode.km.commands import Applied
 from kmnode.km.enclave import EnclaveStateError, KMEnclave
+from kmnode.km.ledger_proof import SIGNER_LABEL, signature_holds, split_message
 from kmnode.km.recovery_commands import ShareAccepted, SharesCommitted
+from kmnode.km.recovery_state import canonical_split
 from kmnode.recovery.boxing import (
     RECOVERY_KEY_LABEL,
     RecoveryKeyRefused,
@@ -39,19 +40,19 @@ from kmnode.recovery.shares import (
 )
 from tests.km.enclaves import KM_ID, NOW, POLICY, VENDOR, bare_enclave, join
 from tests.km.recovery_helpers import (
+    OTHER_KM,
     Ledger,
     boxes_for,
     genesis_entries,
+    genesis_node,
     open_shares,
     rebuilt_secret,
     secret_forms,
     share_command,
-    shares_command,
     signed,
 )
 
 GENERATIONS = (1, 2, 3)
-OTHER_KM = dataclasses.replace(KM_ID, measurement=measure_sources({"km": b"km v2"}))
 
 
 @dataclass
@@ -93,10 +94,9 @@ def lost_cluster() -> LostCluster:
     members = Ledger(a, b)
     members.commit_all(*genesis_entries(a.cluster_id))
     assert join(b, a).status == "admitted"
-    split = a.recovery_split()
-    assert members.commit(shares_command(split)) == SharesCommitted(
-        1, ["rec-1", "rec-2", "rec-3"], 2
-    )
+    made = a.recovery_split(NOW)
+    assert members.commit(made.encode()) == SharesCommitted(1, ["rec-1", "rec-2", "rec-3"], 2)
+    split = made.recovery_set
     members.commit_all(signed("key.rotate", key="db"), signed("key.rotate", key="db"))
     fingerprints = {g: a.key_fingerprint("db", g) for g in GENERATIONS}
     assert fingerprints == {g: b.key_fingerprint("db", g) for g in GENERATIONS}
@@ -197,6 +197,31 @@ def test_the_recovery_key_is_there_with_or_without_a_secret() -> None:
     assert member.recovery_key(NOW)[0] == lost.leader.recovery_key(NOW)[0]
 
 
+# --- the split -----------------------------------------------------------------------------------
+
+
+def test_the_split_is_signed_with_the_enclaves_quoted_ledger_signing_key_and_commits() -> None:
+    """The split carries the proof the state checks: the key the enclave signs the ledger
+    with (the same as in its ``ledger.sign`` entries), a quote of this platform and code
+    binding that key, and that key's signature over exactly this set."""
+    leader, ledger = genesis_node()
+    made = leader.recovery_split(NOW)
+    key = bytes.fromhex(made.public_key)
+    assert made.public_key == leader.ledger_signature(NOW).public_key
+    verified = QuoteVerifier(VENDOR.public_key).verify(
+        bytes.fromhex(made.quote),
+        POLICY,
+        report_data_for(SIGNER_LABEL, key),
+        role=EnclaveRole.KM,
+        now=NOW,
+    )
+    assert (verified.platform_id, verified.identity) == ("a", KM_ID)
+    message = split_message(canonical_split(made.recovery_set))
+    assert signature_holds(key, message, bytes.fromhex(made.signature))
+    assert ledger.commit(made.encode()) == SharesCommitted(1, ["rec-1", "rec-2", "rec-3"], 2)
+    assert ledger.state.recovery.current == made.recovery_set
+
+
 # --- a recovery -----------------------------------------------------------------------------------
 
 
@@ -232,17 +257,15 @@ def test_two_of_three_shares_bring_back_every_key_generation_on_fresh_enclaves()
     assert restarted.binding_error == ""
     assert restarted.key_fingerprint("db", 3) == lost.fingerprints[3]
 
-    # A completed recovery makes a fresh split due; the recovered leader makes it, of the
-    # same secret, and the ledger takes it.
+    # A completed recovery makes a fresh split due; the recovered leader makes and signs it,
+    # of the same secret, and the ledger takes it.
     state = lost.leader.state
     due = state.recovery.due(state.identities)
     assert due is not None and due.generation == 2
-    again = lost.leader.recovery_split()
-    assert lost.fresh.commit(shares_command(again)) == SharesCommitted(
-        2, ["rec-1", "rec-2", "rec-3"], 2
-    )
-    assert again.master_commitment == lost.split.master_commitment
-    assert rebuilt_secret(again) == rebuilt_secret(lost.split)
+    again = lost.leader.recovery_split(NOW)
+    assert lost.fresh.commit(again.encode()) == SharesCommitted(2, ["rec-1", "rec-2", "rec-3"], 2)
+    assert again.recovery_set.master_commitment == lost.split.master_commitment
+    assert rebuilt_secret(again.recovery_set) == rebuilt_secret(lost.split)
     assert_no_secret(outputs, lost)
 
 
@@ -286,6 +309,10 @@ def test_a_bad_box_for_one_node_leaves_it_without_a_secret_and_says_why(case: st
     assert not lost.follower.has_master_secret
     assert lost.follower.recover() == problem  # asking again takes nothing up either
     assert not lost.follower.has_master_secret
+    # The next split is due, and only the node that took the secret up can make it.
+    with pytest.raises(EnclaveStateError, match="no master secret"):
+        lost.follower.recovery_split(NOW)
+    assert lost.leader.recovery_split(NOW).recovery_set.generation == 2
     assert_no_secret([problem, *views(lost.fresh.enclaves)], lost)
 
 
