@@ -114,6 +114,10 @@ class Platform:
     def _seal_key(self, identity: EnclaveIdentity) -> bytes:
         return _derive(self._seal_secret, b"seal-key", identity.measurement)
 
+    def _signer_seal_key(self, identity: EnclaveIdentity) -> bytes:
+        product = identity.product_id.to_bytes(2, "big")
+        return _derive(self._seal_secret, b"seal-key-signer", identity.signer + product)
+
     def __repr__(self) -> str:
         return f"Platform({self.platform_id!r}, {self.tcb_status.value})"
 
@@ -154,6 +158,12 @@ class EnclaveContext:
     def seal_key(self) -> bytes:
         """The key only this measurement on this platform derives (EGETKEY SEAL_KEY, MRENCLAVE)."""
         return self._platform._seal_key(self.identity)
+
+    def signer_seal_key(self) -> bytes:
+        """The key every build of this signer and product derives on this platform (EGETKEY
+        SEAL_KEY with the MRSIGNER policy): for what a later build must still read, never for
+        secrets (a new build is trusted with those only once governance allows it)."""
+        return self._platform._signer_seal_key(self.identity)
 
     def __repr__(self) -> str:
         return (

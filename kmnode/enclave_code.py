@@ -38,15 +38,30 @@ def enclave_sources(role: EnclaveRole) -> dict[str, bytes]:
     return module_sources(enclave_modules(role))
 
 
+#: Environment variable naming the release this installation models (unset: the code as it
+#: is). A release changes both enclaves' code, so both measurements; a release's service
+#: enclave trusts that release's KM enclave. It models an upgrade (issue 16); a patch
+#: (``PATCH_VARIABLES``) models a modified build nobody trusts.
+RELEASE_VARIABLE = "KMSIM_RELEASE"
+
+
 @cache
-def current_identity(role: EnclaveRole) -> EnclaveIdentity:
-    """This installation's identity for ``role`` (computed once per process)."""
+def release_identity(role: EnclaveRole, release: str) -> EnclaveIdentity:
+    """The identity of ``role``'s enclave in ``release`` ("" : the installed code alone)."""
+    sources = enclave_sources(role)
+    if release:
+        sources["kmsim-release"] = release.encode()
     return EnclaveIdentity(
-        measurement=measure_sources(enclave_sources(role)),
+        measurement=measure_sources(sources),
         signer=SIGNER,
         product_id=PRODUCT_IDS[role],
         svn=ENCLAVE_SVN,
     )
+
+
+def current_identity(role: EnclaveRole) -> EnclaveIdentity:
+    """This installation's identity for ``role``: its code, in the release it models."""
+    return release_identity(role, os.environ.get(RELEASE_VARIABLE, ""))
 
 
 def current_measurements() -> dict[EnclaveRole, bytes]:
@@ -70,6 +85,9 @@ def build_identity(role: EnclaveRole) -> EnclaveIdentity:
     if not patch:
         return identity
     sources = enclave_sources(role)
+    release = os.environ.get(RELEASE_VARIABLE, "")
+    if release:
+        sources["kmsim-release"] = release.encode()
     sources["kmsim-patch"] = patch.encode()
     return EnclaveIdentity(
         measure_sources(sources), identity.signer, identity.product_id, identity.svn

@@ -420,12 +420,11 @@ def node_data_dir(cfg: ClusterConfig, name: str) -> Path:
 
 
 def mark_for_recovery(cfg: ClusterConfig, name: str) -> str:
-    """Ask node ``name`` to start in recovery mode if its sealed state is lost (write the
-    recover marker into its data directory); what was done, as a line for the operator.
+    """Ask node ``name`` to start in recovery mode if its sealed state is lost or does not
+    open (write the recover marker into its data directory); what was done, as a line for the
+    operator.
     Raises SupervisorError if the node has no Raft log to recover from."""
     data_dir = node_data_dir(cfg, name)
-    if (data_dir / SEALED_STATE).is_file():
-        return "has its sealed state: resumes normally"
     raft_dir = data_dir / RAFT_DIR
     if not raft_dir.is_dir() or not any(raft_dir.iterdir()):
         raise SupervisorError(
@@ -433,6 +432,9 @@ def mark_for_recovery(cfg: ClusterConfig, name: str) -> str:
             "into it first: kmctl snapshot restore)"
         )
     (data_dir / RECOVER_MARKER).write_text("recover: rebuild the master secret from shares\n")
+    if (data_dir / SEALED_STATE).is_file():
+        # A new KM build cannot open the old build's sealed state: the node decides.
+        return "resumes if its sealed state opens, else starts in recovery mode"
     return "sealed state lost: starting in recovery mode"
 
 

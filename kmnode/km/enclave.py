@@ -239,7 +239,7 @@ class KMEnclave:
         self.name = name
         self._context = context
         self.verifier = verifier
-        self.state = KMState()
+        self.state = KMState(quote_verifier=verifier)
         self._bootstrap = dict(bootstrap or {})
         #: The committed membership a member sent with our admission, and its applied index
         #: then: peers until this enclave's own state has caught up to that index.

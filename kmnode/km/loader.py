@@ -24,8 +24,11 @@ _LOG_KEY_LABEL = b"kmsim raft log records\0"
 
 class LogAuth:
     """Tags of this node's stored Raft records (``consensus.recordauth.RecordAuth``), under a
-    key derived from the KM enclave's sealing key and the node's name: only this code on this
-    platform, for this node, computes them. The key stays inside the KM enclave process."""
+    key derived from the KM enclave's signer sealing key and the node's name: only a KM build of
+    our signer on this platform, for this node, computes them. The signer's key and not the
+    build's: a new KM build must be able to check the log it recovers a cluster from (issue
+    16); the log holds no secret, and the tags guard it against the host, not against our own
+    builds. The key stays inside the KM enclave process."""
 
     def __init__(self, seal_key: bytes, node: str) -> None:
         self._key = hashlib.blake2b(
@@ -50,7 +53,7 @@ def load_km(config: ClusterConfig, name: str) -> tuple[KMEnclave, LogAuth]:
     """Node ``name``'s KM enclave and the authenticator of its Raft log, from one load of
     its platform (what the KM enclave process starts with)."""
     context = _km_context(config, name)
-    return _km_enclave(config, name, context), LogAuth(context.seal_key(), name)
+    return _km_enclave(config, name, context), LogAuth(context.signer_seal_key(), name)
 
 
 def load_km_enclave(config: ClusterConfig, name: str) -> KMEnclave:

@@ -49,6 +49,8 @@ class KMStateMachine:
 
     def restore(self, data: bytes) -> None:
         signed = SignedSnapshot.decode(data)
-        self._enclave.state = KMState.restore(data if signed is None else signed.state)
+        state = KMState.restore(data if signed is None else signed.state)
+        state.quote_verifier = self._enclave.verifier
+        self._enclave.state = state
         self._term = 0 if signed is None else signed.term
         self._enclave.check_binding()

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from attest.errors import SealingError
 from consensus.disk import Disk
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
@@ -199,11 +200,13 @@ class KMNode:
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
         mode: Literal["genesis", "join", "resume", "recover"]
-        if SEALED_STATE in node_files:
-            sealed = await asyncio.to_thread(self.node_disk.read, SEALED_STATE)
-            self.enclave.restore_sealed_state(sealed)
+        recover = has_log and RECOVER_MARKER in node_files
+        opened = SEALED_STATE in node_files and await self._open_sealed_state(recover)
+        if opened:
             mode = "resume"
-        elif has_log and RECOVER_MARKER in node_files:
+            if RECOVER_MARKER in node_files:  # asked to recover, but nothing was lost
+                await asyncio.to_thread(self.node_disk.delete, RECOVER_MARKER)
+        elif recover:
             mode = "recover"
         elif has_log:
             raft_log.close()
@@ -260,6 +263,21 @@ class KMNode:
         self.spawn(self.recovery.run())
         self.recovery.try_recover()  # a snapshot may already hold the last share
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
+
+    async def _open_sealed_state(self, recover: bool) -> bool:
+        """Unseal the enclave's state. A blob this enclave cannot open (a move to a new KM
+        build: sealing binds the build; or damage) stops the start, unless the operator asked
+        for recovery: then it counts as lost (it is replaced once the rebuilt secret is
+        sealed). A failed unseal changes nothing in the enclave."""
+        sealed = await asyncio.to_thread(self.node_disk.read, SEALED_STATE)
+        try:
+            self.enclave.restore_sealed_state(sealed)
+        except SealingError as exc:
+            if not recover:
+                raise
+            log.warning("%s: the sealed state does not open (%s): recovering", self.name, exc)
+            return False
+        return True
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -28,7 +28,7 @@ from pydantic import TypeAdapter
 from attest.errors import AttestationError
 from attest.identity import EnclaveRole
 from attest.policy import Policy
-from attest.quote import Quote, report_data_for
+from attest.quote import Quote, QuoteVerifier, report_data_for
 from kmnode.identity import PublicIdentity
 from kmnode.km.command_base import EnclaveSigned
 from kmnode.km.commands import (
@@ -259,6 +259,10 @@ class KMState:
     #: Recovery: the split of the master secret and a recovery's shares
     #: (``kmnode.km.recovery_state``).
     recovery: RecoveryState = field(default_factory=RecoveryState)
+    #: Checks quotes in enclave-signed commands against the vendor root (the enclave sets it;
+    #: not part of the replicated data). Every node has the same root, so the verdict is the
+    #: same everywhere; freshness is judged at the quote's own time, for the same reason.
+    quote_verifier: QuoteVerifier | None = field(default=None, compare=False, repr=False)
 
     @property
     def member_names(self) -> frozenset[str]:
@@ -597,9 +601,9 @@ class KMState:
     def _ledger_sign(self, index: int, cmd: LedgerSign) -> Applied:
         """Count a signature of the ledger only if it is one (its key signed that head) by the
         enclave of a member at this point (the quote's platform hosts a member): a signature
-        that does not count must not make the leader think the ledger is signed. The quote's
-        certificate and the chain itself are checked offline (``kmnode.ledger``): they need
-        the vendor root and the history, which the state machine has neither of."""
+        that does not count must not make the leader think the ledger is signed. The quote is
+        checked against the vendor root too (``check_enclave_proof``); that the signed chain
+        hash is the history's is checked offline (``kmnode.ledger``), which has the history."""
         if not cmd.index < index:
             raise CommandRefused("ledger signature must cover an earlier index")
         if cmd.index <= self.last_signed_index:
@@ -616,9 +620,10 @@ class KMState:
         public_key = bytes.fromhex(cmd.public_key)
         try:
             signature = bytes.fromhex(cmd.signature)
-            body = Quote.decode(bytes.fromhex(cmd.quote)).body
+            quote = Quote.decode(bytes.fromhex(cmd.quote))
         except (ValueError, AttestationError):
             raise CommandRefused(f"{what}: quote or signature is malformed") from None
+        body = quote.body
         if body.report_data != report_data_for(SIGNER_LABEL, public_key):
             raise CommandRefused(f"{what}: the quote does not bind the signing key")
         if not signature_holds(public_key, message, signature):
@@ -630,6 +635,18 @@ class KMState:
             body.identity.measurement not in self.policy.measurements_for(EnclaveRole.KM)
         ):
             raise CommandRefused(f"{what} by an enclave the policy does not allow")
+        # Last: that the quote is the hardware's (vendor root, certificate, signature).
+        if self.quote_verifier is not None:
+            try:
+                self.quote_verifier.verify(
+                    quote,
+                    self.policy,
+                    body.report_data,
+                    role=EnclaveRole.KM,
+                    now=body.timestamp_ms / 1000,
+                )
+            except AttestationError as exc:
+                raise CommandRefused(f"{what}: the quote does not verify: {exc}") from None
 
     # --- contracts ---------------------------------------------------------------------------
 

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from attest.identity import EnclaveRole
 from attest.quote import QuoteVerifier
 from kmnode.datadir import RECOVER_MARKER, SEALED_STATE
-from kmnode.enclave_code import current_measurements
+from kmnode.enclave_code import RELEASE_VARIABLE, current_measurements, release_identity
 from kmnode.identity import IdentityKeys
 from kmnode.recovery.boxing import box_share, verify_recovery_key
 from kmnode.recovery.shares import RecoverySet, Share, open_share
@@ -29,6 +31,9 @@ from .harness import REPO, LocalCluster, until
 
 pytestmark = pytest.mark.timeout(300)
 
+#: The release the cluster moves to: both enclaves' measured code changes
+#: (``kmnode.enclave_code.RELEASE_VARIABLE``).
+NEW_RELEASE = "2: a changed enclave module"
 HOLDERS = {name: IdentityKeys.generate(name) for name in ("rec-a", "rec-b", "rec-c")}
 CHALLENGE = "5eed" * 8
 GENERATIONS = (1, 2, 3)
@@ -193,6 +198,50 @@ def test_a_cluster_that_lost_every_sealed_state_recovers_with_two_of_three_share
     assert cluster.leader_call("POST", "/v1/keys", {"name": "after"})[0] == 201
     code, reply = cluster.leader_call("POST", "/v1/keys/after/release", {"node": "km1"})
     assert code == 200 and reply["releases"][0]["status"] == "provisioned", reply
+
+
+def test_the_whole_cluster_moves_to_a_new_km_build_through_recovery(
+    tmp_path: Path,
+) -> None:
+    """All at once: governance allows the new build's measurement, every node restarts on it,
+    none can open its old build's sealed state (sealing binds the build), and the holders'
+    shares reopen the cluster on the new build with every key generation unchanged."""
+    new = {role: release_identity(role, NEW_RELEASE).measurement.hex() for role in EnclaveRole}
+    holders = [keys.public(["recovery"]) for keys in HOLDERS.values()]
+    cluster = LocalCluster(tmp_path, 3, identities=holders)
+    try:
+        cluster.start_broker_and_capture()
+        cluster.up()
+        assert cluster.leader_call("POST", "/v1/keys", {"name": "db"})[0] == 201
+        for _ in range(2):
+            assert cluster.leader_call("POST", "/v1/keys/db/rotate")[0] == 200
+        before = prove_all(cluster, "km2")
+        for role in EnclaveRole:  # the release changes both enclaves
+            body = {"role": role.value, "measurement": new[role]}
+            code, allowed = cluster.leader_call("POST", "/v1/policy/allow", body)
+            assert code == 200 and allowed["state"] == "accepted", allowed
+        # The operators' own tools trust the new build too (kmctl checks recovery keys' quotes).
+        config = yaml.safe_load(cluster.config_path.read_text())
+        config["policy"]["km_measurements"] = ["@current", new[EnclaveRole.KM]]
+        cluster.config_path.write_text(yaml.safe_dump(config))
+
+        for name in cluster.names:
+            cluster.stop(name)
+        for name in cluster.names:
+            assert "resumes if its sealed state opens" in mark_for_recovery(cluster.config, name)
+            cluster.start(name, env={RELEASE_VARIABLE: NEW_RELEASE})
+        until(lambda: all_recovering(cluster), 60, "every node of the new build recovering")
+        for holder in ("rec-b", "rec-c"):
+            done = kmctl(cluster, "recovery", "submit", "--as", str(key_file(tmp_path, holder)))
+            assert done.returncode == 0, done.stderr
+        until(lambda: all_open(cluster), 60, "the cluster open on the new build")
+        for name in cluster.names:
+            code, attested = cluster.api(name, "GET", "/v1/attest")
+            assert code == 200 and attested["identity"]["measurement"] == new[EnclaveRole.KM]
+        assert prove_all(cluster, "km2") == before
+        assert prove_all(cluster, "km1") == before
+    finally:
+        cluster.close()
 
 
 def submit_raw(cluster: LocalCluster, holder: str, *, bogus: bool) -> tuple[int, Any]:
