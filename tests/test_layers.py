@@ -45,13 +45,13 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
 _BELOW_CHAOS = (
     "attest", "consensus", "kmnode.host", "kmnode.km", "kmnode.service", "kmnode.supervisor",
     "kmnode.client", "kmnode.netns", "kmnode.config", "kmnode.ring", "kmnode.simhw",
-    "kmnode.ledger",
+    "kmnode.ledger", "kmnode.recovery_client",
 )  # fmt: skip
 _BELOW_ORCHESTRATION = (
     "attest", "consensus", "kmnode.host", "kmnode.km", "kmnode.service", "kmnode.config",
     "kmnode.ring", "kmnode.simhw", "kmnode.identity", "kmnode.api_routes",
 )  # fmt: skip
-_ORCHESTRATION = ("kmnode.supervisor", "kmnode.client", "kmnode.netns")
+_ORCHESTRATION = ("kmnode.supervisor", "kmnode.client", "kmnode.netns", "kmnode.recovery_client")
 #: What both halves of a node share: configuration, the rings and the messages over them.
 _SHARED = (
     "kmnode.config", "kmnode.ring", "kmnode.simhw", "kmnode.enclave_code", "kmnode.imports",

@@ -9,15 +9,11 @@ and the leader's enclave checks it against its commitment before it is committed
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from attest.quote import QuoteVerifier
-from kmnode.cli.attest_cmds import hardware_store
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.governance_cmds import governed
 from kmnode.cli.options import api_node as _api_node
@@ -31,19 +27,13 @@ from kmnode.cli.output import (
     print_json,
     print_table,
 )
-from kmnode.client import ClusterClient, NodeClient, NodeUnreachable
-from kmnode.config import ClusterConfig
-from kmnode.enclave_code import current_measurements
+from kmnode.client import ClusterClient, NodeClient
 from kmnode.errors import KmsimError
 from kmnode.identity import IdentityKeys
-from kmnode.recovery.boxing import RecoveryKey, RecoveryKeyRefused, box_share, verify_recovery_key
 from kmnode.recovery.shares import (
     RecoveryError,
-    RecoverySet,
-    Share,
-    check_share,
-    open_share,
 )
+from kmnode.recovery_client import holder_share, split_of, submit_share
 from kmnode.supervisor import effective_config
 
 #: How long kmctl waits for each node's recovery key.
@@ -61,19 +51,6 @@ def _signer(client: ClusterClient) -> IdentityKeys:
     if client.signer is None:
         raise CliError("no identity to act as: give --as NAME (a recovery holder)", EXIT_USAGE)
     return client.signer
-
-
-def _split(answer: Any) -> RecoverySet:
-    raw = answer.get("recovery_set") if isinstance(answer, dict) else None
-    if raw is None:
-        problem = answer.get("problem") if isinstance(answer, dict) else None
-        raise CliError(
-            f"the ledger holds no recovery split{f': {problem}' if problem else ''}", EXIT_REFUSED
-        )
-    try:
-        return RecoverySet.from_json(json.dumps(raw))
-    except RecoveryError as exc:
-        raise CliError(f"the node sent an unusable recovery split: {exc}", EXIT_REFUSED) from None
 
 
 @recovery.command("status")
@@ -149,9 +126,9 @@ def share_show(
     """
     client = ctx.client(api_node, as_identity)
     signer = _signer(client)
-    split = _split(client.get("/v1/recovery"))
+    split = split_of(client.get("/v1/recovery"))
     try:
-        share = open_share(split, signer.name, signer.box_secret)
+        share = holder_share(split, signer)
     except RecoveryError as exc:
         raise CliError(str(exc), EXIT_REFUSED) from None
     view = {
@@ -170,34 +147,6 @@ def share_show(
         f"({split.threshold} of {len(split.shares)} rebuild the secret); it matches its "
         f"commitment\n{share.to_b64()}"
     )
-
-
-def _recovery_keys(
-    cfg: ClusterConfig, members: list[dict[str, Any]], signer: IdentityKeys
-) -> tuple[dict[str, RecoveryKey], list[str]]:
-    """Every reachable member's recovery key, its quote verified against cluster.yaml's policy
-    and the member's platform; and a line for each member left out."""
-    verifier = QuoteVerifier(hardware_store(cfg).vendor_public_key())
-    policy = cfg.policy.resolve(current_measurements())
-    keys: dict[str, RecoveryKey] = {}
-    left_out: list[str] = []
-    for member in members:
-        name, host, port = member.get("name"), member.get("host"), member.get("api_port")
-        if not isinstance(name, str) or not isinstance(host, str) or not isinstance(port, int):
-            continue
-        node = NodeClient(name, f"http://{host}:{port}", KEY_TIMEOUT_S, signer)
-        try:
-            answer = node.get("/v1/recovery/key")
-            keys[name] = verify_recovery_key(
-                name, str(member.get("platform_id")), answer, verifier, policy, time.time()
-            )
-        except NodeUnreachable:
-            left_out.append(f"{name}: not reachable at {host}:{port}")
-        except KmsimError as exc:
-            left_out.append(f"{name}: {exc.message}")
-        except RecoveryKeyRefused as exc:
-            left_out.append(str(exc))
-    return keys, left_out
 
 
 @recovery.command("submit")
@@ -228,28 +177,13 @@ def submit(
     """
     client = ctx.client(api_node, as_identity)
     signer = _signer(client)
-    answer = client.get("/v1/recovery")
-    split = _split(answer)
-    try:
-        if share_file is not None:
-            entry = split.entry(signer.name)
-            share = Share.from_b64(signer.name, entry.index, share_file.read_text().strip())
-            check_share(split, signer.name, share)
-        else:
-            share = open_share(split, signer.name, signer.box_secret)
-    except RecoveryError as exc:
-        raise CliError(f"{exc}; nothing was sent", EXIT_REFUSED) from None
-    cfg = effective_config(ctx.config())
-    keys, left_out = _recovery_keys(cfg, list(answer.get("members") or []), signer)
-    for line in left_out:
+    given = share_file.read_text() if share_file is not None else None
+    done = submit_share(client, given)
+    for line in done.left_out:
         click.echo(f"warning: no share for {line}", err=True)
-    if not keys:
-        raise CliError("no recovering node offered a verifiable recovery key", EXIT_REFUSED)
-    accepted = client.post(
-        "/v1/recovery/shares", {"generation": split.generation, "boxes": box_share(share, keys)}
-    )
+    accepted = done.answer
     if as_json:
-        print_json({**accepted, "boxed_to": sorted(keys), "left_out": left_out})
+        print_json({**accepted, "boxed_to": done.boxed_to, "left_out": done.left_out})
         return
     have, need = accepted.get("have"), accepted.get("need")
     if accepted.get("complete"):
