@@ -41,6 +41,7 @@ from kmnode.km_messages import (
     ResyncContracts,
     RevokePlatform,
     RotateKey,
+    SnapshotRead,
     SubmitShare,
     Vote,
     Withdraw,
@@ -254,6 +255,13 @@ def _recovery_read(what: str) -> Build:
     return build
 
 
+def _snapshot(params: Params, query: Params, body: Body) -> Request:
+    offset = query.get("offset", "0")
+    if not offset.isdigit():
+        raise BadCall("'offset' must be a byte offset", field="offset")
+    return SnapshotRead.model_validate({"offset": int(offset), "snapshot": query.get("id")})
+
+
 def _submit_share(params: Params, query: Params, body: Body) -> Request:
     return SubmitShare.model_validate(body)
 
@@ -332,6 +340,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/recovery", "auditor", _recovery_read("status"), also=("recovery",)),
     Route("GET", "/v1/recovery/key", "auditor", _recovery_read("key"), also=("recovery",)),
     Route("POST", "/v1/recovery/shares", "recovery", _submit_share),
+    Route("GET", "/v1/snapshot", "operator", _snapshot),
 )
 #: What a node in recovery mode serves besides its status (``kmnode.km.recovery_feed``).
 RECOVERY_PATHS = frozenset({"/v1/recovery", "/v1/recovery/key", "/v1/recovery/shares"})

@@ -15,6 +15,9 @@ JOIN_MARKER = "join-existing"
 #: is lost; replay the ledger and wait for recovery shares". Removed once the node has rebuilt
 #: the master secret and sealed it. Without it, a Raft log without sealed state is refused.
 RECOVER_MARKER = "recover"
+#: Written by `kmctl snapshot restore` into an empty data directory: a signed snapshot the KM
+#: enclave checks and takes as the start of its Raft log at its next start (then removed).
+RESTORE_SNAPSHOT = "restore.snapshot"
 #: Node data directories, under the cluster's state directory.
 NODES_DIR = "nodes"
 #: Dataset blobs (ciphertext, named by their sha256) in a node's data directory: the host

@@ -356,6 +356,15 @@ class SubmitShare(Request):
     boxes: dict[str, str] = Field(min_length=1, max_length=64)
 
 
+class SnapshotRead(Request):
+    """A chunk of a signed snapshot of this node's state (``offset`` 0 without ``id``: take a
+    new one; then the chunks of that one, named by its sha256)."""
+
+    op: Literal["snapshot.read"] = "snapshot.read"
+    offset: int = Field(default=0, ge=0, lt=1 << 40)
+    snapshot: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class ServiceCrash(Request):
     """Chaos: SIGKILL the service enclave (reply: ``{"killed": pid}``, pid None if none ran)."""
 

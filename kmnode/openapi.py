@@ -609,6 +609,25 @@ DOCS: dict[tuple[str, str], Doc] = {
         _record("ShareAccepted", ShareAccepted, ok=True),
         _body("ShareBody", RecoveryShare, "generation", "boxes"),
     ),
+    ("GET", "/v1/snapshot"): Doc(
+        "A chunk (at most 256 KiB) of a snapshot of this node's state, signed by its enclave "
+        "(query: offset; id, the snapshot's sha256, after the first chunk). Offset 0 without "
+        "an id takes a new snapshot. It holds no secret",
+        create_model(
+            "SnapshotChunk",
+            id=(str, ...),
+            node=(str, ...),
+            index=(int, ...),
+            term=(int, ...),
+            size=(int, ...),
+            offset=(int, ...),
+            chunk=(str, ...),
+        ),
+        query=(
+            Query("offset", int, "Byte offset of the chunk (0: the first)."),
+            Query("id", str, "The snapshot's sha256 (hex), for every chunk after the first."),
+        ),
+    ),
     ("GET", "/v1/status"): Doc(
         "This node's status (open: no signature, for probes)",
         _root("Status", dict[str, JsonValue]),

@@ -36,7 +36,7 @@ import kmnode
 from kmnode import netns
 from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
-from kmnode.datadir import NODES_DIR, RAFT_DIR, RECOVER_MARKER, SEALED_STATE
+from kmnode.datadir import NODES_DIR, RAFT_DIR, RECOVER_MARKER, RESTORE_SNAPSHOT, SEALED_STATE
 from kmnode.errors import EXIT_FAILURE, KmsimError
 from kmnode.host.broker import BrokerStartError, start_embedded_broker, stop_broker
 from kmnode.identity import dev_key_path, ensure_dev_identity
@@ -426,7 +426,8 @@ def mark_for_recovery(cfg: ClusterConfig, name: str) -> str:
     Raises SupervisorError if the node has no Raft log to recover from."""
     data_dir = node_data_dir(cfg, name)
     raft_dir = data_dir / RAFT_DIR
-    if not raft_dir.is_dir() or not any(raft_dir.iterdir()):
+    restoring = (data_dir / RESTORE_SNAPSHOT).is_file()
+    if not restoring and (not raft_dir.is_dir() or not any(raft_dir.iterdir())):
         raise SupervisorError(
             f"{name}: no Raft log in {raft_dir}: nothing to recover from (restore a snapshot "
             "into it first: kmctl snapshot restore)"

@@ -21,6 +21,7 @@ from kmnode.cli.ledger_cmds import ledger
 from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
 from kmnode.cli.output import KmctlGroup
 from kmnode.cli.recovery_cmds import recovery
+from kmnode.cli.snapshot_cmds import snapshot
 
 
 @click.group(
@@ -73,7 +74,7 @@ def _restore(name: str, value: str | None) -> None:
 
 for command in (
     up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
-    proposals, contracts, data, recovery,
+    proposals, contracts, data, recovery, snapshot,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)

@@ -9,6 +9,7 @@ import click
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
+from kmnode.cli.options import trust_km_option
 from kmnode.cli.output import EXIT_REFUSED, CliError, KmctlGroup, print_json, print_table
 from kmnode.config import ClusterConfig
 from kmnode.enclave_code import current_measurements
@@ -71,33 +72,12 @@ def _mark_of(cfg: ClusterConfig, reference: str, force: bool) -> LedgerMark:
     return LedgerMark.load(path)
 
 
-def _measurements(
-    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
-) -> tuple[bytes, ...]:
-    """``--trust-km`` values as bytes; a usage error names one that is not 64 hex digits."""
-    found = []
-    for value in values:
-        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
-            raise click.BadParameter(f"{value!r} is not 64 hex digits")
-        found.append(bytes.fromhex(value))
-    return tuple(found)
-
-
 @ledger.command("verify")
 @click.argument("node")
 @click.option("--force", is_flag=True, help="Verify even if the node is running.")
 @click.option("--allow-unsigned-tail", is_flag=True, help=_TAIL_HELP)
 @click.option("--against", "against", metavar="NODE|FILE", help=_AGAINST_HELP)
-@click.option(
-    "--trust-km",
-    "trust_km",
-    multiple=True,
-    metavar="HEX",
-    callback=_measurements,
-    help="A KM measurement (64 hex digits) trusted to have signed a snapshot the ledger starts "
-    "from, besides cluster.yaml's policy.km_measurements (say, a build that an upgrade "
-    "allowed by proposal). Repeatable.",
-)
+@trust_km_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_context
 def verify(

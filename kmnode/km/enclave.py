@@ -44,19 +44,20 @@ from attest.handshake import (
     peer_refusal,
 )
 from attest.hardware import EnclaveContext
-from attest.identity import EnclaveIdentity
+from attest.identity import EnclaveIdentity, EnclaveRole
 from attest.keybox import KeyBoxes
 from attest.local import LocallyAttested
-from attest.quote import QuoteVerifier, report_data_for
+from attest.quote import Quote, QuoteVerifier, report_data_for
 from attest.sealing import seal, unseal
 from consensus.codec import DECODE_LIMITS, CodecError, DecodeLimits, decode_message, encode_message
-from consensus.types import Message
+from consensus.types import ConfState, Message, SnapshotMeta
 from kmnode.km.commands import LedgerSign
 from kmnode.km.ledger_proof import (
     SIGNER_LABEL,
     Proof,
     SignedSnapshot,
     head_message,
+    signature_holds,
     snapshot_message,
     split_message,
     state_digest,
@@ -778,6 +779,49 @@ class KMEnclave:
         return self._box_to(attested, envelope)
 
     # --- recovery (issue 16) ------------------------------------------------------------------
+
+    def check_snapshot_import(self, data: bytes) -> SnapshotMeta:
+        """Judge a snapshot the operator restores into this node's empty directory: a member's
+        enclave must have signed exactly this image (its quote under the vendor root, of a KM
+        build the policy this enclave starts with allows, on a platform the image names as a
+        member's, allowed by the image's own policy), and the image must be at the index and
+        chain hash signed. Returns where the Raft log starts; ``EnclaveStateError`` says why
+        not. Nothing in it is secret: the master secret comes back through recovery shares."""
+        try:
+            signed = SignedSnapshot.decode(data)
+        except ValueError as exc:
+            raise EnclaveStateError(f"the snapshot is damaged: {exc}") from None
+        if signed is None:
+            raise EnclaveStateError("the snapshot is not signed by any enclave")
+        proof = signed.proof
+        try:
+            quote = Quote.decode(proof.quote)
+            self.verifier.verify(
+                quote,
+                self.state.policy,
+                report_data_for(SIGNER_LABEL, proof.public_key),
+                role=EnclaveRole.KM,
+                now=quote.body.timestamp_ms / 1000,
+            )
+        except AttestationError as exc:
+            raise EnclaveStateError(f"the snapshot's signer is refused: {exc}") from None
+        if not signature_holds(proof.public_key, signed.message(), proof.signature):
+            raise EnclaveStateError("the snapshot's signature does not verify")
+        try:
+            image = KMState.restore(signed.state)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EnclaveStateError(f"the snapshot's image does not parse ({exc})") from None
+        if (image.applied_index, image.chain_hash) != (signed.index, signed.chain_hash):
+            raise EnclaveStateError("the snapshot's image is not the one that was signed")
+        body = quote.body
+        if not any(m.platform_id == body.platform_id for m in image.members.values()):
+            raise EnclaveStateError("the snapshot was signed on a platform that hosted no member")
+        if body.identity.measurement not in image.policy.measurements_for(EnclaveRole.KM):
+            raise EnclaveStateError("the snapshot was signed by a build its own policy refuses")
+        if self.name not in image.members:
+            raise EnclaveStateError(f"the snapshot's cluster has no member {self.name!r}")
+        voters = tuple(sorted(image.members))
+        return SnapshotMeta(signed.index, signed.term, ConfState(voters=voters))
 
     def recovery_split(self, now: float) -> RecoveryShares:
         """The split of the master secret the replicated state asks for (holders, their keys,

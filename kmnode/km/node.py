@@ -35,9 +35,9 @@ from consensus.disk import Disk
 from consensus.driver import RaftDriver
 from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
-from consensus.types import NotLeader, RaftError
+from consensus.types import NONE, HardState, NotLeader, RaftError, Snapshot
 from kmnode.config import ClusterConfig
-from kmnode.datadir import JOIN_MARKER, RECOVER_MARKER, SEALED_STATE
+from kmnode.datadir import JOIN_MARKER, RECOVER_MARKER, RESTORE_SNAPSHOT, SEALED_STATE
 from kmnode.km import ledger_signer
 from kmnode.km.commands import (
     Applied,
@@ -50,7 +50,7 @@ from kmnode.km.commands import (
 )
 from kmnode.km.contract_feed import ContractFeed
 from kmnode.km.data_feed import DataFeed
-from kmnode.km.enclave import KMEnclave
+from kmnode.km.enclave import EnclaveStateError, KMEnclave
 from kmnode.km.forwarding import Forwarder
 from kmnode.km.join import Joining
 from kmnode.km.loader import load_km
@@ -197,6 +197,8 @@ class KMNode:
         )
         await raft_log.durable()  # a torn tail it cut off, a first segment it began
         node_files = await asyncio.to_thread(self.node_disk.listing)
+        if RESTORE_SNAPSHOT in node_files:
+            raft_log = await self._import_snapshot(raft_log)
         persisted = raft_log.initial_state
         has_log = persisted.hard_state.term > 0 or not persisted.snapshot.is_empty
         mode: Literal["genesis", "join", "resume", "recover"]
@@ -263,6 +265,34 @@ class KMNode:
         self.spawn(self.recovery.run())
         self.recovery.try_recover()  # a snapshot may already hold the last share
         log.info("%s: started (%s), peer port %d", self.name, mode, self.transport.port)
+
+    async def _import_snapshot(self, raft_log: DurableLog) -> DurableLog:
+        """Start the Raft log from the snapshot `kmctl snapshot restore` left in the node's
+        directory, once the enclave has judged it (``check_snapshot_import``); refused over an
+        existing log, which nothing may overwrite. The log is reopened from what was written."""
+        persisted = raft_log.initial_state
+        if persisted.hard_state.term > 0 or not persisted.snapshot.is_empty:
+            raft_log.close()
+            raise NodeStartError(
+                f"{self.data_dir} has a Raft log and a snapshot to restore: refusing to "
+                f"overwrite the log (remove {RESTORE_SNAPSHOT} to keep it, or restore into an "
+                "empty directory)"
+            )
+        data = await asyncio.to_thread(self.node_disk.read, RESTORE_SNAPSHOT)
+        try:
+            meta = self.enclave.check_snapshot_import(data)
+        except EnclaveStateError as exc:
+            raft_log.close()
+            raise NodeStartError(f"{RESTORE_SNAPSHOT} refused: {exc}") from None
+        hard = HardState(term=meta.term, vote=NONE, commit=meta.index)
+        await asyncio.to_thread(raft_log.append, (), hard, Snapshot(meta, data))
+        await raft_log.durable()
+        raft_log.close()
+        await asyncio.to_thread(self.node_disk.delete, RESTORE_SNAPSHOT)
+        log.info("%s: restored a snapshot at index %d (term %d)", self.name, meta.index, meta.term)
+        return await asyncio.to_thread(
+            DurableLog.open, self.raft_disk, fsync=self.config.raft.fsync, auth=self._log_auth
+        )
 
     async def _open_sealed_state(self, recover: bool) -> bool:
         """Unseal the enclave's state. A blob this enclave cannot open (a move to a new KM

@@ -63,6 +63,7 @@ from kmnode.km.enclave import EnclaveStateError
 from kmnode.km.node import KMNode
 from kmnode.km.recovery_commands import RecoveryShare
 from kmnode.km.service_link import ServiceRefused
+from kmnode.km.snapshot_source import SnapshotSource
 from kmnode.km.state import ContractRecord, Proposal
 from kmnode.km_messages import (
     ApiCall,
@@ -92,6 +93,7 @@ from kmnode.km_messages import (
     RevokePlatform,
     RotateKey,
     ServiceCrash,
+    SnapshotRead,
     StatusReply,
     StatusRequest,
     SubmitShare,
@@ -115,6 +117,7 @@ class Operator:
     def __init__(self, node: KMNode) -> None:
         self.node = node
         self.links = LocalLinkRules(node.faults)
+        self.snapshots = SnapshotSource(node)
 
     async def handle(self, request: Request) -> Reply:
         """The reply to ``request``; raises ``Failed`` with the reason it cannot be served."""
@@ -258,6 +261,8 @@ class Operator:
                 return self.recovery_key()
             case SubmitShare():
                 return await self.submit_share(request, by)
+            case SnapshotRead(offset=offset, snapshot=wanted):
+                return await self.snapshots.chunk(offset, wanted)
             case ResyncContracts():
                 self.node.contracts.resync()
                 return {"node": self.node.name, "resync": "started"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from attest.quote import Quote, QuoteVerifier
 from consensus.storage import DurableLog
-from consensus.types import Entry, EntryType, PersistedState, Snapshot
+from consensus.types import Entry, EntryType, PersistedState, Snapshot, SnapshotMeta
 from kmnode.km.commands import CommandRefused, LedgerSign, parse
 from kmnode.km.ledger_proof import Proof, SignedSnapshot, head_message
 from kmnode.km.state import KMState
@@ -74,26 +74,41 @@ def _start(
     trusted_km: frozenset[bytes] | None,
 ) -> KMState | None:
     """The state the ledger starts from: empty, or a snapshot's image if a member's enclave
-    signed exactly it (None, with the report failed, otherwise).
+    signed exactly it (None, with the report failed, otherwise)."""
+    report = replay.report
+    if snapshot.is_empty:
+        return KMState()
+    where = f"the snapshot at index {snapshot.meta.index}"
+    report.snapshot_index = snapshot.meta.index
+    judged = judge_snapshot(snapshot.data, verifier, trusted_km, snapshot.meta)
+    if isinstance(judged, str):
+        report.fail(f"{where} is {judged}", snapshot.meta.index)
+        return None
+    report.notes.append(f"starts from a snapshot at index {snapshot.meta.index}, signed")
+    return judged[1]
+
+
+def judge_snapshot(
+    data: bytes,
+    verifier: QuoteVerifier,
+    trusted_km: frozenset[bytes] | None,
+    meta: SnapshotMeta | None = None,
+) -> tuple[SignedSnapshot, KMState] | str:
+    """A signed snapshot and its state, if a member's enclave signed exactly that image; else
+    why not ("fabricated: ..." or "fabricated or damaged: ..."). ``meta``: the index and term
+    the snapshot is stored under, which must be the signed ones.
 
     A snapshot names its own members and policy, so judged by itself alone, an enclave of any
     build on a genuine platform could sign an image that admits it. ``trusted_km`` (the KM
     measurements the verifier trusts, from cluster.yaml and ``--trust-km``) anchors it: the
     signer's measurement must be one of them. Later signatures are judged by the policy the
     ledger itself replays from there."""
-    report = replay.report
-    if snapshot.is_empty:
-        return KMState()
-    where = f"the snapshot at index {snapshot.meta.index}"
-    report.snapshot_index = snapshot.meta.index
     try:
-        signed = SignedSnapshot.decode(snapshot.data)
+        signed = SignedSnapshot.decode(data)
     except ValueError as exc:
-        report.fail(f"{where} is fabricated or damaged: {exc}", snapshot.meta.index)
-        return None
+        return f"fabricated or damaged: {exc}"
     if signed is None:
-        report.fail(f"{where} is fabricated: no enclave signed it", snapshot.meta.index)
-        return None
+        return "fabricated: no enclave signed it"
     why = not_genuine(signed.proof, signed.message(), verifier)
     if why is None and trusted_km is not None:
         measurement = Quote.decode(signed.proof.quote).body.identity.measurement
@@ -102,10 +117,10 @@ def _start(
                 f"its signer's KM measurement {measurement.hex()} is not one this verifier "
                 "trusts (cluster.yaml's policy; add others with --trust-km)"
             )
-    if why is None and (snapshot.meta.index, snapshot.meta.term) < (signed.index, signed.term):
-        why = f"it is labelled index {snapshot.meta.index}, its signature covers {signed.index}"
-    if why is None and snapshot.meta.index == signed.index and snapshot.meta.term != signed.term:
-        why = f"it is labelled term {snapshot.meta.term}, its signature covers {signed.term}"
+    if why is None and meta is not None and (meta.index, meta.term) < (signed.index, signed.term):
+        why = f"it is labelled index {meta.index}, its signature covers {signed.index}"
+    if why is None and meta is not None and meta.index == signed.index and meta.term != signed.term:
+        why = f"it is labelled term {meta.term}, its signature covers {signed.term}"
     state: KMState | None = None
     if why is None:
         try:
@@ -120,10 +135,8 @@ def _start(
     if why is None and state is not None:
         why = not_counted(signed.proof, state, verifier)
     if why is not None or state is None:
-        report.fail(f"{where} is fabricated: {why}", snapshot.meta.index)
-        return None
-    report.notes.append(f"starts from a snapshot at index {snapshot.meta.index}, signed")
-    return state
+        return f"fabricated: {why}"
+    return signed, state
 
 
 def _signature_entry(

@@ -244,6 +244,60 @@ def test_the_whole_cluster_moves_to_a_new_km_build_through_recovery(
         cluster.close()
 
 
+def test_a_saved_snapshot_restores_onto_fresh_nodes_which_recover_the_same_keys(
+    tmp_path: Path,
+) -> None:
+    """Backup and restore: a snapshot saved from the live cluster (read in chunks, checked),
+    every node's directory lost, the snapshot restored into fresh directories; the nodes
+    start from it in recovery mode and the holders' shares bring back every key generation."""
+    holders = [keys.public(["recovery"]) for keys in HOLDERS.values()]
+    cluster = LocalCluster(tmp_path, 3, identities=holders)
+    try:
+        cluster.start_broker_and_capture()
+        cluster.up()
+        assert cluster.leader_call("POST", "/v1/keys", {"name": "db"})[0] == 201
+        for _ in range(2):
+            assert cluster.leader_call("POST", "/v1/keys/db/rotate")[0] == 200
+        for i in range(40):
+            assert cluster.leader_call("POST", "/v1/keys", {"name": f"bulk-{i}"})[0] == 201
+        before = prove_all(cluster, "km3")
+        backup = tmp_path / "backup.snap"
+        saved = kmctl(cluster, "snapshot", "save", str(backup), "--node", "km2", "--json")
+        assert saved.returncode == 0, saved.stderr
+        summary = json.loads(saved.stdout)
+        assert summary["keys"] == 41 and summary["members"] == ["km1", "km2", "km3"]
+        again = kmctl(cluster, "snapshot", "save", str(backup))
+        assert again.returncode != 0 and "not overwriting" in again.stderr
+
+        for name in cluster.names:
+            cluster.stop(name)
+        nodes_dir = cluster.config.state_dir / "nodes"
+        nodes_dir.rename(tmp_path / "lost-nodes")  # every node's directory is gone
+        tampered = tmp_path / "tampered.snap"
+        raw = bytearray(backup.read_bytes())
+        raw[-10] ^= 1
+        tampered.write_bytes(bytes(raw))
+        refused = kmctl(cluster, "snapshot", "restore", str(tampered))
+        assert refused.returncode != 0 and "fabricated" in refused.stderr
+        assert not nodes_dir.exists()  # nothing seeded from a refused snapshot
+        restored = kmctl(cluster, "snapshot", "restore", str(backup))
+        assert restored.returncode == 0, restored.stderr
+        for name in cluster.names:
+            cluster.start(name)
+        until(lambda: all_recovering(cluster), 60, "the restored nodes in recovery mode")
+        view = recovery_view(cluster, "km1")
+        assert view["applied"] >= summary["index"]
+        for holder in ("rec-a", "rec-c"):
+            done = kmctl(cluster, "recovery", "submit", "--as", str(key_file(tmp_path, holder)))
+            assert done.returncode == 0, done.stderr
+        until(lambda: all_open(cluster), 60, "the restored cluster open")
+        assert prove_all(cluster, "km3") == before
+        code, keys = cluster.leader_call("GET", "/v1/keys")
+        assert code == 200 and len(keys["keys"]) == 41
+    finally:
+        cluster.close()
+
+
 def submit_raw(cluster: LocalCluster, holder: str, *, bogus: bool) -> tuple[int, Any]:
     """A holder's submission made by hand (what kmctl sends), with a wrong share when
     ``bogus``: the leader's enclave must refuse it, however well it is boxed."""

@@ -460,6 +460,29 @@ class HostileHost(RuleBasedStateMachine):
         self._call(enclave.recover)
         assert enclave._master_secret == had, "a recovery without the holders' shares"
 
+    @rule(
+        source=st.sampled_from(("n-a", "n-b")),
+        who=st.sampled_from(NAMES),
+        flip=st.one_of(st.none(), st.integers(0, 100_000)),
+        junk=st.one_of(st.none(), st.binary(max_size=300)),
+    )
+    def snapshot_import(self, source: str, who: str, flip: int | None, junk: bytes | None) -> None:
+        """A snapshot the host puts in a node's directory to restore: a member's, changed in
+        one bit, or garbage. Only an untouched one signed by a member enclave is taken."""
+        if junk is not None:
+            self._call(self.enclaves[who].check_snapshot_import, junk)
+            return
+        serialise = self._call(self.enclaves[source].snapshot_capture, 1, NOW)
+        if serialise is None:
+            return
+        data = serialise()
+        if flip is not None:
+            at = flip % len(data)
+            data = data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+        meta = self._call(self.enclaves[who].check_snapshot_import, data)
+        if flip is not None:
+            assert meta is None, f"a snapshot changed at byte {flip % len(data)} was taken"
+
     # --- stored state, quotes, ledger -----------------------------------------------------------
 
     @rule(target=blobs, who=st.sampled_from(NAMES))
@@ -540,6 +563,7 @@ DRIVEN = {
     "genesis", "snapshot_capture", "session_refusal", "contract_input_key",
     "provision_contract_keys", "provision_data_jobs", "attested_measurement", "data_public_keys",
     "token_signature", "recovery_split", "recovery_key", "check_recovery_share", "recover",
+    "check_snapshot_import",
 }  # fmt: skip
 
 
