@@ -676,8 +676,10 @@ HELP_COMMANDS = [
     ["up"], ["down"], ["status"], ["node", "run"], ["keys", "create"], ["keys", "list"],
     ["keys", "show"], ["keys", "rotate"], ["keys", "release"], ["policy", "get"],
     ["policy", "allow"], ["policy", "disallow"], ["policy", "revoke-platform"],
-    ["members", "list"], ["members", "remove"], ["releases", "list"], ["attest", "show"],
-    ["prove"],
+    ["members", "list"], ["members", "remove"], ["members", "replace"], ["releases", "list"],
+    ["attest", "show"], ["prove"], ["recovery", "status"], ["recovery", "share", "show"],
+    ["recovery", "submit"], ["recovery", "threshold"], ["snapshot", "save"],
+    ["snapshot", "restore"],
 ]  # fmt: skip
 
 

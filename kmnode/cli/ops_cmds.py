@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from kmnode import supervisor
+from kmnode.chaos.faults import FaultError, replace
 from kmnode.cli.attest_cmds import attest
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.governance_cmds import governed
@@ -415,6 +416,52 @@ def members_admit(ctx: CliContext, name: str, api_node: str | None, as_json: boo
 def members_remove(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
     """Remove node NAME from the cluster (a committed membership change)."""
     governed(ctx, api_node, "/v1/members/remove", {"name": name}, f"removed member {name}", as_json)
+
+
+@members.command("replace")
+@click.argument("name")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    help="Seconds for the removal, the admission and the fresh node to be ready.",
+)
+@_as_json
+@pass_context
+def members_replace(ctx: CliContext, name: str, timeout: float, as_json: bool) -> None:
+    """Replace member NAME by a fresh node of the same name and platform, running this
+    installation's build: stop it, remove it (a proposal), admit it again (a proposal), keep
+    its directory aside and start it empty; it attests, joins, and receives the master secret
+    over the attested channel. One node at a time, this moves a running cluster to a new KM
+    build: allow the build's measurements by proposal first (kmctl policy allow), and list the
+    old build's KM measurement in cluster.yaml's policy.km_measurements beside @current while
+    the upgrade runs. In the development profile the single admin passes both proposals at
+    once.
+
+    Example: kmctl members replace km2
+    """
+    given = ctx.config()
+    # The fresh node starts with the cluster file's policy as it is now: during an upgrade it
+    # lists the old build's measurement too, so the new build accepts the member it joins.
+    cfg = supervisor.effective_config(given).model_copy(update={"policy": given.policy})
+    try:
+        cfg.node(name)
+    except KeyError as exc:
+        raise CliError(str(exc.args[0]), EXIT_USAGE) from None
+    supervisor.write_effective_config(cfg)
+    record = supervisor.running(cfg).get(name)
+    if record is not None:
+        supervisor.stop_processes({name: record})
+        supervisor.pid_path(cfg, name).unlink(missing_ok=True)
+    try:
+        done = replace(cfg, name, timeout=timeout)
+    except FaultError as exc:
+        raise CliError(str(exc), EXIT_REFUSED) from None
+    if as_json:
+        print_json({"node": name, **done.detail})
+        return
+    click.echo(done.summary)
 
 
 # --- attest show and prove ------------------------------------------------------------------
