@@ -77,12 +77,14 @@ def recovery_keys(
         name, host, port = member.get("name"), member.get("host"), member.get("api_port")
         if not isinstance(name, str) or not isinstance(host, str) or not isinstance(port, int):
             continue
+        # The platform the operator's cluster file names for the node, where it names one:
+        # the member records came through a host, which could point at another platform.
+        listed = {n.name: n.platform.id for n in cfg.nodes}
+        platform = listed.get(name, str(member.get("platform_id")))
         node = NodeClient(name, f"http://{host}:{port}", KEY_TIMEOUT_S, signer)
         try:
             answer = node.get("/v1/recovery/key")
-            keys[name] = verify_recovery_key(
-                name, str(member.get("platform_id")), answer, verifier, policy, time.time()
-            )
+            keys[name] = verify_recovery_key(name, platform, answer, verifier, policy, time.time())
         except NodeUnreachable:
             left_out.append(f"{name}: not reachable at {host}:{port}")
         except KmsimError as exc:

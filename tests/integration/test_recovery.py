@@ -151,6 +151,12 @@ def test_a_cluster_that_lost_every_sealed_state_recovers_with_two_of_three_share
     time.sleep(1.0)
     assert all_recovering(cluster)
     assert recovery_view(cluster, "km3")["submitted"] == ["rec-a"]
+    # A node that crashes in the middle of the ceremony comes back in recovery mode with the
+    # share it had (the share is in the ledger, boxed to its enclave's lasting recovery key).
+    cluster.kill("km3")
+    cluster.start("km3")
+    until(lambda: all_recovering(cluster), 60, "km3 back in recovery mode")
+    assert recovery_view(cluster, "km3")["submitted"] == ["rec-a"]
 
     # The same holder again, a stranger, and a bogus share: refused at submission.
     again = kmctl(cluster, "recovery", "submit", "--as", str(key_file(root, "rec-a")))
