@@ -6,6 +6,7 @@ enclaves then prove the same MAC for every generation as before the loss."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -99,16 +100,33 @@ def all_open(cluster: LocalCluster) -> bool:
     return all(s is not None and s["ready"] and s["has_master_secret"] for s in statuses)
 
 
+@contextlib.contextmanager
+def holders_cluster(root: Path) -> Iterator[LocalCluster]:
+    """A 3-node cluster whose recovery holders are ``HOLDERS`` (2 of 3 rebuild the secret),
+    with key ``db`` in generations 1..3; stopped on leaving."""
+    holders = [keys.public(["recovery"]) for keys in HOLDERS.values()]
+    cluster = LocalCluster(root, 3, identities=holders)
+    try:
+        cluster.start_broker_and_capture()
+        cluster.up()
+        assert cluster.leader_call("POST", "/v1/keys", {"name": "db"})[0] == 201
+        for _ in GENERATIONS[1:]:
+            assert cluster.leader_call("POST", "/v1/keys/db/rotate")[0] == 200
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def submit_shares(cluster: LocalCluster, *holders: str) -> None:
+    for holder in holders:
+        done = kmctl(cluster, "recovery", "submit", "--as", str(key_file(cluster.root, holder)))
+        assert done.returncode == 0, done.stderr
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    holders = [keys.public(["recovery"]) for keys in HOLDERS.values()]
-    c = LocalCluster(tmp_path_factory.mktemp("recovery"), 3, identities=holders)
-    try:
-        c.start_broker_and_capture()
-        c.up()
+    with holders_cluster(tmp_path_factory.mktemp("recovery")) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_a_cluster_that_lost_every_sealed_state_recovers_with_two_of_three_shares(
@@ -120,9 +138,6 @@ def test_a_cluster_that_lost_every_sealed_state_recovers_with_two_of_three_share
     until(lambda: recovery_view(cluster, leader)["generation"] == 1, 20, "the genesis split")
     split = recovery_view(cluster, leader)
     assert split["holders"] == sorted(HOLDERS) and split["threshold"] == 2
-    assert cluster.leader_call("POST", "/v1/keys", {"name": "db"})[0] == 201
-    for _ in range(2):
-        assert cluster.leader_call("POST", "/v1/keys/db/rotate")[0] == 200
     before = prove_all(cluster, "km2")
     assert len(set(before.values())) == len(GENERATIONS)
 
@@ -213,14 +228,7 @@ def test_the_whole_cluster_moves_to_a_new_km_build_through_recovery(
     none can open its old build's sealed state (sealing binds the build), and the holders'
     shares reopen the cluster on the new build with every key generation unchanged."""
     new = {role: release_identity(role, NEW_RELEASE).measurement.hex() for role in EnclaveRole}
-    holders = [keys.public(["recovery"]) for keys in HOLDERS.values()]
-    cluster = LocalCluster(tmp_path, 3, identities=holders)
-    try:
-        cluster.start_broker_and_capture()
-        cluster.up()
-        assert cluster.leader_call("POST", "/v1/keys", {"name": "db"})[0] == 201
-        for _ in range(2):
-            assert cluster.leader_call("POST", "/v1/keys/db/rotate")[0] == 200
+    with holders_cluster(tmp_path) as cluster:
         before = prove_all(cluster, "km2")
         for role in EnclaveRole:  # the release changes both enclaves
             body = {"role": role.value, "measurement": new[role]}
@@ -237,17 +245,13 @@ def test_the_whole_cluster_moves_to_a_new_km_build_through_recovery(
             assert "resumes if its sealed state opens" in mark_for_recovery(cluster.config, name)
             cluster.start(name, env={RELEASE_VARIABLE: NEW_RELEASE})
         until(lambda: all_recovering(cluster), 60, "every node of the new build recovering")
-        for holder in ("rec-b", "rec-c"):
-            done = kmctl(cluster, "recovery", "submit", "--as", str(key_file(tmp_path, holder)))
-            assert done.returncode == 0, done.stderr
+        submit_shares(cluster, "rec-b", "rec-c")
         until(lambda: all_open(cluster), 60, "the cluster open on the new build")
         for name in cluster.names:
             code, attested = cluster.api(name, "GET", "/v1/attest")
             assert code == 200 and attested["identity"]["measurement"] == new[EnclaveRole.KM]
         assert prove_all(cluster, "km2") == before
         assert prove_all(cluster, "km1") == before
-    finally:
-        cluster.close()
 
 
 def test_a_saved_snapshot_restores_onto_fresh_nodes_which_recover_the_same_keys(
@@ -256,14 +260,7 @@ def test_a_saved_snapshot_restores_onto_fresh_nodes_which_recover_the_same_keys(
     """Backup and restore: a snapshot saved from the live cluster (read in chunks, checked),
     every node's directory lost, the snapshot restored into fresh directories; the nodes
     start from it in recovery mode and the holders' shares bring back every key generation."""
-    holders = [keys.public(["recovery"]) for keys in HOLDERS.values()]
-    cluster = LocalCluster(tmp_path, 3, identities=holders)
-    try:
-        cluster.start_broker_and_capture()
-        cluster.up()
-        assert cluster.leader_call("POST", "/v1/keys", {"name": "db"})[0] == 201
-        for _ in range(2):
-            assert cluster.leader_call("POST", "/v1/keys/db/rotate")[0] == 200
+    with holders_cluster(tmp_path) as cluster:
         for i in range(40):
             assert cluster.leader_call("POST", "/v1/keys", {"name": f"bulk-{i}"})[0] == 201
         before = prove_all(cluster, "km3")
@@ -293,15 +290,11 @@ def test_a_saved_snapshot_restores_onto_fresh_nodes_which_recover_the_same_keys(
         until(lambda: all_recovering(cluster), 60, "the restored nodes in recovery mode")
         view = recovery_view(cluster, "km1")
         assert view["applied"] >= summary["index"]
-        for holder in ("rec-a", "rec-c"):
-            done = kmctl(cluster, "recovery", "submit", "--as", str(key_file(tmp_path, holder)))
-            assert done.returncode == 0, done.stderr
+        submit_shares(cluster, "rec-a", "rec-c")
         until(lambda: all_open(cluster), 60, "the restored cluster open")
         assert prove_all(cluster, "km3") == before
         code, keys = cluster.leader_call("GET", "/v1/keys")
         assert code == 200 and len(keys["keys"]) == 41
-    finally:
-        cluster.close()
 
 
 def submit_raw(cluster: LocalCluster, holder: str, *, bogus: bool) -> tuple[int, Any]:
