@@ -340,6 +340,26 @@ def tamper_sealed(cfg: ClusterConfig, node: str) -> FaultDone:
     )
 
 
+def lose_sealed_state(cfg: ClusterConfig, node: str) -> FaultDone:
+    """Delete the sealed enclave state of a stopped node, as a lost disk or a wiped machine
+    would: its Raft log survives, its enclave's secrets do not. The node starts again only in
+    recovery mode (``supervisor.mark_for_recovery``), and only opens once recovery holders
+    submit their shares."""
+    _stopped(cfg, node)
+    path = data_dir(cfg, node) / SEALED_STATE
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        raise FaultError(f"{node} has no sealed state at {path}") from None
+    return FaultDone(
+        "lose-sealed",
+        node,
+        f"deleted {node}'s sealed state {path} ({size} bytes)",
+        {"file": str(path), "bytes": size},
+    )
+
+
 # --- replacing a member that cannot start ------------------------------------------------------
 
 

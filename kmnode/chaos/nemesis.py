@@ -23,7 +23,12 @@ Every kind of fault the chaos tooling knows is here, each as "inject, then heal"
 * a host tampering with a dataset's blob (``tamper-blob``, only when named: it needs the data
   workload): a bit of the target's copy of the run's blob is flipped. Computations on that
   node must end refused until the heal, which puts the owner's bytes back (the host stops
-  tampering); a node with no copy (a replaced one) is recorded as skipped.
+  tampering); a node with no copy (a replaced one) is recorded as skipped;
+* every node losing its sealed state (``recover``, only when named: the run's signer must
+  hold a share that reopens the cluster alone): all are killed and wiped, and the heal brings
+  them back through disaster recovery, submitting the signer's share
+  (``kmnode.chaos.recovery_fault``); when the signer cannot, it is skipped before anything
+  is wiped, with the reason.
 
 The order of kinds is a seeded shuffle, repeated, so a run with N fault slots covers
 min(N, kinds) distinct kinds: a short CI run still exercises every kind across a few seeds.
@@ -37,7 +42,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kmnode import netns
-from kmnode.chaos import faults
+from kmnode.chaos import faults, recovery_fault
 from kmnode.chaos.checker import CheckOutcome, Violation
 from kmnode.chaos.contract_repair import repair_if_halted
 from kmnode.chaos.faults import FaultError
@@ -55,6 +60,7 @@ INPUT_KINDS = ("poison",)
 CONTRACT_KINDS = ("tamper-state",)
 DATA_KINDS = ("tamper-blob",)
 NETNS_KINDS = ("netns-partition",)
+RECOVERY_KINDS = ("recover",)
 FAULT_KINDS = (
     LINK_KINDS
     + PROCESS_KINDS
@@ -63,9 +69,13 @@ FAULT_KINDS = (
     + CONTRACT_KINDS
     + DATA_KINDS
     + NETNS_KINDS
+    + RECOVERY_KINDS
 )
-#: Kinds a run takes only when they are named (never under 'all').
-OPT_IN_KINDS = CONTRACT_KINDS + DATA_KINDS
+#: Kinds a run takes only when they are named (never under 'all'). ``recover`` wipes every
+#: node's secrets and needs the run's signer to hold a share that reopens the cluster alone.
+OPT_IN_KINDS = CONTRACT_KINDS + DATA_KINDS + RECOVERY_KINDS
+#: Kinds that act on every node at once (recorded with the target "all").
+CLUSTER_KINDS = ("loss", "duplicate", *RECOVERY_KINDS)
 #: Damage no crash can leave behind: the node must refuse to start with it.
 UNREPAIRABLE = ("flip-byte", "tamper-sealed")
 
@@ -129,6 +139,9 @@ class Nemesis:
         #: What poisoned hosts found (a 5xx, an internal failure, a node that stopped).
         self.poison_findings: list[Violation] = []
         self.poisoned = 0
+        #: What a heal found worth recording with the fault's stop (by kind; one fault at a
+        #: time): how a ``recover`` reopened the cluster.
+        self.heal_notes: dict[str, dict[str, Any]] = {}
         #: Chaos requests are an admin's (``KMSIM_IDENTITY``, or the development profile's).
         self.signer = default_signer(cfg)
 
@@ -143,15 +156,21 @@ class Nemesis:
         """Start fault ``kind`` on a seeded target; returns the function that heals it."""
         target = self.rng.choice(self.names)
         detail, heal = self._start(kind, target)
-        if kind in ("loss", "duplicate"):
+        if kind in CLUSTER_KINDS:
             target = "all"
         self.recorder.fault_start(kind, target, **detail)
-        self.injected.append({"fault": kind, "target": target, **detail})
-        self.log(f"nemesis: {kind} {target}")
+        entry = {"fault": kind, "target": target, **detail}
+        self.injected.append(entry)
+        self.log(
+            f"nemesis: {kind} {target}"
+            + (f" skipped: {detail['skipped']}" if "skipped" in detail else "")
+        )
 
         def healed() -> None:
             heal()
-            self.recorder.fault_stop(kind, target)
+            notes = self.heal_notes.pop(kind, {})
+            entry.update(notes)
+            self.recorder.fault_stop(kind, target, **notes)
             self.log(f"nemesis: healed {kind} {target}")
 
         return healed
@@ -201,6 +220,8 @@ class Nemesis:
             return self._tamper_state(target), lambda: self._repair_contracts(target)
         if kind == "tamper-blob":
             return self._tamper_blob(target)
+        if kind == "recover":
+            return self._recover()
         raise ValueError(f"unknown fault kind {kind!r}")
 
     def _unrepairable(self, kind: str, target: str) -> tuple[dict[str, Any], Heal]:
@@ -282,6 +303,23 @@ class Nemesis:
             upload_blob(self.cfg.node(target), digest, ciphertext)
         except (OSError, KmsimError) as exc:
             self.log(f"nemesis: {target}'s blob could not be restored: {exc}")
+
+    def _recover(self) -> tuple[dict[str, Any], Heal]:
+        """Every node loses its sealed state; the heal reopens the cluster with the signer's
+        share. Skipped, with nothing touched, when that share cannot reopen it alone."""
+        try:
+            held = recovery_fault.held_share(self.cfg, self.signer, self.restart_timeout)
+        except recovery_fault.RecoveryUnavailable as exc:
+            return {"skipped": str(exc)}, lambda: None
+        assert self.signer is not None  # held_share needs one
+        signer = self.signer
+        detail = {**held.detail(), **recovery_fault.lose_every_sealed_state(self.cfg)}
+
+        def heal() -> None:
+            notes = recovery_fault.reopen(self.cfg, signer, self.restart_timeout, self.log)
+            self.heal_notes["recover"] = notes
+
+        return detail, heal
 
     # --- heals --------------------------------------------------------------------------------
 
