@@ -83,6 +83,11 @@ class ContractFeed:
         if isinstance(result, ContractOpCommitted | ContractCheckpointed):
             self._wake.set()
 
+    def wake(self) -> None:
+        """Look again now: the master secret just came back (a recovery), so the operations
+        committed before it can run."""
+        self._wake.set()
+
     def resync(self) -> None:
         """Restore the service again (``kmctl contracts resync`` put a copy in the store)."""
         self._instance = None

@@ -90,6 +90,7 @@ class RecoveryFeed:
         log.info("%s: master secret rebuilt from recovery shares; the node is open", node.name)
         node.publish_event("recovery.opened", node=node.name)
         node.transport.revalidate()  # join connections are served again now
+        node.contracts.wake()  # the operations committed before the loss run now
 
     def _is_leader(self) -> bool:
         driver = self.node.driver

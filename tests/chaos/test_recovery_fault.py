@@ -4,10 +4,9 @@ comes back through disaster recovery with the run's signer's share.
 A real short `kmctl chaos run` (through `kmctl chaos sweep --seeds 1`: a fresh 3-node cluster
 on free ports on 127.0.0.1, stopped whatever happens) with only ``recover`` must end VALID: no
 acknowledged operation lost, every key generation's fingerprint the same before and after.
-After the heal every node must also execute the contract operations committed before the loss
-by itself (a bug found: a recovered node's contract feed is never woken, so it executes nothing
-until the next contract operation commits; that run therefore goes without the contract
-workload, and the contract test below fails until it is fixed).
+The run has the contract workload too: after the heal every node executes the contract
+operations committed before the loss by itself (a recovered node's contract feed is woken when
+the secret comes back; a bug this test found).
 Against a stand-in node that serves a ledger split the signer cannot open alone, the fault must
 be skipped with the reason and leave every sealed state where it was.
 """
@@ -22,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from kmnode import supervisor
 from kmnode.chaos.contract_evidence import NodeContracts
@@ -30,13 +28,12 @@ from kmnode.chaos.contract_workload import TokenWorkload
 from kmnode.chaos.faults import data_dir
 from kmnode.chaos.history import History, HistoryRecorder
 from kmnode.chaos.nemesis import OPT_IN_KINDS, Nemesis, available_kinds
-from kmnode.cli import cli
 from kmnode.client import NodeClient, default_signer
 from kmnode.config import ClusterConfig, load_config
 from kmnode.datadir import RAFT_DIR, RECOVER_MARKER, SEALED_STATE
 from kmnode.identity import DEV_IDENTITY, IdentityKeys, ensure_dev_identity
 from kmnode.recovery.shares import RecoveryHolder, split
-from tests.chaos.sweeps import Sweep
+from tests.chaos.sweeps import sweep_once
 from tests.integration.harness import write_config
 from tests.ports import free_ports
 
@@ -50,22 +47,8 @@ SEED = 1
 # --- the real run -------------------------------------------------------------------------------
 
 
-def sweep_without_contracts(config: Path, out: Path) -> Sweep:
-    """Seed 1's run of 10 s, a ``recover`` every 1.5 s at most, keys and data only (see the
-    module docstring for why not contracts)."""
-    result = CliRunner().invoke(
-        cli,
-        ["-c", str(config), "chaos", "sweep", "--seeds", "1", "--first-seed", str(SEED),
-         "--duration", "10", "--interval", "1.5", "--faults", "recover", "--no-contracts",
-         "--out", str(out), "--json"],
-    )  # fmt: skip
-    run_dir = out / f"seed-{SEED}"
-    report = json.loads((run_dir / "report.json").read_text())
-    return Sweep(result.output, result.exit_code, report, run_dir)
-
-
 def test_a_short_chaos_run_through_a_whole_cluster_recovery_is_valid(tmp_path: Path) -> None:
-    sweep = sweep_without_contracts(write_config(tmp_path, 3), tmp_path / "sweep")
+    sweep = sweep_once(write_config(tmp_path, 3), tmp_path / "sweep", SEED, "recover")
     report, history = sweep.report, History.load(sweep.run_dir / "history.jsonl")
     assert sweep.exit_code == 0 and not sweep.failed(), sweep.output + json.dumps(sweep.failed())
     assert report["valid"] and {"identical-keys", "no-lost-ops"} <= set(report["checks"])
