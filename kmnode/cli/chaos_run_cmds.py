@@ -44,7 +44,8 @@ _FAULTS_HELP = (
     + " (netns-partition: nodes in network namespaces only; poison: the target's host feeds "
     "garbage into every input it holds; tamper-state: the target's host changes stored "
     "contract state, only when named; tamper-blob: the target's host flips a bit of the "
-    "run's dataset blob until the heal, only when named)."
+    "run's dataset blob until the heal, only when named; recover: every node loses its "
+    "sealed state and the cluster reopens with the signer's recovery share, only when named)."
 )
 
 
