@@ -16,6 +16,8 @@ from nacl.signing import VerifyKey
 from attest import wire
 from attest.errors import MalformedEvidence, UntrustedCertificate
 
+#: How a refusal of a certificate under another vendor root reads (joins add a hint on it).
+UNTRUSTED_ROOT = "is not signed by the vendor root"
 _CERT_TAG = b"KMPC"
 _CERT_BODY_TAG = b"KMCB"
 
@@ -80,5 +82,5 @@ class PlatformCertificate:
             vendor_root.verify(body, self.vendor_signature)
         except BadSignatureError as exc:
             raise UntrustedCertificate(
-                f"certificate for platform {self.platform_id!r} is not signed by the vendor root"
+                f"certificate for platform {self.platform_id!r} {UNTRUSTED_ROOT}"
             ) from exc

@@ -72,7 +72,7 @@ class ApiError(KmsimError):
 
 
 def base_url(node: NodeSpec) -> str:
-    return f"http://{node.host}:{node.api_port}"
+    return f"http://{node.address}:{node.api_port}"
 
 
 @dataclass(frozen=True)
@@ -322,4 +322,4 @@ def upload_blob(node: NodeSpec, digest: str, data: bytes, timeout: float = 30.0)
         _result(node.name, answer)  # raises ApiError with the node's message
         raise AssertionError("unreachable") from None
     except (urllib.error.URLError, OSError):
-        raise NodeUnreachable(node.name, f"{node.host}:{node.api_port}") from None
+        raise NodeUnreachable(node.name, f"{node.address}:{node.api_port}") from None

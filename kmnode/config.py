@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attest.certs import TcbStatus
 from attest.identity import EnclaveRole
@@ -53,7 +53,12 @@ class PlatformSpec(_Strict):
 
 class NodeSpec(_Strict):
     name: Name
+    #: The address the node listens on (peer and API ports). ``0.0.0.0`` or ``::`` listen on
+    #: every interface, and then ``advertise`` must say where others reach it.
     host: str = "127.0.0.1"
+    #: The address peers, kmctl and the ledger's member record use to reach the node (a host
+    #: name or an IP address, never an unspecified one); unset means ``host``.
+    advertise: str | None = None
     peer_port: Port
     api_port: Port
     platform: PlatformSpec
@@ -62,15 +67,68 @@ class NodeSpec(_Strict):
     #: the node shares the machine's network, as every default node does.
     netns: Name | None = None
 
+    @field_validator("host")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        return check_address(value, unspecified_ok=True)
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertised_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_address(value, unspecified_ok=False)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> NodeSpec:
+        if self.advertise is None and _unspecified(self.host):
+            raise ValueError(
+                f"host {self.host!r} listens on every interface: set advertise to the "
+                "address other nodes and kmctl reach this node at"
+            )
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where others reach the node: ``advertise``, else ``host``."""
+        return self.advertise or self.host
+
     def member_record(self) -> dict[str, Any]:
         """The fields this node is committed with as a member (and admitted with)."""
         return {
             "name": self.name,
             "platform_id": self.platform.id,
-            "host": self.host,
+            "host": self.address,
             "peer_port": self.peer_port,
             "api_port": self.api_port,
         }
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _unspecified(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).is_unspecified
+    except ValueError:
+        return False
+
+
+def check_address(value: str, *, unspecified_ok: bool) -> str:
+    """``value`` if it is an IP address or a valid host name (RFC 1123); ValueError saying
+    why not. An unspecified address (listen everywhere) only where ``unspecified_ok``."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value) or value.replace(".", "").isdigit():
+            raise ValueError(f"{value!r} is neither an IP address nor a valid host name") from None
+        return value
+    if address.is_unspecified and not unspecified_ok:
+        raise ValueError(
+            f"{value!r} is the unspecified address: nobody can reach a node there (advertise "
+            "the address others use, e.g. the machine's IP or DNS name)"
+        )
+    return value
 
 
 def _check_measurements(values: list[str]) -> list[str]:

@@ -118,3 +118,34 @@ def test_relative_state_dir_is_relative_to_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"cluster": "x", "state_dir": "state"}))
     assert load_config(path).state_dir == tmp_path / "state"
+
+
+@pytest.mark.parametrize(
+    ("host", "advertise", "problem"),
+    [
+        ("0.0.0.0", None, "listens on every interface: set advertise"),
+        ("::", None, "listens on every interface: set advertise"),
+        ("not a host!", None, "neither an IP address nor a valid host name"),
+        ("-bad-.example", None, "neither an IP address nor a valid host name"),
+        ("999.1.1.1", None, "neither an IP address nor a valid host name"),
+        ("0.0.0.0", "0.0.0.0", "the unspecified address: nobody can reach a node there"),
+        ("127.0.0.1", "a b", "neither an IP address nor a valid host name"),
+    ],
+)
+def test_listen_and_advertised_addresses_are_checked(
+    host: str, advertise: str | None, problem: str
+) -> None:
+    data = defaults_as_data()
+    data["nodes"][1]["host"], data["nodes"][1]["advertise"] = host, advertise
+    (found,) = problems_of(data)
+    assert found.startswith("nodes[1]") and problem in found, found
+
+
+def test_a_node_listening_everywhere_is_reached_at_its_advertised_address() -> None:
+    data = defaults_as_data()
+    data["nodes"][0].update(host="0.0.0.0", advertise="km1.example.org")
+    data["nodes"][1].update(host="127.0.0.3")
+    config = parse_config(data)
+    first, second = config.nodes[0], config.nodes[1]
+    assert first.address == "km1.example.org" and first.member_record()["host"] == first.address
+    assert second.address == "127.0.0.3" and second.member_record()["host"] == "127.0.0.3"

@@ -16,6 +16,7 @@ from kmnode.cli.contracts_cmds import contracts
 from kmnode.cli.data_cmds import data
 from kmnode.cli.events_cmds import events
 from kmnode.cli.governance_cmds import proposals
+from kmnode.cli.hardware_cmds import hardware
 from kmnode.cli.identity_cmds import identity as identity_group
 from kmnode.cli.ledger_cmds import ledger
 from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
@@ -74,7 +75,7 @@ def _restore(name: str, value: str | None) -> None:
 
 for command in (
     up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
-    proposals, contracts, data, recovery, snapshot,
+    proposals, contracts, data, recovery, snapshot, hardware,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)

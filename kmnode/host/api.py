@@ -75,13 +75,21 @@ class ApiError(Exception):
 
 
 def _api_hosts(spec: NodeSpec) -> frozenset[str]:
-    """The ``host:port`` names of a node's API (its configured address; ``localhost`` too
-    when that is a loopback address)."""
-    names = {spec.host}
+    """The ``host:port`` names of a node's API (its listen and advertised addresses;
+    ``localhost`` too when one is a loopback address)."""
+    names = {spec.host, spec.address}
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(spec.host).is_loopback:
+        if any(ipaddress.ip_address(n).is_loopback for n in names if not _is_name(n)):
             names |= {"localhost", "127.0.0.1"}
     return frozenset(f"{name}:{spec.api_port}".lower() for name in names)
+
+
+def _is_name(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return True
+    return False
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -69,8 +69,8 @@ class KMNode:
         #: The chaos fault ``poison``: idle unless an admin turns it on (chaos routes).
         self.poisoner = Poisoner(
             lambda: self.km.circuit,
-            (self.spec.host, self.spec.api_port),
-            lambda: [(n.host, n.peer_port) for n in config.nodes],
+            (self.spec.address, self.spec.api_port),
+            lambda: [(n.address, n.peer_port) for n in config.nodes],
         )
         #: Set when the node should shut down (signal, or the enclave stopped); see ``exit_code``.
         self.stop_requested = asyncio.Event()

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import ValidationError
 
-from attest.errors import AttestationError
+from attest.certs import UNTRUSTED_ROOT
+from attest.errors import AttestationError, UntrustedCertificate
 from consensus.types import ConfChange, ConfChangeType, RaftError
 from kmnode.km.commands import MemberAdd, MemberRecord, Refused, explain
 from kmnode.km.enclave import EnclaveStateError, JoinReply, JoinRequest
@@ -85,11 +86,20 @@ class Joining:
             hint = ""
             for member in order:
                 try:
-                    answer = await self.join_via(member.name, (member.host, member.peer_port))
+                    answer = await self.join_via(member.name, (member.address, member.peer_port))
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, PeerProtocolError):
                     continue
                 except (PeerRefused, JoinRefused, AttestationError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
+                    # Ours refusing the member's certificate, or the member refusing ours (its
+                    # refusal arrives as text).
+                    if isinstance(exc, UntrustedCertificate) or UNTRUSTED_ROOT in str(exc):
+                        reason += (
+                            " (this node and the member trust different simulated vendor "
+                            "roots: nodes with separate state directories must share one; "
+                            "`kmctl hardware export FILE` where the cluster began, `kmctl "
+                            "hardware import FILE` here, then start this node again)"
+                        )
                     log.error("%s: join refused by %s: %s", node.name, member.name, reason)
                     node.publish_event("join.refused", by=member.name, reason=reason)
                     node.exit_code = 1
@@ -114,7 +124,7 @@ class Joining:
             session = await initiate(enclave, reader, writer, JOIN, peer)
             try:
                 request = enclave.join_request(
-                    session, spec.host, spec.peer_port, spec.api_port, refresh=refresh
+                    session, spec.address, spec.peer_port, spec.api_port, refresh=refresh
                 )
                 writer.write(encode_frame(CHANNEL, request))
                 async with asyncio.timeout(JOIN_TIMEOUT):

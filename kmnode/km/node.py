@@ -156,7 +156,7 @@ class KMNode:
         cluster, or for a peer its enclave accepts before its own state names it (a member
         that joined while this node was down), cluster.yaml's. An address is only where to
         dial: who answers is proved by the handshake."""
-        configured = {n.name: (n.host, n.peer_port) for n in self.config.nodes}
+        configured = {n.name: (n.address, n.peer_port) for n in self.config.nodes}
         members = self.enclave.state.members
         if not members:
             return configured
