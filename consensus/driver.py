@@ -102,6 +102,10 @@ class DriverStats:
     entries_persisted: int = 0
     applied: int = 0
     inbox_dropped: int = 0
+    #: Times this node saw the leader change (to another node, or to none).
+    leader_changes: int = 0
+    #: Proposals that did not apply here (not the leader, dropped, timed out, stopped).
+    proposals_failed: int = 0
 
 
 _Proposal = tuple[bytes | ConfChange, "asyncio.Future[object]"]
@@ -155,6 +159,7 @@ class RaftDriver:
         self.snapshot_every = snapshot_every
         self.max_inbox = max_inbox
         self.stats = DriverStats()
+        self._seen_lead: NodeId = ""
         self.applied_index = snap.meta.index
         self._last_snapshot = snap.meta.index
         #: Log bytes written when the last snapshot was taken, and that snapshot's size.
@@ -336,7 +341,11 @@ class RaftDriver:
             lambda: ProposalTimeout(f"not applied within {timeout}s; it may still commit"),
         )
         self._kick()
-        return await fut
+        try:
+            return await fut
+        except Exception:
+            self.stats.proposals_failed += 1
+            raise
 
     def _on_messages(self, msgs: Sequence[Message]) -> None:
         room = self.max_inbox - len(self._inbox)
@@ -466,6 +475,9 @@ class RaftDriver:
                 return
             rd = step.ready
             self.stats.readies += 1
+            if rd.soft_state is not None and rd.soft_state.leader != self._seen_lead:
+                self._seen_lead = rd.soft_state.leader
+                self.stats.leader_changes += 1
             if step.send_at is SendAt.BEFORE_WRITE:
                 self._send(step)
             if self._on_append is not None and rd.entries:

@@ -143,6 +143,40 @@ class StatusReply(Reply):
     recovering: bool = False
 
 
+class MetricSample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    labels: dict[str, str] = Field(default_factory=dict, max_length=8)
+    value: float
+
+
+class HistogramBucket(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: Upper bound (seconds); the last bucket is +Inf.
+    le: float
+    #: Observations at or below ``le`` (cumulative, as Prometheus counts them).
+    count: int = Field(ge=0)
+
+
+class MetricFamily(BaseModel):
+    """One metric as the KM enclave reads it at scrape time (``kmnode.km.metrics``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]{0,99}$")]
+    kind: Literal["counter", "gauge", "histogram"]
+    help: Annotated[str, StringConstraints(max_length=300)]
+    samples: list[MetricSample] = Field(default_factory=list, max_length=4096)
+    buckets: list[HistogramBucket] = Field(default_factory=list, max_length=64)
+    sum: float = 0.0
+
+
+class MetricsReply(Reply):
+    op: Literal["metrics.reply"] = "metrics.reply"
+    families: list[MetricFamily] = Field(max_length=256)
+
+
 class ModulesReply(Reply):
     op: Literal["modules.reply"] = "modules.reply"
     modules: list[str]
@@ -371,6 +405,12 @@ class ServiceCrash(Request):
     op: Literal["service.crash"] = "service.crash"
 
 
+class MetricsRequest(Request):
+    """The KM enclave's counters for ``GET /metrics``, read when Prometheus scrapes."""
+
+    op: Literal["metrics"] = "metrics"
+
+
 class ModulesRequest(Request):
     """Which project modules the enclave process has loaded (measurement coverage)."""
 
@@ -548,8 +588,8 @@ class Stopping(Notice):
 
 
 _ALL: tuple[type[Message], ...] = (
-        Ack, DataReply, Failure, StatusReply, ModulesReply,
-        StatusRequest, ApiCall, LinkRulesRequest, UpdateLinkRule, HealLinks,
+        Ack, DataReply, Failure, StatusReply, ModulesReply, MetricsReply,
+        StatusRequest, MetricsRequest, ApiCall, LinkRulesRequest, UpdateLinkRule, HealLinks,
         ModulesRequest, StopRequest, ServiceCrash,
         Event, Audit, Started, Stopping, Tick,
         Listen, Listening, Connect, Connected, Accepted, Data, Closed,

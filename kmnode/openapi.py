@@ -86,6 +86,10 @@ OPEN_ROUTES = (
     # The host's dataset blobs (``kmnode.host.blob_host``): ciphertext, checked by digest.
     ("GET", "/v1/node/data/blobs"),
     ("PUT", "/v1/node/data/blobs/{digest}"),
+    # Monitoring (``kmnode.host.observe``): figures and probes, nothing secret.
+    ("GET", "/metrics"),
+    ("GET", "/v1/health"),
+    ("GET", "/v1/health/live"),
 )
 _SCHEMA_REF = "#/components/schemas/{model}"
 _SECURITY = "httpMessageSignature"
@@ -244,9 +248,12 @@ class Doc:
     query: tuple[Query, ...] = ()
     #: Statuses this route answers with besides those of its kind (``statuses``).
     also: tuple[int, ...] = ()
+    #: The success's media type (``/metrics`` is Prometheus text, not JSON).
+    media: str = "application/json"
 
 
 _READ = (LINEARIZABLE,)
+_TEXT = {"type": "string"}
 DOCS: dict[tuple[str, str], Doc] = {
     ("GET", "/v1/keys"): Doc(
         "List the keys (names and generations; never key material)",
@@ -628,6 +635,21 @@ DOCS: dict[tuple[str, str], Doc] = {
             Query("id", str, "The snapshot's sha256 (hex), for every chunk after the first."),
         ),
     ),
+    ("GET", "/metrics"): Doc(
+        "Prometheus metrics (open): Raft, releases by outcome, release latency, attestation "
+        "failures, peer links, the service ring, MQTT, fsyncs; read at scrape time",
+        _root("Metrics", str),
+        media="text/plain",
+    ),
+    ("GET", "/v1/health"): Doc(
+        "Readiness (open): 200 when joined, a leader known and the secret held; 503 with the "
+        "reason otherwise (not joined, no leader, recovery mode, the KM enclave not answering)",
+        create_model("Health", status=(str, ...), reason=(str, ...)),
+    ),
+    ("GET", "/v1/health/live"): Doc(
+        "Liveness (open): 200 while the host and its KM enclave process run",
+        create_model("Alive", status=(str, ...), reason=(str, ...)),
+    ),
     ("GET", "/v1/status"): Doc(
         "This node's status (open: no signature, for probes)",
         _root("Status", dict[str, JsonValue]),
@@ -775,7 +797,11 @@ def _operation(
     responses: dict[str, Any] = {
         str(success): {
             "description": doc.summary,
-            "content": {"application/json": {"schema": refs[doc.answer]}},
+            "content": {
+                doc.media: {
+                    "schema": refs[doc.answer] if doc.media == "application/json" else _TEXT
+                }
+            },
         }
     }
     for status in statuses(method, path, chaos=chaos):
@@ -783,7 +809,7 @@ def _operation(
     operation: dict[str, Any] = {
         "operationId": f"{method.lower()}{_camel(path)}",
         "summary": doc.summary,
-        "tags": [path.split("/")[2]],
+        "tags": [path.split("/")[2] if path.startswith("/v1/") else path.strip("/")],
         "responses": responses,
     }
     if route is None:

@@ -26,6 +26,7 @@ from kmnode.circuit import CircuitClosed
 from kmnode.config import NodeSpec
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.node import KMNode
+from kmnode.host.observe import Observer
 from kmnode.identity import SIGNATURE_HEADERS
 from kmnode.km_messages import (
     ApiCall,
@@ -139,6 +140,7 @@ class OperatorApi:
             middlewares=[self._errors, self._same_origin],
         )
         app.router.add_get("/v1/status", self.status)
+        Observer(self.node).routes(app)
         app.router.add_get(OPENAPI_PATH, self.openapi)
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self.relay(route))

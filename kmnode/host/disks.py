@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from consensus.disk import LocalDisk
+from kmnode.histogram import Histogram
 from kmnode.km_messages import (
     Ack,
     DiskArea,
@@ -60,6 +61,9 @@ class HostDisks:
         self._queued = 0
         #: Moving average of an fsync's duration; starts pessimistic (the thread).
         self.fsync_avg_s = 0.01
+        #: Every fsync's duration, for ``/metrics`` (a worker thread observes; a scrape reads:
+        #: a count read mid-update is off by one at worst).
+        self.fsyncs = Histogram()
 
     def on_notice(self, op: DiskOp) -> None:
         large = op.kind == "stage" or (op.kind == "replace" and (op.area, op.name) in self._staged)
@@ -95,7 +99,9 @@ class HostDisks:
     def _sync(self, disk: LocalDisk, name: str) -> None:
         start = time.perf_counter()
         disk.sync(name)
-        self.fsync_avg_s += (time.perf_counter() - start - self.fsync_avg_s) * 0.2
+        took = time.perf_counter() - start
+        self.fsync_avg_s += (took - self.fsync_avg_s) * 0.2
+        self.fsyncs.observe(took)
 
     def _apply(self, op: DiskOp) -> None:
         if self._failed is not None:

@@ -71,6 +71,11 @@ class ServiceOutput:
         self.replacements = 0
 
     @property
+    def ring(self) -> Ring | None:
+        """The current ring (for its fill and discard counts in ``/metrics``)."""
+        return self._ring
+
+    @property
     def handoff(self) -> RingHandoff:
         """What to pass (``pass_fds``) to the process that starts the service enclave."""
         if self._ring is None or self._theirs is None:

@@ -148,6 +148,8 @@ class KMNode:
         #: The membership refresh running after a refused link, and when the last began.
         self._refreshing: asyncio.Task[Any] | None = None
         self._refreshed_at = -REFRESH_INTERVAL_S
+        #: Peer connections refused (attestation and protocol failures) by kind.
+        self.refusals: dict[str, int] = {}
 
     # --- views used by the transport and the API ---------------------------------------------
 
@@ -422,6 +424,9 @@ class KMNode:
 
     def _on_refused(self, peer: str, reason: str) -> None:
         self.publish_event("peer.refused", peer=peer, reason=reason)
+        # By kind (the exception's name before the colon) for ``/metrics``: a few kinds.
+        kind = reason.split(":", 1)[0][:60] if ":" in reason else "other"
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
         # Perhaps a member this node has not read about yet (it joined while this node was
         # down): learn the committed membership from another member. At most one refresh at
         # a time and one per REFRESH_INTERVAL_S, so refused connections cannot make work.

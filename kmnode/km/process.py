@@ -29,6 +29,7 @@ from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitMode
 from kmnode.config import load_config
 from kmnode.datadir import RAFT_DIR
 from kmnode.imports import loaded_project_modules
+from kmnode.km import metrics
 from kmnode.km.host_disk import HostDisk
 from kmnode.km.node import KMNode, NodeStartError
 from kmnode.km.operator import Operator
@@ -36,6 +37,8 @@ from kmnode.km.service_link import ServiceLink
 from kmnode.km.vnet import AsyncioNet, Net, VirtualNet
 from kmnode.km_messages import (
     Ack,
+    MetricsReply,
+    MetricsRequest,
     ModulesReply,
     ModulesRequest,
     Notice,
@@ -98,6 +101,8 @@ async def serve(
             return Ack()
         if isinstance(request, ModulesRequest):
             return ModulesReply(modules=loaded_project_modules(), pid=os.getpid())
+        if isinstance(request, MetricsRequest):
+            return MetricsReply(families=metrics.collect(node))
         return await operator.handle(request)
 
     def on_notice(notice: Notice) -> None:

@@ -12,10 +12,12 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from consensus.deadlines import Deadlines
 from consensus.types import Entry
+from kmnode.histogram import Histogram
 from kmnode.km.commands import Applied, ReleaseCompleted, ReleaseOutcome, ReleaseRequested
 from kmnode.km.enclave import ProvisionResult
 from kmnode.km.forwarding import commit_anywhere
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 _RELEASE_REQUEST = b'"op":"release.request"'
 #: Early local attestations kept for releases that have not committed (see ``on_append``).
 MAX_EARLY_ATTESTATIONS = 1024
+
+
+#: Releases whose request time is kept for the latency histogram (oldest dropped beyond).
+MAX_TIMED_RELEASES = 65536
 
 
 @dataclasses.dataclass
@@ -61,6 +67,9 @@ class Releases:
         self._early: dict[str, asyncio.Task[tuple[bytes, bytes]]] = {}
         #: Local attestations started before their release committed, and those used.
         self.early_attestations = EarlyAttestations()
+        #: From a release's request applied here to its outcome applied here (``/metrics``).
+        self.latency = Histogram()
+        self._requested_at: dict[str, float] = {}
         self._name_json = json.dumps({"node": node.name}, separators=(",", ":"))[1:-1].encode()
         #: Timeouts of release waits (one timer for all: see ``consensus.deadlines``).
         self._deadlines = Deadlines()
@@ -73,9 +82,15 @@ class Releases:
     def on_apply(self, result: Applied) -> None:
         """A committed command was applied: provision a release to this node, wake waiters."""
         if isinstance(result, ReleaseRequested):
+            self._requested_at[result.release] = time.perf_counter()
+            if len(self._requested_at) > MAX_TIMED_RELEASES:  # outcomes that never came
+                del self._requested_at[next(iter(self._requested_at))]
             if result.node == self.node.name:
                 self.node.spawn(self.provision(result.release))
         elif isinstance(result, ReleaseCompleted):
+            started = self._requested_at.pop(result.release, None)
+            if started is not None:
+                self.latency.observe(time.perf_counter() - started)
             for future in self._waiters.pop(result.release, []):
                 if not future.done():
                     future.set_result(None)
