@@ -210,6 +210,34 @@ def running(cfg: ClusterConfig) -> dict[str, ProcessRecord]:
     return alive
 
 
+#: A node's log is rotated when a start finds it this large (``KMSIM_LOG_MAX_BYTES``) ...
+LOG_MAX_BYTES = 16 << 20
+#: ... and this many rotated files are kept (``NAME.log.1`` the newest).
+LOG_KEEP = 5
+
+
+def rotate_log(path: Path, max_bytes: int | None = None, keep: int = LOG_KEEP) -> bool:
+    """Rotate ``path`` (to ``.1``, older ones up to ``.keep``) if it has grown past
+    ``max_bytes``; whether it did. The node writes through an inherited descriptor, so
+    rotation happens when `kmctl up` (or a restart) starts a node, never under a running one:
+    callers rotate before they note where the new run's lines begin."""
+    if max_bytes is None:
+        configured = os.environ.get("KMSIM_LOG_MAX_BYTES", "")
+        max_bytes = int(configured) if configured.isdigit() else LOG_MAX_BYTES
+    try:
+        if path.stat().st_size < max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    path.with_name(f"{path.name}.{keep}").unlink(missing_ok=True)
+    for generation in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{generation}")
+        if older.exists():
+            older.rename(path.with_name(f"{path.name}.{generation + 1}"))
+    path.rename(path.with_name(f"{path.name}.1"))
+    return True
+
+
 def spawn(
     name: str, argv: Sequence[str], log_file: Path, pid_file: Path
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
@@ -501,6 +529,7 @@ def _start_node(
     progress: Progress,
 ) -> tuple[_Watched, int]:
     """Start ``node`` unless it runs; returns what to watch for readiness and its log offset."""
+    rotate_log(log_path(cfg, node.name))
     offset = _log_size(log_path(cfg, node.name))
     record = alive.get(node.name)
     if record is not None:
@@ -577,6 +606,7 @@ def _check_ports(nodes: Sequence[NodeSpec], progress: Progress = _ignore) -> Non
 
 
 def _start_broker(cfg: ClusterConfig) -> subprocess.Popen[bytes]:
+    rotate_log(log_path(cfg, BROKER))
     try:
         proc = start_embedded_broker(
             cfg.mqtt.embedded_port, log_path(cfg, BROKER), host=cfg.mqtt.embedded_host

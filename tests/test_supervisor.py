@@ -481,3 +481,18 @@ def test_spawn_records_what_ip_netns_exec_becomes(cfg: ClusterConfig, tmp_path: 
     outcomes = supervisor.down(cfg)
     assert [(o.name, o.result) for o in outcomes] == [("km1", "stopped")]
     assert wait_gone(record.pid)
+
+
+def test_a_large_log_is_rotated_when_a_node_starts_and_old_ones_are_capped(tmp_path: Path) -> None:
+    log = tmp_path / "km1.log"
+    assert not supervisor.rotate_log(log, max_bytes=10)  # nothing to rotate
+    for run in range(7):
+        log.write_text(f"run {run}\n" * 3)
+        assert supervisor.rotate_log(log, max_bytes=10, keep=3)
+    assert not log.exists()
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["km1.log.1", "km1.log.2", "km1.log.3"]
+    assert (tmp_path / "km1.log.1").read_text().startswith("run 6")
+    assert (tmp_path / "km1.log.3").read_text().startswith("run 4")
+    log.write_text("small\n")
+    assert not supervisor.rotate_log(log, max_bytes=1000)
+    assert log.read_text() == "small\n"

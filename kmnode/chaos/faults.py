@@ -173,6 +173,7 @@ def restart(
         if not config_file.is_file():
             config_file = supervisor.write_effective_config(cfg)
         log = supervisor.log_path(cfg, node)
+        supervisor.rotate_log(log)
         offset = log.stat().st_size if log.exists() else 0
         try:
             proc, record = supervisor.spawn(

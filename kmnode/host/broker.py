@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from kmnode import logsetup
 from kmnode.config import MqttSpec
 
 log = logging.getLogger(__name__)
@@ -234,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a TCP port")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    logsetup.configure("broker", "broker", stream=sys.stdout)
     # amqtt logs packets at DEBUG and session churn at INFO; neither belongs in a default log,
     # and payloads must never reach one.
     logging.getLogger("amqtt").setLevel(logging.INFO if args.verbose else logging.WARNING)

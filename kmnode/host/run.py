@@ -10,6 +10,7 @@ import sys
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from kmnode import logsetup
 from kmnode.config import ClusterConfig, config_to_yaml
 from kmnode.host.api import OperatorApi
 from kmnode.host.node import KMNode, NodeStartError
@@ -69,13 +70,9 @@ async def serve(config: ClusterConfig, name: str) -> int:
 
 def run_node(config: ClusterConfig, name: str) -> int:
     """Run node ``name`` of ``config`` in this process; returns the process exit code."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     config.node(name)
+    logsetup.configure(name, "host")
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     return asyncio.run(serve(config, name))
 
 

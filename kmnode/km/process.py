@@ -25,6 +25,7 @@ from pathlib import Path
 from attest.errors import SealingError
 from consensus.disk import Disk, DiskError, LocalDisk
 from consensus.storage import CorruptLogError, StorageError
+from kmnode import logsetup
 from kmnode.circuit import CIRCUIT_CAPACITY, Circuit, CircuitMode
 from kmnode.config import load_config
 from kmnode.datadir import RAFT_DIR
@@ -195,11 +196,7 @@ def main() -> None:
         "--contract-store", default="", help="the host's contract store (abstract socket, hex)"
     )
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logsetup.configure(args.node, "km")
     # The host stops us through the circuit; a terminal's ^C reaches the whole group and the
     # host then asks in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

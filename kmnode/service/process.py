@@ -22,11 +22,11 @@ import json
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Protocol
 
 from attest.identity import EnclaveRole
+from kmnode import logsetup
 from kmnode.config import ContractsSpec, load_config
 from kmnode.contracts.cache import CacheConfig
 from kmnode.contracts.store_wire import StoreClient, StoreWireError
@@ -175,10 +175,10 @@ def main() -> None:
         help="the host's contract store: an abstract unix socket address (hex); none: no contracts",
     )
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s service-enclave[{args.node}]: %(message)s",
+    logsetup.configure(
+        args.node,
+        "service",
+        text_format=f"%(asctime)s %(levelname)s service-enclave[{args.node}]: %(message)s",
     )
     config = load_config(args.config)
     node = config.node(args.node)

@@ -102,3 +102,25 @@ def test_health_follows_the_join_and_metrics_move_with_releases(cluster: LocalCl
     )
     published = ("kmsim_mqtt_messages_total", (("outcome", "published"),))
     until(lambda: samples(cluster, leader)[published] > before[published], 20, "MQTT counts moving")
+
+
+def test_json_logs_parse_and_carry_node_component_and_level(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    cluster = LocalCluster(tmp_path_factory.mktemp("jsonlogs"), 1)
+    try:
+        cluster.start_broker_and_capture()
+        cluster.start("km1", env={"KMSIM_LOG_FORMAT": "json", "KMSIM_LOG_LEVEL": "debug"})
+        cluster.wait_ready("km1")
+        assert cluster.leader_call("POST", "/v1/keys", {"name": "logged"})[0] == 201
+        code, reply = cluster.leader_call("POST", "/v1/keys/logged/release", {"node": "km1"})
+        assert code == 200, reply
+    finally:
+        cluster.close()
+    lines = (cluster.logs / "km1.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]  # every line is JSON
+    assert records and all(r["node"] == "km1" and r["level"] for r in records)
+    components = {r["component"] for r in records}
+    assert {"host", "km"} <= components <= {"host", "km", "service"}
+    assert any(r["level"] == "DEBUG" for r in records)
+    assert all({"time", "logger", "message"} <= r.keys() for r in records)
