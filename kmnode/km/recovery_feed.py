@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from consensus.types import RaftError
 from kmnode.datadir import RECOVER_MARKER
-from kmnode.km.command_base import Applied
+from kmnode.km.command_base import Applied, Refused
 from kmnode.km.enclave import EnclaveStateError
 from kmnode.km.recovery_commands import ShareAccepted, SharesCommitted
 from kmnode.recovery.shares import RecoveryError
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: How often a leader looks whether a split is due (an apply wakes it sooner).
 CHECK_INTERVAL_S = 0.5
+#: The longest wait after a refused split before the next attempt.
+MAX_BACKOFF_S = 30.0
 
 
 class RecoveryFeed:
@@ -99,6 +101,7 @@ class RecoveryFeed:
     async def run(self) -> None:
         """While leading with the secret, propose the split the state says is due."""
         node = self.node
+        backoff = CHECK_INTERVAL_S
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), CHECK_INTERVAL_S)
@@ -111,9 +114,16 @@ class RecoveryFeed:
                 continue
             try:
                 command = enclave.recovery_split(time.time())
+                result = await node.propose(command.encode())
             except (EnclaveStateError, RecoveryError) as exc:
-                log.warning("%s: cannot split the master secret: %s", node.name, exc)
-                await asyncio.sleep(CHECK_INTERVAL_S)
-                continue
-            with contextlib.suppress(RaftError):
-                await node.propose(command.encode())
+                result = Refused(str(exc))
+            except RaftError:
+                continue  # leadership moved: whoever leads now sees the same due split
+            if isinstance(result, Refused):
+                # Should not happen (the state said it was due); never a proposal a tick.
+                log.warning("%s: recovery split refused: %s", node.name, result.error)
+                node.publish_event("recovery.split_refused", reason=result.error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            else:
+                backoff = CHECK_INTERVAL_S
