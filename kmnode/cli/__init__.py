@@ -13,6 +13,7 @@ from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
 from kmnode.cli.contracts_cmds import contracts
+from kmnode.cli.dashboard_cmds import dashboard
 from kmnode.cli.data_cmds import data
 from kmnode.cli.events_cmds import events
 from kmnode.cli.governance_cmds import proposals
@@ -81,6 +82,7 @@ for command in (
 cli.add_command(events)
 cli.add_command(chaos)
 cli.add_command(config)
+cli.add_command(dashboard)
 
 
 def main() -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
@@ -145,8 +150,11 @@ def _node_status(cfg: ClusterConfig, name: str) -> dict[str, Any]:
     return {"node": name, "state": state, "error": None if ready else phase, "status": status}
 
 
-def show_status(cfg: ClusterConfig, as_json: bool) -> int:
-    """Print every node's status; return 0 if all are ready, 1 otherwise."""
+_STATUS_COLUMNS = ["node", "state", "pid", "role", "leader", "term", "index", "peers", "svc"]
+
+
+def _status_rows(cfg: ClusterConfig) -> list[dict[str, Any]]:
+    """Every node's status (asked in parallel) and the pid `kmctl up` recorded for it."""
     names = [n.name for n in cfg.nodes]
     with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
         rows = list(pool.map(lambda name: _node_status(cfg, name), names))
@@ -154,15 +162,21 @@ def show_status(cfg: ClusterConfig, as_json: bool) -> int:
     for row in rows:
         record = pids.get(row["node"])
         row["pid"] = record.pid if record else None
+    return rows
+
+
+def _exit_code(rows: list[dict[str, Any]]) -> int:
+    return EXIT_OK if all(row["state"] == "ready" for row in rows) else EXIT_REFUSED
+
+
+def show_status(cfg: ClusterConfig, as_json: bool) -> int:
+    """Print every node's status; return 0 if all are ready, 1 otherwise."""
+    rows = _status_rows(cfg)
     if as_json:
         print_json({"cluster": cfg.cluster, "nodes": rows})
     else:
-        print_table(
-            f"cluster {cfg.cluster!r}",
-            ["node", "state", "pid", "role", "leader", "term", "index", "peers", "svc"],
-            [_status_row(row) for row in rows],
-        )
-    return EXIT_OK if all(row["state"] == "ready" for row in rows) else EXIT_REFUSED
+        print_table(f"cluster {cfg.cluster!r}", _STATUS_COLUMNS, [_status_row(row) for row in rows])
+    return _exit_code(rows)
 
 
 def _status_row(row: dict[str, Any]) -> list[Any]:
@@ -186,17 +200,70 @@ def _status_row(row: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _status_table(cfg: ClusterConfig, rows: list[dict[str, Any]], caption: str) -> Table:
+    table = Table(title=f"cluster {cfg.cluster!r}", title_justify="left", caption=caption)
+    for column in _STATUS_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in _status_row(row)))
+    return table
+
+
+def watch_status(cfg: ClusterConfig, interval: float, count: int | None) -> int:
+    """The status table, redrawn in place every ``interval`` seconds until Ctrl-C (or
+    ``count`` refreshes); the exit code of the last refresh. Not on a terminal (a pipe, a
+    log), each refresh is printed below the previous one instead."""
+    console = Console()
+    code = EXIT_OK
+    with contextlib.ExitStack() as stack:
+        live = None
+        if console.is_terminal:
+            live = stack.enter_context(Live(console=console, auto_refresh=False))
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the way out
+            for done in itertools.count(1):
+                started = time.monotonic()
+                rows = _status_rows(cfg)
+                code = _exit_code(rows)
+                caption = f"{time.strftime('%H:%M:%S')}, every {interval:g}s; Ctrl-C stops"
+                table = _status_table(cfg, rows, caption)
+                if live is not None:
+                    live.update(table, refresh=True)
+                else:
+                    console.print(table)
+                if count is not None and done >= count:
+                    break
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    return code
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--watch", "-w", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+# For tests and scripts: stop after N refreshes.
+@click.option("--count", type=click.IntRange(min=1), hidden=True)
 @pass_context
-def status(ctx: CliContext, as_json: bool) -> None:
+def status(ctx: CliContext, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Every node's view: ready or not, role, leader, term, commit/applied index, peers.
 
     Asks each node's /v1/status (unreachable nodes are shown as down). "index" is the commit
     and applied Raft index, "peers" how many peers the node has attested, "svc" whether its
-    service enclave runs. Exits 0 if every node is ready, 1 if some are down or not ready.
+    service enclave runs. Exits 0 if every node is ready, 1 if some are down or not ready
+    (with --watch: as of the last refresh).
     """
     cfg = supervisor.effective_config(ctx.config())
+    if watch and as_json:
+        raise CliError("--watch draws a table for people; scripts poll `status --json`", EXIT_USAGE)
+    if watch:
+        raise click.exceptions.Exit(watch_status(cfg, interval, count))
     raise click.exceptions.Exit(show_status(cfg, as_json))
 
 
