@@ -161,7 +161,9 @@ def test_seeded_chaos_run_in_namespaces_finds_no_violation(cluster: NetnsCluster
     out = cluster.root / "run"
     result = CliRunner().invoke(
         cli,
-        ["-c", str(cluster.config_path), "chaos", "run", "--seed", "6", "--duration", "30",
+        # Seed 2's shuffle starts with netns-partition: the assertion below must not depend
+        # on how many faults a loaded machine fits into 30 s (seed 6 put it fourth).
+        ["-c", str(cluster.config_path), "chaos", "run", "--seed", "2", "--duration", "30",
          "--interval", "1.5", "--faults", "netns-partition,kill,flip-byte,partition",
          "--out", str(out), "--json"],
     )  # fmt: skip
