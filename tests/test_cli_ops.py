@@ -679,7 +679,8 @@ HELP_COMMANDS = [
     ["members", "list"], ["members", "remove"], ["members", "replace"], ["releases", "list"],
     ["attest", "show"], ["prove"], ["recovery", "status"], ["recovery", "share", "show"],
     ["recovery", "submit"], ["recovery", "threshold"], ["snapshot", "save"],
-    ["snapshot", "restore"],
+    ["snapshot", "restore"], ["dashboard"], ["hardware", "show"], ["hardware", "export"],
+    ["hardware", "import"],
 ]  # fmt: skip
 
 
