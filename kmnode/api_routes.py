@@ -23,6 +23,7 @@ from kmnode.identity import Role
 from kmnode.jsondepth import deeper_than
 from kmnode.km_messages import (
     AttestRequest,
+    AuditRead,
     CallContract,
     ChaosCheck,
     ContractRead,
@@ -43,6 +44,7 @@ from kmnode.km_messages import (
     RotateKey,
     SnapshotRead,
     SubmitShare,
+    TransferLeader,
     Vote,
     Withdraw,
 )
@@ -262,6 +264,23 @@ def _snapshot(params: Params, query: Params, body: Body) -> Request:
     return SnapshotRead.model_validate({"offset": int(offset), "snapshot": query.get("id")})
 
 
+def _transfer_leader(params: Params, query: Params, body: Body) -> Request:
+    fields = {k: body[k] for k in ("to", "timeout") if k in body}
+    if isinstance(fields.get("timeout"), int) and not isinstance(fields["timeout"], bool):
+        fields["timeout"] = float(fields["timeout"])
+    return TransferLeader.model_validate(fields)
+
+
+def _audit(params: Params, query: Params, body: Body) -> Request:
+    fields: dict[str, int] = {}
+    for name in ("since", "limit"):
+        if name in query:
+            if not query[name].isdigit():
+                raise BadCall(f"{name!r} must be a non-negative integer", field=name)
+            fields[name] = int(query[name])
+    return AuditRead.model_validate(fields)
+
+
 def _submit_share(params: Params, query: Params, body: Body) -> Request:
     return SubmitShare.model_validate(body)
 
@@ -341,6 +360,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/recovery/key", "auditor", _recovery_read("key"), also=("recovery",)),
     Route("POST", "/v1/recovery/shares", "recovery", _submit_share),
     Route("GET", "/v1/snapshot", "operator", _snapshot),
+    Route("POST", "/v1/members/transfer-leader", "admin", _transfer_leader),
+    Route("GET", "/v1/audit", "auditor", _audit),
 )
 #: What a node in recovery mode serves besides its status (``kmnode.km.recovery_feed``).
 RECOVERY_PATHS = frozenset({"/v1/recovery", "/v1/recovery/key", "/v1/recovery/shares"})

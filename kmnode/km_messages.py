@@ -399,6 +399,23 @@ class SnapshotRead(Request):
     snapshot: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
+class TransferLeader(Request):
+    """Hand the leadership to member ``to`` (an admin's act), and wait until it has moved."""
+
+    op: Literal["members.transfer_leader"] = "members.transfer_leader"
+    to: str = Field(min_length=1, max_length=64)
+    timeout: float = Field(default=5.0, ge=0.1, le=60.0, allow_inf_nan=False)
+
+
+class AuditRead(Request):
+    """The audit trail the replicated state holds (releases and proposals), in ledger order,
+    after index ``since``, at most ``limit`` records."""
+
+    op: Literal["audit.read"] = "audit.read"
+    since: int = Field(default=0, ge=0, lt=1 << 63)
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
 class ServiceCrash(Request):
     """Chaos: SIGKILL the service enclave (reply: ``{"killed": pid}``, pid None if none ran)."""
 

@@ -635,6 +635,25 @@ DOCS: dict[tuple[str, str], Doc] = {
             Query("id", str, "The snapshot's sha256 (hex), for every chunk after the first."),
         ),
     ),
+    ("POST", "/v1/members/transfer-leader"): Doc(
+        "Hand the leadership to a voting member and wait until it leads (an admin's act; "
+        "504 if it has not moved within the timeout)",
+        create_model("LeaderMoved", leader=(str, ...), previous=(str, ...), moved=(bool, ...)),
+        create_model(
+            "TransferLeaderBody",
+            to=(str, Field(min_length=1, max_length=64)),
+            timeout=(float, Field(default=5.0, ge=0.1, le=60.0)),
+        ),
+    ),
+    ("GET", "/v1/audit"): Doc(
+        "The audit trail in ledger order: every release (requested, then its outcome) and "
+        "every proposal (created, then closed), after index `since`; page with `next`",
+        _root("AuditRecords", dict[str, JsonValue]),
+        query=(
+            Query("since", int, "Only records at ledger indexes above this one."),
+            Query("limit", int, "At most this many records (1..10000, default 1000)."),
+        ),
+    ),
     ("GET", "/metrics"): Doc(
         "Prometheus metrics (open): Raft, releases by outcome, release latency, attestation "
         "failures, peer links, the service ring, MQTT, fsyncs; read at scrape time",

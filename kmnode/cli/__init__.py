@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from kmnode.cli.attest_cmds import attest
+from kmnode.cli.audit_cmds import audit
 from kmnode.cli.chaos_cmds import chaos
 from kmnode.cli.cluster_cmds import down, node, status, up
 from kmnode.cli.config_cmds import config
@@ -76,7 +77,7 @@ def _restore(name: str, value: str | None) -> None:
 
 for command in (
     up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
-    proposals, contracts, data, recovery, snapshot, hardware,
+    proposals, contracts, data, recovery, snapshot, hardware, audit,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)

@@ -418,6 +418,38 @@ def members_remove(ctx: CliContext, name: str, api_node: str | None, as_json: bo
     governed(ctx, api_node, "/v1/members/remove", {"name": name}, f"removed member {name}", as_json)
 
 
+@members.command("transfer-leader")
+@click.argument("node")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60.0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for NODE to lead.",
+)
+@_api_node
+@_as_json
+@pass_context
+def members_transfer_leader(
+    ctx: CliContext, node: str, timeout: float, api_node: str | None, as_json: bool
+) -> None:
+    """Hand the leadership to member NODE (an admin's act): before taking the leader down
+    for maintenance, or to move it next to its clients. Exits 1 if NODE is not a voting
+    member, and if it does not lead within the timeout.
+
+    Example: kmctl members transfer-leader km2
+    """
+    answer = _client(ctx, api_node).post(
+        "/v1/members/transfer-leader", {"to": node, "timeout": timeout}, timeout=timeout + 10
+    )
+    if as_json:
+        print_json(answer)
+    elif answer.get("moved"):
+        click.echo(f"leadership moved from {answer.get('previous')} to {answer.get('leader')}")
+    else:
+        click.echo(f"{answer.get('leader')} already leads")
+
+
 @members.command("replace")
 @click.argument("name")
 @click.option(

@@ -12,6 +12,7 @@ never composes a command nor an operator request.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from consensus.types import ConfChange, ConfChangeType, NotLeader, ProposalTimeo
 from kmnode.api_routes import RECOVERY_PATHS, BadCall, parse_call
 from kmnode.dataauth.ops import BUILTIN_OPS
 from kmnode.identity import AuthError, Verified, verify_request
+from kmnode.km.audit import audit_records
 from kmnode.km.commands import (
     Applied,
     AuthStamp,
@@ -68,6 +70,7 @@ from kmnode.km.state import ContractRecord, Proposal
 from kmnode.km_messages import (
     ApiCall,
     AttestRequest,
+    AuditRead,
     CallContract,
     ChaosCheck,
     ContractRead,
@@ -97,6 +100,7 @@ from kmnode.km_messages import (
     StatusReply,
     StatusRequest,
     SubmitShare,
+    TransferLeader,
     UpdateLinkRule,
     Vote,
     Withdraw,
@@ -107,6 +111,8 @@ from kmnode.service_pipe import ServiceUnavailable
 
 #: Longest wait for release outcomes an operator may ask for, in seconds.
 MAX_RELEASE_WAIT = 60.0
+#: How often a leadership transfer looks whether it has happened.
+TRANSFER_POLL_S = 0.05
 #: How long a deploy waits for this node's service enclave to take it.
 CONTRACT_WAIT_S = 10.0
 
@@ -261,6 +267,10 @@ class Operator:
                 return self.recovery_key()
             case SubmitShare():
                 return await self.submit_share(request, by)
+            case TransferLeader(to=to, timeout=timeout):
+                return await self.transfer_leader(to, timeout)
+            case AuditRead(since=since, limit=limit):
+                return audit_records(self.node.enclave.state, since, limit)
             case SnapshotRead(offset=offset, snapshot=wanted):
                 return await self.snapshots.chunk(offset, wanted)
             case ResyncContracts():
@@ -449,6 +459,29 @@ class Operator:
                 "checks": [{"check": c, "detail": d} for c, d in log.passed],
             },
         }
+
+    # --- leadership ---------------------------------------------------------------------------
+
+    async def transfer_leader(self, to: str, timeout: float) -> dict[str, Any]:
+        """Ask Raft to hand the leadership to ``to`` (a voting member) and wait, at most
+        ``timeout`` seconds, until this node sees it lead."""
+        self._require_leader()
+        node = self.node
+        driver = node.raft()
+        if to == node.name:
+            return {"leader": to, "previous": to, "moved": False}
+        if to not in driver.status.conf.voters:
+            raise Failed.of("bad_request", f"{to!r} is not a voting member", field="to")
+        driver.transfer_leadership(to)
+        for _ in range(int(timeout / TRANSFER_POLL_S) + 1):
+            if driver.leader == to:
+                return {"leader": to, "previous": node.name, "moved": True}
+            await asyncio.sleep(TRANSFER_POLL_S)
+        raise Failed.of(
+            "timeout",
+            f"the leadership did not move to {to} within {timeout:g} s (is it behind, or "
+            "unreachable? it may still move)",
+        )
 
     # --- recovery ---------------------------------------------------------------------------
 
