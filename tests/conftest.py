@@ -14,16 +14,19 @@ import pytest
 from kmnode.host.broker import answers_mqtt
 from tests.host import BrokerUnderTest
 from tests.ports import free_port
+from tests.requirements import unavailable
 
 
 def find_mosquitto() -> str:
     """Debian puts mosquitto in /usr/sbin, which a non-root PATH may lack."""
     found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
     if found is None:
-        pytest.fail(
-            "mosquitto is not installed (not on PATH nor in /usr/sbin): this integration test "
-            "needs it; install it with `apt-get install mosquitto` (.ci/run does)"
+        unavailable(
+            "MOSQUITTO",
+            "mosquitto is not installed (not on PATH nor in /usr/sbin)",
+            "apt-get install mosquitto",
         )
+    assert found is not None
     return found
 
 

@@ -8,7 +8,8 @@ test's directory, and copied to ``$KMSIM_ARTIFACTS_DIR/dashboard.png`` (relative
 root) when that is set, as CI does.
 
 Needs Debian's chromium and chromium-driver and the selenium package; without them the test is
-skipped with the reason, unless ``KMSIM_REQUIRE_BROWSER=1`` (CI) makes that a failure.
+skipped with the reason, unless CI (or ``KMSIM_REQUIRE_BROWSER=1``) makes that a failure
+(``tests/requirements.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.requirements import unavailable
 
 from .harness import REPO, LocalCluster, running
 
@@ -51,9 +54,7 @@ def browser_available() -> None:
     reason = _browser_missing()
     if reason is None:
         return
-    if os.environ.get("KMSIM_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"KMSIM_REQUIRE_BROWSER=1 but no headless browser: {reason} ({INSTALL})")
-    pytest.skip(f"no headless browser: {reason} (install: {INSTALL})")
+    unavailable("BROWSER", f"no headless browser: {reason}", INSTALL)
 
 
 @pytest.fixture

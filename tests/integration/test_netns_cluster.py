@@ -6,8 +6,8 @@ of blackhole routes: the nodes are not told, the kernel drops their packets. Eve
 its own cluster name, namespace names and 10.77.X.0/24 subnet, so parallel runs on one machine
 do not collide; the fixture always stops the cluster and removes the topology.
 
-Needs root and iproute2. Without them the tests are skipped with the reason, unless
-``KMSIM_REQUIRE_NETNS=1`` (CI) makes that a failure.
+Needs root and iproute2. Without them the tests are skipped with the reason, unless CI (or
+``KMSIM_REQUIRE_NETNS=1``) makes that a failure (``tests/requirements.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from click.testing import CliRunner
 from kmnode import netns, supervisor
 from kmnode.cli import cli
 from kmnode.config import load_config
+from tests.requirements import unavailable
 
 from .harness import until
 from .test_faults import SupervisedCluster
@@ -58,9 +59,11 @@ def netns_available() -> None:
     reason = _netns_unavailable()
     if reason is None:
         return
-    if os.environ.get("KMSIM_REQUIRE_NETNS") == "1":
-        pytest.fail(f"KMSIM_REQUIRE_NETNS=1 but network namespaces are unavailable: {reason}")
-    pytest.skip(f"network namespaces unavailable: {reason}")
+    unavailable(
+        "NETNS",
+        f"network namespaces unavailable: {reason}",
+        "run as root, apt-get install iproute2",
+    )
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
