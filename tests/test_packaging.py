@@ -36,6 +36,10 @@ def test_dockerfile_copies_every_package_and_installs_it() -> None:
         assert re.search(rf"^COPY {package} \./{package}$", dockerfile, re.MULTILINE), package
     for needed in ("pyproject.toml", "setup.py"):
         assert needed in dockerfile
-    assert re.search(r"^RUN pip install .*\.", dockerfile, re.MULTILINE)
+    # Multi-stage: the builder makes the wheels (compiling the ring), the runtime installs them.
+    assert re.search(r"^RUN pip wheel .* \.$", dockerfile, re.MULTILINE)
+    assert re.search(
+        r"pip install .*--no-index --find-links /wheels kmsim$", dockerfile, re.MULTILINE
+    )
     assert 'ENTRYPOINT ["kmctl"]' in dockerfile
     assert project["project"]["scripts"]["kmctl"] == "kmnode.cli:main"

@@ -16,6 +16,7 @@ from kmnode.cli.context import CliContext
 from kmnode.cli.contracts_cmds import contracts
 from kmnode.cli.dashboard_cmds import dashboard
 from kmnode.cli.data_cmds import data
+from kmnode.cli.deploy_cmds import deploy
 from kmnode.cli.events_cmds import events
 from kmnode.cli.governance_cmds import proposals
 from kmnode.cli.hardware_cmds import hardware
@@ -84,6 +85,7 @@ cli.add_command(events)
 cli.add_command(chaos)
 cli.add_command(config)
 cli.add_command(dashboard)
+cli.add_command(deploy)
 
 
 def main() -> None:
