@@ -71,3 +71,44 @@ def broker(tmp_path: Path) -> Iterator[BrokerUnderTest]:
         yield under_test
     finally:
         under_test.stop()
+
+
+#: Markers by where a test lives (``pytest -m unit`` is the fast subset: see the README).
+_MARKERS = {
+    "unit": "pure and in-process tests (the fast subset)",
+    "integration": "real node processes on 127.0.0.1 (tests/integration)",
+    "chaos": "the chaos tooling and seeded chaos runs (tests/chaos)",
+    "slow": "a test module that takes more than a few seconds on its own",
+}
+#: Modules outside tests/integration and tests/chaos that start clusters or run long.
+_SLOW_MODULES = frozenset(
+    {
+        "test_bench_contracts.py",
+        "test_bench_contracts_cluster.py",
+        "test_bench_dataauth.py",
+        "test_bench_recovery.py",
+        "test_cli_contracts.py",
+        "test_enclave_identity.py",
+        "test_deploy.py",
+        "test_sim.py",
+    }
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in _MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by its directory: integration, chaos, else unit; and slow modules."""
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        elif "chaos" in parts:
+            item.add_marker(pytest.mark.chaos)
+        else:
+            item.add_marker(pytest.mark.unit)
+        if item.path.name in _SLOW_MODULES or "integration" in parts:
+            item.add_marker(pytest.mark.slow)
