@@ -360,7 +360,9 @@ def _cross_field_problems(config: ClusterConfig) -> list[str]:
             )
         platforms.setdefault(node.platform.id, i)
         for field_name in ("peer_port", "api_port"):
-            endpoint = (node.host, getattr(node, field_name))
+            # Where the node is reached: nodes listening on 0.0.0.0 on different machines
+            # (advertising different names) may use the same ports.
+            endpoint = (node.address, getattr(node, field_name))
             here = f"nodes[{i}].{field_name}"
             if endpoint in endpoints:
                 problems.append(

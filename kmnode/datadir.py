@@ -15,6 +15,9 @@ JOIN_MARKER = "join-existing"
 #: is lost; replay the ledger and wait for recovery shares". Removed once the node has rebuilt
 #: the master secret and sealed it. Without it, a Raft log without sealed state is refused.
 RECOVER_MARKER = "recover"
+#: The KM enclave's sealed recovery session (its recovery key derives from it): kept while the
+#: node recovers, so a restart mid-ceremony keeps the shares boxed to it; removed once done.
+RECOVERY_SESSION = "recovery.session"
 #: Written by `kmctl snapshot restore` into an empty data directory: a signed snapshot the KM
 #: enclave checks and takes as the start of its Raft log at its next start (then removed).
 RESTORE_SNAPSHOT = "restore.snapshot"

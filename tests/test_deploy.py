@@ -58,6 +58,7 @@ from kmnode.deploy.containers import (
     IMAGE_UID,
     LIVE_PATH,
     STATE_DIR,
+    container_config,
     node_command,
 )
 from kmnode.deploy.k8s import KUBERNETES_VERSION, VENDOR_DIR, VENDOR_KEY, quorum, render_k8s
@@ -131,8 +132,9 @@ def test_the_containers_cluster_yaml_loads_as_a_node_loads_it(tmp_path: Path) ->
     assert loaded.node("km2").address == "km2"
 
 
-def test_ports_that_collide_once_every_node_listens_on_0000_are_refused() -> None:
-    # Valid on three machines (one port each), not in containers that all listen on 0.0.0.0.
+def test_nodes_on_the_same_ports_render_since_each_container_has_its_own() -> None:
+    # Three machines (or containers) may use the same ports: a node is told apart by the
+    # address it is reached at, which differs, not by the 0.0.0.0 it listens on.
     nodes = [
         NodeSpec(
             name=f"km{i}",
@@ -144,11 +146,12 @@ def test_ports_that_collide_once_every_node_listens_on_0000_are_refused() -> Non
         for i in (1, 2, 3)
     ]
     source = source_config(nodes=nodes)
-    parse_config(yaml.safe_load(config_to_yaml(source)))  # the user's file is fine
-    with pytest.raises(DeployError, match=r"nodes\[1\]\.peer_port.*ports of its own"):
-        compose_of(source)
-    with pytest.raises(DeployError, match="ports of its own"):
-        render_k8s(source, image=IMAGE)
+    inside = container_config(source, mqtt_url=None)
+    assert {(n.host, n.address, n.peer_port) for n in inside.nodes} == {
+        ("0.0.0.0", f"km{i}", 7100) for i in (1, 2, 3)
+    }
+    compose_of(source)
+    render_k8s(source, image=IMAGE)
 
 
 @pytest.mark.parametrize("bad", ["km-", "demo-"])

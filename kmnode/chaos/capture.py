@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import ssl
 import threading
 
 import aiomqtt
@@ -17,6 +16,7 @@ import aiomqtt
 from kmnode.config import ClusterConfig
 from kmnode.host.broker import BrokerAddress, broker_address
 from kmnode.host.mqtt import TopicKind, topic_filter
+from kmnode.host.mqtt_client import mqtt_client
 
 _CONNECT_TIMEOUT = 5.0
 
@@ -64,13 +64,8 @@ class MqttCapture:
     async def _capture(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        client = aiomqtt.Client(
-            self.address.host,
-            self.address.port,
-            identifier=f"kmctl-chaos-capture-{secrets.token_hex(4)}",
-            clean_session=True,
-            timeout=_CONNECT_TIMEOUT,
-            tls_context=ssl.create_default_context() if self.address.tls else None,
+        client = mqtt_client(
+            self.address, f"kmctl-chaos-capture-{secrets.token_hex(4)}", timeout=_CONNECT_TIMEOUT
         )
         try:
             async with client:

@@ -12,7 +12,6 @@ import base64
 import binascii
 import json
 import secrets
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import EXIT_FAILURE, EXIT_USAGE, CliError
 from kmnode.host.broker import BrokerAddress, broker_address
 from kmnode.host.mqtt import TopicKind, parse_topic, topic_filter, unpack_records
+from kmnode.host.mqtt_client import mqtt_client
 
 _KINDS: dict[str, tuple[TopicKind, ...]] = {
     "events": (TopicKind.EVENTS,),
@@ -109,14 +109,7 @@ async def stream_events(
     Broker trouble becomes a `CliError` with exit code 3, whether at connect time or later.
     """
     where = f"{address.host}:{address.port}"
-    client = aiomqtt.Client(
-        address.host,
-        address.port,
-        identifier=f"kmctl-events-{secrets.token_hex(4)}",
-        clean_session=True,
-        timeout=_CONNECT_TIMEOUT,
-        tls_context=ssl.create_default_context() if address.tls else None,
-    )
+    client = mqtt_client(address, f"kmctl-events-{secrets.token_hex(4)}", timeout=_CONNECT_TIMEOUT)
     connected = False
     received = 0
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ import aiomqtt
 
 from kmnode.host.broker import BrokerAddress
 from kmnode.host.mqtt import TopicKind, parse_topic, topic_filter, unpack_records
+from kmnode.host.mqtt_client import mqtt_client
 
 #: Records kept (the newest), and the length each is cut to.
 KEEP = 20
@@ -104,13 +104,8 @@ class AuditFeed:
         and retry every ``RETRY_S`` seconds."""
         topic = topic_filter(self.prefix, self.cluster, TopicKind.AUDIT)
         while True:
-            client = aiomqtt.Client(
-                self.address.host,
-                self.address.port,
-                identifier=f"kmctl-dashboard-{secrets.token_hex(4)}",
-                clean_session=True,
-                timeout=CONNECT_TIMEOUT_S,
-                tls_context=ssl.create_default_context() if self.address.tls else None,
+            client = mqtt_client(
+                self.address, f"kmctl-dashboard-{secrets.token_hex(4)}", timeout=CONNECT_TIMEOUT_S
             )
             try:
                 async with client:

@@ -26,7 +26,7 @@ from kmnode.circuit import CircuitClosed
 from kmnode.config import NodeSpec
 from kmnode.host.chaos_api import add_chaos_routes
 from kmnode.host.node import KMNode
-from kmnode.host.observe import Observer
+from kmnode.host.observe import MONITORING_PATHS, Observer
 from kmnode.identity import SIGNATURE_HEADERS
 from kmnode.km_messages import (
     ApiCall,
@@ -80,7 +80,9 @@ def _api_hosts(spec: NodeSpec) -> frozenset[str]:
     ``localhost`` too when one is a loopback address)."""
     names = {spec.host, spec.address}
     with contextlib.suppress(ValueError):
-        if any(ipaddress.ip_address(n).is_loopback for n in names if not _is_name(n)):
+        listening = [ipaddress.ip_address(n) for n in names if not _is_name(n)]
+        # Every interface includes loopback (a published port, a port-forward).
+        if any(a.is_loopback or a.is_unspecified for a in listening):
             names |= {"localhost", "127.0.0.1"}
     return frozenset(f"{name}:{spec.api_port}".lower() for name in names)
 
@@ -193,7 +195,9 @@ class OperatorApi:
         re-pointed at 127.0.0.1, DNS rebinding, does not) and, if it comes from a browser, from
         a page of this node (``Origin``): no other site's page can drive the API."""
         host = request.headers.get("Host", "")
-        if host.lower() not in self._hosts:
+        # The monitoring routes answer whatever name a scraper or a probe uses (a pod IP, a
+        # port-forward): they read public figures only, and a foreign page cannot read them.
+        if host.lower() not in self._hosts and request.path not in MONITORING_PATHS:
             raise ApiError(403, "bad_host", f"Host {host[:100]!r} is not this node's address")
         origin = request.headers.get("Origin")
         if origin is not None and origin.lower() not in self._origins:

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import secrets
-import ssl
 from collections import deque
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -37,7 +36,8 @@ from typing import Any, Literal, NamedTuple
 import aiomqtt
 
 from kmnode.config import ClusterConfig
-from kmnode.host.broker import broker_address
+from kmnode.host.broker import BrokerAddress, broker_address
+from kmnode.host.mqtt_client import mqtt_client
 
 log = logging.getLogger(__name__)
 
@@ -397,15 +397,8 @@ class EventPublisher:
             backoff = min(backoff * 2, self._max_backoff)
 
     def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self._host,
-            self._port,
-            identifier=self._client_id,
-            clean_session=True,
-            keepalive=30,
-            timeout=self._connect_timeout,
-            tls_context=ssl.create_default_context() if self._tls else None,
-        )
+        address = BrokerAddress(self._host, self._port, self._tls)
+        return mqtt_client(address, self._client_id, timeout=self._connect_timeout, keepalive=30)
 
     def _on_connected(self) -> None:
         self._connected = True

@@ -42,6 +42,8 @@ from kmnode.km_messages import (
 if TYPE_CHECKING:
     from kmnode.host.node import KMNode
 
+#: The routes served here (open, read-only: any Host name may ask them).
+MONITORING_PATHS = frozenset({"/metrics", "/v1/health", "/v1/health/live"})
 #: How long a probe or a scrape waits for the KM enclave.
 ANSWER_TIMEOUT_S = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -263,6 +263,8 @@ class KMEnclave:
         self._provisioned: set[str] = set()
         #: Tokens whose data key this enclave handed to its service (once per token).
         self._jobs: set[str] = set()
+        #: This recovery's session seed (``recovery_session``; empty: not recovering).
+        self._recovery_seed = b""
         #: Provisioning boxes to service enclaves (see ``attest.keybox``).
         self._boxes = KeyBoxes()
         self._next_session = 0
@@ -846,11 +848,38 @@ class KMEnclave:
             signature=proof.signature.hex(),
         )
 
+    def recovery_session(self, sealed: bytes | None) -> bytes:
+        """Begin this enclave's recovery session (``sealed`` None: a fresh random seed), or
+        resume it after a restart (the blob this returned before); returns the sealed session
+        for the host to keep until the recovery is over (``SealingError`` if ``sealed`` is not
+        this enclave's). The recovery key derives from it: shares boxed in an earlier recovery,
+        which the ledger keeps, never open in a later one, so each loss needs its own shares."""
+        if sealed is None:
+            seed = nacl.utils.random(SECRET_SIZE)
+        else:
+            try:
+                data = json.loads(unseal(self._context, sealed))
+                if data.get("name") != self.name or data.get("kind") != "recovery-session":
+                    raise SealingError("the sealed blob is not this node's recovery session")
+                seed = bytes.fromhex(data["seed"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise SealingError("the recovery session does not parse") from None
+            if len(seed) != SECRET_SIZE:
+                raise SealingError("the recovery session has the wrong size")
+        self._recovery_seed = seed
+        if sealed is not None:
+            return sealed
+        payload = {"kind": "recovery-session", "name": self.name, "seed": seed.hex()}
+        return seal(self._context, json.dumps(payload).encode())
+
     def _recovery_box(self) -> PrivateKey:
-        """This enclave's recovery key: derived from its sealing key, so only this code on this
-        platform holds it, and it is the same after a restart in the middle of a recovery."""
+        """This enclave's recovery key: derived from its sealing key (only this code on this
+        platform holds it) and its recovery session (the same after a restart in the middle of
+        a recovery, another in the next one)."""
+        if not self._recovery_seed:
+            raise EnclaveStateError("no recovery session: this node is not recovering")
         seed = hashlib.blake2b(
-            RECOVERY_KEY_LABEL + self.name.encode(),
+            RECOVERY_KEY_LABEL + self.name.encode() + self._recovery_seed,
             key=self._context.seal_key(),
             digest_size=32,
         ).digest()

@@ -37,7 +37,13 @@ from consensus.raft import RaftConfig
 from consensus.storage import DurableLog
 from consensus.types import NONE, HardState, NotLeader, RaftError, Snapshot
 from kmnode.config import ClusterConfig
-from kmnode.datadir import JOIN_MARKER, RECOVER_MARKER, RESTORE_SNAPSHOT, SEALED_STATE
+from kmnode.datadir import (
+    JOIN_MARKER,
+    RECOVER_MARKER,
+    RECOVERY_SESSION,
+    RESTORE_SNAPSHOT,
+    SEALED_STATE,
+)
 from kmnode.km import ledger_signer
 from kmnode.km.commands import (
     Applied,
@@ -212,6 +218,7 @@ class KMNode:
                 await asyncio.to_thread(self.node_disk.delete, RECOVER_MARKER)
         elif recover:
             mode = "recover"
+            await self._recovery_session(node_files)
         elif has_log:
             raft_log.close()
             raise NodeStartError(
@@ -295,6 +302,19 @@ class KMNode:
         return await asyncio.to_thread(
             DurableLog.open, self.raft_disk, fsync=self.config.raft.fsync, auth=self._log_auth
         )
+
+    async def _recovery_session(self, node_files: dict[str, int]) -> None:
+        """Resume this node's recovery session (a restart mid-ceremony), or begin one."""
+        blob = None
+        if RECOVERY_SESSION in node_files:
+            blob = await asyncio.to_thread(self.node_disk.read, RECOVERY_SESSION)
+        try:
+            sealed = self.enclave.recovery_session(blob)
+        except SealingError as exc:
+            log.warning("%s: the recovery session does not open (%s): a new one", self.name, exc)
+            sealed = self.enclave.recovery_session(None)
+        if sealed != blob:
+            self.node_disk.replace(RECOVERY_SESSION, sealed, sync=True)
 
     async def _open_sealed_state(self, recover: bool) -> bool:
         """Unseal the enclave's state. A blob this enclave cannot open (a move to a new KM

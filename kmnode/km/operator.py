@@ -510,7 +510,10 @@ class Operator:
 
     def recovery_key(self) -> dict[str, Any]:
         enclave = self.node.enclave
-        box_key, quote = enclave.recovery_key(time.time())
+        try:
+            box_key, quote = enclave.recovery_key(time.time())
+        except EnclaveStateError as exc:
+            raise Failed.of("not_found", str(exc)) from None
         return {
             "node": self.node.name,
             "platform_id": enclave.platform_id,

@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from consensus.types import RaftError
-from kmnode.datadir import RECOVER_MARKER
+from kmnode.datadir import RECOVER_MARKER, RECOVERY_SESSION
 from kmnode.km.command_base import Applied, Refused
 from kmnode.km.enclave import EnclaveStateError
 from kmnode.km.recovery_commands import ShareAccepted, SharesCommitted
@@ -62,7 +62,9 @@ class RecoveryFeed:
                 have=result.have,
                 need=result.need,
             )
-        elif isinstance(result, SharesCommitted) and self._is_leader():
+        elif isinstance(result, SharesCommitted):
+            self.error = ""  # a new split: what an earlier ceremony could not do is moot
+        if isinstance(result, SharesCommitted) and self._is_leader():
             self.node.publish_event(
                 "recovery.shares_issued",
                 generation=result.generation,
@@ -87,8 +89,9 @@ class RecoveryFeed:
         self.error = ""
         self.opened.set()
         node.store_sealed_state()
-        with contextlib.suppress(OSError):
-            node.node_disk.delete(RECOVER_MARKER)
+        for done in (RECOVER_MARKER, RECOVERY_SESSION):
+            with contextlib.suppress(OSError):
+                node.node_disk.delete(done)
         log.info("%s: master secret rebuilt from recovery shares; the node is open", node.name)
         node.publish_event("recovery.opened", node=node.name)
         node.transport.revalidate()  # join connections are served again now

@@ -220,6 +220,19 @@ def test_a_cluster_that_lost_every_sealed_state_recovers_with_two_of_three_share
     code, reply = cluster.leader_call("POST", "/v1/keys/after/release", {"node": "km1"})
     assert code == 200 and reply["releases"][0]["status"] == "provisioned", reply
 
+    # A second loss: the ledger still holds the first ceremony's boxes, but they were for
+    # that recovery's keys. The cluster stays sealed until the holders submit again.
+    for name in cluster.names:
+        cluster.stop(name)
+        (cluster.config.state_dir / "nodes" / name / SEALED_STATE).unlink()
+        mark_for_recovery(cluster.config, name)
+        cluster.start(name)
+    until(lambda: all_recovering(cluster), 60, "every node recovering again")
+    time.sleep(2.0)
+    assert all_recovering(cluster)
+    view = recovery_view(cluster, recovering_leader(cluster))
+    assert view["generation"] == 2 and view["submitted"] == []
+
 
 def test_the_whole_cluster_moves_to_a_new_km_build_through_recovery(
     tmp_path: Path,

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from attest.errors import AttestationError
+from attest.errors import AttestationError, SealingError
 from consensus.types import Message, MessageType
 from kmnode.identity import IdentityKeys
 from kmnode.km.enclave import (
@@ -52,7 +52,7 @@ PEER_NAMES = st.sampled_from([*NAMES, "n-x", "", "n-a\x00"])
 PURPOSES = st.sampled_from(list(Purpose))
 STATUSES = st.sampled_from(["admitted", "admitted", "admitted", "busy", "refused", "bogus"])
 #: What a refusal may be: a typed error of the enclave or of attestation, never anything else.
-REFUSALS = (AttestationError, EnclaveStateError, RecoveryError)
+REFUSALS = (AttestationError, EnclaveStateError, RecoveryError, SealingError)
 #: Recovery holders: identities of the operators (not the host), whose X25519 keys the
 #: ledger's splits are boxed to.
 HOLDERS = [IdentityKeys.generate(name) for name in ("rec-1", "rec-2")]
@@ -455,6 +455,8 @@ class HostileHost(RuleBasedStateMachine):
         enclave = self.enclaves[who]
         had = enclave._master_secret
         self._seen(repr(self._call(enclave.recovery_split, NOW)))
+        sealed = self._call(enclave.recovery_session, None)  # a recovery session of its own
+        self._call(enclave.recovery_session, (sealed or b"")[:-1] + b"x")  # a tampered one
         self._call(enclave.recovery_key, NOW)
         self._call(enclave.check_recovery_share, holder, generation, boxes)
         self._call(enclave.recover)
@@ -563,7 +565,7 @@ DRIVEN = {
     "genesis", "snapshot_capture", "session_refusal", "contract_input_key",
     "provision_contract_keys", "provision_data_jobs", "attested_measurement", "data_public_keys",
     "token_signature", "recovery_split", "recovery_key", "check_recovery_share", "recover",
-    "check_snapshot_import",
+    "check_snapshot_import", "recovery_session",
 }  # fmt: skip
 
 

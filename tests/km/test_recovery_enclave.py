@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 from nacl.public import PrivateKey
 
-from attest.errors import ReportDataMismatch
+from attest.errors import ReportDataMismatch, SealingError
 from attest.identity import EnclaveIdentity, EnclaveRole
 from attest.quote import QuoteVerifier, report_data_for
 from kmnode.km.commands import Applied
@@ -104,6 +104,7 @@ def lost_cluster() -> LostCluster:
 
     fresh = Ledger(bare_enclave("n-a", "a"), bare_enclave("n-b", "b"), history=members.entries)
     for enclave in fresh.enclaves:
+        enclave.recovery_session(None)  # what a node started in recovery mode begins
         assert enclave.state.snapshot() == a.state.snapshot()
         assert not enclave.has_master_secret
         with pytest.raises(EnclaveStateError):
@@ -129,8 +130,18 @@ def views(enclaves: Iterable[KMEnclave]) -> list[str]:
 # --- the recovery key -----------------------------------------------------------------------------
 
 
+def recovering(name: str, platform: str, identity: EnclaveIdentity = KM_ID) -> KMEnclave:
+    """A fresh enclave that has begun a recovery session (a node started in recovery mode)."""
+    enclave = bare_enclave(name, platform, identity)
+    enclave.recovery_session(None)
+    return enclave
+
+
 def test_the_recovery_key_is_quoted_for_its_node_and_tied_to_platform_code_and_name() -> None:
     enclave = bare_enclave("n-a", "a")
+    with pytest.raises(EnclaveStateError, match="not recovering"):
+        enclave.recovery_key(NOW)  # no session: a node that is not recovering has no key
+    session = enclave.recovery_session(None)
     public, quote = enclave.recovery_key(NOW)
     assert len(bytes.fromhex(public)) == 32
     verifier = QuoteVerifier(VENDOR.public_key)
@@ -149,23 +160,30 @@ def test_the_recovery_key_is_quoted_for_its_node_and_tied_to_platform_code_and_n
                 now=NOW,
             )
 
-    # The same code on the same platform finds the same key after a restart mid-recovery.
-    assert bare_enclave("n-a", "a").recovery_key(NOW)[0] == public
+    # The same code on the same platform finds the same key after a restart mid-recovery,
+    # from its sealed session; a later recovery (a new session) has another key.
+    restarted = bare_enclave("n-a", "a")
+    assert restarted.recovery_session(session) == session
+    assert restarted.recovery_key(NOW)[0] == public
+    assert recovering("n-a", "a").recovery_key(NOW)[0] != public
     others: dict[str, tuple[str, str, EnclaveIdentity]] = {
         "another measurement": ("n-a", "a", OTHER_KM),
         "another node name": ("n-c", "a", KM_ID),
         "another platform": ("n-a", "b", KM_ID),
     }
-    keys = {case: bare_enclave(*args).recovery_key(NOW)[0] for case, args in others.items()}
-    assert len({public, *keys.values()}) == 1 + len(others), keys
+    for case, (name, platform, identity) in others.items():
+        # Nobody else opens the session: not another build, name or platform.
+        with pytest.raises(SealingError):
+            bare_enclave(name, platform, identity).recovery_session(session)
+        assert recovering(name, platform, identity).recovery_key(NOW)[0] != public, case
 
 
 def test_a_holder_boxes_to_no_key_whose_quote_does_not_hold() -> None:
     """What ``kmctl recovery submit`` checks before boxing a share: a host that offers a key
     of its own, another node's quote, or a quote from another platform or build gets none."""
-    enclave = bare_enclave("n-a", "a")
+    enclave = recovering("n-a", "a")
     public, quote = enclave.recovery_key(NOW)
-    rogue_public, rogue_quote = bare_enclave("n-a", "a", OTHER_KM).recovery_key(NOW)
+    rogue_public, rogue_quote = recovering("n-a", "a", OTHER_KM).recovery_key(NOW)
     verifier = QuoteVerifier(VENDOR.public_key)
     host_key = PrivateKey.generate().public_key.encode().hex()
     answers: dict[str, tuple[str, str, dict[str, object], str]] = {
@@ -191,10 +209,28 @@ def test_a_holder_boxes_to_no_key_whose_quote_does_not_hold() -> None:
     assert verify_recovery_key("n-a", "a", good, verifier, POLICY, NOW).key.encode().hex() == public
 
 
-def test_the_recovery_key_is_there_with_or_without_a_secret() -> None:
+def test_only_a_recovering_enclave_has_a_recovery_key() -> None:
     lost = lost_cluster()
     member = lost.members.enclaves[0]
-    assert member.recovery_key(NOW)[0] == lost.leader.recovery_key(NOW)[0]
+    with pytest.raises(EnclaveStateError, match="not recovering"):
+        member.recovery_key(NOW)
+    assert len(bytes.fromhex(lost.leader.recovery_key(NOW)[0])) == 32
+
+
+def test_a_later_loss_is_not_reopened_by_the_shares_of_an_earlier_recovery() -> None:
+    """The ledger keeps the boxes of a completed recovery. Enclaves that lose their state
+    again replay them, but each recovery has its own session key: the old boxes do not open,
+    so the cluster stays sealed until the holders submit again (found by the bench)."""
+    lost = lost_cluster()
+    for holder in ("rec-1", "rec-3"):
+        lost.submit(holder, lost.boxes(holder))
+    assert all(e.recover() == "" and e.has_master_secret for e in lost.fresh.enclaves)
+    again = Ledger(recovering("n-a", "a"), recovering("n-b", "b"), history=lost.fresh.entries)
+    for enclave in again.enclaves:
+        assert enclave.state.recovery.complete_index  # the old ceremony, replayed
+        problem = enclave.recover()
+        assert "does not match its commitment" in problem, problem
+        assert not enclave.has_master_secret
 
 
 # --- the split -----------------------------------------------------------------------------------
@@ -407,7 +443,7 @@ def test_a_box_to_one_node_does_not_open_on_another() -> None:
     under another node name or another build of the KM enclave."""
     lost = lost_cluster()
     real = lost.boxes("rec-1")
-    impostors = [bare_enclave("n-c", "b"), bare_enclave("n-b", "b", OTHER_KM)]
+    impostors = [recovering("n-c", "b"), recovering("n-b", "b", OTHER_KM)]
     Ledger(*impostors, history=lost.fresh.entries)
     for impostor in impostors:
         with pytest.raises(BogusShare):
