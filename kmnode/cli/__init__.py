@@ -27,10 +27,51 @@ from kmnode.cli.output import KmctlGroup
 from kmnode.cli.recovery_cmds import recovery
 from kmnode.cli.snapshot_cmds import snapshot
 
+#: The global options that may also be typed after the command (`kmctl up -c FILE`).
+_HOISTED = ("-c", "--config")
+
+
+class KmctlRoot(KmctlGroup):
+    """kmctl itself: ``-c/--config FILE`` is taken wherever it is typed, before the command
+    or after it (``kmctl node run km1 -c cluster.yaml``, as a container's command line reads),
+    by moving it to the front before click parses; ``--`` ends the search."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_config(args))
+
+
+def hoist_config(args: list[str]) -> list[str]:
+    """``args`` with every ``-c FILE``, ``--config FILE`` or ``--config=FILE`` found after the
+    command moved before it (the last one typed wins, as click's own rule is)."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in _HOISTED and i + 1 < len(args):
+            front += [arg, args[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
 
 @click.group(
-    cls=KmctlGroup,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    cls=KmctlRoot,
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
+        # Every option has a KMSIM_* twin (KMSIM_<COMMAND>_<OPTION>), shown in --help.
+        "auto_envvar_prefix": "KMSIM",
+        "show_default": False,
+    },
 )
 @click.option(
     "-c",
@@ -38,7 +79,9 @@ from kmnode.cli.snapshot_cmds import snapshot
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="KMSIM_CONFIG",
-    help="Cluster file. Default: ./cluster.yaml if present, else the embedded 3-node defaults.",
+    show_envvar=True,
+    help="Cluster file; may also follow the command. Default: ./cluster.yaml if present, "
+    "else the embedded 3-node defaults (kmctl says so on stderr).",
 )
 @click.option(
     "--as",
@@ -47,7 +90,8 @@ from kmnode.cli.snapshot_cmds import snapshot
     envvar="KMSIM_IDENTITY",
     help="Identity whose key signs API requests: a key file, or NAME.key in $KMSIM_IDENTITY_DIR "
     "(default ~/.kmsim/identities) or the state directory. Default: the development profile's "
-    "admin key, if `kmctl up` made one. [env: KMSIM_IDENTITY]",
+    "admin key, if `kmctl up` made one.",
+    show_envvar=True,
 )
 @click.version_option(package_name="kmsim")
 @click.pass_context
@@ -60,6 +104,9 @@ def cli(ctx: click.Context, config_path: Path | None, identity: str | None) -> N
     Exit codes: 0 ok, 1 refused by a check or the cluster, 2 bad usage or configuration,
     3 internal or environment failure.
     """
+    for stray, meant in _MISNAMED.items():
+        if stray in os.environ and meant not in os.environ:
+            click.echo(f"kmctl: {stray} is not read: the variable is {meant}", err=True)
     if identity:
         # Library code below the CLI (chaos runs, faults) signs as KMSIM_IDENTITY: the same
         # identity for this command, and only for it.
@@ -67,6 +114,14 @@ def cli(ctx: click.Context, config_path: Path | None, identity: str | None) -> N
         os.environ["KMSIM_IDENTITY"] = identity
         ctx.call_on_close(lambda: _restore("KMSIM_IDENTITY", previous))
     ctx.obj = CliContext(config_path, identity)
+
+
+#: Variables people type by analogy (etcdctl's ETCDCTL_*) that kmctl does not read.
+_MISNAMED = {
+    "KMCTL_CONFIG": "KMSIM_CONFIG",
+    "KMCTL_IDENTITY": "KMSIM_IDENTITY",
+    "KMCTL_ENDPOINTS": "KMSIM_ENDPOINTS",
+}
 
 
 def _restore(name: str, value: str | None) -> None:
@@ -86,6 +141,26 @@ cli.add_command(chaos)
 cli.add_command(config)
 cli.add_command(dashboard)
 cli.add_command(deploy)
+
+
+#: Options every command means alike read one variable wherever they appear.
+_SHARED_VARIABLES = {"as_json": "KMSIM_JSON", "api_node": "KMSIM_NODE"}
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Have every option's ``--help`` line name its KMSIM_* variable (KMSIM_JSON and
+    KMSIM_NODE for the shared ones, else KMSIM_<COMMAND>_<OPTION>)."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name not in ("help", "version"):
+            param.show_envvar = True
+            if param.envvar is None and param.name in _SHARED_VARIABLES:
+                param.envvar = _SHARED_VARIABLES[param.name]
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _show_envvars(sub)
+
+
+_show_envvars(cli)
 
 
 def main() -> None:

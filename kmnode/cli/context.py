@@ -10,7 +10,7 @@ import click
 from kmnode import supervisor
 from kmnode.cli.output import EXIT_USAGE, CliError
 from kmnode.client import ClusterClient, default_signer, load_signer
-from kmnode.config import ClusterConfig, ConfigError, find_config
+from kmnode.config import DEFAULT_CONFIG_NAME, ClusterConfig, ConfigError, find_config
 from kmnode.identity import IdentityKeys
 
 
@@ -19,6 +19,8 @@ class CliContext:
     config_path: Path | None
     #: ``--as``: the identity (a name or a key file) whose key signs API requests.
     identity: str | None = None
+    #: Whether the fall-back to the embedded defaults was announced (once per invocation).
+    _told: bool = False
 
     def signer(self, config: ClusterConfig) -> IdentityKeys | None:
         """The key that signs this invocation's requests (``kmnode.client.default_signer``
@@ -36,6 +38,14 @@ class CliContext:
         return ClusterClient(cfg, node, signer=signer)
 
     def config(self) -> ClusterConfig:
+        local = Path.cwd() / DEFAULT_CONFIG_NAME
+        if self.config_path is None and not local.exists() and not self._told:
+            click.echo(
+                f"kmctl: no -c FILE, no $KMSIM_CONFIG and no ./{DEFAULT_CONFIG_NAME}: "
+                "using the embedded defaults",
+                err=True,
+            )
+            self._told = True
         try:
             return find_config(self.config_path)
         except ConfigError as exc:

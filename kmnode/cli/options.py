@@ -16,13 +16,16 @@ def api_node(f: F) -> F:
         "--node",
         "api_node",
         metavar="NAME",
+        envvar="KMSIM_NODE",
         help="Node whose API to use. Default: the first reachable node.",
     )(f)
 
 
 def as_json(f: F) -> F:
     """``--json``: machine-readable output."""
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, envvar="KMSIM_JSON", help="Machine-readable output."
+    )(f)
 
 
 def as_identity(f: F) -> F:
@@ -31,6 +34,7 @@ def as_identity(f: F) -> F:
         "--as",
         "as_identity",
         metavar="NAME|FILE",
+        envvar="KMSIM_IDENTITY",
         help="The identity to act as. Default: the global --as, else the development key.",
     )(f)
 
