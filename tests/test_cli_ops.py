@@ -539,11 +539,11 @@ def test_release_to_all_reports_each_node_and_exits_1_on_refusal(cluster: FakeCl
         "generation": 1,
         "timeout": 10.0,
     }
-    one = kmctl(cluster, "keys", "release", "disk", "--node", "km2", "--wait", "2")
+    one = kmctl(cluster, "keys", "release", "disk", "--to", "km2", "--wait", "2")
     assert one.code == 0 and "provisioned" in one.out
     assert cluster.requests("/v1/keys/disk/release")[-1].body == {"node": "km2", "timeout": 2.0}
     assert kmctl(cluster, "keys", "release", "disk").code == 2
-    assert kmctl(cluster, "keys", "release", "disk", "--node", "km1", "--all").code == 2
+    assert kmctl(cluster, "keys", "release", "disk", "--to", "km1", "--all").code == 2
     listed = kmctl(cluster, "releases", "list", "--key", "disk", "--json")
     assert len(listed.json()["releases"]) == 4
     assert cluster.requests("/v1/releases")[-1].query == {"key": "disk"}

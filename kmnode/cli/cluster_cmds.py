@@ -17,6 +17,7 @@ from rich.table import Table
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.output import (
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -166,6 +167,10 @@ def _status_rows(cfg: ClusterConfig) -> list[dict[str, Any]]:
 
 
 def _exit_code(rows: list[dict[str, Any]]) -> int:
+    """0 every node ready, 3 no node answers (as every command exits when none does), 1
+    otherwise (some down or not ready)."""
+    if rows and all(row["state"] == "down" for row in rows):
+        return EXIT_FAILURE
     return EXIT_OK if all(row["state"] == "ready" for row in rows) else EXIT_REFUSED
 
 
@@ -256,7 +261,8 @@ def status(ctx: CliContext, as_json: bool, watch: bool, interval: float, count: 
 
     Asks each node's /v1/status (unreachable nodes are shown as down). "index" is the commit
     and applied Raft index, "peers" how many peers the node has attested, "svc" whether its
-    service enclave runs. Exits 0 if every node is ready, 1 if some are down or not ready
+    service enclave runs. Exits 0 if every node is ready, 1 if some are down or not ready,
+    3 if no node answers
     (with --watch: as of the last refresh).
     """
     cfg = supervisor.effective_config(ctx.config())

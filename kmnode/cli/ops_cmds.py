@@ -181,7 +181,7 @@ def keys_rotate(ctx: CliContext, name: str, api_node: str | None, as_json: bool)
 
 @keys.command("release")
 @click.argument("name")
-@click.option("--node", "target", metavar="NAME", help="Release to this node's service enclave.")
+@click.option("--to", "target", metavar="NAME", help="Release to this node's service enclave.")
 @click.option("--all", "to_all", is_flag=True, help="Release to every member node.")
 @click.option("--generation", type=click.IntRange(min=1), help="Default: the current one.")
 @click.option(
@@ -191,7 +191,8 @@ def keys_rotate(ctx: CliContext, name: str, api_node: str | None, as_json: bool)
     show_default=True,
     help="Seconds the cluster may take to commit each outcome.",
 )
-@click.option("--via", metavar="NAME", help="Node whose API to use. Default: first reachable.")
+@_api_node
+@click.option("--via", "via", metavar="NAME", hidden=True, help="Former name of --node.")
 @_as_json
 @pass_context
 def keys_release(
@@ -201,6 +202,7 @@ def keys_release(
     to_all: bool,
     generation: int | None,
     wait: float,
+    api_node: str | None,
     via: str | None,
     as_json: bool,
 ) -> None:
@@ -208,9 +210,18 @@ def keys_release(
 
     Prints one row per node: provisioned, refused (with the reason) or requested (not yet
     settled). Exits 1 if any release was refused.
+
+    Example: kmctl keys release payments --to km2
     """
     if (target is None) == (not to_all):
-        raise CliError("give exactly one of --node NAME or --all", EXIT_USAGE)
+        hint = (
+            " (--node is the node whose API to use, as in every command; the node to release to "
+            "is --to NAME)"
+            if api_node and not to_all
+            else ""
+        )
+        raise CliError(f"give exactly one of --to NAME or --all{hint}", EXIT_USAGE)
+    via = api_node or via
     body: dict[str, Any] = {"node": target or "all", "timeout": wait}
     if generation is not None:
         body["generation"] = generation

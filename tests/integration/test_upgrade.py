@@ -59,7 +59,7 @@ def config(tmp_path: Path) -> Iterator[Path]:
 def macs(config: Path, node: str) -> dict[int, str]:
     found = {}
     for generation in (1, 2):
-        ok(kmctl(config, "keys", "release", "db", "--node", node, "--generation", str(generation)))
+        ok(kmctl(config, "keys", "release", "db", "--to", node, "--generation", str(generation)))
         proof = ok(kmctl(config, "prove", "db", "--generation", str(generation),
                          "--challenge", CHALLENGE, "--node", node, "--json"))  # fmt: skip
         found[generation] = proof["mac"]
