@@ -11,6 +11,7 @@ from kmnode.cli.attest_cmds import attest
 from kmnode.cli.audit_cmds import audit
 from kmnode.cli.chaos_cmds import chaos
 from kmnode.cli.cluster_cmds import down, node, status, up
+from kmnode.cli.completion_cmds import complete_node, completion
 from kmnode.cli.config_cmds import config
 from kmnode.cli.context import CliContext
 from kmnode.cli.contracts_cmds import contracts
@@ -133,7 +134,7 @@ def _restore(name: str, value: str | None) -> None:
 
 for command in (
     up, down, status, node, keys, releases, prove, policy, members, attest, ledger, identity_group,
-    proposals, contracts, data, recovery, snapshot, hardware, audit,
+    proposals, contracts, data, recovery, snapshot, hardware, audit, completion,
 ):  # fmt: skip
     cli.add_command(command)
 cli.add_command(events)
@@ -143,6 +144,8 @@ cli.add_command(dashboard)
 cli.add_command(deploy)
 
 
+#: Parameters that take a node's name: the shell completes them from the cluster file.
+_NODE_PARAMS = frozenset({"api_node", "target", "node", "nodes", "to"})
 #: Options every command means alike read one variable wherever they appear.
 _SHARED_VARIABLES = {"as_json": "KMSIM_JSON", "api_node": "KMSIM_NODE"}
 
@@ -155,6 +158,8 @@ def _show_envvars(command: click.Command) -> None:
             param.show_envvar = True
             if param.envvar is None and param.name in _SHARED_VARIABLES:
                 param.envvar = _SHARED_VARIABLES[param.name]
+        if param.name in _NODE_PARAMS and param._custom_shell_complete is None:
+            param._custom_shell_complete = complete_node
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _show_envvars(sub)
