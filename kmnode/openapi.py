@@ -608,6 +608,7 @@ DOCS: dict[tuple[str, str], Doc] = {
             box_key=(str, ...),
             quote=(str, ...),
         ),
+        also=(404,),  # the node is not recovering: it has no recovery key
     ),
     ("POST", "/v1/recovery/shares"): Doc(
         "Submit the signer's recovery share, boxed to each recovering node's recovery key; "
@@ -630,6 +631,7 @@ DOCS: dict[tuple[str, str], Doc] = {
             offset=(int, ...),
             chunk=(str, ...),
         ),
+        also=(404,),  # the snapshot asked for is no longer held: start again
         query=(
             Query("offset", int, "Byte offset of the chunk (0: the first)."),
             Query("id", str, "The snapshot's sha256 (hex), for every chunk after the first."),

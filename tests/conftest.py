@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
 import subprocess
 import time
@@ -15,6 +16,10 @@ from kmnode.host.broker import answers_mqtt
 from tests.host import BrokerUnderTest
 from tests.ports import free_port
 from tests.requirements import unavailable
+
+# Tests read kmctl's tables as a person sees them; the automatic plain output into a pipe
+# (which CliRunner and subprocesses are) has tests of its own (tests/test_cli_output.py).
+os.environ.setdefault("KMSIM_OUTPUT", "table")
 
 
 def find_mosquitto() -> str:

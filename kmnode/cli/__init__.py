@@ -24,7 +24,7 @@ from kmnode.cli.hardware_cmds import hardware
 from kmnode.cli.identity_cmds import identity as identity_group
 from kmnode.cli.ledger_cmds import ledger
 from kmnode.cli.ops_cmds import keys, members, policy, prove, releases
-from kmnode.cli.output import KmctlGroup
+from kmnode.cli.output import OUTPUT_MODES, OUTPUT_VARIABLE, KmctlGroup
 from kmnode.cli.recovery_cmds import recovery
 from kmnode.cli.snapshot_cmds import snapshot
 
@@ -94,9 +94,20 @@ def hoist_config(args: list[str]) -> list[str]:
     "admin key, if `kmctl up` made one.",
     show_envvar=True,
 )
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(OUTPUT_MODES),
+    envvar=OUTPUT_VARIABLE,
+    show_envvar=True,
+    help="How reads print: table (for people), plain (tab-separated, no boxes, no wrapping), "
+    "json (as --json), auto (default: table on a terminal, plain into a pipe or a file).",
+)
 @click.version_option(package_name="kmsim")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, identity: str | None) -> None:
+def cli(
+    ctx: click.Context, config_path: Path | None, identity: str | None, output: str | None
+) -> None:
     """Operate a key-management cluster of (simulated) TEE nodes.
 
     KM enclaves attest each other with signed quotes, agree through Raft, and release keys only
@@ -105,15 +116,19 @@ def cli(ctx: click.Context, config_path: Path | None, identity: str | None) -> N
     Exit codes: 0 ok, 1 refused by a check or the cluster, 2 bad usage or configuration,
     3 internal or environment failure.
     """
+    if output is not None:
+        # Read by the tables (``table_mode``) and, for json, by every command's --json flag,
+        # whose variable is KMSIM_JSON: the subcommand's options are parsed after this runs.
+        _set_for_this_command(ctx, OUTPUT_VARIABLE, output)
+        if output == "json":
+            _set_for_this_command(ctx, "KMSIM_JSON", "1")
     for stray, meant in _MISNAMED.items():
         if stray in os.environ and meant not in os.environ:
             click.echo(f"kmctl: {stray} is not read: the variable is {meant}", err=True)
     if identity:
         # Library code below the CLI (chaos runs, faults) signs as KMSIM_IDENTITY: the same
         # identity for this command, and only for it.
-        previous = os.environ.get("KMSIM_IDENTITY")
-        os.environ["KMSIM_IDENTITY"] = identity
-        ctx.call_on_close(lambda: _restore("KMSIM_IDENTITY", previous))
+        _set_for_this_command(ctx, "KMSIM_IDENTITY", identity)
     ctx.obj = CliContext(config_path, identity)
 
 
@@ -123,6 +138,13 @@ _MISNAMED = {
     "KMCTL_IDENTITY": "KMSIM_IDENTITY",
     "KMCTL_ENDPOINTS": "KMSIM_ENDPOINTS",
 }
+
+
+def _set_for_this_command(ctx: click.Context, name: str, value: str) -> None:
+    """Set an environment variable for this invocation only (restored when it ends)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    ctx.call_on_close(lambda: _restore(name, previous))
 
 
 def _restore(name: str, value: str | None) -> None:

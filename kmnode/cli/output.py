@@ -6,6 +6,7 @@ Exit codes mean something (see ``kmnode.errors``), so scripts can branch on them
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "KmsimError",
     "print_json",
     "print_table",
+    "table_mode",
 ]
 
 
@@ -60,7 +62,32 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+#: How tables are printed (``-o``/``KMSIM_OUTPUT``): ``table`` (boxes, for people),
+#: ``plain`` (a header line, then tab-separated rows: no box characters, no wrapping), or
+#: ``auto``: ``table`` on a terminal, ``plain`` into a pipe or a file. ``json`` is ``--json``.
+OUTPUT_VARIABLE = "KMSIM_OUTPUT"
+OUTPUT_MODES = ("auto", "table", "plain", "json")
+
+
+def table_mode() -> str:
+    """``table`` or ``plain``, as ``-o`` (or its variable) and stdout decide."""
+    wanted = os.environ.get(OUTPUT_VARIABLE, "auto").strip().lower()
+    if wanted in ("table", "plain"):
+        return wanted
+    return "table" if sys.stdout.isatty() else "plain"
+
+
+def _plain(cell: Any) -> str:
+    """A cell on one line: tabs and newlines would break the columns."""
+    return " ".join(str(cell).split())
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    if table_mode() == "plain":
+        click.echo("\t".join(columns))
+        for row in rows:
+            click.echo("\t".join(_plain(cell) for cell in row))
+        return
     table = Table(title=title, title_justify="left", show_lines=False)
     for column in columns:
         table.add_column(column, overflow="fold")

@@ -48,7 +48,7 @@ class SnapshotSource:
         taken = self._taken
         if taken is None or (wanted is not None and taken.id != wanted):
             raise Failed.of(
-                "refused",
+                "not_found",
                 "that snapshot is no longer held here (another save started, or it was read "
                 "to its end): start again from offset 0",
             )
