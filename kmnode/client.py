@@ -246,6 +246,9 @@ class ClusterClient:
     timeout: float = DEFAULT_TIMEOUT
     #: Whose key signs the requests; unset: ``default_signer(config)``.
     signer: IdentityKeys | None = None
+    #: API URLs to use instead of the config's nodes (``--endpoint``, ``KMSIM_ENDPOINTS``):
+    #: a cluster reached without its file. The leader is still found and followed.
+    endpoints: Sequence[str] = ()
     _chosen: NodeClient | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -262,6 +265,13 @@ class ClusterClient:
     def candidates(self) -> Sequence[NodeClient]:
         if self._chosen is not None:
             return [self._chosen]
+        if self.endpoints:
+            return [
+                NodeClient(
+                    urllib.parse.urlsplit(url).netloc, url.rstrip("/"), self.timeout, self.signer
+                )
+                for url in self.endpoints
+            ]
         return [NodeClient.for_node(n, self.timeout, self.signer) for n in self.config.nodes]
 
     def request(
@@ -283,6 +293,11 @@ class ClusterClient:
                 continue
             self._chosen = candidate
             return result
+        if self.endpoints:
+            raise KmsimError(
+                f"no endpoint answers ({', '.join(tried)}): check --endpoint/KMSIM_ENDPOINTS",
+                EXIT_FAILURE,
+            )
         raise KmsimError(
             f"no node of cluster {self.config.cluster!r} is reachable ({', '.join(tried)}): "
             "is the cluster up? (kmctl up)",
@@ -301,6 +316,10 @@ class ClusterClient:
     def chosen(self) -> str | None:
         """The node that answered (None before the first request)."""
         return self._chosen.name if self._chosen is not None else None
+
+
+def _netloc(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc or url
 
 
 def upload_blob(node: NodeSpec, digest: str, data: bytes, timeout: float = 30.0) -> bool:

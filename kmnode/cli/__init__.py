@@ -95,6 +95,16 @@ def hoist_config(args: list[str]) -> list[str]:
     show_envvar=True,
 )
 @click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    envvar="KMSIM_ENDPOINTS",
+    show_envvar=True,
+    help="A node's API URL (http://HOST:PORT), repeatable or comma-separated: reach a cluster "
+    "without its file; the leader is found and followed as usual.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Choice(OUTPUT_MODES),
@@ -106,7 +116,11 @@ def hoist_config(args: list[str]) -> list[str]:
 @click.version_option(package_name="kmsim")
 @click.pass_context
 def cli(
-    ctx: click.Context, config_path: Path | None, identity: str | None, output: str | None
+    ctx: click.Context,
+    config_path: Path | None,
+    identity: str | None,
+    endpoints: tuple[str, ...],
+    output: str | None,
 ) -> None:
     """Operate a key-management cluster of (simulated) TEE nodes.
 
@@ -129,7 +143,11 @@ def cli(
         # Library code below the CLI (chaos runs, faults) signs as KMSIM_IDENTITY: the same
         # identity for this command, and only for it.
         _set_for_this_command(ctx, "KMSIM_IDENTITY", identity)
-    ctx.obj = CliContext(config_path, identity)
+    urls = tuple(u.strip() for value in endpoints for u in value.replace(",", " ").split())
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter(f"{url!r} is not an http(s):// URL", param_hint="--endpoint")
+    ctx.obj = CliContext(config_path, identity, endpoints=urls)
 
 
 #: Variables people type by analogy (etcdctl's ETCDCTL_*) that kmctl does not read.

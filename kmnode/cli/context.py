@@ -19,6 +19,8 @@ class CliContext:
     config_path: Path | None
     #: ``--as``: the identity (a name or a key file) whose key signs API requests.
     identity: str | None = None
+    #: ``--endpoint``/``KMSIM_ENDPOINTS``: API URLs that reach the cluster without its file.
+    endpoints: tuple[str, ...] = ()
     #: Whether the fall-back to the embedded defaults was announced (once per invocation).
     _told: bool = False
 
@@ -35,11 +37,18 @@ class CliContext:
         first reachable)."""
         cfg = supervisor.effective_config(self.config())
         signer = load_signer(cfg, as_identity) if as_identity else self.signer(cfg)
+        if self.endpoints:
+            return ClusterClient(cfg, None, signer=signer, endpoints=self.endpoints)
         return ClusterClient(cfg, node, signer=signer)
 
     def config(self) -> ClusterConfig:
         local = Path.cwd() / DEFAULT_CONFIG_NAME
-        if self.config_path is None and not local.exists() and not self._told:
+        if (
+            self.config_path is None
+            and not local.exists()
+            and not self._told
+            and not self.endpoints
+        ):
             click.echo(
                 f"kmctl: no -c FILE, no $KMSIM_CONFIG and no ./{DEFAULT_CONFIG_NAME}: "
                 "using the embedded defaults",

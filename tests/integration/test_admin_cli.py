@@ -5,12 +5,15 @@ trail as JSON lines that match `kmctl releases list` record for record."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from kmnode.identity import dev_key_path
 
 from .harness import REPO, LocalCluster, running, until
 
@@ -70,3 +73,32 @@ def test_audit_export_matches_the_release_records(cluster: LocalCluster, tmp_pat
         r for r in records if r["index"] > records[-2]["index"]
     ]
     assert kmctl(cluster, "audit", "export", "-o", str(out)).returncode == 2  # not overwritten
+
+
+def test_a_cluster_is_reached_by_endpoint_without_its_file(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """From a directory without cluster.yaml: `--endpoint` (or KMSIM_ENDPOINTS) names a node;
+    a write sent to a follower finds and follows the leader."""
+    follower = next(n for n in cluster.names if n != cluster.leader())
+    spec = cluster.config.node(follower)
+    url = f"http://{spec.host}:{spec.api_port}"
+    key = str(dev_key_path(cluster.config.state_dir))
+    base = [sys.executable, "-m", "kmnode.cli", "--as", key]
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        )  # fmt: skip
+
+    created = run("--endpoint", url, "keys", "create", "by-endpoint", "--json")
+    assert created.returncode == 0, created.stderr
+    assert "embedded defaults" not in created.stderr
+    listed = run("keys", "list", "--json", env={"KMSIM_ENDPOINTS": f"http://127.0.0.1:9, {url}"})
+    assert listed.returncode == 0, listed.stderr
+    assert "by-endpoint" in {k["name"] for k in json.loads(listed.stdout)["keys"]}
+    nobody = run("--endpoint", "http://127.0.0.1:9", "keys", "list")
+    assert nobody.returncode == 3 and "no endpoint answers" in nobody.stderr
+    garbage = run("--endpoint", "127.0.0.1:9", "keys", "list")
+    assert garbage.returncode == 2 and "http(s)://" in garbage.stderr
