@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nacl.public import PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from consensus.fileio import write_new
+
 #: ``owner``: a data owner (registers datasets, grants their use); ``user``: calls contracts
 #: and computes on data it was granted (S4, S5); ``recovery``: holds a share of the master
 #: secret, boxed to its X25519 key, and submits it when the cluster recovers.
@@ -119,12 +121,9 @@ class IdentityKeys:
         }
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+            write_new(path, (json.dumps(data) + "\n").encode(), mode=KEY_FILE_MODE)
         except FileExistsError:
             raise IdentityError(f"{path} exists: not overwriting a key file") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out)
-            out.write("\n")
 
     @classmethod
     def load(cls, path: Path) -> IdentityKeys:

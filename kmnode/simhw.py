@@ -17,6 +17,7 @@ import nacl.utils
 
 from attest.certs import TcbStatus
 from attest.hardware import SEED_SIZE, Platform, VendorRoot
+from consensus.fileio import atomic_write
 
 #: The vendor root's seed in the store, and the kind of its export document.
 VENDOR_SEED = "vendor-root.seed"
@@ -120,14 +121,7 @@ class HardwareStore:
                 )
             path.unlink()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, seed)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        temp.replace(path)
+        atomic_write(path, seed)
         return f"imported vendor root {raw['public_key'][:16]}…"
 
     def platform(self, platform_id: str, tcb_status: TcbStatus) -> Platform:

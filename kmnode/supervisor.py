@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import kmnode
+from consensus.fileio import atomic_write
 from kmnode import netns
 from kmnode.client import NodeClient, NodeUnreachable
 from kmnode.config import ClusterConfig, ConfigError, NodeSpec, config_to_yaml, load_config
@@ -110,13 +111,8 @@ def write_effective_config(cfg: ClusterConfig) -> Path:
     cfg = cfg.model_copy(update={"state_dir": cfg.state_dir.resolve()})
     path = effective_config_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(
-        "# Written by `kmctl up`: the configuration this cluster's nodes run with.\n"
-        + config_to_yaml(cfg),
-        encoding="utf-8",
-    )
-    tmp.replace(path)
+    text = "# Written by `kmctl up`: the configuration this cluster's nodes run with.\n"
+    atomic_write(path, (text + config_to_yaml(cfg)).encode())
     return path
 
 
@@ -169,9 +165,7 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 def write_pid_file(path: Path, record: ProcessRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pid.tmp")
-    tmp.write_text(record.encode())
-    tmp.replace(path)
+    atomic_write(path, record.encode().encode(), fsync=False)  # gone at reboot anyway
 
 
 def read_pid_file(path: Path) -> ProcessRecord | None:

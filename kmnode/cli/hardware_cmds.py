@@ -10,11 +10,11 @@ secrets never leave their machine.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import click
 
+from consensus.fileio import write_new
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.options import as_json as _as_json
 from kmnode.cli.output import EXIT_REFUSED, EXIT_USAGE, CliError, KmctlGroup, print_json
@@ -67,9 +67,10 @@ def export(ctx: CliContext, file: Path) -> None:
         document = _store(ctx).export_vendor()
     except HardwareStoreError as exc:
         raise CliError(str(exc), EXIT_REFUSED) from None
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(document)
+    try:
+        write_new(file, document)
+    except FileExistsError:
+        raise CliError(f"{file} exists: not overwriting it", EXIT_USAGE) from None
     click.echo(f"wrote the vendor root to {file}; import it with: kmctl hardware import {file}")
 
 

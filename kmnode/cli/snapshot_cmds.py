@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from pathlib import Path
 
 import click
 
 from attest.quote import QuoteVerifier
+from consensus.fileio import atomic_write
 from kmnode import supervisor
 from kmnode.cli.context import CliContext, pass_context
 from kmnode.cli.options import api_node as _api_node
@@ -94,13 +94,7 @@ def save(
     if len(data) != size or hashlib.sha256(data).hexdigest() != snapshot_id:
         raise CliError("the snapshot read does not match its digest: not saved", EXIT_REFUSED)
     signed, state = _judged(cfg, data, trust_km)
-    temporary = file.with_name(file.name + ".partial")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    temporary.rename(file)
+    atomic_write(file, data)
     summary = {
         "file": str(file),
         "node": first.get("node"),
@@ -170,10 +164,7 @@ def restore(
     for name in names:
         directory = supervisor.node_data_dir(cfg, name)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = directory / RESTORE_SNAPSHOT
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        atomic_write(directory / RESTORE_SNAPSHOT, data)
         (directory / RECOVER_MARKER).write_text("recover: restored from a snapshot\n")
         click.echo(f"{name}: seeded with the snapshot at index {signed.index}")
     click.echo(

@@ -11,10 +11,10 @@ leaves the old file or the new one, never half of one).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
+from consensus.fileio import atomic_write
 from kmnode.dataauth.blob import MAX_BLOB_BYTES
 from kmnode.datadir import BLOB_DIR
 
@@ -49,12 +49,7 @@ class BlobStore:
         if self.used_bytes() + len(data) > self.quota_bytes:
             raise BlobStoreError(f"the blob store is full (quota {self.quota_bytes} bytes)")
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
         return True
 
     def get(self, digest: str) -> bytes | None:
