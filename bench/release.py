@@ -63,6 +63,7 @@ from kmnode import supervisor
 from kmnode.client import default_signer
 from kmnode.config import ClusterConfig, NodeSpec
 from kmnode.identity import IdentityKeys, sign_request, verify_request
+from kmnode.procfs import stat_fields
 
 GOAL_P50_MS = 5.0
 GOAL_P99_MS = 25.0
@@ -91,11 +92,7 @@ def machine() -> dict[str, Any]:
 
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (index 0 is field 3, the state)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
+    return stat_fields(pid)
 
 
 def process_cpu_s(pid: int) -> float:

@@ -41,6 +41,7 @@ from kmnode.datadir import NODES_DIR, RAFT_DIR, RECOVER_MARKER, RESTORE_SNAPSHOT
 from kmnode.errors import EXIT_FAILURE, KmsimError
 from kmnode.host.broker import BrokerStartError, start_embedded_broker, stop_broker
 from kmnode.identity import dev_key_path, ensure_dev_identity
+from kmnode.procfs import stat_fields
 
 BROKER = "broker"
 DEFAULT_READY_TIMEOUT = 30.0
@@ -143,7 +144,7 @@ class ProcessRecord:
     @classmethod
     def of(cls, pid: int) -> ProcessRecord | None:
         """The live process ``pid`` as /proc shows it; None if gone or a zombie."""
-        stat = _proc_stat(pid)
+        stat = stat_fields(pid)
         if stat is None or stat[0] == "Z":
             return None
         try:
@@ -152,15 +153,6 @@ class ProcessRecord:
             return None
         argv = tuple(a.decode(errors="replace") for a in raw.split(b"\0")[:-1])
         return cls(pid, int(stat[19]), argv)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (field 3, the state, comes first)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
 
 
 def write_pid_file(path: Path, record: ProcessRecord) -> None:
@@ -367,7 +359,7 @@ def _pids() -> list[int]:
 
 
 def _session_of(pid: int) -> int | None:
-    stat = _proc_stat(pid)
+    stat = stat_fields(pid)
     if stat is None or stat[0] == "Z":
         return None
     return int(stat[3])

@@ -57,7 +57,7 @@ _SHARED = (
     "kmnode.config", "kmnode.ring", "kmnode.simhw", "kmnode.enclave_code", "kmnode.imports",
     "kmnode.errors", "kmnode.circuit", "kmnode.km_messages", "kmnode.service_pipe",
     "kmnode.linkfaults", "kmnode.datadir", "kmnode.identity", "kmnode.api_routes",
-    "kmnode.jsondepth", "kmnode.histogram", "kmnode.logsetup",
+    "kmnode.jsondepth", "kmnode.histogram", "kmnode.logsetup", "kmnode.procfs",
 )  # fmt: skip
 
 #: (importers, what they must not import): each rule is one boundary of the layering.

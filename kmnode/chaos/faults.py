@@ -26,6 +26,7 @@ from kmnode.client import ApiError, NodeClient, NodeUnreachable, default_signer
 from kmnode.config import ClusterConfig
 from kmnode.datadir import JOIN_MARKER, RAFT_DIR, SEALED_STATE
 from kmnode.errors import KmsimError
+from kmnode.procfs import stat_fields
 
 if TYPE_CHECKING:
     from kmnode.supervisor import ProcessRecord
@@ -83,11 +84,8 @@ def _running(cfg: ClusterConfig, node: str) -> ProcessRecord:
 
 
 def _process_state(pid: int) -> str:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return text[text.rindex(")") + 2 :].split()[0]
+    fields = stat_fields(pid)
+    return fields[0] if fields else ""
 
 
 # --- process faults ----------------------------------------------------------------------------

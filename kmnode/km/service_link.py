@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from consensus.deadlines import Deadlines
+from kmnode.procfs import stat_fields
 from kmnode.service_pipe import (
     MAX_LINE,
     ChallengeReply,
@@ -60,12 +61,8 @@ def _no_answer() -> TimeoutError:
 
 def parent_of(pid: int) -> int | None:
     """The parent pid of ``pid`` from /proc, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields_after_name = text[text.rindex(")") + 2 :].split()
-    return int(fields_after_name[1])
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
 
 
 def kill_child(pid: int) -> bool:
