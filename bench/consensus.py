@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from bench.machine import cpu_model
 from bench.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,12 +255,7 @@ def med(xs: list[float]) -> float:
 
 
 def machine() -> str:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     system = f"{platform.system()} {platform.release()}"
     return f"nproc={os.cpu_count()}, CPU {cpu}, Python {platform.python_version()}, {system}"
 
