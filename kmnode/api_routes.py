@@ -116,8 +116,15 @@ def _hex(body: Body, field: str, size: int | None = None) -> str:
 def _read(what: str, name_from: str | None = None, query_name: str | None = None) -> Build:
     def build(params: Params, query: Params, body: Body) -> Request:
         name = params.get(name_from) if name_from else query.get(query_name or "")
+        page: dict[str, object] = {}
+        if "after" in query:
+            page["after"] = query["after"]
+        if "limit" in query:
+            if not query["limit"].isdigit():
+                raise BadCall("'limit' must be a positive integer", field="limit")
+            page["limit"] = int(query["limit"])
         return ReadRequest.model_validate(
-            {"what": what, "name": name, "linearizable": _flag(query, "linearizable")}
+            {"what": what, "name": name, "linearizable": _flag(query, "linearizable"), **page}
         )
 
     return build

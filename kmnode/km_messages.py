@@ -199,6 +199,9 @@ class ReadRequest(Request):
     ]
     name: str | None = None
     linearizable: bool = False
+    #: Paging of long lists (keys): names after ``after``, at most ``limit``.
+    after: str | None = Field(default=None, max_length=64)
+    limit: int = Field(default=10_000, ge=1, le=10_000)
 
 
 class AttestRequest(Request):

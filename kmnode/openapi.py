@@ -256,9 +256,17 @@ _READ = (LINEARIZABLE,)
 _TEXT = {"type": "string"}
 DOCS: dict[tuple[str, str], Doc] = {
     ("GET", "/v1/keys"): Doc(
-        "List the keys (names and generations; never key material)",
-        _list("KeyList", keys=KeyRecord),
-        query=_READ,
+        "List the keys (names and generations; never key material), by name, in pages: ask "
+        "again with `after` = `next` until `next` is null",
+        _model(
+            "KeyList",
+            {"keys": (list[KeyRecord], ...), "next": (str | None, None)},
+        ),
+        query=(
+            *_READ,
+            Query("after", str, "Only keys whose names sort after this one."),
+            Query("limit", int, "At most this many keys (1..10000, the default)."),
+        ),
     ),
     ("POST", "/v1/keys"): Doc(
         "Create a key (generation 1)",

@@ -384,8 +384,15 @@ class Operator:
         state = node.enclave.state
         match request.what:
             case "keys":
-                keys = [dataclasses.asdict(k) for k in state.keys.values()]
-                return {"keys": sorted(keys, key=lambda k: k["name"])}
+                # In pages of names (a reply is one circuit record: 100,000 keys at once
+                # would be refused); ``next`` is the name to ask after, None at the end.
+                names = sorted(n for n in state.keys if request.after is None or n > request.after)
+                page = names[: request.limit]
+                more = len(names) > request.limit
+                return {
+                    "keys": [dataclasses.asdict(state.keys[n]) for n in page],
+                    "next": page[-1] if more else None,
+                }
             case "key":
                 record = state.keys.get(request.name or "")
                 if record is None:
