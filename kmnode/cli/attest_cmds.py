@@ -70,7 +70,11 @@ def attest() -> None:
 @attest.command("measure")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def measure(as_json: bool) -> None:
-    """Show this installation's enclave identities (what '@current' means in a policy)."""
+    """Show this installation's enclave identities (what '@current' means in a policy).
+
+    \b
+    Example: kmctl attest measure --json
+    """
     rows = []
     for role in EnclaveRole:
         ident = current_identity(role)
@@ -102,7 +106,11 @@ def measure(as_json: bool) -> None:
 )
 @pass_context
 def quote(ctx: CliContext, node: str, role: str, report_data: str | None, out: Path | None) -> None:
-    """Produce a quote from NODE's simulated platform (hex on stdout, or raw bytes to --out)."""
+    """Produce a quote from NODE's simulated platform (hex on stdout, or raw bytes to --out).
+
+    \b
+    Example: kmctl attest quote km2 -o km2.quote
+    """
     cfg = ctx.config()
     encoded = _make_quote(cfg, node, EnclaveRole(role), _report_data(report_data))
     if out is None:
@@ -157,6 +165,10 @@ def verify(
     """Verify a quote (file, hex or raw, or '-' for stdin) against the policy in cluster.yaml.
 
     Prints every check performed; exits 1 if the quote is refused, naming the failed check.
+
+    \b
+    Example: kmctl attest verify km2.quote --json
+    Example: kmctl attest verify --node km3 --role service
     """
     if (quote_file is None) == (node is None):
         raise CliError("give exactly one of QUOTE or --node", EXIT_USAGE)

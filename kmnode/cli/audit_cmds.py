@@ -47,6 +47,7 @@ def export(ctx: CliContext, since: int, output: Path | None, api_node: str | Non
     ledger `index` and `kind` (release.requested, release.provisioned, release.refused,
     proposal.created, proposal.accepted, ...).
 
+    \b
     Example: kmctl audit export --since 1200 -o audit.jsonl
     """
     client = ctx.client(api_node)

@@ -101,7 +101,11 @@ def chaos() -> None:
 @_as_json
 @pass_context
 def kill(ctx: CliContext, node: str, as_json: bool) -> None:
-    """SIGKILL NODE's process (as a crash would). `chaos restart NODE` starts it again."""
+    """SIGKILL NODE's process (as a crash would). `chaos restart NODE` starts it again.
+
+    \b
+    Example: kmctl chaos kill km2
+    """
     from kmnode.chaos import faults
 
     cfg = _config(ctx)
@@ -113,7 +117,11 @@ def kill(ctx: CliContext, node: str, as_json: bool) -> None:
 @_as_json
 @pass_context
 def pause(ctx: CliContext, node: str, as_json: bool) -> None:
-    """SIGSTOP NODE: it keeps its connections but answers nothing until `chaos resume`."""
+    """SIGSTOP NODE: it keeps its connections but answers nothing until `chaos resume`.
+
+    \b
+    Example: kmctl chaos pause km3
+    """
     from kmnode.chaos import faults
 
     cfg = _config(ctx)
@@ -125,7 +133,11 @@ def pause(ctx: CliContext, node: str, as_json: bool) -> None:
 @_as_json
 @pass_context
 def resume(ctx: CliContext, node: str, as_json: bool) -> None:
-    """SIGCONT NODE after `chaos pause`."""
+    """SIGCONT NODE after `chaos pause`.
+
+    \b
+    Example: kmctl chaos resume km3
+    """
     from kmnode.chaos import faults
 
     cfg = _config(ctx)
@@ -148,6 +160,9 @@ def restart(ctx: CliContext, node: str, no_wait: bool, timeout: float, as_json: 
     """Start a killed NODE again as `kmctl up` does, and wait until it is ready.
 
     Exits 1 if it is still running, or exits or is not ready in time (with its log's end).
+
+    \b
+    Example: kmctl chaos restart km2 --timeout 60
     """
     from kmnode.chaos import faults
 
@@ -172,6 +187,9 @@ def replace(ctx: CliContext, node: str, timeout: float, as_json: bool) -> None:
     membership is removed through the leader, its data directory is kept aside as
     NODE.replaced-N, and it starts empty, attests, is admitted as a new member and receives the
     master secret over the attested channel. Refuses while NODE runs.
+
+    \b
+    Example: kmctl chaos replace km3 --timeout 120
     """
     from kmnode.chaos import faults
 
@@ -212,7 +230,11 @@ def _arrow(a: str, b: str, one_way: bool) -> str:
 @_as_json
 @pass_context
 def partition(ctx: CliContext, a: str, b: str, one_way: bool, as_json: bool) -> None:
-    """Drop every Raft message between A and B (or only A's to B with --one-way)."""
+    """Drop every Raft message between A and B (or only A's to B with --one-way).
+
+    \b
+    Example: kmctl chaos partition km1 km2 --one-way
+    """
     answers = _set_rules(ctx, a, b, one_way, {"partition": True})
     _emit(as_json, answers, f"partitioned {_arrow(a, b, one_way)}")
 
@@ -233,7 +255,11 @@ def partition(ctx: CliContext, a: str, b: str, one_way: bool, as_json: bool) -> 
 def delay(
     ctx: CliContext, a: str, b: str, ms: float, jitter_ms: float, one_way: bool, as_json: bool
 ) -> None:
-    """Delay Raft messages between A and B by --ms milliseconds (± --jitter-ms)."""
+    """Delay Raft messages between A and B by --ms milliseconds (± --jitter-ms).
+
+    \b
+    Example: kmctl chaos delay km1 km2 --ms 200 --jitter-ms 50
+    """
     answers = _set_rules(ctx, a, b, one_way, {"delay_ms": ms, "jitter_ms": jitter_ms})
     jitter = f" ± {jitter_ms:g} ms" if jitter_ms else ""
     _emit(as_json, answers, f"delaying {_arrow(a, b, one_way)} by {ms:g} ms{jitter}")
@@ -253,7 +279,11 @@ def _percent_option(f: F) -> F:
 @_as_json
 @pass_context
 def drop(ctx: CliContext, a: str, b: str, percent: float, one_way: bool, as_json: bool) -> None:
-    """Drop --percent of the Raft messages between A and B, at random (seeded per node)."""
+    """Drop --percent of the Raft messages between A and B, at random (seeded per node).
+
+    \b
+    Example: kmctl chaos drop km1 km3 --percent 30
+    """
     answers = _set_rules(ctx, a, b, one_way, {"drop": percent / 100})
     _emit(as_json, answers, f"dropping {percent:g}% of {_arrow(a, b, one_way)}")
 
@@ -268,7 +298,11 @@ def drop(ctx: CliContext, a: str, b: str, percent: float, one_way: bool, as_json
 def duplicate(
     ctx: CliContext, a: str, b: str, percent: float, one_way: bool, as_json: bool
 ) -> None:
-    """Send --percent of the Raft messages between A and B twice."""
+    """Send --percent of the Raft messages between A and B twice.
+
+    \b
+    Example: kmctl chaos duplicate km2 km3 --percent 10 --one-way
+    """
     answers = _set_rules(ctx, a, b, one_way, {"duplicate": percent / 100})
     _emit(as_json, answers, f"duplicating {percent:g}% of {_arrow(a, b, one_way)}")
 
@@ -283,6 +317,10 @@ def heal(ctx: CliContext, a: str | None, b: str | None, as_json: bool) -> None:
 
     Nodes that are not running hold no rules and are skipped. Exits 3 if a running node
     could not be healed (e.g. it is paused).
+
+    \b
+    Example: kmctl chaos heal km1 km2
+    Example: kmctl chaos heal
     """
     cfg = _config(ctx)
     names = [n.name for n in cfg.nodes]
@@ -323,7 +361,11 @@ def heal(ctx: CliContext, a: str | None, b: str | None, as_json: bool) -> None:
 @_as_json
 @pass_context
 def rules(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> None:
-    """Show the link rules and fault counts of NODES (default: every node)."""
+    """Show the link rules and fault counts of NODES (default: every node).
+
+    \b
+    Example: kmctl chaos rules km1 km2
+    """
     cfg = _config(ctx)
     shown: dict[str, Any] = {}
     for name in nodes or [n.name for n in cfg.nodes]:
@@ -365,7 +407,11 @@ def _describe_rule(rule: dict[str, Any]) -> str:
 @pass_context
 def service_crash(ctx: CliContext, node: str, as_json: bool) -> None:
     """SIGKILL NODE's service enclave; the node restarts it on its next request (it then
-    holds no keys until they are released to it again). Exits 1 if it is not running."""
+    holds no keys until they are released to it again). Exits 1 if it is not running.
+
+    \b
+    Example: kmctl chaos service-crash km2
+    """
     answer = _client(_config(ctx), node).post("/v1/chaos/service-crash")
     _emit(as_json, answer, f"killed {node}'s service enclave (pid {answer.get('killed')})")
 
@@ -387,7 +433,11 @@ def tamper_state(
 ) -> None:
     """Change NODE's stored contract state as a hostile host would. Its service enclave names
     the change when it next reads that record and stops executing (kmctl contracts roots shows
-    why; kmctl contracts resync NODE repairs it). Exits 1 if there is nothing to change."""
+    why; kmctl contracts resync NODE repairs it). Exits 1 if there is nothing to change.
+
+    \b
+    Example: kmctl chaos tamper-state km2 --mode rollback --contract token
+    """
     body: dict[str, Any] = {"mode": mode, "seed": seed}
     if contract is not None:
         body["contract"] = contract
@@ -403,7 +453,11 @@ def tamper_state(
 def tamper_blob(ctx: CliContext, node: str, dataset: str, as_json: bool) -> None:
     """Flip a bit of NODE's stored copy of DATASET's blob as a hostile host would. A
     computation on NODE then ends refused (blob-digest), releasing nothing; the token is spent.
-    Exits 1 if NODE holds no copy."""
+    Exits 1 if NODE holds no copy.
+
+    \b
+    Example: kmctl chaos tamper-blob km2 salaries
+    """
     client = _client(_config(ctx), node)
     digest = client.get(f"/v1/datasets/{urllib.parse.quote(dataset, safe='')}")["digest_ct"]
     answer = client.post("/v1/chaos/tamper-blob", {"digest": digest})
@@ -416,7 +470,12 @@ def tamper_blob(ctx: CliContext, node: str, dataset: str, as_json: bool) -> None
 @_as_json
 @pass_context
 def ring_stall(ctx: CliContext, node: str, stalled: bool, as_json: bool) -> None:
-    """Stop (--on) or restart (--off) NODE's host draining its service enclave's output ring."""
+    """Stop (--on) or restart (--off) NODE's host draining its service enclave's output ring.
+
+    \b
+    Example: kmctl chaos ring-stall km2 --on
+    Example: kmctl chaos ring-stall km2 --off
+    """
     answer = _client(_config(ctx), node).post("/v1/chaos/ring-stall", {"stalled": stalled})
     state = "stalled" if answer.get("stalled") else "draining again"
     _emit(as_json, answer, f"{node}: service ring {state}")
@@ -440,7 +499,12 @@ def poison(
 ) -> None:
     """NODE's host feeds seeded garbage into every input it holds (its KM enclave's circuit,
     its own API, every member's peer port) until --off, which prints what was sent, what came
-    back, and any finding (a 5xx, an internal failure): there should be none."""
+    back, and any finding (a 5xx, an internal failure): there should be none.
+
+    \b
+    Example: kmctl chaos poison km2 --on --seed 7 --rate 100
+    Example: kmctl chaos poison km2 --off
+    """
     body = {"enabled": True, "seed": seed, "rate": rate} if enabled else {"enabled": False}
     answer = _client(_config(ctx), node).post("/v1/chaos/poison", body)
     stats = answer.get("stats", {})
@@ -482,6 +546,9 @@ def corrupt(
     Give exactly one of --torn-tail (the next start truncates it), --flip-byte middle|tail
     (middle: the next start refuses, naming the offset) or --sealed (the node cannot unseal
     its state and refuses to start).
+
+    \b
+    Example: kmctl chaos corrupt km3 --flip-byte middle
     """
     from kmnode.chaos import faults
 

@@ -200,6 +200,10 @@ def run(
     their user and only once, every token ended, none of the data in clear on the host side.
     Exits 0 if every check passes, 1 on a violation (the seed, the history file and the first
     violating operation are printed), 3 if the run could not be carried out.
+
+    \b
+    Example: kmctl chaos run --seed 7 --duration 60
+    Example: kmctl chaos run --seed 8 --faults partition,kill,pause --no-contracts --out runs/8
     """
     cfg = supervisor.effective_config(ctx.config())
     config = _run_config(seed, settings)
@@ -325,7 +329,10 @@ def sweep(
     The cluster's ports must be free: stop a running cluster first (`kmctl down`). Exits 1 if
     any run found a violation, 3 if a run could not be carried out.
 
-    The recorded soak (bench/RESULTS.md): kmctl chaos sweep --seeds 50 --duration 60
+    The example is the soak recorded in bench/RESULTS.md.
+
+    \b
+    Example: kmctl chaos sweep --seeds 50 --duration 60
     """
     base = select_nodes(ctx, nodes)
     root = (out or base.state_dir / "sweep").resolve()

@@ -89,6 +89,10 @@ def up(ctx: CliContext, count: int | None, timeout: float, recover: bool) -> Non
     With --recover (every node lost its sealed state, or runs a KM build that cannot open
     it), the nodes start in recovery mode and `up` returns once they wait for shares; the
     recovery holders then run `kmctl recovery submit --as NAME`.
+
+    \b
+    Example: kmctl up -c cluster.yaml
+    Example: kmctl up --recover
     """
     cfg = select_nodes(ctx, count)
     console = Console(stderr=True)
@@ -122,6 +126,9 @@ def down(ctx: CliContext, grace: float) -> None:
     Each recorded process gets SIGTERM, then SIGKILL after the grace period. A pid file whose
     pid now belongs to another program is removed without signalling it. Node data is kept,
     so the next `kmctl up` resumes the same cluster.
+
+    \b
+    Example: kmctl down --grace 30
     """
     cfg = ctx.config()
     outcomes = supervisor.down(cfg, grace=grace)
@@ -264,6 +271,9 @@ def status(ctx: CliContext, as_json: bool, watch: bool, interval: float, count: 
     service enclave runs. Exits 0 if every node is ready, 1 if some are down or not ready,
     3 if no node answers
     (with --watch: as of the last refresh).
+
+    \b
+    Example: kmctl status --watch --interval 2
     """
     cfg = supervisor.effective_config(ctx.config())
     if watch and as_json:
@@ -291,6 +301,9 @@ def run(ctx: CliContext, name: str, recover: bool) -> None:
 
     The first node of the file, with an empty data directory, bootstraps a new cluster; any
     other node joins it. The exit code is the node's.
+
+    \b
+    Example: kmctl node run km1 -c cluster.yaml
     """
     cfg = ctx.config()
     try:

@@ -38,6 +38,7 @@ def complete_node(
 def completion(shell: str) -> None:
     """Print the completion script for SHELL: commands, options and node names complete.
 
+    \b
     Example: kmctl completion bash > ~/.local/share/bash-completion/completions/kmctl
     """
     from kmnode.cli import cli  # the whole command tree (this module is part of it)

@@ -18,7 +18,11 @@ def config() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the validated config as JSON.")
 @pass_context
 def check(ctx: CliContext, as_json: bool) -> None:
-    """Validate the cluster file; list every problem with the path of the bad field."""
+    """Validate the cluster file; list every problem with the path of the bad field.
+
+    \b
+    Example: kmctl config check -c cluster.yaml
+    """
     cfg = ctx.config()
     if as_json:
         print_json(cfg.model_dump(mode="json"))
@@ -37,7 +41,11 @@ def check(ctx: CliContext, as_json: bool) -> None:
 @config.command("defaults")
 @click.option("-n", "--nodes", default=3, show_default=True, type=click.IntRange(1, 64))
 def defaults(nodes: int) -> None:
-    """Print the embedded default cluster file (a starting point for your own)."""
+    """Print the embedded default cluster file (a starting point for your own).
+
+    \b
+    Example: kmctl config defaults -n 5 > cluster.yaml
+    """
     from kmnode.config import ClusterConfig
 
     click.echo(config_to_yaml(ClusterConfig.default(nodes)), nl=False)

@@ -109,6 +109,7 @@ def contracts_deploy(
 ) -> None:
     """Deploy FILE (.wasm, or .wat compiled here) as contract NAME (an operator's act).
 
+    \b
     Example: kmctl contracts deploy token examples/contracts/token.wat
     """
     code = wasm_of(file)
@@ -128,7 +129,11 @@ def contracts_deploy(
 @_as_json
 @pass_context
 def contracts_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
-    """List the deployed contracts."""
+    """List the deployed contracts.
+
+    \b
+    Example: kmctl contracts list --json
+    """
     answer = ctx.client(api_node).get("/v1/contracts")
     if as_json:
         print_json(answer)
@@ -149,7 +154,11 @@ def contracts_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None
 @pass_context
 def contracts_show(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
     """Show contract NAME and its committed state roots. Exits 2 if there is no such
-    contract."""
+    contract.
+
+    \b
+    Example: kmctl contracts show token
+    """
     answer = ctx.client(api_node).get(f"/v1/contracts/{_quoted(name)}")
     if as_json:
         print_json(answer)
@@ -197,6 +206,7 @@ def contracts_call(
     ARGS: u64:N (8 bytes little endian), hex:..., str:TEXT or plain text, joined.
     Exits 1 if the call reverted, trapped or was refused.
 
+    \b
     Example: kmctl contracts call token transfer u64:5 bob --as alice
     """
     client = ctx.client(api_node, as_identity)
@@ -271,6 +281,9 @@ def contracts_roots(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> N
     """Each node's state roots at the checkpoints it computed, against the committed ones.
 
     Exits 1 if a node's roots differ from a committed checkpoint or a node stopped executing.
+
+    \b
+    Example: kmctl contracts roots
     """
     views = _node_views(ctx, nodes)
     if as_json:
@@ -312,7 +325,11 @@ def contracts_roots(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> N
 @pass_context
 def contracts_cache(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> None:
     """Each node's execution and its service enclave's internal cache: position, hits,
-    misses, evictions, bytes, modelled enclave page swaps."""
+    misses, evictions, bytes, modelled enclave page swaps.
+
+    \b
+    Example: kmctl contracts cache --node km1 --node km2
+    """
     views = _node_views(ctx, nodes)
     if as_json:
         print_json({name: view for name, view in views})
@@ -348,6 +365,9 @@ def contracts_resync(ctx: CliContext, node: str, source: str | None, as_json: bo
     checkpoint into NODE's store, then have NODE's service enclave restore from it. The
     enclave takes it only if its roots equal a committed checkpoint; it then replays the
     operations since. Exits 1 if NODE still cannot execute afterwards.
+
+    \b
+    Example: kmctl contracts resync km2 --from km1
     """
     cfg = supervisor.effective_config(ctx.config())
     names = {n.name for n in cfg.nodes}

@@ -43,6 +43,9 @@ def dashboard(ctx: CliContext, host: str, port: int, open_browser: bool) -> None
     links between nodes as a graph, and the last 20 audit records from MQTT. It updates about
     once a second from the nodes' open /v1/status and /metrics routes; nodes that do not
     answer show as down. The page is read-only and holds nothing secret.
+
+    \b
+    Example: kmctl dashboard --port 8090 --open
     """
     # Imported here: the server pulls in the Prometheus parser, which no other command needs.
     from kmnode.dashboard.server import is_loopback, serve

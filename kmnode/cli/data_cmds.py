@@ -92,7 +92,11 @@ def data() -> None:
 @pass_context
 def data_ops(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
     """List the operations a dataset may allow: the built-ins and those registered in
-    WebAssembly (name, version, checksum: what a token binds)."""
+    WebAssembly (name, version, checksum: what a token binds).
+
+    \b
+    Example: kmctl data ops --json
+    """
     answer = ctx.client(api_node).get("/v1/data/ops")
     if as_json:
         print_json(answer)
@@ -131,6 +135,7 @@ def data_op_register(
     act): it reads one numeric column and returns one number (see examples/dataops/). Owners
     then allow it by name; every token for it binds its checksum.
 
+    \b
     Example: kmctl data op-register variance examples/dataops/variance.wat
     """
     code = wasm_of(file)
@@ -179,6 +184,7 @@ def data_register(
     act): the blob goes to every node's host, the ledger gets its digests and its data key
     wrapped to the cluster.
 
+    \b
     Example: kmctl data register salaries salaries.csv --as alice --privacy high --ops mean,count
     """
     allowed = _ops(ops)
@@ -222,7 +228,11 @@ def data_register(
 @_as_json
 @pass_context
 def data_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
-    """List the registered datasets."""
+    """List the registered datasets.
+
+    \b
+    Example: kmctl data list
+    """
     answer = ctx.client(api_node).get("/v1/datasets")
     if as_json:
         print_json(answer)
@@ -241,7 +251,11 @@ def data_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
 @_as_json
 @pass_context
 def data_show(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
-    """Show dataset NAME and its grants. Exits 2 if there is no such dataset."""
+    """Show dataset NAME and its grants. Exits 2 if there is no such dataset.
+
+    \b
+    Example: kmctl data show salaries
+    """
     answer = ctx.client(api_node).get(f"/v1/datasets/{_q(name)}")
     if as_json:
         print_json(answer)
@@ -294,6 +308,7 @@ def data_grant(
 ) -> None:  # fmt: skip
     """Grant USER operations on dataset NAME (its owner's act).
 
+    \b
     Example: kmctl data grant salaries --to bob --ops mean --uses 3 --ttl 600 --as alice
     """
     body = {"user": user, "ops": _ops(ops), "uses": uses, "ttl": ttl}
@@ -317,6 +332,7 @@ def data_request(
 ) -> None:  # fmt: skip
     """Ask the owner of dataset NAME for a grant (published on the owner's MQTT topic).
 
+    \b
     Example: kmctl data request salaries --ops mean --as bob
     """
     body = {"ops": _ops(ops), "uses": uses, "ttl": ttl}
@@ -334,7 +350,11 @@ def data_request(
 @_as_json
 @pass_context
 def data_requests(ctx: CliContext, state: str | None, api_node: str | None, as_json: bool) -> None:
-    """List users' requests for grants."""
+    """List users' requests for grants.
+
+    \b
+    Example: kmctl data requests --state open
+    """
     answer = ctx.client(api_node).get("/v1/data/requests", {"state": state} if state else None)
     if as_json:
         print_json(answer)
@@ -351,7 +371,7 @@ def data_requests(ctx: CliContext, state: str | None, api_node: str | None, as_j
 def _decide(verb: str) -> None:
     help_text = (
         f"{verb.capitalize()} a user's REQUEST (the dataset owner's act).\n\n"
-        f"Example: kmctl data {verb} q42 --as alice"
+        f"\b\nExample: kmctl data {verb} q42 --as alice"
     )
 
     @data.command(verb, help=help_text)
@@ -390,6 +410,7 @@ def data_revoke(
     """Revoke GRANT (its owner's act): no new token at once; an issued token is refused once
     its platform's service enclave has seen the revocation.
 
+    \b
     Example: kmctl data revoke g17 --as alice
     """
     answer = ctx.client(api_node, as_identity).post(f"/v1/data/grants/{_q(grant)}/revoke", {})
@@ -426,6 +447,7 @@ def data_compute(
     """Compute OP on dataset NAME as a data user; print the result only you can open.
     Exits 1 if the computation was refused (the reason is printed).
 
+    \b
     Example: kmctl data compute salaries --op mean --params '{"column": "salary"}' --as bob
     """
     try:
@@ -457,6 +479,7 @@ def data_result(ctx: CliContext, token: str, as_identity: str | None, as_json: b
     """Fetch TOKEN's sealed result from its platform node, check its hash against the one
     committed with the token, and open it with your key.
 
+    \b
     Example: kmctl data result t1042 --as bob
     """
     client = ctx.client(None, as_identity)
@@ -509,7 +532,11 @@ def data_tokens(
     ctx: CliContext, grant: str | None, state: str | None, user: str | None,
     api_node: str | None, as_json: bool,
 ) -> None:  # fmt: skip
-    """List tokens (committed authentication transactions) and how each ended."""
+    """List tokens (committed authentication transactions) and how each ended.
+
+    \b
+    Example: kmctl data tokens --grant g17 --state consumed
+    """
     query = {k: v for k, v in (("grant", grant), ("state", state), ("user", user)) if v}
     answer = ctx.client(api_node).get("/v1/data/tokens", query or None)
     if as_json:
@@ -530,7 +557,11 @@ def data_tokens(
 @pass_context
 def data_status(ctx: CliContext, nodes: tuple[str, ...], as_json: bool) -> None:
     """Each node as a platform: its committed service measurement, the jobs it ran, tokens
-    still pending, and how long its service enclave took to see revocations (lag)."""
+    still pending, and how long its service enclave took to see revocations (lag).
+
+    \b
+    Example: kmctl data status --node km2
+    """
     cfg = supervisor.effective_config(ctx.config())
     views: list[dict[str, Any]] = []
     for name in nodes or tuple(n.name for n in cfg.nodes):

@@ -90,7 +90,9 @@ def render(
     profile's admin (its key in your state directory) is the cluster's identity, as with
     `kmctl up`. Prints each file written, then what is left to do.
 
-    Example: kmctl -c cluster.yaml deploy render k8s -o deploy/k8s --image registry/kmsim:0.1.0
+    \b
+    Example: kmctl deploy render compose --image kmsim:0.1.0
+    Example: kmctl deploy render k8s -o deploy/k8s --image registry/kmsim:0.1.0 -c cluster.yaml
     """
     click_ctx = click.get_current_context()
     if target == "compose":

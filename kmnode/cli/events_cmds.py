@@ -182,6 +182,10 @@ def events(
     One line per message: receive time (UTC), node, kind, payload. Messages published before
     the command subscribed are not shown (nothing is retained). Exit code 3 if the broker
     cannot be reached.
+
+    \b
+    Example: kmctl events --follow --topic audit --json
+    Example: kmctl events --node km2 -n 10
     """
     cfg = ctx.config()
     if node is not None:

@@ -68,7 +68,11 @@ def proposals() -> None:
 @_as_json
 @pass_context
 def proposals_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None:
-    """List proposals with their state and votes."""
+    """List proposals with their state and votes.
+
+    \b
+    Example: kmctl proposals list
+    """
     answer = ctx.client(api_node).get("/v1/proposals")
     if as_json:
         print_json(answer)
@@ -92,7 +96,11 @@ def proposals_list(ctx: CliContext, api_node: str | None, as_json: bool) -> None
 @_api_node
 @pass_context
 def proposals_show(ctx: CliContext, proposal: str, api_node: str | None) -> None:
-    """Show PROPOSAL: its actions, ballots and state (JSON)."""
+    """Show PROPOSAL: its actions, ballots and state (JSON).
+
+    \b
+    Example: kmctl proposals show p12
+    """
     print_json(ctx.client(api_node).get(f"/v1/proposals/{proposal}"))
 
 
@@ -105,7 +113,12 @@ def proposals_show(ctx: CliContext, proposal: str, api_node: str | None) -> None
 def proposals_vote(
     ctx: CliContext, proposal: str, against: bool, api_node: str | None, as_json: bool
 ) -> None:
-    """Vote for PROPOSAL (or --against) as the signing admin."""
+    """Vote for PROPOSAL (or --against) as the signing admin.
+
+    \b
+    Example: kmctl proposals vote p12
+    Example: kmctl --as ben proposals vote p12 --against
+    """
     body = {"ballot": "against" if against else "for"}
     done = "voted against it" if against else "voted for it: its actions are applied"
     governed(ctx, api_node, f"/v1/proposals/{proposal}/vote", body, done, as_json)
@@ -117,7 +130,11 @@ def proposals_vote(
 @_as_json
 @pass_context
 def proposals_withdraw(ctx: CliContext, proposal: str, api_node: str | None, as_json: bool) -> None:
-    """Withdraw PROPOSAL (only its proposer may, while it is open)."""
+    """Withdraw PROPOSAL (only its proposer may, while it is open).
+
+    \b
+    Example: kmctl proposals withdraw p12
+    """
     governed(ctx, api_node, f"/v1/proposals/{proposal}/withdraw", {}, "withdrew it", as_json)
 
 
@@ -132,7 +149,11 @@ def proposals_create(
     """Propose the actions in ACTIONS_FILE (JSON: a list of actions; - reads stdin), e.g.
     [{"op": "identity.set", "identity": {...}}], {"op": "identity.remove", "name": "bob"},
     {"op": "constitution.set", "threshold": 2}, {"op": "chaos.set", "enabled": true}, and the
-    policy and member changes of `kmctl policy` and `kmctl members remove`."""
+    policy and member changes of `kmctl policy` and `kmctl members remove`.
+
+    \b
+    Example: kmctl proposals create actions.json
+    """
     text = sys.stdin.read() if str(actions_file) == "-" else _read(actions_file)
     try:
         actions = json.loads(text)

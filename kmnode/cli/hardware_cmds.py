@@ -36,7 +36,11 @@ def _store(ctx: CliContext) -> HardwareStore:
 @pass_context
 def show(ctx: CliContext, as_json: bool) -> None:
     """The vendor root this machine's platforms are certified by (compare it across
-    machines), and the platforms whose secrets live here."""
+    machines), and the platforms whose secrets live here.
+
+    \b
+    Example: kmctl hardware show --json
+    """
     store = _store(ctx)
     try:
         public = store.vendor_public_key().hex()
@@ -59,6 +63,7 @@ def export(ctx: CliContext, file: Path) -> None:
     """Write this machine's simulated vendor root to FILE (mode 0600; it is the vendor's
     signing secret: copy it to the other machines over a channel you trust, then delete it).
 
+    \b
     Example: kmctl hardware export vendor.json && scp vendor.json host2: && rm vendor.json
     """
     if file.exists():
@@ -87,7 +92,8 @@ def import_(ctx: CliContext, file: Path, replace: bool) -> None:
     """Trust the vendor root exported on another machine: this machine's platforms are then
     certified by it, so nodes here and there accept each other's quotes.
 
-    Example: kmctl -c cluster.yaml hardware import vendor.json
+    \b
+    Example: kmctl hardware import vendor.json -c cluster.yaml
     """
     try:
         click.echo(_store(ctx).import_vendor(file.read_bytes(), replace=replace))

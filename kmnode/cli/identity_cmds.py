@@ -58,7 +58,11 @@ def _entry(public: PublicIdentity) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the public identity as JSON.")
 def keygen(name: str, roles: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     """Make NAME's keys: write the key file (mode 0600; never overwritten) and print the
-    public part, ready to paste under `identities:` in cluster.yaml."""
+    public part, ready to paste under `identities:` in cluster.yaml.
+
+    \b
+    Example: kmctl identity keygen ann --role admin
+    """
     path = out if out is not None else default_key_dir() / f"{name}.key"
     try:
         keys = IdentityKeys.generate(name)
@@ -81,7 +85,11 @@ def keygen(name: str, roles: tuple[str, ...], out: Path | None, as_json: bool) -
 @pass_context
 def show(ctx: CliContext, name_or_file: str | None, roles: tuple[str, ...], as_json: bool) -> None:
     """Print the public part of an identity's key file (default: the one `--as` names, else
-    the development profile's admin of this cluster)."""
+    the development profile's admin of this cluster).
+
+    \b
+    Example: kmctl identity show ann --json
+    """
     cfg = ctx.config()
     chosen = name_or_file or ctx.identity
     keys = load_signer(cfg, chosen) if chosen else ctx.signer(cfg)

@@ -91,7 +91,12 @@ def verify(
 ) -> None:
     """Replay NODE's ledger, check its snapshot's signature, recompute its hash chain and
     check every signature of a member's enclave against the vendor root. Names the first bad
-    entry; exits 1 if any check fails (an unsigned tail too, unless allowed)."""
+    entry; exits 1 if any check fails (an unsigned tail too, unless allowed).
+
+    \b
+    Example: kmctl ledger verify km3
+    Example: kmctl ledger verify km3 --against km1.mark
+    """
     cfg = ctx.config()
     raft_dir = _raft_dir(cfg, node, force)
     references = [
@@ -154,7 +159,11 @@ def _print_report(node: str, report: LedgerReport) -> None:
 def mark(ctx: CliContext, node: str, force: bool, output: Path | None) -> None:
     """Write NODE's signed high-water mark: the highest (index, chain hash) a member's enclave
     signed in its ledger, with the quote and signature, for `ledger verify --against FILE`
-    later or on another machine. Exits 1 if NODE's ledger does not verify."""
+    later or on another machine. Exits 1 if NODE's ledger does not verify.
+
+    \b
+    Example: kmctl ledger mark km1 --force -o km1.mark
+    """
     cfg = ctx.config()
     found = node_mark(_raft_dir(cfg, node, force), _vendor_root(cfg), node)
     text = json.dumps(found.to_json(), indent=2, sort_keys=True) + "\n"
@@ -172,7 +181,11 @@ def mark(ctx: CliContext, node: str, force: bool, output: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per entry.")
 @pass_context
 def dump(ctx: CliContext, node: str, force: bool, limit: int, as_json: bool) -> None:
-    """Show the last committed commands of NODE's ledger (they hold no key material)."""
+    """Show the last committed commands of NODE's ledger (they hold no key material).
+
+    \b
+    Example: kmctl ledger dump km2 --force --limit 20
+    """
     cfg = ctx.config()
     entries = committed_commands(read_ledger(_raft_dir(cfg, node, force)))[-limit:]
     rows = []

@@ -103,6 +103,9 @@ def setup(ctx: CliContext, as_json: bool) -> None:
 
     Idempotent: what exists is kept, what is missing is added. Refuses a subnet that this
     machine already routes (pick another mqtt.embedded_host and node addresses then).
+
+    \b
+    Example: kmctl chaos netns setup -c cluster.yaml
     """
     cfg, _ = _topology(ctx)
     _show(_machine(lambda: ns.setup(cfg)), as_json, "set up")
@@ -120,6 +123,9 @@ def teardown(ctx: CliContext, force: bool, as_json: bool) -> None:
     """Remove the namespaces, veth pairs and bridge; whatever is already gone is skipped.
 
     Run `kmctl down` first: a node whose namespace is removed keeps running, unreachable.
+
+    \b
+    Example: kmctl chaos netns teardown
     """
     cfg, topo = _topology(ctx)
     inside = {n.name for n in topo.nodes}
@@ -149,6 +155,9 @@ def partition(ctx: CliContext, a: str, b: str, one_way: bool, as_json: bool) -> 
 
     Unlike `chaos partition`, the nodes are not told: their packets are dropped. Repeat for
     more pairs; `chaos netns heal` removes every cut.
+
+    \b
+    Example: kmctl chaos netns partition km1 km3
     """
     cfg, topo = _topology(ctx)
     if a == b:
@@ -170,7 +179,11 @@ def partition(ctx: CliContext, a: str, b: str, one_way: bool, as_json: bool) -> 
 @_as_json
 @pass_context
 def heal(ctx: CliContext, as_json: bool) -> None:
-    """Remove every blackhole route in the cluster's namespaces."""
+    """Remove every blackhole route in the cluster's namespaces.
+
+    \b
+    Example: kmctl chaos netns heal
+    """
     cfg, _ = _topology(ctx)
 
     def run() -> list[tuple[str, str]]:
@@ -191,6 +204,10 @@ def heal(ctx: CliContext, as_json: bool) -> None:
 @_as_json
 @pass_context
 def status(ctx: CliContext, as_json: bool) -> None:
-    """What exists of the topology, and which node cannot send to which."""
+    """What exists of the topology, and which node cannot send to which.
+
+    \b
+    Example: kmctl chaos netns status --json
+    """
     cfg, _ = _topology(ctx)
     _show(_machine(lambda: ns.status(cfg)), as_json, "status")

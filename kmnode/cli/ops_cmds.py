@@ -101,7 +101,11 @@ def keys() -> None:
 def keys_create(
     ctx: CliContext, name: str, allowed: tuple[str, ...], api_node: str | None, as_json: bool
 ) -> None:
-    """Create key NAME at generation 1. Exits 1 if it already exists."""
+    """Create key NAME at generation 1. Exits 1 if it already exists.
+
+    \b
+    Example: kmctl keys create payments
+    """
     body: dict[str, Any] = {"name": name}
     if allowed:
         body["allowed_service"] = [_measurement(m) for m in allowed]
@@ -116,7 +120,11 @@ def keys_create(
 @_as_json
 @pass_context
 def keys_list(ctx: CliContext, api_node: str | None, linearizable: bool, as_json: bool) -> None:
-    """List every key with its current generation and the service enclaves allowed to use it."""
+    """List every key with its current generation and the service enclaves allowed to use it.
+
+    \b
+    Example: kmctl keys list --linearizable
+    """
     answer = _client(ctx, api_node).get("/v1/keys", _read_query(linearizable))
     if as_json:
         print_json(answer)
@@ -149,6 +157,9 @@ def keys_show(
 
     The fingerprint is a MAC, never the key: equal fingerprints on two nodes prove they hold
     the same key. Exits 2 if there is no such key.
+
+    \b
+    Example: kmctl keys show payments --node km3
     """
     client = _client(ctx, api_node)
     answer = client.get(f"/v1/keys/{_quoted(name)}", _read_query(linearizable))
@@ -173,7 +184,11 @@ def _gen(item: tuple[str, Any]) -> int:
 @_as_json
 @pass_context
 def keys_rotate(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
-    """Move key NAME to a new generation (a new derived key); old generations stay usable."""
+    """Move key NAME to a new generation (a new derived key); old generations stay usable.
+
+    \b
+    Example: kmctl keys rotate payments
+    """
     answer = _client(ctx, api_node).post(f"/v1/keys/{_quoted(name)}/rotate")
     generation = answer.get("generation") if isinstance(answer, dict) else "?"
     _write_result(as_json, answer, f"rotated key {name} to generation {generation}")
@@ -211,7 +226,9 @@ def keys_release(
     Prints one row per node: provisioned, refused (with the reason) or requested (not yet
     settled). Exits 1 if any release was refused.
 
+    \b
     Example: kmctl keys release payments --to km2
+    Example: kmctl keys release payments --all --generation 2 --node km1
     """
     if (target is None) == (not to_all):
         hint = (
@@ -272,7 +289,11 @@ def releases() -> None:
 def releases_list(
     ctx: CliContext, key: str | None, api_node: str | None, linearizable: bool, as_json: bool
 ) -> None:
-    """List releases: which key generation went to which node, and whether it was provisioned."""
+    """List releases: which key generation went to which node, and whether it was provisioned.
+
+    \b
+    Example: kmctl releases list --key payments
+    """
     answer = _client(ctx, api_node).get("/v1/releases", _read_query(linearizable, key=key))
     if as_json:
         print_json(answer)
@@ -295,7 +316,11 @@ def policy() -> None:
 @_as_json
 @pass_context
 def policy_get(ctx: CliContext, api_node: str | None, linearizable: bool, as_json: bool) -> None:
-    """Show the policy every quote is verified against now (it changes only through Raft)."""
+    """Show the policy every quote is verified against now (it changes only through Raft).
+
+    \b
+    Example: kmctl policy get --linearizable
+    """
     answer = _client(ctx, api_node).get("/v1/policy", _read_query(linearizable))
     if as_json:
         print_json(answer)
@@ -330,7 +355,13 @@ def _policy_change(
 def policy_allow(
     ctx: CliContext, role: str, measurement: str, api_node: str | None, as_json: bool
 ) -> None:
-    """Allow enclaves with MEASUREMENT (64 hex digits) in ROLE to attest."""
+    """Allow enclaves with MEASUREMENT (64 hex digits) in ROLE to attest.
+
+    A new build's measurements are what `kmctl attest measure` prints where it is installed.
+
+    \b
+    Example: kmctl policy allow --role km "$NEW_KM_MEASUREMENT"
+    """
     value = _measurement(measurement)
     body = {"role": role, "measurement": value}
     _policy_change(ctx, api_node, as_json, "/v1/policy/allow", body, f"allowed {role} {value}")
@@ -345,7 +376,11 @@ def policy_allow(
 def policy_disallow(
     ctx: CliContext, role: str, measurement: str, api_node: str | None, as_json: bool
 ) -> None:
-    """Stop accepting MEASUREMENT in ROLE. Exits 1 if the cluster refuses (e.g. last one)."""
+    """Stop accepting MEASUREMENT in ROLE. Exits 1 if the cluster refuses (e.g. last one).
+
+    \b
+    Example: kmctl policy disallow --role km "$OLD_KM_MEASUREMENT"
+    """
     value = _measurement(measurement)
     body = {"role": role, "measurement": value}
     _policy_change(
@@ -361,7 +396,11 @@ def policy_disallow(
 def policy_revoke_platform(
     ctx: CliContext, platform_id: str, api_node: str | None, as_json: bool
 ) -> None:
-    """Revoke PLATFORM_ID: its quotes are refused from now on, whatever they measure."""
+    """Revoke PLATFORM_ID: its quotes are refused from now on, whatever they measure.
+
+    \b
+    Example: kmctl policy revoke-platform platform-2
+    """
     body = {"platform_id": platform_id}
     path = "/v1/policy/revoke-platform"
     _policy_change(ctx, api_node, as_json, path, body, f"revoked platform {platform_id}")
@@ -381,7 +420,11 @@ def members() -> None:
 @_as_json
 @pass_context
 def members_list(ctx: CliContext, api_node: str | None, linearizable: bool, as_json: bool) -> None:
-    """List members with their platform, addresses, and whether they vote."""
+    """List members with their platform, addresses, and whether they vote.
+
+    \b
+    Example: kmctl members list --linearizable
+    """
     answer = _client(ctx, api_node).get("/v1/members", _read_query(linearizable))
     if as_json:
         print_json(answer)
@@ -410,7 +453,11 @@ def members_list(ctx: CliContext, api_node: str | None, linearizable: bool, as_j
 @pass_context
 def members_admit(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
     """Propose admitting node NAME as the cluster file describes it (platform, addresses): a
-    joining node stays pending, with nothing, until such a proposal passes."""
+    joining node stays pending, with nothing, until such a proposal passes.
+
+    \b
+    Example: kmctl members admit km4 -c cluster.yaml
+    """
     try:
         spec = ctx.config().node(name)
     except KeyError as exc:
@@ -425,7 +472,11 @@ def members_admit(ctx: CliContext, name: str, api_node: str | None, as_json: boo
 @_as_json
 @pass_context
 def members_remove(ctx: CliContext, name: str, api_node: str | None, as_json: bool) -> None:
-    """Remove node NAME from the cluster (a committed membership change)."""
+    """Remove node NAME from the cluster (a committed membership change).
+
+    \b
+    Example: kmctl members remove km4
+    """
     governed(ctx, api_node, "/v1/members/remove", {"name": name}, f"removed member {name}", as_json)
 
 
@@ -448,6 +499,7 @@ def members_transfer_leader(
     for maintenance, or to move it next to its clients. Exits 1 if NODE is not a voting
     member, and if it does not lead within the timeout.
 
+    \b
     Example: kmctl members transfer-leader km2
     """
     answer = _client(ctx, api_node).post(
@@ -482,6 +534,7 @@ def members_replace(ctx: CliContext, name: str, timeout: float, as_json: bool) -
     the upgrade runs. In the development profile the single admin passes both proposals at
     once.
 
+    \b
     Example: kmctl members replace km2
     """
     given = ctx.config()
@@ -516,7 +569,11 @@ def members_replace(ctx: CliContext, name: str, timeout: float, as_json: bool) -
 @pass_context
 def attest_show(ctx: CliContext, node: str, as_json: bool) -> None:
     """Ask running node NODE for a fresh quote of its KM enclave, verified by that node
-    against the replicated policy (not the one in cluster.yaml). Exits 1 if refused."""
+    against the replicated policy (not the one in cluster.yaml). Exits 1 if refused.
+
+    \b
+    Example: kmctl attest show km2
+    """
     client = _client(ctx, node)
     answer = client.get("/v1/attest")
     verification = answer.get("verification") or {}
@@ -586,6 +643,9 @@ def prove(
     Nodes holding the same key return the same MAC. The enclave also writes the record to its
     ring buffer, which the host publishes on MQTT. With --all, the table says whether every
     node agrees; exits with the first failure's code if some node could not prove.
+
+    \b
+    Example: kmctl prove payments --generation 1 --challenge 00ff --all
     """
     if target is not None and to_all:
         raise CliError("give at most one of --node NAME or --all", EXIT_USAGE)

@@ -61,6 +61,7 @@ def recovery_status(ctx: CliContext, api_node: str | None, as_json: bool) -> Non
     """The ledger's split (generation, threshold, holders), the shares submitted in a
     recovery, and each node's mode.
 
+    \b
     Example: kmctl recovery status
     """
     client = ctx.client(api_node)
@@ -122,6 +123,7 @@ def share_show(
     """Open your share of the ledger's split with your key file, here, and check it against
     its commitment. Prints the share: keep it as secret as the key file.
 
+    \b
     Example: kmctl recovery share show --as carol
     """
     client = ctx.client(api_node, as_identity)
@@ -173,7 +175,9 @@ def submit(
     a bogus share is refused, naming you, and nothing is recorded. Once the threshold is
     reached every node rebuilds the master secret and the cluster opens.
 
+    \b
     Example: kmctl recovery submit --as carol
+    Example: kmctl recovery submit --as carol --share-file carol.share
     """
     client = ctx.client(api_node, as_identity)
     signer = _signer(client)
@@ -202,6 +206,7 @@ def threshold(ctx: CliContext, count: int, api_node: str | None, as_json: bool) 
 
     Passed, it makes the leader issue a fresh split to the holders.
 
+    \b
     Example: kmctl recovery threshold 2
     """
     body = {"actions": [{"op": "recovery.threshold", "threshold": count}]}

@@ -71,6 +71,7 @@ def save(
     and only then written, with mode 0600; an existing FILE is not overwritten. The snapshot
     holds no secret; restore it with `kmctl snapshot restore`.
 
+    \b
     Example: kmctl snapshot save backup.snap --node km2
     """
     if file.exists():
@@ -138,6 +139,7 @@ def restore(
     The nodes then start in recovery mode: `kmctl up --recover`, and the recovery holders run
     `kmctl recovery submit`.
 
+    \b
     Example: kmctl snapshot restore backup.snap
     """
     cfg = ctx.config()
