@@ -132,7 +132,14 @@ def make_app(name: str, state: FakeState) -> web.Application:
 
     @routes.get("/v1/keys")
     async def keys_list(request: web.Request) -> web.Response:
-        return web.json_response({"keys": list(state.keys.values())})
+        # In pages of two names, as the node pages (of 10,000): kmctl must follow ``next``.
+        after = request.query.get("after")
+        names = sorted(n for n in state.keys if after is None or n > after)
+        page = names[:2]
+        more = len(names) > 2
+        return web.json_response(
+            {"keys": [state.keys[n] for n in page], "next": page[-1] if more else None}
+        )
 
     @routes.post("/v1/keys")
     async def keys_create(request: web.Request) -> web.Response:
@@ -690,3 +697,11 @@ def test_every_command_explains_itself(command: list[str]) -> None:
     assert result.exit_code == 0
     summary = result.stdout.split("\n\n")[1].strip()
     assert len(summary) > 20, summary
+
+
+def test_keys_list_follows_the_pages_to_the_last_key(cluster: FakeCluster) -> None:
+    for name in ("e", "a", "d", "b", "c"):
+        assert kmctl(cluster, "keys", "create", name).code == 0
+    listed = kmctl(cluster, "keys", "list", "--json").json()
+    assert [k["name"] for k in listed["keys"]] == ["a", "b", "c", "d", "e"]
+    assert len(cluster.requests("/v1/keys")) >= 3 + 5  # three pages (and five creates)

@@ -48,6 +48,10 @@ def _linearizable(f: F) -> F:
     )(f)
 
 
+#: The most pages `keys list` reads (10,000 keys each): bounded whatever a node answers.
+MAX_KEY_PAGES = 10_000
+
+
 def _client(ctx: CliContext, node: str | None) -> ClusterClient:
     return ctx.client(node)
 
@@ -125,7 +129,17 @@ def keys_list(ctx: CliContext, api_node: str | None, linearizable: bool, as_json
     \b
     Example: kmctl keys list --linearizable
     """
-    answer = _client(ctx, api_node).get("/v1/keys", _read_query(linearizable))
+    client = _client(ctx, api_node)
+    found: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(MAX_KEY_PAGES):  # the node answers in pages of names
+        query = _read_query(linearizable, after=after)
+        page = client.get("/v1/keys", query)
+        found += page.get("keys", []) if isinstance(page, dict) else []
+        after = page.get("next") if isinstance(page, dict) else None
+        if not isinstance(after, str):
+            break
+    answer = {"keys": found}
     if as_json:
         print_json(answer)
         return
