@@ -58,6 +58,7 @@ _SHARED = (
     "kmnode.errors", "kmnode.circuit", "kmnode.km_messages", "kmnode.service_pipe",
     "kmnode.linkfaults", "kmnode.datadir", "kmnode.identity", "kmnode.api_routes",
     "kmnode.jsondepth", "kmnode.histogram", "kmnode.logsetup", "kmnode.procfs",
+    "kmnode.metric_families",
 )  # fmt: skip
 
 #: (importers, what they must not import): each rule is one boundary of the layering.

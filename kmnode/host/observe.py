@@ -28,16 +28,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kmnode.histogram import Histogram
 from kmnode.km_messages import (
-    HistogramBucket,
     MetricFamily,
-    MetricSample,
     MetricsReply,
     MetricsRequest,
     StatusReply,
     StatusRequest,
 )
+from kmnode.metric_families import counter_by, gauge, histogram
 
 if TYPE_CHECKING:
     from kmnode.host.node import KMNode
@@ -78,89 +76,64 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def _gauge(name: str, help_text: str, value: float, **labels: str) -> MetricFamily:
-    return MetricFamily(
-        name=name, kind="gauge", help=help_text, samples=[MetricSample(labels=labels, value=value)]
-    )
-
-
-def _counter(name: str, help_text: str, samples: dict[str, float], label: str) -> MetricFamily:
-    return MetricFamily(
-        name=name,
-        kind="counter",
-        help=help_text,
-        samples=[MetricSample(labels={label: k}, value=v) for k, v in sorted(samples.items())],
-    )
-
-
-def _histogram(name: str, help_text: str, source: Histogram) -> MetricFamily:
-    return MetricFamily(
-        name=name,
-        kind="histogram",
-        help=help_text,
-        buckets=[HistogramBucket(le=b, count=c) for b, c in source.cumulative()],
-        sum=source.sum,
-    )
-
-
 def host_families(node: KMNode) -> list[MetricFamily]:
     """The host's own counters."""
     stats = node.events.stats()
     families = [
-        _gauge("kmsim_node_info", "This node.", 1.0, node=node.name, cluster=node.config.cluster),
-        _counter(
+        gauge("kmsim_node_info", "This node.", 1.0, node=node.name, cluster=node.config.cluster),
+        counter_by(
             "kmsim_mqtt_messages",
             "MQTT messages published (acknowledged) and dropped (oldest, when the broker lags).",
-            {"published": stats.published, "dropped": stats.dropped},
             "outcome",
+            {"published": stats.published, "dropped": stats.dropped},
         ),
-        _gauge("kmsim_mqtt_connected", "1 while connected to the broker.", float(stats.connected)),
-        _counter(
+        gauge("kmsim_mqtt_connected", "1 while connected to the broker.", float(stats.connected)),
+        counter_by(
             "kmsim_service_outputs",
             "Records the host drained from the service enclave's ring.",
-            {"drained": float(node.service_output.outputs)},
             "kind",
+            {"drained": float(node.service_output.outputs)},
         ),
-        _counter(
+        counter_by(
             "kmsim_service_ring_replacements",
             "Fresh rings granted after the service enclave reported a ring error.",
-            {"granted": float(node.service_output.replacements)},
             "kind",
+            {"granted": float(node.service_output.replacements)},
         ),
     ]
     ring = node.service_output.ring
     if ring is not None:
         families += [
-            _gauge(
+            gauge(
                 "kmsim_service_ring_fill_bytes",
                 "Unread bytes in the ring (shared header).",
                 float(ring.used),
             ),
-            _gauge(
+            gauge(
                 "kmsim_service_ring_capacity_bytes",
                 "The ring's data capacity.",
                 float(ring.capacity),
             ),
-            _counter(
+            counter_by(
                 "kmsim_service_ring_discarded",
                 "Records the writer discarded (ring full).",
-                {"discarded": float(ring.discarded)},
                 "kind",
+                {"discarded": float(ring.discarded)},
             ),
         ]
     disks = node.km.disks
     if disks is not None:
         families.append(
-            _histogram(
+            histogram(
                 "kmsim_host_fsync_seconds", "The host's fsyncs of the node's files.", disks.fsyncs
             )
         )
     families.append(
-        _counter(
+        counter_by(
             "kmsim_peer_connections_dropped_slow",
             "Peer connections the host dropped for not reading.",
-            {"dropped": float(node.km.sockets.dropped_slow)},
             "kind",
+            {"dropped": float(node.km.sockets.dropped_slow)},
         )
     )
     return families
@@ -195,7 +168,7 @@ class Observer:
             up = 1.0
         except Exception:  # the host's figures still count; the scrape says the enclave's not
             up = 0.0
-        families.append(_gauge("kmsim_km_enclave_up", "1 if the KM enclave answered.", up))
+        families.append(gauge("kmsim_km_enclave_up", "1 if the KM enclave answered.", up))
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Snapshot(families))
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE})

@@ -13,16 +13,14 @@ import dataclasses
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from kmnode.histogram import Histogram
-from kmnode.km_messages import HistogramBucket, MetricFamily, MetricSample
+from kmnode.km_messages import MetricFamily
+from kmnode.metric_families import Labels, counter, gauge, histogram
 
 if TYPE_CHECKING:
     from kmnode.km.node import KMNode
 
 #: A refusal reason's kind: the text before its first colon, at most this long.
 REASON_KIND_CHARS = 60
-#: A sample's labels, as a hashable key: ((name, value), ...).
-Labels = tuple[tuple[str, str], ...]
 
 
 def reason_kind(reason: str) -> str:
@@ -30,31 +28,6 @@ def reason_kind(reason: str) -> str:
     if not reason:
         return "none"
     return reason.split(":", 1)[0].strip()[:REASON_KIND_CHARS] or "other"
-
-
-def gauge(name: str, help_text: str, value: float, **labels: str) -> MetricFamily:
-    return MetricFamily(
-        name=name, kind="gauge", help=help_text, samples=[MetricSample(labels=labels, value=value)]
-    )
-
-
-def counter(name: str, help_text: str, samples: dict[Labels, float]) -> MetricFamily:
-    return MetricFamily(
-        name=name,
-        kind="counter",
-        help=help_text,
-        samples=[MetricSample(labels=dict(k), value=v) for k, v in sorted(samples.items())],
-    )
-
-
-def histogram(name: str, help_text: str, source: Histogram) -> MetricFamily:
-    return MetricFamily(
-        name=name,
-        kind="histogram",
-        help=help_text,
-        buckets=[HistogramBucket(le=b, count=c) for b, c in source.cumulative()],
-        sum=source.sum,
-    )
 
 
 def collect(node: KMNode) -> list[MetricFamily]:

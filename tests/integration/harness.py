@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,20 +253,36 @@ class LocalCluster:
         path = self.logs / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
+    def kmctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """kmctl on this cluster's file, as an operator runs it (a process of its own)."""
+        return subprocess.run(
+            [sys.executable, "-m", "kmnode.cli", "-c", str(self.config_path), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_all(self.procs.values())
         if self.capture is not None:
             self.capture.stop()
         if self.broker is not None:
             stop_broker(self.broker)
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM every process still running, then SIGKILL what has not exited after ``grace``."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @contextlib.contextmanager

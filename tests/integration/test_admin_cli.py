@@ -27,13 +27,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def kmctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmnode.cli", "-c", str(cluster.config_path), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return cluster.kmctl(*args)
 
 
 def test_transfer_leader_moves_the_leadership_and_refuses_a_stranger(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from kmnode.host.broker import start_embedded_broker, stop_broker
 from kmnode.identity import IdentityKeys, Role
 from tests.ports import free_ports
 
-from .harness import REPO, until
+from .harness import REPO, stop_all, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -98,15 +97,7 @@ class Machines:
         return bool(row["state"] == "ready")
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_all(self.procs.values(), grace=15.0)
         stop_broker(self.broker)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from kmnode.recovery.shares import RecoverySet, Share, open_share
 from kmnode.simhw import HardwareStore
 from kmnode.supervisor import mark_for_recovery
 
-from .harness import REPO, LocalCluster, until
+from .harness import LocalCluster, until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,13 +61,7 @@ def prove_all(cluster: LocalCluster, target: str) -> dict[int, str]:
 
 
 def kmctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmnode.cli", "-c", str(cluster.config_path), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return cluster.kmctl(*args)
 
 
 def key_file(root: Path, name: str) -> Path:
