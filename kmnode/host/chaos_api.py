@@ -26,12 +26,12 @@ offending body field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from kmnode.api_routes import BadCall, parse_body
 from kmnode.host.faults import RingStall
 from kmnode.host.poison import Poisoner
 from kmnode.linkfaults import FaultRuleError
@@ -51,15 +51,12 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> we
 
 
 def _body(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        return {}
+    """The body as every API route parses it (``api_routes.parse_body``: UTF-8, a JSON object,
+    nesting bounded)."""
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _BadRequest(None, "body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise _BadRequest(None, "body must be a JSON object")
-    return body
+        return parse_body(raw)
+    except BadCall as exc:
+        raise _BadRequest(exc.field, str(exc)) from None
 
 
 def _peer(body: dict[str, Any], known: list[str], required: bool) -> str | None:
