@@ -11,6 +11,7 @@ import pytest
 from kmnode.chaos.runner import RunConfig, RunError, data_unavailable, run
 from kmnode.config import ClusterConfig
 from kmnode.identity import IdentityKeys
+from tests.ports import free_ports
 
 KEYS = IdentityKeys.generate("ops")
 
@@ -19,6 +20,13 @@ def listed(*roles: str, state_dir: Path | None = None) -> ClusterConfig:
     update: dict[str, object] = {"identities": [KEYS.public(list(roles))]}  # type: ignore[arg-type]
     if state_dir is not None:
         update["state_dir"] = state_dir
+        # Free ports: a cluster `kmctl up` left running on the defaults is not this one.
+        ports = iter(free_ports(6))
+        nodes = [
+            n.model_copy(update={"peer_port": next(ports), "api_port": next(ports)})
+            for n in ClusterConfig.default().nodes
+        ]
+        update["nodes"] = nodes
     return ClusterConfig.default().model_copy(update=update)
 
 
